@@ -1,0 +1,19 @@
+"""lightning_gradstab: measure, guard and diagnose gradient stability in Lightning training.
+
+Example::
+
+    import lightning.pytorch as pl
+    from lightning_gradstab import GradNormMonitor
+
+    trainer = pl.Trainer(callbacks=[GradNormMonitor()])
+"""
+
+
+from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+
+__all__ = [
+
+    "GradientStats",
+    "ParameterLayout",
+    "compute_gradient_stats",
+]

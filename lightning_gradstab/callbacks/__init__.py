@@ -1,0 +1,1 @@
+"""Thin Lightning adapters over the suite's core (statistics, policy, diagnosis)."""

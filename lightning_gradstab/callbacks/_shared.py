@@ -1,0 +1,125 @@
+"""Lightning glue shared by the callbacks: one statistics pass per optimizer step, rank-0 logging.
+
+Every callback asks :func:`gradient_stats` for the current step. The first caller of a step computes the
+statistics; the others get the same object. The cache lives beside the trainer (a weak reference), so two
+trainers in one process never share numbers and a finished trainer leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+
+
+@dataclass
+class _TrainerState:
+    layouts: dict[int, ParameterLayout] = field(default_factory=dict)
+    step_key: tuple | None = None
+    step_stats: dict[int, GradientStats] = field(default_factory=dict)
+    failed_loggers: set[int] = field(default_factory=set)
+
+
+_STATE: weakref.WeakKeyDictionary[pl.Trainer, _TrainerState] = weakref.WeakKeyDictionary()
+
+
+def _state(trainer: pl.Trainer) -> _TrainerState:
+    if trainer not in _STATE:
+        _STATE[trainer] = _TrainerState()
+    return _STATE[trainer]
+
+
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """Whether gradients are shards whose norms must be summed across ranks (FSDP, FSDP2/DTensor)."""
+    name = type(trainer.strategy).__name__
+    return name in ("FSDPStrategy", "ModelParallelStrategy")
+
+
+def optimizer_step_key(trainer: pl.Trainer) -> tuple[int, int]:
+    """Identifies the current optimizer step: the same for every hook call within one step."""
+    return trainer.global_step, trainer.fit_loop.total_batch_idx
+
+
+def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
+    """Position of ``optimizer`` in ``trainer.optimizers`` (unwrapping ``LightningOptimizer``)."""
+    raw = getattr(optimizer, "_optimizer", optimizer)
+    for index, candidate in enumerate(trainer.optimizers):
+        if candidate is raw or getattr(candidate, "_optimizer", None) is raw:
+            return index
+    return 0
+
+
+def parameter_layout(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+) -> ParameterLayout:
+    """The cached parameter layout of ``optimizer`` (built on first use)."""
+    raw = getattr(optimizer, "_optimizer", optimizer)
+    layouts = _state(trainer).layouts
+    if id(raw) not in layouts:
+        layouts[id(raw)] = ParameterLayout.from_module(pl_module, raw)
+    return layouts[id(raw)]
+
+
+def gradient_stats(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+) -> GradientStats:
+    """Gradient statistics of the current optimizer step, computed once and shared by every callback.
+
+    Call it from ``on_before_optimizer_step``. Under a sharded strategy it enters one collective, so every
+    rank must call it on the same steps (all callbacks of the suite do).
+    """
+    state = _state(trainer)
+    key = optimizer_step_key(trainer)
+    if state.step_key != key:
+        state.step_key, state.step_stats = key, {}
+    raw = getattr(optimizer, "_optimizer", optimizer)
+    if id(raw) not in state.step_stats:
+        layout = parameter_layout(trainer, pl_module, raw)
+        state.step_stats[id(raw)] = compute_gradient_stats(layout, sharded=is_sharded(trainer))
+    return state.step_stats[id(raw)]
+
+
+def forget_trainer(trainer: pl.Trainer) -> None:
+    """Drop cached layouts and statistics (called at teardown, so multirun jobs start clean)."""
+    _STATE.pop(trainer, None)
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step axis Lightning's own loggers use (the same one ``LearningRateMonitor`` writes to)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger of the trainer, on global rank 0 only.
+
+    A logger that raises is reported once and skipped afterwards: monitoring must never stop training.
+    """
+    if trainer.global_rank != 0 or not metrics:
+        return
+    state = _state(trainer)
+    for logger in trainer.loggers:
+        if id(logger) in state.failed_loggers:
+            continue
+        try:
+            logger.log_metrics(metrics, step=step)
+        except Exception as error:  # a broken logger must not take the run down
+            state.failed_loggers.add(id(logger))
+            rank_zero_warn(
+                f"lightning_gradstab: logger {type(logger).__name__} raised {error!r}; "
+                "gradient statistics are no longer written to it (training continues)."
+            )
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """The ``SummaryWriter`` of each TensorBoard logger (rank 0 only; empty elsewhere)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if trainer.global_rank != 0:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]

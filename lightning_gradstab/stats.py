@@ -1,0 +1,284 @@
+"""Fused gradient statistics for one optimizer step: the only pass over the gradients.
+
+Every callback of the suite reads the numbers computed here. One call of :func:`compute_gradient_stats`
+runs ``torch._foreach_norm`` once per (device, dtype) bucket of gradients and keeps every result on the
+device: no ``.item()``, no Python branch on a device value. Per-parameter squared norms are the primitive;
+group norms, the total norm and non-finite counts are derived from them with tensor ops.
+
+Sharded gradients (FSDP1 flat shards, FSDP2/DTensor shards) hold only a slice of each gradient. Their local
+squared norms are summed across ranks with one ``all_reduce`` of the whole vector, which gives the exact
+global norm (as ``FSDP.clip_grad_norm_`` does). Replicated gradients (DDP) are already identical on every
+rank and need no collective.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+GroupBy = Union[Literal["module", "parameter"], int]
+"""How parameters are grouped: by owning module, one group per parameter, or by module path cut at a depth."""
+
+_WRAPPER_PREFIXES = re.compile(r"(^|\.)(_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.")
+
+
+def validate_group_by(group_by: object, argument: str = "group_by") -> GroupBy:
+    """Return ``group_by`` if it is a supported grouping, else raise ``ValueError`` naming ``argument``."""
+    if group_by in ("module", "parameter"):
+        return group_by  # type: ignore[return-value]
+    if isinstance(group_by, int) and not isinstance(group_by, bool) and group_by >= 1:
+        return group_by
+    raise ValueError(
+        f"`{argument}` must be 'module', 'parameter' or a positive int (module path depth), got {group_by!r}"
+    )
+
+
+def clean_parameter_name(name: str) -> str:
+    """Strip the names that wrappers (DDP, FSDP, torch.compile, activation checkpointing) insert."""
+    previous = None
+    while previous != name:
+        previous, name = name, _WRAPPER_PREFIXES.sub(r"\1", name)
+    return name
+
+
+def group_name(parameter_name: str, group_by: GroupBy) -> str:
+    """The group a parameter belongs to, e.g. ``'encoder.0'`` for ``'encoder.0.weight'`` by module."""
+    if group_by == "parameter":
+        return parameter_name
+    parts = parameter_name.split(".")
+    module_parts = parts[:-1] or parts
+    if group_by == "module":
+        return ".".join(module_parts)
+    return ".".join(module_parts[: int(group_by)])
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """The trainable parameters one optimizer updates, in a fixed order, with display names.
+
+    Built once (at setup); tied parameters appear once, frozen parameters not at all.
+
+    Example::
+
+        layout = ParameterLayout.from_module(model, optimizer)
+        stats = compute_gradient_stats(layout)
+    """
+
+    names: tuple[str, ...]
+    parameters: tuple[Tensor, ...]
+    _group_index_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _bucket_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> ParameterLayout:
+        """Parameters of ``module`` that require grad (and that ``optimizer`` updates, if given)."""
+        in_optimizer: set[int] | None = None
+        if optimizer is not None:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names: list[str] = []
+        parameters: list[Tensor] = []
+        seen: set[int] = set()
+        for name, parameter in module.named_parameters():  # de-duplicates tied parameters
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            if in_optimizer is not None and id(parameter) not in in_optimizer:
+                continue
+            seen.add(id(parameter))
+            names.append(clean_parameter_name(name))
+            parameters.append(parameter)
+        if in_optimizer is not None:  # parameters the optimizer updates that the module does not own
+            extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in seen]
+            for index, parameter in enumerate(extra):
+                if parameter.requires_grad and id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    names.append(f"unnamed.{index}")
+                    parameters.append(parameter)
+        return cls(tuple(names), tuple(parameters))
+
+    def __len__(self) -> int:
+        return len(self.parameters)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics live: the device of the first parameter (CPU if there is none)."""
+        return self.parameters[0].device if self.parameters else torch.device("cpu")
+
+    def group_index(self, group_by: GroupBy) -> tuple[tuple[str, ...], Tensor]:
+        """Group names and, for each parameter, the index of its group (a cached device tensor)."""
+        if group_by not in self._group_index_cache:
+            group_names: dict[str, int] = {}
+            index = [group_names.setdefault(group_name(n, group_by), len(group_names)) for n in self.names]
+            self._group_index_cache[group_by] = (
+                tuple(group_names),
+                torch.tensor(index, dtype=torch.long, device=self.device),
+            )
+        return self._group_index_cache[group_by]
+
+    def gradient_buckets(self) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
+        """Current gradients bucketed by (device, dtype, sparse): ``(positions, dense_grads, sparse_grads)``.
+
+        ``positions`` is a cached device tensor of the bucket's parameter indices; parameters whose grad is
+        ``None`` are left out (their norm is 0). The cache is keyed by which grads are present, which rarely
+        changes, so no host-to-device copy happens in the steady state.
+        """
+        grads = [_local_gradient(p) for p in self.parameters]
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        if present not in self._bucket_cache:
+            keyed: dict[tuple, list[int]] = {}
+            for i in present:
+                g = grads[i]
+                keyed.setdefault((g.device, g.dtype, g.is_sparse), []).append(i)
+            self._bucket_cache[present] = [
+                (key, indices, torch.tensor(indices, dtype=torch.long, device=self.device))
+                for key, indices in keyed.items()
+            ]
+        buckets = []
+        for (_, _, is_sparse), indices, positions in self._bucket_cache[present]:
+            bucket = [grads[i] for i in indices]
+            if is_sparse:
+                buckets.append((positions, [], bucket))
+            else:
+                buckets.append((positions, bucket, []))
+        return buckets
+
+
+def _local_gradient(parameter: Tensor) -> Tensor | None:
+    grad = parameter.grad
+    if grad is not None and hasattr(grad, "to_local"):  # DTensor: this rank's shard
+        grad = grad.to_local()
+    return grad
+
+
+def _local_tensor(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def per_parameter_norms(
+    layout: ParameterLayout, ord: float = 2.0, *, weights: bool = False
+) -> Tensor:
+    """Local per-parameter ``ord``-norms (float32, 0 where grad is None) of the gradients or the weights.
+
+    One ``torch._foreach_norm`` per (device, dtype) bucket, scattered into one vector on the layout's device.
+    """
+    norms = torch.zeros(len(layout), dtype=torch.float32, device=layout.device)
+    if weights:
+        tensors = [_local_tensor(p.detach()) for p in layout.parameters]
+        buckets: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+        for indices in buckets.values():
+            values = torch._foreach_norm([tensors[i] for i in indices], ord, dtype=torch.float32)
+            positions = torch.tensor(indices, dtype=torch.long, device=layout.device)
+            norms.index_copy_(0, positions, torch.stack(values).to(layout.device))
+        return norms
+    for positions, dense, sparse in layout.gradient_buckets():
+        if dense:
+            values = torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
+        else:  # sparse gradients: the norm of the coalesced values (duplicates summed first)
+            values = torch.stack(
+                [torch.linalg.vector_norm(g.coalesce().values(), ord, dtype=torch.float32) for g in sparse]
+            )
+        norms.index_copy_(0, positions, values.to(layout.device))
+    return norms
+
+
+def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: object | None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+@dataclass
+class GradientStats:
+    """Gradient statistics of one optimizer step, kept as device tensors until someone logs or decides.
+
+    Attributes:
+        layout: the parameters the statistics describe.
+        param_sq_norms: squared L2 norm of each parameter's gradient (global across shards), ``float32[P]``.
+        total_norm: L2 norm of all gradients together, a 0-d ``float32`` tensor.
+        nonfinite_count: number of parameters whose gradient holds a NaN or Inf, a 0-d ``float32`` tensor.
+        sharded: whether local results are summed across ranks (FSDP/DTensor).
+        process_group: the group those reductions use (``None``: the default group).
+    """
+
+    layout: ParameterLayout
+    param_sq_norms: Tensor
+    total_norm: Tensor
+    nonfinite_count: Tensor
+    sharded: bool = False
+    process_group: object | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def param_norms(self, ord: float = 2.0) -> Tensor:
+        """Per-parameter gradient norms of order ``ord`` (2, 1 or inf); other orders cost one more pass."""
+        if ord == 2.0:
+            return self.param_sq_norms.sqrt()
+        key = ("grad", float(ord))
+        if key not in self._cache:
+            local = per_parameter_norms(self.layout, ord)
+            if self.sharded:
+                if math.isinf(ord):
+                    local = _all_reduce(local, dist.ReduceOp.MAX, self.process_group)
+                else:
+                    local = _all_reduce(local.pow(ord), dist.ReduceOp.SUM, self.process_group).pow(1 / ord)
+            self._cache[key] = local
+        return self._cache[key]
+
+    def weight_norms(self) -> Tensor:
+        """Per-parameter L2 norms of the weights (computed on first request, then cached)."""
+        if "weight" not in self._cache:
+            local = per_parameter_norms(self.layout, 2.0, weights=True).square()
+            if self.sharded:
+                local = _all_reduce(local, dist.ReduceOp.SUM, self.process_group)
+            self._cache["weight"] = local.sqrt()
+        return self._cache["weight"]
+
+    def group_sq_sums(self, values: Tensor, group_by: GroupBy) -> tuple[tuple[str, ...], Tensor]:
+        """Sum per-parameter ``values`` into groups: ``(group_names, sums)``."""
+        names, index = self.layout.group_index(group_by)
+        sums = torch.zeros(len(names), dtype=values.dtype, device=values.device)
+        return names, sums.index_add_(0, index, values)
+
+    def group_norms(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
+        """L2 gradient norm of each group: ``(group_names, norms)``."""
+        names, sums = self.group_sq_sums(self.param_sq_norms, group_by)
+        return names, sums.sqrt()
+
+    def group_weight_norms(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
+        """L2 weight norm of each group: ``(group_names, norms)``."""
+        names, sums = self.group_sq_sums(self.weight_norms().square(), group_by)
+        return names, sums.sqrt()
+
+    def group_nonfinite_counts(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
+        """Number of parameters with a non-finite gradient in each group."""
+        return self.group_sq_sums((~torch.isfinite(self.param_sq_norms)).float(), group_by)
+
+
+def compute_gradient_stats(
+    layout: ParameterLayout, *, sharded: bool = False, process_group: object | None = None
+) -> GradientStats:
+    """One fused pass over the gradients of ``layout``: per-parameter, total and non-finite statistics.
+
+    Args:
+        layout: the parameters to measure.
+        sharded: the gradients are shards (FSDP/DTensor): sum local squared norms across ranks. Set it on
+            every rank or on none: it issues one collective.
+        process_group: the group to reduce over (default: the world).
+
+    Example::
+
+        stats = compute_gradient_stats(ParameterLayout.from_module(model))
+        print(stats.total_norm)  # a device tensor; no host sync happened
+    """
+    sq_norms = per_parameter_norms(layout, 2.0).square()
+    if sharded:
+        sq_norms = _all_reduce(sq_norms, dist.ReduceOp.SUM, process_group)
+    total_norm = sq_norms.sum().sqrt()
+    nonfinite_count = (~torch.isfinite(sq_norms)).sum().float()
+    return GradientStats(layout, sq_norms, total_norm, nonfinite_count, sharded, process_group)

@@ -1,0 +1,75 @@
+"""Shared fixtures: an in-memory logger and a helper that runs real 2-process CPU DDP jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged scalar as ``metrics[name] -> [(step, value), ...]`` for assertions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.metrics[key].append((step, float(value)))
+
+
+@pytest.fixture
+def memory_logger() -> MemoryLogger:
+    return MemoryLogger()
+
+
+def run_ddp_script(script: str | Path, out_dir: Path, *args: str, timeout: float = 240) -> list[dict]:
+    """Run ``tests/scripts/<script>`` with Lightning's ``strategy="ddp"`` on 2 CPU processes.
+
+    ``strategy="ddp"`` re-launches ``sys.argv`` per rank, which under pytest would re-run pytest, so the job
+    runs as its own script. Each rank writes ``rank{N}.json`` into ``out_dir``; they are returned in rank
+    order. A hang fails the test through ``timeout`` instead of blocking CI.
+    """
+    script_path = REPO / "tests" / "scripts" / script
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    env.pop("LOCAL_RANK", None)
+    completed = subprocess.run(
+        [sys.executable, str(script_path), str(out_dir), *args],
+        env=env,
+        cwd=str(out_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, f"DDP job failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
+    results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return results
+
+
+@pytest.fixture
+def ddp_runner():
+    return run_ddp_script
