@@ -8,11 +8,11 @@ Example::
     trainer = pl.Trainer(callbacks=[GradNormMonitor()])
 """
 
-
+from lightning_gradstab.callbacks.monitor import GradNormMonitor
 from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 __all__ = [
-
+    "GradNormMonitor",
     "GradientStats",
     "ParameterLayout",
     "compute_gradient_stats",

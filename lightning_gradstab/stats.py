@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-GroupBy = Union[Literal["module", "parameter"], int]
+GroupBy = Literal["module", "parameter"] | int
 """How parameters are grouped: by owning module, one group per parameter, or by module path cut at a depth."""
 
 _WRAPPER_PREFIXES = re.compile(r"(^|\.)(_fsdp_wrapped_module|_orig_mod|_checkpoint_wrapped_module)\.")
@@ -159,9 +159,7 @@ def _local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def per_parameter_norms(
-    layout: ParameterLayout, ord: float = 2.0, *, weights: bool = False
-) -> Tensor:
+def per_parameter_norms(layout: ParameterLayout, ord: float = 2.0, *, weights: bool = False) -> Tensor:
     """Local per-parameter ``ord``-norms (float32, 0 where grad is None) of the gradients or the weights.
 
     One ``torch._foreach_norm`` per (device, dtype) bucket, scattered into one vector on the layout's device.
@@ -188,7 +186,8 @@ def per_parameter_norms(
     return norms
 
 
-def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: object | None) -> Tensor:
+def all_reduce_if_distributed(tensor: Tensor, op: dist.ReduceOp, group: object | None = None) -> Tensor:
+    """In-place ``all_reduce`` when a process group is initialised; the identity otherwise."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
@@ -224,9 +223,11 @@ class GradientStats:
             local = per_parameter_norms(self.layout, ord)
             if self.sharded:
                 if math.isinf(ord):
-                    local = _all_reduce(local, dist.ReduceOp.MAX, self.process_group)
+                    local = all_reduce_if_distributed(local, dist.ReduceOp.MAX, self.process_group)
                 else:
-                    local = _all_reduce(local.pow(ord), dist.ReduceOp.SUM, self.process_group).pow(1 / ord)
+                    local = all_reduce_if_distributed(local.pow(ord), dist.ReduceOp.SUM, self.process_group).pow(
+                        1 / ord
+                    )
             self._cache[key] = local
         return self._cache[key]
 
@@ -235,29 +236,45 @@ class GradientStats:
         if "weight" not in self._cache:
             local = per_parameter_norms(self.layout, 2.0, weights=True).square()
             if self.sharded:
-                local = _all_reduce(local, dist.ReduceOp.SUM, self.process_group)
+                local = all_reduce_if_distributed(local, dist.ReduceOp.SUM, self.process_group)
             self._cache["weight"] = local.sqrt()
         return self._cache["weight"]
 
-    def group_sq_sums(self, values: Tensor, group_by: GroupBy) -> tuple[tuple[str, ...], Tensor]:
+    def group_sums(self, values: Tensor, group_by: GroupBy) -> tuple[tuple[str, ...], Tensor]:
         """Sum per-parameter ``values`` into groups: ``(group_names, sums)``."""
         names, index = self.layout.group_index(group_by)
         sums = torch.zeros(len(names), dtype=values.dtype, device=values.device)
         return names, sums.index_add_(0, index, values)
 
-    def group_norms(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
-        """L2 gradient norm of each group: ``(group_names, norms)``."""
-        names, sums = self.group_sq_sums(self.param_sq_norms, group_by)
-        return names, sums.sqrt()
+    def group_norms(self, group_by: GroupBy = "module", ord: float = 2.0) -> tuple[tuple[str, ...], Tensor]:
+        """Gradient ``ord``-norm of each group: ``(group_names, norms)`` (the group's gradients as one vector)."""
+        if ord == 2.0:
+            names, sums = self.group_sums(self.param_sq_norms, group_by)
+            return names, sums.sqrt()
+        if math.isinf(ord):
+            names, index = self.layout.group_index(group_by)
+            maxima = torch.zeros(len(names), dtype=torch.float32, device=self.param_sq_norms.device)
+            return names, maxima.scatter_reduce_(0, index, self.param_norms(ord), "amax", include_self=True)
+        names, sums = self.group_sums(self.param_norms(ord).pow(ord), group_by)
+        return names, sums.pow(1.0 / ord)
+
+    def total(self, ord: float = 2.0) -> Tensor:
+        """Norm of order ``ord`` over all gradients together (2: the cached ``total_norm``)."""
+        if ord == 2.0:
+            return self.total_norm
+        norms = self.param_norms(ord)
+        if math.isinf(ord):
+            return norms.max() if norms.numel() else norms.new_zeros(())
+        return norms.pow(ord).sum().pow(1.0 / ord)
 
     def group_weight_norms(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
         """L2 weight norm of each group: ``(group_names, norms)``."""
-        names, sums = self.group_sq_sums(self.weight_norms().square(), group_by)
+        names, sums = self.group_sums(self.weight_norms().square(), group_by)
         return names, sums.sqrt()
 
     def group_nonfinite_counts(self, group_by: GroupBy = "module") -> tuple[tuple[str, ...], Tensor]:
         """Number of parameters with a non-finite gradient in each group."""
-        return self.group_sq_sums((~torch.isfinite(self.param_sq_norms)).float(), group_by)
+        return self.group_sums((~torch.isfinite(self.param_sq_norms)).float(), group_by)
 
 
 def compute_gradient_stats(
@@ -278,7 +295,7 @@ def compute_gradient_stats(
     """
     sq_norms = per_parameter_norms(layout, 2.0).square()
     if sharded:
-        sq_norms = _all_reduce(sq_norms, dist.ReduceOp.SUM, process_group)
+        sq_norms = all_reduce_if_distributed(sq_norms, dist.ReduceOp.SUM, process_group)
     total_norm = sq_norms.sum().sqrt()
     nonfinite_count = (~torch.isfinite(sq_norms)).sum().float()
     return GradientStats(layout, sq_norms, total_norm, nonfinite_count, sharded, process_group)

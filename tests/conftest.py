@@ -73,3 +73,20 @@ def run_ddp_script(script: str | Path, out_dir: Path, *args: str, timeout: float
 @pytest.fixture
 def ddp_runner():
     return run_ddp_script
+
+
+def reference_group_norms(module, group_of, parameters=None) -> tuple[dict[str, float], float]:
+    """Float64 per-group and total L2 gradient norms, one parameter at a time (the slow, obvious way)."""
+
+    unique = {}
+    for name, parameter in module.named_parameters():
+        wanted = parameters is None or any(parameter is p for p in parameters)
+        if wanted and parameter.requires_grad and parameter.grad is not None and id(parameter) not in unique:
+            unique[id(parameter)] = (name, parameter)
+    sums: dict[str, float] = defaultdict(float)
+    for name, parameter in unique.values():
+        grad = parameter.grad.detach()
+        grad = grad.coalesce().values() if grad.is_sparse else grad
+        sums[group_of(name)] += float(grad.double().pow(2).sum())
+    total = sum(sums.values()) ** 0.5
+    return {group: value**0.5 for group, value in sums.items()}, total

@@ -1,0 +1,286 @@
+"""GradNormMonitor: log gradient norms, ratios and pictures from the shared statistics, nearly for free."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gradstab import tensorboard
+from lightning_gradstab.callbacks._shared import (
+    forget_trainer,
+    gradient_stats,
+    log_metrics,
+    logging_step,
+    optimizer_index,
+    parameter_layout,
+    tensorboard_writers,
+)
+from lightning_gradstab.stats import GradientStats, GroupBy, all_reduce_if_distributed, validate_group_by
+
+
+def _validate_interval(value: object, argument: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive int (steps) or None, got {value!r}")
+    return value
+
+
+def _validate_norm_type(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`norm_type` must be a positive float or math.inf, got {value!r}")
+    if not (value > 0):  # also rejects NaN
+        raise ValueError(f"`norm_type` must be a positive float or math.inf (e.g. 1, 2, inf), got {value!r}")
+    return float(value)
+
+
+@dataclass
+class _HostCopy:
+    """Scalars of several steps on their way to the host, read once the copy has finished."""
+
+    rows: list[tuple[int, list[str]]]
+    values: Tensor
+    done: torch.cuda.Event | None
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def metrics(self) -> list[tuple[int, dict[str, float]]]:
+        if self.done is not None:
+            self.done.synchronize()
+        flat = self.values.tolist()
+        out, offset = [], 0
+        for step, names in self.rows:
+            out.append((step, dict(zip(names, flat[offset : offset + len(names)], strict=True))))
+            offset += len(names)
+        return out
+
+
+class GradNormMonitor(Callback):
+    r"""Log gradient norms, gradient-to-weight and update-to-weight ratios, histograms and a gradient-flow figure.
+
+    Reads the suite's shared gradient statistics (one fused ``torch._foreach_norm`` pass per optimizer step,
+    computed in ``on_before_optimizer_step``: after AMP unscaling, on the accumulated and, under DDP,
+    all-reduced gradients). Values stay on the device and reach the loggers in one batched, asynchronous copy
+    every ``log_every_n_steps`` steps, so the monitor adds no host sync to the training step.
+
+    Logged under ``gradstab/`` (with ``opt{i}/`` inserted when there are several optimizers):
+
+    - ``grad_norm/total`` and ``nonfinite/count`` every optimizer step;
+    - ``grad_norm/{group}`` and ``grad_to_weight/{group}`` every ``log_every_n_steps`` steps;
+    - ``grad_max/{group}`` and ``grad_max/total`` with ``log_inf_norm=True``;
+    - ``update_to_weight/{group}`` (‖Δw‖/‖w‖ of the optimizer step) with ``update_to_weight=True``;
+    - TensorBoard histograms ``grad_hist/{group}`` and the figure ``gradient_flow`` at their own intervals.
+
+    With a ``TensorBoardLogger`` the "Gradient stability" custom-scalar layout is registered at fit start.
+
+    Args:
+        group_by: ``"module"`` (one group per module owning parameters), ``"parameter"``, or an int ``d``:
+            module path cut at depth ``d`` (``"encoder.layers.3.attn"`` → ``"encoder.layers"`` for ``d=2``).
+        log_every_n_steps: interval of the per-group statistics; ``None`` uses the trainer's.
+        norm_type: order of the logged norms (``2``: free from the shared pass; others cost one more pass).
+        log_inf_norm: also log the largest absolute gradient entry per group (one more pass on logging steps).
+        log_grad_to_weight: log ‖grad‖/‖w‖ per group on logging steps.
+        update_to_weight: log ‖Δw‖/‖w‖ per group on logging steps; copies the weights on those steps only.
+        histogram_every_n_steps: interval of gradient histograms (TensorBoard only); ``None`` disables them.
+        figure_every_n_steps: interval of the gradient-flow figure (TensorBoard only); ``None`` disables it.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradNormMonitor(group_by=2, figure_every_n_steps=200)])
+    """
+
+    def __init__(
+        self,
+        group_by: GroupBy = "module",
+        log_every_n_steps: int | None = None,
+        norm_type: float = 2.0,
+        log_inf_norm: bool = False,
+        log_grad_to_weight: bool = True,
+        update_to_weight: bool = False,
+        histogram_every_n_steps: int | None = None,
+        figure_every_n_steps: int | None = 500,
+    ) -> None:
+        self.group_by = validate_group_by(group_by)
+        self.log_every_n_steps = _validate_interval(log_every_n_steps, "log_every_n_steps")
+        self.norm_type = _validate_norm_type(norm_type)
+        self.log_inf_norm = bool(log_inf_norm)
+        self.log_grad_to_weight = bool(log_grad_to_weight)
+        self.update_to_weight = bool(update_to_weight)
+        self.histogram_every_n_steps = _validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
+        self.figure_every_n_steps = _validate_interval(figure_every_n_steps, "figure_every_n_steps")
+        self._interval = 50
+        self._pending: list[tuple[int, dict[str, Tensor]]] = []
+        self._in_flight: list[_HostCopy] = []
+        self._weights_before: dict[int, tuple[int, str, GradientStats, list[Tensor]]] = {}
+        self._hook_handles: list[Any] = []
+        self._trainer: pl.Trainer | None = None  # for the optimizer post-step hook, which gets no trainer
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._interval = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        if stage == "fit" and not trainer.loggers:
+            rank_zero_warn("GradNormMonitor: the trainer has no logger, so nothing will be logged.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for writer in tensorboard_writers(trainer):
+            tensorboard.add_layout(writer)
+        self._trainer = trainer
+        if self.update_to_weight:
+            for optimizer in trainer.optimizers:
+                self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        stats = gradient_stats(trainer, pl_module, optimizer)
+        step = logging_step(trainer)
+        scope = f"opt{optimizer_index(trainer, optimizer)}/" if len(trainer.optimizers) > 1 else ""
+        scalars = {
+            f"gradstab/grad_norm/{scope}total": stats.total(self.norm_type),
+            f"gradstab/nonfinite/{scope}count": stats.nonfinite_count,
+        }
+        if step % self._interval == 0:
+            scalars.update(self._group_scalars(stats, scope))
+            if self.update_to_weight:
+                raw = getattr(optimizer, "_optimizer", optimizer)
+                weights = [p.detach() for p in stats.layout.parameters]
+                self._weights_before[id(raw)] = (step, scope, stats, torch._foreach_mul(weights, 1.0))
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            self._add_histograms(trainer, stats, scope, step)
+        if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
+            self._add_gradient_flow_figure(trainer, stats, scope, step)
+        self._record(trainer, step, scalars)
+
+    def _group_scalars(self, stats: GradientStats, scope: str) -> dict[str, Tensor]:
+        names, norms = stats.group_norms(self.group_by, self.norm_type)
+        scalars = {f"gradstab/grad_norm/{scope}{name}": norms[i] for i, name in enumerate(names)}
+        if self.log_grad_to_weight:
+            _, l2_norms = stats.group_norms(self.group_by)
+            _, weight_norms = stats.group_weight_norms(self.group_by)
+            ratios = l2_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
+            scalars.update({f"gradstab/grad_to_weight/{scope}{name}": ratios[i] for i, name in enumerate(names)})
+        if self.log_inf_norm:
+            _, maxima = stats.group_norms(self.group_by, math.inf)
+            scalars.update({f"gradstab/grad_max/{scope}{name}": maxima[i] for i, name in enumerate(names)})
+            scalars[f"gradstab/grad_max/{scope}total"] = stats.total(math.inf)
+        return scalars
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before = self._weights_before.pop(id(optimizer), None)
+        if before is None or self._trainer is None:
+            return
+        step, scope, stats, old_weights = before
+        weights = [p.detach() for p in stats.layout.parameters]
+        deltas = torch._foreach_sub(weights, old_weights)
+        delta_sq = torch.stack(torch._foreach_norm(deltas, 2.0, dtype=torch.float32)).square()
+        if stats.sharded:
+            delta_sq = all_reduce_if_distributed(delta_sq, torch.distributed.ReduceOp.SUM, stats.process_group)
+        names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
+        _, weight_norms = stats.group_weight_norms(self.group_by)
+        ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
+        self._record(
+            self._trainer,
+            step,
+            {f"gradstab/update_to_weight/{scope}{name}": ratios[i] for i, name in enumerate(names)},
+        )
+
+    def _record(self, trainer: pl.Trainer, step: int, scalars: dict[str, Tensor]) -> None:
+        """Queue device scalars; every ``log_every_n_steps`` steps start one asynchronous host copy of all."""
+        if trainer.global_rank != 0:
+            return
+        self._pending.append((step, scalars))
+        if step % self._interval == 0:
+            self._start_host_copy()
+        self._emit(trainer, wait=False)
+
+    def _start_host_copy(self) -> None:
+        if not self._pending:
+            return
+        rows = [(step, list(scalars)) for step, scalars in self._pending]
+        values = torch.stack([v.detach().float().reshape(()) for _, s in self._pending for v in s.values()])
+        done = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            values = host
+        self._in_flight.append(_HostCopy(rows, values, done))
+        self._pending = []
+
+    def _emit(self, trainer: pl.Trainer, wait: bool) -> None:
+        while self._in_flight and (wait or self._in_flight[0].ready()):
+            for step, metrics in self._in_flight.pop(0).metrics():
+                log_metrics(trainer, metrics, step)
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        self._start_host_copy()
+        self._emit(trainer, wait=True)
+
+    def _add_histograms(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            return
+        names, index = stats.layout.group_index(self.group_by)
+        members: dict[int, list[Tensor]] = {}
+        for position, group in enumerate(index.tolist()):
+            grad = stats.layout.parameters[position].grad
+            if grad is not None:
+                grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                members.setdefault(group, []).append(grad.detach().reshape(-1).float())
+        for group, grads in members.items():
+            values = torch.cat(grads).cpu()
+            for writer in writers:
+                writer.add_histogram(f"gradstab/grad_hist/{scope}{names[group]}", values, step)
+
+    def _add_gradient_flow_figure(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
+        # computed on every rank: under sharded strategies the extra norms are collectives
+        names, l1 = stats.group_norms(self.group_by, 1.0)
+        _, maxima = stats.group_norms(self.group_by, math.inf)
+        sizes = torch.tensor([float(p.numel()) for p in stats.layout.parameters], device=l1.device)
+        _, group_sizes = stats.group_sums(sizes, self.group_by)
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            return
+        mean_abs = (l1 / group_sizes.clamp_min(1)).tolist()
+        figure = tensorboard.gradient_flow_figure(
+            names, mean_abs, maxima.tolist(), title=f"Gradient flow {scope}(step {step})"
+        )
+        for writer in writers:
+            writer.add_figure(f"gradstab/gradient_flow{'/' + scope.rstrip('/') if scope else ''}", figure, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._flush(trainer)  # what was measured before the failure is often what explains it
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._flush(trainer)
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        self._weights_before.clear()
+        self._trainer = None
+        forget_trainer(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:  # build layouts before the first step, outside the hot path
+            parameter_layout(trainer, pl_module, optimizer)
