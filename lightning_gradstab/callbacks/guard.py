@@ -1,0 +1,386 @@
+"""ExplosionGuard: catch a gradient explosion before the update lands, escalate, recover, and say what happened.
+
+A thin Lightning adapter over :class:`~lightning_gradstab.policy.ExplosionPolicy`. Per optimizer step it reads
+the shared gradient statistics, reduces the few numbers a decision needs across ranks in one collective, reads
+them on the host once, and carries out the policy's decision (clip, skip, scale the learning rate, roll back,
+stop) identically on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_gradstab import tensorboard
+from lightning_gradstab.callbacks._shared import (
+    gradient_stats,
+    log_metrics,
+    logging_step,
+    optimizer_index,
+    tensorboard_writers,
+)
+from lightning_gradstab.policy import RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.running import RankReduction
+
+EVENTS_FILENAME = "gradstab_guard_events.jsonl"
+SUMMARY_FILENAME = "gradstab_guard_summary.json"
+
+
+class GradientExplosionError(RuntimeError):
+    """Raised by :class:`ExplosionGuard` with ``raise_on_stop=True`` when the ladder reaches ``stop``.
+
+    Example::
+
+        try:
+            trainer.fit(model)
+        except GradientExplosionError as error:
+            print(error)  # the step, the anomaly and the path of the JSON summary
+    """
+
+
+class ExplosionGuard(Callback):
+    r"""Detect exploding gradients before the optimizer step and escalate: clip, skip, back off, roll back, stop.
+
+    Acts in ``on_before_optimizer_step`` (after AMP unscaling, once per optimizer step under gradient
+    accumulation, inside ``opt.step()`` under manual optimization) on the suite's shared gradient statistics,
+    so together with :class:`~lightning_gradstab.GradNormMonitor` the gradients are measured once. The ladder
+    and its defaults are described in :mod:`lightning_gradstab.policy` and ``docs/guard.md``.
+
+    Every decision comes from numbers all-reduced across ranks (max norm, any rank's NaN, min loss scale) in a
+    single collective, read on the host in a single sync per optimizer step, so all ranks clip, skip, roll back
+    and stop on the same step. ``Trainer(gradient_clip_val=...)`` still applies after the guard: the tighter
+    of the two clips wins.
+
+    Logged (rank 0, ``opt{i}/`` inserted for optimizers after the first) every ``log_every_n_steps`` and on
+    every intervention: ``gradstab/level``, ``clip_threshold``, ``clipped``, ``skipped``, ``lr_scale``,
+    ``rollbacks``, ``zscore``, ``amp_overflow``. Events go to ``gradstab_guard_events.jsonl`` and the outcome to
+    ``gradstab_guard_summary.json`` in the log directory; a table is printed at the end of ``fit``.
+
+    Args:
+        max_rung: highest rung: ``"observe"``, ``"clip"``, ``"tight_clip"``, ``"skip"``, ``"lr_backoff"``,
+            ``"rollback"`` or ``"stop"`` (default).
+        zscore_threshold: log-norm z-score that makes a spike, > 0.
+        ema_decay: weight of the past in the running log-norm statistics, in (0, 1).
+        warmup_steps: finite steps before spikes are judged, >= 1.
+        log_std_floor: smallest log-norm standard deviation in z-scores, >= 0.
+        growth_window: steps over which sustained growth is fitted, >= 3.
+        growth_factor: norm growth over ``growth_window`` that counts as an explosion, > 1.
+        healthy_steps_to_deescalate: consecutive healthy steps that lower the level by one, >= 1.
+        loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
+        budgets: anomalous steps per rung before escalating, e.g. ``{"skip": 2}``.
+        tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
+        backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
+        lr_recovery_steps: healthy steps to undo one back-off (default 100).
+        snapshot_every: healthy steps between rollback snapshots (kept on CPU; default 50).
+        raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
+        log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
+        console_summary: print the table of actions at the end of ``fit``.
+
+    Example::
+
+        from lightning_gradstab import ExplosionGuard, GradNormMonitor
+
+        trainer = pl.Trainer(callbacks=[GradNormMonitor(), ExplosionGuard()])
+        clip_only = ExplosionGuard(max_rung="clip")
+    """
+
+    def __init__(
+        self,
+        max_rung: str = "stop",
+        zscore_threshold: float = 2.5,
+        ema_decay: float = 0.97,
+        warmup_steps: int = 25,
+        log_std_floor: float = 0.05,
+        growth_window: int = 20,
+        growth_factor: float = 10.0,
+        healthy_steps_to_deescalate: int = 50,
+        loss_scale_floor: float = 1.0,
+        budgets: dict[str, int] | None = None,
+        tight_clip_ratio: float | None = None,
+        backoff_factor: float | None = None,
+        lr_recovery_steps: int | None = None,
+        snapshot_every: int | None = None,
+        raise_on_stop: bool = False,
+        log_every_n_steps: int | None = None,
+        console_summary: bool = True,
+    ) -> None:
+        self.config = PolicyConfig(
+            max_rung=max_rung,
+            zscore_threshold=zscore_threshold,
+            ema_decay=ema_decay,
+            warmup_steps=warmup_steps,
+            log_std_floor=log_std_floor,
+            growth_window=growth_window,
+            growth_factor=growth_factor,
+            healthy_steps_to_deescalate=healthy_steps_to_deescalate,
+            loss_scale_floor=loss_scale_floor,
+            budgets=dict(budgets) if budgets is not None else None,
+            tight_clip_ratio=tight_clip_ratio,
+            backoff_factor=backoff_factor,
+            lr_recovery_steps=lr_recovery_steps,
+            snapshot_every=snapshot_every,
+        )
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
+        self.raise_on_stop = raise_on_stop
+        self.log_every_n_steps = log_every_n_steps
+        self.console_summary = console_summary
+        self.policies: dict[int, ExplosionPolicy] = {}
+        self.stop_reason: str | None = None
+        self._loaded_policies: dict[int, dict[str, Any]] = {}
+        self._snapshot: tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None = None
+        self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
+        self._step_hooks: dict[int, Any] = {}
+        self._log_dir: Path | None = None
+        self._written_events: dict[int, int] = {}
+
+    def policy(self, index: int = 0) -> ExplosionPolicy:
+        """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
+        if index not in self.policies:
+            policy = ExplosionPolicy(self.config)
+            if index in self._loaded_policies:
+                policy.load_state_dict(self._loaded_policies.pop(index))
+            self.policies[index] = policy
+            self._written_events[index] = len(policy.events)
+        return self.policies[index]
+
+    @property
+    def level(self) -> int:
+        """Current ladder level of the first optimizer's policy."""
+        return self.policy(0).level
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
+        self._log_dir = Path(directory)
+        for writer in tensorboard_writers(trainer):
+            tensorboard.add_layout(writer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        self._restore_lr(raw)  # a scaled step the optimizer never ran (e.g. skipped by a GradScaler)
+        index = optimizer_index(trainer, optimizer)
+        stats = gradient_stats(trainer, pl_module, raw)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        finite = torch.isfinite(stats.total_norm) & (stats.nonfinite_count == 0)
+        values: dict[str, Any] = {
+            "total_norm": torch.where(finite, stats.total_norm, torch.zeros_like(stats.total_norm)),
+            "nonfinite": (~finite).float(),
+        }
+        fields: list[tuple[str, Any]] = [("total_norm", "max"), ("nonfinite", "max")]
+        if scaler is not None:
+            values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
+            fields.append(("loss_scale", "min"))
+        reduced = RankReduction(fields).reduce(values, distributed=trainer.world_size > 1)
+        observation = Observation(
+            total_norm=reduced["total_norm"],
+            nonfinite=reduced["nonfinite"] > 0,
+            loss_scale=reduced.get("loss_scale"),
+        )
+        policy = self.policy(index)
+        decision = policy.step(observation)
+        self._act(trainer, pl_module, raw, decision, observation)
+        self._report(trainer, index, policy, decision)
+
+    def _act(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        decision: Decision,
+        observation: Observation,
+    ) -> None:
+        healthy = decision.anomaly is None
+        if healthy and self.config.max_level >= RUNGS.index("rollback") and (
+            decision.snapshot or self._snapshot is None
+        ):
+            self._snapshot = _snapshot(trainer, pl_module)
+        if decision.rollback:
+            if self._snapshot is None:
+                rank_zero_warn("ExplosionGuard: rollback requested but no snapshot exists yet; skipping the step.")
+            else:
+                _restore(trainer, pl_module, self._snapshot)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if decision.skip:
+            for parameter in params:  # the optimizer skips None grads: no weight and no state change
+                parameter.grad = None
+        elif decision.clip_coefficient < 1.0:
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, decision.clip_coefficient)
+        if decision.lr_scale != 1.0 and not decision.skip and not observation.nonfinite:
+            self._scale_lr(optimizer, decision.lr_scale)
+        if decision.stop:
+            self.stop_reason = (
+                f"step {decision.step}: {decision.anomaly} at level {decision.level} ({decision.rung}) "
+                "after every lower rung's budget was spent"
+            )
+            trainer.should_stop = True
+            self._write_summary(trainer)
+            if self.raise_on_stop:
+                raise GradientExplosionError(
+                    f"ExplosionGuard stopped training at {self.stop_reason}; summary: {self._summary_path()}"
+                )
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
+        # applied just before the step and undone right after it, so LR schedulers never see the scaled value
+        self._saved_lrs[id(optimizer)] = (optimizer, [group["lr"] for group in optimizer.param_groups])
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * lr_scale
+        if id(optimizer) not in self._step_hooks:
+            self._step_hooks[id(optimizer)] = optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: self._restore_lr(opt)
+            )
+
+    def _restore_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        saved = self._saved_lrs.pop(id(optimizer), None)
+        if saved is not None:
+            for group, lr in zip(saved[0].param_groups, saved[1], strict=True):
+                group["lr"] = lr
+
+    def _report(self, trainer: pl.Trainer, index: int, policy: ExplosionPolicy, decision: Decision) -> None:
+        step = logging_step(trainer)
+        interval = self.log_every_n_steps or trainer.log_every_n_steps
+        new_events = policy.events[self._written_events.get(index, 0) :]
+        self._written_events[index] = len(policy.events)
+        if not new_events and step % max(interval, 1) != 0:
+            return
+        prefix = "gradstab/" if index == 0 else f"gradstab/opt{index}/"
+        counts = policy.state.counts
+        metrics = {
+            "level": float(decision.level),
+            "clipped": float("clip" in decision.actions),
+            "skipped": float(decision.skip),
+            "lr_scale": decision.lr_scale if not decision.skip else policy.state.lr_scale,
+            "rollbacks": float(counts.get("rollback", 0)),
+            "zscore": decision.zscore,
+            "amp_overflow": float(counts.get("amp_overflow", 0)),
+        }
+        if math.isfinite(decision.clip_threshold):
+            metrics["clip_threshold"] = decision.clip_threshold
+        log_metrics(trainer, {prefix + name: value for name, value in metrics.items()}, step)
+        if new_events and trainer.global_rank == 0 and self._log_dir is not None:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self._log_dir / EVENTS_FILENAME, "a") as stream:
+                for event in new_events:
+                    stream.write(json.dumps({"optimizer": index, "logging_step": step, **event}) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        """What the guard did: final level, counts per action, worst spikes, stop reason, per optimizer."""
+        return {
+            "stopped": self.stop_reason is not None,
+            "stop_reason": self.stop_reason,
+            "optimizers": {
+                str(index): {
+                    "final_level": policy.level,
+                    "final_rung": RUNGS[policy.level],
+                    "lr_scale": policy.state.lr_scale,
+                    "counts": policy.counts,
+                    "worst_spikes": policy.worst_spikes,
+                }
+                for index, policy in sorted(self.policies.items())
+            },
+        }
+
+    def _summary_path(self) -> Path | None:
+        return None if self._log_dir is None else self._log_dir / SUMMARY_FILENAME
+
+    def _write_summary(self, trainer: pl.Trainer) -> None:
+        path = self._summary_path()
+        if trainer.global_rank == 0 and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.summary(), indent=2))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_summary(trainer)
+        if self.console_summary and trainer.global_rank == 0 and self.policies:
+            _print_summary(self.summary())
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for optimizer, _ in list(self._saved_lrs.values()):
+            self._restore_lr(optimizer)
+        for handle in self._step_hooks.values():
+            handle.remove()
+        self._step_hooks.clear()
+        self._snapshot = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "policies": {str(index): policy.state_dict() for index, policy in self.policies.items()},
+            "stop_reason": self.stop_reason,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError(f"ExplosionGuard state has version {state_dict.get('version')!r}; this code reads 1")
+        self.policies.clear()
+        self._loaded_policies = {int(index): state for index, state in state_dict["policies"].items()}
+        self.stop_reason = state_dict["stop_reason"]
+        for index in list(self._loaded_policies):
+            self.policy(index)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def _snapshot(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Model and optimizer state on CPU: accelerator memory is unchanged."""
+    return _to_cpu(pl_module.state_dict()), [_to_cpu(opt.state_dict()) for opt in trainer.optimizers]
+
+
+def _restore(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: tuple[dict[str, torch.Tensor], list[Any]]
+) -> None:
+    model_state, optimizer_states = snapshot
+    pl_module.load_state_dict(model_state)  # copies into the existing parameters: references stay valid
+    for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
+        # hyper-parameters (lr, momentum, ...) belong to the schedulers' present, not to the snapshot's past
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, values in zip(optimizer.param_groups, hyper, strict=True):
+            group.update(values)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ExplosionGuard summary")
+    for column in ("optimizer", "final level", "lr scale", "actions", "worst spikes (step: z / norm)"):
+        table.add_column(column)
+    for index, entry in summary["optimizers"].items():
+        actions = ", ".join(f"{name}={count}" for name, count in sorted(entry["counts"].items())) or "none"
+        spikes = "; ".join(
+            f"{s['step']}: {s['zscore']:.1f} / {s['total_norm'] if s['total_norm'] is not None else 'nan'}"
+            for s in entry["worst_spikes"]
+        )
+        level = f"{entry['final_level']} ({entry['final_rung']})"
+        table.add_row(index, level, f"{entry['lr_scale']:.3g}", actions, spikes or "none")
+    console = Console()
+    console.print(table)
+    if summary["stopped"]:
+        console.print(f"[bold red]stopped:[/] {summary['stop_reason']}")

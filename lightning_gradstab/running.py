@@ -1,0 +1,196 @@
+"""Running statistics of a gradient-norm stream, and the one cross-rank reduction a decision needs.
+
+Gradient norms are positive and blow up multiplicatively, so the statistics live in log space: a 1e4x spike
+is a distance of 9.2 from the mean, not a value that dominates the variance it is measured against (the
+failure of EMA statistics on the raw norm). Everything here is plain PyTorch/Python, checkpointable through
+``state_dict``/``load_state_dict``, and fed only with values that are already identical on every rank, so the
+statistics never diverge across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ReduceKind = Literal["max", "min"]
+
+
+class LogNormStatistics:
+    """Mean and variance of ``log(norm)``: exact over a warm-up, then an exponential moving average.
+
+    The warm-up uses Welford's exact mean/variance, so the first z-scores are not biased toward an
+    arbitrary initial value (ZClip initialises its EMA the same way). Callers feed it the *clipped* norm of
+    each finite step and nothing on a non-finite one, so one spike cannot inflate the variance that decides
+    what the next spike is.
+
+    Args:
+        decay: EMA weight of the past, in (0, 1) (ZClip uses 0.97: an effective window of ~33 steps).
+        warmup_steps: finite steps averaged exactly before z-scores are reported, >= 1.
+        log_std_floor: lower bound of the standard deviation used in z-scores, >= 0. A very steady stream
+            would otherwise flag a 1 % wobble as a many-sigma event.
+
+    Example::
+
+        statistics = LogNormStatistics(decay=0.97, warmup_steps=25)
+        for norm in [1.0, 1.1, 0.9] * 10:
+            statistics.update(norm)
+        statistics.zscore(100.0)  # about 45: a spike
+    """
+
+    def __init__(self, decay: float = 0.97, warmup_steps: int = 25, log_std_floor: float = 0.05) -> None:
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.log_std_floor = log_std_floor
+        self.count = 0
+        self.mean = 0.0
+        self.variance = 0.0
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether enough finite steps were seen for z-scores to mean something."""
+        return self.count >= self.warmup_steps
+
+    @property
+    def std(self) -> float:
+        """Standard deviation of the log-norm used in z-scores (never below ``log_std_floor``)."""
+        return max(math.sqrt(max(self.variance, 0.0)), self.log_std_floor)
+
+    @property
+    def typical_norm(self) -> float:
+        """The running geometric mean of the norm, ``exp(mean of log-norm)`` (nan before the first update)."""
+        return math.exp(self.mean) if self.count else math.nan
+
+    def zscore(self, norm: float) -> float:
+        """How many standard deviations ``log(norm)`` lies above the running mean (0 during the warm-up)."""
+        if not self.warmed_up:
+            return 0.0
+        return (_safe_log(norm) - self.mean) / self.std
+
+    def norm_at(self, zscore: float) -> float:
+        """The norm that sits ``zscore`` standard deviations above the running mean."""
+        return math.exp(self.mean + zscore * self.std)
+
+    def update(self, norm: float) -> None:
+        """Add one finite norm (the clipped one, if the step was clipped)."""
+        value = _safe_log(norm)
+        self.count += 1
+        if self.count <= self.warmup_steps:  # Welford: exact mean and (population) variance
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.variance += (delta * (value - self.mean) - self.variance) / self.count
+            return
+        delta = value - self.mean
+        self.mean += (1.0 - self.decay) * delta
+        self.variance = self.decay * (self.variance + (1.0 - self.decay) * delta * delta)
+
+    def state_dict(self) -> dict[str, float]:
+        """Everything needed to continue the stream after a restart."""
+        return {"count": self.count, "mean": self.mean, "variance": self.variance}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue from a ``state_dict``."""
+        self.count = int(state["count"])
+        self.mean = float(state["mean"])
+        self.variance = float(state["variance"])
+
+
+class GrowthWindow:
+    """Detects a norm that keeps rising: the least-squares trend of ``log(norm)`` over the last steps.
+
+    A spike detector against a moving average cannot see slow, steady growth (the average follows it);
+    the fitted slope times the window length can: it is the log of the growth factor over the window.
+
+    Args:
+        window_steps: how many recent finite norms the trend is fitted to, >= 3.
+
+    Example::
+
+        window = GrowthWindow(window_steps=10)
+        for step in range(10):
+            window.push(1.5**step)
+        window.growth_factor()  # about 38 (= 1.5**9)
+    """
+
+    def __init__(self, window_steps: int = 20) -> None:
+        self.window_steps = window_steps
+        self.log_norms: deque[float] = deque(maxlen=window_steps)
+
+    def push(self, norm: float) -> None:
+        """Add the raw norm of one finite step."""
+        self.log_norms.append(_safe_log(norm))
+
+    def growth_factor(self) -> float:
+        """Fitted growth of the norm across the full window (1.0 until the window is full)."""
+        n = len(self.log_norms)
+        if n < self.window_steps:
+            return 1.0
+        x_mean = (n - 1) / 2.0
+        y_mean = sum(self.log_norms) / n
+        covariance = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(self.log_norms))
+        x_variance = sum((i - x_mean) ** 2 for i in range(n))
+        return math.exp(min(covariance / x_variance * (n - 1), 700.0))
+
+    def clear(self) -> None:
+        """Forget the history (after a rollback the old trend describes weights that no longer exist)."""
+        self.log_norms.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recent log-norms."""
+        return {"log_norms": list(self.log_norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict``."""
+        self.log_norms = deque((float(v) for v in state["log_norms"]), maxlen=self.window_steps)
+
+
+class RankReduction:
+    """Named per-rank values, reduced across ranks in ONE collective and read on the host in ONE sync.
+
+    Each field declares how it combines across ranks, next to its name (as torchmetrics' ``dist_reduce_fx``):
+    ``"max"`` (any rank's fault, the largest norm) or ``"min"`` (the smallest loss scale). Both travel in a
+    single ``all_reduce(MAX)`` (a minimum is the negated maximum of negated values). Values must be finite:
+    encode "not finite" as a separate 0/1 field, because MAX over NaN is backend-dependent.
+
+    Args:
+        fields: ``(name, "max" | "min")`` pairs, in packing order.
+
+    Example::
+
+        reduction = RankReduction([("total_norm", "max"), ("nonfinite", "max"), ("loss_scale", "min")])
+        values = reduction.reduce({"total_norm": norm, "nonfinite": flag, "loss_scale": scale})
+        values["nonfinite"]  # a Python float, identical on every rank
+    """
+
+    def __init__(self, fields: Sequence[tuple[str, ReduceKind]]) -> None:
+        for name, kind in fields:
+            if kind not in ("max", "min"):
+                raise ValueError(f"`fields` entry {name!r} has reduce kind {kind!r}; accepted: 'max', 'min'")
+        self.fields = tuple(fields)
+        self._signs = [1.0 if kind == "max" else -1.0 for _, kind in self.fields]
+
+    def reduce(self, values: dict[str, Tensor | float], *, distributed: bool) -> dict[str, float]:
+        """Pack, reduce across ranks when ``distributed`` (every rank must agree on it), read back once.
+
+        Every rank must call this on the same steps when ``distributed`` is true: it enters a collective.
+        """
+        device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
+        packed = torch.stack(
+            [
+                torch.as_tensor(values[name], dtype=torch.float32, device=device).reshape(()) * sign
+                for (name, _), sign in zip(self.fields, self._signs, strict=True)
+            ]
+        )
+        if distributed and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        host = packed.tolist()  # the single host sync of the step
+        return {name: value * sign for (name, _), sign, value in zip(self.fields, self._signs, host, strict=True)}
+
+
+def _safe_log(norm: float) -> float:
+    return math.log(max(norm, 1e-30))
