@@ -1,0 +1,130 @@
+"""``summary.json``: what one run ended with, written by global rank 0 into the job's directory.
+
+It holds the final train/val loss and accuracy, their per-epoch curves, whether the run diverged, the guard's
+actions by type, the codes of the audit/advisor findings and the wall time. The sweep summary
+(``examples/sweep_summary.py``) reads nothing else. It is written from inside the training processes
+because under ``ddp_spawn`` only the weights travel back to the launching process, not the callbacks' state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from examples.divergence import StopWhenDiverged
+
+FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+SUMMARY_FILE = "summary.json"
+
+
+def _finite_or_none(value: Any) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def guard_actions(callbacks: list[Callback]) -> dict[str, int]:
+    """Count the actions the suite's guard took, by type (empty when no guard is attached)."""
+    counts: Counter[str] = Counter()
+    for callback in callbacks:
+        for action in getattr(callback, "actions", None) or []:
+            counts[str(getattr(action, "kind", action))] += 1
+    return dict(sorted(counts.items()))
+
+
+def finding_codes(callbacks: list[Callback]) -> list[str]:
+    """The codes of every finding the init audit and the architecture advisor reported, in order."""
+    codes: list[str] = []
+    for callback in callbacks:
+        for finding in getattr(callback, "findings", None) or []:
+            code = str(getattr(finding, "code", finding))
+            if code not in codes:
+                codes.append(code)
+    return codes
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary`` as indented JSON (non-finite numbers are stored as null: the JSON standard has none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+class RunSummary(Callback):
+    """Collect per-epoch metrics and write ``summary.json`` at the end of fit (or when fit raises).
+
+    Args:
+        output_dir: the job's directory; the file is ``output_dir/summary.json``.
+        metadata: identifies the run in sweep tables (name, overrides, config-group choices).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[StopWhenDiverged(), RunSummary(Path("out"), {"name": "demo"})])
+    """
+
+    def __init__(self, output_dir: Path, metadata: dict[str, Any]) -> None:
+        self.path = Path(output_dir) / SUMMARY_FILE
+        self.metadata = dict(metadata)
+        self.curves: dict[str, list[float | None]] = {name: [] for name in ("epoch", *FINAL_METRICS)}
+        self.started_at = time.perf_counter()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started_at = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        self.curves["epoch"].append(trainer.current_epoch)
+        for name in FINAL_METRICS:
+            key = f"{name}_epoch" if f"{name}_epoch" in metrics else name
+            self.curves[name].append(_finite_or_none(metrics[key]) if key in metrics else None)
+
+    def summary(self, trainer: pl.Trainer | None, error: BaseException | None) -> dict[str, Any]:
+        """The summary of the run so far; ``trainer`` is None when the run failed before training."""
+        callbacks = list(trainer.callbacks) if trainer is not None else []
+        stopper = next((c for c in callbacks if isinstance(c, StopWhenDiverged)), None)
+        diverged = bool(stopper and stopper.diverged)
+        final = {name: (values[-1] if values else None) for name, values in self.curves.items() if name != "epoch"}
+        if error is not None:
+            status = "failed"
+        elif diverged:
+            status = "diverged"
+        else:
+            status = "finished"
+        return {
+            **self.metadata,
+            "status": status,
+            "diverged": diverged,
+            "diverged_at_step": stopper.diverged_at_step if stopper else None,
+            "error": None if error is None else "".join(traceback.format_exception_only(error)).strip(),
+            "final": final,
+            "best_val_acc": max((v for v in self.curves["val/acc"] if v is not None), default=None),
+            "epochs": len(self.curves["epoch"]),
+            "global_step": trainer.global_step if trainer is not None else 0,
+            "guard_actions": guard_actions(callbacks),
+            "findings": finding_codes(callbacks),
+            "wall_time_s": round(time.perf_counter() - self.started_at, 2),
+            "curves": self.curves,
+        }
+
+    def write(self, trainer: pl.Trainer | None, error: BaseException | None = None) -> None:
+        """Write ``summary.json`` (call on global rank 0 only)."""
+        write_summary(self.path, self.summary(trainer, error))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            self.write(trainer, exception)
