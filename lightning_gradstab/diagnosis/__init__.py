@@ -1,0 +1,32 @@
+"""Diagnosis of unstable gradients on a real model and batch (pure PyTorch, no Lightning import).
+
+``graph`` recovers the dataflow from one forward pass, ``probe`` measures activations and backpropagated
+deltas, ``init_rules``, ``signal_rules`` and ``arch_rules`` turn them into findings, and ``diagnose`` ties
+them together.
+
+Example::
+
+    from lightning_gradstab.diagnosis import diagnose
+
+    report = diagnose(model, torch.randn(32, 64))
+    report.print()
+"""
+
+from lightning_gradstab.diagnosis.diagnose import build_report, diagnose
+from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, trace
+from lightning_gradstab.diagnosis.init_rules import InitScheme, recommended_scheme, reinitialize
+from lightning_gradstab.diagnosis.probe import ProbeResult, preserved_state, run_probe
+
+__all__ = [
+    "InitScheme",
+    "LayerInfo",
+    "ModelGraph",
+    "ProbeResult",
+    "build_report",
+    "diagnose",
+    "preserved_state",
+    "recommended_scheme",
+    "reinitialize",
+    "run_probe",
+    "trace",
+]

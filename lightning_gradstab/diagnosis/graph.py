@@ -1,0 +1,567 @@
+"""The model's dataflow graph, recovered from one real forward pass.
+
+The module tree alone misses what ``forward`` does with functional calls (``F.relu``, ``x.sigmoid()``,
+``x + block(x)``), and ``torch.fx`` fails on data-dependent code. So we run the real forward once with
+forward hooks on the modules we understand (layers, normalizations, activation modules), which are recorded
+as single nodes, and a ``TorchFunctionMode`` that records every functional call between them. Tensors are
+matched to the node that produced them by identity. From the nodes we derive, for each parameterised layer,
+the activation that consumes its output, whether a normalization follows, whether it ends a residual branch,
+and the longest *plain* chain: the most parameterised layers a signal must cross with no skip connection
+offering a shorter path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+LAYER_TYPES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "linear"),
+    (nn.Bilinear, "linear"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Embedding, "embedding"),
+    (nn.EmbeddingBag, "embedding"),
+    (nn.RNNBase, "recurrent"),
+    (nn.RNNCellBase, "recurrent"),
+    (nn.MultiheadAttention, "attention"),
+)
+"""Module types recorded as one parameterised layer, with their kind."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+NORM_FUNCTIONS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "normalize"})
+
+ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Softplus: "softplus",
+    nn.Hardswish: "hardswish",
+    nn.Tanh: "tanh",
+    nn.Hardtanh: "hardtanh",
+    nn.Softsign: "softsign",
+    nn.Sigmoid: "sigmoid",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.LogSigmoid: "logsigmoid",
+    nn.SELU: "selu",
+    nn.Softmax: "softmax",
+    nn.LogSoftmax: "log_softmax",
+    nn.Softmin: "softmin",
+}
+
+ACTIVATION_FAMILY: dict[str, str] = {
+    **dict.fromkeys(
+        ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "softplus",
+         "hardswish"),
+        "relu",
+    ),
+    **dict.fromkeys(("tanh", "hardtanh", "softsign"), "tanh"),
+    **dict.fromkeys(("sigmoid", "hardsigmoid", "logsigmoid"), "sigmoid"),
+    "selu": "selu",
+    **dict.fromkeys(("softmax", "log_softmax", "softmin"), "softmax"),
+}
+"""Activation name -> family whose init rule applies (He for ``relu``, Xavier for ``tanh``/``sigmoid``...)."""
+
+_FUNCTIONAL_LAYERS = {
+    "linear": "linear",
+    "bilinear": "linear",
+    "matmul": "linear",
+    "mm": "linear",
+    "addmm": "linear",
+    "conv1d": "conv",
+    "conv2d": "conv",
+    "conv3d": "conv",
+    "conv_transpose1d": "conv",
+    "conv_transpose2d": "conv",
+    "conv_transpose3d": "conv",
+    "embedding": "embedding",
+}
+_JOINS = frozenset({"add", "sub", "cat", "concat", "concatenate"})
+_SCALINGS = frozenset({"mul", "div", "truediv"})
+# ops that move, select or rescale values without changing which layer they come from
+_PASS_THROUGH = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+    "getitem", "squeeze", "unsqueeze", "expand", "expand_as", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "pad", "chunk", "split", "unbind", "narrow", "select", "clone", "to", "float", "type_as", "repeat", "mean",
+    "get", "detach", "flip", "roll", "pixel_shuffle",
+})
+_RENAMES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "rmul": "mul", "imul": "mul",
+            "itruediv": "truediv", "rtruediv": "truediv", "rmatmul": "matmul", "concat": "cat"}
+
+
+def activation_family(name: str | None) -> str | None:
+    """The init family of an activation name (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"selu"``, ``"softmax"``)."""
+    return ACTIVATION_FAMILY.get(name) if name else None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of parameterised layer ``module`` is (``"linear"``, ``"conv"``...), None if not a known layer."""
+    for layer_type, kind in LAYER_TYPES:
+        if isinstance(module, layer_type):
+            return kind
+    return None
+
+
+def _activation_module_name(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls in ACTIVATION_MODULES:
+            return ACTIVATION_MODULES[cls]
+    return None
+
+
+def _op_name(func: Callable) -> str:
+    name = getattr(func, "__name__", type(func).__name__).strip("_")
+    return _RENAMES.get(name, name)
+
+
+@dataclass
+class Node:
+    """One recorded step of the forward pass.
+
+    ``kind`` is ``input``, ``layer``, ``norm``, ``activation``, ``join`` (an add/cat of two traced paths),
+    ``pass`` (reshapes, dropout, pooling, scaling by a constant) or ``op`` (anything else).
+    """
+
+    index: int
+    kind: str
+    name: str
+    op: str
+    inputs: list[int]
+    layer_kind: str | None = None
+    scale: float = 1.0  # constant factor a pass node multiplies by (``x * sqrt(d)``)
+    negative_slope: float = 0.0
+    output: Tensor | None = field(default=None, repr=False)
+    input_shape: tuple[int, ...] = ()
+
+
+@dataclass
+class LayerInfo:
+    """What the graph says about one parameterised module (aggregated over its calls).
+
+    Attributes:
+        name: qualified module name (for functional layers, the parameter's owner).
+        kind: ``linear``, ``conv``, ``embedding``, ``recurrent``, ``attention`` or ``other``.
+        activation: the activation applied to its output (looking past a normalization), None if linear.
+        negative_slope: slope of a leaky ReLU activation (0 otherwise).
+        normalized: a normalization layer consumes its output before any activation or other layer.
+        feeds_join: its output directly enters a skip connection (it ends a residual branch).
+        is_output: its output is (part of) the model output.
+        feeds_layer: its output reaches another parameterised layer (it is a hidden layer).
+        downstream_scale: constant factor applied to its output before the next op (``emb(x) * sqrt(d)``).
+        calls: how often it ran in the forward pass (time steps for RNN cells).
+        input_shape: shape of its first input at the first call.
+    """
+
+    name: str
+    kind: str
+    module: nn.Module | None = field(default=None, repr=False)
+    weight: Tensor | None = field(default=None, repr=False)
+    activation: str | None = None
+    negative_slope: float = 0.0
+    normalized: bool = False
+    feeds_join: bool = False
+    is_output: bool = False
+    feeds_layer: bool = False
+    downstream_scale: float = 1.0
+    calls: int = 0
+    input_shape: tuple[int, ...] = ()
+
+
+@dataclass
+class ModelGraph:
+    """The traced graph: nodes in execution order plus per-layer summaries and the longest plain chain.
+
+    Example::
+
+        graph, _ = trace(model, lambda batch: model(batch), inputs=x)
+        print(graph.plain_depth, graph.skip_connections, [layer.name for layer in graph.layers])
+    """
+
+    nodes: list[Node]
+    layers: list[LayerInfo]
+    plain_chain: list[str]
+    plain_chain_normalized: bool
+    plain_chain_activations: list[str]
+    skip_connections: int
+    normalization_layers: list[str]
+    untraced: list[str]
+    problems: list[str]
+
+    @property
+    def plain_depth(self) -> int:
+        """Number of parameterised layers on the longest plain chain."""
+        return len(self.plain_chain)
+
+    def layer(self, name: str) -> LayerInfo | None:
+        """The layer summary for module ``name`` (None if it was not traced)."""
+        return next((layer for layer in self.layers if layer.name == name), None)
+
+    def chain_parent(self) -> list[int | None]:
+        """For every node, the input along which its plain-chain depth was reached (None for sources)."""
+        return _plain_chain_dp(self.nodes)[1]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracer: GraphTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if self.tracer.depth == 0 and self.tracer.problem is None:
+            try:
+                self.tracer.record_function(func, args, kwargs, output)
+            except Exception as error:  # tracing must never break the user's forward
+                self.tracer.problem = f"recording {_op_name(func)} failed: {error!r}"
+        return output
+
+
+class GraphTracer:
+    """Records a :class:`ModelGraph` while the wrapped forward runs (hooks removed on exit).
+
+    ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe attach statistics and
+    gradient hooks to the very tensors the graph sees.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        on_layer_output: Callable[[Node, Tensor], None] | None = None,
+        on_activation: Callable[[Node, Tensor], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.on_layer_output = on_layer_output
+        self.on_activation = on_activation
+        self.nodes: list[Node] = []
+        self.producers: dict[int, int] = {}
+        self._alive: list[Tensor] = []  # keeps traced tensors alive so ids are never reused
+        self.depth = 0
+        self.problem: str | None = None
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.parameter_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else n for n, p in model.named_parameters()}
+        self.used_parameters: set[int] = set()
+        self.recorded_modules: dict[str, nn.Module] = {}
+        self._handles: list[Any] = []
+
+    def register_inputs(self, inputs: Any) -> None:
+        """Mark the tensors the forward starts from as graph inputs."""
+        for tensor in tree_leaves(inputs):
+            if isinstance(tensor, Tensor):
+                node = self._new_node("input", "input", "input", [])
+                self._register_outputs(node, tensor)
+
+    @contextmanager
+    def tracing(self) -> Iterator[GraphTracer]:
+        """Install hooks and the function mode for the duration of the block."""
+        try:
+            for module in self.model.modules():
+                if self._records(module):
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(module.register_forward_hook(self._post_hook))
+        except Exception as error:  # e.g. TorchScript modules refuse Python hooks
+            self.problem = f"module hooks unavailable ({type(self.model).__name__}): {error}"
+            self._remove_hooks()
+        try:
+            if self.problem is None:
+                with _Recorder(self):
+                    yield self
+            else:
+                yield self
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _records(self, module: nn.Module) -> bool:
+        if layer_kind(module) or isinstance(module, NORM_TYPES) or _activation_module_name(module):
+            return True
+        has_children = next(module.children(), None) is not None
+        return not has_children and next(module.parameters(recurse=False), None) is not None
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        self.depth += 1
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.depth -= 1
+        if self.depth != 0 or self.problem is not None:
+            return
+        try:
+            self._record_module(module, args, output)
+        except Exception as error:
+            self.problem = f"recording module {type(module).__name__} failed: {error!r}"
+
+    def _record_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.module_names.get(id(module), type(module).__name__)
+        self.recorded_modules[name] = module
+        inputs = self._traced_inputs(args)
+        activation = _activation_module_name(module)
+        if activation:
+            node = self._new_node("activation", name, activation, inputs)
+            node.negative_slope = float(getattr(module, "negative_slope", 0.0))
+        elif isinstance(module, NORM_TYPES):
+            node = self._new_node("norm", name, type(module).__name__, inputs)
+        else:
+            node = self._new_node("layer", name, type(module).__name__, inputs)
+            node.layer_kind = layer_kind(module) or "other"
+        first_input = next((t for t in tree_leaves(args) if isinstance(t, Tensor)), None)
+        node.input_shape = tuple(first_input.shape) if first_input is not None else ()
+        self._register_outputs(node, output)
+
+    def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
+        """Record one functional call seen outside the recorded modules."""
+        leaves = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        if not any(isinstance(leaf, Tensor) for leaf in tree_leaves(output)):
+            return
+        op = _op_name(func)
+        inputs = self._traced_inputs(leaves)
+        owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
+        self.used_parameters.update(id(p) for p in owned)
+        if owned and op in _FUNCTIONAL_LAYERS:
+            node = self._new_node("layer", self.parameter_owner[id(owned[0])], op, inputs)
+            node.layer_kind = _FUNCTIONAL_LAYERS[op]
+            node.input_shape = tuple(leaves[0].shape)
+        elif not inputs:
+            return  # a constant computation (masks, positions): not part of the signal path
+        elif op in ACTIVATION_FAMILY:
+            node = self._new_node("activation", f"F.{op}", op, inputs)
+            slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+            node.negative_slope = float(slope) if op == "leaky_relu" and isinstance(slope, (int, float)) else 0.0
+        elif op in NORM_FUNCTIONS:
+            node = self._new_node("norm", f"F.{op}", op, inputs)
+        elif op in _JOINS and len(set(inputs)) >= 2:
+            node = self._new_node("join", op, op, inputs)
+        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS and len(set(inputs)) == 1):
+            node = self._new_node("pass", op, op, inputs)
+            if op in _SCALINGS:
+                node.scale = _constant_factor(op, args)
+        else:
+            node = self._new_node("op", op, op, inputs)
+        self._register_outputs(node, output)
+
+    def _traced_inputs(self, values: Any) -> list[int]:
+        inputs: list[int] = []
+        for leaf in tree_leaves(values):
+            if isinstance(leaf, Tensor) and id(leaf) in self.producers:
+                producer = self.producers[id(leaf)]
+                if producer not in inputs:
+                    inputs.append(producer)
+        return inputs
+
+    def _new_node(self, kind: str, name: str, op: str, inputs: list[int]) -> Node:
+        node = Node(len(self.nodes), kind, name, op, inputs)
+        self.nodes.append(node)
+        return node
+
+    def _register_outputs(self, node: Node, output: Any) -> None:
+        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        for tensor in tensors:
+            self.producers[id(tensor)] = node.index
+            self._alive.append(tensor)
+        if tensors:
+            node.output = tensors[0]
+            if node.kind == "layer" and self.on_layer_output is not None:
+                self.on_layer_output(node, tensors[0])
+            if node.kind == "activation" and self.on_activation is not None:
+                self.on_activation(node, tensors[0])
+
+    def build(self, output: Any) -> ModelGraph:
+        """Summarise the recorded nodes into a :class:`ModelGraph` (call after the forward)."""
+        output_nodes = set(self._traced_inputs(output))
+        graph = build_graph(self.nodes, output_nodes, self._resolve_weights())
+        graph.untraced = self._untraced_parameters()
+        if self.problem:
+            graph.problems.append(self.problem)
+        self._alive.clear()
+        self.producers.clear()
+        return graph
+
+    def _resolve_weights(self) -> dict[str, tuple[nn.Module | None, Tensor | None]]:
+        resolved: dict[str, tuple[nn.Module | None, Tensor | None]] = {}
+        modules = dict(self.model.named_modules())
+        parameters = dict(self.model.named_parameters())
+        for node in self.nodes:
+            if node.kind != "layer" or node.name in resolved:
+                continue
+            module = modules.get(node.name)
+            weight = getattr(module, "weight", None) if module is not None else None
+            if weight is None and module is not None:
+                weight = next((p for n, p in module.named_parameters() if "weight_hh" in n or "in_proj" in n), None)
+            if weight is None:
+                weight = parameters.get(f"{node.name}.weight") or parameters.get(node.name)
+            resolved[node.name] = (module, weight if isinstance(weight, Tensor) else None)
+        return resolved
+
+    def _untraced_parameters(self) -> list[str]:
+        prefixes = tuple(f"{name}." for name in self.recorded_modules)
+        untraced = []
+        for name, parameter in self.model.named_parameters():
+            if id(parameter) in self.used_parameters or name.startswith(prefixes):
+                continue
+            untraced.append(name)
+        return untraced
+
+
+def _constant_factor(op: str, args: tuple) -> float:
+    numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if not numbers:
+        return 1.0
+    value = float(numbers[0])
+    if op == "mul":
+        return abs(value)
+    return abs(1.0 / value) if value != 0 and args and isinstance(args[0], Tensor) else 1.0
+
+
+def _plain_chain_dp(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
+    """Plain-chain depth of every node: layers crossed on the shortest-cut path from the inputs.
+
+    A join takes the *smallest* depth of its inputs (the skip offers that shorter path); every other node
+    the largest. Embeddings are lookups and do not add depth.
+    """
+    depth: list[int] = []
+    parent: list[int | None] = []
+    for node in nodes:
+        if node.inputs:
+            choose = min if node.kind == "join" else max
+            best = choose(node.inputs, key=lambda i: depth[i])
+            base = depth[best]
+        else:
+            best, base = None, 0
+        adds = node.kind == "layer" and node.layer_kind != "embedding"
+        depth.append(base + int(adds))
+        parent.append(best)
+    return depth, parent
+
+
+def build_graph(
+    nodes: list[Node],
+    output_nodes: set[int],
+    weights: dict[str, tuple[nn.Module | None, Tensor | None]],
+) -> ModelGraph:
+    """Derive per-layer summaries, skip connections and the longest plain chain from recorded nodes."""
+    consumers: list[list[int]] = [[] for _ in nodes]
+    for node in nodes:
+        for i in node.inputs:
+            consumers[i].append(node.index)
+    layers: dict[str, LayerInfo] = {}
+    for node in nodes:
+        if node.kind != "layer":
+            continue
+        module, weight = weights.get(node.name, (None, None))
+        info = layers.setdefault(node.name, LayerInfo(node.name, node.layer_kind or "other", module, weight))
+        info.calls += 1
+        if info.calls == 1:
+            info.input_shape = node.input_shape
+            _describe_consumers(info, node, nodes, consumers, output_nodes)
+    depth, parent = _plain_chain_dp(nodes)
+    chain: list[str] = []
+    normalized = False
+    activations: list[str] = []
+    if nodes:
+        cursor: int | None = max(range(len(nodes)), key=lambda i: depth[i])
+        while cursor is not None:
+            node = nodes[cursor]
+            if node.kind == "layer" and node.layer_kind != "embedding":
+                chain.append(node.name)
+            normalized |= node.kind == "norm"
+            if node.kind == "activation":
+                activations.append(node.op)
+            cursor = parent[cursor]
+    norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
+    return ModelGraph(
+        nodes=nodes,
+        layers=list(layers.values()),
+        plain_chain=chain[::-1],
+        plain_chain_normalized=normalized,
+        plain_chain_activations=activations[::-1],
+        skip_connections=sum(1 for n in nodes if n.kind == "join"),
+        normalization_layers=norms,
+        untraced=[],
+        problems=[],
+    )
+
+
+def _describe_consumers(
+    info: LayerInfo, node: Node, nodes: list[Node], consumers: list[list[int]], output_nodes: set[int]
+) -> None:
+    """Walk from a layer's output through pass-through ops to what really consumes it."""
+    frontier: list[tuple[int, bool]] = [(node.index, False)]  # (node, a normalization lies behind us)
+    seen: set[tuple[int, bool]] = set()
+    while frontier:
+        index, past_norm = frontier.pop(0)
+        if (index, past_norm) in seen:
+            continue
+        seen.add((index, past_norm))
+        if index in output_nodes:
+            info.is_output = True
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "pass":
+                if not past_norm:
+                    info.downstream_scale *= consumer.scale
+                frontier.append((consumer_index, past_norm))
+            elif consumer.kind == "norm" and not past_norm and info.activation is None:
+                info.normalized = True
+                frontier.append((consumer_index, True))
+            elif consumer.kind == "activation" and info.activation is None:
+                info.activation = consumer.op
+                info.negative_slope = consumer.negative_slope
+                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+            elif consumer.kind == "join" and not past_norm:
+                info.feeds_join = True
+            elif consumer.kind == "layer":
+                info.feeds_layer = True
+            elif consumer.kind == "op":
+                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+
+
+def _reaches_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
+    frontier, seen = [start], set()
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        for consumer_index in consumers[index]:
+            if nodes[consumer_index].kind == "layer":
+                return True
+            frontier.append(consumer_index)
+    return False
+
+
+def trace(model: nn.Module, forward: Callable[[Any], Any], inputs: Any = None) -> tuple[ModelGraph, Any]:
+    """Run ``forward(inputs)`` once under the tracer and return ``(graph, output)`` (no backward).
+
+    Example::
+
+        graph, output = trace(model, lambda batch: model(batch), inputs=x)
+    """
+    tracer = GraphTracer(model)
+    tracer.register_inputs(inputs)
+    with tracer.tracing():
+        output = forward(inputs)
+    return tracer.build(output), output

@@ -1,0 +1,244 @@
+"""Findings of the diagnosis and their renderings: a rich console table, Markdown and JSON.
+
+A :class:`Finding` names a cause of unstable gradients with a stable machine-readable ``code``, the modules
+involved, the measured evidence and one sentence saying what to change where. A :class:`Report` collects the
+findings of one diagnosis (``diagnose``, ``InitAudit`` or ``ArchitectureAdvisor``) together with the
+per-layer measurements they were derived from. The JSON fields are documented in ``docs/diagnosis.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Severity = Literal["info", "warning", "error"]
+"""How bad a finding is: ``error`` blocks training in practice, ``warning`` slows it, ``info`` is context."""
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
+
+SCHEMA_VERSION = 1
+"""Version of the JSON layout written by :meth:`Report.to_dict`; bumped when a documented field changes."""
+
+CODES: dict[str, str] = {
+    "init.scale": "weight scale does not match the activation that consumes the layer's output",
+    "init.symmetric": "constant or identical rows of weights: the layer's units cannot become different",
+    "signal.vanishing": "backpropagated activation gradients shrink toward the input",
+    "signal.exploding": "backpropagated activation gradients grow toward the input, or training spiked",
+    "activation.saturated": "many sigmoid/tanh units sit in their flat tails, where the derivative is ~0",
+    "activation.dead": "many ReLU units output zero for the whole batch and receive no gradient",
+    "arch.normalization": "a deep stack without normalization layers shows unstable signal propagation",
+    "arch.residual": "a deep plain stack without skip connections (degrades even when gradients look healthy)",
+    "arch.activation": "hidden sigmoid activations: non-zero-mean outputs and slope <= 1/4 starve gradients",
+    "arch.recurrent": "a vanilla RNN whose recurrent weights explode or vanish over the sequence",
+    "embedding.scale": "tiny embeddings feeding a pre-normalization residual stream",
+    "trace.incomplete": "part of the model could not be traced; rules that need the graph skipped it",
+}
+"""Every finding code with a one-line meaning (the reference table in ``docs/diagnosis.md`` mirrors it)."""
+
+FINDING_FIELDS: tuple[str, ...] = ("code", "severity", "modules", "evidence", "recommendation")
+REPORT_FIELDS: tuple[str, ...] = ("schema_version", "source", "model", "findings", "layers", "notes")
+LAYER_FIELDS: tuple[str, ...] = (
+    "name",
+    "kind",
+    "activation",
+    "normalized",
+    "fan_in",
+    "fan_out",
+    "weight_std",
+    "recommended_std",
+    "output_std",
+    "grad_rms",
+)
+"""The documented JSON fields of a report, a finding and a per-layer row (tests check the docs against them)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed cause of unstable gradients, with the evidence and the fix.
+
+    Attributes:
+        code: stable identifier from :data:`CODES`, e.g. ``"init.scale"``.
+        severity: ``"info"``, ``"warning"`` or ``"error"``.
+        modules: qualified names of the modules concerned (``model.named_modules()`` names).
+        evidence: the measured numbers behind the finding (JSON-serialisable scalars, strings or lists).
+        recommendation: one sentence naming what to change where.
+
+    Example::
+
+        Finding("init.symmetric", "error", ("net.2",), {"row_spread": 0.0}, "Re-initialise net.2 randomly.")
+    """
+
+    code: str
+    severity: Severity
+    modules: tuple[str, ...]
+    evidence: Mapping[str, Any]
+    recommendation: str
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"`code` must be one of {sorted(CODES)}, got {self.code!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"`severity` must be one of {SEVERITIES}, got {self.severity!r}")
+        if isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules):
+            raise TypeError(f"`modules` must be a sequence of module names, got {self.modules!r}")
+        if not isinstance(self.recommendation, str) or not self.recommendation:
+            raise ValueError(f"`recommendation` must be a non-empty sentence, got {self.recommendation!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "evidence", dict(self.evidence))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The finding as plain JSON-ready values (non-finite floats become the strings ``"inf"``/``"nan"``)."""
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "modules": list(self.modules),
+            "evidence": _json_ready(dict(self.evidence)),
+            "recommendation": self.recommendation,
+        }
+
+
+@dataclass
+class Report:
+    """The findings of one diagnosis and the per-layer measurements behind them.
+
+    Attributes:
+        findings: what was found, most severe first.
+        layers: one row per parameterised layer with the fields of :data:`LAYER_FIELDS`.
+        model: the model's class name.
+        source: who produced it: ``"diagnose"``, ``"InitAudit"`` or ``"ArchitectureAdvisor"``.
+        notes: actions taken (e.g. layers re-initialised by ``InitAudit(fix=True)``).
+
+    Example::
+
+        report = diagnose(model, torch.randn(32, 64))
+        report.print()
+        if report.has_errors:
+            ...
+    """
+
+    findings: list[Finding] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    model: str = ""
+    source: str = "diagnose"
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rank = {severity: index for index, severity in enumerate(SEVERITIES)}
+        self.findings = sorted(self.findings, key=lambda f: -rank[f.severity])
+
+    @property
+    def has_errors(self) -> bool:
+        """Whether any finding has severity ``error`` (the CLI exits non-zero then)."""
+        return any(f.severity == "error" for f in self.findings)
+
+    @property
+    def codes(self) -> set[str]:
+        """The set of finding codes present, for quick assertions: ``"init.scale" in report.codes``."""
+        return {f.code for f in self.findings}
+
+    def by_code(self, code: str) -> list[Finding]:
+        """The findings with ``code`` (empty if none)."""
+        if code not in CODES:
+            raise ValueError(f"`code` must be one of {sorted(CODES)}, got {code!r}")
+        return [f for f in self.findings if f.code == code]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the documented JSON object (see ``docs/diagnosis.md``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": self.source,
+            "model": self.model,
+            "findings": [f.to_dict() for f in self.findings],
+            "layers": [_json_ready({key: row.get(key) for key in LAYER_FIELDS}) for row in self.layers],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        """The report as strict JSON text (no NaN/Infinity literals)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path`` (parent folders created) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    def to_markdown(self) -> str:
+        """A Markdown table for the TensorBoard text panel and for pasting into an issue."""
+        title = f"### Gradient stability findings: {self.model or 'model'} ({self.source})"
+        if not self.findings:
+            lines = [title, "", "No findings: initialisation, signal propagation and architecture look healthy."]
+        else:
+            lines = [title, "", "| severity | code | modules | evidence | recommendation |", "|---|---|---|---|---|"]
+            for f in self.findings:
+                cells = [f.severity, f"`{f.code}`", _short_modules(f.modules), _short_evidence(f.evidence)]
+                cells.append(f.recommendation)
+                lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        lines += [f"- {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def to_rich_table(self) -> Any:
+        """A ``rich.table.Table`` of the findings (severity colour-coded)."""
+        from rich.table import Table
+
+        table = Table(title=f"Gradient stability: {self.model or 'model'} ({self.source})", show_lines=True)
+        for column in ("severity", "code", "modules", "evidence", "recommendation"):
+            table.add_column(column, overflow="fold")
+        colours = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+        for f in self.findings:
+            table.add_row(
+                f"[{colours[f.severity]}]{f.severity}[/]",
+                f.code,
+                _short_modules(f.modules),
+                _short_evidence(f.evidence),
+                f.recommendation,
+            )
+        return table
+
+    def print(self, console: Any = None) -> None:
+        """Print the findings table (and notes) to ``console`` (a ``rich.console.Console``; stdout if None)."""
+        from rich.console import Console
+
+        console = console or Console()
+        if self.findings:
+            console.print(self.to_rich_table())
+        else:
+            console.print(f"Gradient stability: no findings for {self.model or 'model'} ({self.source}).")
+        for note in self.notes:
+            console.print(f"- {note}")
+
+
+def _short_modules(modules: Sequence[str], shown: int = 4) -> str:
+    if len(modules) <= shown:
+        return ", ".join(modules) or "-"
+    return f"{', '.join(modules[:2])}, …, {modules[-1]} ({len(modules)} modules)"
+
+
+def _short_evidence(evidence: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in evidence.items():
+        if isinstance(value, (list, tuple)):
+            value = f"[{len(value)} values]" if len(value) > 4 else ", ".join(_format(v) for v in value)
+        parts.append(f"{key}={_format(value)}")
+    return "; ".join(parts) or "-"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
