@@ -287,7 +287,10 @@ class ExplosionPolicy:
         else:
             self._escalate(anomaly)
 
-        threshold = self._clip_threshold(zscore)
+        adaptive_threshold = self._adaptive_threshold(zscore)
+        threshold = adaptive_threshold
+        if state.level >= RUNGS.index("tight_clip") and self.statistics.warmed_up:
+            threshold = min(threshold, config.resolved("tight_clip_ratio") * self.statistics.typical_norm)
         coefficient = 1.0
         if not observation.nonfinite and math.isfinite(threshold) and norm > threshold:
             coefficient = threshold / norm
@@ -309,8 +312,8 @@ class ExplosionPolicy:
             state.has_snapshot, state.steps_since_snapshot = True, 0
         elif anomaly is None:
             state.steps_since_snapshot += 1
-        if not observation.nonfinite:
-            self.statistics.update(min(norm, threshold))
+        if not observation.nonfinite:  # learn the spike-clipped norm; the tight clip must not ratchet it down
+            self.statistics.update(min(norm, adaptive_threshold))
 
         decision = Decision(
             step=state.steps,
@@ -329,7 +332,7 @@ class ExplosionPolicy:
             self._count(action)
         if anomaly is not None:
             self._count(anomaly)
-        if anomaly is not None or decision.actions or state.level != previous_level:
+        if anomaly is not None or decision.skip or state.level != previous_level:
             self._record(decision, norm, previous_level)
         return decision
 
@@ -359,15 +362,12 @@ class ExplosionPolicy:
             state.anomalies_at_level = 1
             self._count("escalate")
 
-    def _clip_threshold(self, zscore: float) -> float:
-        statistics, config = self.statistics, self.config
-        if self.state.level < RUNGS.index("clip") or not statistics.warmed_up:
+    def _adaptive_threshold(self, zscore: float) -> float:
+        if self.state.level < RUNGS.index("clip") or not self.statistics.warmed_up:
             return math.inf
-        z_threshold = config.zscore_threshold
-        threshold = statistics.norm_at(z_threshold * min(1.0, z_threshold / zscore) if zscore > 0 else z_threshold)
-        if self.state.level >= RUNGS.index("tight_clip"):
-            threshold = min(threshold, config.resolved("tight_clip_ratio") * statistics.typical_norm)
-        return threshold
+        z_threshold = self.config.zscore_threshold
+        # ZClip's reciprocal rule: a spike at z is clipped to z_thr^2 / z, closer to the mean the larger it is
+        return self.statistics.norm_at(z_threshold * min(1.0, z_threshold / zscore) if zscore > 0 else z_threshold)
 
     def _count(self, name: str) -> None:
         self.state.counts[name] = self.state.counts.get(name, 0) + 1

@@ -139,6 +139,7 @@ class ExplosionGuard(Callback):
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}
         self._snapshot: tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None = None
+        self.snapshot_step: int | None = None
         self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         self._step_hooks: dict[int, Any] = {}
         self._log_dir: Path | None = None
@@ -207,7 +208,7 @@ class ExplosionGuard(Callback):
         if healthy and self.config.max_level >= RUNGS.index("rollback") and (
             decision.snapshot or self._snapshot is None
         ):
-            self._snapshot = _snapshot(trainer, pl_module)
+            self._snapshot, self.snapshot_step = _snapshot(trainer, pl_module), decision.step
         if decision.rollback:
             if self._snapshot is None:
                 rank_zero_warn("ExplosionGuard: rollback requested but no snapshot exists yet; skipping the step.")

@@ -1,0 +1,103 @@
+"""Tiny real trainings for the ExplosionGuard tests: a regression MLP with injectable faults.
+
+Shared by ``tests/test_guard.py`` and the DDP job ``tests/scripts/guard_nan_ddp.py`` so both train the
+same model on the same data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+
+
+def regression_data(samples: int = 512, seed: int = 0) -> TensorDataset:
+    """``y = sin(x . w) + noise``: smooth, learnable, and fast on one CPU thread."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 8, generator=generator)
+    w = torch.randn(8, 1, generator=generator)
+    y = torch.sin(x @ w) + 0.1 * torch.randn(samples, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+def regression_loader(batch_size: int = 32) -> DataLoader:
+    """The data in a fixed order, so two runs see the same batches."""
+    return DataLoader(regression_data(), batch_size=batch_size, shuffle=False)
+
+
+class TinyRegression(pl.LightningModule):
+    """8-32-32-1 tanh MLP; ``faults`` maps a global step to ``"scale_grad"`` (x1e4) or ``"nan_loss"``.
+
+    ``fault_rank`` restricts the faults to one rank (``None``: every rank).
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        faults: dict[int, str] | None = None,
+        fault_rank: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.faults = faults or {}
+        self.fault_rank = fault_rank
+
+    def _fault(self) -> str | None:
+        if self.fault_rank is not None and self.global_rank != self.fault_rank:
+            return None
+        return self.faults.get(self.global_step)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if self._fault() == "nan_loss":
+            loss = loss * float("nan")
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self._fault() == "scale_grad":
+            for parameter in self.parameters():
+                parameter.grad.mul_(1e4)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def full_loss(self) -> float:
+        """Mean squared error on the whole data set (nan if the weights are not finite)."""
+        x, y = regression_data().tensors
+        with torch.no_grad():
+            return nn.functional.mse_loss(self.net(x), y).item()
+
+    def flat_weights(self) -> torch.Tensor:
+        """All weights as one vector (a copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()]).clone()
+
+
+class NanGradientAfterReduction(Callback):
+    """Poison one rank's gradients in ``on_before_optimizer_step``, after DDP averaged them.
+
+    Put it before the guard in ``callbacks``: only that rank then sees the NaN, the hardest case for a
+    rank-consistent decision.
+    """
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            next(iter(pl_module.parameters())).grad.view(-1)[0] = float("nan")

@@ -1,0 +1,356 @@
+"""Fault-injection specification of ExplosionGuard on tiny real CPU trainings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_gradstab.callbacks.guard import (
+    EVENTS_FILENAME,
+    SUMMARY_FILENAME,
+    ExplosionGuard,
+    GradientExplosionError,
+)
+from tests.scripts.guard_models import QUIET, TinyRegression, regression_loader
+
+torch.set_num_threads(1)
+
+
+def _fit(model: pl.LightningModule, steps: int, tmp_path: Path, callbacks: list, **trainer_options: Any) -> pl.Trainer:
+    options = {"logger": False, **QUIET, "log_every_n_steps": 1, **trainer_options}
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), **options
+    )
+    trainer.fit(model, regression_loader())
+    return trainer
+
+
+def _guard(**options: Any) -> ExplosionGuard:
+    return ExplosionGuard(console_summary=False, **options)
+
+
+def _events(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / EVENTS_FILENAME).read_text().splitlines()]
+
+
+class _WeightsAfterStep(Callback):
+    """Records the weights right after one optimizer step and the optimizer state size then."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.weights: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step + 1:
+            self.weights = pl_module.flat_weights()
+
+
+def test_gradient_spike_is_clipped_on_its_step_and_weights_stay_close_to_the_clean_run(tmp_path: Path) -> None:
+    spike_step = 40
+    runs = {}
+    for name, faults, callbacks in [
+        ("clean", {}, [_guard()]),
+        ("guarded", {spike_step: "scale_grad"}, [_guard()]),
+        ("unguarded", {spike_step: "scale_grad"}, []),
+    ]:
+        probe = _WeightsAfterStep(spike_step)
+        _fit(TinyRegression(faults=faults), spike_step + 1, tmp_path / name, [*callbacks, probe])
+        runs[name] = probe.weights
+    start = TinyRegression().flat_weights()
+    clean_move = (runs["clean"] - start).norm()
+    guarded_error = (runs["guarded"] - runs["clean"]).norm()
+    unguarded_error = (runs["unguarded"] - runs["clean"]).norm()
+    assert torch.isfinite(runs["guarded"]).all()
+    assert guarded_error < 0.05 * clean_move  # the clipped step lands about where the clean one did
+    assert unguarded_error > 100 * clean_move
+    spike_events = [e for e in _events(tmp_path / "guarded") if e["anomaly"] == "spike"]
+    assert [(e["step"], e["actions"]) for e in spike_events] == [(spike_step + 1, ["clip"])]
+
+
+def test_nan_loss_step_is_skipped_and_training_continues(tmp_path: Path) -> None:
+    nan_step, steps = 30, 80
+    guard = _guard()
+    probe = _WeightsAfterStep(nan_step)
+    before = _WeightsAfterStep(nan_step - 1)
+    model = TinyRegression(faults={nan_step: "nan_loss"})
+    trainer = _fit(model, steps, tmp_path, [guard, probe, before])
+    assert trainer.global_step == steps
+    assert torch.equal(probe.weights, before.weights)  # the NaN step changed nothing
+    assert torch.isfinite(model.flat_weights()).all()
+    assert model.full_loss() < TinyRegression().full_loss()
+    nonfinite = [e for e in _events(tmp_path) if e["anomaly"] == "nonfinite"]
+    assert [(e["step"], e["actions"]) for e in nonfinite] == [(nan_step + 1, ["skip"])]
+
+
+def test_learning_rate_100x_too_high_diverges_unguarded_and_ends_below_start_guarded(tmp_path: Path) -> None:
+    steps, good_lr = 300, 0.05
+    start_loss = TinyRegression().full_loss()
+    unguarded = TinyRegression(lr=100 * good_lr)
+    _fit(unguarded, steps, tmp_path / "unguarded", [])
+    guard = _guard()
+    guarded = TinyRegression(lr=100 * good_lr)
+    _fit(guarded, steps, tmp_path / "guarded", [guard])
+    diverged = unguarded.full_loss()
+    assert not math.isfinite(diverged) or diverged > start_loss
+    assert math.isfinite(guarded.full_loss()) and guarded.full_loss() < start_loss
+    assert guard.policy().counts.get("skip", 0) > 0  # it took more than clipping
+
+
+def test_healthy_run_never_goes_above_level_one_and_matches_the_unguarded_loss(
+    tmp_path: Path, memory_logger: Any
+) -> None:
+    steps = 300
+    unguarded = TinyRegression()
+    _fit(unguarded, steps, tmp_path / "unguarded", [])
+    guarded = TinyRegression()
+    _fit(guarded, steps, tmp_path / "guarded", [_guard()], logger=memory_logger)
+    levels = [value for _, value in memory_logger.metrics["gradstab/level"]]
+    assert len(levels) == steps and max(levels) <= 1
+    assert guarded.full_loss() == pytest.approx(unguarded.full_loss(), rel=0.01)
+
+
+def _fit_from(
+    model: pl.LightningModule, steps: int, tmp_path: Path, callbacks: list, ckpt_path: Path | None = None
+) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), logger=False,
+        **QUIET,
+    )
+    trainer.fit(model, regression_loader(), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return trainer
+
+
+class _StateAtTrainStart(Callback):
+    def __init__(self, guard: ExplosionGuard) -> None:
+        self.guard = guard
+        self.state: dict | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.state = json.loads(json.dumps(self.guard.state_dict()))
+
+
+def test_resume_from_checkpoint_continues_with_the_guard_state_saved_in_it(tmp_path: Path) -> None:
+    faults = {30: "scale_grad", 40: "nan_loss"}
+    half, full = 48, 96
+    first = _guard()
+    trainer = _fit_from(TinyRegression(faults=faults), half, tmp_path / "first", [first])
+    checkpoint = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = json.loads(json.dumps(first.state_dict()))
+    assert saved["policies"]["0"]["counters"]["counts"]["skip"] == 1  # a non-trivial state
+
+    resumed = _guard()
+    probe = _StateAtTrainStart(resumed)
+    _fit_from(TinyRegression(faults=faults), full, tmp_path / "resumed", [resumed, probe], checkpoint)
+    assert probe.state == saved
+    policy = resumed.policy()
+    assert policy.state.steps == full  # it counted on from the save, not from zero
+    assert policy.events[: len(saved["policies"]["0"]["events"])] == saved["policies"]["0"]["events"]
+    assert policy.statistics.count == full - 1  # every finite step since the start, the NaN one excluded
+
+
+class _WeightsEveryStep(Callback):
+    def __init__(self) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+        self.optimizer_steps: dict[int, int] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.weights[trainer.global_step] = pl_module.flat_weights()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.weights[trainer.global_step] = pl_module.flat_weights()
+        state = trainer.optimizers[0].state
+        self.optimizer_steps[trainer.global_step] = int(next(iter(state.values()))["step"]) if state else 0
+
+
+def test_skip_changes_neither_weights_nor_adam_state(tmp_path: Path) -> None:
+    probe = _WeightsEveryStep()
+    _fit(TinyRegression(lr=1e-3, optimizer="adam", faults={30: "nan_loss"}), 40, tmp_path, [_guard(), probe])
+    assert torch.equal(probe.weights[31], probe.weights[30])
+    assert probe.optimizer_steps[31] == probe.optimizer_steps[30] == 30  # Adam's step count did not move
+    assert probe.optimizer_steps[40] == 39
+
+
+class _LearningRates(Callback):
+    """The lr the optimizer used inside each step, and the lr the scheduler left after it.
+
+    Its step post-hook is registered before the guard's (which restores the lr), so it sees the used value;
+    a pre-hook would not: it runs before the closure, hence before the guard acts.
+    """
+
+    def __init__(self) -> None:
+        self.during: list[float] = []
+        self.after: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trainer.optimizers[0].register_step_post_hook(
+            lambda optimizer, args, kwargs: self.during.append(optimizer.param_groups[0]["lr"])
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.after.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class _WithScheduler(TinyRegression):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)  # chainable: reads group lr
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_lr_backoff_scales_the_step_and_never_corrupts_the_scheduler(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
+    guard = _guard(budgets=budgets, backoff_factor=0.5, lr_recovery_steps=5)
+    probe = _LearningRates()
+    faults = dict.fromkeys(range(30, 34), "scale_grad")  # four spikes: clip, tight clip, skip, back off
+    _fit(_WithScheduler(faults=faults), 60, tmp_path, [guard, probe])
+    scheduled = [0.05 * 0.99 ** (step + 1) for step in range(60)]
+    assert probe.after == pytest.approx(scheduled, rel=1e-12)
+    backoff = [e for e in _events(tmp_path) if e["rung"] == "lr_backoff"]
+    assert backoff[0]["step"] == 34 and backoff[0]["actions"] == ["skip"]
+    # the next optimizer step runs at half the scheduled lr times one recovery factor, then recovers to 1x
+    ratios = [during / (0.05 * 0.99**step) for step, during in enumerate(probe.during)]
+    assert ratios[34] == pytest.approx(0.5 * 2 ** (1 / 5))
+    assert ratios[:33] == pytest.approx([1.0] * 33) and ratios[-1] == pytest.approx(1.0)
+
+
+def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
+    guard = _guard(budgets=budgets, snapshot_every=10)
+    probe = _WeightsEveryStep()
+    faults = dict.fromkeys(range(30, 35), "scale_grad")
+    _fit(TinyRegression(faults=faults), 45, tmp_path, [guard, probe])
+    rollback = next(e for e in _events(tmp_path) if "rollback" in e["actions"])
+    assert rollback["step"] == 35 and rollback["rung"] == "rollback"
+    assert guard.snapshot_step is not None and guard.snapshot_step <= 30
+    # policy step s runs on the weights left by s - 1 optimizer steps
+    assert torch.equal(probe.weights[rollback["step"]], probe.weights[guard.snapshot_step - 1])
+    assert guard.policy().counts["rollback"] == 1
+
+
+def test_stop_rung_ends_the_run_gracefully_with_a_json_reason(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
+    guard = _guard(budgets=budgets)
+    faults = dict.fromkeys(range(30, 60), "scale_grad")
+    trainer = _fit(TinyRegression(faults=faults), 100, tmp_path, [guard])
+    assert trainer.global_step == 36  # the sixth spike in a row (policy step 36) stops it
+    summary = json.loads((tmp_path / SUMMARY_FILENAME).read_text())
+    assert summary["stopped"] and "step 36: spike at level 6 (stop)" in summary["stop_reason"]
+    assert summary["optimizers"]["0"]["counts"]["stop"] == 1
+
+
+def test_stop_rung_can_raise_instead(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
+    faults = dict.fromkeys(range(30, 60), "scale_grad")
+    with pytest.raises(GradientExplosionError, match="step 36: spike"):
+        _fit(TinyRegression(faults=faults), 100, tmp_path, [_guard(budgets=budgets, raise_on_stop=True)])
+
+
+def test_interventions_are_logged_as_scalars_events_and_a_console_table(
+    tmp_path: Path, memory_logger: Any, capsys: pytest.CaptureFixture
+) -> None:
+    guard = ExplosionGuard(log_every_n_steps=50)
+    _fit(TinyRegression(faults={40: "scale_grad"}), 60, tmp_path, [guard], logger=memory_logger)
+    names = {"level", "clip_threshold", "clipped", "skipped", "lr_scale", "rollbacks", "zscore", "amp_overflow"}
+    assert {f"gradstab/{name}" for name in names} <= set(memory_logger.metrics)
+    clipped = dict(memory_logger.metrics["gradstab/clipped"])
+    assert clipped[40] == 1.0 and sorted(clipped) == [0, 40, 50]  # the interval plus the intervention
+    threshold = dict(memory_logger.metrics["gradstab/clip_threshold"])[40]
+    (event,) = _events(tmp_path)
+    assert event["clip_threshold"] == pytest.approx(threshold) and event["logging_step"] == 40
+    assert "ExplosionGuard summary" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_is_judged_once_per_optimizer_step(tmp_path: Path) -> None:
+    guard = _guard()
+    _fit(TinyRegression(), 8, tmp_path, [guard], accumulate_grad_batches=4)
+    assert guard.policy().state.steps == 8
+
+
+class _ManualRegression(TinyRegression):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()  # the guard acts inside this call
+
+
+def test_manual_optimization_is_guarded_inside_optimizer_step(tmp_path: Path) -> None:
+    guard, probe = _guard(), _WeightsEveryStep()
+    _fit(_ManualRegression(faults={30: "nan_loss"}), 40, tmp_path, [guard, probe])
+    assert torch.equal(probe.weights[31], probe.weights[30])
+    assert torch.isfinite(probe.weights[40]).all()
+    counts = guard.policy().counts
+    assert counts["nonfinite"] == counts["skip"] == 1
+
+
+@pytest.mark.parametrize("clip_val", [1e-3, 1e3])
+def test_with_gradient_clip_val_the_tighter_clip_wins(tmp_path: Path, clip_val: float) -> None:
+    probe, lr = _WeightsEveryStep(), 0.05
+    _fit(TinyRegression(lr=lr, faults={40: "scale_grad"}), 41, tmp_path, [_guard(), probe], gradient_clip_val=clip_val)
+    applied_norm = ((probe.weights[41] - probe.weights[40]).norm() / lr).item()
+    (event,) = [e for e in _events(tmp_path) if e["anomaly"] == "spike"]
+    assert applied_norm == pytest.approx(min(clip_val, event["clip_threshold"]), rel=1e-3)
+
+
+class _FakeLossScale(Callback):
+    """Drives the GradScaler's state: sets its scale at chosen optimizer steps (no GPU needed)."""
+
+    def __init__(self, scales: dict[int, float]) -> None:
+        self.scales = scales
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step in self.scales:
+            trainer.precision_plugin.scaler._scale.fill_(self.scales[trainer.global_step])
+
+
+def test_fp16_overflow_is_counted_and_left_to_the_scaler(tmp_path: Path, memory_logger: Any) -> None:
+    guard = _guard()
+    precision = MixedPrecision("16-mixed", "cpu")
+    trainer = _fit(TinyRegression(faults={30: "nan_loss"}), 40, tmp_path, [guard], plugins=[precision],
+                   logger=memory_logger)
+    counts = guard.policy().counts
+    assert counts.get("amp_overflow", 0) >= 1 and "skip" not in counts and "escalate" not in counts
+    assert guard.level == 1
+    assert dict(memory_logger.metrics["gradstab/amp_overflow"])[39] == counts["amp_overflow"]
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**16  # the scaler itself backed off
+
+
+def test_fp16_collapsing_loss_scale_is_an_explosion(tmp_path: Path) -> None:
+    guard, probe = _guard(), _WeightsEveryStep()
+    precision = MixedPrecision("16-mixed", "cpu")
+    # the scale stays collapsed, as a real one does (GradScaler only grows it back after 2000 good steps)
+    _fit(TinyRegression(), 42, tmp_path, [_FakeLossScale({30: 0.25}), guard, probe], plugins=[precision])
+    collapse = [e for e in _events(tmp_path) if e["anomaly"] == "loss_scale_collapse"]
+    assert collapse[0]["step"] == 31 and collapse[0]["actions"] == ["skip"]
+    assert torch.equal(probe.weights[31], probe.weights[30])
+    assert [e["rung"] for e in collapse[:6]] == ["skip"] * 4 + ["lr_backoff"] * 2  # it escalates
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"zscore_threshold": 0}, r"`zscore_threshold` must be a number > 0, got 0"),
+        ({"warmup_steps": 0}, r"`warmup_steps` must be an int >= 1, got 0"),
+        ({"max_rung": "panic"}, r"`max_rung` must be one of \['observe', 'clip', 'tight_clip'"),
+        ({"backoff_factor": 1.5}, r"`backoff_factor` must be a number in \(0, 1\), got 1.5"),
+        ({"max_rung": "clip", "snapshot_every": 10}, r"`snapshot_every` configures rung 'rollback'"),
+        ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be a positive int or None, got 0"),
+    ],
+)
+def test_guard_rejects_bad_arguments_naming_them(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExplosionGuard(**options)

@@ -1,0 +1,225 @@
+"""Specification of the guard's pure core: running statistics, detection, the ladder and its state."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_gradstab.policy import RUNGS, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.running import GrowthWindow, LogNormStatistics, RankReduction
+
+
+def _healthy_norms(count: int, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.lognormvariate(0.0, 0.2) for _ in range(count)]
+
+
+def _warmed_policy(**options: object) -> ExplosionPolicy:
+    policy = ExplosionPolicy(PolicyConfig(**options))
+    for norm in _healthy_norms(40):
+        policy.step(Observation(norm))
+    return policy
+
+
+def test_log_norm_statistics_match_exact_mean_and_variance_during_warmup() -> None:
+    norms = _healthy_norms(25)
+    statistics = LogNormStatistics(warmup_steps=25, log_std_floor=0.0)
+    for norm in norms:
+        statistics.update(norm)
+    logs = np.log(np.array(norms, dtype=np.float64))
+    assert statistics.mean == pytest.approx(logs.mean(), rel=1e-12)
+    assert statistics.std == pytest.approx(logs.std(), rel=1e-10)
+
+
+def test_log_norm_statistics_follow_the_ema_recursion_after_warmup() -> None:
+    statistics = LogNormStatistics(decay=0.9, warmup_steps=1, log_std_floor=0.0)
+    statistics.update(1.0)
+    statistics.update(math.e)  # log = 1: mean 0 -> 0.1, variance 0.9 * (0 + 0.1 * 1)
+    assert statistics.mean == pytest.approx(0.1)
+    assert statistics.variance == pytest.approx(0.09)
+
+
+def test_zscore_is_zero_until_warmed_up() -> None:
+    statistics = LogNormStatistics(warmup_steps=3)
+    statistics.update(1.0)
+    assert statistics.zscore(1e6) == 0.0
+
+
+def test_growth_window_reports_the_fitted_growth_over_the_window() -> None:
+    window = GrowthWindow(window_steps=10)
+    for step in range(10):
+        window.push(1.5**step)
+    assert window.growth_factor() == pytest.approx(1.5**9)
+
+
+def test_rank_reduction_returns_named_host_floats_with_min_and_max_fields() -> None:
+    reduction = RankReduction([("norm", "max"), ("scale", "min")])
+    values = reduction.reduce({"norm": torch.tensor(3.0), "scale": torch.tensor(8.0)}, distributed=False)
+    assert values == {"norm": 3.0, "scale": 8.0}
+
+
+def test_rank_reduction_rejects_unknown_reduce_kind() -> None:
+    with pytest.raises(ValueError, match=r"'sum'.*accepted: 'max', 'min'"):
+        RankReduction([("norm", "sum")])  # type: ignore[list-item]
+
+
+def test_healthy_stream_stays_at_the_clip_rung() -> None:
+    policy = ExplosionPolicy()
+    levels = [policy.step(Observation(norm)).level for norm in _healthy_norms(3000)]
+    assert max(levels) == RUNGS.index("clip")
+    assert policy.counts.get("clip", 0) < 0.02 * 3000  # ZClip-like: a few percent at most
+
+
+def test_spike_is_clipped_to_the_zclip_reciprocal_threshold_in_log_space() -> None:
+    policy = _warmed_policy()
+    mean, std = policy.statistics.mean, policy.statistics.std
+    decision = policy.step(Observation(1e4))
+    zscore = (math.log(1e4) - mean) / std
+    expected_threshold = math.exp(mean + 2.5**2 / zscore * std)
+    assert decision.anomaly == "spike"
+    assert decision.zscore == pytest.approx(zscore)
+    assert decision.clip_threshold == pytest.approx(expected_threshold)
+    assert decision.clip_coefficient == pytest.approx(expected_threshold / 1e4)
+    assert decision.actions == ["clip"]
+
+
+def test_statistics_learn_the_clipped_norm_and_ignore_nonfinite_steps() -> None:
+    policy = _warmed_policy()
+    decision = policy.step(Observation(1e4))
+    assert policy.statistics.mean < math.log(decision.clip_threshold) + 1e-9
+    before = policy.statistics.state_dict()
+    policy.step(Observation(math.nan, nonfinite=True))
+    assert policy.statistics.state_dict() == before
+
+
+def test_nonfinite_gradient_jumps_to_skip() -> None:
+    policy = _warmed_policy()
+    decision = policy.step(Observation(math.nan, nonfinite=True))
+    assert decision.anomaly == "nonfinite"
+    assert decision.rung == "skip"
+    assert decision.skip and decision.actions == ["skip"]
+
+
+def test_nonfinite_gradient_is_only_observed_when_the_ladder_is_capped_below_skip() -> None:
+    policy = _warmed_policy(max_rung="clip")
+    decision = policy.step(Observation(math.nan, nonfinite=True))
+    assert decision.anomaly == "nonfinite" and not decision.skip and decision.level == 1
+
+
+def test_sustained_growth_hidden_in_noise_is_detected_as_growth() -> None:
+    rng = random.Random(0)
+    policy = ExplosionPolicy()
+    for _ in range(40):
+        policy.step(Observation(math.exp(rng.gauss(0.0, 0.5))))
+    trend = [math.exp(0.15 * step + rng.gauss(0.0, 0.5)) for step in range(1, 25)]
+    anomalies = [policy.step(Observation(norm)).anomaly for norm in trend]
+    assert "growth" in anomalies
+
+
+def test_repeated_spikes_climb_every_rung_in_order_and_then_stop() -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
+    policy = _warmed_policy(budgets=budgets)
+    decisions = [policy.step(Observation(1e6)) for _ in range(6)]
+    assert [d.rung for d in decisions] == ["clip", "tight_clip", "skip", "lr_backoff", "rollback", "stop"]
+    assert decisions[3].skip and policy.state.lr_scale == pytest.approx(0.5)
+    assert decisions[4].rollback and decisions[5].stop
+
+
+def test_tight_clip_clips_every_step_to_the_typical_norm() -> None:
+    policy = _warmed_policy(budgets={"clip": 1}, tight_clip_ratio=0.5)
+    policy.step(Observation(1e6))
+    policy.step(Observation(1e6))
+    assert policy.level == RUNGS.index("tight_clip")
+    typical = policy.statistics.typical_norm
+    decision = policy.step(Observation(typical))
+    assert decision.anomaly is None
+    assert decision.clip_threshold == pytest.approx(0.5 * typical)
+    assert decision.clip_coefficient == pytest.approx(0.5)
+
+
+def test_level_drops_one_rung_after_the_healthy_streak() -> None:
+    policy = _warmed_policy(budgets={"clip": 1}, healthy_steps_to_deescalate=10)
+    policy.step(Observation(1e6))
+    policy.step(Observation(1e6))
+    assert policy.level == RUNGS.index("tight_clip")
+    typical = policy.statistics.typical_norm
+    levels = [policy.step(Observation(typical)).level for _ in range(10)]
+    assert levels[:9] == [2] * 9 and levels[9] == 1
+
+
+def test_learning_rate_scale_recovers_gradually_on_healthy_steps() -> None:
+    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"clip": 1, "tight_clip": 1, "skip": 1})
+    for _ in range(4):
+        policy.step(Observation(1e6))
+    assert policy.state.lr_scale == pytest.approx(0.5)
+    scales = [policy.step(Observation(policy.statistics.typical_norm)).lr_scale for _ in range(10)]
+    assert scales == sorted(scales) and scales[-1] == pytest.approx(1.0)
+    assert scales[0] == pytest.approx(0.5 * 2 ** (1 / 10))
+
+
+def test_amp_overflow_is_counted_but_never_escalates() -> None:
+    policy = _warmed_policy()
+    decisions = [policy.step(Observation(math.inf, nonfinite=True, loss_scale=2.0**15)) for _ in range(20)]
+    assert {d.anomaly for d in decisions} == {"amp_overflow"}
+    assert not any(d.skip for d in decisions) and policy.level == 1
+    assert policy.counts["amp_overflow"] == 20
+
+
+def test_collapsed_loss_scale_is_an_explosion() -> None:
+    policy = _warmed_policy()
+    decision = policy.step(Observation(1.0, loss_scale=0.25))
+    assert decision.anomaly == "loss_scale_collapse" and decision.skip
+
+
+def test_snapshots_are_requested_only_on_healthy_steps_at_rest() -> None:
+    policy = ExplosionPolicy(PolicyConfig(snapshot_every=5))
+    steps = [d.step for d in (policy.step(Observation(n)) for n in _healthy_norms(21)) if d.snapshot]
+    assert steps == [1, 7, 13, 19]
+    assert not ExplosionPolicy(PolicyConfig(max_rung="skip")).step(Observation(1.0)).snapshot
+
+
+def test_state_dict_round_trip_reproduces_every_future_decision() -> None:
+    original = _warmed_policy(budgets={"clip": 1})
+    original.step(Observation(1e6))
+    restored = ExplosionPolicy(PolicyConfig(budgets={"clip": 1}))
+    restored.load_state_dict(original.state_dict())
+    assert restored.state_dict() == original.state_dict()
+    stream = [*_healthy_norms(30, seed=3), 1e5, math.nan]
+    for norm in stream:
+        observation = Observation(norm, nonfinite=not math.isfinite(norm))
+        assert restored.step(observation) == original.step(observation)
+
+
+def test_state_dict_of_another_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="version"):
+        ExplosionPolicy().load_state_dict({"version": 99})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"zscore_threshold": 0.0}, "`zscore_threshold` must be a number > 0, got 0.0"),
+        ({"zscore_threshold": -1.0}, "`zscore_threshold` must be a number > 0"),
+        ({"warmup_steps": 0}, "`warmup_steps` must be an int >= 1, got 0"),
+        ({"max_rung": "explode"}, "`max_rung` must be one of \\['observe', 'clip'"),
+        ({"budgets": {"panic": 1}}, "`budgets` key must be one of .*got 'panic'"),
+        ({"backoff_factor": 1.0}, "`backoff_factor` must be a number in \\(0, 1\\), got 1.0"),
+        ({"backoff_factor": 0.0}, "`backoff_factor` must be a number in \\(0, 1\\)"),
+        ({"ema_decay": 1.0}, "`ema_decay` must be a number in \\(0, 1\\)"),
+        ({"growth_factor": 1.0}, "`growth_factor` must be a number > 1"),
+        ({"max_rung": "clip", "backoff_factor": 0.5}, "`backoff_factor` configures rung 'lr_backoff'.*max_rung"),
+        ({"max_rung": "skip", "budgets": {"rollback": 2}}, "`budgets` sets rung 'rollback'.*above `max_rung`"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig(**options)
+
+
+def test_non_integer_step_counts_raise_type_error() -> None:
+    with pytest.raises(TypeError, match=r"`warmup_steps` must be an int >= 1, got float 2\.5"):
+        PolicyConfig(warmup_steps=2.5)  # type: ignore[arg-type]
