@@ -1,0 +1,25 @@
+"""ExplosionGuard under a real 2-process CPU DDP job: one rank's NaN, one decision everywhere, no hang."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+NAN_LOSS_STEP, NAN_GRAD_STEP, STEPS = 30, 40, 50  # as in tests/scripts/guard_nan_ddp.py
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_nan_on_one_rank_skips_the_same_step_on_all_ranks(tmp_path: Path, ddp_runner) -> None:
+    rank0, rank1 = ddp_runner("guard_nan_ddp.py", tmp_path, timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == STEPS  # no hang, no early exit
+    for rank in (rank0, rank1):
+        nonfinite = [(e["step"], e["actions"]) for e in rank["events"] if e["anomaly"] == "nonfinite"]
+        assert nonfinite == [(NAN_LOSS_STEP + 1, ["skip"]), (NAN_GRAD_STEP + 1, ["skip"])]
+        for step in (NAN_LOSS_STEP, NAN_GRAD_STEP):  # a skipped step leaves the weights as they were
+            assert rank["weights"][str(step + 1)] == rank["weights"][str(step)]
+    assert rank0["events"] == rank1["events"]
+    assert rank0["weights"] == rank1["weights"]  # identical on every step, bit for bit
+    assert all(math.isfinite(w) for w in rank0["weights"][str(STEPS)])
