@@ -8,10 +8,13 @@ Example::
     trainer = pl.Trainer(callbacks=[GradNormMonitor()])
 """
 
+from lightning_gradstab.callbacks.guard import ExplosionGuard, GradientExplosionError
 from lightning_gradstab.callbacks.monitor import GradNormMonitor
 from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 __all__ = [
+    "ExplosionGuard",
+    "GradientExplosionError",
     "GradNormMonitor",
     "GradientStats",
     "ParameterLayout",
