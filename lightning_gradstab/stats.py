@@ -120,32 +120,28 @@ class ParameterLayout:
             )
         return self._group_index_cache[group_by]
 
-    def gradient_buckets(self) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
-        """Current gradients bucketed by (device, dtype, sparse): ``(positions, dense_grads, sparse_grads)``.
+    def buckets(self, tensors: list[Tensor | None]) -> list[tuple[Tensor, list[Tensor], bool]]:
+        """``tensors`` (one per parameter, ``None`` = absent) bucketed by (device, dtype, sparse layout).
 
-        ``positions`` is a cached device tensor of the bucket's parameter indices; parameters whose grad is
-        ``None`` are left out (their norm is 0). The cache is keyed by which grads are present, which rarely
-        changes, so no host-to-device copy happens in the steady state.
+        Returns ``(positions, members, is_sparse)`` per bucket; ``positions`` is a cached device tensor of
+        the members' parameter indices. The cache is keyed by which tensors are present, which rarely
+        changes, so the steady state does no host-to-device copy.
         """
-        grads = [_local_gradient(p) for p in self.parameters]
-        present = tuple(i for i, g in enumerate(grads) if g is not None)
-        if present not in self._bucket_cache:
+        present = tuple(i for i, t in enumerate(tensors) if t is not None)
+        key = (present, frozenset((tensors[i].dtype, tensors[i].is_sparse) for i in present))
+        if key not in self._bucket_cache:
             keyed: dict[tuple, list[int]] = {}
             for i in present:
-                g = grads[i]
-                keyed.setdefault((g.device, g.dtype, g.is_sparse), []).append(i)
-            self._bucket_cache[present] = [
-                (key, indices, torch.tensor(indices, dtype=torch.long, device=self.device))
-                for key, indices in keyed.items()
+                t = tensors[i]
+                keyed.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
+            self._bucket_cache[key] = [
+                (indices, torch.tensor(indices, dtype=torch.long, device=self.device), is_sparse)
+                for (_, _, is_sparse), indices in keyed.items()
             ]
-        buckets = []
-        for (_, _, is_sparse), indices, positions in self._bucket_cache[present]:
-            bucket = [grads[i] for i in indices]
-            if is_sparse:
-                buckets.append((positions, [], bucket))
-            else:
-                buckets.append((positions, bucket, []))
-        return buckets
+        return [
+            (positions, [tensors[i] for i in indices], is_sparse)
+            for indices, positions, is_sparse in self._bucket_cache[key]
+        ]
 
 
 def _local_gradient(parameter: Tensor) -> Tensor | None:
@@ -164,26 +160,30 @@ def per_parameter_norms(layout: ParameterLayout, ord: float = 2.0, *, weights: b
 
     One ``torch._foreach_norm`` per (device, dtype) bucket, scattered into one vector on the layout's device.
     """
-    norms = torch.zeros(len(layout), dtype=torch.float32, device=layout.device)
     if weights:
         tensors = [_local_tensor(p.detach()) for p in layout.parameters]
-        buckets: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):
-            buckets.setdefault((t.device, t.dtype), []).append(i)
-        for indices in buckets.values():
-            values = torch._foreach_norm([tensors[i] for i in indices], ord, dtype=torch.float32)
-            positions = torch.tensor(indices, dtype=torch.long, device=layout.device)
-            norms.index_copy_(0, positions, torch.stack(values).to(layout.device))
-        return norms
-    for positions, dense, sparse in layout.gradient_buckets():
-        if dense:
-            values = torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
-        else:  # sparse gradients: the norm of the coalesced values (duplicates summed first)
+    else:
+        tensors = [_local_gradient(p) for p in layout.parameters]
+    buckets = layout.buckets(tensors)
+    if len(buckets) == 1 and len(buckets[0][1]) == len(layout) and not buckets[0][2]:
+        return _dense_norms(buckets[0][1], ord).to(layout.device)  # common case: one bucket, all present
+    norms = torch.zeros(len(layout), dtype=torch.float32, device=layout.device)
+    for positions, members, is_sparse in buckets:
+        if is_sparse:  # the norm of the coalesced values (duplicate indices summed first)
             values = torch.stack(
-                [torch.linalg.vector_norm(g.coalesce().values(), ord, dtype=torch.float32) for g in sparse]
+                [torch.linalg.vector_norm(g.coalesce().values(), ord, dtype=torch.float32) for g in members]
             )
+        else:
+            values = _dense_norms(members, ord)
         norms.index_copy_(0, positions, values.to(layout.device))
     return norms
+
+
+def _dense_norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """float32 norms of same-device, same-dtype tensors; low-precision tensors accumulate in float32."""
+    if tensors[0].dtype == torch.float32:
+        return torch.stack(torch._foreach_norm(tensors, ord))
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32)).float()
 
 
 def all_reduce_if_distributed(tensor: Tensor, op: dist.ReduceOp, group: object | None = None) -> Tensor:
