@@ -49,6 +49,7 @@ LAYER_FIELDS: tuple[str, ...] = (
     "fan_in",
     "fan_out",
     "weight_std",
+    "recommended_init",
     "recommended_std",
     "output_std",
     "grad_rms",

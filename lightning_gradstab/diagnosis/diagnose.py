@@ -148,6 +148,7 @@ def layer_rows(
             "fan_in": fan_in,
             "fan_out": fan_out,
             "weight_std": weight_std.get(layer.name),
+            "recommended_init": schemes[layer.name].name if layer.name in schemes else None,
             "recommended_std": schemes[layer.name].std if layer.name in schemes else None,
             "output_std": probe.output_std if probe else None,
             "grad_rms": probe.grad_rms if probe else None,

@@ -236,7 +236,7 @@ def reinitialize(model: nn.Module, schemes: dict[str, InitScheme], names: list[s
     """
     modules = dict(model.named_modules())
     changed = []
-    for position, name in enumerate(sorted(set(names))):
+    for position, name in enumerate(dict.fromkeys(names)):
         module = modules.get(name)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() < 2:

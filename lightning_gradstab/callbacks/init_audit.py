@@ -1,0 +1,219 @@
+"""``InitAudit``: diagnose the model on the first training batch, before any update, and optionally fix its init."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gradstab.callbacks._shared import logging_step, tensorboard_writers
+from lightning_gradstab.diagnosis import InitScheme, build_report, reinitialize, run_probe
+from lightning_gradstab.diagnosis.init_rules import fans
+from lightning_gradstab.report import Finding, Report
+
+ForwardFn = Callable[[pl.LightningModule, Any], Any]
+"""``forward_fn(pl_module, batch) -> output``: how to run the model on a batch outside ``training_step``."""
+
+INIT_AUDIT_FILENAME = "gradstab_init_audit.json"
+
+
+class InitAudit(Callback):
+    """Diagnose initialization, signal propagation and architecture on the first training batch.
+
+    Runs :func:`~lightning_gradstab.diagnosis.diagnose`'s probe at the first ``on_train_batch_start`` (one
+    forward + backward of ``training_step`` with its real loss; no ``.grad`` written, buffers and RNG
+    restored, ``self.log`` muted). Global rank 0 prints the findings, writes them as Markdown to TensorBoard
+    (``gradstab/findings``) and as JSON to ``<log_dir>/gradstab_init_audit.json``.
+
+    With ``fix=True`` the layers flagged ``init.scale`` or ``init.symmetric`` are re-drawn with their
+    recommended scheme before the first update. Rank 0's plan is broadcast and applied with a generator
+    seeded by ``seed``, so every rank ends up with the same weights.
+
+    Args:
+        fix: re-initialise flagged layers (opt-in: it changes the model).
+        seed: seed of the re-initialization generator (identical on every rank).
+        forward_fn: ``forward_fn(pl_module, batch) -> output`` probed with a random output direction
+            instead of ``training_step``'s loss; required under manual optimization, where
+            ``training_step`` steps optimizers itself.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[InitAudit(fix=True)])
+        trainer.fit(model)
+        print(trainer.callbacks[0].report.codes)
+    """
+
+    def __init__(self, fix: bool = False, seed: int = 0, forward_fn: ForwardFn | None = None) -> None:
+        if not isinstance(fix, bool):
+            raise TypeError(f"`fix` must be a bool, got {fix!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}")
+        self.fix = fix
+        self.seed = seed
+        self.forward_fn = forward_fn
+        self.report: Report | None = None
+        self.fixed_modules: list[str] = []
+        self._audited = False
+        self._log_dir: Path | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_dir = report_directory(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._audited:
+            return
+        self._audited = True  # once per fit, resumed runs included (see state_dict)
+        report = probe_report(pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
+        if self.fix:
+            plan = [(name, scheme.name, scheme.variance) for name, scheme in _fix_plan(report, pl_module)]
+            plan = trainer.strategy.broadcast(plan, src=0)  # rank 0 decides; every rank applies the same
+            schemes = {name: InitScheme(scheme, variance) for name, scheme, variance in plan}
+            self.fixed_modules = reinitialize(pl_module, schemes, list(schemes), self.seed)
+            if self.fixed_modules:
+                by_scheme: dict[str, list[str]] = {}
+                for name in self.fixed_modules:
+                    by_scheme.setdefault(schemes[name].name, []).append(name)
+                report.notes.append(
+                    "InitAudit(fix=True) re-initialised before the first update: "
+                    + "; ".join(f"{_short(names)} with {scheme}" for scheme, names in by_scheme.items())
+                )
+        self.report = report
+        publish_report(trainer, report, self._log_dir, INIT_AUDIT_FILENAME)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"audited": self._audited, "fixed_modules": list(self.fixed_modules)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a resumed run must never re-initialise trained weights
+        self._audited = bool(state_dict["audited"])
+        self.fixed_modules = list(state_dict["fixed_modules"])
+
+
+def _fix_plan(report: Report, pl_module: pl.LightningModule) -> list[tuple[str, InitScheme]]:
+    """The (module, scheme) pairs to re-draw: every module of an ``init.scale``/``init.symmetric`` finding."""
+    rows = {row["name"]: row for row in report.layers}
+    modules = dict(pl_module.named_modules())
+    plan = []
+    for finding in report.findings:
+        if finding.code not in ("init.scale", "init.symmetric"):
+            continue
+        for name in finding.modules:
+            weight = getattr(modules.get(name), "weight", None)
+            if not isinstance(weight, Tensor) or weight.dim() < 2:
+                continue
+            row = rows.get(name, {})
+            fan_in, fan_out = fans(weight)
+            scheme = (
+                InitScheme(row["recommended_init"], row["recommended_std"] ** 2)
+                if row.get("recommended_std")
+                else InitScheme("Xavier/Glorot normal", 2.0 / (fan_in + fan_out))
+            )
+            plan.append((name, scheme))
+    return list(dict(plan).items())
+
+
+def _short(names: list[str]) -> str:
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{len(names)} layers ({names[0]}, {names[1]}, …, {names[-1]})"
+
+
+def report_directory(trainer: pl.Trainer) -> Path:
+    """Where reports go: the logger's directory, else ``default_root_dir`` (a collective: call on every rank)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def probe_report(
+    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
+) -> Report:
+    """Probe ``pl_module`` on ``batch`` and build its report; a failure becomes an info finding, never a crash."""
+    model = type(pl_module).__name__
+    if forward_fn is None and not pl_module.automatic_optimization:
+        return Report([_untraced("manual optimization: training_step steps the optimizers itself; "
+                                 "pass forward_fn to probe the model")], model=model, source=source)
+    if forward_fn is not None:
+        def forward(inputs: Any) -> Any:
+            return forward_fn(pl_module, inputs)
+        loss_fn = None
+    else:
+        step = eager(pl_module, "training_step")
+
+        def forward(inputs: Any) -> Any:
+            with muted_logging(pl_module):
+                output = step(inputs, batch_idx)
+            return output["loss"] if isinstance(output, Mapping) else output
+
+        def loss_fn(loss: Any) -> Tensor:
+            return loss
+
+    try:
+        result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn)
+    except Exception as error:  # the audit is advice: it must never stop training
+        rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {error!r} (training continues)")
+        return Report([_untraced(f"the probe failed: {error!r}")], model=model, source=source)
+    return build_report(result, model=model, source=source)
+
+
+def _untraced(reason: str) -> Finding:
+    return Finding(
+        "trace.incomplete",
+        "info",
+        (),
+        {"problem": reason},
+        f"Could not diagnose the model ({reason}); call `diagnose(model, batch)` on the eager module instead.",
+    )
+
+
+def eager(pl_module: pl.LightningModule, method: str) -> Callable[..., Any]:
+    """The un-compiled ``method`` of a module passed through ``torch.compile`` (hooks do not fire in graphs)."""
+    context = getattr(pl_module, "_compiler_ctx", None)
+    if context and f"original_{method}" in context:
+        return context[f"original_{method}"]
+    return getattr(pl_module, method)
+
+
+@contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Silence ``self.log``/``self.log_dict`` while a probe runs ``training_step`` outside the loop."""
+
+    def ignore(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log = ignore  # type: ignore[method-assign]
+    pl_module.log_dict = ignore  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+def publish_report(trainer: pl.Trainer, report: Report, directory: Path | None, filename: str) -> None:
+    """On global rank 0: print the table, add the Markdown to TensorBoard and write the JSON file."""
+    if trainer.global_rank != 0:
+        return
+    try:
+        report.print()
+        step = logging_step(trainer)
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("gradstab/findings", report.to_markdown(), step)
+            writer.flush()
+        if directory is not None:
+            report.write_json(directory / filename)
+    except Exception as error:  # a broken console or disk must not take the run down
+        rank_zero_warn(f"lightning_gradstab: writing the {report.source} report failed: {error!r}")
