@@ -1,0 +1,194 @@
+"""``diagnose`` on real models and batches: the findings each classic failure must produce, and no others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradstab import diagnose
+from tests.test_diagnose_models import (
+    PreLNTransformer,
+    ResidualMLP,
+    SmallResNet,
+    digits_batch,
+    images,
+    mlp,
+    orthogonal_gru,
+    sequences,
+    tokens,
+    vanilla_rnn,
+)
+
+torch.set_num_threads(1)
+
+
+def test_xavier_relu_30_layers_gets_init_scale_naming_linears_with_he_and_signal_vanishing():
+    model = mlp(30, 64, init="xavier")
+    report = diagnose(model, digits_batch())
+    (scale,) = report.by_code("init.scale")
+    hidden_linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
+    assert list(scale.modules) == hidden_linears  # the output layer (Xavier is right for it) is not named
+    assert "He/Kaiming" in scale.recommendation and scale.severity == "error"
+    assert scale.evidence["predicted_signal_factor"] < 1e-3
+    (vanishing,) = report.by_code("signal.vanishing")
+    # He et al. 2015 / PAPERS.md: backprop delta layer1/layer30 is 3e-5..1e-7 under Xavier
+    assert vanishing.evidence["delta_rms_first_over_last"] < 1e-4
+    assert vanishing.evidence["per_layer_gain"] == pytest.approx(0.5**0.5, abs=0.05)  # chi1 = 1/2 per layer
+    # ...while weight-gradient norms stay flat: why the rule reads activation gradients
+    assert 0.3 < vanishing.evidence["weight_grad_first_over_last"] < 3
+    assert "init.scale" in vanishing.recommendation
+
+
+def test_he_relu_30_layers_gets_neither_init_scale_nor_signal_vanishing():
+    report = diagnose(mlp(30, 64, init="he"), digits_batch())
+    assert "init.scale" not in report.codes
+    assert "signal.vanishing" not in report.codes
+    assert report.layers[0]["recommended_std"] == pytest.approx((2 / 64) ** 0.5)
+
+
+def test_sigmoid_10_layers_without_normalization_gets_signal_and_architecture_findings():
+    report = diagnose(mlp(10, 100, init=0.1, activation=nn.Sigmoid), digits_batch())
+    assert report.codes & {"signal.vanishing", "activation.saturated"}
+    assert {"arch.normalization", "arch.activation"} <= report.codes
+    assert "init.scale" not in report.codes  # N(0, 0.1^2) is Xavier for width 100: the activation is the cause
+    (normalization,) = report.by_code("arch.normalization")
+    assert normalization.evidence["plain_depth"] == 10
+
+
+def test_sigmoid_10_layers_with_batchnorm_after_each_linear_gets_no_arch_normalization():
+    report = diagnose(mlp(10, 100, init=0.1, activation=nn.Sigmoid, batchnorm=True), digits_batch())
+    assert "arch.normalization" not in report.codes
+    assert "arch.activation" not in report.codes
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [(ResidualMLP(), digits_batch()), (PreLNTransformer(), tokens()), (SmallResNet(), images())],
+    ids=["residual-mlp", "pre-ln-transformer", "resnet-cnn"],
+)
+def test_residual_normalized_architectures_get_no_residual_or_normalization_advice(model, inputs):
+    report = diagnose(model, inputs)
+    assert not report.codes & {"arch.residual", "arch.normalization"}
+    assert not [f for f in report.findings if f.severity == "error"]
+
+
+def test_plain_56_layer_batchnorm_mlp_gets_arch_residual_but_not_normalization():
+    report = diagnose(mlp(56, 32, init="he", batchnorm=True), digits_batch())
+    (residual,) = report.by_code("arch.residual")
+    assert residual.evidence["plain_depth"] == 56 and residual.evidence["skip_connections"] == 0
+    assert "arch.normalization" not in report.codes
+    # PAPERS.md: plain-56 BN at init has activation gradients exploding toward the input (~4.9e4)
+    (exploding,) = report.by_code("signal.exploding")
+    assert exploding.evidence["delta_rms_first_over_last"] > 1e3
+    assert "arch.residual" in exploding.recommendation
+
+
+def test_vanilla_tanh_rnn_with_radius_1_5_gets_arch_recurrent_with_the_radius():
+    report = diagnose(vanilla_rnn(1.5), sequences())
+    (recurrent,) = report.by_code("arch.recurrent")
+    assert recurrent.modules == ("rnn",) and recurrent.severity == "error"
+    assert recurrent.evidence["spectral_radius"] == pytest.approx(1.5, rel=1e-4)
+    assert recurrent.evidence["sequence_length"] == 50
+    assert "LSTM" in recurrent.recommendation and "GRU" in recurrent.recommendation
+    assert "clip" in recurrent.recommendation
+
+
+def test_orthogonal_gru_gets_no_recurrent_finding():
+    report = diagnose(orthogonal_gru(), sequences())
+    assert "arch.recurrent" not in report.codes
+
+
+def test_zero_initialised_hidden_linear_gets_init_symmetric():
+    model = mlp(4, 32, init="he")
+    nn.init.zeros_(model[2].weight)
+    report = diagnose(model, digits_batch())
+    (symmetric,) = report.by_code("init.symmetric")
+    assert symmetric.modules == ("2",) and symmetric.evidence["row_spread"] == 0.0
+    assert symmetric.severity == "error"
+
+
+def test_zero_initialised_output_head_is_not_symmetric():
+    model = mlp(4, 32, init="he")
+    nn.init.zeros_(model[-1].weight)
+    assert "init.symmetric" not in diagnose(model, digits_batch()).codes
+
+
+def test_diagnose_leaves_parameters_buffers_modes_grads_and_rng_exactly_as_found():
+    model = mlp(6, 32, init="xavier", batchnorm=True)
+    model[2].eval()  # a mixed-mode model: one ReLU in eval, the rest in train
+    model(digits_batch()).sum().backward()  # existing .grad and moved running statistics
+    model[0].weight.grad = None  # a None grad must stay None
+    state = {name: tensor.clone() for name, tensor in model.state_dict(keep_vars=True).items()}
+    grads = {name: (p.grad.clone() if p.grad is not None else None) for name, p in model.named_parameters()}
+    grad_objects = {name: p.grad for name, p in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+
+    report = diagnose(model, digits_batch())
+
+    assert report.layers  # the probe ran
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        assert torch.equal(tensor, state[name]), name  # bit for bit, BatchNorm running stats included
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is grad_objects[name]
+        if grads[name] is None:
+            assert parameter.grad is None
+        else:
+            assert torch.equal(parameter.grad, grads[name]), name
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_diagnose_keeps_an_eval_model_in_eval_mode():
+    model = mlp(4, 16, batchnorm=True).eval()
+    diagnose(model, digits_batch())
+    assert not any(m.training for m in model.modules())
+
+
+def test_untraceable_model_gets_an_info_finding_not_an_exception():
+    report = diagnose(torch.jit.script(mlp(3, 16)), digits_batch())
+    (incomplete,) = report.by_code("trace.incomplete")
+    assert incomplete.severity == "info"
+    assert "ScriptModule" in incomplete.evidence["problem"]
+
+
+def test_loss_fn_replaces_the_random_output_direction():
+    x = digits_batch()
+    labels = torch.arange(len(x)) % 10
+    report = diagnose(mlp(4, 32), x, loss_fn=lambda logits: nn.functional.cross_entropy(logits, labels))
+    assert all(row["grad_rms"] is not None for row in report.layers)
+
+
+def test_inputs_as_tuple_and_mapping_reach_forward():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 8), nn.Linear(64, 8)
+
+        def forward(self, x, y):
+            return self.a(x) * self.b(y)
+
+    x = digits_batch(16)
+    assert len(diagnose(TwoInputs(), (x, x)).layers) == 2
+    assert len(diagnose(TwoInputs(), {"x": x, "y": x}).layers) == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "error", "message"),
+    [
+        ("not a model", torch.randn(2, 64), TypeError, "`model` must be a torch.nn.Module, got str"),
+        (nn.Linear(64, 2), 3.0, TypeError, "`inputs` must be a tensor"),
+        (nn.Linear(64, 2), torch.randn(4, 9), ValueError, r"shapes \(4, 9\) do not fit Linear"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(model, inputs, error, message):
+    with pytest.raises(error, match=message):
+        diagnose(model, inputs)
+
+
+def test_bad_loss_fn_raises_clear_errors():
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        diagnose(nn.Linear(64, 2), digits_batch(4), loss_fn="mse")
+    with pytest.raises(ValueError, match="`loss_fn` must return a scalar tensor"):
+        diagnose(nn.Linear(64, 2), digits_batch(4), loss_fn=lambda output: output)
