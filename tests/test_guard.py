@@ -354,3 +354,30 @@ def test_fp16_collapsing_loss_scale_is_an_explosion(tmp_path: Path) -> None:
 def test_guard_rejects_bad_arguments_naming_them(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ExplosionGuard(**options)
+
+
+def test_guard_reads_the_device_once_per_optimizer_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guard = _guard()
+    host_reads: list[str] = []
+    inside = [False]
+    for method in ("tolist", "item", "__bool__", "__float__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self: torch.Tensor, *args: Any, _original: Any = original, _name: str = method) -> Any:
+            if inside[0]:
+                host_reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    hook = guard.on_before_optimizer_step
+
+    def observed(*args: Any) -> None:
+        inside[0] = True
+        try:
+            hook(*args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(guard, "on_before_optimizer_step", observed)
+    _fit(TinyRegression(faults={30: "scale_grad", 35: "nan_loss"}), 40, tmp_path, [guard])
+    assert host_reads == ["tolist"] * 40  # clip and skip steps included

@@ -138,7 +138,7 @@ class ExplosionGuard(Callback):
         self.policies: dict[int, ExplosionPolicy] = {}
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}
-        self._snapshot: tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None = None
+        self._snapshot: TrainingSnapshot | None = None
         self.snapshot_step: int | None = None
         self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         self._step_hooks: dict[int, Any] = {}
@@ -208,12 +208,13 @@ class ExplosionGuard(Callback):
         if healthy and self.config.max_level >= RUNGS.index("rollback") and (
             decision.snapshot or self._snapshot is None
         ):
-            self._snapshot, self.snapshot_step = _snapshot(trainer, pl_module), decision.step
+            self._snapshot = snapshot_training_state(pl_module, trainer.optimizers)
+            self.snapshot_step = decision.step
         if decision.rollback:
             if self._snapshot is None:
                 rank_zero_warn("ExplosionGuard: rollback requested but no snapshot exists yet; skipping the step.")
             else:
-                _restore(trainer, pl_module, self._snapshot)
+                restore_training_state(pl_module, trainer.optimizers, self._snapshot)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if decision.skip:
             for parameter in params:  # the optimizer skips None grads: no weight and no state change
@@ -348,18 +349,36 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _snapshot(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], list[Any]]:
-    """Model and optimizer state on CPU: accelerator memory is unchanged."""
-    return _to_cpu(pl_module.state_dict()), [_to_cpu(opt.state_dict()) for opt in trainer.optimizers]
+TrainingSnapshot = tuple[dict[str, torch.Tensor], list[dict[str, Any]]]
+"""Model ``state_dict`` and each optimizer's ``state_dict``, all tensors copied to CPU."""
 
 
-def _restore(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: tuple[dict[str, torch.Tensor], list[Any]]
+def snapshot_training_state(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> TrainingSnapshot:
+    """Copy model and optimizer state to host memory, so accelerator memory is unchanged.
+
+    Example::
+
+        snapshot = snapshot_training_state(model, [optimizer])
+        restore_training_state(model, [optimizer], snapshot)
+    """
+    return _to_cpu(module.state_dict()), [_to_cpu(optimizer.state_dict()) for optimizer in optimizers]
+
+
+def restore_training_state(
+    module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], snapshot: TrainingSnapshot
 ) -> None:
+    """Load a snapshot back in place, keeping each param group's *current* hyper-parameters.
+
+    The learning rate, momentum, ... belong to the schedulers' present, not to the snapshot's past: restoring
+    them would rewind every scheduler.
+
+    Example::
+
+        restore_training_state(model, [optimizer], snapshot)
+    """
     model_state, optimizer_states = snapshot
-    pl_module.load_state_dict(model_state)  # copies into the existing parameters: references stay valid
-    for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
-        # hyper-parameters (lr, momentum, ...) belong to the schedulers' present, not to the snapshot's past
+    module.load_state_dict(model_state)  # copies into the existing parameters: references stay valid
+    for optimizer, state in zip(optimizers, optimizer_states, strict=True):
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(state)
         for group, values in zip(optimizer.param_groups, hyper, strict=True):

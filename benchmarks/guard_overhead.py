@@ -1,0 +1,133 @@
+"""What does ExplosionGuard add to a training step, and what does a rollback snapshot cost?
+
+In one process, the same training loop (``benchmarks/harness.py``) runs round-robin in three configurations:
+``baseline`` (no callbacks), ``monitor`` (``GradNormMonitor()``) and ``monitor+guard`` (``GradNormMonitor()``
+and ``ExplosionGuard()``). The added time is measured inside the hooks that do the work (the mean per
+optimizer step of ``on_before_optimizer_step`` of each callback) and reported as a multiple of the *floor*:
+one bare ``torch._foreach_norm`` over all gradients. Both callbacks read the same shared statistics, so the
+guard's own share is its reduction, its single host read and the policy's few microseconds of Python.
+
+The rollback snapshot (model and Adam state copied to CPU) is timed separately, with its size; snapshots
+live in host memory, so peak accelerator memory is unchanged (checked when a GPU is present).
+
+Usage::
+
+    python benchmarks/guard_overhead.py                  # CPU, both workloads, markdown table
+    python benchmarks/guard_overhead.py --repetitions 7 --steps 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.harness import (
+    HookClock,
+    StepTiming,
+    Workload,
+    foreach_norm_floor,
+    gpt_workload,
+    interleaved_medians,
+    machine_description,
+    mlp_workload,
+    time_fit,
+)
+from lightning_gradstab import ExplosionGuard, GradNormMonitor
+from lightning_gradstab.callbacks.guard import snapshot_training_state
+
+
+def measure(workload: Workload, repetitions: int, steps: int, accelerator: str) -> dict[str, StepTiming]:
+    """Median step time and median per-step time inside the callbacks' hooks, per configuration."""
+
+    def baseline() -> StepTiming:
+        return time_fit(workload, [], steps=steps, accelerator=accelerator)
+
+    def monitor() -> StepTiming:
+        callback = GradNormMonitor()
+        return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
+
+    def monitor_and_guard() -> StepTiming:
+        monitor, guard = GradNormMonitor(), ExplosionGuard(console_summary=False)
+        monitor_clock = HookClock(monitor, "on_before_optimizer_step")
+        timing = time_fit(workload, [monitor, guard], timed_callback=guard, steps=steps, accelerator=accelerator)
+        return StepTiming(timing.step_seconds, timing.hook_seconds + monitor_clock.mean_seconds(skip=10))
+
+    return interleaved_medians(
+        {"baseline": baseline, "monitor": monitor, "monitor+guard": monitor_and_guard}, repetitions
+    )
+
+
+def snapshot_cost(workload: Workload, device: str, repeats: int = 5) -> tuple[float, int, int]:
+    """Median seconds and bytes of one rollback snapshot (model + Adam state), and the change in peak
+    accelerator memory it caused (0 on CPU)."""
+    torch.manual_seed(0)
+    model = workload.make_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs, targets = (t.to(device) for t in workload.make_batch())
+    workload.loss(model(inputs), targets).backward()
+    optimizer.step()  # Adam's moments exist: the snapshot is full size
+    peak_before = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    samples, snapshot = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        snapshot = snapshot_training_state(model, [optimizer])
+        samples.append(time.perf_counter() - start)
+    peak_after = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return statistics.median(samples), _bytes(snapshot), peak_after - peak_before
+
+
+def _bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes(v) for v in value)
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared box quiet)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    print(f"Machine: {machine_description()}; {args.repetitions} interleaved repetitions x {args.steps} steps\n")
+    print("| workload | tensors | params | floor (ms) | monitor hook (ms, x floor) | monitor+guard hooks (ms, x floor) "
+          "| guard alone (ms) | step ratio monitor / +guard vs baseline |")
+    print("|---|---|---|---|---|---|---|---|")
+    snapshots = []
+    for workload in (mlp_workload(), gpt_workload()):
+        floor = foreach_norm_floor(workload, device=args.device)
+        timings = measure(workload, args.repetitions, args.steps, accelerator)
+        base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
+        print(
+            f"| {workload.name} | {workload.parameter_tensors()} | {workload.parameter_count() / 1e6:.1f}M "
+            f"| {floor * 1e3:.3f} | {monitor.hook_seconds * 1e3:.3f} ({monitor.hook_seconds / floor:.2f}x) "
+            f"| {both.hook_seconds * 1e3:.3f} ({both.hook_seconds / floor:.2f}x) "
+            f"| {(both.hook_seconds - monitor.hook_seconds) * 1e3:.3f} "
+            f"| {monitor.step_seconds / base.step_seconds:.3f} / {both.step_seconds / base.step_seconds:.3f} |"
+        )
+        snapshots.append((workload, *snapshot_cost(workload, args.device)))
+    snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
+    print(f"\n| workload | rollback snapshot (ms) | per step at snapshot_every={snapshot_every} (ms) "
+          "| snapshot size (MB, host) | peak accelerator memory change |")
+    print("|---|---|---|---|---|")
+    for workload, seconds, size, peak_change in snapshots:
+        peak = f"{peak_change} B" if args.device == "cuda" else "n/a (CPU run)"
+        print(f"| {workload.name} | {seconds * 1e3:.1f} | {seconds * 1e3 / snapshot_every:.2f} "
+              f"| {size / 2**20:.1f} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
