@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab.diagnosis import trace
 
@@ -228,3 +230,50 @@ def test_recurrent_layers_are_traced_with_their_sequence_shape(cell):
 def test_torchscript_model_cannot_be_hooked_and_the_graph_says_why():
     graph = _graph(torch.jit.script(mlp(3, 8)), digits_batch(4))
     assert graph.layers == [] and "ScriptModule" in graph.problems[0]
+
+
+class DigitsClassifier(pl.LightningModule):
+    """A LightningModule around any digits network; SGD with momentum (He et al. 2015's setting)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.003, image: bool = False) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.image = image
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(-1, 1, 8, 8) if self.image else x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def digits_loader(batch_size: int = 32, size: int | None = None, seed: int = 0) -> DataLoader:
+    x, y = digits()
+    dataset = TensorDataset(x[:size], y[:size])
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def training_error(model: nn.Module) -> float:
+    x, y = digits()
+    with torch.no_grad():
+        return (model(x).argmax(1) != y).float().mean().item()
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU trainer without progress bars or checkpoints (tests pass loggers and callbacks)."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})

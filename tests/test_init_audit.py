@@ -1,0 +1,162 @@
+"""``InitAudit``: the audit on the first batch, its publications, ``fix=True`` and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_gradstab import InitAudit, diagnose
+from tests.test_diagnose_models import (
+    DigitsClassifier,
+    digits_batch,
+    digits_loader,
+    mlp,
+    quiet_trainer,
+    training_error,
+)
+
+torch.set_num_threads(1)
+
+
+def _markdown_events(log_dir: str) -> list[str]:
+    events = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    tag = "gradstab/findings/text_summary"
+    assert tag in events.Tags()["tensors"]
+    return [event.tensor_proto.string_val[0].decode() for event in events.Tensors(tag)]
+
+
+def test_audit_reports_on_the_first_batch_to_console_tensorboard_and_json(tmp_path, capsys):
+    model = DigitsClassifier(mlp(30, 64, init="xavier"))
+    logger = TensorBoardLogger(tmp_path, name="run")
+    audit = InitAudit()
+    quiet_trainer(max_steps=2, logger=logger, callbacks=[audit]).fit(model, digits_loader(size=256))
+
+    assert audit.report.source == "InitAudit" and audit.report.model == "DigitsClassifier"
+    (scale,) = audit.report.by_code("init.scale")
+    assert scale.modules[0] == "net.0"  # names relative to the LightningModule
+    document = json.loads((tmp_path / "run" / "version_0" / "gradstab_init_audit.json").read_text())
+    assert {f["code"] for f in document["findings"]} == audit.report.codes
+    (markdown,) = _markdown_events(logger.log_dir)
+    assert "`init.scale`" in markdown and "`signal.vanishing`" in markdown
+    assert "init.scale" in capsys.readouterr().out  # the rich table
+
+
+def test_audit_uses_the_training_loss_and_does_not_log_or_change_anything(memory_logger):
+    torch.manual_seed(0)
+    model = DigitsClassifier(mlp(4, 32, init="he"), lr=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audit = InitAudit()
+    quiet_trainer(max_steps=1, logger=memory_logger, log_every_n_steps=1, callbacks=[audit]).fit(
+        model, digits_loader(size=64)
+    )
+    assert all(row["grad_rms"] is not None for row in audit.report.layers)
+    assert audit.fixed_modules == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # lr 0 and no fix
+    assert len(memory_logger.metrics["train_loss"]) == 1  # the probe's training_step did not log
+
+
+def test_fix_reinitialises_flagged_layers_with_he_identically_for_a_given_seed():
+    weights = []
+    for seed in (0, 0, 1):
+        model = DigitsClassifier(mlp(30, 64, init="xavier"), lr=0.0)
+        audit = InitAudit(fix=True, seed=seed)
+        quiet_trainer(max_steps=1, callbacks=[audit]).fit(model, digits_loader(size=64))
+        weights.append(model.net[0].weight.detach().clone())
+        assert len(audit.fixed_modules) == 29 and "net.58" not in audit.fixed_modules
+        assert "He/Kaiming" in audit.report.notes[0]
+        stds = [model.net[i].weight.std().item() for i in range(2, 58, 2)]
+        assert sum(stds) / len(stds) == pytest.approx((2 / 64) ** 0.5, rel=0.05)
+        assert "init.scale" not in diagnose(model.net, digits_batch()).codes
+    assert torch.equal(weights[0], weights[1])  # the same seed gives the same weights (every rank)
+    assert not torch.equal(weights[0], weights[2])
+
+
+def test_resumed_run_is_not_audited_or_reinitialised_again(tmp_path):
+    model = DigitsClassifier(mlp(30, 64, init="xavier"), lr=0.0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[InitAudit(fix=True)])
+    trainer.fit(model, digits_loader(size=64))
+    checkpoint = tmp_path / "audit.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed_model = DigitsClassifier(mlp(30, 64, init="xavier", seed=1), lr=0.0)
+    resumed_audit = InitAudit(fix=True, seed=7)
+    quiet_trainer(max_steps=2, callbacks=[resumed_audit]).fit(
+        resumed_model, digits_loader(size=64), ckpt_path=checkpoint
+    )
+    assert resumed_audit.report is None  # not audited again
+    assert len(resumed_audit.fixed_modules) == 29  # but it remembers what the first run fixed
+    assert torch.equal(resumed_model.net[0].weight, model.net[0].weight)  # weights from the checkpoint
+
+
+def test_state_dict_round_trip():
+    audit = InitAudit()
+    audit.load_state_dict({"audited": True, "fixed_modules": ["net.0"]})
+    assert audit.state_dict() == {"audited": True, "fixed_modules": ["net.0"]}
+
+
+class _ManualModule(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__(mlp(4, 16))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_needs_forward_fn_and_says_so():
+    audit = InitAudit()
+    quiet_trainer(max_steps=1, callbacks=[audit]).fit(_ManualModule(), digits_loader(size=64))
+    (incomplete,) = audit.report.findings
+    assert incomplete.code == "trace.incomplete" and "forward_fn" in incomplete.evidence["problem"]
+
+    audit = InitAudit(forward_fn=lambda module, batch: module(batch[0]))
+    quiet_trainer(max_steps=1, callbacks=[audit]).fit(_ManualModule(), digits_loader(size=64))
+    assert len(audit.report.layers) == 4
+
+
+def test_a_failing_probe_warns_and_training_continues():
+    def broken(module, batch):
+        raise RuntimeError("boom")
+
+    audit = InitAudit(forward_fn=broken)
+    model = DigitsClassifier(mlp(4, 16))
+    trainer = quiet_trainer(max_steps=2, callbacks=[audit])
+    with pytest.warns(UserWarning, match="could not probe"):
+        trainer.fit(model, digits_loader(size=64))
+    assert trainer.global_step == 2 and audit.report.codes == {"trace.incomplete"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"fix": "yes"}, TypeError, "`fix` must be a bool, got 'yes'"),
+        ({"seed": -1}, ValueError, "`seed` must be a non-negative int, got -1"),
+        ({"forward_fn": 3}, TypeError, "`forward_fn` must be callable or None, got int"),
+    ],
+)
+def test_constructor_validation(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        InitAudit(**kwargs)
+
+
+@pytest.mark.slow
+def test_he2015_xavier_30_layer_relu_stays_at_chance_and_fix_trains_below_10_percent_error():
+    """He et al. 2015 Fig. 3 on digits (PAPERS.md): SGD momentum 0.9, lr 0.003, 20 epochs."""
+    errors = {}
+    for fix in (False, True):
+        torch.manual_seed(0)
+        model = DigitsClassifier(mlp(30, 64, init="xavier"))
+        quiet_trainer(max_epochs=20, callbacks=[InitAudit(fix=fix)]).fit(model, digits_loader())
+        errors[fix] = training_error(model)
+    assert errors[False] > 0.8  # chance is 0.9: the unfixed net does not learn
+    assert errors[True] < 0.10
