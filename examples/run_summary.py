@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from examples.divergence import StopWhenDiverged
+from lightning_gradstab.callbacks.guard import ExplosionGuard
 
 FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 SUMMARY_FILE = "summary.json"
@@ -32,12 +33,25 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def guard_actions(callbacks: list[Callback]) -> dict[str, int]:
-    """Count the actions the suite's guard took, by type (empty when no guard is attached)."""
+    """Count the actions the suite's guard took, by type, over all optimizers (empty without a guard).
+
+    Read from ``ExplosionGuard.summary()``, the guard's public account of what it did.
+    """
     counts: Counter[str] = Counter()
     for callback in callbacks:
-        for action in getattr(callback, "actions", None) or []:
-            counts[str(getattr(action, "kind", action))] += 1
+        if not isinstance(callback, ExplosionGuard):
+            continue
+        for optimizer in callback.summary()["optimizers"].values():
+            counts.update(optimizer["counts"])
     return dict(sorted(counts.items()))
+
+
+def guard_stop_reason(callbacks: list[Callback]) -> str | None:
+    """Why the guard stopped the run, or None if it did not (or there is no guard)."""
+    for callback in callbacks:
+        if isinstance(callback, ExplosionGuard) and callback.stop_reason is not None:
+            return str(callback.stop_reason)
+    return None
 
 
 def finding_codes(callbacks: list[Callback]) -> list[str]:
@@ -93,10 +107,13 @@ class RunSummary(Callback):
         stopper = next((c for c in callbacks if isinstance(c, StopWhenDiverged)), None)
         diverged = bool(stopper and stopper.diverged)
         final = {name: (values[-1] if values else None) for name, values in self.curves.items() if name != "epoch"}
+        stop_reason = guard_stop_reason(callbacks)
         if error is not None:
             status = "failed"
         elif diverged:
             status = "diverged"
+        elif stop_reason is not None:
+            status = "stopped by guard"
         else:
             status = "finished"
         return {
@@ -110,6 +127,7 @@ class RunSummary(Callback):
             "epochs": len(self.curves["epoch"]),
             "global_step": trainer.global_step if trainer is not None else 0,
             "guard_actions": guard_actions(callbacks),
+            "guard_stop_reason": stop_reason,
             "findings": finding_codes(callbacks),
             "wall_time_s": round(time.perf_counter() - self.started_at, 2),
             "curves": self.curves,

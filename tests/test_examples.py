@@ -1,0 +1,194 @@
+"""``examples/train.py`` end to end: single runs, multirun sweeps (local and 2-process DDP), run summaries.
+
+The Hydra jobs run as subprocesses with tiny settings (a few batches of the digits task), exactly as a user
+types them; in-process tests cover the divergence stop and the summary it leads to.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.divergence import StopWhenDiverged
+from examples.run_summary import RunSummary
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.depth=4",
+    "model.width=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def run_train(tmp_path: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    env.pop("LOCAL_RANK", None)
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, f"train.py failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    return completed
+
+
+def read_summary(job_dir: Path) -> dict:
+    return json.loads((job_dir / "summary.json").read_text())
+
+
+def scalar_tags(job_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (job_dir / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(tmp_path, "-m", "seed=0,1", "gradstab=monitor", *TINY, f"hydra.sweep.dir={sweep}")
+
+    summaries = [read_summary(sweep / str(job)) for job in (0, 1)]
+    for job, summary in enumerate(summaries):
+        assert summary["status"] == "finished"
+        assert f"seed={job}" in summary["overrides"]
+        assert summary["epochs"] == 2 and summary["global_step"] == 8
+        assert 0.0 < summary["final"]["train/loss"] < 10.0
+        assert 0.0 <= summary["final"]["val/acc"] <= 1.0
+        assert "gradstab/grad_norm/total" in scalar_tags(sweep / str(job))
+
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| job | run | status")
+    assert [row.split("|")[2].strip() for row in table[2:]] == ["seed=0", "seed=1"]
+    with (sweep / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["status"] for row in rows] == ["finished", "finished"]
+    assert float(rows[1]["val/loss"]) == pytest.approx(summaries[1]["final"]["val/loss"], rel=1e-3)
+    assert (sweep / "summary.png").stat().st_size > 10_000
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(tmp_path, "-m", "model.activation=swish,tanh", "gradstab=off", *TINY, f"hydra.sweep.dir={sweep}")
+
+    failed, finished = read_summary(sweep / "0"), read_summary(sweep / "1")
+    assert failed["status"] == "failed"
+    assert "`activation` must be one of" in failed["error"]
+    assert finished["status"] == "finished"
+    statuses = [line.split("|")[3].strip() for line in (sweep / "summary.md").read_text().splitlines()[2:]]
+    assert statuses == ["failed", "finished"]
+
+
+def test_single_run_fails_loudly_but_still_leaves_a_summary(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), "model.activation=swish", "gradstab=off", *TINY,
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode != 0
+    assert "`activation` must be one of" in completed.stderr
+    assert read_summary(run_dir)["status"] == "failed"
+
+
+@pytest.mark.ddp
+def test_multirun_of_ddp_cpu_jobs_writes_one_summary_per_job_from_rank_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    completed = run_train(
+        tmp_path, "-m", "trainer=ddp_cpu", "seed=0,1", "gradstab=monitor", *TINY, f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
+
+    job_dirs = sorted(path.parent.name for path in sweep.rglob(".hydra"))
+    assert job_dirs == ["0", "1"], "each job runs once: no rank re-launched the sweep"
+    assert completed.stdout.count("Launching 2 jobs locally") + completed.stderr.count("Launching 2 jobs") == 1
+    for job in ("0", "1"):
+        summary = read_summary(sweep / job)
+        assert summary["status"] == "finished"
+        assert "trainer=ddp_cpu" in summary["overrides"]
+        # 2 ranks x 4 batches of 32 per epoch: each rank takes 4 steps per epoch
+        assert summary["global_step"] == 8
+        assert len(list((sweep / job).rglob("summary.json"))) == 1
+        assert "gradstab/grad_norm/total" in scalar_tags(sweep / job)
+    assert len((sweep / "summary.md").read_text().splitlines()) == 4
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "outputs").exists()
+
+
+class _NaNAfter(pl.LightningModule):
+    """A linear regression whose loss turns NaN from optimizer step ``nan_from_step`` on."""
+
+    def __init__(self, nan_from_step: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.nan_from_step = nan_from_step
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = nn.functional.mse_loss(self.layer(inputs), targets)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss * float("nan") if self.global_step >= self.nan_from_step else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(400, 4, generator=generator), torch.randn(400, 1)), batch_size=4)
+
+
+def test_a_run_whose_loss_stays_nonfinite_is_stopped_and_summarised_as_diverged(tmp_path):
+    torch.manual_seed(0)
+    stopper = StopWhenDiverged(patience=5)
+    recorder = RunSummary(tmp_path, {"name": "nan"})
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=[stopper, recorder], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(_NaNAfter(nan_from_step=3))
+
+    assert stopper.diverged
+    assert stopper.diverged_at_step == 8  # steps 3..7 are the five non-finite ones
+    assert trainer.global_step == 8, "training stopped instead of running 300 steps"
+    summary = read_summary(tmp_path)
+    assert (summary["status"], summary["diverged"], summary["diverged_at_step"]) == ("diverged", True, 8)
+
+
+def test_a_single_nonfinite_loss_is_not_divergence():
+    stopper = StopWhenDiverged(patience=2)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False)
+    for loss in (float("nan"), 1.0, float("nan"), 1.0):
+        stopper.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, 0)
+    assert not stopper.diverged and not trainer.should_stop
+
+
+def test_divergence_state_survives_a_checkpoint_round_trip():
+    stopper = StopWhenDiverged(patience=3)
+    stopper.nonfinite_streak, stopper.diverged, stopper.diverged_at_step = 2, True, 17
+    restored = StopWhenDiverged(patience=3)
+    restored.load_state_dict(stopper.state_dict())
+    assert (restored.nonfinite_streak, restored.diverged, restored.diverged_at_step) == (2, True, 17)
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_stop_when_diverged_rejects_a_patience_that_is_not_a_positive_int(patience):
+    with pytest.raises(ValueError, match=r"`patience` must be an int >= 1"):
+        StopWhenDiverged(patience=patience)
