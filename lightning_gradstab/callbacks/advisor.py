@@ -143,22 +143,28 @@ class ArchitectureAdvisor(Callback):
         if isinstance(loss, Tensor) and loss.numel() == 1 and trainer.global_step <= self.observe_steps:
             self._losses.append(loss.detach().float().reshape(()))
         if trainer.global_step >= self.observe_steps:
-            self._advise(trainer, pl_module)
+            self._advise(trainer, pl_module, window_complete=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run shorter than the window still gets advice; the observations stay, so a resume continues them
         if not self._reported and (self._losses or self._group_norms):
-            self._advise(trainer, pl_module)
+            self._advise(trainer, pl_module, window_complete=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         forget_trainer(trainer)
 
-    def _advise(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reported = True
+    def _advise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, window_complete: bool) -> None:
         findings = self._loss_findings() + self._gradient_findings() + self._guard_findings(trainer)
         self.report = Report(findings, model=type(pl_module).__name__, source="ArchitectureAdvisor")
-        self._losses, self._group_norms = [], {}
+        if window_complete:
+            self._reported = True
+            self._losses, self._group_norms = [], {}
+        else:
+            self.report.notes.append(
+                f"Partial window: training ended after {trainer.global_step} of {self.observe_steps} observed steps."
+            )
         publish_report(trainer, self.report, self._log_dir, ADVISOR_FILENAME)
 
     def _loss_findings(self) -> list[Finding]:
