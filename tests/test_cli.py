@@ -1,0 +1,108 @@
+"""``gradstab audit``: a CI gate that prints the findings, writes JSON and exits non-zero on errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lightning_gradstab.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def _mlp(init):
+        layers = []
+        for _ in range(29):
+            layers += [nn.Linear(64, 64), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(64, 10))
+        generator = torch.Generator().manual_seed(0)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                init(layer.weight, generator=generator)
+        return model
+
+    def xavier_mlp():
+        return _mlp(nn.init.xavier_normal_)
+
+    def healthy_mlp():
+        layers = [nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)]
+        return nn.Sequential(*layers)
+
+    def lm():
+        return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("user_models", None)
+
+
+def test_error_level_findings_exit_1_print_the_table_and_write_json(factories, capsys):
+    status = main(["audit", "user_models:xavier_mlp", "--input-shape", "32,64", "--json", "out/audit.json"])
+    assert status == EXIT_FINDINGS
+    assert "init.scale" in capsys.readouterr().out
+    document = json.loads((factories / "out" / "audit.json").read_text())
+    assert document["model"] == "Sequential" and "signal.vanishing" in {f["code"] for f in document["findings"]}
+
+
+def test_a_healthy_model_exits_0(factories):
+    assert main(["audit", "user_models:healthy_mlp", "--input-shape", "16,64"]) == EXIT_OK
+    assert json.loads((factories / "gradstab_audit.json").read_text())["source"] == "diagnose"
+
+
+def test_vocab_size_feeds_token_ids(factories):
+    assert main(["audit", "user_models:lm", "--input-shape", "4,12", "--vocab-size", "50"]) == EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["audit", "user_models:not_a_model", "--input-shape", "2,64"], "returned int, expected a torch.nn.Module"),
+        (["audit", "user_models", "--input-shape", "2,64"], "must look like 'package.module:factory'"),
+        (["audit", "user_models:missing", "--input-shape", "2,64"], "missing"),
+        (["audit", "user_models:healthy_mlp", "--input-shape", "2,63"], "do not fit Sequential"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(factories, capsys, argv, message):
+    assert main(argv) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_input_shape_is_rejected_by_the_parser(factories, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "user_models:healthy_mlp", "--input-shape", "a,b"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "--input-shape must be comma-separated positive ints" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_runs_as_a_process(factories):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{factories}", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "lightning_gradstab.cli", "audit", "user_models:xavier_mlp", "--input-shape", "8,64"],
+        cwd=factories,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == EXIT_FINDINGS, completed.stderr
+    assert (factories / "gradstab_audit.json").exists()
