@@ -160,3 +160,13 @@ def test_he2015_xavier_30_layer_relu_stays_at_chance_and_fix_trains_below_10_per
         errors[fix] = training_error(model)
     assert errors[False] > 0.8  # chance is 0.9: the unfixed net does not learn
     assert errors[True] < 0.10
+
+
+@pytest.mark.ddp
+def test_fix_gives_identical_weights_on_every_rank_under_ddp(tmp_path, ddp_runner):
+    rank0, rank1 = ddp_runner("init_audit_ddp.py", tmp_path, timeout=240)
+    assert len(rank0["fixed"]) == 29 and rank0["fixed"] == rank1["fixed"]
+    assert rank0["checksums_after_audit"] == rank1["checksums_after_audit"]  # bit-identical re-initialisation
+    assert rank0["final"] == rank1["final"]  # and DDP training continued in lockstep after the probe
+    assert "arch.residual" not in rank0["advisor_codes"]  # He-fixed net trains: no stall
+    assert (tmp_path / "gradstab_init_audit.json").exists()  # written once, by rank 0
