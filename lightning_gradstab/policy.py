@@ -9,7 +9,8 @@ ranks, so every rank computes the same thing) into one :class:`Decision`. The la
                     (ZClip's reciprocal rule), so larger spikes are pulled closer to the running mean
 2   ``tight_clip``  every step is clipped to ``tight_clip_ratio`` x the running typical norm
 3   ``skip``        an anomalous step is skipped (the adapter drops its gradients)
-4   ``lr_backoff``  additionally multiply the learning rate by ``backoff_factor`` (restored gradually)
+4   ``lr_backoff``  additionally multiply the learning rate by ``backoff_factor``; it is restored gradually,
+                    up to ``backoff_factor`` x the scale the episode began at (that scale proved too high)
 5   ``rollback``    restore the last healthy snapshot of model and optimizer and skip the step
 6   ``stop``        stop training (the adapter sets ``trainer.should_stop`` or raises)
 ==  ==============  =====================================================================================
@@ -220,6 +221,7 @@ class _Counters:
     steps_since_snapshot: int = 0
     has_snapshot: bool = False
     lr_scale: float = 1.0
+    lr_ceiling: float = 1.0
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -299,6 +301,8 @@ class ExplosionPolicy:
         rollback = anomalous_level == RUNGS.index("rollback") and state.has_snapshot
         stop = anomalous_level == RUNGS.index("stop")
         if anomalous_level == RUNGS.index("lr_backoff"):
+            if previous_level < state.level:  # a new back-off episode: the scale it began at was too high
+                state.lr_ceiling = min(state.lr_ceiling, state.lr_scale * config.resolved("backoff_factor"))
             state.lr_scale *= config.resolved("backoff_factor")
         if rollback:
             self.growth.clear()  # the trend described weights that no longer exist
@@ -339,9 +343,9 @@ class ExplosionPolicy:
     def _on_healthy_step(self) -> None:
         state, config = self.state, self.config
         state.healthy_streak += 1
-        if state.lr_scale < 1.0:  # undo one back-off factor per lr_recovery_steps healthy steps
+        if state.lr_scale < state.lr_ceiling:  # undo one back-off factor per lr_recovery_steps healthy steps
             recovery = (1.0 / config.resolved("backoff_factor")) ** (1.0 / config.resolved("lr_recovery_steps"))
-            state.lr_scale = min(1.0, state.lr_scale * recovery)
+            state.lr_scale = min(state.lr_ceiling, state.lr_scale * recovery)
         if state.healthy_streak >= config.healthy_steps_to_deescalate:
             state.healthy_streak = 0
             state.anomalies_at_level = 0
