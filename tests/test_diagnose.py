@@ -192,3 +192,25 @@ def test_bad_loss_fn_raises_clear_errors():
         diagnose(nn.Linear(64, 2), digits_batch(4), loss_fn="mse")
     with pytest.raises(ValueError, match="`loss_fn` must return a scalar tensor"):
         diagnose(nn.Linear(64, 2), digits_batch(4), loss_fn=lambda output: output)
+
+
+def test_relu_units_silenced_by_a_negative_bias_get_activation_dead():
+    model = mlp(4, 32, init="he")
+    nn.init.constant_(model[2].bias, -10.0)  # the second hidden layer's units never fire
+    (dead,) = diagnose(model, digits_batch()).by_code("activation.dead")
+    assert dead.modules[0] == "3" and dead.evidence["max_dead_fraction"] == 1.0 and dead.severity == "error"
+
+
+def test_tanh_units_driven_into_their_tails_get_activation_saturated():
+    report = diagnose(mlp(4, 64, init=1.0, activation=nn.Tanh), digits_batch())
+    (saturated,) = report.by_code("activation.saturated")
+    assert saturated.evidence["max_saturated_fraction"] > 0.5
+    assert "init.scale" in report.codes  # std 1.0 is 8x Xavier's for width 64: the cause is named too
+
+
+def test_tiny_embeddings_feeding_a_pre_ln_transformer_get_embedding_scale():
+    model = PreLNTransformer()
+    nn.init.normal_(model.embed.weight, 0.0, 0.02)  # GPT-2 style, without the sqrt(d_model) scale
+    (embedding,) = diagnose(model, tokens()).by_code("embedding.scale")
+    assert embedding.modules == ("embed",) and embedding.evidence["residual_stream_std"] < 0.1
+    assert "embedding.scale" not in diagnose(PreLNTransformer(), tokens()).codes  # N(0, 1) default is fine
