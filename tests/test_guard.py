@@ -383,3 +383,58 @@ def test_guard_reads_the_device_once_per_optimizer_step(tmp_path: Path, monkeypa
     monkeypatch.setattr(guard, "on_before_optimizer_step", observed)
     _fit(TinyRegression(faults={30: "scale_grad", 35: "nan_loss"}), 40, tmp_path, [guard])
     assert host_reads == ["tolist"] * 40  # clip and skip steps included
+
+
+class _TwoOptimizers(TinyRegression):
+    """Manual optimization with one optimizer per half of the network; NaN only in the second's grads."""
+
+    def __init__(self, nan_step: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.nan_step = nan_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, second = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        if batch_idx == self.nan_step:
+            self.net[4].weight.grad.fill_(float("nan"))
+        first.step()
+        second.step()
+
+    def configure_optimizers(self) -> Any:
+        return (
+            torch.optim.SGD(self.net[:2].parameters(), lr=self.lr),
+            torch.optim.SGD(self.net[2:].parameters(), lr=self.lr),
+        )
+
+
+def test_each_optimizer_has_its_own_policy_and_metrics(tmp_path: Path, memory_logger: Any) -> None:
+    guard = _guard()
+    _fit(_TwoOptimizers(nan_step=10), 40, tmp_path, [guard], logger=memory_logger)
+    assert guard.policy(0).counts.get("skip", 0) == 0
+    assert guard.policy(1).counts["skip"] == 1 and guard.policy(1).counts["nonfinite"] == 1
+    assert guard.policy(0).state.steps == guard.policy(1).state.steps == 20  # two optimizer steps per batch
+    assert dict(memory_logger.metrics["gradstab/opt1/skipped"])[10] == 1.0  # logged on the batch axis
+    assert "gradstab/level" in memory_logger.metrics
+
+
+def test_compiled_module_is_guarded_like_the_eager_one(tmp_path: Path) -> None:
+    faults = {30: "scale_grad", 35: "nan_loss"}
+    eager, compiled = _guard(), _guard()
+    _fit(TinyRegression(faults=faults), 40, tmp_path / "eager", [eager])
+    _fit(torch.compile(TinyRegression(faults=faults), backend="eager"), 40, tmp_path / "compiled", [compiled])
+    assert compiled.policy().counts == eager.policy().counts
+    assert [e["actions"] for e in compiled.policy().events] == [e["actions"] for e in eager.policy().events]
+    assert compiled.policy().counts["skip"] == 1 and compiled.policy().counts["clip"] >= 1
+
+
+def test_tensorboard_logger_gets_the_gradient_stability_layout(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path))
+    _fit(TinyRegression(), 5, tmp_path, [_guard()], logger=logger)
+    assert getattr(logger.experiment, "_gradstab_layout_added", False)
