@@ -222,6 +222,7 @@ class _Counters:
     has_snapshot: bool = False
     lr_scale: float = 1.0
     lr_ceiling: float = 1.0
+    events_recorded: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -255,6 +256,11 @@ class ExplosionPolicy:
     def level(self) -> int:
         """Current ladder level."""
         return self.state.level
+
+    def events_since(self, recorded: int) -> list[dict[str, Any]]:
+        """Events recorded after the first ``recorded`` ones (those still kept), for incremental writers."""
+        missing = self.state.events_recorded - recorded
+        return self.events[len(self.events) - min(missing, len(self.events)) :] if missing > 0 else []
 
     @property
     def counts(self) -> dict[str, int]:
@@ -390,6 +396,7 @@ class ExplosionPolicy:
             "lr_scale": decision.lr_scale,
         }
         self.events.append(event)
+        self.state.events_recorded += 1
         del self.events[: -self.max_events]
         if decision.anomaly in ("spike", "growth", "nonfinite", "loss_scale_collapse"):
             self.worst_spikes.append(event)

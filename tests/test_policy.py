@@ -224,3 +224,13 @@ def test_bad_arguments_raise_value_error_naming_the_argument(options: dict, mess
 def test_non_integer_step_counts_raise_type_error() -> None:
     with pytest.raises(TypeError, match=r"`warmup_steps` must be an int >= 1, got float 2\.5"):
         PolicyConfig(warmup_steps=2.5)  # type: ignore[arg-type]
+
+
+def test_event_log_keeps_the_newest_events_and_reports_those_not_yet_written() -> None:
+    policy = ExplosionPolicy(PolicyConfig(max_rung="observe"), max_events=3)
+    for _ in range(5):
+        policy.step(Observation(math.nan, nonfinite=True))
+    assert [e["step"] for e in policy.events] == [3, 4, 5]
+    assert [e["step"] for e in policy.events_since(4)] == [5]
+    assert [e["step"] for e in policy.events_since(0)] == [3, 4, 5]  # older ones were dropped
+    assert policy.events_since(5) == []

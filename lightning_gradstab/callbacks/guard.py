@@ -152,7 +152,7 @@ class ExplosionGuard(Callback):
             if index in self._loaded_policies:
                 policy.load_state_dict(self._loaded_policies.pop(index))
             self.policies[index] = policy
-            self._written_events[index] = len(policy.events)
+            self._written_events[index] = policy.state.events_recorded
         return self.policies[index]
 
     @property
@@ -255,8 +255,8 @@ class ExplosionGuard(Callback):
     def _report(self, trainer: pl.Trainer, index: int, policy: ExplosionPolicy, decision: Decision) -> None:
         step = logging_step(trainer)
         interval = self.log_every_n_steps or trainer.log_every_n_steps
-        new_events = policy.events[self._written_events.get(index, 0) :]
-        self._written_events[index] = len(policy.events)
+        new_events = policy.events_since(self._written_events.get(index, 0))
+        self._written_events[index] = policy.state.events_recorded
         if not new_events and step % max(interval, 1) != 0:
             return
         prefix = "gradstab/" if index == 0 else f"gradstab/opt{index}/"
