@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -170,3 +171,23 @@ def test_fix_gives_identical_weights_on_every_rank_under_ddp(tmp_path, ddp_runne
     assert rank0["final"] == rank1["final"]  # and DDP training continued in lockstep after the probe
     assert "arch.residual" not in rank0["advisor_codes"]  # He-fixed net trains: no stall
     assert (tmp_path / "gradstab_init_audit.json").exists()  # written once, by rank 0
+
+
+class _UnloggedClassifier(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_compiled_module_is_probed_eagerly_and_fixed():
+    class ForwardAfterAudit(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.compiled = pl_module.forward is not pl_module._compiler_ctx["original_forward"]
+
+    model = _UnloggedClassifier(mlp(30, 64, init="xavier"), lr=0.0)
+    audit, recorder = InitAudit(fix=True), ForwardAfterAudit()
+    trainer = quiet_trainer(max_steps=2, callbacks=[audit, recorder])
+    trainer.fit(torch.compile(model, backend="eager"), digits_loader(size=64))
+    assert len(audit.report.layers) == 30  # hooks fired: the eager forward was probed
+    assert len(audit.fixed_modules) == 29
+    assert model.net[0].weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+    assert recorder.compiled  # the compiled forward is back in place for the training step

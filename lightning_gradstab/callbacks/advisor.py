@@ -18,7 +18,7 @@ from lightning_gradstab.callbacks._shared import forget_trainer, gradient_stats,
 from lightning_gradstab.callbacks.init_audit import (
     ForwardFn,
     eager,
-    muted_logging,
+    probing,
     publish_report,
     report_directory,
 )
@@ -106,10 +106,8 @@ class ArchitectureAdvisor(Callback):
         step = eager(pl_module, "training_step")
 
         def forward(inputs: Any) -> Any:
-            if forward_fn is not None:
-                return forward_fn(pl_module, inputs)
-            with muted_logging(pl_module):
-                return step(inputs, batch_idx)
+            with probing(pl_module):
+                return forward_fn(pl_module, inputs) if forward_fn is not None else step(inputs, batch_idx)
 
         try:
             with preserved_state(pl_module), torch.no_grad():

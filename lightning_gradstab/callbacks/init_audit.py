@@ -146,20 +146,19 @@ def probe_report(
     if forward_fn is None and not pl_module.automatic_optimization:
         return Report([_untraced("manual optimization: training_step steps the optimizers itself; "
                                  "pass forward_fn to probe the model")], model=model, source=source)
-    if forward_fn is not None:
-        def forward(inputs: Any) -> Any:
-            return forward_fn(pl_module, inputs)
-        loss_fn = None
-    else:
-        step = eager(pl_module, "training_step")
+    step = eager(pl_module, "training_step")
 
-        def forward(inputs: Any) -> Any:
-            with muted_logging(pl_module):
-                output = step(inputs, batch_idx)
-            return output["loss"] if isinstance(output, Mapping) else output
+    def forward(inputs: Any) -> Any:
+        with probing(pl_module):
+            if forward_fn is not None:
+                return forward_fn(pl_module, inputs)
+            output = step(inputs, batch_idx)
+        return output["loss"] if isinstance(output, Mapping) else output
 
-        def loss_fn(loss: Any) -> Tensor:
-            return loss
+    def training_loss(loss: Any) -> Tensor:
+        return loss
+
+    loss_fn = training_loss if forward_fn is None else None  # forward_fn: random output direction
 
     try:
         result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn)
@@ -188,19 +187,31 @@ def eager(pl_module: pl.LightningModule, method: str) -> Callable[..., Any]:
 
 
 @contextmanager
-def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Silence ``self.log``/``self.log_dict`` while a probe runs ``training_step`` outside the loop."""
+def probing(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run ``training_step`` outside the loop: ``self.log`` muted, ``forward`` eager under ``torch.compile``.
+
+    The compiled ``forward`` would recompile for the probe's hooks and function mode (and may skip them);
+    the eager one is swapped in for the probe only, so the training step's compiled graph stays untouched.
+    """
 
     def ignore(*args: Any, **kwargs: Any) -> None:
         return None
 
-    pl_module.log = ignore  # type: ignore[method-assign]
-    pl_module.log_dict = ignore  # type: ignore[method-assign]
+    swapped = {"log": ignore, "log_dict": ignore}
+    context = getattr(pl_module, "_compiler_ctx", None)
+    if context and "original_forward" in context:
+        swapped["forward"] = context["original_forward"]
+    saved = {name: pl_module.__dict__[name] for name in swapped if name in pl_module.__dict__}
+    for name, value in swapped.items():
+        object.__setattr__(pl_module, name, value)
     try:
         yield
     finally:
-        del pl_module.log
-        del pl_module.log_dict
+        for name in swapped:
+            if name in saved:
+                object.__setattr__(pl_module, name, saved[name])
+            else:
+                object.__delattr__(pl_module, name)
 
 
 def publish_report(trainer: pl.Trainer, report: Report, directory: Path | None, filename: str) -> None:
