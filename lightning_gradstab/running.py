@@ -156,17 +156,18 @@ class RankReduction:
 
     Each field declares how it combines across ranks, next to its name (as torchmetrics' ``dist_reduce_fx``):
     ``"max"`` (any rank's fault, the largest norm) or ``"min"`` (the smallest loss scale). Both travel in a
-    single ``all_reduce(MAX)`` (a minimum is the negated maximum of negated values). Values must be finite:
-    encode "not finite" as a separate 0/1 field, because MAX over NaN is backend-dependent.
+    single ``all_reduce(MAX)`` (a minimum is the negated maximum of negated values). MAX over NaN is
+    backend-dependent, so before the collective NaN becomes 0 and +-Inf becomes +-``FLOAT32_MAX``: carry
+    "not finite" in a field of its own (e.g. a count of non-finite gradients).
 
     Args:
         fields: ``(name, "max" | "min")`` pairs, in packing order.
 
     Example::
 
-        reduction = RankReduction([("total_norm", "max"), ("nonfinite", "max"), ("loss_scale", "min")])
-        values = reduction.reduce({"total_norm": norm, "nonfinite": flag, "loss_scale": scale})
-        values["nonfinite"]  # a Python float, identical on every rank
+        reduction = RankReduction([("total_norm", "max"), ("nonfinite_count", "max"), ("loss_scale", "min")])
+        values = reduction.reduce({"total_norm": norm, "nonfinite_count": count, "loss_scale": scale})
+        values["nonfinite_count"]  # a Python float, identical on every rank
     """
 
     def __init__(self, fields: Sequence[tuple[str, ReduceKind]]) -> None:
@@ -175,6 +176,7 @@ class RankReduction:
                 raise ValueError(f"`fields` entry {name!r} has reduce kind {kind!r}; accepted: 'max', 'min'")
         self.fields = tuple(fields)
         self._signs = [1.0 if kind == "max" else -1.0 for _, kind in self.fields]
+        self._sign_tensors: dict[torch.device, Tensor] = {}
 
     def reduce(self, values: dict[str, Tensor | float], *, distributed: bool) -> dict[str, float]:
         """Pack, reduce across ranks when ``distributed`` (every rank must agree on it), read back once.
@@ -182,16 +184,24 @@ class RankReduction:
         Every rank must call this on the same steps when ``distributed`` is true: it enters a collective.
         """
         device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
+        parts = [values[name] for name, _ in self.fields]
         packed = torch.stack(
             [
-                torch.as_tensor(values[name], dtype=torch.float32, device=device).reshape(()) * sign
-                for (name, _), sign in zip(self.fields, self._signs, strict=True)
+                part.reshape(()).float() if isinstance(part, Tensor) else torch.tensor(float(part), device=device)
+                for part in parts
             ]
         )
+        if device not in self._sign_tensors:
+            self._sign_tensors[device] = torch.tensor(self._signs, dtype=torch.float32, device=device)
+        packed = torch.nan_to_num(packed * self._sign_tensors[device], nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
         if distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         host = packed.tolist()  # the single host sync of the step
         return {name: value * sign for (name, _), sign, value in zip(self.fields, self._signs, host, strict=True)}
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""Stand-in for +Inf in a reduced vector."""
 
 
 def _safe_log(norm: float) -> float:

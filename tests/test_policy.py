@@ -234,3 +234,9 @@ def test_event_log_keeps_the_newest_events_and_reports_those_not_yet_written() -
     assert [e["step"] for e in policy.events_since(4)] == [5]
     assert [e["step"] for e in policy.events_since(0)] == [3, 4, 5]  # older ones were dropped
     assert policy.events_since(5) == []
+
+
+def test_rank_reduction_makes_nonfinite_values_safe_for_max() -> None:
+    reduction = RankReduction([("norm", "max"), ("count", "max")])
+    values = reduction.reduce({"norm": torch.tensor(math.nan), "count": torch.tensor(math.inf)}, distributed=False)
+    assert values == {"norm": 0.0, "count": float(torch.finfo(torch.float32).max)}

@@ -28,7 +28,11 @@ from lightning_gradstab.callbacks._shared import (
     tensorboard_writers,
 )
 from lightning_gradstab.policy import RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
-from lightning_gradstab.running import RankReduction
+from lightning_gradstab.running import FLOAT32_MAX, RankReduction
+
+# what every decision needs, and how each value combines across ranks
+_WITHOUT_SCALER = RankReduction([("total_norm", "max"), ("nonfinite_count", "max")])
+_WITH_SCALER = RankReduction([("total_norm", "max"), ("nonfinite_count", "max"), ("loss_scale", "min")])
 
 EVENTS_FILENAME = "gradstab_guard_events.jsonl"
 SUMMARY_FILENAME = "gradstab_guard_summary.json"
@@ -176,19 +180,15 @@ class ExplosionGuard(Callback):
         index = optimizer_index(trainer, optimizer)
         stats = gradient_stats(trainer, pl_module, raw)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        finite = torch.isfinite(stats.total_norm) & (stats.nonfinite_count == 0)
-        values: dict[str, Any] = {
-            "total_norm": torch.where(finite, stats.total_norm, torch.zeros_like(stats.total_norm)),
-            "nonfinite": (~finite).float(),
-        }
-        fields: list[tuple[str, Any]] = [("total_norm", "max"), ("nonfinite", "max")]
+        values: dict[str, Any] = {"total_norm": stats.total_norm, "nonfinite_count": stats.nonfinite_count}
         if scaler is not None:
             values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
-            fields.append(("loss_scale", "min"))
-        reduced = RankReduction(fields).reduce(values, distributed=trainer.world_size > 1)
+        reduction = _WITH_SCALER if scaler is not None else _WITHOUT_SCALER
+        reduced = reduction.reduce(values, distributed=trainer.world_size > 1)
         observation = Observation(
             total_norm=reduced["total_norm"],
-            nonfinite=reduced["nonfinite"] > 0,
+            # an Inf total from finite gradients (a float32 overflow of the sum of squares) cannot be clipped
+            nonfinite=reduced["nonfinite_count"] > 0 or reduced["total_norm"] >= FLOAT32_MAX,
             loss_scale=reduced.get("loss_scale"),
         )
         policy = self.policy(index)
