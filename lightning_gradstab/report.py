@@ -40,7 +40,15 @@ CODES: dict[str, str] = {
 """Every finding code with a one-line meaning (the reference table in ``docs/diagnosis.md`` mirrors it)."""
 
 FINDING_FIELDS: tuple[str, ...] = ("code", "severity", "modules", "evidence", "recommendation")
-REPORT_FIELDS: tuple[str, ...] = ("schema_version", "source", "model", "findings", "layers", "notes")
+REPORT_FIELDS: tuple[str, ...] = (
+    "schema_version",
+    "source",
+    "model",
+    "findings",
+    "layers",
+    "activations",
+    "notes",
+)
 LAYER_FIELDS: tuple[str, ...] = (
     "name",
     "kind",
@@ -51,10 +59,14 @@ LAYER_FIELDS: tuple[str, ...] = (
     "weight_std",
     "recommended_init",
     "recommended_std",
+    "output_mean",
     "output_std",
     "grad_rms",
+    "delta_growth",
 )
-"""The documented JSON fields of a report, a finding and a per-layer row (tests check the docs against them)."""
+ACTIVATION_FIELDS: tuple[str, ...] = ("name", "op", "hidden", "dead_fraction", "saturated_fraction")
+"""The documented JSON fields of a report, a finding, a per-layer and a per-activation row (tests check the docs
+against them)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class Report:
     Attributes:
         findings: what was found, most severe first.
         layers: one row per parameterised layer with the fields of :data:`LAYER_FIELDS`.
+        activations: one row per probed ReLU/sigmoid/tanh call with the fields of :data:`ACTIVATION_FIELDS`.
         model: the model's class name.
         source: who produced it: ``"diagnose"``, ``"InitAudit"`` or ``"ArchitectureAdvisor"``.
         notes: actions taken (e.g. layers re-initialised by ``InitAudit(fix=True)``).
@@ -123,6 +136,7 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    activations: list[dict[str, Any]] = field(default_factory=list)
     model: str = ""
     source: str = "diagnose"
     notes: list[str] = field(default_factory=list)
@@ -155,6 +169,9 @@ class Report:
             "model": self.model,
             "findings": [f.to_dict() for f in self.findings],
             "layers": [_json_ready({key: row.get(key) for key in LAYER_FIELDS}) for row in self.layers],
+            "activations": [
+                _json_ready({key: row.get(key) for key in ACTIVATION_FIELDS}) for row in self.activations
+            ],
             "notes": list(self.notes),
         }
 

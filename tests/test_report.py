@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from lightning_gradstab import Finding, Report, diagnose
-from lightning_gradstab.report import CODES, FINDING_FIELDS, LAYER_FIELDS, REPORT_FIELDS
+from lightning_gradstab.report import ACTIVATION_FIELDS, CODES, FINDING_FIELDS, LAYER_FIELDS, REPORT_FIELDS
 from tests.test_diagnose_models import digits_batch, mlp
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "diagnosis.md"
@@ -36,12 +36,15 @@ def _validate(document: dict) -> None:
         assert isinstance(finding["evidence"], dict) and finding["recommendation"].endswith(".")
     for layer in document["layers"]:
         assert list(layer) == _documented("### Layer fields")
+    for activation in document["activations"]:
+        assert list(activation) == _documented("### Activation fields")
 
 
 def test_documented_fields_match_the_code():
     assert _documented("### Report fields") == list(REPORT_FIELDS)
     assert _documented("### Finding fields") == list(FINDING_FIELDS)
     assert _documented("### Layer fields") == list(LAYER_FIELDS)
+    assert _documented("### Activation fields") == list(ACTIVATION_FIELDS)
     assert _documented("## Finding codes") == list(CODES)
 
 
@@ -51,7 +54,9 @@ def test_json_of_a_real_report_validates_against_the_documented_fields(tmp_path)
     document = json.loads(path.read_text())
     _validate(document)
     assert {f["code"] for f in document["findings"]} >= {"init.scale", "signal.vanishing"}
-    assert len(document["layers"]) == 30
+    assert len(document["layers"]) == 30 and len(document["activations"]) == 29
+    growth = [layer["delta_growth"] for layer in document["layers"][1:-1]]
+    assert sum(growth) / len(growth) < 0.9  # each layer shrinks the delta toward the input (~0.71 under Xavier)
     assert document["findings"][0]["severity"] == "error"  # most severe first
 
 

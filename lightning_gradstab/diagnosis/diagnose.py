@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from typing import Any
 
 from torch import Tensor, nn
@@ -101,7 +102,12 @@ def build_report(
     findings += recurrent_findings(graph)
     findings += trace_findings(graph)
     findings += extra or []
-    return Report(findings, layer_rows(result, schemes, weight_std), model=model, source=source)
+    activations = [
+        {"name": a.name, "op": a.op, "hidden": a.hidden, "dead_fraction": a.dead_fraction,
+         "saturated_fraction": a.saturated_fraction}
+        for a in result.activations
+    ]
+    return Report(findings, layer_rows(result, schemes, weight_std), activations, model=model, source=source)
 
 
 def _signal_cause(
@@ -135,6 +141,11 @@ def layer_rows(
     first_call = {}
     for probe in result.layers:
         first_call.setdefault(probe.name, probe)
+    # growth of the delta from one layer to the one before it (toward the input); > 1 means it grows
+    ordered = [p for p in sorted(first_call.values(), key=lambda p: p.node) if p.grad_rms]
+    growth = {
+        earlier.name: earlier.grad_rms / later.grad_rms for earlier, later in pairwise(ordered)
+    }
     rows = []
     for layer in result.graph.layers:
         weight = layer.weight
@@ -150,8 +161,10 @@ def layer_rows(
             "weight_std": weight_std.get(layer.name),
             "recommended_init": schemes[layer.name].name if layer.name in schemes else None,
             "recommended_std": schemes[layer.name].std if layer.name in schemes else None,
+            "output_mean": probe.output_mean if probe else None,
             "output_std": probe.output_std if probe else None,
             "grad_rms": probe.grad_rms if probe else None,
+            "delta_growth": growth.get(layer.name),
         })
     return rows
 
