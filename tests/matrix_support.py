@@ -69,8 +69,11 @@ class MatrixModel(pl.LightningModule):
         compile_backend: ``torch.compile`` the body and the head with this backend (``None``: eager). The
             networks are compiled rather than the LightningModule: dynamo cannot trace ``self.log`` in
             ``training_step`` (torch 2.13, Lightning 2.6), with or without the suite.
-        fault: ``{batch_idx_in_run: kind}`` with kind ``"nan_input"``, ``"nan_loss"`` or ``"inf_loss"``;
-            a fault hits the run's ``n``-th training batch (counted from 0 across epochs).
+        init_gain: multiply every linear weight by this after the default init (large: an ``init.scale``
+            finding for :class:`~lightning_gradstab.InitAudit`).
+        fault: ``{batch: kind}`` with kind ``"nan_input"``, ``"nan_loss"`` or ``"inf_loss"``; ``batch`` counts
+            the run's training batches from 0 across epochs (``fit_loop.total_batch_idx``), so a probe that
+            runs ``training_step`` on the same batch sees the same fault.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class MatrixModel(pl.LightningModule):
         parameterless: bool = False,
         scheduler: str | None = None,
         compile_backend: str | None = None,
+        init_gain: float = 1.0,
         fault: dict[int, str] | None = None,
     ) -> None:
         super().__init__()
@@ -92,7 +96,6 @@ class MatrixModel(pl.LightningModule):
         self.two_optimizers = two_optimizers
         self.scheduler = scheduler
         self.fault = dict(fault or {})
-        self.batches_seen = 0
         self.fixed = FixedProjection() if parameterless else None
         self.embedding = nn.Embedding(VOCABULARY, FEATURES, sparse=True) if sparse_embedding else None
         self.body = nn.Sequential(
@@ -101,6 +104,11 @@ class MatrixModel(pl.LightningModule):
         self.head = nn.Sequential(nn.Tanh(), nn.Linear(16, 1))
         if tied:
             self.body[5].weight = self.body[3].weight
+        if init_gain != 1.0:
+            with torch.no_grad():
+                for module in self.modules():
+                    if isinstance(module, nn.Linear):
+                        module.weight.mul_(init_gain)
         if frozen:
             self.body[0].requires_grad_(False)
         if compile_backend is not None:
@@ -116,7 +124,7 @@ class MatrixModel(pl.LightningModule):
 
     def _loss(self, batch: Any) -> Tensor:
         features, tokens, target = batch
-        fault = self.fault.get(self.batches_seen) if self.training else None
+        fault = self.fault.get(self.trainer.fit_loop.total_batch_idx) if self.training else None
         if fault == "nan_input":
             features = features.clone()
             features[0, 0] = math.nan
@@ -129,7 +137,6 @@ class MatrixModel(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss = self._loss(batch)
-        self.batches_seen += 1
         self.log("train_loss", loss)
         if self.automatic_optimization:
             return loss
