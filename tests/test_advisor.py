@@ -36,7 +36,7 @@ def test_deep_plain_stack_whose_loss_stalls_gets_arch_residual_with_the_loss_evi
     (residual,) = advisor.report.by_code("arch.residual")
     assert residual.severity == "error" and residual.evidence["plain_depth"] == 30
     assert residual.evidence["loss_first"] == pytest.approx(2.3026, abs=0.01)  # ln 10: chance
-    assert residual.evidence["relative_improvement"] < 0.1 and residual.evidence["steps"] == 60
+    assert residual.evidence["relative_improvement"] < 0.1 and residual.evidence["batches_observed"] == 60
     document = json.loads((tmp_path / "gradstab_advisor.json").read_text())
     assert document["source"] == "ArchitectureAdvisor" and "arch.residual" in {f["code"] for f in document["findings"]}
 
@@ -103,7 +103,7 @@ def test_short_runs_report_at_train_end():
     torch.manual_seed(0)
     advisor = ArchitectureAdvisor(observe_steps=100)
     quiet_trainer(max_steps=20, callbacks=[advisor]).fit(DigitsClassifier(mlp(30, 64)), digits_loader())
-    assert advisor.report.by_code("arch.residual")[0].evidence["steps"] == 20
+    assert advisor.report.by_code("arch.residual")[0].evidence["batches_observed"] == 20
 
 
 def test_observations_survive_a_checkpoint_resume(tmp_path):
@@ -111,7 +111,7 @@ def test_observations_survive_a_checkpoint_resume(tmp_path):
     first = ArchitectureAdvisor(observe_steps=40)
     trainer = quiet_trainer(max_steps=20, callbacks=[first])
     trainer.fit(model, digits_loader())
-    assert first.report.by_code("arch.residual")[0].evidence["steps"] == 20  # partial advice at train end
+    assert first.report.by_code("arch.residual")[0].evidence["batches_observed"] == 20  # partial advice at train end
     assert "Partial window" in first.report.notes[0]
     checkpoint = tmp_path / "advisor.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -119,7 +119,7 @@ def test_observations_survive_a_checkpoint_resume(tmp_path):
     resumed = ArchitectureAdvisor(observe_steps=40)
     quiet_trainer(max_steps=40, callbacks=[resumed]).fit(model, digits_loader(), ckpt_path=checkpoint)
     # the resumed window continues from the saved losses instead of starting over
-    assert resumed.report.by_code("arch.residual")[0].evidence["steps"] == 40
+    assert resumed.report.by_code("arch.residual")[0].evidence["batches_observed"] == 40
     assert resumed.report.notes == []
     assert resumed.state_dict() == {"reported": True, "losses": [], "group_names": {0: list(first._group_names[0])},
                                     "group_norms": {}}

@@ -179,7 +179,7 @@ class ArchitectureAdvisor(Callback):
             "loss_last": last,
             "relative_improvement": improvement,
             "stall_threshold": self.stall_improvement,
-            "steps": len(losses),
+            "batches_observed": len(losses),
         }
         return residual_finding(self.graph, evidence)
 
@@ -201,8 +201,11 @@ class ArchitectureAdvisor(Callback):
             "signal.vanishing" if vanishing else "signal.exploding",
             "error" if magnitude > RATIO_ERROR else "warning",
             (layers[0], layers[-1]),
-            {"weight_grad_first_over_last_median": ratio, "layers": len(layers), "steps": len(next(iter(
-                self._group_norms.values())))},
+            {
+                "weight_grad_first_over_last_median": ratio,
+                "layers": len(layers),
+                "optimizer_steps_observed": max(len(norms) for norms in self._group_norms.values()),
+            },
             f"Gradients {'vanish' if vanishing else 'explode'} from {layers[-1]} toward {layers[0]} during "
             "training: see arch.normalization / arch.activation, or run diagnose() for the per-layer deltas.",
         )
