@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from examples.divergence import StopWhenDiverged
-from lightning_gradstab.callbacks.guard import ExplosionGuard
+from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, InitAudit
 
 FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 SUMMARY_FILE = "summary.json"
@@ -55,14 +55,17 @@ def guard_stop_reason(callbacks: list[Callback]) -> str | None:
 
 
 def finding_codes(callbacks: list[Callback]) -> list[str]:
-    """The codes of every finding the init audit and the architecture advisor reported, in order."""
+    """The codes of the findings ``InitAudit`` and ``ArchitectureAdvisor`` reported, in order, each once."""
     codes: list[str] = []
     for callback in callbacks:
-        for finding in getattr(callback, "findings", None) or []:
-            code = str(getattr(finding, "code", finding))
-            if code not in codes:
-                codes.append(code)
-    return codes
+        if isinstance(callback, (InitAudit, ArchitectureAdvisor)) and callback.report is not None:
+            codes += [finding.code for finding in callback.report.findings]
+    return list(dict.fromkeys(codes))
+
+
+def reinitialized_modules(callbacks: list[Callback]) -> list[str]:
+    """The modules ``InitAudit(fix=True)`` re-initialised before the first update."""
+    return [name for callback in callbacks if isinstance(callback, InitAudit) for name in callback.fixed_modules]
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -129,6 +132,7 @@ class RunSummary(Callback):
             "guard_actions": guard_actions(callbacks),
             "guard_stop_reason": stop_reason,
             "findings": finding_codes(callbacks),
+            "reinitialized_modules": reinitialized_modules(callbacks),
             "wall_time_s": round(time.perf_counter() - self.started_at, 2),
             "curves": self.curves,
         }

@@ -24,6 +24,7 @@ COLUMNS = (
     "run",
     "status",
     "train/loss",
+    "train/acc",
     "val/loss",
     "val/acc",
     "best_val_acc",
