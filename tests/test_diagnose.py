@@ -214,3 +214,31 @@ def test_tiny_embeddings_feeding_a_pre_ln_transformer_get_embedding_scale():
     (embedding,) = diagnose(model, tokens()).by_code("embedding.scale")
     assert embedding.modules == ("embed",) and embedding.evidence["residual_stream_std"] < 0.1
     assert "embedding.scale" not in diagnose(PreLNTransformer(), tokens()).codes  # N(0, 1) default is fine
+
+
+def test_inplace_relu_gives_the_same_measurements_as_out_of_place():
+    out_of_place, inplace = mlp(30, 64), mlp(30, 64)
+    for module in inplace:
+        if isinstance(module, nn.ReLU):
+            module.inplace = True  # the Linear output is overwritten after the probe saw it
+    rows = [diagnose(model, digits_batch()).layers for model in (out_of_place, inplace)]
+    assert rows[0] == rows[1]
+
+
+def test_data_dependent_forward_is_traced_from_the_real_pass():
+    class Branching(nn.Module):  # torch.fx cannot trace the Python `if` on a tensor value
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            for layer in self.layers:
+                y = layer(x)
+                x = torch.tanh(y) if y.mean() > 0 else y.sigmoid()
+            return self.head(x)
+
+    torch.manual_seed(0)
+    report = diagnose(Branching(), digits_batch())
+    assert {row["activation"] for row in report.layers[:-1]} <= {"tanh", "sigmoid"}
+    assert report.layers[-1]["activation"] is None and "trace.incomplete" not in report.codes
