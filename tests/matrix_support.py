@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -201,11 +202,16 @@ class MatrixModel(pl.LightningModule):
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration of the matrix: the model's options and the trainer's."""
+    """One configuration of the matrix: the model's options and the trainer's.
+
+    ``fp16_scaler`` runs ``16-mixed`` with a ``GradScaler`` on the CPU (Lightning's ``precision="16-mixed"``
+    silently becomes bf16 there); the plugin is built per run, since the scaler carries state.
+    """
 
     name: str
     model: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
+    fp16_scaler: bool = False
 
     def with_trainer(self, **options: Any) -> Cell:
         """The same cell with more trainer options."""
@@ -289,6 +295,8 @@ def trainer_for(cell: Cell, root: Path, callbacks: list[Callback], logger: Logge
         **cell.trainer,
         **extra,
     }
+    if cell.fp16_scaler:
+        options["plugins"] = [MixedPrecision("16-mixed", "cpu")]
     return pl.Trainer(default_root_dir=str(root), callbacks=callbacks, logger=logger, **options)
 
 
