@@ -84,7 +84,12 @@ def diagnose(
 def build_report(
     result: ProbeResult, *, model: str, source: str, extra: list[Finding] | None = None
 ) -> Report:
-    """Apply every rule to a probe result and assemble the :class:`Report` (shared by the callbacks)."""
+    """Apply every rule to a probe result and assemble the :class:`Report` (shared by the callbacks).
+
+    Example::
+
+        report = build_report(run_probe(model, lambda batch: model(batch), inputs=x), model="MLP", source="diagnose")
+    """
     graph = result.graph
     findings, schemes, weight_std = init_findings(graph)
     scale = next((f for f in findings if f.code == "init.scale"), None)

@@ -171,6 +171,11 @@ class LayerInfo:
         downstream_scale: constant factor applied to its output before the next op (``emb(x) * sqrt(d)``).
         calls: how often it ran in the forward pass (time steps for RNN cells).
         input_shape: shape of its first input at the first call.
+
+    Example::
+
+        layer = graph.layer("net.0")
+        print(layer.activation, layer.normalized, layer.feeds_join)
     """
 
     name: str

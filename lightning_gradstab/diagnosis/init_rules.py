@@ -61,7 +61,12 @@ def fans(weight: Tensor) -> tuple[int, int]:
 
 
 def recommended_scheme(layer: LayerInfo) -> InitScheme | None:
-    """The init the layer needs for its consuming activation; None where scale is not ours to judge."""
+    """The init the layer needs for its consuming activation; None where scale is not ours to judge.
+
+    Example::
+
+        scheme = recommended_scheme(graph.layer("net.0"))  # He before a ReLU: variance 2 / fan_in
+    """
     weight = layer.weight
     if layer.kind not in ("linear", "conv", "other") or weight is None or weight.dim() < 2:
         return None

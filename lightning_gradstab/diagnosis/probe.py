@@ -72,7 +72,13 @@ class ActivationProbe:
 
 @dataclass
 class ProbeResult:
-    """Everything the rules read: the traced graph plus per-layer and per-activation measurements."""
+    """Everything the rules read: the traced graph plus per-layer and per-activation measurements.
+
+    Example::
+
+        result = run_probe(model, lambda batch: model(batch), inputs=x)
+        print(result.graph.plain_depth, [p.grad_rms for p in result.layers])
+    """
 
     graph: ModelGraph
     layers: list[LayerProbe] = field(default_factory=list)
