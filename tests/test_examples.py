@@ -63,7 +63,8 @@ def scalar_tags(job_dir: Path) -> set[str]:
 
 def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train(tmp_path, "-m", "seed=0,1", "gradstab=monitor", *TINY, f"hydra.sweep.dir={sweep}")
+    # the default config (full suite, Xavier ReLU MLP) at depth 30: the init audit has a finding to report
+    run_train(tmp_path, "-m", "seed=0,1", *TINY, "model.depth=30", f"hydra.sweep.dir={sweep}")
 
     summaries = [read_summary(sweep / str(job)) for job in (0, 1)]
     for job, summary in enumerate(summaries):
@@ -73,6 +74,8 @@ def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path
         assert 0.0 < summary["final"]["train/loss"] < 10.0
         assert 0.0 <= summary["final"]["val/acc"] <= 1.0
         assert "gradstab/grad_norm/total" in scalar_tags(sweep / str(job))
+        assert "init.scale" in summary["findings"]
+        assert isinstance(summary["guard_actions"], dict)
 
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0].startswith("| job | run | status")
@@ -114,8 +117,7 @@ def test_single_run_fails_loudly_but_still_leaves_a_summary(tmp_path):
 def test_multirun_of_ddp_cpu_jobs_writes_one_summary_per_job_from_rank_zero(tmp_path):
     sweep = tmp_path / "sweep"
     completed = run_train(
-        tmp_path, "-m", "trainer=ddp_cpu", "seed=0,1", "gradstab=monitor", *TINY, f"hydra.sweep.dir={sweep}",
-        timeout=300,
+        tmp_path, "-m", "trainer=ddp_cpu", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}", timeout=300
     )
 
     job_dirs = sorted(path.parent.name for path in sweep.rglob(".hydra"))
@@ -128,6 +130,7 @@ def test_multirun_of_ddp_cpu_jobs_writes_one_summary_per_job_from_rank_zero(tmp_
         # 2 ranks x 4 batches of 32 per epoch: each rank takes 4 steps per epoch
         assert summary["global_step"] == 8
         assert len(list((sweep / job).rglob("summary.json"))) == 1
+        assert (sweep / job / "tensorboard" / "gradstab_init_audit.json").exists()  # the full suite ran
         assert "gradstab/grad_norm/total" in scalar_tags(sweep / job)
     assert len((sweep / "summary.md").read_text().splitlines()) == 4
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "outputs").exists()
