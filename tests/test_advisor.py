@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import lightning_gradstab.callbacks._shared as shared
-from lightning_gradstab import ArchitectureAdvisor, GradNormMonitor
+from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, GradNormMonitor
 from tests.test_diagnose_models import (
     DigitsClassifier,
     digits_loader,
@@ -74,11 +74,12 @@ def test_advisor_reads_the_shared_statistics_once_per_step_with_the_monitor(monk
 
 
 class _GuardStub(Callback):
-    """Mimics ExplosionGuard's public event log: ``policies[i].events`` with level transitions."""
+    """Mimics ExplosionGuard's public event log: ``policies[i].events`` with anomalies and level transitions."""
 
     def __init__(self) -> None:
-        event = {"step": 3, "level": 2, "previous_level": 0, "anomaly": "spike", "total_norm": 1e5}
-        self.policies = {0: SimpleNamespace(events=[event, {**event, "step": 4, "level": 2, "previous_level": 2}])}
+        spike = {"step": 3, "level": 2, "previous_level": 0, "anomaly": "spike", "total_norm": 1e5}
+        healthy = {"step": 4, "level": 1, "previous_level": 2, "anomaly": None}  # a de-escalation: not counted
+        self.policies = {0: SimpleNamespace(events=[spike, healthy])}
 
 
 class _RNNClassifier(DigitsClassifier):
@@ -93,10 +94,20 @@ def test_guard_escalations_feed_signal_exploding_and_recurrent_advice():
     torch.manual_seed(0)
     advisor = ArchitectureAdvisor(observe_steps=10)
     quiet_trainer(max_steps=10, callbacks=[_GuardStub(), advisor]).fit(_RNNClassifier(), digits_loader(size=320))
-    (exploding,) = [f for f in advisor.report.by_code("signal.exploding") if "guard_escalations" in f.evidence]
-    assert exploding.evidence["guard_escalations"] == 1 and exploding.evidence["anomalies"] == ["spike"]
+    (exploding,) = [f for f in advisor.report.by_code("signal.exploding") if "guard_events" in f.evidence]
+    assert exploding.evidence["guard_events"] == 1 and exploding.evidence["anomalies"] == ["spike"]
     (recurrent,) = advisor.report.by_code("arch.recurrent")
     assert recurrent.evidence["spectral_radius"] > 1.0  # measured on the current (trained) weights
+
+
+def test_a_real_explosion_guard_spike_feeds_the_advice():
+    from tests.scripts.guard_models import TinyRegression, regression_loader
+
+    guard, advisor = ExplosionGuard(console_summary=False), ArchitectureAdvisor(observe_steps=40)
+    model = TinyRegression(faults={30: "scale_grad"})  # gradients x1e4 at step 30
+    quiet_trainer(max_steps=40, callbacks=[guard, advisor]).fit(model, regression_loader())
+    (exploding,) = advisor.report.by_code("signal.exploding")
+    assert exploding.evidence["anomalies"] == ["spike"] and exploding.evidence["first_step"] >= 30
 
 
 def test_short_runs_report_at_train_end():

@@ -48,8 +48,9 @@ class ArchitectureAdvisor(Callback):
       degradation problem of plain nets (He et al. 2016), which shows in the loss, not in gradient norms.
     - ``signal.vanishing``/``signal.exploding`` when the median weight-gradient norm of the first layer is
       100x below/above the last, then ``arch.normalization`` and ``arch.activation`` for the structural cause.
-    - ``signal.exploding`` when an ``ExplosionGuard`` in ``trainer.callbacks`` escalated during the window
-      (read from its public ``policies[i].events``; optional), plus ``arch.recurrent`` for vanilla RNNs.
+    - ``signal.exploding`` when an ``ExplosionGuard`` in ``trainer.callbacks`` met an anomaly or escalated
+      during the window (read from its public ``policies[i].events``; optional), plus ``arch.recurrent`` for
+      vanilla RNNs.
 
     Global rank 0 publishes the report like ``InitAudit`` (console, TensorBoard ``gradstab/findings``,
     ``<log_dir>/gradstab_advisor.json``). It changes nothing in training.
@@ -215,17 +216,15 @@ class ArchitectureAdvisor(Callback):
         return findings
 
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
-        escalations: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []  # anomalies the guard acted on, or level escalations, in the window
         for callback in trainer.callbacks:
             for policy in dict(getattr(callback, "policies", None) or {}).values():
                 for event in getattr(policy, "events", []):
-                    if (
-                        isinstance(event, Mapping)
-                        and event.get("level", 0) > event.get("previous_level", 0)
-                        and event.get("step", 0) < self.observe_steps
-                    ):
-                        escalations.append(dict(event))
-        if not escalations:
+                    if not isinstance(event, Mapping) or event.get("step", 0) > self.observe_steps:
+                        continue
+                    if event.get("anomaly") or event.get("level", 0) > event.get("previous_level", 0):
+                        events.append(dict(event))
+        if not events:
             return []
         findings = [
             Finding(
@@ -233,12 +232,12 @@ class ArchitectureAdvisor(Callback):
                 "warning",
                 (),
                 {
-                    "guard_escalations": len(escalations),
-                    "max_level": max(e.get("level", 0) for e in escalations),
-                    "anomalies": sorted({str(e.get("anomaly")) for e in escalations}),
-                    "first_step": min(e.get("step", 0) for e in escalations),
+                    "guard_events": len(events),
+                    "max_level": max(e.get("level", 0) for e in events),
+                    "anomalies": sorted({str(e["anomaly"]) for e in events if e.get("anomaly")}),
+                    "first_step": min(e.get("step", 0) for e in events),
                 },
-                "ExplosionGuard escalated during the first steps: lower the learning rate or add warmup, and fix "
+                "ExplosionGuard acted during the first steps: lower the learning rate or add warmup, and fix "
                 "the architectural findings listed with this one.",
             )
         ]
