@@ -242,3 +242,16 @@ def test_data_dependent_forward_is_traced_from_the_real_pass():
     report = diagnose(Branching(), digits_batch())
     assert {row["activation"] for row in report.layers[:-1]} <= {"tanh", "sigmoid"}
     assert report.layers[-1]["activation"] is None and "trace.incomplete" not in report.codes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_gets_the_same_findings_and_is_left_untouched():
+    cpu_report = diagnose(mlp(30, 64, init="xavier", batchnorm=False), digits_batch())
+    model = mlp(30, 64, init="xavier").cuda()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    cuda_rng = torch.cuda.get_rng_state()
+    report = diagnose(model, digits_batch().cuda())
+    assert {(f.code, f.modules) for f in report.findings} == {(f.code, f.modules) for f in cpu_report.findings}
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
