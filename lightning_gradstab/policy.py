@@ -73,7 +73,7 @@ class PolicyConfig:
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm, > 0 (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
         lr_recovery_steps: healthy steps to undo one back-off, >= 1 (default 100).
-        snapshot_every: healthy steps between rollback snapshots, >= 1 (default 50).
+        snapshot_every: healthy steps between rollback snapshots, >= 1 (default 100: PaLM rolled back ~100 steps).
 
     Example::
 
@@ -144,7 +144,7 @@ class PolicyConfig:
 
     def resolved(self, option: str) -> Any:
         """The value of a per-rung option, its default when unset."""
-        defaults = {"tight_clip_ratio": 1.0, "backoff_factor": 0.5, "lr_recovery_steps": 100, "snapshot_every": 50}
+        defaults = {"tight_clip_ratio": 1.0, "backoff_factor": 0.5, "lr_recovery_steps": 100, "snapshot_every": 100}
         value = getattr(self, option)
         return defaults[option] if value is None else value
 

@@ -438,3 +438,26 @@ def test_tensorboard_logger_gets_the_gradient_stability_layout(tmp_path: Path) -
     logger = TensorBoardLogger(str(tmp_path))
     _fit(TinyRegression(), 5, tmp_path, [_guard()], logger=logger)
     assert getattr(logger.experiment, "_gradstab_layout_added", False)
+
+
+def test_snapshot_survives_a_restore_and_further_training() -> None:
+    from lightning_gradstab.callbacks.guard import restore_training_state, snapshot_training_state
+
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def train_step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
+
+    train_step()
+    snapshot = snapshot_training_state(model, [optimizer])
+    frozen = json.dumps(str(snapshot))
+    restore_training_state(model, [optimizer], snapshot)
+    train_step()  # Adam updates its moments in place: they must not be the snapshot's tensors
+    train_step()
+    assert json.dumps(str(snapshot)) == frozen
+    refreshed = snapshot_training_state(model, [optimizer], into=snapshot)
+    assert refreshed[0]["weight"] is snapshot[0]["weight"]  # refreshed in place, no new allocation
+    assert torch.equal(refreshed[0]["weight"], model.weight.detach())

@@ -83,7 +83,7 @@ class ExplosionGuard(Callback):
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
         lr_recovery_steps: healthy steps to undo one back-off (default 100).
-        snapshot_every: healthy steps between rollback snapshots (kept on CPU; default 50).
+        snapshot_every: healthy steps between rollback snapshots (kept on CPU; default 100).
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -208,7 +208,7 @@ class ExplosionGuard(Callback):
         if healthy and self.config.max_level >= RUNGS.index("rollback") and (
             decision.snapshot or self._snapshot is None
         ):
-            self._snapshot = snapshot_training_state(pl_module, trainer.optimizers)
+            self._snapshot = snapshot_training_state(pl_module, trainer.optimizers, into=self._snapshot)
             self.snapshot_step = decision.step
         if decision.rollback:
             if self._snapshot is None:
@@ -339,13 +339,22 @@ class ExplosionGuard(Callback):
             self.policy(index)
 
 
-def _to_cpu(value: Any) -> Any:
+def _to_cpu(value: Any, previous: Any = None) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        source = value.detach()
+        if (
+            isinstance(previous, torch.Tensor)
+            and previous.shape == source.shape
+            and previous.dtype == source.dtype
+        ):
+            return previous.copy_(source)  # no allocation: refreshing a snapshot is a plain copy
+        return source.to("cpu", copy=True)
     if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
+        old = previous if isinstance(previous, dict) else {}
+        return {key: _to_cpu(item, old.get(key)) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
+        old = previous if isinstance(previous, (list, tuple)) and len(previous) == len(value) else [None] * len(value)
+        return type(value)(_to_cpu(item, before) for item, before in zip(value, old, strict=True))
     return value
 
 
@@ -353,15 +362,26 @@ TrainingSnapshot = tuple[dict[str, torch.Tensor], list[dict[str, Any]]]
 """Model ``state_dict`` and each optimizer's ``state_dict``, all tensors copied to CPU."""
 
 
-def snapshot_training_state(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> TrainingSnapshot:
+def snapshot_training_state(
+    module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], into: TrainingSnapshot | None = None
+) -> TrainingSnapshot:
     """Copy model and optimizer state to host memory, so accelerator memory is unchanged.
+
+    ``into``: an older snapshot whose host tensors are overwritten where shapes match (no new allocation;
+    the older snapshot is then gone).
 
     Example::
 
         snapshot = snapshot_training_state(model, [optimizer])
+        snapshot = snapshot_training_state(model, [optimizer], into=snapshot)  # refresh in place
         restore_training_state(model, [optimizer], snapshot)
     """
-    return _to_cpu(module.state_dict()), [_to_cpu(optimizer.state_dict()) for optimizer in optimizers]
+    old_model, old_optimizers = into if into is not None else (None, [None] * len(optimizers))
+    if len(old_optimizers) != len(optimizers):
+        old_optimizers = [None] * len(optimizers)
+    return _to_cpu(module.state_dict(), old_model), [
+        _to_cpu(optimizer.state_dict(), old) for optimizer, old in zip(optimizers, old_optimizers, strict=True)
+    ]
 
 
 def restore_training_state(
@@ -380,7 +400,7 @@ def restore_training_state(
     module.load_state_dict(model_state)  # copies into the existing parameters: references stay valid
     for optimizer, state in zip(optimizers, optimizer_states, strict=True):
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(_to_cpu(state))  # a copy: on CPU the optimizer would alias the snapshot
         for group, values in zip(optimizer.param_groups, hyper, strict=True):
             group.update(values)
 
