@@ -191,3 +191,13 @@ def test_compiled_module_is_probed_eagerly_and_fixed():
     assert len(audit.fixed_modules) == 29
     assert model.net[0].weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
     assert recorder.compiled  # the compiled forward is back in place for the training step
+
+
+def test_fix_redraws_a_zero_initialised_hidden_layer():
+    net = mlp(4, 32, init="he")
+    nn.init.zeros_(net[2].weight)
+    audit = InitAudit(fix=True)
+    quiet_trainer(max_steps=1, callbacks=[audit]).fit(DigitsClassifier(net, lr=0.0), digits_loader(size=64))
+    assert audit.fixed_modules == ["net.2"]  # names relative to the LightningModule
+    assert net[2].weight.std().item() == pytest.approx((2 / 32) ** 0.5, rel=0.15)  # He before its ReLU
+    assert "init.symmetric" not in diagnose(net, digits_batch()).codes

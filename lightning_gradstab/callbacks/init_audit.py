@@ -15,7 +15,6 @@ from typing_extensions import override
 
 from lightning_gradstab.callbacks._shared import logging_step, tensorboard_writers
 from lightning_gradstab.diagnosis import InitScheme, build_report, reinitialize, run_probe
-from lightning_gradstab.diagnosis.init_rules import fans
 from lightning_gradstab.report import Finding, Report
 
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
@@ -78,14 +77,14 @@ class InitAudit(Callback):
         self._audited = True  # once per fit, resumed runs included (see state_dict)
         report = probe_report(pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
         if self.fix:
-            plan = [(name, scheme.name, scheme.variance) for name, scheme in _fix_plan(report, pl_module)]
-            plan = trainer.strategy.broadcast(plan, src=0)  # rank 0 decides; every rank applies the same
-            schemes = {name: InitScheme(scheme, variance) for name, scheme, variance in plan}
-            self.fixed_modules = reinitialize(pl_module, schemes, list(schemes), self.seed)
-            if self.fixed_modules:
+            plan = trainer.strategy.broadcast(_fix_plan(report), src=0)  # rank 0 decides; all ranks apply it
+            schemes = {name: InitScheme(*scheme) for name, scheme in plan if scheme is not None}
+            applied = reinitialize(pl_module, schemes, [name for name, _ in plan], self.seed)
+            self.fixed_modules = list(applied)
+            if applied:
                 by_scheme: dict[str, list[str]] = {}
-                for name in self.fixed_modules:
-                    by_scheme.setdefault(schemes[name].name, []).append(name)
+                for name, scheme in applied.items():
+                    by_scheme.setdefault(scheme.name, []).append(name)
                 report.notes.append(
                     "InitAudit(fix=True) re-initialised before the first update: "
                     + "; ".join(f"{_short(names)} with {scheme}" for scheme, names in by_scheme.items())
@@ -104,27 +103,21 @@ class InitAudit(Callback):
         self.fixed_modules = list(state_dict["fixed_modules"])
 
 
-def _fix_plan(report: Report, pl_module: pl.LightningModule) -> list[tuple[str, InitScheme]]:
-    """The (module, scheme) pairs to re-draw: every module of an ``init.scale``/``init.symmetric`` finding."""
+def _fix_plan(report: Report) -> list[tuple[str, tuple[str, float] | None]]:
+    """Modules of ``init.scale``/``init.symmetric`` findings with their recommended (scheme, variance).
+
+    Plain values, so rank 0 can broadcast the plan; None leaves the choice to ``reinitialize`` (Xavier).
+    """
     rows = {row["name"]: row for row in report.layers}
-    modules = dict(pl_module.named_modules())
-    plan = []
+    plan: dict[str, tuple[str, float] | None] = {}
     for finding in report.findings:
         if finding.code not in ("init.scale", "init.symmetric"):
             continue
         for name in finding.modules:
-            weight = getattr(modules.get(name), "weight", None)
-            if not isinstance(weight, Tensor) or weight.dim() < 2:
-                continue
             row = rows.get(name, {})
-            fan_in, fan_out = fans(weight)
-            scheme = (
-                InitScheme(row["recommended_init"], row["recommended_std"] ** 2)
-                if row.get("recommended_std")
-                else InitScheme("Xavier/Glorot normal", 2.0 / (fan_in + fan_out))
-            )
-            plan.append((name, scheme))
-    return list(dict(plan).items())
+            std = row.get("recommended_std")
+            plan[name] = (row["recommended_init"], std**2) if std else None
+    return list(plan.items())
 
 
 def _short(names: list[str]) -> str:

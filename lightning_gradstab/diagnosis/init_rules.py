@@ -230,17 +230,20 @@ def _names(names: list[str]) -> str:
     return f"{names[0]}, {names[1]}, …, {names[-1]} ({len(names)} layers)"
 
 
-def reinitialize(model: nn.Module, schemes: dict[str, InitScheme], names: list[str], seed: int) -> list[str]:
-    """Re-draw the weights of modules ``names`` with their scheme (biases zeroed); returns what changed.
+def reinitialize(
+    model: nn.Module, schemes: dict[str, InitScheme], names: list[str], seed: int
+) -> dict[str, InitScheme]:
+    """Re-draw the weights of modules ``names`` (biases zeroed); returns the scheme applied to each module.
 
-    A generator seeded with ``seed`` and the module's position makes the result identical on every rank.
+    A module without an entry in ``schemes`` gets Xavier/Glorot normal. A generator seeded with ``seed`` and
+    the module's position makes the result identical on every rank.
 
     Example::
 
-        reinitialize(model, schemes, ["net.0", "net.2"], seed=0)
+        applied = reinitialize(model, schemes, ["net.0", "net.2"], seed=0)
     """
     modules = dict(model.named_modules())
-    changed = []
+    applied: dict[str, InitScheme] = {}
     for position, name in enumerate(dict.fromkeys(names)):
         module = modules.get(name)
         weight = getattr(module, "weight", None)
@@ -254,5 +257,5 @@ def reinitialize(model: nn.Module, schemes: dict[str, InitScheme], names: list[s
         if isinstance(bias, Tensor):
             with torch.no_grad():
                 bias.zero_()
-        changed.append(name)
-    return changed
+        applied[name] = scheme
+    return applied
