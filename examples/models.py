@@ -229,7 +229,13 @@ class RecurrentNet(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (PyTorch's fused scaled-dot-product kernel)."""
+    """Multi-head causal self-attention (PyTorch's fused scaled-dot-product kernel).
+
+    Example::
+
+        attention = CausalSelfAttention(embed_dim=64, num_heads=4)
+        out = attention(torch.randn(2, 16, 64))  # (2, 16, 64), position t sees positions <= t only
+    """
 
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -252,6 +258,10 @@ class TransformerBlock(nn.Module):
 
     Post-LN puts a LayerNorm on the residual path, which is why it needs learning-rate warm-up at high
     learning rates (Xiong et al. 2020); pre-LN leaves the residual stream untouched.
+
+    Example::
+
+        block = TransformerBlock(embed_dim=64, num_heads=4, pre_ln=False)  # the original post-LN block
     """
 
     def __init__(self, embed_dim: int, num_heads: int, pre_ln: bool) -> None:

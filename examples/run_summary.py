@@ -36,6 +36,10 @@ def guard_actions(callbacks: list[Callback]) -> dict[str, int]:
     """Count the actions the suite's guard took, by type, over all optimizers (empty without a guard).
 
     Read from ``ExplosionGuard.summary()``, the guard's public account of what it did.
+
+    Example::
+
+        guard_actions(trainer.callbacks)  # {"clip": 13, "skip": 2, "spike": 13}
     """
     counts: Counter[str] = Counter()
     for callback in callbacks:
@@ -47,7 +51,12 @@ def guard_actions(callbacks: list[Callback]) -> dict[str, int]:
 
 
 def guard_stop_reason(callbacks: list[Callback]) -> str | None:
-    """Why the guard stopped the run, or None if it did not (or there is no guard)."""
+    """Why the guard stopped the run, or None if it did not (or there is no guard).
+
+    Example::
+
+        guard_stop_reason(trainer.callbacks)  # None for a run the guard let finish
+    """
     for callback in callbacks:
         if isinstance(callback, ExplosionGuard) and callback.stop_reason is not None:
             return str(callback.stop_reason)
@@ -55,7 +64,12 @@ def guard_stop_reason(callbacks: list[Callback]) -> str | None:
 
 
 def finding_codes(callbacks: list[Callback]) -> list[str]:
-    """The codes of the findings ``InitAudit`` and ``ArchitectureAdvisor`` reported, in order, each once."""
+    """The codes of the findings ``InitAudit`` and ``ArchitectureAdvisor`` reported, in order, each once.
+
+    Example::
+
+        finding_codes(trainer.callbacks)  # ["init.scale", "signal.vanishing"]
+    """
     codes: list[str] = []
     for callback in callbacks:
         if isinstance(callback, (InitAudit, ArchitectureAdvisor)) and callback.report is not None:
@@ -64,12 +78,22 @@ def finding_codes(callbacks: list[Callback]) -> list[str]:
 
 
 def reinitialized_modules(callbacks: list[Callback]) -> list[str]:
-    """The modules ``InitAudit(fix=True)`` re-initialised before the first update."""
+    """The modules ``InitAudit(fix=True)`` re-initialised before the first update.
+
+    Example::
+
+        reinitialized_modules(trainer.callbacks)  # ["network.1.layer", ...]
+    """
     return [name for callback in callbacks if isinstance(callback, InitAudit) for name in callback.fixed_modules]
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Write ``summary`` as indented JSON (non-finite numbers are stored as null: the JSON standard has none)."""
+    """Write ``summary`` as indented JSON (metrics are stored finite or null: the JSON standard has no NaN).
+
+    Example::
+
+        write_summary(Path("outputs/run/summary.json"), {"status": "failed", "error": "..."})
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
 

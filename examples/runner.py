@@ -7,6 +7,7 @@ trainer), so a bad value fails in the first seconds. A job that fails or diverge
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from examples.run_summary import RunSummary, write_summary
 
 
 def build_gradstab_callbacks(gradstab: DictConfig) -> list[Callback]:
-    """Instantiate every callback of the ``gradstab`` group, naming the entry that cannot be built."""
+    """Instantiate every callback of the ``gradstab`` group, naming the entry that cannot be built.
+
+    Example::
+
+        callbacks = build_gradstab_callbacks(cfg.gradstab)  # [GradNormMonitor(...), ExplosionGuard(...), ...]
+    """
     callbacks = []
     for entry, node in gradstab.items():
         try:
@@ -38,7 +44,12 @@ def build_gradstab_callbacks(gradstab: DictConfig) -> list[Callback]:
 
 
 def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
-    """Show the run's outcome on the console: status, final metrics, guard actions, findings, where to look."""
+    """Show the run's outcome on the console: status, final metrics, guard actions, findings, where to look.
+
+    Example::
+
+        print_summary(json.loads(path.read_text()), path.parent)
+    """
     table = Table(title=f"run {summary.get('name')} ({summary['status']})", show_header=False)
     for name, value in summary["final"].items():
         table.add_row(name, "—" if value is None else f"{value:.4g}")
@@ -92,13 +103,16 @@ def run_experiment(cfg: DictConfig, output_dir: Path, metadata: dict[str, Any], 
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:
-    import json
-
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def job_metadata(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
-    """Name, job number, command-line overrides and group choices of the current Hydra job."""
+    """Name, job number, command-line overrides and group choices of the current Hydra job.
+
+    Example::
+
+        metadata = job_metadata(cfg, HydraConfig.get())  # {"name": "he2015", "job_num": 1, ...}
+    """
     return {
         "name": cfg.name,
         "job_num": hydra_cfg.job.get("num", 0),

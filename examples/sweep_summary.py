@@ -47,7 +47,12 @@ def _format(value: Any) -> str:
 
 
 def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory of ``sweep_dir`` (a directory holding ``.hydra/``), in job order."""
+    """One row per job directory of ``sweep_dir`` (a directory holding ``.hydra/``), in job order.
+
+    Example::
+
+        rows = collect_rows(Path("multirun/he2015/2026-11-23_23-27-37"))
+    """
     job_dirs = sorted(
         (path.parent for path in sweep_dir.rglob(".hydra") if path.parent != sweep_dir),
         key=lambda path: (len(path.parts), int(path.name) if path.name.isdigit() else path.name),
@@ -78,7 +83,12 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def label_runs(rows: list[dict[str, Any]]) -> None:
-    """Set each row's ``run`` to the overrides that tell it apart (those shared by every job are dropped)."""
+    """Set each row's ``run`` to the overrides that tell it apart (those shared by every job are dropped).
+
+    Example::
+
+        label_runs(rows)  # rows[0]["run"] == "model.depth=8 model.residual=False"
+    """
     override_sets = [row.get("overrides", "").split() for row in rows if row["status"] != "missing"]
     shared = set.intersection(*map(set, override_sets)) if override_sets else set()
     for row in rows:
@@ -87,14 +97,24 @@ def label_runs(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a GitHub Markdown table (the format the README's experiment tables use)."""
+    """The rows as a GitHub Markdown table (the format the README's experiment tables use).
+
+    Example::
+
+        (sweep_dir / "summary.md").write_text(markdown_table(rows))
+    """
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_format(row.get(column)) for column in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """The rows as CSV, one column per entry of ``COLUMNS`` plus the error message."""
+    """The rows as CSV, one column per entry of ``COLUMNS`` plus the error message.
+
+    Example::
+
+        write_csv(rows, sweep_dir / "summary.csv")
+    """
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*COLUMNS, "error"])
@@ -103,7 +123,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def comparison_figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per epoch for every job (log scale) beside each job's final validation accuracy."""
+    """Training loss per epoch for every job (log scale) beside each job's final validation accuracy.
+
+    Example::
+
+        comparison_figure(rows, sweep_dir / "summary.png")
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -128,6 +153,9 @@ def comparison_figure(rows: list[dict[str, Any]], path: Path) -> None:
     accuracies = [row.get("val/acc") or 0.0 for row in rows]
     colors = ["tab:red" if row.get("status") != "finished" else "tab:blue" for row in rows]
     accuracy_axes.barh(range(len(rows)), accuracies, color=colors)
+    for position, row in enumerate(rows):
+        if row.get("status") != "finished":  # a lost run has no bar worth seeing: say what happened
+            accuracy_axes.text(0, position, f" {row.get('status')}", va="center", color="tab:red", fontsize=8)
     accuracy_axes.set_yticks(range(len(rows)), labels, fontsize=7)
     accuracy_axes.invert_yaxis()
     accuracy_axes.set_xlabel("final validation accuracy (red: diverged, failed or missing)")

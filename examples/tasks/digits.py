@@ -14,7 +14,12 @@ from examples.tasks.base import ExampleTask, OptimizerFactory
 
 
 def load_digits_tensors(val_fraction: float, split_seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """Standardised (N, 1, 8, 8) images and labels, split into train/val by a seeded permutation."""
+    """Standardised (N, 1, 8, 8) images and labels, split into train/val by a seeded permutation.
+
+    Example::
+
+        train, val = load_digits_tensors(val_fraction=0.2, split_seed=0)  # 1437 and 360 images
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -23,13 +23,23 @@ DEFAULT_MODULES = ("textwrap", "argparse", "json.decoder", "string", "heapq", "b
 
 
 def stdlib_corpus(module_names: Sequence[str], max_chars: int) -> str:
-    """The concatenated source of ``module_names``, truncated to ``max_chars`` characters."""
+    """The concatenated source of ``module_names``, truncated to ``max_chars`` characters.
+
+    Example::
+
+        text = stdlib_corpus(["textwrap", "string"], max_chars=50_000)
+    """
     texts = [inspect.getsource(importlib.import_module(name)) for name in module_names]
     return "\n".join(texts)[:max_chars]
 
 
 def char_windows(codes: Tensor, block_size: int) -> TensorDataset:
-    """Non-overlapping (input, next-character target) windows of ``block_size`` characters."""
+    """Non-overlapping (input, next-character target) windows of ``block_size`` characters.
+
+    Example::
+
+        windows = char_windows(torch.arange(1000), block_size=64)  # 15 windows; targets shifted by one
+    """
     count = (len(codes) - 1) // block_size
     inputs = codes[: count * block_size].view(count, block_size)
     targets = codes[1 : count * block_size + 1].view(count, block_size)

@@ -25,6 +25,10 @@ def temporal_order(num_sequences: int, seq_len: int, generator: torch.Generator)
 
     The first relevant symbol sits in [10%, 20%) of the sequence, the second in [50%, 60%); all other
     positions are distractors c, d, e, f.
+
+    Example::
+
+        data = temporal_order(1000, seq_len=50, generator=torch.Generator().manual_seed(0))
     """
     symbols = torch.randint(2, 6, (num_sequences, seq_len), generator=generator)
     first = torch.randint(int(0.1 * seq_len), max(int(0.2 * seq_len), int(0.1 * seq_len) + 1), (num_sequences,),
@@ -41,6 +45,10 @@ def adding(num_sequences: int, seq_len: int, generator: torch.Generator) -> Tens
     """Pairs (value in U[0, 1], marker); the target is the sum of the two marked values.
 
     One marker sits in the first 10% of the sequence, the other in the second half.
+
+    Example::
+
+        data = adding(1000, seq_len=100, generator=torch.Generator().manual_seed(0))  # inputs (1000, 100, 2)
     """
     values = torch.rand(num_sequences, seq_len, generator=generator)
     first = torch.randint(0, max(int(0.1 * seq_len), 1), (num_sequences,), generator=generator)
