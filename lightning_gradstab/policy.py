@@ -97,6 +97,11 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         max_level = rung_level(self.max_rung, "max_rung")
+        for name in ("zscore_threshold", "ema_decay", "log_std_floor", "growth_factor", "loss_scale_floor",
+                     "tight_clip_ratio", "backoff_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
         _check(self.zscore_threshold > 0, "zscore_threshold", self.zscore_threshold, "a number > 0")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         _check_int(self.warmup_steps, "warmup_steps", 1)

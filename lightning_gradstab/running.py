@@ -40,7 +40,7 @@ class LogNormStatistics:
         statistics = LogNormStatistics(decay=0.97, warmup_steps=25)
         for norm in [1.0, 1.1, 0.9] * 10:
             statistics.update(norm)
-        statistics.zscore(100.0)  # about 45: a spike
+        statistics.zscore(100.0)  # about 56: a spike
     """
 
     def __init__(self, decay: float = 0.97, warmup_steps: int = 25, log_std_floor: float = 0.05) -> None:

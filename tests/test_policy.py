@@ -240,3 +240,10 @@ def test_rank_reduction_makes_nonfinite_values_safe_for_max() -> None:
     reduction = RankReduction([("norm", "max"), ("count", "max")])
     values = reduction.reduce({"norm": torch.tensor(math.nan), "count": torch.tensor(math.inf)}, distributed=False)
     assert values == {"norm": 0.0, "count": float(torch.finfo(torch.float32).max)}
+
+
+@pytest.mark.parametrize("options", [{"zscore_threshold": "2.5"}, {"backoff_factor": True}, {"budgets": 3}])
+def test_wrong_types_raise_type_error_naming_the_argument(options: dict) -> None:
+    (argument,) = options
+    with pytest.raises(TypeError, match=f"`{argument}` must be"):
+        PolicyConfig(**options)

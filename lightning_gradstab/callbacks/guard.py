@@ -126,7 +126,7 @@ class ExplosionGuard(Callback):
             growth_factor=growth_factor,
             healthy_steps_to_deescalate=healthy_steps_to_deescalate,
             loss_scale_floor=loss_scale_floor,
-            budgets=dict(budgets) if budgets is not None else None,
+            budgets=dict(budgets) if isinstance(budgets, dict) else budgets,
             tight_clip_ratio=tight_clip_ratio,
             backoff_factor=backoff_factor,
             lr_recovery_steps=lr_recovery_steps,
@@ -136,6 +136,9 @@ class ExplosionGuard(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
+        for name, flag in (("raise_on_stop", raise_on_stop), ("console_summary", console_summary)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {type(flag).__name__} {flag!r}")
         self.raise_on_stop = raise_on_stop
         self.log_every_n_steps = log_every_n_steps
         self.console_summary = console_summary
