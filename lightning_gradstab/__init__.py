@@ -3,18 +3,40 @@
 Example::
 
     import lightning.pytorch as pl
-    from lightning_gradstab import GradNormMonitor
+    from lightning_gradstab import ExplosionGuard, GradNormMonitor
 
-    trainer = pl.Trainer(callbacks=[GradNormMonitor()])
+    trainer = pl.Trainer(callbacks=[GradNormMonitor(), ExplosionGuard()])
+
+Names are imported on first use, so ``diagnose`` and the ``gradstab`` CLI start without importing Lightning.
 """
 
-from lightning_gradstab.callbacks.advisor import ArchitectureAdvisor
-from lightning_gradstab.callbacks.guard import ExplosionGuard, GradientExplosionError
-from lightning_gradstab.callbacks.init_audit import InitAudit
-from lightning_gradstab.callbacks.monitor import GradNormMonitor
-from lightning_gradstab.diagnosis import diagnose
-from lightning_gradstab.report import Finding, Report
-from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_gradstab.callbacks.advisor import ArchitectureAdvisor
+    from lightning_gradstab.callbacks.guard import ExplosionGuard, GradientExplosionError
+    from lightning_gradstab.callbacks.init_audit import InitAudit
+    from lightning_gradstab.callbacks.monitor import GradNormMonitor
+    from lightning_gradstab.diagnosis import diagnose
+    from lightning_gradstab.report import Finding, Report
+    from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+
+_EXPORTS = {
+    "ArchitectureAdvisor": "lightning_gradstab.callbacks.advisor",
+    "ExplosionGuard": "lightning_gradstab.callbacks.guard",
+    "Finding": "lightning_gradstab.report",
+    "GradNormMonitor": "lightning_gradstab.callbacks.monitor",
+    "GradientExplosionError": "lightning_gradstab.callbacks.guard",
+    "GradientStats": "lightning_gradstab.stats",
+    "InitAudit": "lightning_gradstab.callbacks.init_audit",
+    "ParameterLayout": "lightning_gradstab.stats",
+    "Report": "lightning_gradstab.report",
+    "compute_gradient_stats": "lightning_gradstab.stats",
+    "diagnose": "lightning_gradstab.diagnosis",
+}
 
 __all__ = [
     "ArchitectureAdvisor",
@@ -29,3 +51,15 @@ __all__ = [
     "compute_gradient_stats",
     "diagnose",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_gradstab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

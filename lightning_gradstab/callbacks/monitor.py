@@ -42,6 +42,12 @@ def _validate_norm_type(value: object) -> float:
     return float(value)
 
 
+def _validate_flag(value: object, argument: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{argument}` must be a bool, got {value!r}")
+    return value
+
+
 @dataclass
 class _HostCopy:
     """Scalars of several steps on their way to the host, read once the copy has finished."""
@@ -114,9 +120,9 @@ class GradNormMonitor(Callback):
         self.group_by = validate_group_by(group_by)
         self.log_every_n_steps = _validate_interval(log_every_n_steps, "log_every_n_steps")
         self.norm_type = _validate_norm_type(norm_type)
-        self.log_inf_norm = bool(log_inf_norm)
-        self.log_grad_to_weight = bool(log_grad_to_weight)
-        self.update_to_weight = bool(update_to_weight)
+        self.log_inf_norm = _validate_flag(log_inf_norm, "log_inf_norm")
+        self.log_grad_to_weight = _validate_flag(log_grad_to_weight, "log_grad_to_weight")
+        self.update_to_weight = _validate_flag(update_to_weight, "update_to_weight")
         self.histogram_every_n_steps = _validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
         self.figure_every_n_steps = _validate_interval(figure_every_n_steps, "figure_every_n_steps")
         self._interval = 50
