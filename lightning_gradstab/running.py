@@ -176,7 +176,7 @@ class RankReduction:
                 raise ValueError(f"`fields` entry {name!r} has reduce kind {kind!r}; accepted: 'max', 'min'")
         self.fields = tuple(fields)
         self._signs = [1.0 if kind == "max" else -1.0 for _, kind in self.fields]
-        self._sign_tensors: dict[torch.device, Tensor] = {}
+        self._buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def reduce(self, values: dict[str, Tensor | float], *, distributed: bool) -> dict[str, float]:
         """Pack, reduce across ranks when ``distributed`` (every rank must agree on it), read back once.
@@ -184,16 +184,17 @@ class RankReduction:
         Every rank must call this on the same steps when ``distributed`` is true: it enters a collective.
         """
         device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        parts = [values[name] for name, _ in self.fields]
-        packed = torch.stack(
-            [
-                part.reshape(()).float() if isinstance(part, Tensor) else torch.tensor(float(part), device=device)
-                for part in parts
-            ]
-        )
-        if device not in self._sign_tensors:
-            self._sign_tensors[device] = torch.tensor(self._signs, dtype=torch.float32, device=device)
-        packed = torch.nan_to_num(packed * self._sign_tensors[device], nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+        if device not in self._buffers:  # (staging vector, signs), reused every step: no allocation
+            signs = torch.tensor(self._signs, dtype=torch.float32, device=device)
+            self._buffers[device] = (torch.empty(len(self.fields), dtype=torch.float32, device=device), signs)
+        staging, signs = self._buffers[device]
+        for position, (name, _) in enumerate(self.fields):
+            value = values[name]
+            if isinstance(value, Tensor):
+                staging[position].copy_(value.reshape(()))
+            else:
+                staging[position].fill_(float(value))
+        packed = torch.nan_to_num(staging * signs, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
         if distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         host = packed.tolist()  # the single host sync of the step
