@@ -67,9 +67,9 @@ class MatrixModel(pl.LightningModule):
         sparse_embedding: add a token embedding with sparse gradients (SGD accepts them).
         parameterless: route the input through :class:`FixedProjection` (buffers, no parameters).
         scheduler: ``None``, ``"step"`` (StepLR stepping every optimizer step) or ``"epoch"``.
-        compile_backend: ``torch.compile`` the body and the head with this backend (``None``: eager). The
-            networks are compiled rather than the LightningModule: dynamo cannot trace ``self.log`` in
-            ``training_step`` (torch 2.13, Lightning 2.6), with or without the suite.
+        compile_backend: ``torch.compile`` the body and the head with this backend (``None``: eager).
+        log_in_training_step: call ``self.log`` in ``training_step``; dynamo cannot trace it (torch 2.13,
+            Lightning 2.6), so a cell that compiles the whole LightningModule turns it off.
         init_gain: multiply every linear weight by this after the default init (large: an ``init.scale``
             finding for :class:`~lightning_gradstab.InitAudit`).
         fault: ``{batch: kind}`` with kind ``"nan_input"``, ``"nan_loss"`` or ``"inf_loss"``; ``batch`` counts
@@ -87,6 +87,7 @@ class MatrixModel(pl.LightningModule):
         parameterless: bool = False,
         scheduler: str | None = None,
         compile_backend: str | None = None,
+        log_in_training_step: bool = True,
         init_gain: float = 1.0,
         fault: dict[int, str] | None = None,
     ) -> None:
@@ -97,6 +98,7 @@ class MatrixModel(pl.LightningModule):
         self.two_optimizers = two_optimizers
         self.scheduler = scheduler
         self.fault = dict(fault or {})
+        self.log_in_training_step = log_in_training_step
         self.fixed = FixedProjection() if parameterless else None
         self.embedding = nn.Embedding(VOCABULARY, FEATURES, sparse=True) if sparse_embedding else None
         self.body = nn.Sequential(
@@ -138,7 +140,8 @@ class MatrixModel(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss = self._loss(batch)
-        self.log("train_loss", loss)
+        if self.log_in_training_step:
+            self.log("train_loss", loss)
         if self.automatic_optimization:
             return loss
         optimizers = self.optimizers()
@@ -206,12 +209,14 @@ class Cell:
 
     ``fp16_scaler`` runs ``16-mixed`` with a ``GradScaler`` on the CPU (Lightning's ``precision="16-mixed"``
     silently becomes bf16 there); the plugin is built per run, since the scaler carries state.
+    ``compile_module`` passes ``torch.compile(model, backend=compile_module)`` to ``fit``.
     """
 
     name: str
     model: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     fp16_scaler: bool = False
+    compile_module: str | None = None
 
     def with_trainer(self, **options: Any) -> Cell:
         """The same cell with more trainer options."""
@@ -311,7 +316,8 @@ def run_cell(cell: Cell, root: Path, callbacks: list[Callback], **fit_options: A
     model = build_model(cell)
     logger, reference = MemoryLogger(), GradientReference()
     trainer = trainer_for(cell, root, [reference, *callbacks], logger)
-    trainer.fit(model, **fit_options)
+    module = torch.compile(model, backend=cell.compile_module) if cell.compile_module else model
+    trainer.fit(module, **fit_options)
     return CellRun(trainer, model, final_weights(model), logger, reference, callbacks)
 
 
