@@ -8,10 +8,12 @@ trainer), so a bad value fails in the first seconds. A job that fails or diverge
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
@@ -74,6 +76,9 @@ def run_experiment(cfg: DictConfig, output_dir: Path, metadata: dict[str, Any], 
     """
     recorder = RunSummary(output_dir, metadata)
     trainer: pl.Trainer | None = None
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+        os.environ["OMP_NUM_THREADS"] = str(cfg.cpu_threads)  # inherited by ddp_spawn / ddp ranks
     try:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         gradstab_callbacks = build_gradstab_callbacks(cfg.gradstab)

@@ -194,6 +194,7 @@ class ExampleSchema:
     seed: int = 0
     name: str = "default"
     stop_after_nonfinite_steps: int = 10
+    cpu_threads: int | None = 1
 
 
 _SCHEMAS: dict[tuple[str | None, str], type] = {
