@@ -99,6 +99,32 @@ def test_nonfinite_step_is_skipped_on_its_step_and_training_equals_the_run_that_
     assert nonfinite[batch] > 0 and sum(nonfinite.values()) == nonfinite[batch]  # logged on its step only
 
 
+# (cell, the batch whose optimizer step holds the faulty micro-batch, that step's logging index)
+COMBINED = [
+    (Cell("accumulate_4", {"fault": {FAULT_BATCH: "nan_loss"}}, {"accumulate_grad_batches": 4}), 7, 1),
+    # two optimizer steps per batch: max_steps=8 is 4 batches
+    (Cell("manual_two_optimizers", {"manual": True, "two_optimizers": True, "fault": {2: "nan_loss"}}), 2, 2),
+    (Cell("bf16_mixed", {"fault": {FAULT_BATCH: "nan_input"}}, {"precision": "bf16-mixed"}), FAULT_BATCH, FAULT_BATCH),
+]
+
+
+@pytest.mark.parametrize(("cell", "step_batch", "step"), COMBINED, ids=[cell.name for cell, _, _ in COMBINED])
+def test_nonfinite_micro_batch_skips_the_whole_optimizer_step_of_every_optimizer(
+    cell: Cell, step_batch: int, step: int, tmp_path: Path
+) -> None:
+    reference = run_cell(cell, tmp_path / "dropped", [DropGradients(step_batch)])
+    run = run_cell(cell, tmp_path / "guarded", full_suite())
+    assert run.trainer.global_step == reference.trainer.global_step
+    assert_bit_identical(run.weights, reference.weights)
+    optimizers = len(run.trainer.optimizers)
+    events = [(e["optimizer"], e["step"], e["anomaly"], e["actions"]) for e in _events(tmp_path / "guarded")]
+    assert events == [(index, step + 1, "nonfinite", ["skip"]) for index in range(optimizers)]
+    scopes = [""] if optimizers == 1 else [f"opt{index}/" for index in range(optimizers)]
+    for scope in scopes:
+        logged = run.logger.metrics[f"gradstab/nonfinite/{scope}count"]
+        assert [at for at, count in logged if count > 0] == [step]
+
+
 class RaisingLogger(MemoryLogger):
     """A logger whose backend fails on the suite's scalars (the model's own ``self.log`` still works)."""
 

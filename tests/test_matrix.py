@@ -151,6 +151,19 @@ def test_each_callback_alone_leaves_training_bit_identical(
         _assert_logged_norms_match_reference(run)
 
 
+@pytest.mark.parametrize("cell", [CELLS["automatic"], CELLS["manual_two_optimizers"]], ids=lambda cell: cell.name)
+def test_monitor_with_every_option_on_is_still_bit_identical(
+    cell: Cell, tmp_path: Path, without_suite: Callable[[Cell], CellRun]
+) -> None:
+    """Update-to-weight copies weights around the step and hooks the optimizer: it must only read them."""
+    reference = without_suite(cell)
+    monitor = GradNormMonitor(group_by="parameter", norm_type=1.0, log_inf_norm=True, update_to_weight=True)
+    run = run_cell(cell, tmp_path, [monitor])
+    assert_bit_identical(run.weights, reference.weights)
+    ratios = [value for key, values in run.logger.metrics.items() if "update_to_weight" in key for _, value in values]
+    assert ratios and all(math.isfinite(ratio) and ratio > 0 for ratio in ratios)
+
+
 def test_compiled_model_trains_without_extra_graphs_from_the_per_step_callbacks(tmp_path: Path) -> None:
     """Monitor and guard read the statistics in a hook outside the compiled graph: no recompiles."""
     from torch._dynamo.utils import counters
