@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.divergence import StopWhenDiverged
+from examples.plot_panels import plot_panels
 from examples.run_summary import RunSummary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,12 @@ def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path
     assert float(rows[1]["val/loss"]) == pytest.approx(summaries[1]["final"]["val/loss"], rel=1e-3)
     assert (sweep / "summary.png").stat().st_size > 10_000
     assert not (tmp_path / "lightning_logs").exists()
+
+    titles = plot_panels(sweep / "0", tmp_path / "panels.png")
+    assert {"total gradient norm and clip threshold", "per-layer gradient norms", "guard level and actions"} <= set(
+        titles
+    )
+    assert (tmp_path / "panels.png").stat().st_size > 10_000
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
