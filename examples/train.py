@@ -23,7 +23,6 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from examples.runner import job_metadata, run_experiment  # noqa: E402
 from examples.schema import register_schemas  # noqa: E402
 
 register_schemas()
@@ -32,6 +31,9 @@ register_schemas()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final validation loss (for hyper-parameter sweepers)."""
+    # torch and Lightning load only after the config composed: a typo is reported in a second
+    from examples.runner import job_metadata, run_experiment
+
     hydra_cfg = HydraConfig.get()
     summary = run_experiment(
         cfg,
