@@ -74,6 +74,10 @@ class ParameterLayout:
     parameters: tuple[Tensor, ...]
     _group_index_cache: dict = field(default_factory=dict, compare=False, repr=False)
     _bucket_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _has_dtensors: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_has_dtensors", any(hasattr(p, "to_local") for p in self.parameters))
 
     @classmethod
     def from_module(cls, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> ParameterLayout:
@@ -120,38 +124,46 @@ class ParameterLayout:
             )
         return self._group_index_cache[group_by]
 
-    def buckets(self, tensors: list[Tensor | None]) -> list[tuple[Tensor, list[Tensor], bool]]:
+    def gradients(self) -> list[Tensor | None]:
+        """This rank's gradient of each parameter (the local shard of a DTensor), ``None`` where absent."""
+        if self._has_dtensors:
+            return [_local(p.grad) if p.grad is not None else None for p in self.parameters]
+        return [p.grad for p in self.parameters]
+
+    def weights(self) -> list[Tensor]:
+        """This rank's values of each parameter (the local shard of a DTensor), detached."""
+        return [_local(p.detach()) for p in self.parameters]
+
+    def buckets(self, tensors: list[Tensor | None], kind: str) -> list[tuple[Tensor | None, list[Tensor], bool]]:
         """``tensors`` (one per parameter, ``None`` = absent) bucketed by (device, dtype, sparse layout).
 
         Returns ``(positions, members, is_sparse)`` per bucket; ``positions`` is a cached device tensor of
-        the members' parameter indices. The cache is keyed by which tensors are present, which rarely
-        changes, so the steady state does no host-to-device copy.
+        the members' parameter indices, or ``None`` when one dense bucket holds every tensor in order (the
+        common case: nothing to scatter). The cache is keyed by ``kind`` and by which tensors are present:
+        autograd keeps each gradient's dtype and layout equal to its parameter's, so nothing else changes,
+        and the steady state costs two list comprehensions and no host-to-device copy.
         """
-        present = tuple(i for i, t in enumerate(tensors) if t is not None)
-        key = (present, frozenset((tensors[i].dtype, tensors[i].is_sparse) for i in present))
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        key = (kind, None if len(present) == len(tensors) else tuple(present))
         if key not in self._bucket_cache:
             keyed: dict[tuple, list[int]] = {}
             for i in present:
                 t = tensors[i]
                 keyed.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
-            self._bucket_cache[key] = [
+            entries = [
                 (indices, torch.tensor(indices, dtype=torch.long, device=self.device), is_sparse)
                 for (_, _, is_sparse), indices in keyed.items()
             ]
-        return [
-            (positions, [tensors[i] for i in indices], is_sparse)
-            for indices, positions, is_sparse in self._bucket_cache[key]
-        ]
+            if len(entries) == 1 and key[1] is None and not entries[0][2]:
+                entries = [(entries[0][0], None, False)]
+            self._bucket_cache[key] = entries
+        entries = self._bucket_cache[key]
+        if len(entries) == 1 and entries[0][1] is None:
+            return [(None, tensors, False)]  # type: ignore[list-item]
+        return [(positions, [tensors[i] for i in indices], is_sparse) for indices, positions, is_sparse in entries]
 
 
-def _local_gradient(parameter: Tensor) -> Tensor | None:
-    grad = parameter.grad
-    if grad is not None and hasattr(grad, "to_local"):  # DTensor: this rank's shard
-        grad = grad.to_local()
-    return grad
-
-
-def _local_tensor(tensor: Tensor) -> Tensor:
+def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
@@ -160,13 +172,10 @@ def per_parameter_norms(layout: ParameterLayout, ord: float = 2.0, *, weights: b
 
     One ``torch._foreach_norm`` per (device, dtype) bucket, scattered into one vector on the layout's device.
     """
-    if weights:
-        tensors = [_local_tensor(p.detach()) for p in layout.parameters]
-    else:
-        tensors = [_local_gradient(p) for p in layout.parameters]
-    buckets = layout.buckets(tensors)
-    if len(buckets) == 1 and len(buckets[0][1]) == len(layout) and not buckets[0][2]:
-        return _dense_norms(buckets[0][1], ord).to(layout.device)  # common case: one bucket, all present
+    tensors = layout.weights() if weights else layout.gradients()
+    buckets = layout.buckets(tensors, "weight" if weights else "grad")
+    if len(buckets) == 1 and buckets[0][0] is None:
+        return _dense_norms(buckets[0][1], ord).to(layout.device)
     norms = torch.zeros(len(layout), dtype=torch.float32, device=layout.device)
     for positions, members, is_sparse in buckets:
         if is_sparse:  # the norm of the coalesced values (duplicate indices summed first)
