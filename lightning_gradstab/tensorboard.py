@@ -14,28 +14,20 @@ from torch.utils.tensorboard.summary import custom_scalars
 
 LAYOUT_CATEGORY = "Gradient stability"
 
-# tag -> meaning; the single list of scalar names the suite writes (tests and docs read it too)
-TAGS = {
-    "total_norm": "gradstab/grad_norm/total",
-    "clip_threshold": "gradstab/clip_threshold",
-    "level": "gradstab/level",
-    "nonfinite": "gradstab/nonfinite/count",
-}
-
 _LAYOUT_CHARTS: dict[str, tuple[str, list[str]]] = {
     # chart title -> (chart kind, tag regexes)
     "total gradient norm and clip threshold": (
         "Multiline",
-        [r"gradstab/grad_norm/(opt\d+/)?total$", r"gradstab/clip_threshold$", r"gradstab/grad_norm_clipped$"],
+        [r"gradstab/grad_norm/(opt\d+/)?total$", r"gradstab/(opt\d+/)?clip_threshold$"],
     ),
     "per-layer gradient norms": ("Multiline", [r"gradstab/grad_norm/(?!(opt\d+/)?total$).*"]),
     "gradient-to-weight ratios": ("Multiline", [r"gradstab/grad_to_weight/.*"]),
     "update-to-weight ratios": ("Multiline", [r"gradstab/update_to_weight/.*"]),
     "max |grad|": ("Multiline", [r"gradstab/grad_max/.*"]),
-    "non-finite gradients": ("Multiline", [r"gradstab/nonfinite/.*", r"gradstab/amp_overflow.*"]),
+    "non-finite gradients": ("Multiline", [r"gradstab/nonfinite/.*", r"gradstab/(opt\d+/)?amp_overflow$"]),
     "guard level and actions": (
         "Multiline",
-        [r"gradstab/level$", r"gradstab/(clipped|skipped|lr_scale|rollbacks|zscore)$"],
+        [r"gradstab/(opt\d+/)?(level|clipped|skipped|lr_scale|rollbacks|zscore)$"],
     ),
 }
 
