@@ -271,6 +271,22 @@ def test_interventions_are_logged_as_scalars_events_and_a_console_table(
     assert "ExplosionGuard summary" in capsys.readouterr().out
 
 
+def test_unwritable_log_directory_warns_once_and_the_stop_decision_still_stands(
+    tmp_path: Path, memory_logger: Any
+) -> None:
+    blocker = tmp_path / "a_file"  # the log dir's parent is a regular file: root ignores permission bits
+    blocker.write_text("")
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
+    guard = _guard(budgets=budgets)
+    faults = dict.fromkeys(range(30, 60), "scale_grad")
+    with pytest.warns(UserWarning, match=r"lightning_gradstab: ExplosionGuard cannot write .*a_file") as warned:
+        trainer = _fit(TinyRegression(faults=faults), 100, blocker / "logs", [guard], logger=memory_logger)
+    assert len([w for w in warned if "ExplosionGuard cannot write" in str(w.message)]) == 1
+    assert trainer.global_step == 36 and guard.stop_reason is not None  # same decisions as a writable dir
+    assert len(memory_logger.metrics["gradstab/level"]) == 36
+    assert guard.policy().counts["stop"] == 1
+
+
 def test_gradient_accumulation_is_judged_once_per_optimizer_step(tmp_path: Path) -> None:
     guard = _guard()
     _fit(TinyRegression(), 8, tmp_path, [guard], accumulate_grad_batches=4)

@@ -150,6 +150,7 @@ class ExplosionGuard(Callback):
         self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         self._step_hooks: dict[int, Any] = {}
         self._log_dir: Path | None = None
+        self._unwritable_log_dir = False
         self._written_events: dict[int, int] = {}
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
@@ -171,6 +172,7 @@ class ExplosionGuard(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
+        self._unwritable_log_dir = False
         for writer in tensorboard_writers(trainer):
             tensorboard.add_layout(writer)
 
@@ -277,10 +279,8 @@ class ExplosionGuard(Callback):
             metrics["clip_threshold"] = decision.clip_threshold
         log_metrics(trainer, {prefix + name: value for name, value in metrics.items()}, step)
         if new_events and trainer.global_rank == 0 and self._log_dir is not None:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self._log_dir / EVENTS_FILENAME, "a") as stream:
-                for event in new_events:
-                    stream.write(json.dumps({"optimizer": index, "logging_step": step, **event}) + "\n")
+            lines = "".join(json.dumps({"optimizer": index, "logging_step": step, **e}) + "\n" for e in new_events)
+            self._write_file(self._log_dir / EVENTS_FILENAME, lines, mode="a")
 
     def summary(self) -> dict[str, Any]:
         """What the guard did: final level, counts per action, worst spikes, stop reason, per optimizer."""
@@ -305,8 +305,23 @@ class ExplosionGuard(Callback):
     def _write_summary(self, trainer: pl.Trainer) -> None:
         path = self._summary_path()
         if trainer.global_rank == 0 and path is not None:
+            self._write_file(path, json.dumps(self.summary(), indent=2), mode="w")
+
+    def _write_file(self, path: Path, text: str, mode: str) -> None:
+        # the record of a decision is monitoring: a full disk or a bad log dir must not stop training, and
+        # the decision itself already stands (it is also kept in ``state_dict``)
+        if self._unwritable_log_dir:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.summary(), indent=2))
+            with open(path, mode) as stream:
+                stream.write(text)
+        except OSError as error:
+            self._unwritable_log_dir = True
+            rank_zero_warn(
+                f"lightning_gradstab: ExplosionGuard cannot write {str(path)!r} ({error!r}); its event log and "
+                "summary are not written to disk from now on (decisions and scalar logging go on)."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
