@@ -43,9 +43,7 @@ from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.callbacks.guard import snapshot_training_state
 
 
-def measure(
-    workload: Workload, repetitions: int, steps: int, accelerator: str
-) -> tuple[dict[str, StepTiming], float]:
+def measure(workload: Workload, repetitions: int, steps: int, accelerator: str) -> tuple[dict[str, StepTiming], float]:
     """Median step time and median per-step time inside the callbacks' hooks, per configuration, and the
     median time inside the guard's own hook when it runs beside the monitor (its share of the cost)."""
     guard_hook_seconds: list[float] = []
@@ -113,12 +111,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     print(f"Machine: {machine_description()}; {args.repetitions} interleaved repetitions x {args.steps} steps\n")
-    print("| workload | tensors | params | floor (ms) | monitor hook (ms, x floor) | monitor+guard hooks (ms, x floor) "
-          "| guard's own hook (ms, x floor) | step ratio monitor / +guard vs baseline |")
+    print(
+        "| workload | tensors | params | floor (ms) | monitor hook (ms, x floor) | monitor+guard hooks (ms, x floor) "
+        "| guard's own hook (ms, x floor) | step ratio monitor / +guard vs baseline |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     snapshots = []
     for workload in (mlp_workload(), gpt_workload()):
-        floor = foreach_norm_floor(workload, device=args.device)
+        floor = foreach_norm_floor(workload, steps=args.steps, accelerator=accelerator)
         timings, guard_seconds = measure(workload, args.repetitions, args.steps, accelerator)
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
         print(
@@ -130,13 +130,17 @@ def main() -> None:
         )
         snapshots.append((workload, *snapshot_cost(workload, args.device)))
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
-    print(f"\n| workload | first snapshot (ms) | refresh (ms) | refresh per step at snapshot_every={snapshot_every} "
-          "(ms) | snapshot size (MB, host) | peak accelerator memory change |")
+    print(
+        f"\n| workload | first snapshot (ms) | refresh (ms) | refresh per step at snapshot_every={snapshot_every} "
+        "(ms) | snapshot size (MB, host) | peak accelerator memory change |"
+    )
     print("|---|---|---|---|---|---|")
     for workload, first, refresh, size, peak_change in snapshots:
         peak = f"{peak_change} B" if args.device == "cuda" else "n/a (CPU run)"
-        print(f"| {workload.name} | {first * 1e3:.1f} | {refresh * 1e3:.1f} | {refresh * 1e3 / snapshot_every:.3f} "
-              f"| {size / 2**20:.1f} | {peak} |")
+        print(
+            f"| {workload.name} | {first * 1e3:.1f} | {refresh * 1e3:.1f} | {refresh * 1e3 / snapshot_every:.3f} "
+            f"| {size / 2**20:.1f} | {peak} |"
+        )
 
 
 if __name__ == "__main__":

@@ -222,22 +222,25 @@ def time_fit(
     return StepTiming(timer.median_step_seconds(), clock.mean_seconds(skip=warmup))
 
 
-def foreach_norm_floor(workload: Workload, repeats: int = 50, device: str = "cpu") -> float:
-    """Median seconds of ONE bare ``torch._foreach_norm`` over all gradients: the cost floor of measuring."""
-    torch.manual_seed(0)
-    model = workload.make_model().to(device)
-    inputs, targets = (t.to(device) for t in workload.make_batch())
-    workload.loss(model(inputs), targets).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+class ForeachNormFloor(Callback):
+    """The least a gradient-norm monitor can do: one bare ``torch._foreach_norm`` over all gradients, in the
+    same hook and the same loop as the callbacks it is compared with (the gradients are as warm or cold in
+    the caches as they are for them)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        torch._foreach_norm([p.grad for p in pl_module.parameters() if p.grad is not None], 2.0)
+
+
+def foreach_norm_floor(
+    workload: Workload, *, steps: int = 60, accelerator: str = "auto", repetitions: int = 3
+) -> float:
+    """Median seconds per step spent in :class:`ForeachNormFloor`'s hook: the cost floor of measuring."""
     samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch._foreach_norm(grads, 2.0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
+    for _ in range(repetitions):
+        floor = ForeachNormFloor()
+        samples.append(
+            time_fit(workload, [floor], timed_callback=floor, steps=steps, accelerator=accelerator).hook_seconds
+        )
     return statistics.median(samples)
 
 
