@@ -65,9 +65,10 @@ def without_suite(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Cell], 
     runs: dict[str, CellRun] = {}
 
     def run(cell: Cell) -> CellRun:
-        if cell.name not in runs:
-            runs[cell.name] = run_cell(cell, tmp_path_factory.mktemp(f"{cell.name}_without_suite"), [])
-        return runs[cell.name]
+        key = repr(cell)  # every option, so a cell changed by ``with_trainer`` gets its own run
+        if key not in runs:
+            runs[key] = run_cell(cell, tmp_path_factory.mktemp(f"{cell.name}_without_suite"), [])
+        return runs[key]
 
     return run
 
@@ -149,6 +150,24 @@ def test_each_callback_alone_leaves_training_bit_identical(
     assert user_metrics(run.logger) == user_metrics(reference.logger)
     if member == "GradNormMonitor":
         _assert_logged_norms_match_reference(run)
+
+
+ARMED = ["automatic", "manual_two_optimizers", "accumulate_4_bf16_mixed", "fp16_mixed_grad_scaler_cpu"]
+
+
+@pytest.mark.parametrize("name", ARMED)
+def test_full_suite_past_the_guards_warmup_judges_100_healthy_steps_and_stays_bit_identical(
+    name: str, tmp_path: Path, without_suite: Callable[[Cell], CellRun]
+) -> None:
+    """8 steps never leave the guard's 25-step warm-up; 100 steps arm its clipping and the advisor's window."""
+    cell = CELLS[name].with_trainer(max_steps=100)
+    reference = without_suite(cell)
+    run = run_cell(cell, tmp_path, full_suite())
+    guard = next(c for c in run.callbacks if isinstance(c, ExplosionGuard))
+    assert all(policy.statistics.warmed_up for policy in guard.policies.values())
+    _assert_took_no_action(run.callbacks)
+    assert_bit_identical(run.weights, reference.weights)
+    _assert_logged_norms_match_reference(run)
 
 
 @pytest.mark.parametrize("cell", [CELLS["automatic"], CELLS["manual_two_optimizers"]], ids=lambda cell: cell.name)
