@@ -305,3 +305,23 @@ def test_rank_local_faults_under_ddp_skip_the_same_steps_on_both_ranks_without_h
     nonfinite = dict(rank0["logged_nonfinite"])
     assert nonfinite[NAN_INPUT_STEP] > 0 and nonfinite[INF_GRAD_STEP] > 0  # rank 0's own view of its Inf
     assert sum(nonfinite.values()) == nonfinite[NAN_INPUT_STEP] + nonfinite[INF_GRAD_STEP]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_persistent_fault_on_one_rank_climbs_the_ladder_and_stops_both_ranks_on_the_same_step(
+    tmp_path: Path, ddp_runner
+) -> None:
+    from tests.scripts.matrix_ddp import NAN_INPUT_STEP, PERSISTENT_STEPS
+
+    rank0, rank1 = ddp_runner("matrix_ddp.py", tmp_path, "persistent_rank_fault", timeout=200)
+    assert NAN_INPUT_STEP < rank0["global_step"] == rank1["global_step"] < PERSISTENT_STEPS  # stopped, no hang
+    assert rank0["stop_reason"] == rank1["stop_reason"] is not None
+    assert rank0["guard_level"] == rank1["guard_level"] == 6  # "stop", reached through every rung
+    assert rank0["guard_events"] == rank1["guard_events"]
+    assert rank0["weights"] == rank1["weights"]
+    assert all(math.isfinite(value) for value in rank0["weights"])
+    actions = {action for event in rank0["guard_events"] for action in event["actions"]}
+    assert {"skip", "rollback", "stop"} <= actions
+    assert json.loads((tmp_path / SUMMARY_FILENAME).read_text())["stopped"]

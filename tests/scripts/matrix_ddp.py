@@ -6,7 +6,9 @@ Usage: ``python matrix_ddp.py OUT_DIR MODE`` with MODE one of
 - ``full_suite``: the same with monitor, guard, audit and advisor;
 - ``rank_local_faults``: the full suite, rank 1 gets a NaN in its input batch at step ``NAN_INPUT_STEP``
   (DDP's all-reduce spreads it) and rank 0 alone gets an Inf in one gradient *after* the all-reduce at step
-  ``INF_GRAD_STEP`` (only the guard's own reduction tells rank 1).
+  ``INF_GRAD_STEP`` (only the guard's own reduction tells rank 1);
+- ``persistent_rank_fault``: the full suite, rank 1's input is NaN on every batch from ``NAN_INPUT_STEP`` on,
+  for up to ``PERSISTENT_STEPS`` steps: the guard climbs its whole ladder and must stop both ranks together.
 
 Each rank writes ``OUT_DIR/rank{N}.json``: final weights, the weights after every step, what the guard did
 and, on rank 0, the logged total norms next to a float64 reference.
@@ -32,6 +34,7 @@ from tests.matrix_support import QUIET, Cell, GradientReference, build_model, fu
 STEPS = 8
 NAN_INPUT_STEP = 3  # optimizer steps done before the faulty batch
 INF_GRAD_STEP = 5
+PERSISTENT_STEPS = 40
 
 
 class InfGradientAfterReduction(Callback):
@@ -62,8 +65,14 @@ def flat_weights(module: torch.nn.Module) -> list[float]:
 def main(out_dir: Path, mode: str) -> None:
     torch.set_num_threads(1)
     faulty = mode == "rank_local_faults"
-    rank_before_launch = os.environ.get("LOCAL_RANK", "0")  # the launcher sets it for the child rank
-    fault = {NAN_INPUT_STEP: "nan_input"} if faulty and rank_before_launch == "1" else {}
+    persistent = mode == "persistent_rank_fault"
+    steps = PERSISTENT_STEPS if persistent else STEPS
+    on_rank_1 = os.environ.get("LOCAL_RANK", "0") == "1"  # the launcher sets it for the child rank
+    fault = {}
+    if on_rank_1 and faulty:
+        fault = {NAN_INPUT_STEP: "nan_input"}
+    elif on_rank_1 and persistent:
+        fault = {batch: "nan_input" for batch in range(NAN_INPUT_STEP, steps)}
     model = build_model(Cell(mode, {"fault": fault}))
     suite = full_suite() if mode != "without_suite" else []
     reference, weights, logger = GradientReference(), WeightsPerStep(), MemoryLogger()
@@ -72,7 +81,7 @@ def main(out_dir: Path, mode: str) -> None:
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=STEPS,
+        max_steps=steps,
         log_every_n_steps=1,
         limit_val_batches=0,
         enable_checkpointing=False,
@@ -91,6 +100,8 @@ def main(out_dir: Path, mode: str) -> None:
         "guard_actions": guard_actions(guard) if guard else None,
         "guard_steps": guard.policy(0).state.steps if guard else None,
         "guard_events": guard.policy(0).events if guard else None,
+        "guard_level": guard.policy(0).level if guard else None,
+        "stop_reason": guard.stop_reason if guard else None,
         "logged_total_norms": logger.metrics.get("gradstab/grad_norm/total", []),
         "logged_nonfinite": logger.metrics.get("gradstab/nonfinite/count", []),
         "reference_total_norms": reference.total_norms[0],
