@@ -132,8 +132,13 @@ def test_observations_survive_a_checkpoint_resume(tmp_path):
     # the resumed window continues from the saved losses instead of starting over
     assert resumed.report.by_code("arch.residual")[0].evidence["batches_observed"] == 40
     assert resumed.report.notes == []
-    assert resumed.state_dict() == {"reported": True, "losses": [], "group_names": {0: list(first._group_names[0])},
-                                    "group_norms": {}}
+    assert resumed.state_dict() == {
+        "version": 1,
+        "reported": True,
+        "losses": [],
+        "group_names": {0: list(first._group_names[0])},
+        "group_norms": {},
+    }
 
 
 @pytest.mark.parametrize(

@@ -97,8 +97,8 @@ def test_resumed_run_is_not_audited_or_reinitialised_again(tmp_path):
 
 def test_state_dict_round_trip():
     audit = InitAudit()
-    audit.load_state_dict({"audited": True, "fixed_modules": ["net.0"]})
-    assert audit.state_dict() == {"audited": True, "fixed_modules": ["net.0"]}
+    audit.load_state_dict({"version": 1, "audited": True, "fixed_modules": ["net.0"]})
+    assert audit.state_dict() == {"version": 1, "audited": True, "fixed_modules": ["net.0"]}
 
 
 class _ManualModule(DigitsClassifier):

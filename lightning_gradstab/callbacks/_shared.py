@@ -123,3 +123,17 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     if trainer.global_rank != 0:
         return []
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+STATE_VERSION = 1
+"""Layout version of the callbacks' ``state_dict``; bumped when a field changes meaning."""
+
+
+def check_state_version(callback_name: str, state: dict[str, Any]) -> None:
+    """Refuse a ``state_dict`` of another layout with a message naming the callback and both versions."""
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(
+            f"{callback_name} state has version {version!r}; this code reads version {STATE_VERSION}. "
+            "Resume without the callback's state (drop it from the checkpoint's 'callbacks') to start it fresh."
+        )

@@ -14,7 +14,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradstab.callbacks._shared import forget_trainer, gradient_stats, optimizer_index
+from lightning_gradstab.callbacks._shared import (
+    STATE_VERSION,
+    check_state_version,
+    forget_trainer,
+    gradient_stats,
+    optimizer_index,
+)
 from lightning_gradstab.callbacks.init_audit import (
     ForwardFn,
     eager,
@@ -248,6 +254,7 @@ class ArchitectureAdvisor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "reported": self._reported,
             "losses": _stacked(self._losses).tolist() if self._losses else [],
             "group_names": {index: list(names) for index, names in self._group_names.items()},
@@ -256,6 +263,7 @@ class ArchitectureAdvisor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version("ArchitectureAdvisor", state_dict)
         self._reported = bool(state_dict["reported"])
         self._losses = [torch.tensor(v) for v in state_dict["losses"]]
         self._group_names = {int(i): tuple(names) for i, names in state_dict["group_names"].items()}

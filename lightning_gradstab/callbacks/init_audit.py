@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradstab.callbacks._shared import logging_step, tensorboard_writers
+from lightning_gradstab.callbacks._shared import STATE_VERSION, check_state_version, logging_step, tensorboard_writers
 from lightning_gradstab.diagnosis import InitScheme, build_report, reinitialize, run_probe
 from lightning_gradstab.report import Finding, Report
 
@@ -76,7 +76,12 @@ class InitAudit(Callback):
             return
         self._audited = True  # once per fit, resumed runs included (see state_dict)
         report = probe_report(pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
-        if self.fix:
+        if self.fix and trainer.global_step > 0:  # resumed (perhaps from a checkpoint written without us)
+            report.notes.append(
+                f"InitAudit(fix=True) did not re-initialise anything: training resumed at step "
+                f"{trainer.global_step}, and trained weights are never re-drawn."
+            )
+        elif self.fix:
             plan = trainer.strategy.broadcast(_fix_plan(report), src=0)  # rank 0 decides; all ranks apply it
             schemes = {name: InitScheme(*scheme) for name, scheme in plan if scheme is not None}
             applied = reinitialize(pl_module, schemes, [name for name, _ in plan], self.seed)
@@ -94,10 +99,11 @@ class InitAudit(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"audited": self._audited, "fixed_modules": list(self.fixed_modules)}
+        return {"version": STATE_VERSION, "audited": self._audited, "fixed_modules": list(self.fixed_modules)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version("InitAudit", state_dict)
         # a resumed run must never re-initialise trained weights
         self._audited = bool(state_dict["audited"])
         self.fixed_modules = list(state_dict["fixed_modules"])
