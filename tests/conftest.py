@@ -42,6 +42,13 @@ class MemoryLogger(Logger):
             self.metrics[key].append((step, float(value)))
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_directory(tmp_path, monkeypatch) -> None:
+    """Trainers without a logger write reports and ``lightning_logs`` to the working directory: keep the
+    repository clean by running every test in its own temporary one."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def memory_logger() -> MemoryLogger:
     return MemoryLogger()
