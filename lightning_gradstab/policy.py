@@ -15,6 +15,12 @@ ranks, so every rank computes the same thing) into one :class:`Decision`. The la
 6   ``stop``        stop training (the adapter sets ``trainer.should_stop`` or raises)
 ==  ==============  =====================================================================================
 
+Anomalies: a ``spike`` (log-norm z-score against a fast EMA), ``growth`` (a steep trend over a short
+window), ``drift`` (the fast EMA has climbed more than ``growth_factor`` above a slow, long-horizon reference
+that learns healthy steps only: slow sustained growth the fast statistics follow), ``nonfinite`` and
+``loss_scale_collapse``. During drift the clip thresholds are capped by the reference, so they cannot ratchet
+upward with the norm.
+
 A rung handles ``budget`` anomalous steps; the next one escalates. ``healthy_steps_to_deescalate``
 consecutive healthy steps drop one level and refill the budget. Lower rungs stay active above them (a
 skipping guard still clips tightly). A non-finite gradient cannot be clipped, so it jumps straight to the
@@ -66,7 +72,11 @@ class PolicyConfig:
         warmup_steps: finite steps before spikes are judged, >= 1.
         log_std_floor: smallest log-norm standard deviation used in z-scores, >= 0.
         growth_window: steps over which sustained growth is measured, >= 3.
-        growth_factor: norm growth over ``growth_window`` that counts as an explosion, > 1.
+        growth_factor: norm growth over ``growth_window``, or of the fast typical norm over the long-horizon
+            reference, that counts as an explosion, > 1.
+        drift_horizon_steps: horizon of the long-horizon reference (an exact mean over its first this many
+            healthy steps, then an EMA with this horizon), greater than the fast EMA's ``1 / (1 - ema_decay)``;
+            ``None`` turns drift detection off.
         healthy_steps_to_deescalate: consecutive healthy steps that drop the level by one, >= 1.
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
         budgets: anomalous steps each rung may handle, e.g. ``{"skip": 2}`` (others keep their default).
@@ -87,6 +97,7 @@ class PolicyConfig:
     log_std_floor: float = 0.05
     growth_window: int = 20
     growth_factor: float = 10.0
+    drift_horizon_steps: int | None = 1000
     healthy_steps_to_deescalate: int = 50
     loss_scale_floor: float = 1.0
     budgets: dict[str, int] | None = None
@@ -108,6 +119,15 @@ class PolicyConfig:
         _check(self.log_std_floor >= 0, "log_std_floor", self.log_std_floor, "a number >= 0")
         _check_int(self.growth_window, "growth_window", 3)
         _check(self.growth_factor > 1, "growth_factor", self.growth_factor, "a number > 1")
+        if self.drift_horizon_steps is not None:
+            fast_horizon = 1.0 / (1.0 - self.ema_decay)
+            _check_int(self.drift_horizon_steps, "drift_horizon_steps", 2)
+            _check(
+                self.drift_horizon_steps > fast_horizon,
+                "drift_horizon_steps",
+                self.drift_horizon_steps,
+                f"None or an int above the fast EMA's horizon 1 / (1 - ema_decay) = {fast_horizon:.3g}",
+            )
         _check_int(self.healthy_steps_to_deescalate, "healthy_steps_to_deescalate", 1)
         _check(self.loss_scale_floor > 0, "loss_scale_floor", self.loss_scale_floor, "a number > 0")
         for option, rung in _RUNG_OPTIONS.items():
@@ -176,7 +196,7 @@ class Decision:
     Attributes:
         step: optimizer steps seen by the policy, 1-based.
         level: ladder level after this step's escalation or de-escalation.
-        anomaly: ``"spike"``, ``"growth"``, ``"nonfinite"``, ``"loss_scale_collapse"``, ``"amp_overflow"``
+        anomaly: ``"spike"``, ``"growth"``, ``"drift"``, ``"nonfinite"``, ``"loss_scale_collapse"``, ``"amp_overflow"``
             or ``None`` for a healthy step.
         zscore: log-norm z-score of the raw norm (0 in warm-up or when non-finite).
         clip_threshold: the norm the step is clipped to (``inf`` when no clipping is armed).
@@ -253,6 +273,11 @@ class ExplosionPolicy:
         self.base_level = min(1, self.config.max_level)
         self.statistics = LogNormStatistics(self.config.ema_decay, self.config.warmup_steps, self.config.log_std_floor)
         self.growth = GrowthWindow(self.config.growth_window)
+        horizon = self.config.drift_horizon_steps
+        # the healthy level the fast statistics are compared with; exact mean first, so it starts from the whole
+        # early run (warm-up growth included) rather than from the init regime's first norms
+        self.reference = None if horizon is None else LogNormStatistics(1.0 - 1.0 / horizon, horizon, 0.0)
+        self._statistics_at_snapshot: dict[str, Any] | None = None
         self.state = _Counters(level=self.base_level)
         self.events: list[dict[str, Any]] = []
         self.worst_spikes: list[dict[str, Any]] = []
@@ -283,6 +308,7 @@ class ExplosionPolicy:
         norm = observation.total_norm
         zscore = 0.0 if observation.nonfinite else self.statistics.zscore(norm)
         anomaly: str | None = None
+        drifting = not observation.nonfinite and self.drift() > math.log(config.growth_factor)
         if observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor:
             anomaly = "loss_scale_collapse"
         elif observation.nonfinite:
@@ -293,6 +319,8 @@ class ExplosionPolicy:
                 anomaly = "spike"
             elif self.growth.growth_factor() > config.growth_factor:
                 anomaly = "growth"
+            elif drifting:
+                anomaly = "drift"
 
         previous_level = state.level
         if anomaly is None:
@@ -302,8 +330,11 @@ class ExplosionPolicy:
 
         adaptive_threshold = self._adaptive_threshold(zscore)
         threshold = adaptive_threshold
+        if drifting and state.level >= RUNGS.index("clip"):  # the edge of the band drift is judged by
+            threshold = min(threshold, config.growth_factor * self.reference_norm)
         if state.level >= RUNGS.index("tight_clip") and self.statistics.warmed_up:
-            threshold = min(threshold, config.resolved("tight_clip_ratio") * self.statistics.typical_norm)
+            typical = min(self.statistics.typical_norm, self.reference_norm)
+            threshold = min(threshold, config.resolved("tight_clip_ratio") * typical)
         coefficient = 1.0
         if not observation.nonfinite and math.isfinite(threshold) and norm > threshold:
             coefficient = threshold / norm
@@ -316,19 +347,30 @@ class ExplosionPolicy:
                 state.lr_ceiling = min(state.lr_ceiling, state.lr_scale * config.resolved("backoff_factor"))
             state.lr_scale *= config.resolved("backoff_factor")
         if rollback:
-            self.growth.clear()  # the trend described weights that no longer exist
+            self._restore_statistics()
         snapshot = (
             anomaly is None
             and config.max_level >= RUNGS.index("rollback")
             and state.level <= self.base_level
             and (not state.has_snapshot or state.steps_since_snapshot >= config.resolved("snapshot_every"))
         )
+        if not observation.nonfinite and not rollback:  # learn the spike-clipped norm, not the tight clip's
+            self.statistics.update(min(norm, adaptive_threshold))
+            if anomaly is None and state.level <= self.base_level and self.reference is not None:
+                self.reference.update(norm)  # healthy steps at rest only: an episode's norms are not the baseline
         if snapshot:
             state.has_snapshot, state.steps_since_snapshot = True, 0
+            self._statistics_at_snapshot = None
         elif anomaly is None:
             state.steps_since_snapshot += 1
-        if not observation.nonfinite:  # learn the spike-clipped norm; the tight clip must not ratchet it down
-            self.statistics.update(min(norm, adaptive_threshold))
+        if (  # what a rollback restores: the first statistics since the snapshot that can judge a step
+            self._statistics_at_snapshot is None
+            and state.has_snapshot
+            and anomaly is None
+            and state.level <= self.base_level
+            and self.statistics.warmed_up
+        ):
+            self._statistics_at_snapshot = self._statistics_state()
 
         decision = Decision(
             step=state.steps,
@@ -350,6 +392,31 @@ class ExplosionPolicy:
         if anomaly is not None or decision.skip or state.level != previous_level:
             self._record(decision, norm, previous_level)
         return decision
+
+    @property
+    def reference_norm(self) -> float:
+        """The long-horizon healthy norm, ``exp`` of the reference's mean log-norm (``inf`` without one yet)."""
+        if self.reference is None or not self.reference.count:
+            return math.inf
+        return self.reference.typical_norm
+
+    def drift(self) -> float:
+        """Log of how far the fast typical norm lies above the long-horizon reference (0 until both exist)."""
+        if self.reference is None or not self.statistics.warmed_up or not self.reference.count:
+            return 0.0
+        return self.statistics.mean - self.reference.mean
+
+    def _statistics_state(self) -> dict[str, Any]:
+        reference = None if self.reference is None else self.reference.state_dict()
+        return {"statistics": self.statistics.state_dict(), "reference": reference}
+
+    def _restore_statistics(self) -> None:
+        # after a rollback the weights are the snapshot's again: so are the statistics that describe them
+        self.growth.clear()
+        if self._statistics_at_snapshot is not None:
+            self.statistics.load_state_dict(self._statistics_at_snapshot["statistics"])
+            if self.reference is not None and self._statistics_at_snapshot["reference"] is not None:
+                self.reference.load_state_dict(self._statistics_at_snapshot["reference"])
 
     def _on_healthy_step(self) -> None:
         state, config = self.state, self.config
@@ -403,16 +470,17 @@ class ExplosionPolicy:
         self.events.append(event)
         self.state.events_recorded += 1
         del self.events[: -self.max_events]
-        if decision.anomaly in ("spike", "growth", "nonfinite", "loss_scale_collapse"):
+        if decision.anomaly in ("spike", "growth", "drift", "nonfinite", "loss_scale_collapse"):
             self.worst_spikes.append(event)
             self.worst_spikes.sort(key=_severity, reverse=True)
             del self.worst_spikes[5:]
 
     def state_dict(self) -> dict[str, Any]:
-        """Statistics, level, budgets used, learning-rate scale, counts and the event log (versioned)."""
+        """Statistics, reference, level, budgets used, learning-rate scale, counts and the event log (versioned)."""
         return {
-            "version": 1,
-            "statistics": self.statistics.state_dict(),
+            "version": 2,
+            **self._statistics_state(),
+            "statistics_at_snapshot": self._statistics_at_snapshot,
             "growth": self.growth.state_dict(),
             "counters": asdict(self.state),
             "events": [dict(e) for e in self.events],
@@ -421,9 +489,12 @@ class ExplosionPolicy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where a ``state_dict`` left off."""
-        if state.get("version") != 1:
-            raise ValueError(f"ExplosionPolicy state has version {state.get('version')!r}; this code reads 1")
+        if state.get("version") != 2:
+            raise ValueError(f"ExplosionPolicy state has version {state.get('version')!r}; this code reads 2")
         self.statistics.load_state_dict(state["statistics"])
+        if self.reference is not None and state["reference"] is not None:
+            self.reference.load_state_dict(state["reference"])
+        self._statistics_at_snapshot = state["statistics_at_snapshot"]
         self.growth.load_state_dict(state["growth"])
         self.state = _Counters(**{**state["counters"], "counts": dict(state["counters"]["counts"])})
         self.events = [dict(e) for e in state["events"]]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradstab.policy import RUNGS, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.policy import DEFAULT_BUDGETS, RUNGS, ExplosionPolicy, Observation, PolicyConfig
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, RankReduction
 
 
@@ -120,6 +120,66 @@ def test_sustained_growth_hidden_in_noise_is_detected_as_growth() -> None:
     assert "growth" in anomalies
 
 
+def _slow_climb(flat_steps: int, climb_steps: int, rate_per_step: float, seed: int = 0) -> list[float]:
+    """Log-normal noise around 1, then a steady climb: a 10x rise every ``log(10) / rate_per_step`` steps."""
+    rng = random.Random(seed)
+    steps = range(flat_steps + climb_steps)
+    return [math.exp(rate_per_step * max(0, t - flat_steps) + rng.gauss(0.0, 0.3)) for t in steps]
+
+
+def test_slow_sustained_growth_is_caught_as_drift_and_the_clip_threshold_stops_following_it() -> None:
+    flat_steps, rate = 200, 0.02  # 1.5x per 20-step window: invisible to the growth window's 10x test
+    policy = ExplosionPolicy(PolicyConfig(max_rung="tight_clip"))
+    decisions = [policy.step(Observation(norm)) for norm in _slow_climb(flat_steps, 400, rate)]
+    assert {d.anomaly for d in decisions[:flat_steps]} <= {None, "spike"}
+    first = next(d for d in decisions if d.anomaly == "drift")
+    assert first.step - flat_steps < 250  # caught before the norm rose exp(0.02 * 250) = 150x
+    after = decisions[first.step :]
+    assert all(d.anomaly == "drift" for d in after[-100:])  # the reference does not follow the climb
+    assert max(d.clip_threshold for d in after) <= first.clip_threshold  # no ratchet while the norm rises 3000x
+    assert after[-1].clip_threshold == pytest.approx(policy.reference_norm) and policy.reference_norm < 5.0
+    assert {"growth"} & {d.anomaly for d in decisions} == set()
+
+
+def test_drift_escalates_from_tight_clip_to_learning_rate_backoff() -> None:
+    policy = ExplosionPolicy()
+    decisions = [policy.step(Observation(norm)) for norm in _slow_climb(200, 300, 0.02)]
+    rungs = [d.rung for d in decisions]
+    backoff = rungs.index("lr_backoff")
+    assert 0 < rungs.index("tight_clip") < backoff
+    assert policy.state.lr_scale < 0.5 ** (DEFAULT_BUDGETS["lr_backoff"] - 1)  # halved on each back-off step
+    anomalies = [d.anomaly for d in decisions[:backoff]]
+    assert anomalies.count("drift") > anomalies.count("spike") + anomalies.count("growth")
+
+
+def test_rollback_after_drift_restores_the_statistics_of_the_snapshot_and_training_resumes_quietly() -> None:
+    policy = ExplosionPolicy()
+    climb = iter(_slow_climb(200, 600, 0.02))
+    anomalies = []
+    while not (decision := policy.step(Observation(next(climb)))).rollback:  # weights back at the snapshot's
+        anomalies.append(decision.anomaly)
+    assert anomalies.count("drift") > anomalies.count("spike")
+    after_rollback = [policy.step(Observation(norm)) for norm in _healthy_norms(100, seed=5)]
+    assert {d.anomaly for d in after_rollback} <= {None, "spike"} and not any(d.stop for d in after_rollback)
+    assert policy.drift() < math.log(policy.config.growth_factor)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_early_training_that_rises_10x_in_50_steps_then_settles_is_not_drift(seed: int) -> None:
+    rng = random.Random(seed)
+    ramp = [math.log(10.0) * min(t, 50) / 50 for t in range(3000)]  # warm-up: leaving the init regime
+    policy = ExplosionPolicy()
+    decisions = [policy.step(Observation(math.exp(level + rng.gauss(0.0, 0.3)))) for level in ramp]
+    assert "drift" not in {d.anomaly for d in decisions}
+    assert max(d.level for d in decisions) == RUNGS.index("clip")
+
+
+def test_drift_detection_is_off_without_a_horizon() -> None:
+    policy = ExplosionPolicy(PolicyConfig(max_rung="tight_clip", drift_horizon_steps=None))
+    anomalies = {policy.step(Observation(norm)).anomaly for norm in _slow_climb(200, 400, 0.02)}
+    assert "drift" not in anomalies and policy.reference_norm == math.inf
+
+
 def test_repeated_spikes_climb_every_rung_in_order_and_then_stop() -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
     policy = _warmed_policy(budgets=budgets)
@@ -212,6 +272,7 @@ def test_state_dict_of_another_version_is_refused() -> None:
         ({"backoff_factor": 0.0}, "`backoff_factor` must be a number in \\(0, 1\\)"),
         ({"ema_decay": 1.0}, "`ema_decay` must be a number in \\(0, 1\\)"),
         ({"growth_factor": 1.0}, "`growth_factor` must be a number > 1"),
+        ({"drift_horizon_steps": 20}, "`drift_horizon_steps` must be None or an int above .* = 33.3, got 20"),
         ({"max_rung": "clip", "backoff_factor": 0.5}, "`backoff_factor` configures rung 'lr_backoff'.*max_rung"),
         ({"max_rung": "skip", "budgets": {"rollback": 2}}, "`budgets` sets rung 'rollback'.*above `max_rung`"),
     ],
@@ -242,7 +303,9 @@ def test_rank_reduction_makes_nonfinite_values_safe_for_max() -> None:
     assert values == {"norm": 0.0, "count": float(torch.finfo(torch.float32).max)}
 
 
-@pytest.mark.parametrize("options", [{"zscore_threshold": "2.5"}, {"backoff_factor": True}, {"budgets": 3}])
+@pytest.mark.parametrize(
+    "options", [{"zscore_threshold": "2.5"}, {"backoff_factor": True}, {"budgets": 3}, {"drift_horizon_steps": 1e3}]
+)
 def test_wrong_types_raise_type_error_naming_the_argument(options: dict) -> None:
     (argument,) = options
     with pytest.raises(TypeError, match=f"`{argument}` must be"):

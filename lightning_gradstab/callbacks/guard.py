@@ -76,7 +76,10 @@ class ExplosionGuard(Callback):
         warmup_steps: finite steps before spikes are judged, >= 1.
         log_std_floor: smallest log-norm standard deviation in z-scores, >= 0.
         growth_window: steps over which sustained growth is fitted, >= 3.
-        growth_factor: norm growth over ``growth_window`` that counts as an explosion, > 1.
+        growth_factor: norm growth that counts as an explosion, > 1: over ``growth_window``, or of the fast
+            typical norm above the long-horizon reference (``drift``).
+        drift_horizon_steps: horizon of the slow reference drift is measured against, above the fast EMA's
+            ``1 / (1 - ema_decay)`` steps; ``None`` turns drift detection off.
         healthy_steps_to_deescalate: consecutive healthy steps that lower the level by one, >= 1.
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
         budgets: anomalous steps per rung before escalating, e.g. ``{"skip": 2}``.
@@ -105,6 +108,7 @@ class ExplosionGuard(Callback):
         log_std_floor: float = 0.05,
         growth_window: int = 20,
         growth_factor: float = 10.0,
+        drift_horizon_steps: int | None = 1000,
         healthy_steps_to_deescalate: int = 50,
         loss_scale_floor: float = 1.0,
         budgets: dict[str, int] | None = None,
@@ -124,6 +128,7 @@ class ExplosionGuard(Callback):
             log_std_floor=log_std_floor,
             growth_window=growth_window,
             growth_factor=growth_factor,
+            drift_horizon_steps=drift_horizon_steps,
             healthy_steps_to_deescalate=healthy_steps_to_deescalate,
             loss_scale_floor=loss_scale_floor,
             budgets=dict(budgets) if isinstance(budgets, dict) else budgets,
