@@ -126,7 +126,7 @@ class GradNormMonitor(Callback):
         self.histogram_every_n_steps = _validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
         self.figure_every_n_steps = _validate_interval(figure_every_n_steps, "figure_every_n_steps")
         self._interval = 50
-        self._pending: list[tuple[int, dict[str, Tensor]]] = []
+        self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
         self._weights_before: dict[int, tuple[int, str, GradientStats, list[Tensor]]] = {}
         self._hook_handles: list[Any] = []
@@ -154,34 +154,34 @@ class GradNormMonitor(Callback):
         stats = gradient_stats(trainer, pl_module, optimizer)
         step = logging_step(trainer)
         scope = f"opt{optimizer_index(trainer, optimizer)}/" if len(trainer.optimizers) > 1 else ""
-        scalars = {
-            f"gradstab/grad_norm/{scope}total": stats.total(self.norm_type),
-            f"gradstab/nonfinite/{scope}count": stats.nonfinite_count,
-        }
+        names = [f"gradstab/grad_norm/{scope}total", f"gradstab/nonfinite/{scope}count"]
+        values = [torch.stack([stats.total(self.norm_type), stats.nonfinite_count])]
         if step % self._interval == 0:
-            scalars.update(self._group_scalars(stats, scope))
+            for group_names, group_values in self._group_scalars(stats, scope):
+                names += group_names
+                values.append(group_values)
             if self.update_to_weight:
                 raw = getattr(optimizer, "_optimizer", optimizer)
-                weights = [p.detach() for p in stats.layout.parameters]
-                self._weights_before[id(raw)] = (step, scope, stats, torch._foreach_mul(weights, 1.0))
+                self._weights_before[id(raw)] = (step, scope, stats, torch._foreach_mul(stats.layout.weights(), 1.0))
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._add_histograms(trainer, stats, scope, step)
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
             self._add_gradient_flow_figure(trainer, stats, scope, step)
-        self._record(trainer, step, scalars)
+        self._record(trainer, step, names, values)
 
-    def _group_scalars(self, stats: GradientStats, scope: str) -> dict[str, Tensor]:
+    def _group_scalars(self, stats: GradientStats, scope: str) -> list[tuple[list[str], Tensor]]:
+        """``(tag names, values)`` of the per-group statistics, one vector per kind."""
         names, norms = stats.group_norms(self.group_by, self.norm_type)
-        scalars = {f"gradstab/grad_norm/{scope}{name}": norms[i] for i, name in enumerate(names)}
+        scalars = [([f"gradstab/grad_norm/{scope}{name}" for name in names], norms)]
         if self.log_grad_to_weight:
-            _, l2_norms = stats.group_norms(self.group_by)
+            l2_norms = norms if self.norm_type == 2.0 else stats.group_norms(self.group_by)[1]
             _, weight_norms = stats.group_weight_norms(self.group_by)
             ratios = l2_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-            scalars.update({f"gradstab/grad_to_weight/{scope}{name}": ratios[i] for i, name in enumerate(names)})
+            scalars.append(([f"gradstab/grad_to_weight/{scope}{name}" for name in names], ratios))
         if self.log_inf_norm:
             _, maxima = stats.group_norms(self.group_by, math.inf)
-            scalars.update({f"gradstab/grad_max/{scope}{name}": maxima[i] for i, name in enumerate(names)})
-            scalars[f"gradstab/grad_max/{scope}total"] = stats.total(math.inf)
+            scalars.append(([f"gradstab/grad_max/{scope}{name}" for name in names], maxima))
+            scalars.append(([f"gradstab/grad_max/{scope}total"], stats.total(math.inf).reshape(1)))
         return scalars
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -189,25 +189,20 @@ class GradNormMonitor(Callback):
         if before is None or self._trainer is None:
             return
         step, scope, stats, old_weights = before
-        weights = [p.detach() for p in stats.layout.parameters]
-        deltas = torch._foreach_sub(weights, old_weights)
+        deltas = torch._foreach_sub(stats.layout.weights(), old_weights)
         delta_sq = torch.stack(torch._foreach_norm(deltas, 2.0, dtype=torch.float32)).square()
         if stats.sharded:
             delta_sq = all_reduce_if_distributed(delta_sq, torch.distributed.ReduceOp.SUM, stats.process_group)
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
         _, weight_norms = stats.group_weight_norms(self.group_by)
         ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        self._record(
-            self._trainer,
-            step,
-            {f"gradstab/update_to_weight/{scope}{name}": ratios[i] for i, name in enumerate(names)},
-        )
+        self._record(self._trainer, step, [f"gradstab/update_to_weight/{scope}{name}" for name in names], [ratios])
 
-    def _record(self, trainer: pl.Trainer, step: int, scalars: dict[str, Tensor]) -> None:
+    def _record(self, trainer: pl.Trainer, step: int, names: list[str], values: list[Tensor]) -> None:
         """Queue device scalars; every ``log_every_n_steps`` steps start one asynchronous host copy of all."""
         if trainer.global_rank != 0:
             return
-        self._pending.append((step, scalars))
+        self._pending.append((step, names, values))
         if step % self._interval == 0:
             self._start_host_copy()
         self._emit(trainer, wait=False)
@@ -215,8 +210,8 @@ class GradNormMonitor(Callback):
     def _start_host_copy(self) -> None:
         if not self._pending:
             return
-        rows = [(step, list(scalars)) for step, scalars in self._pending]
-        values = torch.stack([v.detach().float().reshape(()) for _, s in self._pending for v in s.values()])
+        rows = [(step, names) for step, names, _ in self._pending]
+        values = torch.cat([v.detach().float().reshape(-1) for _, _, vectors in self._pending for v in vectors])
         done = None
         if values.is_cuda:
             host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
