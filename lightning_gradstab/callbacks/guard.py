@@ -215,8 +215,10 @@ class ExplosionGuard(Callback):
         observation: Observation,
     ) -> None:
         healthy = decision.anomaly is None
-        if healthy and self.config.max_level >= RUNGS.index("rollback") and (
-            decision.snapshot or self._snapshot is None
+        if (
+            healthy
+            and self.config.max_level >= RUNGS.index("rollback")
+            and (decision.snapshot or self._snapshot is None)
         ):
             self._snapshot = snapshot_training_state(pl_module, trainer.optimizers, into=self._snapshot)
             self.snapshot_step = decision.step
@@ -365,11 +367,7 @@ class ExplosionGuard(Callback):
 def _to_cpu(value: Any, previous: Any = None) -> Any:
     if isinstance(value, torch.Tensor):
         source = value.detach()
-        if (
-            isinstance(previous, torch.Tensor)
-            and previous.shape == source.shape
-            and previous.dtype == source.dtype
-        ):
+        if isinstance(previous, torch.Tensor) and previous.shape == source.shape and previous.dtype == source.dtype:
             return previous.copy_(source)  # no allocation: refreshing a snapshot is a plain copy
         return source.to("cpu", copy=True)
     if isinstance(value, dict):
@@ -438,7 +436,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for index, entry in summary["optimizers"].items():
         actions = ", ".join(f"{name}={count}" for name, count in sorted(entry["counts"].items())) or "none"
         spikes = "; ".join(
-            f"{s['step']}: {s['zscore']:.1f} / {s['total_norm'] if s['total_norm'] is not None else 'nan'}"
+            f"{s['step']}: {s['zscore']:.1f} / {s['total_norm']:.3g}"
+            if s["total_norm"] is not None
+            else f"{s['step']}: {s['zscore']:.1f} / nan"
             for s in entry["worst_spikes"]
         )
         level = f"{entry['final_level']} ({entry['final_rung']})"
