@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,6 +211,7 @@ def time_fit(
         devices=1,
         max_steps=steps + warmup + 1,
         logger=NullLogger(),
+        default_root_dir=tempfile.mkdtemp(prefix="gradstab-bench-"),  # reports of the guard/audit land there
         callbacks=[*callbacks, timer],
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -21,6 +21,8 @@ from typing_extensions import override
 
 from lightning_gradstab import tensorboard
 from lightning_gradstab.callbacks._shared import (
+    STATE_VERSION,
+    check_state_version,
     gradient_stats,
     log_metrics,
     logging_step,
@@ -348,15 +350,14 @@ class ExplosionGuard(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "policies": {str(index): policy.state_dict() for index, policy in self.policies.items()},
             "stop_reason": self.stop_reason,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
-            raise ValueError(f"ExplosionGuard state has version {state_dict.get('version')!r}; this code reads 1")
+        check_state_version("ExplosionGuard", state_dict)
         self.policies.clear()
         self._loaded_policies = {int(index): state for index, state in state_dict["policies"].items()}
         self.stop_reason = state_dict["stop_reason"]
