@@ -76,10 +76,10 @@ def test_advisor_reads_the_shared_statistics_once_per_step_with_the_monitor(monk
 class _GuardStub(Callback):
     """Mimics ExplosionGuard's public event log: ``policies[i].events`` with anomalies and level transitions."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: list[dict] | None = None) -> None:
         spike = {"step": 3, "level": 2, "previous_level": 0, "anomaly": "spike", "total_norm": 1e5}
         healthy = {"step": 4, "level": 1, "previous_level": 2, "anomaly": None}  # a de-escalation: not counted
-        self.policies = {0: SimpleNamespace(events=[spike, healthy])}
+        self.policies = {0: SimpleNamespace(events=[spike, healthy] if events is None else events)}
 
 
 class _RNNClassifier(DigitsClassifier):
@@ -98,6 +98,16 @@ def test_guard_escalations_feed_signal_exploding_and_recurrent_advice():
     assert exploding.evidence["guard_events"] == 1 and exploding.evidence["anomalies"] == ["spike"]
     (recurrent,) = advisor.report.by_code("arch.recurrent")
     assert recurrent.evidence["spectral_radius"] > 1.0  # measured on the current (trained) weights
+
+
+def test_routine_clipping_at_the_resting_rung_is_not_called_an_explosion():
+    # the top of a healthy norm distribution, clipped by the guard's resting rung (ZClip's ~1 % band)
+    routine = {"step": 3, "level": 1, "previous_level": 1, "anomaly": "spike", "total_norm": 1.3, "clip_threshold": 1.1}
+    advisor = ArchitectureAdvisor(observe_steps=10)
+    quiet_trainer(max_steps=10, callbacks=[_GuardStub([routine]), advisor]).fit(
+        DigitsClassifier(mlp(4, 16)), digits_loader()
+    )
+    assert not [f for f in advisor.report.by_code("signal.exploding") if "guard_events" in f.evidence]
 
 
 def test_a_real_explosion_guard_spike_feeds_the_advice():

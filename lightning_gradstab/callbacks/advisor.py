@@ -36,6 +36,7 @@ from lightning_gradstab.diagnosis.arch_rules import (
     residual_finding,
 )
 from lightning_gradstab.diagnosis.signal_rules import RATIO_ERROR, RATIO_WARNING
+from lightning_gradstab.policy import RUNGS
 from lightning_gradstab.report import Finding, Report
 
 ADVISOR_FILENAME = "gradstab_advisor.json"
@@ -222,13 +223,13 @@ class ArchitectureAdvisor(Callback):
         return findings
 
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
-        events: list[dict[str, Any]] = []  # anomalies the guard acted on, or level escalations, in the window
+        events: list[dict[str, Any]] = []  # the guard's evidence of explosions within the window
         for callback in trainer.callbacks:
             for policy in dict(getattr(callback, "policies", None) or {}).values():
                 for event in getattr(policy, "events", []):
                     if not isinstance(event, Mapping) or event.get("step", 0) > self.observe_steps:
                         continue
-                    if event.get("anomaly") or event.get("level", 0) > event.get("previous_level", 0):
+                    if _means_explosion(event):
                         events.append(dict(event))
         if not events:
             return []
@@ -268,6 +269,26 @@ class ArchitectureAdvisor(Callback):
         self._losses = [torch.tensor(v) for v in state_dict["losses"]]
         self._group_names = {int(i): tuple(names) for i, names in state_dict["group_names"].items()}
         self._group_norms = {int(i): list(torch.tensor(rows)) for i, rows in state_dict["group_norms"].items()}
+
+
+EXPLOSIVE_SPIKE_RATIO = 10.0
+"""A clipped spike counts as exploding gradients when its norm was this many times its clip threshold."""
+
+
+def _means_explosion(event: Mapping[str, Any]) -> bool:
+    """Whether a guard event is evidence of exploding gradients rather than routine adaptive clipping.
+
+    The guard's resting rung clips the top of the healthy norm distribution (ZClip's band, about 1 % of the
+    steps of a healthy run); such a clip is no finding. Escalations past that rung, non-finite gradients,
+    growth, drift and a collapsing loss scale are; so is a spike an order of magnitude above its threshold.
+    """
+    if event.get("level", 0) > max(event.get("previous_level", 0), RUNGS.index("clip")):
+        return True
+    anomaly = event.get("anomaly")
+    if anomaly != "spike":
+        return anomaly is not None
+    norm, threshold = event.get("total_norm"), event.get("clip_threshold")
+    return norm is None or not threshold or norm >= EXPLOSIVE_SPIKE_RATIO * threshold
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
