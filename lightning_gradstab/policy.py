@@ -21,12 +21,13 @@ that learns healthy steps only: slow sustained growth the fast statistics follow
 ``loss_scale_collapse``. During drift the clip thresholds are capped by the reference, so they cannot ratchet
 upward with the norm.
 
-A rung handles ``budget`` anomalous steps; the next one escalates. ``healthy_steps_to_deescalate``
-consecutive healthy steps drop one level and refill the budget. Lower rungs stay active above them (a
-skipping guard still clips tightly). A non-finite gradient cannot be clipped, so it jumps straight to the
-``skip`` rung. Under an fp16 ``GradScaler`` a non-finite step is an overflow the scaler already skips: it
-is counted, never escalated; a loss scale below ``loss_scale_floor`` (the gradients overflow fp16 even
-unscaled) is an explosion.
+A rung handles ``budget`` anomalous steps, a rate drained by every healthy step (``budget /
+healthy_steps_to_deescalate`` each), so the sparse clips of a healthy run never add up; past it the next
+rung takes over. ``healthy_steps_to_deescalate`` consecutive healthy steps drop one level and empty the
+budget. Lower rungs stay active above them (a skipping guard still clips tightly). A non-finite gradient
+cannot be clipped, so it jumps straight to the ``skip`` rung. Under an fp16 ``GradScaler`` a non-finite
+step is an overflow the scaler already skips: it is counted, never escalated; a loss scale below
+``loss_scale_floor`` (the gradients overflow fp16 even unscaled) is an explosion.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class Decision:
 class _Counters:
     steps: int = 0
     level: int = 0
-    anomalies_at_level: int = 0
+    anomalies_at_level: float = 0.0  # a leaky bucket: each healthy step drains budget / healthy_steps_to_deescalate
     healthy_streak: int = 0
     steps_since_snapshot: int = 0
     has_snapshot: bool = False
@@ -421,6 +422,11 @@ class ExplosionPolicy:
     def _on_healthy_step(self) -> None:
         state, config = self.state, self.config
         state.healthy_streak += 1
+        # a budget is a rate, not a lifetime count: anomalies as sparse as the healthy band's (ZClip clips ~1 % of
+        # steps) drain away and never escalate; a burst of more than `budget` within about
+        # `healthy_steps_to_deescalate` steps does
+        drain = config.budget(state.level) / config.healthy_steps_to_deescalate
+        state.anomalies_at_level = max(0.0, state.anomalies_at_level - drain)
         if state.lr_scale < state.lr_ceiling:  # undo one back-off factor per lr_recovery_steps healthy steps
             recovery = (1.0 / config.resolved("backoff_factor")) ** (1.0 / config.resolved("lr_recovery_steps"))
             state.lr_scale = min(state.lr_ceiling, state.lr_scale * recovery)

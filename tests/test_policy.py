@@ -310,3 +310,27 @@ def test_wrong_types_raise_type_error_naming_the_argument(options: dict) -> None
     (argument,) = options
     with pytest.raises(TypeError, match=f"`{argument}` must be"):
         PolicyConfig(**options)
+
+
+def test_sparse_spikes_of_a_long_healthy_run_never_use_up_the_clip_budget():
+    # 3 % of 5000 steps are 8x spikes (a momentum-SGD run's bumps): each one is clipped, none adds up to an
+    # escalation, because every healthy step drains the budget. Counted over the run's lifetime instead, the
+    # same stream climbed to `stop`.
+    rng = random.Random(0)
+    policy = ExplosionPolicy()
+    levels = []
+    for _ in range(5000):
+        norm = math.exp(rng.gauss(0.0, 0.2)) * (8.0 if rng.random() < 0.03 else 1.0)
+        levels.append(policy.step(Observation(total_norm=norm, nonfinite=False)).level)
+    assert max(levels) == 1
+    assert policy.counts["clip"] > 100 and "escalate" not in policy.counts
+
+
+def test_a_burst_of_spikes_still_escalates_past_the_clip_rung():
+    policy = ExplosionPolicy()
+    for _ in range(100):
+        policy.step(Observation(total_norm=1.0, nonfinite=False))
+    for _ in range(10):  # more than the clip budget (8) within a few steps
+        policy.step(Observation(total_norm=1e3, nonfinite=False))
+        policy.step(Observation(total_norm=1.0, nonfinite=False))
+    assert policy.level >= 2
