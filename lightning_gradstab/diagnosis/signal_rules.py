@@ -70,37 +70,46 @@ def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
 
 def activation_findings(activations: list[ActivationProbe]) -> list[Finding]:
     """``activation.dead`` (ReLU units silent on the whole batch) and ``activation.saturated`` findings."""
-    findings = []
     dead = [a for a in activations if a.dead_fraction is not None and a.dead_fraction >= DEAD_WARNING]
-    if dead:
-        worst = max(a.dead_fraction for a in dead)
-        findings.append(
-            Finding(
-                "activation.dead",
-                "error" if worst >= DEAD_ERROR else "warning",
-                tuple(dict.fromkeys(a.name for a in dead)),
-                {"max_dead_fraction": worst, "activations": len(dead), "threshold": DEAD_WARNING},
-                f"Revive {_first(dead)}: check the init and bias of the layer feeding it (He init, zero bias), "
-                "lower the learning rate, or use LeakyReLU/GELU there.",
-            )
-        )
     saturated = [
         a for a in activations
         if a.hidden and a.saturated_fraction is not None and a.saturated_fraction >= SATURATED_WARNING
     ]
-    if saturated:
-        worst = max(a.saturated_fraction for a in saturated)
-        findings.append(
-            Finding(
-                "activation.saturated",
-                "error" if worst >= SATURATED_ERROR else "warning",
-                tuple(dict.fromkeys(a.name for a in saturated)),
-                {"max_saturated_fraction": worst, "activations": len(saturated), "threshold": SATURATED_WARNING},
-                f"Shrink the pre-activations of {_first(saturated)} (Xavier init on the layer feeding it, or a "
-                "normalization layer before it), or switch to ReLU with He init.",
-            )
+    return _fraction_finding(
+        "activation.dead", dead, [a.dead_fraction for a in dead], "max_dead_fraction", DEAD_WARNING, DEAD_ERROR,
+        "Revive {first}: check the init and bias of the layer feeding it (He init, zero bias), "
+        "lower the learning rate, or use LeakyReLU/GELU there.",
+    ) + _fraction_finding(
+        "activation.saturated", saturated, [a.saturated_fraction for a in saturated], "max_saturated_fraction",
+        SATURATED_WARNING, SATURATED_ERROR,
+        "Shrink the pre-activations of {first} (Xavier init on the layer feeding it, or a "
+        "normalization layer before it), or switch to ReLU with He init.",
+    )
+
+
+def _fraction_finding(
+    code: str,
+    flagged: list[ActivationProbe],
+    fractions: list[float],
+    evidence_key: str,
+    warning: float,
+    error: float,
+    recommendation: str,
+) -> list[Finding]:
+    """One finding for the activations whose unit fraction passed ``warning`` (error past ``error``);
+    ``{first}`` in ``recommendation`` names the first of them."""
+    if not flagged:
+        return []
+    worst = max(fractions)
+    return [
+        Finding(
+            code,
+            "error" if worst >= error else "warning",
+            tuple(dict.fromkeys(a.name for a in flagged)),
+            {evidence_key: worst, "activations": len(flagged), "threshold": warning},
+            recommendation.format(first=_first(flagged)),
         )
-    return findings
+    ]
 
 
 def _first(items: list[ActivationProbe]) -> str:
