@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -23,10 +21,10 @@ from lightning_gradstab.callbacks._shared import (
 )
 from lightning_gradstab.callbacks.init_audit import (
     ForwardFn,
+    ReportingCallback,
     eager,
     probing,
     publish_report,
-    report_directory,
 )
 from lightning_gradstab.diagnosis import ModelGraph, preserved_state, trace
 from lightning_gradstab.diagnosis.arch_rules import (
@@ -42,7 +40,7 @@ from lightning_gradstab.report import Finding, Report
 ADVISOR_FILENAME = "gradstab_advisor.json"
 
 
-class ArchitectureAdvisor(Callback):
+class ArchitectureAdvisor(ReportingCallback):
     """Read the first ``observe_steps`` optimizer steps and recommend architectural fixes.
 
     It never recomputes gradient norms: per-layer norms come from the suite's shared statistics
@@ -80,23 +78,15 @@ class ArchitectureAdvisor(Callback):
             raise ValueError(f"`observe_steps` must be an int >= 10 (a loss trend needs steps), got {observe_steps!r}")
         if not isinstance(stall_improvement, (int, float)) or not 0.0 < stall_improvement < 1.0:
             raise ValueError(f"`stall_improvement` must be a float in (0, 1), got {stall_improvement!r}")
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}")
+        super().__init__(forward_fn)
         self.observe_steps = observe_steps
         self.stall_improvement = float(stall_improvement)
-        self.forward_fn = forward_fn
-        self.report: Report | None = None
         self.graph: ModelGraph | None = None
         self._losses: list[Tensor] = []
         self._group_norms: dict[int, list[Tensor]] = {}
         self._group_names: dict[int, tuple[str, ...]] = {}
         self._reported = False
         self._traced = False
-        self._log_dir: Path | None = None
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_dir = report_directory(trainer)
 
     @override
     def on_train_batch_start(

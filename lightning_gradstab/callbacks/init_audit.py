@@ -23,7 +23,23 @@ ForwardFn = Callable[[pl.LightningModule, Any], Any]
 INIT_AUDIT_FILENAME = "gradstab_init_audit.json"
 
 
-class InitAudit(Callback):
+class ReportingCallback(Callback):
+    """What InitAudit and ArchitectureAdvisor share: an optional ``forward_fn`` to probe with, the latest
+    ``report``, and the log directory the report is written to (resolved at fit start, on every rank)."""
+
+    def __init__(self, forward_fn: ForwardFn | None = None) -> None:
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}")
+        self.forward_fn = forward_fn
+        self.report: Report | None = None
+        self._log_dir: Path | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_dir = report_directory(trainer)
+
+
+class InitAudit(ReportingCallback):
     """Diagnose initialization, signal propagation and architecture on the first training batch.
 
     Runs :func:`~lightning_gradstab.diagnosis.diagnose`'s probe at the first ``on_train_batch_start`` (one
@@ -54,19 +70,11 @@ class InitAudit(Callback):
             raise TypeError(f"`fix` must be a bool, got {fix!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be callable or None, got {type(forward_fn).__name__}")
+        super().__init__(forward_fn)
         self.fix = fix
         self.seed = seed
-        self.forward_fn = forward_fn
-        self.report: Report | None = None
         self.fixed_modules: list[str] = []
         self._audited = False
-        self._log_dir: Path | None = None
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_dir = report_directory(trainer)
 
     @override
     def on_train_batch_start(
