@@ -28,6 +28,8 @@ from lightning_gradstab.callbacks._shared import (
     logging_step,
     optimizer_index,
     tensorboard_writers,
+    validate_flag,
+    validate_interval,
 )
 from lightning_gradstab.policy import RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction
@@ -139,16 +141,9 @@ class ExplosionGuard(Callback):
             lr_recovery_steps=lr_recovery_steps,
             snapshot_every=snapshot_every,
         )
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {log_every_n_steps!r}")
-        for name, flag in (("raise_on_stop", raise_on_stop), ("console_summary", console_summary)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be True or False, got {type(flag).__name__} {flag!r}")
-        self.raise_on_stop = raise_on_stop
-        self.log_every_n_steps = log_every_n_steps
-        self.console_summary = console_summary
+        self.raise_on_stop = validate_flag(raise_on_stop, "raise_on_stop")
+        self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
+        self.console_summary = validate_flag(console_summary, "console_summary")
         self.policies: dict[int, ExplosionPolicy] = {}
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}

@@ -13,7 +13,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradstab.callbacks._shared import STATE_VERSION, check_state_version, logging_step, tensorboard_writers
+from lightning_gradstab.callbacks._shared import (
+    STATE_VERSION,
+    check_state_version,
+    logging_step,
+    tensorboard_writers,
+    validate_flag,
+)
 from lightning_gradstab.diagnosis import InitScheme, build_report, reinitialize, run_probe
 from lightning_gradstab.report import Finding, Report
 
@@ -66,12 +72,10 @@ class InitAudit(ReportingCallback):
     """
 
     def __init__(self, fix: bool = False, seed: int = 0, forward_fn: ForwardFn | None = None) -> None:
-        if not isinstance(fix, bool):
-            raise TypeError(f"`fix` must be a bool, got {fix!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
         super().__init__(forward_fn)
-        self.fix = fix
+        self.fix = validate_flag(fix, "fix")
         self.seed = seed
         self.fixed_modules: list[str] = []
         self._audited = False

@@ -22,16 +22,10 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
     parameter_layout,
     tensorboard_writers,
+    validate_flag,
+    validate_interval,
 )
 from lightning_gradstab.stats import GradientStats, GroupBy, all_reduce_if_distributed, validate_group_by
-
-
-def _validate_interval(value: object, argument: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int (steps) or None, got {value!r}")
-    return value
 
 
 def _validate_norm_type(value: object) -> float:
@@ -40,12 +34,6 @@ def _validate_norm_type(value: object) -> float:
     if not (value > 0):  # also rejects NaN
         raise ValueError(f"`norm_type` must be a positive float or math.inf (e.g. 1, 2, inf), got {value!r}")
     return float(value)
-
-
-def _validate_flag(value: object, argument: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be a bool, got {value!r}")
-    return value
 
 
 @dataclass
@@ -118,13 +106,13 @@ class GradNormMonitor(Callback):
         figure_every_n_steps: int | None = None,
     ) -> None:
         self.group_by = validate_group_by(group_by)
-        self.log_every_n_steps = _validate_interval(log_every_n_steps, "log_every_n_steps")
+        self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
         self.norm_type = _validate_norm_type(norm_type)
-        self.log_inf_norm = _validate_flag(log_inf_norm, "log_inf_norm")
-        self.log_grad_to_weight = _validate_flag(log_grad_to_weight, "log_grad_to_weight")
-        self.update_to_weight = _validate_flag(update_to_weight, "update_to_weight")
-        self.histogram_every_n_steps = _validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
-        self.figure_every_n_steps = _validate_interval(figure_every_n_steps, "figure_every_n_steps")
+        self.log_inf_norm = validate_flag(log_inf_norm, "log_inf_norm")
+        self.log_grad_to_weight = validate_flag(log_grad_to_weight, "log_grad_to_weight")
+        self.update_to_weight = validate_flag(update_to_weight, "update_to_weight")
+        self.histogram_every_n_steps = validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
+        self.figure_every_n_steps = validate_interval(figure_every_n_steps, "figure_every_n_steps")
         self._interval = 50
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
