@@ -5,6 +5,11 @@ runs ``torch._foreach_norm`` once per (device, dtype) bucket of gradients and ke
 device: no ``.item()``, no Python branch on a device value. Per-parameter squared norms are the primitive;
 group norms, the total norm and non-finite counts are derived from them with tensor ops.
 
+Any floating or complex dtype is measured in a precision that does not narrow it: 16-bit and float32
+gradients in float32, float64 and complex128 ones in float64 (the statistics of a layout holding any of
+those are float64 throughout, see :attr:`ParameterLayout.stats_dtype`). A complex gradient's L2 norm is
+``sqrt(sum |z|^2)``, the norm of its ``view_as_real`` pairs, which keeps the fused real kernel.
+
 Sharded gradients (FSDP1 flat shards, FSDP2/DTensor shards) hold only a slice of each gradient. Their local
 squared norms are summed across ranks with one ``all_reduce`` of the whole vector, which gives the exact
 global norm (as ``FSDP.clip_grad_norm_`` does). Replicated gradients (DDP) are already identical on every
@@ -62,7 +67,9 @@ def group_name(parameter_name: str, group_by: GroupBy) -> str:
 class ParameterLayout:
     """The trainable parameters one optimizer updates, in a fixed order, with display names.
 
-    Built once (at setup); tied parameters appear once, frozen parameters not at all.
+    Built once (at setup); tied parameters appear once, frozen parameters not at all. ``stats_dtype`` is the
+    real dtype of every statistic of the layout: float64 if a parameter is float64 or complex128 (their norms
+    keep float64 range and precision), else float32 (the common case pays nothing for it).
 
     Example::
 
@@ -75,9 +82,12 @@ class ParameterLayout:
     _group_index_cache: dict = field(default_factory=dict, compare=False, repr=False)
     _bucket_cache: dict = field(default_factory=dict, compare=False, repr=False)
     _has_dtensors: bool = field(default=False, compare=False, repr=False)
+    stats_dtype: torch.dtype = field(default=torch.float32, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_has_dtensors", any(hasattr(p, "to_local") for p in self.parameters))
+        wide = any(accumulation_dtype(p.dtype) == torch.float64 for p in self.parameters)
+        object.__setattr__(self, "stats_dtype", torch.float64 if wide else torch.float32)
 
     @classmethod
     def from_module(cls, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> ParameterLayout:
@@ -167,32 +177,64 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype a norm of ``dtype`` values is computed in: float64 for float64 and complex128, else
+    float32 (16-bit floats accumulate in float32; float32 and complex64 keep their own precision)."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def per_parameter_norms(layout: ParameterLayout, ord: float = 2.0, *, weights: bool = False) -> Tensor:
-    """Local per-parameter ``ord``-norms (float32, 0 where grad is None) of the gradients or the weights.
+    """Local per-parameter ``ord``-norms (``layout.stats_dtype``, 0 where grad is None) of the gradients or
+    the weights.
 
     One ``torch._foreach_norm`` per (device, dtype) bucket, scattered into one vector on the layout's device.
     """
     tensors = layout.weights() if weights else layout.gradients()
-    buckets = layout.buckets(tensors, "weight" if weights else "grad")
+    return layout_norms(layout, tensors, "weight" if weights else "grad", ord)
+
+
+def layout_norms(layout: ParameterLayout, tensors: list[Tensor | None], kind: str, ord: float = 2.0) -> Tensor:
+    """Per-parameter ``ord``-norms of ``tensors`` (one per parameter of ``layout``, ``None`` counts 0).
+
+    Any floating or complex dtype, one ``torch._foreach_norm`` per (device, dtype) bucket; the result is a
+    ``layout.stats_dtype`` vector on the layout's device. ``kind`` names the family of tensors (``"grad"``,
+    ``"weight"``, ``"update"``, ...) for the bucket cache: tensors of one kind keep their dtypes step to step.
+
+    Example::
+
+        deltas = torch._foreach_sub(layout.weights(), weights_before)
+        update_norms = layout_norms(layout, deltas, "update")
+    """
+    dtype = layout.stats_dtype
+    buckets = layout.buckets(tensors, kind)
     if len(buckets) == 1 and buckets[0][0] is None:
-        return _dense_norms(buckets[0][1], ord).to(layout.device)
-    norms = torch.zeros(len(layout), dtype=torch.float32, device=layout.device)
+        return _dense_norms(buckets[0][1], ord).to(device=layout.device, dtype=dtype)
+    norms = torch.zeros(len(layout), dtype=dtype, device=layout.device)
     for positions, members, is_sparse in buckets:
         if is_sparse:  # the norm of the coalesced values (duplicate indices summed first)
-            values = torch.stack(
-                [torch.linalg.vector_norm(g.coalesce().values(), ord, dtype=torch.float32) for g in members]
-            )
+            values = _dense_norms([g.coalesce().values() for g in members], ord)
         else:
             values = _dense_norms(members, ord)
-        norms.index_copy_(0, positions, values.to(layout.device))
+        norms.index_copy_(0, positions, values.to(device=layout.device, dtype=dtype))
     return norms
 
 
 def _dense_norms(tensors: list[Tensor], ord: float) -> Tensor:
-    """float32 norms of same-device, same-dtype tensors; low-precision tensors accumulate in float32."""
-    if tensors[0].dtype == torch.float32:
-        return torch.stack(torch._foreach_norm(tensors, ord))
-    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32)).float()
+    """Norms of same-device, same-dtype tensors in :func:`accumulation_dtype` of their dtype, never narrowed.
+
+    Complex L2 norms go through ``view_as_real`` (``|z|^2 = re^2 + im^2``): the fused kernel covers real
+    dtypes only, complex inputs fall back to one kernel per tensor. Other orders of complex tensors need the
+    modulus (``|re| + |im|`` is not ``|z|``), so they take the per-tensor path of ``_foreach_norm``.
+    """
+    dtype = tensors[0].dtype
+    if dtype.is_complex and ord == 2.0 and dtype != torch.complex32:
+        tensors = [torch.view_as_real(t.resolve_conj()) for t in tensors]
+        dtype = tensors[0].dtype
+    if dtype == torch.complex32:  # no norm kernel for complex half: widen (a copy; rare)
+        tensors, dtype = [t.to(torch.complex64) for t in tensors], torch.complex64
+    if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        return torch.stack(torch._foreach_norm(tensors, ord))  # complex in: real norms of matching precision
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
 
 
 def all_reduce_if_distributed(tensor: Tensor, op: dist.ReduceOp, group: object | None = None) -> Tensor:
@@ -208,8 +250,9 @@ class GradientStats:
 
     Attributes:
         layout: the parameters the statistics describe.
-        param_sq_norms: squared L2 norm of each parameter's gradient (global across shards), ``float32[P]``.
-        total_norm: L2 norm of all gradients together, a 0-d ``float32`` tensor.
+        param_sq_norms: squared L2 norm of each parameter's gradient (global across shards), a ``[P]`` vector
+            of ``layout.stats_dtype`` (float32, or float64 when a parameter is float64 or complex128).
+        total_norm: L2 norm of all gradients together, a 0-d tensor of the same dtype.
         nonfinite_count: number of parameters whose gradient holds a NaN or Inf, a 0-d ``float32`` tensor.
         sharded: whether local results are summed across ranks (FSDP/DTensor).
         process_group: the group those reductions use (``None``: the default group).
@@ -262,7 +305,7 @@ class GradientStats:
             return names, sums.sqrt()
         if math.isinf(ord):
             names, index = self.layout.group_index(group_by)
-            maxima = torch.zeros(len(names), dtype=torch.float32, device=self.param_sq_norms.device)
+            maxima = torch.zeros(len(names), dtype=self.param_sq_norms.dtype, device=self.param_sq_norms.device)
             return names, maxima.scatter_reduce_(0, index, self.param_norms(ord), "amax", include_self=True)
         names, sums = self.group_sums(self.param_norms(ord).pow(ord), group_by)
         return names, sums.pow(1.0 / ord)
