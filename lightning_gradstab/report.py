@@ -1,4 +1,4 @@
-"""Findings of the diagnosis and their renderings: a rich console table, Markdown and JSON.
+"""Findings of the diagnosis and their renderings: a rich console table, Markdown and JSON; the console helper.
 
 A :class:`Finding` names a cause of unstable gradients with a stable machine-readable ``code``, the modules
 involved, the measured evidence and one sentence saying what to change where. A :class:`Report` collects the
@@ -8,8 +8,11 @@ per-layer measurements they were derived from. The JSON fields are documented in
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,17 +221,25 @@ class Report:
             )
         return table
 
-    def print(self, console: Any = None) -> None:
-        """Print the findings table (and notes) to ``console`` (a ``rich.console.Console``; stdout if None)."""
-        from rich.console import Console
+    def renderables(self) -> list[Any]:
+        """What :meth:`print` shows: the findings table (or a one-line "no findings"), then the notes."""
+        shown: list[Any] = [
+            self.to_rich_table()
+            if self.findings
+            else f"Gradient stability: no findings for {self.model or 'model'} ({self.source})."
+        ]
+        return shown + [f"- {note}" for note in self.notes]
 
-        console = console or Console()
-        if self.findings:
-            console.print(self.to_rich_table())
+    def print(self, console: Any = None, *, trainer: Any = None) -> None:
+        """Print the findings table (and notes) to ``console``, or through :func:`console_print` if None.
+
+        Pass ``trainer`` when printing during ``fit``, so that Lightning's progress bar does not draw over it.
+        """
+        if console is not None:
+            for renderable in self.renderables():
+                console.print(renderable)
         else:
-            console.print(f"Gradient stability: no findings for {self.model or 'model'} ({self.source}).")
-        for note in self.notes:
-            console.print(f"- {note}")
+            console_print(*self.renderables(), trainer=trainer)
 
 
 def _short_modules(modules: Sequence[str], shown: int = 4) -> str:
@@ -260,3 +271,175 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     return value
+
+
+MAX_PLAIN_WIDTH = 400
+"""Widest line :func:`console_print` writes when the output is not a terminal (rows are never wrapped below it)."""
+
+
+def console_print(*renderables: Any, trainer: Any = None, stream: Any = None) -> None:
+    """Print rich renderables (tables, strings with markup) so that Lightning's progress bar cannot draw over them.
+
+    Every table of the suite goes through here. On a terminal the output wraps to the terminal's width; piped
+    or redirected to a file, each row stays on one line (up to :data:`MAX_PLAIN_WIDTH` characters), with no
+    colour codes. While ``trainer`` shows a progress bar:
+
+    - ``RichProgressBar``: printed through Rich's global console, the one the bar's live display draws on,
+      which keeps the bar below the printed lines instead of redrawing over them;
+    - ``TQDMProgressBar`` (or any tqdm bar): written with ``tqdm.write``, which clears the bars, writes the
+      lines and redraws the bars under them.
+
+    Example::
+
+        console_print(report.to_rich_table(), "[bold]next:[/] model.init=he", trainer=trainer)
+    """
+    stream = stream or sys.stdout
+    bar = _progress_bar(trainer)
+    terminal = _is_terminal(stream)
+    if bar == "rich" and terminal and stream is sys.stdout:
+        from rich import get_console
+
+        for renderable in renderables:
+            get_console().print(renderable)
+        return
+    text = render_text(*renderables, terminal=terminal)
+    if bar == "tqdm":
+        from tqdm import tqdm
+
+        tqdm.write(text.rstrip("\n"), file=stream)
+    else:
+        stream.write(text)
+        stream.flush()
+
+
+def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> str:
+    """Render to text: for a terminal with colours at ``width`` (default: the terminal's), else plain and as
+    wide as the widest row needs, so that a table piped to a file is never wrapped into unreadable cells."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    if terminal:
+        width = width or shutil.get_terminal_size(fallback=(120, 24)).columns
+    console = Console(
+        file=io.StringIO(),
+        width=width or MAX_PLAIN_WIDTH,
+        force_terminal=terminal,
+        color_system="auto" if terminal else None,
+        highlight=False,
+        soft_wrap=False,
+    )
+    for renderable in renderables:
+        if not terminal and width is None:
+            natural = Measurement.get(console, console.options, console.render_str(renderable)
+                                      if isinstance(renderable, str) else renderable).maximum
+            console.print(renderable, width=max(1, min(natural, MAX_PLAIN_WIDTH)))
+        else:
+            console.print(renderable)
+    return console.file.getvalue()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_bar(trainer: Any) -> str | None:
+    """``"rich"`` or ``"tqdm"`` when ``trainer`` shows Lightning's Rich or TQDM progress bar, else None."""
+    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+    if bar is None or not getattr(bar, "is_enabled", False):
+        return None
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    if isinstance(bar, RichProgressBar):
+        return "rich"
+    if isinstance(bar, TQDMProgressBar):
+        return "tqdm"
+    return None
+
+
+GUARD_STOPPED = "guard.stopped"
+GUARD_INTERVENED = "guard.intervened"
+"""Keys of :func:`fit_summary`'s ``next_steps`` for the guard: it stopped the run / it skipped or rolled back."""
+
+_GUARD_NEXT_STEPS = {
+    GUARD_STOPPED: "The guard stopped the run: lower the learning rate or add a warm-up, then rerun; its events "
+    "are in gradstab_guard_events.jsonl.",
+    GUARD_INTERVENED: "The guard skipped, backed off or rolled back steps: a lower learning rate or a warm-up "
+    "avoids the spikes it caught.",
+}
+_INTERVENTIONS = ("skip", "lr_backoff", "rollback", "stop")
+
+
+def fit_summary(
+    reports: Sequence[Report],
+    guard_summaries: Sequence[Mapping[str, Any]] = (),
+    next_steps: Mapping[str, str] | None = None,
+    files: Sequence[str] = (),
+    max_steps_shown: int = 3,
+) -> list[Any]:
+    """The one summary printed at the end of a fit: what the suite found, what the guard did, what to do next.
+
+    Args:
+        reports: the ``InitAudit`` / ``ArchitectureAdvisor`` reports of the fit.
+        guard_summaries: ``ExplosionGuard.summary()`` of each guard.
+        next_steps: advice by finding code (and :data:`GUARD_STOPPED`, :data:`GUARD_INTERVENED`) in the terms
+            of how the user runs, e.g. ``{"init.scale": "rerun with model.init=he"}`` from a Hydra example;
+            codes without an entry get the finding's own recommendation.
+        files: report files written, listed so the user knows where the details are.
+        max_steps_shown: at most this many distinct suggestions, most severe first.
+
+    Example::
+
+        console_print(*fit_summary([audit.report], [guard.summary()]), trainer=trainer)
+    """
+    from rich.table import Table
+
+    next_steps = dict(next_steps or {})
+    findings = sorted(
+        ((f, r.source) for r in reports for f in r.findings),
+        key=lambda pair: -SEVERITIES.index(pair[0].severity),
+    )
+    counts: dict[str, int] = {}
+    stopped = [g["stop_reason"] for g in guard_summaries if g.get("stopped")]
+    for guard in guard_summaries:
+        for entry in guard.get("optimizers", {}).values():
+            for name, count in entry.get("counts", {}).items():
+                counts[name] = counts.get(name, 0) + int(count)
+    if not findings and not counts and not stopped:
+        return ["[green]Gradient stability:[/] no findings, and the guard took no action."
+                if guard_summaries else "[green]Gradient stability:[/] no findings."]
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    colours = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+    by_source: dict[str, list[str]] = {}
+    for finding, source in findings:
+        entry = f"[{colours[finding.severity]}]{finding.code}[/] ({finding.severity})"
+        if entry not in by_source.setdefault(source, []):
+            by_source[source].append(entry)
+    found = "; ".join(f"{source}: {', '.join(entries)}" for source, entries in by_source.items())
+    grid.add_row("found", found or "no findings")
+    if guard_summaries:
+        actions = " ".join(f"{name}={count}" for name, count in sorted(counts.items())) or "no action"
+        grid.add_row("guard", actions + (f"; [bold red]stopped:[/] {stopped[0]}" if stopped else ""))
+    suggestions: list[str] = []
+    if stopped:
+        suggestions.append(next_steps.get(GUARD_STOPPED, _GUARD_NEXT_STEPS[GUARD_STOPPED]))
+    elif any(counts.get(name) for name in _INTERVENTIONS):
+        suggestions.append(next_steps.get(GUARD_INTERVENED, _GUARD_NEXT_STEPS[GUARD_INTERVENED]))
+    advised: set[str] = set()
+    for finding, _ in findings:
+        if finding.code in advised or (finding.severity == "info" and suggestions):
+            continue
+        advised.add(finding.code)
+        suggestion = next_steps.get(finding.code, f"{finding.code}: {finding.recommendation}")
+        if suggestion not in suggestions:
+            suggestions.append(suggestion)
+    for index, suggestion in enumerate(suggestions[:max_steps_shown]):
+        grid.add_row("next" if index == 0 else "", f"- {suggestion}")
+    if files:
+        grid.add_row("details", ", ".join(files))
+    return ["[bold]Gradient stability: what this fit found[/]", grid]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -153,3 +154,70 @@ def validate_flag(value: object, argument: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{argument}` must be a bool, got {value!r}")
     return value
+
+
+@dataclass
+class _ConsoleState:
+    next_steps: dict[str, str] = field(default_factory=dict)
+    summary_printed_at_step: int | None = None
+
+
+_CONSOLE: weakref.WeakKeyDictionary[pl.Trainer, _ConsoleState] = weakref.WeakKeyDictionary()
+_REPORT_FILES = (
+    "gradstab_init_audit.json",
+    "gradstab_advisor.json",
+    "gradstab_guard_summary.json",
+    "gradstab_guard_events.jsonl",
+)
+
+
+def _console_state(trainer: pl.Trainer) -> _ConsoleState:
+    if trainer not in _CONSOLE:
+        _CONSOLE[trainer] = _ConsoleState()
+    return _CONSOLE[trainer]
+
+
+def set_next_steps(trainer: pl.Trainer, next_steps: dict[str, str]) -> None:
+    """Phrase the end-of-fit summary's advice for how this run is configured (finding code -> sentence).
+
+    The suite's default advice is Python (``InitAudit(fix=True)``, "use He init"); a launcher that configures
+    the model differently, e.g. a Hydra script, registers its own terms here (``"rerun with model.init=he"``).
+    Call it on every process that trains (a callback's ``setup`` does), before the fit ends.
+
+    Example::
+
+        set_next_steps(trainer, {"init.scale": "rerun with `model.init=he`"})
+    """
+    _console_state(trainer).next_steps = dict(next_steps)
+
+
+def print_fit_summary(trainer: pl.Trainer) -> None:
+    """Print :func:`~lightning_gradstab.report.fit_summary` once per fit, on global rank 0.
+
+    Every suite callback calls it from ``teardown``; the first call prints (after every callback's
+    ``on_fit_end``, so after the guard's table), the others find it printed.
+    """
+    if trainer.global_rank != 0:
+        return
+    from lightning_gradstab.callbacks.advisor import ArchitectureAdvisor
+    from lightning_gradstab.callbacks.guard import ExplosionGuard
+    from lightning_gradstab.callbacks.init_audit import InitAudit
+    from lightning_gradstab.report import console_print, fit_summary
+
+    state = _console_state(trainer)
+    if state.summary_printed_at_step == trainer.global_step:
+        return
+    state.summary_printed_at_step = trainer.global_step
+    reports = [
+        c.report for c in trainer.callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
+    ]
+    guards = [c.summary() for c in trainer.callbacks if isinstance(c, ExplosionGuard) and c.policies]
+    if not reports and not guards:
+        return
+    logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here
+    directory = getattr(logger, "log_dir", None) or trainer.default_root_dir
+    files = [str(path) for name in _REPORT_FILES if (path := Path(directory) / name).exists()]
+    try:
+        console_print(*fit_summary(reports, guards, state.next_steps, files), trainer=trainer)
+    except Exception as error:  # a broken console must not take the run down
+        rank_zero_warn(f"lightning_gradstab: printing the fit summary failed: {error!r}")

@@ -149,6 +149,7 @@ class ArchitectureAdvisor(ReportingCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # the end-of-fit summary, printed once
         forget_trainer(trainer)
 
     def _advise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, window_complete: bool) -> None:

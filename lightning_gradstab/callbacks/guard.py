@@ -27,11 +27,13 @@ from lightning_gradstab.callbacks._shared import (
     log_metrics,
     logging_step,
     optimizer_index,
+    print_fit_summary,
     tensorboard_writers,
     validate_flag,
     validate_interval,
 )
 from lightning_gradstab.policy import RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction
 
 # what every decision needs, and how each value combines across ranks
@@ -331,10 +333,12 @@ class ExplosionGuard(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_summary(trainer)
         if self.console_summary and trainer.global_rank == 0 and self.policies:
-            _print_summary(self.summary())
+            _print_summary(self.summary(), trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            print_fit_summary(trainer)  # the suite's one end-of-fit summary, printed by whichever callback is first
         for optimizer, _ in list(self._saved_lrs.values()):
             self._restore_lr(optimizer)
         for handle in self._step_hooks.values():
@@ -422,8 +426,7 @@ def restore_training_state(
             group.update(values)
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
+def _print_summary(summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:
     from rich.table import Table
 
     table = Table(title="ExplosionGuard summary")
@@ -439,7 +442,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
         level = f"{entry['final_level']} ({entry['final_rung']})"
         table.add_row(index, level, f"{entry['lr_scale']:.3g}", actions, spikes or "none")
-    console = Console()
-    console.print(table)
-    if summary["stopped"]:
-        console.print(f"[bold red]stopped:[/] {summary['stop_reason']}")
+    stop = [f"[bold red]stopped:[/] {summary['stop_reason']}"] if summary["stopped"] else []
+    console_print(table, *stop, trainer=trainer)  # through the progress bar, which would draw over it

@@ -17,6 +17,7 @@ from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
     check_state_version,
     logging_step,
+    print_fit_summary,
     tensorboard_writers,
     validate_flag,
 )
@@ -43,6 +44,11 @@ class ReportingCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = report_directory(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            print_fit_summary(trainer)
 
 
 class InitAudit(ReportingCallback):
@@ -230,7 +236,7 @@ def publish_report(trainer: pl.Trainer, report: Report, directory: Path | None, 
     if trainer.global_rank != 0:
         return
     try:
-        report.print()
+        report.print(trainer=trainer)  # through the progress bar, which would draw over it
         step = logging_step(trainer)
         for writer in tensorboard_writers(trainer):
             writer.add_text("gradstab/findings", report.to_markdown(), step)

@@ -21,6 +21,7 @@ from lightning_gradstab.callbacks._shared import (
     logging_step,
     optimizer_index,
     parameter_layout,
+    print_fit_summary,
     tensorboard_writers,
     validate_flag,
     validate_interval,
@@ -269,6 +270,7 @@ class GradNormMonitor(Callback):
         self._hook_handles.clear()
         self._weights_before.clear()
         self._trainer = None
+        print_fit_summary(trainer)  # the suite's one end-of-fit summary (printed once)
         forget_trainer(trainer)
 
     @override

@@ -1,0 +1,134 @@
+"""The console a user sees: the suite's tables survive Lightning's progress bars and piped output stays readable.
+
+A tiny fit (``tests/scripts/console_fit.py``) runs under a pseudo-terminal with ``RichProgressBar`` and with
+``TQDMProgressBar``; its bytes are replayed on a ``pyte`` terminal emulator, whose final screen is what a person
+would read. Each table must be there whole: title, top border, every row between the borders, bottom border,
+every line the same width (a bar redrawn over a table shifts or cuts its lines).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from rich.table import Table
+
+from lightning_gradstab.report import GUARD_STOPPED, Finding, Report, fit_summary, render_text
+
+pyte = pytest.importorskip("pyte")
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS, ROWS = 120, 400
+
+
+def _start_under_pty(bar: str, out_dir: Path) -> tuple[subprocess.Popen, int]:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM_PROGRAM"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "scripts" / "console_fit.py"), bar, str(out_dir)],
+        stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+    )
+    os.close(slave)
+    return process, master
+
+
+def _screen(process: subprocess.Popen, master: int) -> list[str]:
+    screen = pyte.Screen(COLUMNS, ROWS)
+    stream = pyte.ByteStream(screen)
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        stream.feed(data)
+    os.close(master)
+    assert process.wait(timeout=120) == 0, "\n".join(screen.display)
+    return [line.rstrip() for line in screen.display]
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory) -> dict[str, list[str]]:
+    """Both fits run at once (each is mostly interpreter start-up); the final screen of each."""
+    started = {bar: _start_under_pty(bar, tmp_path_factory.mktemp(bar)) for bar in ("rich", "tqdm")}
+    return {bar: _screen(*started[bar]) for bar in started}
+
+
+def whole_table(lines: list[str], title: str) -> tuple[int, str]:
+    """The line index of the table titled ``title`` and its text, after checking that it is intact."""
+    starts = [index for index, line in enumerate(lines) if line.strip() == title]
+    assert len(starts) == 1, f"{title!r} should be on the screen once:\n" + "\n".join(lines)
+    top = starts[0] + 1
+    assert lines[top].startswith("┏"), f"no top border under {title!r}:\n" + "\n".join(lines[top - 1 : top + 5])
+    bottom = next(index for index in range(top, len(lines)) if lines[index].startswith("└"))
+    block = lines[top : bottom + 1]
+    for line in block:
+        assert line[0] in "┏┃┡│├└" and line[-1] in "┓┃┩│┤┘", f"a line of {title!r} is cut:\n" + "\n".join(block)
+        assert "it/s" not in line, f"the progress bar drew into {title!r}:\n" + "\n".join(block)
+    assert len({len(line) for line in block}) == 1, f"{title!r} is misaligned:\n" + "\n".join(block)
+    return starts[0], "\n".join(block)
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+def test_guard_and_advisor_tables_are_whole_on_the_screen_under_the_progress_bar(screens, bar):
+    lines = screens[bar]
+    audit_at, audit = whole_table(lines, "Gradient stability: StalledMLP (InitAudit)")
+    advisor_at, advisor = whole_table(lines, "Gradient stability: StalledMLP (ArchitectureAdvisor)")
+    guard_at, guard = whole_table(lines, "ExplosionGuard summary")
+    assert "init.scale" in audit
+    assert "arch.residual" in advisor and "arch.normalization" in advisor
+    assert "│ 0 " in guard and "1 (clip)" in guard  # the one optimizer's row, at its resting level
+    summary_at = lines.index("Gradient stability: what this fit found")
+    assert audit_at < advisor_at < guard_at < summary_at, "the one summary comes last, after every table"
+    assert sum("what this fit found" in line for line in lines) == 1
+    assert any(line.startswith("next") and "init.scale" in line for line in lines[summary_at:])
+
+
+def _findings_table() -> Table:
+    recommendation = "Re-initialise network.1 ... network.29 with He/Kaiming normal (std = sqrt(2/fan_in)). " * 2
+    finding = Finding("init.scale", "error", ("network.1", "network.29"), {"signal": 3.8e-5}, recommendation.strip())
+    return Report([finding], model="MLP").to_rich_table()
+
+
+def test_piped_output_keeps_each_row_on_one_line_without_colour_codes():
+    text = render_text(_findings_table(), terminal=False)
+    rows = [line for line in text.splitlines() if "init.scale" in line]
+    assert len(rows) == 1 and "sqrt(2/fan_in)). Re-initialise" in rows[0]  # the whole sentence, unwrapped
+    assert "\x1b[" not in text
+
+
+def test_terminal_output_fits_the_terminal_width():
+    text = render_text(_findings_table(), terminal=True, width=70)
+    plain = [line for line in text.splitlines() if line.strip()]
+    import re
+
+    visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in plain]
+    assert max(len(line) for line in visible) <= 70 and len(visible) > 5
+
+
+def test_fit_summary_says_what_was_found_and_what_to_do_in_the_callers_terms():
+    finding = Finding("init.scale", "error", ("network.1",), {}, "Use He init.")
+    guard = {"stopped": True, "stop_reason": "NaN at step 7", "optimizers": {"0": {"counts": {"skip": 3}}}}
+    hydra_terms = {"init.scale": "rerun with `model.init=he`", GUARD_STOPPED: "lower `optim.optimizer.lr`"}
+    text = render_text(*fit_summary([Report([finding], source="InitAudit")], [guard], hydra_terms), terminal=False)
+    assert "InitAudit: init.scale (error)" in text
+    assert "skip=3" in text and "stopped: NaN at step 7" in text
+    assert "- lower `optim.optimizer.lr`" in text and "- rerun with `model.init=he`" in text
+    assert "Use He init." not in text  # the caller's terms replace the Python advice
+
+
+def test_a_clean_fit_gets_one_line():
+    (line,) = render_text(*fit_summary([Report([], source="InitAudit")], [{"optimizers": {}}]), terminal=False)\
+        .splitlines()
+    assert line == "Gradient stability: no findings, and the guard took no action."
