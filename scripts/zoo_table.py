@@ -1,0 +1,138 @@
+"""Diagnose every model of the test zoo and write the results table (docs/results/zoo.md).
+
+For each stock architecture, good-practice init and known-bad control: parameters, the findings of
+``diagnose()`` (severity code (number of modules)), the time of ``diagnose()`` and of one plain forward +
+backward of the same model on the same batch, whose ratio is diagnose()'s cost. Run from the repository root:
+
+    OMP_NUM_THREADS=1 python scripts/zoo_table.py --output docs/results/zoo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_gradstab import diagnose  # noqa: E402
+from tests.zoo import CONTROLS, GOOD, STOCK  # noqa: E402
+
+
+def _call(model: torch.nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def forward_backward_seconds(model: torch.nn.Module, batch: Any, repeats: int = 3) -> float:
+    """Best of ``repeats`` plain forward + backward passes (random output direction, like diagnose's)."""
+    from torch.utils._pytree import tree_leaves
+
+    best = float("inf")
+    model.train()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = [t for t in tree_leaves(_call(model, batch)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        loss = sum((t.float() * torch.randn_like(t, dtype=torch.float32)).sum() for t in outputs)
+        loss.backward()
+        best = min(best, time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return best
+
+
+def diagnose_seconds(model: torch.nn.Module, batch: Any, repeats: int = 3) -> tuple[Any, float]:
+    best, report = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        report = diagnose(model, batch)
+        best = min(best, time.perf_counter() - start)
+    return report, best
+
+
+def _findings(report: Any) -> str:
+    parts = [f"{f.severity} `{f.code}` ({len(f.modules)})" for f in report.findings]
+    return ", ".join(parts) or "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
+    parser.add_argument("--title", default="after")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    rows: list[str] = []
+    summary = {"stock": [0, 0, 0], "good": [0, 0, 0]}
+    largest = (0, "", 0.0, 0.0)
+    for group, entries in (("stock", STOCK), ("good", GOOD), ("control", CONTROLS)):
+        for entry in entries:
+            model, batch = entry()
+            parameters = sum(p.numel() for p in model.parameters())
+            report, seconds = diagnose_seconds(model, batch)
+            step = forward_backward_seconds(model, batch)
+            if group in summary:
+                errors = sum(f.severity == "error" for f in report.findings)
+                warns = sum(f.severity == "warning" for f in report.findings)
+                summary[group][0] += 1
+                summary[group][1] += errors
+                summary[group][2] += warns
+            if parameters > largest[0]:
+                largest = (parameters, entry.name, seconds, step)
+            note = getattr(entry, "fault", None) or entry.source
+            expected = getattr(entry, "expected", {})
+            cited = "; ".join(f"`{code}`: {why}" for code, why in expected.items() if isinstance(why, str))
+            reduced = getattr(entry, "reduced", "")
+            rows.append(
+                f"| {group} | {entry.name} | {note}{' (' + reduced + ')' if reduced else ''} | {parameters:,} | "
+                f"{_findings(report)}{' - ' + cited if cited else ''} | {seconds:.3f} | {step:.3f} | "
+                f"{seconds / step:.1f} |"
+            )
+            print(rows[-1], flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import lightning
+    import transformers
+
+    lines = [
+        f"# Diagnosis zoo ({args.title})",
+        "",
+        f"- command: `OMP_NUM_THREADS=1 python scripts/zoo_table.py --output {args.output.resolve().relative_to(ROOT)}"
+        f"{' --title ' + repr(args.title) if args.title != 'after' else ''}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu}, {torch.get_num_threads()} thread(s) of {len(__import__('os').sched_getaffinity(0))} cores",
+        f"- versions: torch {torch.__version__}, lightning {lightning.__version__}, transformers "
+        f"{transformers.__version__}, Python {platform.python_version()}",
+        "- times: best of 3; `fwd+bwd` is one plain forward + backward of the same model and batch; "
+        "`ratio` = diagnose / fwd+bwd",
+        "",
+        f"Stock models: {summary['stock'][0]}, error-level findings {summary['stock'][1]}, warning-level findings "
+        f"{summary['stock'][2]}. Good-practice inits: {summary['good'][0]}, errors {summary['good'][1]}, warnings "
+        f"{summary['good'][2]}. Largest model: {largest[1]} ({largest[0]:,} parameters), diagnose "
+        f"{largest[2]:.3f} s = {largest[2] / largest[3]:.1f}x one forward + backward ({largest[3]:.3f} s).",
+        "",
+        "| group | model | built from (reduced size) | parameters | findings (modules named) | diagnose s | "
+        "fwd+bwd s | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
