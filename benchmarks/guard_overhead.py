@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/guard_overhead.py                  # CPU, both workloads, markdown table
     python benchmarks/guard_overhead.py --repetitions 7 --steps 80
+    python benchmarks/guard_overhead.py --device cuda --workloads mlp gpt-small
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.harness import (
+    WORKLOADS,
     HookClock,
     StepTiming,
     Workload,
     foreach_norm_floor,
-    gpt_workload,
     interleaved_medians,
     machine_description,
-    mlp_workload,
+    require_device,
     time_fit,
 )
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
@@ -60,7 +61,9 @@ def measure(workload: Workload, repetitions: int, steps: int, accelerator: str) 
         monitor_clock = HookClock(monitor, "on_before_optimizer_step")
         timing = time_fit(workload, [monitor, guard], timed_callback=guard, steps=steps, accelerator=accelerator)
         guard_hook_seconds.append(timing.hook_seconds)
-        return StepTiming(timing.step_seconds, timing.hook_seconds + monitor_clock.mean_seconds(skip=10))
+        return StepTiming(
+            timing.step_seconds, timing.hook_seconds + monitor_clock.mean_seconds(skip=10), timing.peak_memory_bytes
+        )
 
     timings = interleaved_medians(
         {"baseline": baseline, "monitor": monitor, "monitor+guard": monitor_and_guard}, repetitions
@@ -101,13 +104,17 @@ def _bytes(value: object) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--workloads", nargs="+", choices=sorted(WORKLOADS), default=["mlp", "gpt"], help="gpt-small: ~110M params"
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared box quiet)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_device(args.device)
     torch.set_num_threads(args.threads)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     print(f"Machine: {machine_description()}; {args.repetitions} interleaved repetitions x {args.steps} steps\n")
@@ -116,8 +123,8 @@ def main() -> None:
         "| guard's own hook (ms, x floor) | step ratio monitor / +guard vs baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    snapshots = []
-    for workload in (mlp_workload(), gpt_workload()):
+    snapshots, peaks = [], []
+    for workload in (WORKLOADS[key]() for key in args.workloads):
         floor = foreach_norm_floor(workload, steps=args.steps, accelerator=accelerator)
         timings, guard_seconds = measure(workload, args.repetitions, args.steps, accelerator)
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
@@ -129,6 +136,7 @@ def main() -> None:
             f"| {monitor.step_seconds / base.step_seconds:.3f} / {both.step_seconds / base.step_seconds:.3f} |"
         )
         snapshots.append((workload, *snapshot_cost(workload, args.device)))
+        peaks.append((workload, base, monitor, both))
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
     print(
         f"\n| workload | first snapshot (ms) | refresh (ms) | refresh per step at snapshot_every={snapshot_every} "
@@ -141,6 +149,11 @@ def main() -> None:
             f"| {workload.name} | {first * 1e3:.1f} | {refresh * 1e3:.1f} | {refresh * 1e3 / snapshot_every:.3f} "
             f"| {size / 2**20:.1f} | {peak} |"
         )
+    if args.device == "cuda":
+        print("\n| workload | peak accelerator memory (MiB) baseline | monitor | monitor+guard |")
+        print("|---|---:|---:|---:|")
+        for workload, *timings in peaks:
+            print(f"| {workload.name} | " + " | ".join(f"{t.peak_memory_bytes / 2**20:.1f}" for t in timings) + " |")
 
 
 if __name__ == "__main__":

@@ -100,16 +100,46 @@ def mlp_workload(depth: int = 150, width: int = 128, batch: int = 64) -> Workloa
     )
 
 
-def gpt_workload(batch: int = 4, context: int = 32, **gpt_kwargs) -> Workload:
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
+
+def gpt_workload(batch: int = 4, context: int = 32, **gpt_kwargs) -> Workload:
     return Workload(
         "GPT (pre-LN, 6x384)",
         lambda: TinyGPT(context=context, **gpt_kwargs),
         lambda: (torch.randint(0, 256, (batch, context)), torch.randint(0, 256, (batch, context))),
-        loss,
+        _next_token_loss,
     )
+
+
+def gpt_small_workload(batch: int = 8, context: int = 256, vocab: int = 16384) -> Workload:
+    """GPT-2-small shape (12 layers x 768, 12 heads) with a 16k vocabulary: about 110M parameters, enough
+    that a pass over the gradients is bound by memory bandwidth on an accelerator, not by kernel launches."""
+    return Workload(
+        f"GPT-small (pre-LN, 12x768, vocab {vocab})",
+        lambda: TinyGPT(vocab=vocab, dim=768, layers=12, heads=12, context=context),
+        lambda: (torch.randint(0, vocab, (batch, context)), torch.randint(0, vocab, (batch, context))),
+        _next_token_loss,
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "mlp": mlp_workload,
+    "gpt": gpt_workload,
+    "gpt-small": gpt_small_workload,
+}
+"""The benchmarks' ``--workloads`` choices."""
+
+
+def require_device(device: str) -> None:
+    """Exit with a message naming the fix when ``--device cuda`` is asked for on a machine without CUDA."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device cuda needs a CUDA device, but torch {torch.__version__} sees none "
+            "(torch.cuda.is_available() is False): run on a GPU machine with a CUDA build of torch, or pass "
+            "--device cpu."
+        )
 
 
 class BenchModule(pl.LightningModule):
@@ -187,6 +217,8 @@ class StepTiming:
 
     step_seconds: float
     hook_seconds: float
+    peak_memory_bytes: int = 0
+    """Peak accelerator memory allocated during the fit (0 on CPU)."""
 
 
 def time_fit(
@@ -220,8 +252,13 @@ def time_fit(
     )
     module = BenchModule(workload, lightning_recipe)
     clock = HookClock(timed_callback or module, "on_before_optimizer_step")
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_dataloaders=loader)
-    return StepTiming(timer.median_step_seconds(), clock.mean_seconds(skip=warmup))
+    peak = torch.cuda.max_memory_allocated() if on_cuda else 0
+    return StepTiming(timer.median_step_seconds(), clock.mean_seconds(skip=warmup), peak)
 
 
 class ForeachNormFloor(Callback):
@@ -254,7 +291,9 @@ def interleaved_medians(configs: dict[str, Callable[[], StepTiming]], repetition
             samples[name].append(run())
     return {
         name: StepTiming(
-            statistics.median(t.step_seconds for t in timings), statistics.median(t.hook_seconds for t in timings)
+            statistics.median(t.step_seconds for t in timings),
+            statistics.median(t.hook_seconds for t in timings),
+            max(t.peak_memory_bytes for t in timings),
         )
         for name, timings in samples.items()
     }
@@ -263,7 +302,7 @@ def interleaved_medians(configs: dict[str, Callable[[], StepTiming]], repetition
 def machine_description() -> str:
     """One line naming the machine the numbers came from."""
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
+        device = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU)"
     else:
         device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     return f"{device}; torch {torch.__version__}, lightning {pl.__version__}, {torch.get_num_threads()} threads"

@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/overhead.py                 # CPU, both workloads, markdown table
     python benchmarks/overhead.py --repetitions 7 --steps 80
+    python benchmarks/overhead.py --device cuda --workloads mlp gpt-small   # adds peak accelerator memory
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.harness import (
+    WORKLOADS,
     ForeachNormFloor,
     StepTiming,
-    gpt_workload,
     interleaved_medians,
     machine_description,
-    mlp_workload,
+    require_device,
     time_fit,
 )
 from lightning_gradstab import GradNormMonitor
@@ -103,24 +104,41 @@ def markdown_table(rows: list[tuple[str, int, int, dict[str, StepTiming], float]
     return "\n".join(lines)
 
 
+def memory_table(rows: list[tuple[str, int, int, dict[str, StepTiming], float]]) -> str:
+    """Peak accelerator memory of each configuration (the most any repetition allocated)."""
+    keys = ("baseline", "recipe", "monitor", "monitor-per-param")
+    lines = [
+        "| workload | peak accelerator memory (MiB) baseline | recipe | monitor | monitor per-param |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, _, _, timings, _ in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{timings[k].peak_memory_bytes / 2**20:.1f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workloads", nargs="+", choices=["mlp", "gpt"], default=["mlp", "gpt"])
+    parser.add_argument(
+        "--workloads", nargs="+", choices=sorted(WORKLOADS), default=["mlp", "gpt"], help="gpt-small: ~110M params"
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared box quiet)")
     args = parser.parse_args(argv)
+    require_device(args.device)
     torch.set_num_threads(args.threads)
-    factories = {"mlp": mlp_workload, "gpt": gpt_workload}
     rows = []
     for key in args.workloads:
-        workload = factories[key]()
+        workload = WORKLOADS[key]()
         timings, floor = measure(workload, args.repetitions, args.steps, args.device)
         rows.append((workload.name, workload.parameter_tensors(), workload.parameter_count(), timings, floor))
     print(f"Machine: {machine_description()}")
     print(f"Median of {args.repetitions} interleaved repetitions of {args.steps} steps each.\n")
     print(markdown_table(rows))
+    if args.device == "cuda":
+        print()
+        print(memory_table(rows))
 
 
 if __name__ == "__main__":
