@@ -33,7 +33,7 @@ def plot_panels(run_dir: Path, output: Path) -> list[str]:
     from matplotlib.image import imread
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_gradstab.tensorboard import _LAYOUT_CHARTS
+    from lightning_gradstab.tensorboard import CHARTS, HEATMAP_TAG
 
     events = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
     if not events:
@@ -42,12 +42,12 @@ def plot_panels(run_dir: Path, output: Path) -> list[str]:
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
     charts = []
-    for title, (_, patterns) in _LAYOUT_CHARTS.items():
+    for title, patterns in CHARTS.items():
         matched = [tag for tag in tags if any(re.match(pattern, tag) for pattern in patterns)]
         if matched:
             stride = max(1, len(matched) // MAX_LINES_PER_CHART)
             charts.append((title, matched[::stride]))
-    images = accumulator.Tags()["images"]
+    images = sorted(accumulator.Tags()["images"], key=lambda tag: not tag.startswith(HEATMAP_TAG))  # heat map first
     panels = len(charts) + bool(images)
     columns = 2
     rows = (panels + columns - 1) // columns
@@ -59,7 +59,7 @@ def plot_panels(run_dir: Path, output: Path) -> list[str]:
             values = [point.value for point in points]
             positive = all(value > 0 for value in values)
             axes.plot([point.step for point in points], values, label=tag.removeprefix("gradstab/"), linewidth=1)
-            if positive and title not in ("guard level and actions", "non-finite gradients"):
+            if positive and not title.startswith(("guard", "non-finite", "log10")):
                 axes.set_yscale("log")
         axes.set_title(title)
         axes.set_xlabel("step")

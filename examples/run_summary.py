@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from examples.divergence import StopWhenDiverged
 from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, InitAudit
+from lightning_gradstab.callbacks._shared import set_next_steps
 
 FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 SUMMARY_FILE = "summary.json"
@@ -104,17 +105,25 @@ class RunSummary(Callback):
     Args:
         output_dir: the job's directory; the file is ``output_dir/summary.json``.
         metadata: identifies the run in sweep tables (name, overrides, config-group choices).
+        next_steps: the suite's end-of-fit advice in this run's terms (finding code -> sentence), registered
+            in ``setup``, which runs in every training process (``ddp_spawn`` ranks too).
 
     Example::
 
         trainer = pl.Trainer(callbacks=[StopWhenDiverged(), RunSummary(Path("out"), {"name": "demo"})])
     """
 
-    def __init__(self, output_dir: Path, metadata: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, metadata: dict[str, Any], next_steps: dict[str, str] | None = None) -> None:
         self.path = Path(output_dir) / SUMMARY_FILE
         self.metadata = dict(metadata)
+        self.next_steps = dict(next_steps or {})
         self.curves: dict[str, list[float | None]] = {name: [] for name in ("epoch", *FINAL_METRICS)}
         self.started_at = time.perf_counter()
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.next_steps:
+            set_next_steps(trainer, self.next_steps)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

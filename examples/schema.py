@@ -1,10 +1,11 @@
 """Structured-config schemas for ``conf/``: a typo or a wrong type fails when Hydra composes, not mid-run.
 
 Each YAML option of a typed group starts its defaults list with one of the schemas stored here (e.g.
-``conf/model/mlp.yaml`` with ``- mlp_schema``), so OmegaConf knows every key and its type: ``model.depht=3``
-is refused as an unknown key and ``model.depth=deep`` as a value that is not an int, both before any data is
-loaded. The ``gradstab`` group has no schema here on purpose: its options are the callbacks' constructor
-arguments, which the callbacks validate themselves when they are instantiated, first thing in the run.
+``conf/model/mlp.yaml`` with ``- /schema/model/stack@_here_``), so OmegaConf knows every key and its type:
+``model.depht=3`` is refused as an unknown key and ``model.depth=deep`` as a value that is not an int, both
+before any data is loaded. The ``gradstab`` group has no schema here on purpose: its options are the callbacks'
+constructor arguments, which the callbacks validate themselves when they are instantiated, first thing in the
+run.
 
 Example::
 
@@ -198,18 +199,20 @@ class ExampleSchema:
 
 
 _SCHEMAS: dict[tuple[str | None, str], type] = {
+    # stored under schema/<group>/, not in the groups themselves: a wrong choice (`task=foo`) then lists only
+    # the real options of the group, not the schemas
     (None, "example_schema"): ExampleSchema,
-    ("task", "digits_schema"): DigitsTaskSchema,
-    ("task", "rnn_schema"): SequenceTaskSchema,
-    ("task", "lm_schema"): CharLMTaskSchema,
-    ("model", "stack_schema"): StackSchema,
-    ("model", "rnn_schema"): RecurrentSchema,
-    ("model", "gpt_schema"): GPTSchema,
-    ("optim", "sgd_schema"): SGDOptimSchema,
-    ("optim", "adamw_schema"): AdamWOptimSchema,
-    ("trainer", "trainer_schema"): TrainerSchema,
-    ("logger", "tensorboard_schema"): TensorBoardSchema,
-    ("logger", "csv_schema"): CSVSchema,
+    ("schema/task", "digits"): DigitsTaskSchema,
+    ("schema/task", "rnn"): SequenceTaskSchema,
+    ("schema/task", "lm"): CharLMTaskSchema,
+    ("schema/model", "stack"): StackSchema,
+    ("schema/model", "rnn"): RecurrentSchema,
+    ("schema/model", "gpt"): GPTSchema,
+    ("schema/optim", "sgd"): SGDOptimSchema,
+    ("schema/optim", "adamw"): AdamWOptimSchema,
+    ("schema/trainer", "trainer"): TrainerSchema,
+    ("schema/logger", "tensorboard"): TensorBoardSchema,
+    ("schema/logger", "csv"): CSVSchema,
 }
 
 

@@ -1,23 +1,32 @@
 """Hydra callback: after a multirun, one table of every job's ``summary.json`` and a comparison figure.
 
-Written into the sweep directory: ``summary.md`` (Markdown table), ``summary.csv`` and ``summary.png``
-(training-loss curves and final validation accuracy per job); the table is also printed with rich. A job
-that failed or diverged is a row saying so; a job that left no summary at all is a row "missing".
+Written into the sweep directory: ``summary.md`` (Markdown table), ``summary.csv``, ``summary.png``
+(training-loss curves and final validation accuracy per job) and ``results.md`` (the table the docs quote:
+the command, date, machine and versions, then the rows without wall time, which varies from run to run). The
+same rows are printed on the console, each run named by the overrides that tell it apart, never truncated.
+A job that failed or diverged is a row saying so; a job that left no summary at all is a row "missing". When a
+job failed or is missing, its overrides and error are printed in red and the sweep exits with status 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import json
 import math
+import os
+import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
+
+from lightning_gradstab.report import console_print
 
 COLUMNS = (
     "job",
@@ -32,6 +41,13 @@ COLUMNS = (
     "findings",
     "wall_time_s",
 )
+
+
+RESULT_COLUMNS = ("run", "status", "train/loss", "train/acc", "val/loss", "val/acc", "guard_actions", "findings")
+"""The columns of ``results.md``: what a run ended with, reproducible to the digit on the same machine kind."""
+
+FAILED = ("failed", "missing")
+"""Statuses that make the sweep exit non-zero (``diverged`` and ``stopped by guard`` are outcomes, not errors)."""
 
 
 def _format(value: Any) -> str:
@@ -96,16 +112,56 @@ def label_runs(rows: list[dict[str, Any]]) -> None:
         row["run"] = " ".join(distinct) or row["job"]
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a GitHub Markdown table (the format the README's experiment tables use).
+def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """The rows as a GitHub Markdown table (the format the docs' experiment tables use).
 
     Example::
 
         (sweep_dir / "summary.md").write_text(markdown_table(rows))
     """
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_format(row.get(column)) for column in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def machine_description() -> str:
+    """CPU model, core count, OS and the torch / Lightning versions (read lazily: they load slowly)."""
+    import lightning
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # Linux names the model; elsewhere keep platform's
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
+            f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}")
+
+
+def results_document(rows: list[dict[str, Any]], command: str) -> str:
+    """``results.md``: how the table was made (command, date, machine), then the table.
+
+    Example::
+
+        (sweep_dir / "results.md").write_text(results_document(rows, "python examples/train.py -m experiment=he2015"))
+    """
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = [f"`{command}`", "", f"Date: {date}", "", f"Machine: {machine_description()}", ""]
+    return "\n".join(header) + "\n" + markdown_table(rows, RESULT_COLUMNS)
+
+
+def console_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The rows for the console; the ``run`` column (what tells the jobs apart) wraps, never truncates."""
+    table = Table(title=title)
+    for column in ("job", *RESULT_COLUMNS, "wall_time_s"):
+        longest = max((len(_format(row.get(column))) for row in rows), default=0)
+        table.add_column(column, overflow="fold", min_width=min(longest, 40) if column == "run" else None)
+    for row in rows:
+        status = _format(row.get("status"))
+        style = "bold red" if status in FAILED else ("yellow" if status != "finished" else "")
+        cells = [_format(row.get(column)) for column in ("job", *RESULT_COLUMNS, "wall_time_s")]
+        cells[2] = f"[{style}]{status}[/]" if style else status
+        table.add_row(*cells)
+    return table
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -180,11 +236,14 @@ class SweepSummary(Callback):
         (sweep_dir / "summary.md").write_text(markdown_table(rows))
         write_csv(rows, sweep_dir / "summary.csv")
         comparison_figure(rows, sweep_dir / "summary.png")
-        table = Table(title=f"sweep {sweep_dir}")
-        for column in COLUMNS:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(_format(row.get(column)) for column in COLUMNS))
-        console = Console(width=max(Console().width, 140))
-        console.print(table)
-        console.print(f"written: {sweep_dir / 'summary.md'}, summary.csv, summary.png")
+        command = " ".join(["python examples/train.py", *sys.argv[1:]])
+        (sweep_dir / "results.md").write_text(results_document(rows, command))
+        console_print(console_table(rows, f"sweep {sweep_dir}"))
+        failed = [row for row in rows if row["status"] in FAILED]
+        for row in failed:
+            console_print(f"[bold red]job {row['job']} {row['status']}:[/] {row.get('overrides') or row['run']}\n"
+                          f"  {row.get('error') or 'no summary.json: the job died before writing one'}")
+        console_print(f"written: {sweep_dir / 'summary.md'}, summary.csv, summary.png, results.md")
+        if failed:
+            # Hydra ends the process normally after the sweep: exit non-zero so scripts and CI see the failure
+            raise SystemExit(f"{len(failed)} of {len(rows)} jobs failed (see above)")

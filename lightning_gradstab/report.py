@@ -335,7 +335,8 @@ def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> 
             console.print(renderable, width=max(1, min(natural, MAX_PLAIN_WIDTH)))
         else:
             console.print(renderable)
-    return console.file.getvalue()
+    text = console.file.getvalue()
+    return text if terminal else "".join(line.rstrip() + "\n" for line in text.splitlines())
 
 
 def _is_terminal(stream: Any) -> bool:

@@ -34,7 +34,9 @@ TINY = [
 ]
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_train(
+    tmp_path: Path, *overrides: str, timeout: float = 240, returncode: int = 0
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     env.pop("LOCAL_RANK", None)
     completed = subprocess.run(
@@ -45,7 +47,9 @@ def run_train(tmp_path: Path, *overrides: str, timeout: float = 240) -> subproce
         text=True,
         timeout=timeout,
     )
-    assert completed.returncode == 0, f"train.py failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    assert completed.returncode == returncode, (
+        f"train.py exited {completed.returncode}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    )
     return completed
 
 
@@ -53,13 +57,17 @@ def read_summary(job_dir: Path) -> dict:
     return json.loads((job_dir / "summary.json").read_text())
 
 
-def scalar_tags(job_dir: Path) -> set[str]:
+def event_tags(job_dir: Path) -> dict[str, list[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = (job_dir / "tensorboard").glob("events.out.tfevents.*")
+    (events,) = job_dir.rglob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
-    return set(accumulator.Tags()["scalars"])
+    return accumulator.Tags()
+
+
+def scalar_tags(job_dir: Path) -> set[str]:
+    return set(event_tags(job_dir)["scalars"])
 
 
 def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path):
@@ -74,7 +82,14 @@ def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path
         assert summary["epochs"] == 2 and summary["global_step"] == 8
         assert 0.0 < summary["final"]["train/loss"] < 10.0
         assert 0.0 <= summary["final"]["val/acc"] <= 1.0
-        assert "gradstab/grad_norm/total" in scalar_tags(sweep / str(job))
+        # TensorBoard names each run by what the sweep varies: "0/seed=0", "1/seed=1"
+        assert (sweep / str(job) / f"seed={job}" / "gradstab_init_audit.json").exists()
+        tags = event_tags(sweep / str(job))
+        assert "gradstab/grad_norm/total" in tags["scalars"]
+        assert "gradstab/log10_grad_norm/layer_min" in tags["scalars"]
+        # 30 layers: per-layer scalars are off by default, the heat map carries the per-layer picture
+        assert not any(tag.startswith("gradstab/grad_to_weight/") for tag in tags["scalars"])
+        assert "gradstab/gradient_flow_over_time" in tags["images"]
         assert "init.scale" in summary["findings"]
         assert isinstance(summary["guard_actions"], dict)
 
@@ -89,15 +104,19 @@ def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path
     assert not (tmp_path / "lightning_logs").exists()
 
     titles = plot_panels(sweep / "0", tmp_path / "panels.png")
-    assert {"total gradient norm and clip threshold", "per-layer gradient norms", "guard level and actions"} <= set(
-        titles
-    )
+    assert {
+        "total gradient norm and clip threshold",
+        "log10 gradient norm: total and smallest / median / largest layer",
+        "guard level and LR scale",
+    } <= set(titles)
     assert (tmp_path / "panels.png").stat().st_size > 10_000
 
 
-def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_a_failing_job_is_recorded_the_sweep_goes_on_and_then_exits_non_zero_naming_it(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train(tmp_path, "-m", "model.activation=swish,tanh", "gradstab=off", *TINY, f"hydra.sweep.dir={sweep}")
+    completed = run_train(
+        tmp_path, "-m", "model.activation=swish,tanh", "gradstab=off", *TINY, f"hydra.sweep.dir={sweep}", returncode=1
+    )
 
     failed, finished = read_summary(sweep / "0"), read_summary(sweep / "1")
     assert failed["status"] == "failed"
@@ -105,6 +124,10 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert finished["status"] == "finished"
     statuses = [line.split("|")[3].strip() for line in (sweep / "summary.md").read_text().splitlines()[2:]]
     assert statuses == ["failed", "finished"]
+    output = completed.stdout + completed.stderr
+    # the failing job's overrides in full (not "model.activa…") and its error, after the table
+    assert "job 0 failed: model.activation=swish gradstab=off model.depth=4" in " ".join(output.split())
+    assert "1 of 2 jobs failed" in output
 
 
 def test_single_run_fails_loudly_but_still_leaves_a_summary(tmp_path):
@@ -137,7 +160,7 @@ def test_multirun_of_ddp_cpu_jobs_writes_one_summary_per_job_from_rank_zero(tmp_
         # 2 ranks x 4 batches of 32 per epoch: each rank takes 4 steps per epoch
         assert summary["global_step"] == 8
         assert len(list((sweep / job).rglob("summary.json"))) == 1
-        assert (sweep / job / "tensorboard" / "gradstab_init_audit.json").exists()  # the full suite ran
+        assert len(list((sweep / job).rglob("gradstab_init_audit.json"))) == 1  # the full suite ran
         assert "gradstab/grad_norm/total" in scalar_tags(sweep / job)
     assert len((sweep / "summary.md").read_text().splitlines()) == 4
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "outputs").exists()

@@ -221,3 +221,23 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
         console_print(*fit_summary(reports, guards, state.next_steps, files), trainer=trainer)
     except Exception as error:  # a broken console must not take the run down
         rank_zero_warn(f"lightning_gradstab: printing the fit summary failed: {error!r}")
+
+
+def add_tensorboard_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Register the "Gradient stability" layout on every TensorBoard writer, with only the charts that the
+    trainer's suite callbacks will fill (their settings decide), so no panel stays empty. Once per writer."""
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return
+    from lightning_gradstab import tensorboard
+    from lightning_gradstab.callbacks.guard import ExplosionGuard
+    from lightning_gradstab.callbacks.monitor import GradNormMonitor
+
+    charts: list[str] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradNormMonitor):
+            charts += callback.tensorboard_charts(trainer, pl_module)
+        elif isinstance(callback, ExplosionGuard):
+            charts += tensorboard.GUARD_CHARTS
+    for writer in writers:
+        tensorboard.add_layout(writer, charts)

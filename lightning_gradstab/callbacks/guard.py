@@ -19,16 +19,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradstab import tensorboard
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
+    add_tensorboard_layout,
     check_state_version,
     gradient_stats,
     log_metrics,
     logging_step,
     optimizer_index,
     print_fit_summary,
-    tensorboard_writers,
     validate_flag,
     validate_interval,
 )
@@ -183,8 +182,7 @@ class ExplosionGuard(Callback):
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
         self._unwritable_log_dir = False
-        for writer in tensorboard_writers(trainer):
-            tensorboard.add_layout(writer)
+        add_tensorboard_layout(trainer, pl_module)  # only the charts this run's callbacks fill
 
     @override
     def on_before_optimizer_step(

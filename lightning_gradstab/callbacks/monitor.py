@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_gradstab import tensorboard
 from lightning_gradstab.callbacks._shared import (
+    add_tensorboard_layout,
     forget_trainer,
     gradient_stats,
     log_metrics,
@@ -35,6 +36,45 @@ def _validate_norm_type(value: object) -> float:
     if not (value > 0):  # also rejects NaN
         raise ValueError(f"`norm_type` must be a positive float or math.inf (e.g. 1, 2, inf), got {value!r}")
     return float(value)
+
+
+PER_LAYER_SCALARS_MAX_GROUPS = 16
+"""With ``per_layer_scalars=None`` a model with more groups than this per optimizer gets no per-layer scalars.
+
+Four statistics per group make ~65 charts at this size; beyond it the Scalars tab is a wall of near-identical
+charts, and the heat map (one image) and the log10 layer range (four lines) show the same picture."""
+
+_SPREAD = ("layer_min", "layer_median", "layer_max")
+HEATMAP_MAX_COLUMNS = 1000
+"""The heat map keeps at most this many logging steps: when full, every other column is dropped."""
+
+
+def _log10_spread(values: Tensor) -> Tensor:
+    """log10 of the smallest non-zero, the median and the largest finite value (device ops, no sync)."""
+    logs = values.float().log10()
+    finite = torch.isfinite(logs)
+    low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
+    high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
+    return torch.stack([low, torch.where(finite, logs, torch.full_like(logs, math.nan)).nanmedian(), high])
+
+
+@dataclass
+class _HeatMap:
+    """Per-group norms of the logged steps on the host, for the layer x step image."""
+
+    names: tuple[str, ...]
+    tags: list[str]
+    steps: list[int] = field(default_factory=list)
+    norms: list[list[float]] = field(default_factory=list)
+    drawn_at: int = -1
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tags[0] not in metrics:
+            return
+        self.steps.append(step)
+        self.norms.append([metrics[tag] for tag in self.tags])
+        if len(self.steps) > HEATMAP_MAX_COLUMNS:
+            self.steps, self.norms = self.steps[::2], self.norms[::2]
 
 
 @dataclass
@@ -70,12 +110,18 @@ class GradNormMonitor(Callback):
     Logged under ``gradstab/`` (with ``opt{i}/`` inserted when there are several optimizers):
 
     - ``grad_norm/total`` and ``nonfinite/count`` every optimizer step;
-    - ``grad_norm/{group}`` and ``grad_to_weight/{group}`` every ``log_every_n_steps`` steps;
-    - ``grad_max/{group}`` and ``grad_max/total`` with ``log_inf_norm=True``;
-    - ``update_to_weight/{group}`` (‖Δw‖/‖w‖ of the optimizer step) with ``update_to_weight=True``;
-    - TensorBoard histograms ``grad_hist/{group}`` and the figure ``gradient_flow`` at their own intervals.
+    - every ``log_every_n_steps`` steps: ``log10_grad_norm/{total,layer_min,layer_median,layer_max}`` (log10 of
+      the total and of the smallest non-zero, median and largest group norm: the per-layer spread on a log
+      scale in four lines, whatever the depth) and, with per-layer scalars on, ``grad_norm/{group}`` and
+      ``grad_to_weight/{group}``;
+    - ``grad_max/total`` (and ``grad_max/{group}``) with ``log_inf_norm=True``;
+    - ``log10_update_to_weight/{layer_min,layer_median,layer_max}`` (and ``update_to_weight/{group}``), ‖Δw‖/‖w‖
+      of the optimizer step, with ``update_to_weight=True``;
+    - TensorBoard images: ``gradient_flow_over_time`` (layer x step heat map of log10 gradient norms, drawn from
+      the values already copied to the host for logging) and ``gradient_flow``; histograms ``grad_hist/{group}``.
 
-    With a ``TensorBoardLogger`` the "Gradient stability" custom-scalar layout is registered at fit start.
+    With a ``TensorBoardLogger`` the "Gradient stability" custom-scalar layout is registered at fit start, with
+    only the charts the suite's callbacks will fill.
 
     Args:
         group_by: ``"module"`` (one group per module owning parameters), ``"parameter"``, or an int ``d``:
@@ -89,6 +135,12 @@ class GradNormMonitor(Callback):
             them: each one copies every gradient to the host and bins it with NumPy.
         figure_every_n_steps: interval of the gradient-flow figure (TensorBoard only). ``None`` (default)
             disables it: a matplotlib figure costs tens of milliseconds.
+        heatmap_every_n_steps: interval at which the layer x step heat map is redrawn (TensorBoard only; also
+            at the end of training). It uses the per-group norms of the logging steps, already on the host: no
+            extra device work or sync, one matplotlib figure (tens of ms) per interval. ``None`` disables it.
+        per_layer_scalars: log one scalar per group and statistic. ``None`` (default): only for models with
+            at most :data:`PER_LAYER_SCALARS_MAX_GROUPS` groups per optimizer, so the Scalars tab of a deep model
+            stays navigable (the heat map and the log10 layer range carry the per-layer picture).
 
     Example::
 
@@ -105,6 +157,8 @@ class GradNormMonitor(Callback):
         update_to_weight: bool = False,
         histogram_every_n_steps: int | None = None,
         figure_every_n_steps: int | None = None,
+        heatmap_every_n_steps: int | None = 100,
+        per_layer_scalars: bool | None = None,
     ) -> None:
         self.group_by = validate_group_by(group_by)
         self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
@@ -114,6 +168,13 @@ class GradNormMonitor(Callback):
         self.update_to_weight = validate_flag(update_to_weight, "update_to_weight")
         self.histogram_every_n_steps = validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
         self.figure_every_n_steps = validate_interval(figure_every_n_steps, "figure_every_n_steps")
+        self.heatmap_every_n_steps = validate_interval(heatmap_every_n_steps, "heatmap_every_n_steps")
+        if per_layer_scalars is not None:
+            validate_flag(per_layer_scalars, "per_layer_scalars")
+        self.per_layer_scalars = per_layer_scalars
+        self._per_layer = True
+        self._layer_tags: set[str] = set()
+        self._heat: dict[str, _HeatMap] = {}
         self._interval = 50
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
@@ -127,11 +188,33 @@ class GradNormMonitor(Callback):
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("GradNormMonitor: the trainer has no logger, so nothing will be logged.")
 
+    def tensorboard_charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Titles of the ``tensorboard.CHARTS`` this monitor fills with its settings on this model."""
+        groups = max(
+            (len(parameter_layout(trainer, pl_module, o).group_index(self.group_by)[0]) for o in trainer.optimizers),
+            default=0,
+        )
+        self._per_layer = groups <= PER_LAYER_SCALARS_MAX_GROUPS if self.per_layer_scalars is None else (
+            self.per_layer_scalars
+        )
+        charts = ["total gradient norm and clip threshold", "non-finite gradients",
+                  "log10 gradient norm: total and smallest / median / largest layer"]
+        if self.update_to_weight:
+            charts.append("log10 update-to-weight ratio: smallest / median / largest layer")
+        if self.log_inf_norm:
+            charts.append("max |grad|")
+        if self._per_layer:
+            charts.append("per-layer gradient norms")
+            charts += ["gradient-to-weight ratios"] if self.log_grad_to_weight else []
+            charts += ["update-to-weight ratios"] if self.update_to_weight else []
+        return charts
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for writer in tensorboard_writers(trainer):
-            tensorboard.add_layout(writer)
+        self.tensorboard_charts(trainer, pl_module)  # decides per-layer scalars from the model's group count
+        add_tensorboard_layout(trainer, pl_module)
         self._trainer = trainer
+        self._heat = {}
         if self.update_to_weight:
             for optimizer in trainer.optimizers:
                 self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -159,9 +242,24 @@ class GradNormMonitor(Callback):
         self._record(trainer, step, names, values)
 
     def _group_scalars(self, stats: GradientStats, scope: str) -> list[tuple[list[str], Tensor]]:
-        """``(tag names, values)`` of the per-group statistics, one vector per kind."""
+        """``(tag names, values)`` of the per-group statistics, one vector per kind.
+
+        The per-group norms are always copied (the heat map reads them on the host); the other per-group
+        vectors only with per-layer scalars on. Which tags are per-layer is remembered so that ``_emit`` can
+        keep them from the loggers when per-layer scalars are off.
+        """
         names, norms = stats.group_norms(self.group_by, self.norm_type)
-        scalars = [([f"gradstab/grad_norm/{scope}{name}" for name in names], norms)]
+        tags = [f"gradstab/grad_norm/{scope}{name}" for name in names]
+        if scope not in self._heat:
+            self._heat[scope] = _HeatMap(tuple(names), tags)
+            self._layer_tags.update(tags)
+        log_tags = [f"gradstab/log10_grad_norm/{scope}{kind}" for kind in ("total", *_SPREAD)]
+        total = stats.total(self.norm_type).reshape(1)
+        scalars = [(tags, norms), (log_tags, torch.cat([total.log10(), _log10_spread(norms)]))]
+        if not self._per_layer:
+            if self.log_inf_norm:
+                scalars.append(([f"gradstab/grad_max/{scope}total"], stats.total(math.inf).reshape(1)))
+            return scalars
         if self.log_grad_to_weight:
             l2_norms = norms if self.norm_type == 2.0 else stats.group_norms(self.group_by)[1]
             _, weight_norms = stats.group_weight_norms(self.group_by)
@@ -185,7 +283,12 @@ class GradNormMonitor(Callback):
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
         _, weight_norms = stats.group_weight_norms(self.group_by)
         ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        self._record(self._trainer, step, [f"gradstab/update_to_weight/{scope}{name}" for name in names], [ratios])
+        tags = [f"gradstab/log10_update_to_weight/{scope}{kind}" for kind in _SPREAD]
+        vectors = [_log10_spread(ratios)]
+        if self._per_layer:
+            tags += [f"gradstab/update_to_weight/{scope}{name}" for name in names]
+            vectors.append(ratios)
+        self._record(self._trainer, step, tags, vectors)
 
     def _record(self, trainer: pl.Trainer, step: int, names: list[str], values: list[Tensor]) -> None:
         """Queue device scalars; every ``log_every_n_steps`` steps start one asynchronous host copy of all."""
@@ -214,11 +317,34 @@ class GradNormMonitor(Callback):
     def _emit(self, trainer: pl.Trainer, wait: bool) -> None:
         while self._in_flight and (wait or self._in_flight[0].ready()):
             for step, metrics in self._in_flight.pop(0).metrics():
+                for heat in self._heat.values():
+                    heat.add(step, metrics)
+                if not self._per_layer:
+                    metrics = {tag: value for tag, value in metrics.items() if tag not in self._layer_tags}
                 log_metrics(trainer, metrics, step)
+        if self.heatmap_every_n_steps:
+            for scope, heat in self._heat.items():
+                if heat.steps and heat.steps[-1] - heat.drawn_at >= self.heatmap_every_n_steps:
+                    self._draw_heatmap(trainer, scope, heat)
+
+    def _draw_heatmap(self, trainer: pl.Trainer, scope: str, heat: _HeatMap) -> None:
+        heat.drawn_at = heat.steps[-1]
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            return
+        title = f"Gradient flow over time {scope}(log10 gradient norm per layer, steps 0-{heat.steps[-1]})"
+        figure = tensorboard.gradient_heatmap_figure(heat.steps, heat.names, heat.norms, title=title)
+        tag = tensorboard.HEATMAP_TAG + (f"/{scope.rstrip('/')}" if scope else "")
+        for writer in writers:
+            writer.add_figure(tag, figure, heat.steps[-1])
 
     def _flush(self, trainer: pl.Trainer) -> None:
         self._start_host_copy()
         self._emit(trainer, wait=True)
+        if self.heatmap_every_n_steps:
+            for scope, heat in self._heat.items():
+                if heat.steps and heat.drawn_at != heat.steps[-1]:
+                    self._draw_heatmap(trainer, scope, heat)
 
     def _add_histograms(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
         writers = tensorboard_writers(trainer)
