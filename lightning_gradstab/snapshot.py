@@ -100,6 +100,32 @@ def format_bytes(nbytes: float) -> str:
     return f"{nbytes:.3g} TiB"
 
 
+def validate_snapshot_options(
+    keep: object, location: object, max_bytes: object, directory: object, *, prefix: str = ""
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument (``prefix`` + its name) unless the options are valid.
+
+    A callback exposing them as, e.g., ``snapshot_keep`` passes ``prefix="snapshot_"`` so the message names
+    its own argument.
+
+    Example::
+
+        validate_snapshot_options("weights", "disk", 2**30, "/scratch/run1", prefix="snapshot_")
+    """
+    if keep not in KEEPS:
+        raise ValueError(f"`{prefix}keep` must be one of {KEEPS}, got {keep!r}")
+    if location not in LOCATIONS:
+        raise ValueError(f"`{prefix}location` must be one of {LOCATIONS}, got {location!r}")
+    if (
+        max_bytes != "auto"
+        and max_bytes is not None
+        and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1)
+    ):
+        raise ValueError(f"`{prefix}max_bytes` must be a positive int (bytes), 'auto' or None, got {max_bytes!r}")
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`{prefix}directory` must be a path (str or os.PathLike) or None, got {directory!r}")
+
+
 @dataclass(frozen=True)
 class _Slot:
     """Where a tensor of the snapshot sits (its index in the flat list) and what it was on the device."""
@@ -200,18 +226,7 @@ class RollbackSnapshot:
         directory: str | Path | None = None,
         local_processes: int | None = None,
     ) -> None:
-        if keep not in KEEPS:
-            raise ValueError(f"`keep` must be one of {KEEPS}, got {keep!r}")
-        if location not in LOCATIONS:
-            raise ValueError(f"`location` must be one of {LOCATIONS}, got {location!r}")
-        if (
-            max_bytes != "auto"
-            and max_bytes is not None
-            and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1)
-        ):
-            raise ValueError(f"`max_bytes` must be a positive int (bytes), 'auto' or None, got {max_bytes!r}")
-        if directory is not None and not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"`directory` must be a path (str or os.PathLike) or None, got {directory!r}")
+        validate_snapshot_options(keep, location, max_bytes, directory)
         if local_processes is not None and (
             isinstance(local_processes, bool) or not isinstance(local_processes, int) or local_processes < 1
         ):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_gradstab import snapshot as snapshot_module
-from lightning_gradstab.snapshot import RollbackSnapshot, default_max_bytes
+from lightning_gradstab.snapshot import RollbackSnapshot, default_max_bytes, validate_snapshot_options
 
 torch.set_num_threads(1)
 
@@ -228,6 +228,11 @@ def test_bad_arguments_are_rejected_naming_them(options: dict, message: str) -> 
 def test_a_directory_that_is_not_a_path_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"`directory` must be a path .* got 3"):
         RollbackSnapshot(directory=3)  # type: ignore[arg-type]
+
+
+def test_a_callback_validating_the_options_gets_its_own_argument_names() -> None:
+    with pytest.raises(ValueError, match=r"`snapshot_location` must be one of \('memory', 'disk'\), got 'ram'"):
+        validate_snapshot_options("weights", "ram", "auto", None, prefix="snapshot_")
 
 
 def test_the_default_bound_keeps_a_7b_fsdp_shard_in_memory_and_sends_the_unsharded_state_to_disk(
