@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ HOST_MEMORY_SHARE = 0.25
 """Share of the host's physical RAM that the snapshots of all ranks on it may hold together by default."""
 AVAILABLE_MEMORY_SHARE = 0.5
 """...and at most this share of the RAM available when the bound is computed (other jobs, page cache)."""
+
+DISK_SHARE = 0.5
+"""Share of a rank's part of the free disk space its snapshot file may take (the rest is left to checkpoints)."""
 
 _ALIGNMENT = 64  # bytes: every tensor in a snapshot file starts on a boundary any dtype can be viewed from
 
@@ -197,7 +201,9 @@ class RollbackSnapshot:
             the write to finish).
         max_bytes: most bytes a snapshot may hold in host RAM: ``"auto"`` (default, :func:`default_max_bytes`),
             a positive int, or ``None`` (no bound). Above it a ``"memory"`` snapshot goes to disk; for ``"disk"``
-            it bounds the copies in flight.
+            it bounds the copies in flight. A file may take half of this rank's share of the free disk space
+            (``DISK_SHARE``, the rest is left to checkpoints); a snapshot that fits neither is not kept (said
+            once; :attr:`available` is then false and a rollback must do without).
         directory: folder of the snapshot file (``rollback-rank{rank}.bin``); ``None``: ``gradstab_rollback``
             in the working directory. Use a disk, not a tmpfs: a RAM-backed folder defeats the bound.
         local_processes: ranks sharing this host, dividing the ``"auto"`` bound (default: ``LOCAL_WORLD_SIZE``).
@@ -247,8 +253,7 @@ class RollbackSnapshot:
         self._host: list[Tensor] = []
         self._offsets: list[tuple[int, torch.dtype, torch.Size]] = []
         self._writer: _FileWriter | None = None
-        self._warned_bound = False
-        self._warned_write = False
+        self._warned: set[str] = set()
 
     @property
     def max_bytes(self) -> int | None:
@@ -305,9 +310,16 @@ class RollbackSnapshot:
         needed = sum(t.nbytes for t in live)
         bound = self.max_bytes
         location = self.requested_location
-        if location == "memory" and bound is not None and needed > bound:
+        over_bound = location == "memory" and bound is not None and needed > bound
+        if over_bound or location == "disk":
             location = "disk"
-            self._message_once(needed, bound)
+            room = self._disk_room()
+            if needed > room:
+                self.close()
+                self._message_once("no room", needed, bound, room)
+                return
+            if over_bound:
+                self._message_once("to disk", needed, bound, room)
         if location == "memory":
             self._copy_to_memory(live)
         else:
@@ -329,7 +341,7 @@ class RollbackSnapshot:
         not have the snapshot's structure.
         """
         if self.location is None:
-            raise RuntimeError("RollbackSnapshot.restore: no snapshot was taken yet")
+            raise RuntimeError("RollbackSnapshot.restore: there is no snapshot (none taken yet, or the last one not kept)")
         self._wait_for_write()
         tensors, mapping = self._stored_tensors()
         try:
@@ -348,7 +360,6 @@ class RollbackSnapshot:
         self._host, self._skeleton, self.location, self.step, self.state_bytes = [], None, None, None, 0
         if self._writer is not None:
             self._writer.path.unlink(missing_ok=True)
-            self._writer.path.with_suffix(".partial").unlink(missing_ok=True)
             self._writer = None
 
     # -- storage ------------------------------------------------------------------------------------------
@@ -390,8 +401,8 @@ class RollbackSnapshot:
         message = f"RollbackSnapshot: writing {str(writer.path)!r} failed ({writer.error!r}); there is no snapshot"
         if raise_error:
             raise RuntimeError(message)
-        if not self._warned_write:
-            self._warned_write = True
+        if "write failed" not in self._warned:
+            self._warned.add("write failed")
             warnings.warn(f"lightning_gradstab: {message} until a later one is written.", stacklevel=3)
 
     def _stored_tensors(self) -> tuple[list[Tensor], Any]:
@@ -408,17 +419,40 @@ class RollbackSnapshot:
                 tensors.append(torch.from_numpy(mapping[offset : offset + size]).view(dtype).reshape(shape))
         return tensors, mapping
 
-    def _message_once(self, needed: int, bound: int) -> None:
-        if self._warned_bound or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+    def _disk_room(self) -> int:
+        """Bytes this rank's snapshot file may take: half of its share of the free space (the rest is left
+        to checkpoints and logs), plus what its current file already occupies (it is overwritten)."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return 0
+        processes = self.local_processes if self.local_processes is not None else local_process_count()
+        current = self.path.stat().st_size if self.path.is_file() else 0
+        return int(DISK_SHARE * free / max(processes, 1)) + current
+
+    def _message_once(self, kind: str, needed: int, bound: int | None, room: int) -> None:
+        if kind in self._warned or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
             return
-        self._warned_bound = True
-        warnings.warn(
-            f"lightning_gradstab: the rollback snapshot needs {format_bytes(needed)} per rank ({self.keep}), "
-            f"above max_bytes={bound} ({format_bytes(bound)}); it is written to {str(self.path.parent)!r} by a "
-            "background thread instead of being held in RAM. Raise max_bytes, choose keep='weights', or shard "
-            "the model (FSDP: each rank keeps its shard) to keep it in memory.",
-            stacklevel=3,
-        )
+        self._warned.add(kind)
+        limit = "no bound" if bound is None else f"max_bytes={bound} ({format_bytes(bound)})"
+        if kind == "to disk":
+            message = (
+                f"the rollback snapshot needs {format_bytes(needed)} per rank ({self.keep}), above {limit}; it is "
+                f"written to {str(self.path.parent)!r} by a background thread instead of being held in RAM. Raise "
+                "max_bytes, choose keep='weights', or shard the model (FSDP: each rank keeps its shard) to keep it "
+                "in memory."
+            )
+        else:
+            message = (
+                f"the rollback snapshot needs {format_bytes(needed)} per rank ({self.keep}), above {limit} and "
+                f"above {format_bytes(room)}, this rank's half of the free space in {str(self.path.parent)!r}: NO "
+                "snapshot is kept, so a rollback cannot happen. Choose keep='weights', shard the model, or point "
+                "the snapshot directory at a larger disk."
+            )
+        warnings.warn(f"lightning_gradstab: {message}", stacklevel=3)
 
     # -- restore ------------------------------------------------------------------------------------------
 
@@ -484,7 +518,7 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor]) -> Any:
 
 
 class _FileWriter:
-    """Writes ``(offset, host tensor)`` pieces to a file from a background thread, then renames it into place.
+    """Writes ``(offset, host tensor)`` pieces into a file from a background thread.
 
     ``put`` blocks only while more than ``max_in_flight`` bytes wait to be written (one piece larger than
     the bound still goes alone), so host RAM used by copies in flight stays under the bound.
@@ -517,11 +551,12 @@ class _FileWriter:
         self._queue.put(None)
 
     def _run(self) -> None:
-        partial = self.path.with_suffix(".partial")
+        # written in place: the previous snapshot's file is overwritten, so the disk never holds two of them
+        # (a restore waits for the write, and the snapshot lives no longer than the process anyway)
         finished = False  # ``finish`` was seen
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as stream:
+            with open(self.path, "wb") as stream:
                 while not (finished := (item := self._queue.get()) is None):
                     offset, tensor = item
                     if tensor.nbytes:
@@ -529,13 +564,12 @@ class _FileWriter:
                         stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
                     self._release(tensor.nbytes)
                     del item, tensor
-            os.replace(partial, self.path)
         except BaseException as error:  # reported by the next take/restore; training goes on
             with self._space:
                 self.error = error
                 self._space.notify_all()  # ``put`` stops waiting for a writer that is gone
-            if partial.parent.is_dir():
-                partial.unlink(missing_ok=True)
+            if self.path.parent.is_dir():
+                self.path.unlink(missing_ok=True)
             while not finished:  # drain until ``finish``
                 finished = self._queue.get() is None
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import textwrap
 import warnings
 from pathlib import Path
@@ -167,6 +168,21 @@ def test_a_snapshot_above_max_bytes_says_so_once_and_goes_to_disk(tmp_path: Path
     assert not snapshot.path.exists() and not snapshot.available
 
 
+def test_a_snapshot_that_fits_neither_the_bound_nor_the_disk_is_not_kept_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(snapshot_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    model = nn.Linear(64, 64)  # 16.6 kB of weights, above half of the 1000 free bytes
+    snapshot = RollbackSnapshot(keep="weights", max_bytes=100, directory=tmp_path, local_processes=1)
+    with pytest.warns(UserWarning, match=r"above 500 B, this rank's half of the free space .* NO snapshot"):
+        snapshot.take(model, step=4)
+    assert not snapshot.available and snapshot.step is None and snapshot.nbytes == 0
+    assert not snapshot.path.exists()
+    with pytest.raises(RuntimeError, match="no snapshot"):
+        snapshot.restore(model)
+
+
 def test_disk_copies_in_flight_stay_under_max_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)])  # 16 KiB per weight
     seen: list[int] = []
@@ -198,7 +214,7 @@ def test_a_failed_disk_write_leaves_no_snapshot_and_restore_says_why(tmp_path: P
     with pytest.raises(RuntimeError, match=r"writing .*not_a_folder.* failed"):
         snapshot.restore(model)
     assert not snapshot.available
-    with pytest.raises(RuntimeError, match="no snapshot was taken yet"):
+    with pytest.raises(RuntimeError, match="there is no snapshot"):
         snapshot.restore(model)
 
 
