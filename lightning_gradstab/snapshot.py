@@ -341,7 +341,7 @@ class RollbackSnapshot:
         not have the snapshot's structure.
         """
         if self.location is None:
-            raise RuntimeError("RollbackSnapshot.restore: there is no snapshot (none taken yet, or the last one not kept)")
+            raise RuntimeError("RollbackSnapshot.restore: there is no snapshot (none taken yet, or the last not kept)")
         self._wait_for_write()
         tensors, mapping = self._stored_tensors()
         try:
