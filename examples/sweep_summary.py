@@ -137,6 +137,21 @@ def machine_description() -> str:
             f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}")
 
 
+def code_version() -> str | None:
+    """The checkout's commit, marked when files differ from it (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
+
+
 def results_document(rows: list[dict[str, Any]], command: str) -> str:
     """``results.md``: how the table was made (command, date, machine), then the table.
 
@@ -146,6 +161,8 @@ def results_document(rows: list[dict[str, Any]], command: str) -> str:
     """
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = [f"`{command}`", "", f"Date: {date}", "", f"Machine: {machine_description()}", ""]
+    if (code := code_version()) is not None:
+        header += [f"Code: {code}", ""]
     return "\n".join(header) + "\n" + markdown_table(rows, RESULT_COLUMNS)
 
 

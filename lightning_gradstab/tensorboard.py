@@ -101,7 +101,7 @@ def gradient_heatmap_figure(
     valid = np.isfinite(logs)
     low, high = (float(logs[valid].min()), float(logs[valid].max())) if valid.any() else (-1.0, 1.0)
     middle, half_span = (low + high) / 2, max((high - low) / 2, 2.0)
-    height = min(12.0, max(3.5, 0.18 * len(layer_names) + 1.5))
+    height = min(9.0, max(3.5, 0.12 * len(layer_names) + 1.5))
     figure = Figure(figsize=(9.0, height), layout="constrained")
     axes = figure.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
