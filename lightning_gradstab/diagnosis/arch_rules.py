@@ -24,7 +24,12 @@ from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, activation
 from lightning_gradstab.report import Finding
 
 PLAIN_DEPTH_RESIDUAL = 20
-"""Plain chains this deep degrade even with BatchNorm (He et al. 2016)."""
+"""With a stalled loss as evidence (the advisor), plain chains this deep get ``arch.residual``: the plain BN MLP
+reproduction of He et al. 2016 already stalls at 20 layers (26-30% vs ~1% train error with skips)."""
+PLAIN_DEPTH_RESIDUAL_UNOBSERVED = 30
+"""Without training evidence (``diagnose``, ``InitAudit``) only plain chains this deep are flagged: He et al.
+2016 (Fig. 4, Table 2) find plain-18 as good as ResNet-18 on ImageNet and plain-34 clearly worse, so published
+plain nets of 20-30 layers (MobileNetV1's 28) are not predicted to degrade by depth alone."""
 PLAIN_DEPTH_NORMALIZATION = 4
 """Below this many plain layers, missing normalization is not worth a finding."""
 RECURRENT_VANISHING_FACTOR = 1e-2
@@ -33,12 +38,13 @@ RECURRENT_VANISHING_FACTOR = 1e-2
 
 def residual_finding(graph: ModelGraph, loss_evidence: dict[str, float] | None = None) -> list[Finding]:
     """``arch.residual`` for a plain chain of >= 20 layers; an error when ``loss_evidence`` shows a stall."""
-    if graph.plain_depth < PLAIN_DEPTH_RESIDUAL:
+    threshold = PLAIN_DEPTH_RESIDUAL if loss_evidence else PLAIN_DEPTH_RESIDUAL_UNOBSERVED
+    if graph.plain_depth < threshold:
         return []
     evidence: dict[str, object] = {
         "plain_depth": graph.plain_depth,
         "skip_connections": graph.skip_connections,
-        "depth_threshold": PLAIN_DEPTH_RESIDUAL,
+        "depth_threshold": threshold,
         "normalized": graph.plain_chain_normalized,
     }
     evidence.update(loss_evidence or {})
@@ -82,6 +88,7 @@ def activation_finding(graph: ModelGraph) -> list[Finding]:
     layers = [
         layer for layer in graph.layers
         if activation_family(layer.activation) == "sigmoid" and layer.feeds_layer and not layer.normalized
+        and not layer.gate  # a Squeeze-Excitation gate: the sigmoid is its purpose, not the main path's
     ]
     if len(layers) < 2:
         return []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
@@ -9,6 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_gradstab.diagnosis.arch_rules import (
+    PLAIN_DEPTH_RESIDUAL,
+    PLAIN_DEPTH_RESIDUAL_UNOBSERVED,
     activation_finding,
     normalization_finding,
     recurrent_findings,
@@ -35,9 +40,11 @@ def diagnose(
     training mode, as training would see the batch, then restores buffers, train/eval flags and the RNG.
 
     Args:
-        model: any ``nn.Module``.
-        inputs: the batch: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or a mapping of
-            keyword arguments (``model(**inputs)``).
+        model: any ``nn.Module``; a ``torch.compile``d module is probed on its eager ``_orig_mod`` (module
+            hooks do not fire inside compiled graphs), so nothing is recompiled.
+        inputs: the batch: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or a mapping, passed
+            as keyword arguments (``model(**inputs)``, Hugging Face style) when ``forward`` accepts its keys,
+            else as one argument (``model(inputs)``, a ``forward(batch_dict)``).
         loss_fn: maps the model output to a scalar loss; by default a random unit-variance direction on
             the output is backpropagated, so no labels are needed.
         seed: seed of that random direction.
@@ -64,12 +71,10 @@ def diagnose(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable or None, got {type(loss_fn).__name__}")
 
+    model = eager_module(model)
+
     def forward(batch: Any) -> Any:
-        if isinstance(batch, Tensor):
-            return model(batch)
-        if isinstance(batch, Mapping):
-            return model(**batch)
-        return model(*batch)
+        return call_with_batch(model, batch)
 
     try:
         result = run_probe(model, forward, inputs=inputs, loss_fn=loss_fn, seed=seed)
@@ -79,6 +84,46 @@ def diagnose(
             f"raised {type(error).__name__}: {error}"
         ) from error
     return build_report(result, model=type(model).__name__, source="diagnose")
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (``_orig_mod``), else ``model`` itself.
+
+    Example::
+
+        assert eager_module(torch.compile(net)) is net
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+def call_with_batch(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on a batch the way its ``forward`` takes it.
+
+    A tensor is one argument, a tuple/list positional arguments; a mapping is passed as keyword arguments
+    when ``forward`` accepts every key (or takes ``**kwargs``), and as one argument otherwise.
+
+    Example::
+
+        call_with_batch(bert, {"input_ids": ids, "attention_mask": mask})  # bert(**batch)
+        call_with_batch(net, {"image": x, "label": y})                      # net(batch)
+    """
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch) if _takes_keywords(model, batch) else model(batch)
+    return model(*batch)
+
+
+def _takes_keywords(model: nn.Module, batch: Mapping[str, Any]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return True
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return all(isinstance(key, str) and key in names for key in batch)
 
 
 def build_report(
@@ -91,15 +136,17 @@ def build_report(
         report = build_report(run_probe(model, lambda batch: model(batch), inputs=x), model="MLP", source="diagnose")
     """
     graph = result.graph
-    findings, schemes, weight_std = init_findings(graph)
-    scale = next((f for f in findings if f.code == "init.scale"), None)
+    first_calls: dict[str, float] = {}
+    for probe in sorted(result.layers, key=lambda p: p.node):
+        first_calls.setdefault(probe.name, probe.output_std)
+    findings, schemes, weight_std = init_findings(graph, first_calls)
+    scales = [f for f in findings if f.code == "init.scale"]
     activation_problems = activation_findings(result.activations)
-    measured = delta_ratio(result.layers)
-    vanishing = measured is not None and measured[0] < 1.0
-    init_explains = scale is not None and (scale.evidence["predicted_signal_factor"] < 1.0) == vanishing
+    measured = delta_ratio(result)
     symmetric = [f for f in findings if f.code == "init.symmetric"]
-    signal = signal_findings(result, _signal_cause(graph, scale, symmetric, init_explains, vanishing))
     sigmoid = activation_finding(graph)
+    cause, init_explains = _signal_cause(graph, scales, symmetric, activation_problems + sigmoid, measured)
+    signal = [_deliberate(f, graph) for f in signal_findings(result, cause)]
     unexplained = [f for f in signal if not init_explains] + activation_problems + sigmoid
     findings += signal + activation_problems + sigmoid
     findings += normalization_finding(graph, [f for f in unexplained if f.code != "activation.dead"])
@@ -112,31 +159,100 @@ def build_report(
          "saturated_fraction": a.saturated_fraction}
         for a in result.activations
     ]
-    return Report(findings, layer_rows(result, schemes, weight_std), activations, model=model, source=source)
+    report = Report(findings, layer_rows(result, schemes, weight_std), activations, model=model, source=source)
+    if result.factored_out:
+        report.notes.append(
+            f"{', '.join(result.factored_out)}: zero-initialised output layer (deliberate: every upstream gradient "
+            "is exactly 0 at step 0); the signal was measured from its input instead."
+        )
+    return report
+
+
+def _deliberate(finding: Finding, graph: ModelGraph) -> Finding:
+    """``signal.vanishing`` explained by deliberately down-scaled residual branches becomes info.
+
+    With LayerScale (Touvron et al. 2021) a branch's output is multiplied by ``gamma`` (1e-6..1e-1) at init, so
+    whatever reaches the output only through branches (patch tokens read by a class token) gets ~``gamma``
+    of the gradient per branch crossed, on purpose: it grows as ``gamma`` learns. Explained when the measured
+    ratio is no smaller than ``gamma ** 2`` (two branch crossings: into a token and out of it).
+    """
+    scales = [layer.downstream_scale for layer in graph.layers if layer.in_branch and 0 < layer.downstream_scale < 1]
+    ratio = finding.evidence.get("delta_rms_first_over_last", 1.0)
+    if finding.code != "signal.vanishing" or not scales or ratio < min(scales) ** 2:
+        return finding
+    return dataclasses.replace(
+        finding,
+        severity="info",
+        evidence={**finding.evidence, "branch_scale_min": min(scales)},
+        recommendation=(
+            f"Expected at init: residual branches are scaled down by as little as {min(scales):.1e} (LayerScale, "
+            "Touvron et al. 2021), so what reaches the output only through them gets a small gradient until the "
+            "scales learn; nothing to fix."
+        ),
+    )
 
 
 def _signal_cause(
-    graph: ModelGraph, scale: Finding | None, symmetric: list[Finding], init_explains: bool, vanishing: bool
-) -> str:
+    graph: ModelGraph,
+    scales: list[Finding],
+    symmetric: list[Finding],
+    activation_problems: list[Finding],
+    measured: tuple[float, Any] | None,
+) -> tuple[str, bool]:
+    """The recommendation of a signal finding: the cause the evidence supports, and whether it is the init.
+
+    The init explains a measured first/last delta ratio only if its predicted factor points the same way and
+    is of the same order (log of one within a factor 2 of the log of the other); otherwise the measurement has
+    another cause, and the text names it instead of sending the user to re-initialise.
+    """
+    if measured is None:
+        return "", False
+    ratio = measured[0]
+    vanishing = ratio < 1.0
     if symmetric and vanishing:
         names = ", ".join(m for f in symmetric for m in f.modules)
-        return f"Re-initialise {names} randomly first (see init.symmetric): its constant weights block the signal."
-    if init_explains and scale is not None:
-        return (
-            f"Fix the initialization first (see init.scale: {scale.recommendation.split(' (e.g.')[0]}); "
-            "the predicted signal factor matches this measurement."
+        return f"Re-initialise {names} randomly first (see init.symmetric): its constant weights block the signal.", (
+            True
         )
+    for scale in scales:
+        predicted = scale.evidence["predicted_signal_factor"]
+        if ratio > 0 and (predicted < 1.0) == vanishing and 0.5 <= math.log(ratio) / math.log(predicted) <= 2.0:
+            return (
+                f"Fix the initialization first (see init.scale: {scale.recommendation.split(' (e.g.')[0]}); "
+                f"its predicted signal factor {predicted:.1e} matches this measurement ({ratio:.1e}).",
+                True,
+            )
+    prefix = ""
+    if scales:
+        predicted = scales[0].evidence["predicted_signal_factor"]
+        prefix = f"The init alone predicts {predicted:.1e}, not the measured {ratio:.1e}: "
+    codes = {f.code for f in activation_problems}
+    if vanishing and codes & {"activation.saturated", "arch.activation"}:
+        return prefix + (
+            "saturated or sigmoid units pass at most 1/4 of the gradient per layer (Glorot & Bengio 2010): put a "
+            "normalization layer before each of them, or use ReLU with He init (see arch.activation, "
+            "activation.saturated)."
+        ), False
+    if vanishing and "activation.dead" in codes:
+        return prefix + "dead ReLU units pass no gradient: revive them first (see activation.dead).", False
     if graph.plain_depth >= 4 and not graph.plain_chain_normalized:
-        return (
-            "Add normalization layers to the deep plain stack (see arch.normalization) and check the activations."
-        )
-    if graph.plain_depth >= 20:
-        return "Add identity skip connections to the deep plain stack (see arch.residual)."
+        return prefix + (
+            "add normalization layers to the deep plain stack (see arch.normalization) and check the activations."
+        ), False
+    if not vanishing and graph.plain_chain_normalized and graph.plain_depth >= PLAIN_DEPTH_RESIDUAL:
+        see = " (see arch.residual)" if graph.plain_depth >= PLAIN_DEPTH_RESIDUAL_UNOBSERVED else ""
+        return prefix + (
+            f"a normalized plain stack of {graph.plain_depth} layers without skips amplifies gradients toward the "
+            "input at init (Yang et al. 2019: about sqrt(pi/(pi-1)) ~ 1.2 per BatchNorm-ReLU layer): add identity "
+            f"skip connections over it{see}, or warm the learning rate up."
+        ), False
+    if graph.plain_depth >= PLAIN_DEPTH_RESIDUAL_UNOBSERVED:
+        return prefix + "add identity skip connections to the deep plain stack (see arch.residual).", False
     direction = "vanish" if vanishing else "explode"
-    return (
-        f"Gradients {direction} toward the input: lower the learning rate or clip, and check the init of the "
-        "first layers."
-    )
+    return prefix + (
+        f"gradients {direction} toward the input for a reason neither the init nor the architecture rules explain: "
+        "lower the learning rate or clip, and check the first layers."
+    ), False
 
 
 def layer_rows(

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -133,6 +134,83 @@ def _activation_module_name(module: nn.Module) -> str | None:
 def _op_name(func: Callable) -> str:
     name = getattr(func, "__name__", type(func).__name__).strip("_")
     return _RENAMES.get(name, name)
+_GRID_HALF_WIDTH = 8.0
+"""Elementwise modules are classified on the grid [-8, 8]: far enough into the tails that sigmoid/tanh-like
+functions are within 1e-3 of their bounds and ReLU-like ones within 1e-3 of the identity or of zero."""
+
+
+def classify_elementwise(module: nn.Module, like: Tensor) -> tuple[str, float] | None:
+    """``(activation name, negative slope)`` of a parameter-free elementwise module, by what it computes.
+
+    The module is evaluated on a grid over [-8, 8]: a bounded monotone map onto (0, 1) is sigmoid-like
+    (``hardsigmoid`` if it reaches the bounds exactly), onto (-1, 1) tanh-like, one that is the identity for
+    large inputs and ~0 (or a small slope) for negative ones ReLU-like (``relu`` if exactly zero there, else
+    ``leaky_relu`` with its slope, ``elu`` if it tends to -1, ``gelu`` otherwise). None when the module is not
+    elementwise or none of these (its internals are then traced as usual).
+
+    Example::
+
+        classify_elementwise(transformers.activations.NewGELUActivation(), x)  # ("gelu", 0.0)
+    """
+    grid = torch.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, 1601, device=like.device)
+    grid = grid.to(like.dtype) if like.is_floating_point() else grid
+    try:
+        with torch.no_grad():
+            values = module(grid)
+            flipped = module(grid.flip(0))
+    except Exception:  # not callable on a 1-D tensor: not an elementwise activation
+        return None
+    if not isinstance(values, Tensor) or values.shape != grid.shape or not torch.isfinite(values).all():
+        return None
+    x, y = grid.double().cpu(), values.double().cpu()
+    if not torch.allclose(flipped.double().cpu().flip(0), y, atol=1e-4) or torch.allclose(y, x, atol=1e-4):
+        return None
+    negative, positive = x < -4, x > 4
+    low, high = float(y[0]), float(y[-1])
+    increasing = bool((y[1:] - y[:-1] >= -1e-6).all())
+    if increasing and y.min() >= -1e-6 and y.max() <= 1 + 1e-6 and low < 1e-3 and high > 1 - 1e-3:
+        return ("hardsigmoid" if low == 0.0 and high == 1.0 else "sigmoid"), 0.0
+    if increasing and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6 and low < -1 + 1e-3 and high > 1 - 1e-3:
+        return ("hardtanh" if low == -1.0 and high == 1.0 else "tanh"), 0.0
+    if not torch.allclose(y[positive], x[positive], rtol=1e-3, atol=1e-3):
+        return None
+    tail = y[negative]
+    if bool((tail == 0).all()):
+        return "relu", 0.0
+    slope = float((tail[-1] - tail[0]) / (x[negative][-1] - x[negative][0]))
+    if 0.0 < slope < 1.0 and torch.allclose(tail, slope * x[negative], rtol=1e-3, atol=1e-4):
+        return "leaky_relu", slope
+    if abs(low + 1.0) < 1e-2:
+        return "elu", 0.0
+    if abs(low) < 1e-2:
+        return "gelu", 0.0
+    return None
+
+
+def normalizes(module: nn.Module, args: tuple) -> bool:
+    """Whether ``module`` normalises its input: its output does not change when the input is scaled.
+
+    Tested on the real input scaled by 4 and by 16 (large enough that a typical epsilon no longer matters), so
+    any normalisation class is recognised by what it computes (RMSNorm variants, T5's layer norm, channels-first
+    layer norms), not by its name.
+
+    Example::
+
+        normalizes(transformers.models.t5.modeling_t5.T5LayerNorm(64), (x,))  # True
+    """
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None or not first.is_floating_point() or first.numel() < 2:
+        return False
+    rest = args[1:]
+    try:
+        with torch.no_grad():
+            small, large = module(first * 4.0, *rest), module(first * 16.0, *rest)
+    except Exception:
+        return False
+    if not isinstance(small, Tensor) or not isinstance(large, Tensor) or small.shape != first.shape:
+        return False
+    scale = small.float().norm()
+    return bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)
 
 
 @dataclass
@@ -140,7 +218,9 @@ class Node:
     """One recorded step of the forward pass.
 
     ``kind`` is ``input``, ``layer``, ``norm``, ``activation``, ``join`` (an add/cat of two traced paths),
-    ``pass`` (reshapes, dropout, pooling, scaling by a constant) or ``op`` (anything else).
+    ``pass`` (reshapes, dropout, pooling, scaling by a constant, a gate multiplying the main path) or ``op``
+    (anything else). ``side_inputs`` are inputs off the main path (the gate of a Squeeze-Excitation product),
+    ``value_inputs`` the value argument of a fused attention call.
     """
 
     index: int
@@ -153,6 +233,9 @@ class Node:
     negative_slope: float = 0.0
     output: Tensor | None = field(default=None, repr=False)
     input_shape: tuple[int, ...] = ()
+    side_inputs: list[int] = field(default_factory=list)
+    value_inputs: list[int] = field(default_factory=list)
+    first_call: bool = True  # a layer's first call (a module called again, e.g. per time step, adds no depth)
 
 
 @dataclass
@@ -168,6 +251,12 @@ class LayerInfo:
         feeds_join: its output directly enters a skip connection (it ends a residual branch).
         is_output: its output is (part of) the model output.
         feeds_layer: its output reaches another parameterised layer (it is a hidden layer).
+        gate: its output only reaches the main path through a multiplicative gate (Squeeze-Excitation).
+        attention_logits: its output only reaches attention logits (query/key projections), whose gradient
+            is small at init by construction: the softmax is near-uniform.
+        in_branch: it lies inside a residual branch (its output joins a skip connection as the branch).
+        pre_norm_stream: an embedding whose output enters a residual stream un-normalized while the branches
+            read it through a normalization (pre-LN Transformers).
         downstream_scale: constant factor applied to its output before the next op (``emb(x) * sqrt(d)``).
         calls: how often it ran in the forward pass (time steps for RNN cells).
         input_shape: shape of its first input at the first call.
@@ -188,6 +277,10 @@ class LayerInfo:
     feeds_join: bool = False
     is_output: bool = False
     feeds_layer: bool = False
+    gate: bool = False
+    attention_logits: bool = False
+    in_branch: bool = False
+    pre_norm_stream: bool = False
     downstream_scale: float = 1.0
     calls: int = 0
     input_shape: tuple[int, ...] = ()
@@ -212,10 +305,11 @@ class ModelGraph:
     normalization_layers: list[str]
     untraced: list[str]
     problems: list[str]
+    outputs: list[int] = field(default_factory=list)  # nodes whose tensors are (part of) the model output
 
     @property
     def plain_depth(self) -> int:
-        """Number of parameterised layers on the longest plain chain."""
+        """Number of distinct parameterised layers on the longest plain chain."""
         return len(self.plain_chain)
 
     def layer(self, name: str) -> LayerInfo | None:
@@ -226,6 +320,10 @@ class ModelGraph:
         """For every node, the input along which its plain-chain depth was reached (None for sources)."""
         return _plain_chain_dp(self.nodes)[1]
 
+    def consumers(self) -> list[list[int]]:
+        """For every node, the nodes that read its output (main and side inputs)."""
+        return _consumers(self.nodes)
+
 
 class _Recorder(TorchFunctionMode):
     def __init__(self, tracer: GraphTracer) -> None:
@@ -235,7 +333,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        if self.tracer.depth == 0 and self.tracer.problem is None:
+        if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
             try:
                 self.tracer.record_function(func, args, kwargs, output)
             except Exception as error:  # tracing must never break the user's forward
@@ -263,18 +361,23 @@ class GraphTracer:
         self.producers: dict[int, int] = {}
         self._alive: list[Tensor] = []  # keeps traced tensors alive so ids are never reused
         self.depth = 0
+        self.testing = False  # True while a module is evaluated on probe inputs (nothing is recorded)
         self.problem: str | None = None
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.parameter_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else n for n, p in model.named_parameters()}
         self.used_parameters: set[int] = set()
         self.recorded_modules: dict[str, nn.Module] = {}
+        self.signal: list[bool] = []  # per node: carries the input signal (not a mask built from integer ids)
+        self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
+        self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
+        self._called: set[str] = set()
         self._handles: list[Any] = []
 
     def register_inputs(self, inputs: Any) -> None:
         """Mark the tensors the forward starts from as graph inputs."""
         for tensor in tree_leaves(inputs):
             if isinstance(tensor, Tensor):
-                node = self._new_node("input", "input", "input", [])
+                node = self._new_node("input", "input", "input", [], signal=tensor.is_floating_point())
                 self._register_outputs(node, tensor)
 
     @contextmanager
@@ -282,7 +385,7 @@ class GraphTracer:
         """Install hooks and the function mode for the duration of the block."""
         try:
             for module in self.model.modules():
-                if self._records(module):
+                if self._may_record(module):
                     self._handles.append(module.register_forward_pre_hook(self._pre_hook))
                     self._handles.append(module.register_forward_hook(self._post_hook))
         except Exception as error:  # e.g. TorchScript modules refuse Python hooks
@@ -302,16 +405,69 @@ class GraphTracer:
             handle.remove()
         self._handles.clear()
 
-    def _records(self, module: nn.Module) -> bool:
+    def _may_record(self, module: nn.Module) -> bool:
         if layer_kind(module) or isinstance(module, NORM_TYPES) or _activation_module_name(module):
             return True
-        has_children = next(module.children(), None) is not None
-        return not has_children and next(module.parameters(recurse=False), None) is not None
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)):
+            return False
+        return next(module.children(), None) is None  # leaves: decided by what they compute at the first call
+
+    def _role(self, module: nn.Module, args: tuple) -> tuple[str, float] | None:
+        """How a module is recorded: ``("layer"|"norm"|"activation"|..., slope)``, None to trace its internals."""
+        if id(module) in self._roles:
+            return self._roles[id(module)]
+        activation = _activation_module_name(module)
+        if layer_kind(module):
+            role: tuple[str, float] | None = ("layer", 0.0)
+        elif isinstance(module, NORM_TYPES):
+            role = ("norm", 0.0)
+        elif activation:
+            role = ("activation", float(getattr(module, "negative_slope", 0.0)))
+        else:
+            self.testing = True
+            try:
+                role = self._leaf_role(module, args)
+            finally:
+                self.testing = False
+        self._roles[id(module)] = role
+        return role
+
+    def _leaf_role(self, module: nn.Module, args: tuple) -> tuple[str, float] | None:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None:
+            return None
+        has_parameters = next(module.parameters(recurse=False), None) is not None
+        vector_parameters = all(p.dim() <= 1 for p in module.parameters(recurse=False))
+        if vector_parameters and normalizes(module, args):
+            return ("norm", 0.0)
+        if has_parameters:
+            return ("layer", 0.0)
+        if next(module.buffers(recurse=False), None) is None and len(args) == 1:
+            behaviour = classify_elementwise(module, first)
+            if behaviour is not None:
+                return (f"activation:{behaviour[0]}", behaviour[1])
+        return None
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        self.depth += 1
+        if self.testing:
+            return
+        entered = False
+        if self.depth == 0 and self.problem is None:
+            try:
+                entered = self._role(module, tuple(args) if isinstance(args, tuple) else (args,)) is not None
+            except Exception as error:
+                self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
+        elif self.depth > 0:
+            entered = True
+        self._entered.append(entered)
+        self.depth += int(entered)
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.testing:
+            return
+        entered = self._entered.pop() if self._entered else False
+        if not entered:
+            return
         self.depth -= 1
         if self.depth != 0 or self.problem is not None:
             return
@@ -323,16 +479,19 @@ class GraphTracer:
     def _record_module(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.module_names.get(id(module), type(module).__name__)
         self.recorded_modules[name] = module
+        role, slope = self._roles[id(module)] or ("layer", 0.0)
         inputs = self._traced_inputs(args)
-        activation = _activation_module_name(module)
-        if activation:
-            node = self._new_node("activation", name, activation, inputs)
-            node.negative_slope = float(getattr(module, "negative_slope", 0.0))
-        elif isinstance(module, NORM_TYPES):
-            node = self._new_node("norm", name, type(module).__name__, inputs)
+        if role.startswith("activation"):
+            op = role.split(":", 1)[1] if ":" in role else _activation_module_name(module) or "relu"
+            node = self._new_node("activation", name, op, self._signal_only(inputs))
+            node.negative_slope = slope
+        elif role == "norm":
+            node = self._new_node("norm", name, type(module).__name__, self._signal_only(inputs))
         else:
-            node = self._new_node("layer", name, type(module).__name__, inputs)
+            node = self._new_node("layer", name, type(module).__name__, inputs, signal=True)
             node.layer_kind = layer_kind(module) or "other"
+            node.first_call = name not in self._called
+            self._called.add(name)
         first_input = next((t for t in tree_leaves(args) if isinstance(t, Tensor)), None)
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output)
@@ -343,30 +502,63 @@ class GraphTracer:
         if not any(isinstance(leaf, Tensor) for leaf in tree_leaves(output)):
             return
         op = _op_name(func)
-        inputs = self._traced_inputs(leaves)
         owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
         self.used_parameters.update(id(p) for p in owned)
         if owned and op in _FUNCTIONAL_LAYERS:
-            node = self._new_node("layer", self.parameter_owner[id(owned[0])], op, inputs)
+            name = self.parameter_owner[id(owned[0])]
+            node = self._new_node("layer", name, op, self._traced_inputs(leaves), signal=True)
             node.layer_kind = _FUNCTIONAL_LAYERS[op]
             node.input_shape = tuple(leaves[0].shape)
-        elif not inputs:
+            node.first_call = name not in self._called
+            self._called.add(name)
+            self._register_outputs(node, output)
+            return
+        inputs = self._signal_only(self._traced_inputs(leaves))
+        if not inputs:
             return  # a constant computation (masks, positions): not part of the signal path
-        elif op in ACTIVATION_FAMILY:
+        if op in ACTIVATION_FAMILY:
             node = self._new_node("activation", f"F.{op}", op, inputs)
             slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
             node.negative_slope = float(slope) if op == "leaky_relu" and isinstance(slope, (int, float)) else 0.0
         elif op in NORM_FUNCTIONS:
             node = self._new_node("norm", f"F.{op}", op, inputs)
-        elif op in _JOINS and len(set(inputs)) >= 2:
+        elif op == "mul" and len(inputs) >= 2 and (gated := self._gate_split(leaves, inputs, output)):
+            main, gates = gated
+            node = self._new_node("pass", op, op, main)
+            node.side_inputs = gates
+        elif op in _JOINS and len(inputs) >= 2:
             node = self._new_node("join", op, op, inputs)
-        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS and len(set(inputs)) == 1):
+        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS and len(inputs) == 1):
             node = self._new_node("pass", op, op, inputs)
             if op in _SCALINGS:
-                node.scale = _constant_factor(op, args)
+                node.scale = _constant_factor(op, args, self.producers, self.parameter_owner)
         else:
             node = self._new_node("op", op, op, inputs)
+            if op == "scaled_dot_product_attention":
+                value = kwargs.get("value", args[2] if len(args) > 2 else None)
+                node.value_inputs = self._traced_inputs([value]) if isinstance(value, Tensor) else []
         self._register_outputs(node, output)
+
+    def _gate_split(self, leaves: list[Tensor], inputs: list[int], output: Any) -> tuple[list[int], list[int]] | None:
+        """Split a product of traced tensors into the main path and gates: a gate is broadcast against the
+        output (Squeeze-Excitation's per-channel scale) or comes from a sigmoid-family activation."""
+        if not isinstance(output, Tensor):
+            return None
+        shape_of = {self.producers[id(t)]: tuple(t.shape) for t in leaves if id(t) in self.producers}
+        main, gates = [], []
+        for producer in inputs:
+            full = shape_of.get(producer) == tuple(output.shape)
+            (main if full and not self._is_gate(producer) else gates).append(producer)
+        return (main, gates) if main and gates else None
+
+    def _is_gate(self, index: int) -> bool:
+        node = self.nodes[index]
+        while node.kind == "pass" and node.inputs:
+            node = self.nodes[node.inputs[0]]
+        return node.kind == "activation" and activation_family(node.op) == "sigmoid"
+
+    def _signal_only(self, inputs: list[int]) -> list[int]:
+        return [i for i in inputs if self.signal[i]]
 
     def _traced_inputs(self, values: Any) -> list[int]:
         inputs: list[int] = []
@@ -377,9 +569,10 @@ class GraphTracer:
                     inputs.append(producer)
         return inputs
 
-    def _new_node(self, kind: str, name: str, op: str, inputs: list[int]) -> Node:
+    def _new_node(self, kind: str, name: str, op: str, inputs: list[int], signal: bool | None = None) -> Node:
         node = Node(len(self.nodes), kind, name, op, inputs)
         self.nodes.append(node)
+        self.signal.append(any(self.signal[i] for i in inputs) if signal is None else signal)
         return node
 
     def _register_outputs(self, node: Node, output: Any) -> None:
@@ -389,10 +582,14 @@ class GraphTracer:
             self._alive.append(tensor)
         if tensors:
             node.output = tensors[0]
-            if node.kind == "layer" and self.on_layer_output is not None:
-                self.on_layer_output(node, tensors[0])
-            if node.kind == "activation" and self.on_activation is not None:
-                self.on_activation(node, tensors[0])
+            self.testing = True  # the probe's statistics are not part of the model's graph
+            try:
+                if node.kind in ("layer", "join") and self.on_layer_output is not None:
+                    self.on_layer_output(node, tensors[0])
+                if node.kind == "activation" and self.on_activation is not None:
+                    self.on_activation(node, tensors[0])
+            finally:
+                self.testing = False
 
     def build(self, output: Any) -> ModelGraph:
         """Summarise the recorded nodes into a :class:`ModelGraph` (call after the forward)."""
@@ -422,30 +619,55 @@ class GraphTracer:
         return resolved
 
     def _untraced_parameters(self) -> list[str]:
-        prefixes = tuple(f"{name}." for name in self.recorded_modules)
-        untraced = []
-        for name, parameter in self.model.named_parameters():
-            if id(parameter) in self.used_parameters or name.startswith(prefixes):
-                continue
-            untraced.append(name)
-        return untraced
+        # by identity: a parameter tied into a recorded module (a shared embedding / lm_head) is seen
+        seen = set(self.used_parameters)
+        for module in self.recorded_modules.values():
+            seen.update(id(p) for p in module.parameters())
+        return [name for name, parameter in self.model.named_parameters() if id(parameter) not in seen]
 
 
-def _constant_factor(op: str, args: tuple) -> float:
+def _constant_factor(op: str, args: tuple, traced: dict[int, int], parameters: dict[int, str]) -> float:
     numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    # an untraced tensor factor is a constant at init: a 0-d normalizer (Gemma's sqrt(d)) or a parameter vector
+    # (LayerScale's gamma, 1e-6 in ConvNeXt), counted by its root-mean-square
+    numbers += [
+        float(a.detach().float().square().mean().sqrt()) for a in args
+        if isinstance(a, Tensor) and id(a) not in traced and a.is_floating_point()
+        and (a.numel() == 1 or _is_parameter_view(a, parameters))
+    ]
     if not numbers:
         return 1.0
     value = float(numbers[0])
     if op == "mul":
         return abs(value)
-    return abs(1.0 / value) if value != 0 and args and isinstance(args[0], Tensor) else 1.0
+    divides_tensor = args and isinstance(args[0], Tensor) and id(args[0]) in traced
+    return abs(1.0 / value) if value != 0 and divides_tensor else 1.0
+
+
+def _is_parameter_view(tensor: Tensor, parameters: dict[int, str]) -> bool:
+    """A parameter, or a view of one (``gamma.unsqueeze(-1)``): a constant at init, unlike cos/sin tables."""
+    while tensor is not None:
+        if id(tensor) in parameters:
+            return True
+        tensor = tensor._base
+    return False
+
+
+def _consumers(nodes: list[Node]) -> list[list[int]]:
+    consumers: list[list[int]] = [[] for _ in nodes]
+    for node in nodes:
+        for i in dict.fromkeys(node.inputs + node.side_inputs):
+            consumers[i].append(node.index)
+    return consumers
 
 
 def _plain_chain_dp(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
-    """Plain-chain depth of every node: layers crossed on the shortest-cut path from the inputs.
+    """Plain-chain depth of every node: distinct layers crossed on the shortest-cut path from the inputs.
 
     A join takes the *smallest* depth of its inputs (the skip offers that shorter path); every other node
-    the largest. Embeddings are lookups and do not add depth.
+    the largest of its main inputs (a gate's branch is off the main path). Embeddings are lookups, and a
+    module called again (an RNN cell per time step, a layer shared across depth) is the same layer: neither
+    adds depth.
     """
     depth: list[int] = []
     parent: list[int | None] = []
@@ -456,7 +678,7 @@ def _plain_chain_dp(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
             base = depth[best]
         else:
             best, base = None, 0
-        adds = node.kind == "layer" and node.layer_kind != "embedding"
+        adds = node.kind == "layer" and node.layer_kind != "embedding" and node.first_call
         depth.append(base + int(adds))
         parent.append(best)
     return depth, parent
@@ -468,10 +690,15 @@ def build_graph(
     weights: dict[str, tuple[nn.Module | None, Tensor | None]],
 ) -> ModelGraph:
     """Derive per-layer summaries, skip connections and the longest plain chain from recorded nodes."""
-    consumers: list[list[int]] = [[] for _ in nodes]
+    depth_before, _ = _plain_chain_dp(nodes)
     for node in nodes:
-        for i in node.inputs:
-            consumers[i].append(node.index)
+        # an add/cat of paths that crossed the same layers is arithmetic (rotary embeddings, x*cos + rot(x)*sin),
+        # not a skip connection: a skip bypasses at least one layer
+        if node.kind == "join" and len({depth_before[i] for i in node.inputs}) == 1:
+            node.kind = "op"
+    consumers = _consumers(nodes)
+    gated = {i for node in nodes for i in node.side_inputs}
+    parent = _plain_chain_dp(nodes)[1]
     layers: dict[str, LayerInfo] = {}
     for node in nodes:
         if node.kind != "layer":
@@ -482,6 +709,13 @@ def build_graph(
         if info.calls == 1:
             info.input_shape = node.input_shape
             _describe_consumers(info, node, nodes, consumers, output_nodes)
+            info.gate = _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
+            info.attention_logits = not info.is_output and _only_reaches(
+                node.index, nodes, consumers, gated, "logits", output_nodes
+            )
+            info.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
+            if info.kind == "embedding":
+                info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
     depth, parent = _plain_chain_dp(nodes)
     chain: list[str] = []
     normalized = False
@@ -490,7 +724,7 @@ def build_graph(
         cursor: int | None = max(range(len(nodes)), key=lambda i: depth[i])
         while cursor is not None:
             node = nodes[cursor]
-            if node.kind == "layer" and node.layer_kind != "embedding":
+            if node.kind == "layer" and node.layer_kind != "embedding" and node.first_call:
                 chain.append(node.name)
             normalized |= node.kind == "norm"
             if node.kind == "activation":
@@ -500,13 +734,14 @@ def build_graph(
     return ModelGraph(
         nodes=nodes,
         layers=list(layers.values()),
-        plain_chain=chain[::-1],
+        plain_chain=list(dict.fromkeys(chain[::-1])),
         plain_chain_normalized=normalized,
         plain_chain_activations=activations[::-1],
         skip_connections=sum(1 for n in nodes if n.kind == "join"),
         normalization_layers=norms,
         untraced=[],
         problems=[],
+        outputs=sorted(output_nodes),
     )
 
 
@@ -526,9 +761,12 @@ def _describe_consumers(
         for consumer_index in consumers[index]:
             consumer = nodes[consumer_index]
             if consumer.kind == "pass":
-                if not past_norm:
+                if not past_norm and index in consumer.inputs:
                     info.downstream_scale *= consumer.scale
-                frontier.append((consumer_index, past_norm))
+                if index in consumer.inputs:
+                    frontier.append((consumer_index, past_norm))
+                else:  # the layer's output gates another path
+                    info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
             elif consumer.kind == "norm" and not past_norm and info.activation is None:
                 info.normalized = True
                 frontier.append((consumer_index, True))
@@ -540,7 +778,7 @@ def _describe_consumers(
                 info.feeds_join = True
             elif consumer.kind == "layer":
                 info.feeds_layer = True
-            elif consumer.kind == "op":
+            elif consumer.kind in ("op", "norm", "activation", "join"):
                 info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
 
 
@@ -556,6 +794,86 @@ def _reaches_layer(start: int, nodes: list[Node], consumers: list[list[int]]) ->
                 return True
             frontier.append(consumer_index)
     return False
+
+
+def _in_branch(
+    start: int, nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
+) -> bool:
+    """Whether every path from ``start`` enters its first join as a branch (never as the skip's stream, never
+    reaching the output first): the layer sits inside a residual branch."""
+    frontier, seen = [start], set()
+    branch = False
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        if index in outputs:
+            return False
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "join":
+                if parent[consumer_index] == index:
+                    return False
+                branch = True
+            elif index in consumer.inputs:
+                frontier.append(consumer_index)
+    return branch
+
+
+def _only_reaches(
+    start: int, nodes: list[Node], consumers: list[list[int]], gated: set[int], what: str, outputs: set[int]
+) -> bool:
+    """Whether every path from ``start`` (through non-layer nodes) ends in a gate (``what="gate"``: a side input
+    of a gated product) or in attention logits (``what="logits"``: a softmax, or the query/key of a fused
+    attention call), with at least one such path."""
+    frontier, seen, found = [start], set(), False
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        if index in outputs:
+            return False
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            softmax = consumer.kind == "activation" and consumer.op in ("softmax", "log_softmax")
+            if (what == "gate" and index in consumer.side_inputs) or (what == "logits" and softmax):
+                found = True
+            elif what == "logits" and consumer.op == "scaled_dot_product_attention":
+                if index in consumer.value_inputs:
+                    return False
+                found = True
+            elif consumer.kind == "layer" and what == "logits":
+                return False
+            else:
+                frontier.append(consumer_index)
+    return found
+
+
+def _pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
+    """An embedding output that, summed with other embeddings at most, is both read through a normalization
+    and carried un-normalized into a residual join with a branch (the pre-LN residual stream)."""
+    has_norm = [False] * len(nodes)
+    for node in nodes:
+        has_norm[node.index] = node.kind == "norm" or any(has_norm[i] for i in node.inputs)
+    frontier, seen = [start], set()
+    feeds_norm = residual = False
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "norm":
+                feeds_norm = True
+            elif consumer.kind == "join":
+                residual |= any(has_norm[i] for i in consumer.inputs if i != index)
+                frontier.append(consumer_index)
+            elif (consumer.kind == "pass" and index in consumer.inputs) or consumer.op in _JOINS:
+                frontier.append(consumer_index)
+    return feeds_norm and residual
 
 
 def trace(model: nn.Module, forward: Callable[[Any], Any], inputs: Any = None) -> tuple[ModelGraph, Any]:

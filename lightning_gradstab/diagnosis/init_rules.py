@@ -1,17 +1,24 @@
 """Initialization rules: the weight scale each layer needs given the activation that consumes its output.
 
-Theory (PAPERS.md): a layer multiplies the variance of the signal by ``fan_in * Var[w] * E[phi'(z)^2]``
-(forward, and the same with ``fan_out`` backward). Keeping that gain at its critical value 1 gives He
+Theory: a layer multiplies the variance of the signal by ``fan_in * Var[w] * E[phi'(z)^2]`` forward, and the
+backward delta by the same with ``fan_out``. Keeping that gain at its critical value 1 gives He
 ``Var[w] = 2 / fan_in`` for ReLU (He et al. 2015), ``2 / ((1 + a^2) fan_in)`` for leaky ReLU with slope ``a``,
 LeCun ``1 / fan_in`` for SELU, and Xavier/Glorot ``2 / (fan_in + fan_out)`` for tanh, sigmoid and linear
-outputs (Glorot & Bengio 2010). A ratio ``r = Var[w] / Var_recommended`` per layer compounds along a plain
-chain: the signal scale after the chain is ``prod(sqrt(r))``. We flag a chain when that predicted factor
-leaves [1/10, 10] (warning) or [1/1000, 1000] (error): one order of magnitude is where the first layers start
-to learn noticeably slower or faster than the last under one learning rate.
+outputs (Glorot & Bengio 2010). He et al. 2015 (section 2.2) show that the ``fan_out`` form, which preserves
+the backward signal, is as good: over a whole network the two differ only by the ratio of the first and last
+widths. So any variance between the ``fan_in`` and the ``fan_out`` form is accepted, and a layer's log ratio
+to the nearer end of that range is what it contributes.
 
-Scale is *not* checked where it does not matter or is a deliberate choice: layers followed by a normalization
-(``BN(aWu) = BN(Wu)``, Ioffe & Szegedy 2015), layers that end a residual branch (zero or down-scaled on
-purpose: Fixup, GPT-2), and layers whose consumer we do not understand.
+Ratios compound along a plain chain and are reset by a normalization (``BN(aWu) = BN(Wu)``, Ioffe & Szegedy
+2015); constant scalings on the way (T5's ``d_model ** -0.5``, ``x * sqrt(d)``) count too. A chain is judged
+where its scale matters: at the model output, and where a residual branch joins the stream. A branch joining
+may be small (zero-init residual, LayerScale, GPT-2's ``1/sqrt(2 n_layer)``: deliberate, the skip carries the
+signal), so there only a branch *larger* than the stream counts; an output layer may be small too (zero-init
+heads, ``N(0, 0.01)`` classifiers: the head's own gradient does not depend on its scale), so only a head that
+is too large counts. We flag a predicted factor outside [1/10, 10] (warning) or [1e-4, 1e4] (error: He et al.
+2015's 22-layer ReLU net with Xavier init, predicted factor ~7e-4, still converges; the 30-layer one, ~4e-5,
+stalls). Every layer on a flagged chain that is off in the flagged direction is named, plus every layer that is
+off by more than ``sqrt(10)`` alone, so one pass names all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, activation
 from lightning_gradstab.report import Finding
 
 SIGNAL_FACTOR_WARNING = 10.0
-SIGNAL_FACTOR_ERROR = 1000.0
+SIGNAL_FACTOR_ERROR = 1e4
 LAYER_TOLERANCE = 1.25
 """Per-layer variance ratios within [1/1.25, 1.25] count as matching (sampling noise of small layers)."""
 
@@ -67,30 +74,48 @@ def recommended_scheme(layer: LayerInfo) -> InitScheme | None:
 
         scheme = recommended_scheme(graph.layer("net.0"))  # He before a ReLU: variance 2 / fan_in
     """
+    accepted = accepted_variance(layer)
+    return accepted[0] if accepted else None
+
+
+def accepted_variance(layer: LayerInfo) -> tuple[InitScheme, float, float] | None:
+    """``(recommended scheme, lowest, highest accepted weight variance)``: the ``fan_in`` and ``fan_out`` forms
+    of the rule for the layer's activation (He et al. 2015, section 2.2); None where scale is not judged.
+
+    Example::
+
+        scheme, low, high = accepted_variance(graph.layer("features.0"))
+    """
     weight = layer.weight
     if layer.kind not in ("linear", "conv", "other") or weight is None or weight.dim() < 2:
         return None
-    if layer.normalized or layer.feeds_join:
+    if layer.normalized or layer.gate:
         return None
     fan_in, fan_out = fans(weight)
+    small, large = min(fan_in, fan_out), max(fan_in, fan_out)
     family = activation_family(layer.activation)
     if family == "relu":
         slope = layer.negative_slope
-        return InitScheme(
-            f"He/Kaiming normal (std = sqrt(2/((1+a^2)*fan_in)), a={slope:g})" if slope else
-            "He/Kaiming normal (std = sqrt(2/fan_in))",
-            2.0 / ((1.0 + slope**2) * fan_in),
-        )
+        gain = 2.0 / (1.0 + slope**2)
+        name = (f"He/Kaiming normal (std = sqrt(2/((1+a^2)*fan_in)), a={slope:g})" if slope else
+                "He/Kaiming normal (std = sqrt(2/fan_in))")
+        return InitScheme(name, gain / fan_in), gain / large, gain / small
     if family == "selu":
-        return InitScheme("LeCun normal (std = sqrt(1/fan_in))", 1.0 / fan_in)
-    linear_output = layer.activation is None and (layer.is_output or layer.feeds_layer)
+        return InitScheme("LeCun normal (std = sqrt(1/fan_in))", 1.0 / fan_in), 1.0 / large, 1.0 / small
+    linear_output = layer.activation is None and (layer.is_output or layer.feeds_layer or layer.feeds_join)
     if family in ("tanh", "sigmoid", "softmax") or linear_output:
-        return InitScheme("Xavier/Glorot normal (std = sqrt(2/(fan_in+fan_out)))", 2.0 / (fan_in + fan_out))
+        scheme = InitScheme("Xavier/Glorot normal (std = sqrt(2/(fan_in+fan_out)))", 2.0 / (fan_in + fan_out))
+        return scheme, 1.0 / large, 1.0 / small
     return None
 
 
-def init_findings(graph: ModelGraph) -> tuple[list[Finding], dict[str, InitScheme], dict[str, float]]:
+def init_findings(
+    graph: ModelGraph, output_std: dict[str, float] | None = None
+) -> tuple[list[Finding], dict[str, InitScheme], dict[str, float]]:
     """``init.scale``, ``init.symmetric``, ``embedding.scale`` findings; the scheme and weight std per layer.
+
+    ``output_std`` (measured by the probe) is what an embedding really puts into the stream, scalings inside
+    its own forward included; without it the weight std is used.
 
     Example::
 
@@ -109,64 +134,111 @@ def init_findings(graph: ModelGraph) -> tuple[list[Finding], dict[str, InitSchem
     variance = {layer.name: numbers[2 * i] for i, layer in enumerate(measured)}
     row_spread = {layer.name: numbers[2 * i + 1] for i, layer in enumerate(measured)}
     weight_std = {name: math.sqrt(v) for name, v in variance.items()}
-    schemes = {layer.name: s for layer in measured if (s := recommended_scheme(layer)) is not None}
-    findings = _scale_findings(graph, variance, schemes)
+    accepted = {layer.name: a for layer in measured if (a := accepted_variance(layer)) is not None}
+    schemes = {name: a[0] for name, a in accepted.items()}
+    findings = _scale_findings(graph, variance, accepted)
     findings += _symmetric_findings(measured, row_spread, weight_std, schemes)
-    findings += _embedding_findings(measured, weight_std)
+    findings += _embedding_findings(measured, {**weight_std, **(output_std or {})})
     return findings, schemes, weight_std
 
 
-def _scale_findings(graph: ModelGraph, variance: dict[str, float], schemes: dict[str, InitScheme]) -> list[Finding]:
-    log_ratio = {
-        name: math.log(variance[name] / scheme.variance)
-        for name, scheme in schemes.items()
-        if variance.get(name, 0.0) > 0.0
-    }
-    # predicted log signal factor along each node's plain chain (half the log variance ratio per layer)
-    parent = graph.chain_parent()
+def _log_ratios(graph: ModelGraph, variance: dict[str, float], accepted: dict) -> dict[str, float]:
+    """Per layer: log of the weight variance over the nearer end of its accepted range (0 inside it)."""
+    ratios = {}
+    for layer in graph.layers:
+        if layer.name not in accepted or variance.get(layer.name, 0.0) <= 0.0:
+            continue
+        _, low, high = accepted[layer.name]
+        value = variance[layer.name]
+        ratio = math.log(value / low) if value < low else (math.log(value / high) if value > high else 0.0)
+        if layer.is_output:
+            ratio = max(ratio, 0.0)  # a small head is deliberate (zero-init heads); a large one saturates
+        ratios[layer.name] = ratio
+    return ratios
+
+
+def _scale_findings(graph: ModelGraph, variance: dict[str, float], accepted: dict) -> list[Finding]:
+    log_ratio = _log_ratios(graph, variance, accepted)
+    nodes, parent = graph.nodes, graph.chain_parent()
+    # predicted log signal factor since the last normalization along each node's plain chain
     cumulative: list[float] = []
-    for node in graph.nodes:
-        base = cumulative[parent[node.index]] if parent[node.index] is not None else 0.0
-        cumulative.append(base + (0.5 * log_ratio.get(node.name, 0.0) if node.kind == "layer" else 0.0))
-    if not cumulative:
-        return []
-    worst = max(range(len(cumulative)), key=lambda i: abs(cumulative[i]))
-    factor = math.exp(cumulative[worst])
-    if max(factor, 1 / factor) <= SIGNAL_FACTOR_WARNING:
-        return []
-    direction = 1.0 if cumulative[worst] > 0 else -1.0
-    chain: list[str] = []
-    cursor: int | None = worst
-    while cursor is not None:
-        name = graph.nodes[cursor].name
-        ratio = log_ratio.get(name) if graph.nodes[cursor].kind == "layer" else None
-        if ratio is not None and ratio * direction > math.log(LAYER_TOLERANCE) and name not in chain:
-            chain.append(name)
+    origin: list[int | None] = []  # the normalization that reset the chain (None: the inputs)
+    for node in nodes:
+        p = parent[node.index]
+        reset = p is None or nodes[p].kind == "norm"
+        base = 0.0 if reset else cumulative[p]
+        origin.append(p if p is not None and nodes[p].kind == "norm" else (None if p is None else origin[p]))
+        own = 0.5 * log_ratio.get(node.name, 0.0) if node.kind == "layer" and node.first_call else 0.0
+        if node.kind == "pass" and node.scale > 0:
+            own += math.log(node.scale)
+        cumulative.append(0.0 if node.kind == "norm" else base + own)
+    # sinks: (node where the chain ends, chain factor, directions judged there, where the chain starts)
+    sinks: list[tuple[int, float, tuple[float, ...], int | None]] = [
+        (index, cumulative[index], (1.0, -1.0), origin[index]) for index in graph.outputs
+    ]
+    for node in nodes:
+        if node.kind != "join":
+            continue
+        stream = parent[node.index]
+        for branch in node.inputs:
+            if branch == stream or stream is None:
+                continue
+            relative = cumulative[branch] - (cumulative[stream] if origin[branch] == origin[stream] else 0.0)
+            sinks.append((branch, relative, (1.0,), stream if origin[branch] == origin[stream] else origin[branch]))
+    limit = math.log(SIGNAL_FACTOR_WARNING)
+    findings = []
+    for direction in (-1.0, 1.0):
+        flagged = [(i, f, start) for i, f, allowed, start in sinks if direction in allowed and f * direction > limit]
+        if not flagged:
+            continue
+        names: dict[str, None] = {}
+        for index, _, start in flagged:
+            for name in _chain_layers(nodes, parent, index, start):
+                if log_ratio.get(name, 0.0) * direction > math.log(LAYER_TOLERANCE):
+                    names[name] = None
+        alone = math.log(SIGNAL_FACTOR_WARNING)  # std off by more than sqrt(10): variance by more than 10
+        for name, ratio in log_ratio.items():
+            if ratio * direction > alone:
+                names[name] = None
+        order = {layer.name: i for i, layer in enumerate(graph.layers)}
+        chain = sorted(names, key=lambda n: order.get(n, 0))
+        if chain:
+            worst = max(f * direction for _, f, _ in flagged)
+            findings.append(_scale_finding(chain, math.exp(worst * direction), log_ratio, accepted))
+    return findings
+
+
+def _chain_layers(nodes: list, parent: list[int | None], end: int, start: int | None) -> list[str]:
+    names, cursor = [], end
+    while cursor is not None and cursor != start:
+        if nodes[cursor].kind == "layer":
+            names.append(nodes[cursor].name)
         cursor = parent[cursor]
-    chain.reverse()
+    return names
+
+
+def _scale_finding(chain: list[str], factor: float, log_ratio: dict[str, float], accepted: dict) -> Finding:
     by_scheme: dict[str, list[str]] = {}
     for name in chain:
-        by_scheme.setdefault(schemes[name].name, []).append(name)
+        by_scheme.setdefault(accepted[name][0].name, []).append(name)
     severity = "error" if max(factor, 1 / factor) > SIGNAL_FACTOR_ERROR else "warning"
     ratios = [math.exp(0.5 * log_ratio[name]) for name in chain]
     fixes = "; ".join(f"{_names(names)} with {scheme}" for scheme, names in by_scheme.items())
-    return [
-        Finding(
-            "init.scale",
-            severity,
-            tuple(chain),
-            {
-                "predicted_signal_factor": factor,
-                "weight_std_over_recommended_median": sorted(ratios)[len(ratios) // 2],
-                "weight_std_over_recommended_min": min(ratios),
-                "weight_std_over_recommended_max": max(ratios),
-                "layers": len(chain),
-                "recommended": sorted(by_scheme),
-            },
-            f"Re-initialise {fixes} (e.g. `nn.init.kaiming_normal_(w, nonlinearity='relu')` before ReLU, "
-            "`nn.init.xavier_normal_(w)` before tanh/linear), or pass `InitAudit(fix=True)`.",
-        )
-    ]
+    return Finding(
+        "init.scale",
+        severity,
+        tuple(chain),
+        {
+            "predicted_signal_factor": factor,
+            "weight_std_over_recommended_median": sorted(ratios)[len(ratios) // 2],
+            "weight_std_over_recommended_min": min(ratios),
+            "weight_std_over_recommended_max": max(ratios),
+            "layers": len(chain),
+            "recommended": sorted(by_scheme),
+        },
+        f"Re-initialise {fixes} (e.g. `nn.init.kaiming_normal_(w, nonlinearity='relu')` before ReLU, "
+        "`nn.init.xavier_normal_(w)` before tanh/linear), or pass `InitAudit(fix=True)`.",
+    )
 
 
 def _symmetric_findings(
@@ -201,27 +273,28 @@ def _symmetric_findings(
 
 
 def _embedding_findings(measured: list[LayerInfo], weight_std: dict[str, float]) -> list[Finding]:
-    findings = []
-    for layer in measured:
-        if layer.kind != "embedding" or not (layer.normalized and layer.feeds_join):
-            continue
-        # pre-LN residual stream: LN rescales the branch input, so a tiny stream is dominated by the first
-        # branch updates and its gradients are amplified ("Spike No More": keep embeddings at std ~1)
-        effective_std = weight_std[layer.name] * layer.downstream_scale
-        if effective_std >= 0.1:
-            continue
-        findings.append(
-            Finding(
-                "embedding.scale",
-                "warning",
-                (layer.name,),
-                {"embedding_std": weight_std[layer.name], "scale_applied": layer.downstream_scale,
-                 "residual_stream_std": effective_std},
-                f"Scale the output of {layer.name} to std ~1 (multiply by sqrt(d_model) or add a LayerNorm "
-                "after it) before the pre-LN residual stream.",
-            )
+    # pre-LN residual stream: LN rescales the branch input, so a tiny stream is dominated by the first branch
+    # updates and its gradients are amplified (Takase et al. 2023, "Spike No More": keep embeddings at std ~1)
+    tiny = [
+        layer for layer in measured
+        if layer.kind == "embedding" and layer.pre_norm_stream
+        and weight_std[layer.name] * layer.downstream_scale < 0.1
+    ]
+    if not tiny:
+        return []
+    stds = [weight_std[layer.name] * layer.downstream_scale for layer in tiny]
+    names = ", ".join(layer.name for layer in tiny)
+    return [
+        Finding(
+            "embedding.scale",
+            "warning",
+            tuple(layer.name for layer in tiny),
+            {"embedding_std": weight_std[tiny[0].name], "scale_applied": tiny[0].downstream_scale,
+             "residual_stream_std": max(stds)},
+            f"Scale the output of {names} to std ~1 (multiply by sqrt(d_model) or add a LayerNorm after it) before "
+            "the pre-LN residual stream (Takase et al. 2023).",
         )
-    return findings
+    ]
 
 
 def _names(names: list[str]) -> str:

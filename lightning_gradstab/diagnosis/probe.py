@@ -61,6 +61,7 @@ class ActivationProbe:
         hidden: its output reaches another parameterised layer (it is not the model's output head).
         dead_fraction: fraction of units that output exactly zero for every sample (ReLU/ReLU6 only).
         saturated_fraction: fraction of outputs in the flat tails (sigmoid/tanh families only).
+        units: number of units the dead fraction is taken over.
     """
 
     name: str
@@ -68,6 +69,7 @@ class ActivationProbe:
     hidden: bool
     dead_fraction: float | None = None
     saturated_fraction: float | None = None
+    units: int = 1
 
 
 @dataclass
@@ -85,6 +87,11 @@ class ProbeResult:
     activations: list[ActivationProbe] = field(default_factory=list)
     loss: float | None = None
     gradients_reached: bool = False
+    joins: list[LayerProbe] = field(default_factory=list)
+    """The same measurements at every skip connection's output (the residual stream), named ``join:<node>``."""
+    factored_out: list[str] = field(default_factory=list)
+    """Zero-initialised output layers whose effect was factored out: the random direction is applied to their
+    input, since every gradient upstream of an all-zero head is exactly 0 at step 0 by construction."""
 
 
 @contextmanager
@@ -144,7 +151,8 @@ def run_probe(
     def on_layer_output(node: Node, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
             return
-        probe = LayerProbe(node.name, node.layer_kind or "other", node.index)
+        kind = "join" if node.kind == "join" else node.layer_kind or "other"
+        probe = LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         detached = tensor.detach().float()
         layer_slots.append((probe, len(values)))
         values.extend([detached.mean(), detached.std() if detached.numel() > 1 else detached.sum() * 0])
@@ -158,13 +166,16 @@ def run_probe(
 
     def on_activation(node: Node, tensor: Tensor) -> None:
         family = activation_family(node.op)
+        units = 1
         if node.op in ("relu", "relu6"):
-            measure, kind = _dead_fraction(tensor.detach(), _unit_axis(node, tracer.nodes)), "dead"
+            axis = _unit_axis(node, tracer.nodes)
+            units = int(tensor.shape[axis]) if tensor.dim() >= 2 else 1
+            measure, kind = _dead_fraction(tensor.detach(), axis), "dead"
         elif family in ("tanh", "sigmoid") and node.op != "logsigmoid":
             measure, kind = _saturated_fraction(tensor.detach(), family), "saturated"
         else:
             return
-        probe = ActivationProbe(_activation_display_name(node, tracer.nodes), node.op, hidden=False)
+        probe = ActivationProbe(_activation_display_name(node, tracer.nodes), node.op, hidden=False, units=units)
         activation_slots.append((probe, len(values), kind))
         values.append(measure)
 
@@ -178,14 +189,20 @@ def run_probe(
         graph = tracer.build(output)
         loss = _loss(output, loss_fn, seed)
         result = ProbeResult(graph)
+        loss = _factor_out_zero_heads(result, loss, seed)
         weight_grads: dict[str, Tensor] = {}
         if loss is not None and loss.requires_grad:
             targets = [t for t in tree_leaves(grad_inputs) if isinstance(t, Tensor) and t.requires_grad]
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             grads = torch.autograd.grad(loss, targets + [p for _, p in named], allow_unused=True)
+            unused = set()
             for (name, _), grad in zip(named, grads[len(targets) :], strict=True):
-                if grad is not None and name.endswith("weight"):
+                if grad is None:
+                    unused.add(name)
+                elif name.endswith("weight"):
                     weight_grads[name.rsplit(".", 1)[0] if "." in name else name] = grad.detach().float().norm()
+            # a parameter this forward never used (a mask token, a pooler left out) is not a tracing gap
+            graph.untraced = [name for name in graph.untraced if name not in unused]
             result.gradients_reached = True
         elif loss is None:
             graph.problems.append("the output holds no floating-point tensor that requires grad: no backward")
@@ -201,7 +218,7 @@ def run_probe(
         probe.output_mean, probe.output_std = numbers[offset], numbers[offset + 1]
         probe.grad_rms = grad_values.get(slot)
         probe.weight_grad_norm = weight_values.get(probe.name)
-        result.layers.append(probe)
+        (result.joins if probe.kind == "join" else result.layers).append(probe)
     hidden = _hidden_activations(graph)
     for probe, offset, kind in activation_slots:
         setattr(probe, f"{kind}_fraction", numbers[offset])
@@ -243,6 +260,35 @@ def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Te
     return torch.stack(terms).sum() if terms else None
 
 
+def _factor_out_zero_heads(result: ProbeResult, loss: Tensor | None, seed: int) -> Tensor | None:
+    """Add a random direction on the input of every all-zero output layer (torchvision ViT, timm MLP-Mixer
+    heads): upstream of such a head the loss gradient is exactly zero, so the deltas would say nothing."""
+    graph = result.graph
+    heads = [
+        layer for layer in graph.layers
+        if layer.is_output and layer.weight is not None and layer.kind != "embedding" and layer.weight.dim() >= 2
+    ]
+    if not heads:
+        return loss
+    zero = torch.stack([layer.weight.detach().abs().amax() == 0 for layer in heads]).tolist()
+    generator = torch.Generator().manual_seed(seed + 1)
+    terms = []
+    for layer, is_zero in zip(heads, zero, strict=True):
+        if not is_zero:
+            continue
+        node = next(n for n in graph.nodes if n.kind == "layer" and n.name == layer.name)
+        for index in node.inputs:
+            tensor = graph.nodes[index].output
+            if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.requires_grad:
+                direction = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device)
+                terms.append((tensor.float() * direction).sum())
+        result.factored_out.append(layer.name)
+    if not terms:
+        return loss
+    extra = torch.stack(terms).sum()
+    return extra if loss is None else loss + extra
+
+
 def _unit_axis(node: Node, nodes: list[Node]) -> int:
     """Channels for conv feature maps (dim 1), features (last dim) otherwise."""
     cursor = node
@@ -275,10 +321,7 @@ def _activation_display_name(node: Node, nodes: list[Node]) -> str:
 
 
 def _hidden_activations(graph: ModelGraph) -> set[str]:
-    consumers: list[list[int]] = [[] for _ in graph.nodes]
-    for node in graph.nodes:
-        for i in node.inputs:
-            consumers[i].append(node.index)
+    consumers = graph.consumers()
     hidden = set()
     for node in graph.nodes:
         if node.kind != "activation":

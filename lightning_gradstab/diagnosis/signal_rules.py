@@ -10,6 +10,7 @@ flag explosion. The per-layer gain ``ratio ** (1 / (layers - 1))`` is reported n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from lightning_gradstab.diagnosis.probe import ActivationProbe, LayerProbe, ProbeResult
 from lightning_gradstab.report import Finding
@@ -17,14 +18,100 @@ from lightning_gradstab.report import Finding
 RATIO_WARNING = 1e2
 RATIO_ERROR = 1e4
 DEAD_WARNING, DEAD_ERROR = 0.5, 0.9
-"""Fractions of ReLU units dead on the whole batch: half the width gone is a warning, 90% an error."""
+"""Fractions of ReLU units dead on the whole batch: more than half the width gone is a warning, 90% an error.
+
+Half is also what a zero-bias unit reaches by chance at init when its inputs are strongly correlated across
+the batch (pooled features, Squeeze-Excitation): its sign is then set by the weights, not the sample. So the
+warning needs the fraction to exceed one half by more than two binomial standard errors, ``1/sqrt(units)``."""
 SATURATED_WARNING, SATURATED_ERROR = 0.25, 0.75
 """Fractions of hidden sigmoid/tanh outputs in the tails (derivative < 1% of its peak)."""
 
 
-def delta_ratio(layers: list[LayerProbe]) -> tuple[float, list[LayerProbe]] | None:
-    """``(first/last delta RMS, measured layers in execution order)``; None with fewer than 3 layers."""
-    measured = [p for p in sorted(layers, key=lambda p: p.node) if p.grad_rms is not None and p.kind != "embedding"]
+@dataclass
+class MeasuredLayer:
+    """One module's backpropagated delta, aggregated over its calls (an RNN cell's time steps are one layer).
+
+    ``grad_rms`` is the RMS over calls of the delta reaching the output; for a layer whose output is
+    normalized it is multiplied by the output's std, since a normalization makes the delta inversely
+    proportional to that arbitrary scale (``BN(aWu) = BN(Wu)``: the gradient scales as ``1/a``), and divided by
+    a constant down-scaling applied right after the layer (LayerScale's ``gamma``, Touvron et al. 2021), which
+    shrinks the delta on purpose.
+    """
+
+    name: str
+    node: int
+    grad_rms: float
+    weight_grad_norm: float | None
+
+
+def measured_layers(result: ProbeResult) -> list[MeasuredLayer]:
+    """The points of the main signal path with a measured delta, in execution order.
+
+    In a plain network these are its layers. In a residual one the signal travels along the stream, so they
+    are the skip connections' outputs plus the layers outside residual branches: a branch's layers get the
+    stream's delta times the branch's own gain, which says nothing about depth (comparing a branch layer with a
+    head layer is comparing roles). Embeddings (lookups), query/key projections (small gradient at init by
+    construction: the softmax is near-uniform) and gate layers (Squeeze-Excitation) are left out.
+    """
+    graph = result.graph
+    info = {layer.name: layer for layer in graph.layers}
+    consumers = graph.consumers()
+    squares: dict[str, list[float]] = {}
+    first: dict[str, LayerProbe] = {}
+    for probe in sorted(result.layers + result.joins, key=lambda p: p.node):
+        if probe.grad_rms is None:
+            continue
+        if probe.kind == "join":
+            if graph.nodes[probe.node].kind != "join":
+                continue  # arithmetic of one path (rotary embeddings), not a skip connection
+            normalized = any(graph.nodes[c].kind == "norm" for c in consumers[probe.node])
+            scale = 1.0
+        else:
+            layer = info.get(probe.name)
+            if layer is None or probe.kind == "embedding" or layer.attention_logits or layer.gate or layer.in_branch:
+                continue
+            normalized, scale = layer.normalized, layer.downstream_scale
+        value = probe.grad_rms * (probe.output_std if normalized else 1.0)
+        if 0.0 < scale < 1.0:
+            value /= scale  # a deliberate down-scaling (LayerScale) is no vanishing
+        squares.setdefault(probe.name, []).append(value * value)
+        first.setdefault(probe.name, probe)
+    return [
+        MeasuredLayer(name, first[name].node, math.sqrt(sum(values) / len(values)), first[name].weight_grad_norm)
+        for name, values in squares.items()
+    ]
+
+
+def point_module(result: ProbeResult, name: str) -> str:
+    """The module a measured point stands for: a layer's own name, or for a skip connection ``join:<node>`` the
+    last layer of the branch it adds (``"<layer> (+ skip)"``)."""
+    if not name.startswith("join:"):
+        return name
+    nodes = result.graph.nodes
+    parent = result.graph.chain_parent()
+    index = int(name.split(":", 1)[1])
+    for branch in nodes[index].inputs:
+        if branch == parent[index]:
+            continue
+        cursor = branch
+        while nodes[cursor].kind != "layer" and nodes[cursor].inputs:
+            cursor = nodes[cursor].inputs[0]
+        if nodes[cursor].kind == "layer":
+            return f"{nodes[cursor].name} (+ skip)"
+    return f"skip connection {index}"
+
+
+def delta_ratio(result: ProbeResult) -> tuple[float, list[MeasuredLayer]] | None:
+    """``(first/last delta RMS, measured layers in execution order)``; None with fewer than 3 layers.
+
+    The last layer is the last one that is not an output layer: a head's gain multiplies every upstream delta
+    alike (a small or zero-initialised head is deliberate), so it is no depth effect.
+    """
+    measured = measured_layers(result)
+    outputs = {layer.name for layer in result.graph.layers if layer.is_output}
+    hidden = [m for m in measured if m.name not in outputs]
+    if len(hidden) >= 2 and len(measured) >= 3 and hidden[-1].grad_rms:
+        measured = hidden  # else every hidden delta is 0: compare with the head, which still gets a gradient
     if len(measured) < 3 or not measured[-1].grad_rms or not math.isfinite(measured[-1].grad_rms):
         return None
     return measured[0].grad_rms / measured[-1].grad_rms, measured
@@ -32,7 +119,7 @@ def delta_ratio(layers: list[LayerProbe]) -> tuple[float, list[LayerProbe]] | No
 
 def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
     """``signal.vanishing`` or ``signal.exploding`` from the probe, with ``cause`` as the recommendation."""
-    measured_ratio = delta_ratio(result.layers)
+    measured_ratio = delta_ratio(result)
     if measured_ratio is None:
         return []
     ratio, measured = measured_ratio
@@ -41,9 +128,9 @@ def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
     vanishing = ratio < 1.0
     magnitude = (1 / ratio if ratio > 0 else math.inf) if vanishing else ratio
     last = measured[-1].grad_rms
-    # the layers whose delta is off by the warning factor relative to the output layer
+    # the layers whose delta is off by the warning factor relative to the reference layer
     affected = [
-        p.name for p in measured
+        point_module(result, p.name).removesuffix(" (+ skip)") for p in measured
         if ((p.grad_rms * RATIO_WARNING < last) if vanishing else (p.grad_rms > last * RATIO_WARNING))
     ]
     weight_grads = [p.weight_grad_norm for p in measured if p.weight_grad_norm]
@@ -52,11 +139,13 @@ def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
         "per_layer_gain": ratio ** (1 / (len(measured) - 1)) if ratio > 0 else 0.0,
         "critical_per_layer_gain": 1.0,
         "layers_measured": len(measured),
-        "first_layer": measured[0].name,
-        "last_layer": measured[-1].name,
+        "first_layer": point_module(result, measured[0].name),
+        "last_layer": point_module(result, measured[-1].name),
     }
     if len(weight_grads) >= 2:
         evidence["weight_grad_first_over_last"] = weight_grads[0] / weight_grads[-1]
+    if result.factored_out:
+        evidence["zero_heads_factored_out"] = list(result.factored_out)
     return [
         Finding(
             "signal.vanishing" if vanishing else "signal.exploding",
@@ -70,7 +159,10 @@ def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
 
 def activation_findings(activations: list[ActivationProbe]) -> list[Finding]:
     """``activation.dead`` (ReLU units silent on the whole batch) and ``activation.saturated`` findings."""
-    dead = [a for a in activations if a.dead_fraction is not None and a.dead_fraction >= DEAD_WARNING]
+    dead = [
+        a for a in activations
+        if a.dead_fraction is not None and a.dead_fraction >= min(DEAD_ERROR, DEAD_WARNING + a.units**-0.5)
+    ]
     saturated = [
         a for a in activations
         if a.hidden and a.saturated_fraction is not None and a.saturated_fraction >= SATURATED_WARNING

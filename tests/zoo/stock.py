@@ -192,7 +192,9 @@ def efficientnet() -> tuple[nn.Module, dict]:
 
 
 def mobilenet_v1() -> tuple[nn.Module, dict]:
-    config = hf.MobileNetV1Config(image_size=32, depth_multiplier=0.25, num_labels=10)
+    # the config's classifier_dropout_prob=0.999 is TF-slim's keep probability (0.999) read as a drop probability:
+    # with it the body receives ~0.1% of the gradient (diagnose reports signal.vanishing, rightly); use 0.001
+    config = hf.MobileNetV1Config(image_size=32, depth_multiplier=0.25, num_labels=10, classifier_dropout_prob=0.001)
     return _image(hf.MobileNetV1ForImageClassification, config)
 
 
@@ -318,9 +320,8 @@ STOCK: list[ZooEntry] = [
     _hf("resnet", resnet, "ResNetForImageClassification", "bottleneck, 4 stages x 1 block, 16..128 ch, " + IMAGE),
     _hf("regnet-y", regnet, "RegNetForImageClassification", "RegNetY, 3 stages x 1 block, 16..64 ch, " + IMAGE),
     _hf("bit", bit, "BitForImageClassification", "2 stages x 1 block, 32/64 ch, " + IMAGE),
-    _hf("efficientnet", efficientnet, "EfficientNetForImageClassification",
-        "B0 with width 0.25, depth 0.25, " + IMAGE),
-    _hf("mobilenet-v1", mobilenet_v1, "MobileNetV1ForImageClassification", "depth multiplier 0.25, " + IMAGE),
+    _hf("mobilenet-v1", mobilenet_v1, "MobileNetV1ForImageClassification",
+        "depth multiplier 0.25, classifier dropout 0.001, " + IMAGE),
     _hf("mobilenet-v2", mobilenet_v2, "MobileNetV2ForImageClassification", "depth multiplier 0.35, " + IMAGE),
     _hf("mobilevit", mobilevit, "MobileViTForImageClassification", "XXS-like widths, 64x64 images, batch 4"),
     _hf("segformer", segformer, "SegformerForSemanticSegmentation", "2 stages x 1 block, 16/32 ch, " + IMAGE),
@@ -339,6 +340,26 @@ STOCK: list[ZooEntry] = [
     ZooEntry("mobilenet-v3", reference.mobilenet_v3, "MobileNetV3-style SE, hard-sigmoid/hard-swish (torchvision init)",
              "4 inverted-residual blocks, 16..40 ch, " + IMAGE),
 ]
+
+def mobilenet_v1_config_default() -> tuple[nn.Module, dict]:
+    config = hf.MobileNetV1Config(image_size=32, depth_multiplier=0.25, num_labels=10)
+    return _image(hf.MobileNetV1ForImageClassification, config)
+
+
+BROKEN: list[ZooEntry] = [
+    ZooEntry("efficientnet", efficientnet, "transformers EfficientNetForImageClassification",
+             "B0 with width 0.25, depth 0.25, " + IMAGE,
+             {"signal.vanishing": "the stem's weight gradient is exactly 0.0 in a plain backward too: N(0, 0.02) "
+              "convs leave the pre-BatchNorm variance below eps=1e-3 (Ioffe & Szegedy 2015: BN only rescales "
+              "when the variance dominates eps), so each block shrinks the delta"}),
+    ZooEntry("mobilenet-v1-config-dropout", mobilenet_v1_config_default,
+             "transformers MobileNetV1ForImageClassification", "config defaults (classifier_dropout_prob 0.999), "
+             + IMAGE,
+             {"signal.vanishing": "dropout 0.999 before the classifier (TF-slim's keep probability read as a drop "
+              "probability) passes 0.1% of the units: the body's gradient is ~0"}),
+]
+"""Stock models whose library default itself blocks training (checked with a plain backward): the diagnosis
+must find it."""
 
 GOOD: list[ZooEntry] = [
     ZooEntry("zero-init-residual-resnet", reference.zero_init_residual_resnet,
