@@ -176,10 +176,12 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in _raw(optimizer).param_groups for p in group["params"]]
 
 
-def _scaler_state(scaler: Any) -> dict[str, Any] | None:
-    if scaler is None or not getattr(scaler, "_enabled", True):
+def _scaler_tensors(scaler: Any) -> dict[str, Tensor] | None:
+    """The ``GradScaler``'s scale and growth tracker as its own device tensors (``scaler.state_dict()`` would
+    read them on the host: a sync), ``None`` if disabled or not initialised by a first scaled step yet."""
+    if scaler is None or not getattr(scaler, "_enabled", False) or getattr(scaler, "_scale", None) is None:
         return None
-    return scaler.state_dict() or None  # {} before the first scaled step: nothing to restore
+    return {"_scale": scaler._scale, "_growth_tracker": scaler._growth_tracker}
 
 
 class RollbackSnapshot:
@@ -297,7 +299,7 @@ class RollbackSnapshot:
         scale and growth tracker are restored with the weights (``None`` or a disabled scaler: nothing).
         """
         self._wait_for_write(raise_error=False)
-        state: dict[str, Any] = {"model": _model_tensors(module), "optimizers": None}
+        state: dict[str, Any] = {"model": _model_tensors(module), "optimizers": None, "scaler": _scaler_tensors(scaler)}
         if self.keep == "weights+optimizer":
             # every torch.optim optimizer keeps its per-parameter state in ``optimizer.state``
             state["optimizers"] = [
@@ -306,7 +308,6 @@ class RollbackSnapshot:
             ]
         live: list[Tensor] = []
         skeleton = _flatten(state, live)
-        skeleton["scaler"] = _scaler_state(scaler)
         needed = sum(t.nbytes for t in live)
         bound = self.max_bytes
         location = self.requested_location
@@ -349,8 +350,9 @@ class RollbackSnapshot:
                 self._restore_model(module, tensors)
                 if self._skeleton["optimizers"] is not None:
                     self._restore_optimizers(optimizers, tensors)
-            if scaler is not None and self._skeleton["scaler"] is not None:
-                scaler.load_state_dict(self._skeleton["scaler"])
+                if scaler is not None and self._skeleton["scaler"] is not None:
+                    for name, slot in self._skeleton["scaler"].items():  # in place: no host read
+                        setattr(scaler, name, _restored(getattr(scaler, name, None), slot, tensors))
         finally:
             del tensors, mapping  # unmap the snapshot file
 

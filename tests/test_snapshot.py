@@ -130,7 +130,23 @@ def test_weights_only_keeps_a_third_of_the_bytes_and_leaves_the_optimizer_state_
     after = training.state()
     assert all(torch.equal(after["weights"][k], v) for k, v in weights_before.items())
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(after["moments"], moments_now, strict=True))
-    assert snapshot.nbytes == sum(t.nbytes for t in [*training.model.parameters(), *training.model.buffers()])
+    scaler_bytes = training.scaler._scale.nbytes + training.scaler._growth_tracker.nbytes
+    model_bytes = sum(t.nbytes for t in [*training.model.parameters(), *training.model.buffers()])
+    assert snapshot.nbytes == model_bytes + scaler_bytes
+
+
+def test_taking_and_restoring_read_no_device_value_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    training = _Training()
+    training.step()
+    snapshot = RollbackSnapshot()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read (a device sync on an accelerator)")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    snapshot.take(training.model, [training.optimizer], training.scaler)  # GradScaler.state_dict() would read
+    snapshot.restore(training.model, [training.optimizer], training.scaler)
 
 
 def test_a_snapshot_from_before_the_first_step_restores_an_empty_optimizer_state() -> None:
