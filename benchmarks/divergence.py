@@ -1,0 +1,414 @@
+"""Divergence benchmark: the same diverging (and healthy) training runs under every protection method.
+
+Every run is a real ``lightning.pytorch.Trainer.fit`` on CPU (one thread, no logger, no checkpointing, no
+progress bar) of a task from :mod:`benchmarks.divergence_tasks`, with one method from :mod:`benchmarks.peers`
+switched on the way a user would. After the fit the model is evaluated on held-out batches that were never
+injected. A run is *ok* when it ended with a finite held-out loss below its initial held-out loss and did not
+crash; a run that a method ended early (the guard's ``stop``, ``SpikeDetection``'s exception) is still judged
+on the loss it had then, and the table says how many ended early.
+
+Usage (from the repository root)::
+
+    python benchmarks/divergence.py                                  # everything, 3 seeds, 2 processes
+    python benchmarks/divergence.py --tasks sgd_tanh_lr,rnn_radius2 --methods none,clip1,guard --seeds 1
+    python benchmarks/divergence.py --methods guard,guard+max_rung="'skip'" --check
+
+``--check`` exits with status 1 when a ``guard*`` method misses the bar on some task: on a task where
+unprotected training is not ok on every seed, the guard finishes every seed ok with a mean final loss
+``<= 1.05 x best peer + 0.01``; on a healthy task its mean final loss is ``<= 1.05 x none + 0.02``; on an AdamW
+transformer task (and on an unstable task whose unprotected run happened not to fail) ``<= 1.05 x best peer +
+0.01``. The best peer is the peer method with the most ok seeds, then the lowest mean final loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_METHODS = ("none", "clip1", "zclip", "olmo_skip", "spike", "guard")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradstab"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _actions(callbacks: list[Any]) -> dict[str, Any]:
+    """Action counts (and stop / LR outcome for the guard) from every callback that has ``summary()``."""
+    out: dict[str, Any] = {}
+    for callback in callbacks:
+        summary = getattr(callback, "summary", None)
+        if summary is None:
+            continue
+        data = summary()
+        if "optimizers" in data:  # ExplosionGuard
+            per_opt = data["optimizers"].get("0", {})
+            out["counts"] = {k: v for k, v in per_opt.get("counts", {}).items() if v}
+            out["stop_reason"] = data.get("stop_reason")
+            out["lr_scale"] = per_opt.get("lr_scale")
+            out["final_rung"] = per_opt.get("final_rung")
+        else:
+            out["counts"] = {k: v for k, v in data.get("counts", {}).items() if v}
+    return out
+
+
+def run_one(task_name: str, method_name: str, seed: int, steps: int | None = None) -> dict[str, Any]:
+    """One fit of ``task_name`` under ``method_name`` for ``seed``; returns the per-run record."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.fabric.utilities.spike import TrainingSpikeException
+
+    from benchmarks.divergence_tasks import TASKS
+    from benchmarks.peers import resolve_method
+
+    _quiet()
+    task = TASKS[task_name]
+    built = task.build(seed, steps)
+    initial = built.module.evaluate(built.eval_batches)
+    method = resolve_method(method_name)()
+    status, error = "finished", None
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=built.steps,
+            max_epochs=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+            callbacks=method.callbacks,
+            **{**built.trainer_kwargs, **method.trainer_kwargs},
+        )
+        torch.manual_seed(seed)
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                trainer.fit(built.module, train_dataloaders=built.train_loader())
+        except TrainingSpikeException as exc:
+            status, error = "killed", str(exc)
+        except Exception as exc:  # a method or the run itself crashed: record it, keep benchmarking
+            status, error = "crashed", f"{type(exc).__name__}: {exc}"
+        if status == "finished" and trainer.global_step < built.steps:
+            status = "stopped"
+    wall = time.perf_counter() - start
+    final = built.module.evaluate(built.eval_batches)
+    ok = status != "crashed" and math.isfinite(final) and final < initial
+    return {
+        "task": task_name,
+        "method": method_name,
+        "seed": seed,
+        "steps": built.steps,
+        "steps_done": int(trainer.global_step),
+        "status": status,
+        "error": error,
+        "initial_loss": initial,
+        "final_loss": final,
+        "ok": ok,
+        "wall_s": round(wall, 2),
+        "injections": len(built.injections),
+        "actions": _actions(method.callbacks),
+    }
+
+
+def _run_star(args: tuple) -> dict[str, Any]:
+    return run_one(*args)
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    _quiet()
+
+
+def run_all(
+    tasks: list[str], methods: list[str], seeds: int, jobs: int = 1, steps: int | None = None, log=print
+) -> list[dict[str, Any]]:
+    """Every (task, method, seed) run, in parallel over ``jobs`` spawned processes when ``jobs > 1``."""
+    work = [(t, m, s, steps) for t in tasks for s in range(seeds) for m in methods]
+    results: list[dict[str, Any]] = []
+    if jobs <= 1:
+        _init_worker()
+        for item in work:
+            results.append(run_one(*item))
+            log(_progress(results[-1], len(results), len(work)))
+        return results
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, initializer=_init_worker, maxtasksperchild=20) as pool:
+        for record in pool.imap_unordered(_run_star, work):
+            results.append(record)
+            log(_progress(record, len(results), len(work)))
+    order = {item[:3]: i for i, item in enumerate(work)}
+    return sorted(results, key=lambda r: order[(r["task"], r["method"], r["seed"])])
+
+
+def _progress(r: dict[str, Any], done: int, total: int) -> str:
+    return (
+        f"[{done}/{total}] {r['task']} {r['method']} seed={r['seed']}: {r['status']} "
+        f"loss {r['initial_loss']:.3g} -> {r['final_loss']:.3g} {'ok' if r['ok'] else 'NOT ok'} ({r['wall_s']}s)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation, bar, report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else float("inf")
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.2e}"
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (task, method): seeds, ok count, early-ended count, mean final loss, summed actions."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        cell = cells.setdefault(
+            (r["task"], r["method"]), {"n": 0, "ok": 0, "early": 0, "crashed": 0, "losses": [], "actions": {}}
+        )
+        cell["n"] += 1
+        cell["ok"] += bool(r["ok"])
+        cell["early"] += r["status"] in ("stopped", "killed")
+        cell["crashed"] += r["status"] == "crashed"
+        cell["losses"].append(r["final_loss"])
+        for key, value in r["actions"].get("counts", {}).items():
+            cell["actions"][key] = cell["actions"].get(key, 0) + value
+    for cell in cells.values():
+        cell["mean"] = _mean(cell["losses"])
+    return cells
+
+
+def best_peer(cells: dict, task: str, methods: list[str]) -> str | None:
+    from benchmarks.peers import PEERS
+
+    peers = [m for m in methods if m in PEERS and (task, m) in cells]
+    if not peers:
+        return None
+    return min(peers, key=lambda m: (-cells[(task, m)]["ok"], cells[(task, m)]["mean"]))
+
+
+def bar(cells: dict, task: str, kind: str, method: str, methods: list[str]) -> tuple[bool | None, str]:
+    """Whether ``method`` meets the bar on ``task`` and the rule applied (None when it cannot be judged)."""
+    cell = cells.get((task, method))
+    none = cells.get((task, "none"))
+    best = best_peer(cells, task, methods)
+    if cell is None or none is None:
+        return None, "needs the 'none' run"
+    all_ok = cell["ok"] == cell["n"] and cell["early"] == 0
+    if kind == "healthy":
+        limit = 1.05 * none["mean"] + 0.02
+        return all_ok and cell["mean"] <= limit, f"healthy: <= 1.05 x none + 0.02 = {_fmt(limit)}"
+    if best is None:
+        return None, "needs peers"
+    ref = cells[(task, best)]["mean"]
+    limit = 1.05 * ref + 0.01
+    if none["ok"] < none["n"]:
+        rule = f"rescue: {cell['n']}/{cell['n']} finished ok, <= 1.05 x {best} + 0.01 = {_fmt(limit)}"
+        return all_ok and cell["mean"] <= limit, rule
+    rule = "peer" if kind == "transformer" else "peer (unprotected did not fail)"
+    return all_ok and cell["mean"] <= limit, f"{rule}: <= 1.05 x {best} + 0.01 = {_fmt(limit)}"
+
+
+def table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
+    from benchmarks.divergence_tasks import TASKS
+
+    cells = aggregate(results)
+    guards = [m for m in methods if m.startswith("guard")]
+    header = ["task", "kind", *methods, "best peer", *[f"{g} bar" for g in guards]]
+    lines = ["| " + " | ".join(f"`{h}`" if h in methods else h for h in header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    for task in tasks:
+        kind = TASKS[task].kind
+        row = [task, kind]
+        for m in methods:
+            c = cells.get((task, m))
+            if c is None:
+                row.append("")
+                continue
+            text = f"{c['ok']}/{c['n']}, {_fmt(c['mean'])}"
+            notes = []
+            if c["early"]:
+                notes.append(f"{c['early']} ended early")
+            if c["crashed"]:
+                notes.append(f"{c['crashed']} crashed")
+            row.append(text + (f" ({', '.join(notes)})" if notes else ""))
+        best = best_peer(cells, task, methods)
+        row.append(f"`{best}`" if best else "")
+        for g in guards:
+            passed, _ = bar(cells, task, kind, g, methods)
+            row.append({True: "meets", False: "**misses**", None: "n/a"}[passed])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def actions_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
+    cells = aggregate(results)
+    acting = [m for m in methods if any(cells.get((t, m), {}).get("actions") for t in tasks)]
+    if not acting:
+        return []
+    lines = ["| task | " + " | ".join(f"`{m}`" for m in acting) + " |", "|" + "---|" * (len(acting) + 1)]
+    for task in tasks:
+        row = [task]
+        for m in acting:
+            counts = cells.get((task, m), {}).get("actions", {})
+            row.append(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def machine() -> dict[str, Any]:
+    import lightning
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as stream:
+        for line in stream:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = "unknown"
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "lightning_gradstab"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if dirty:
+            commit += " (lightning_gradstab/ has uncommitted changes)"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "commit": commit,
+    }
+
+
+def report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
+    from benchmarks.divergence_tasks import TASKS
+    from benchmarks.peers import ZCLIP_SETTINGS
+
+    info = machine()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = max((r["seed"] for r in results), default=-1) + 1
+    out = [
+        "# Divergence benchmark (CPU)",
+        "",
+        f"- command: `{command}`",
+        f"- date: {date}; wall time {wall / 60:.1f} min with {jobs} process(es), 1 thread each",
+        f"- machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
+        f"lightning {info['lightning']}",
+        f"- code: git commit {info['commit']}" + (f"; {label}" if label else ""),
+        f"- {seeds} seed(s) per task; cell = `ok seeds/seeds, mean final held-out loss`",
+        f"- zclip settings: `{ZCLIP_SETTINGS}`; spike = `SpikeDetection()` defaults; olmo_skip = window 128, 6 sigma",
+        "",
+        *table(results, tasks, methods),
+        "",
+        "Actions summed over seeds (callbacks with a `summary()`):",
+        "",
+        *actions_table(results, tasks, methods),
+        "",
+        "Bar applied per task:",
+        "",
+    ]
+    cells = aggregate(results)
+    for task in tasks:
+        for g in [m for m in methods if m.startswith("guard")]:
+            passed, rule = bar(cells, task, TASKS[task].kind, g, methods)
+            out.append(f"- {task} / `{g}`: { ({True: 'meets', False: 'misses', None: 'n/a'}[passed]) } ({rule})")
+    out += ["", "Tasks:", ""]
+    out += [f"- `{t}` ({TASKS[t].kind}, {TASKS[t].steps} steps): {TASKS[t].summary}" for t in tasks]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.divergence_tasks import TASKS
+    from benchmarks.peers import resolve_method
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="override every task's step count (quick looks)")
+    parser.add_argument("--out", default="benchmarks/results/divergence-cpu", help="writes OUT.json and OUT.md")
+    parser.add_argument("--label", default=None, help="a note for the report header (e.g. which guard)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
+    args = parser.parse_args(argv)
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        try:
+            resolve_method(m)
+        except (ValueError, ImportError, AttributeError) as error:
+            parser.error(str(error))
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be >= 1")
+
+    start = time.perf_counter()
+    results = run_all(tasks, methods, args.seeds, args.jobs, args.steps, log=lambda s: print(s, flush=True))
+    wall = time.perf_counter() - start
+    command = "python benchmarks/divergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(results, tasks, methods, command.strip(), args.jobs, wall, args.label)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    payload = {"command": command.strip(), "machine": machine(), "label": args.label, "runs": results}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print(text)
+
+    cells = aggregate(results)
+    failed = [
+        (t, g)
+        for t in tasks
+        for g in methods
+        if g.startswith("guard") and bar(cells, t, TASKS[t].kind, g, methods)[0] is False
+    ]
+    if args.check and failed:
+        print(f"bar missed on: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

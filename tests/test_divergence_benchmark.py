@@ -1,0 +1,67 @@
+"""The divergence benchmark runs end to end: one short unstable task under every method, one seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import divergence
+from benchmarks.divergence_tasks import TASKS
+from benchmarks.peers import METHODS, OlmoSkipStep, resolve_method
+
+TASK = "sgd_tanh_lr"
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    return divergence.run_all(
+        [TASK], list(divergence.DEFAULT_METHODS), seeds=1, jobs=1, steps=STEPS, log=lambda _: None
+    )
+
+
+def test_every_method_runs_once_and_records_losses(results):
+    assert [r["method"] for r in results] == list(divergence.DEFAULT_METHODS)
+    for r in results:
+        assert r["task"] == TASK and r["seed"] == 0 and r["steps"] == STEPS
+        assert r["status"] in ("finished", "stopped", "killed")
+        assert math.isfinite(r["initial_loss"])
+    json.dumps(results)  # the per-run records are what the .json file holds
+
+
+def test_unprotected_training_diverges_and_a_fixed_clip_rescues_it(results):
+    by_method = {r["method"]: r for r in results}
+    assert not by_method["none"]["ok"]
+    assert by_method["clip1"]["ok"]
+    assert by_method["clip1"]["final_loss"] < by_method["clip1"]["initial_loss"]
+
+
+def test_table_has_one_row_per_task_and_a_column_per_method(results):
+    lines = divergence.table(results, [TASK], list(divergence.DEFAULT_METHODS))
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["task", "kind", *[f"`{m}`" for m in divergence.DEFAULT_METHODS], "best peer", "guard bar"]
+    assert len(lines) == 3
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert row[0] == TASK and row[1] == "unstable"
+    assert row[2].startswith("0/1, ")
+    assert row[-1] in ("meets", "**misses**")
+
+
+def test_every_task_builds_a_seeded_instance_with_its_batches():
+    for name, task in TASKS.items():
+        a, b = task.build(seed=1, steps=3), task.build(seed=1, steps=3)
+        assert a.steps == 3, name
+        first_a, first_b = a.train_batches[0], b.train_batches[0]
+        assert all((first_a[k] == first_b[k]).all() for k in first_a), name
+        assert math.isfinite(a.module.evaluate(a.eval_batches)), name
+
+
+def test_method_names_resolve_and_bad_ones_are_refused():
+    assert set(divergence.DEFAULT_METHODS) <= set(METHODS)
+    assert resolve_method("guard+max_rung='skip'")().callbacks[0].config.max_rung == "skip"
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve_method("nope")
+    with pytest.raises(ValueError, match="window"):
+        OlmoSkipStep(window=1)
