@@ -191,3 +191,20 @@ def test_an_unknown_activation_fails_at_build_naming_the_argument_and_the_choice
     with pytest.raises(InstantiationException, match=r"`activation` must be one of \['relu'") as error:
         build_task("model.activation=swish", "model.depth=3")
     assert isinstance(error.value.__cause__, ValueError)
+
+
+def test_a_wrong_choice_fails_before_torch_is_imported_and_lists_only_the_groups_options(tmp_path):
+    # a `torch` that refuses to import: the error must come from the config, before any training code loads
+    fake = tmp_path / "fake_site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported before the config composed')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "HYDRA_FULL_ERROR": "0"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), "task=mnist", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode != 0
+    assert "torch imported" not in completed.stderr
+    assert "Could not find 'task/mnist'" in completed.stderr
+    options = completed.stderr.split("Available options in 'task':", 1)[1].split("Config search path", 1)[0].split()
+    assert options == ["digits", "lm", "rnn"]  # the schemas live under schema/task, not among the choices

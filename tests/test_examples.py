@@ -73,7 +73,13 @@ def scalar_tags(job_dir: Path) -> set[str]:
 def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path):
     sweep = tmp_path / "sweep"
     # the default config (full suite, Xavier ReLU MLP) at depth 30: the init audit has a finding to report
-    run_train(tmp_path, "-m", "seed=0,1", *TINY, "model.depth=30", f"hydra.sweep.dir={sweep}")
+    completed = run_train(tmp_path, "-m", "seed=0,1", *TINY, "model.depth=30", f"hydra.sweep.dir={sweep}")
+    output = completed.stdout + completed.stderr
+    assert output.count("GPU available") == 2, "each Lightning line once per job (Hydra's handler, not twice)"
+    # one end-of-fit summary per job, advice phrased as overrides, and what the default example is for
+    assert output.count("Gradient stability: what this fit found") == 2
+    assert "rerun with `model.init=he`" in output and "`gradstab.init_audit.fix=true`" in output
+    assert output.count("What this run shows:") == 2
 
     summaries = [read_summary(sweep / str(job)) for job in (0, 1)]
     for job, summary in enumerate(summaries):

@@ -198,3 +198,63 @@ def test_a_raising_logger_does_not_stop_training(memory_logger):
 def test_invalid_arguments_are_rejected_at_construction(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}` must be"):
         GradNormMonitor(**kwargs)
+
+
+def test_log10_layer_range_is_the_log_of_the_smallest_median_and_largest_layer_norm(memory_logger):
+    reference = ReferenceNorms()
+    fit(TinyRegressor(depth=4), [GradNormMonitor(log_every_n_steps=2), reference], memory_logger)
+    logged = memory_logger.metrics
+    for kind, pick in (("layer_min", min), ("layer_max", max)):
+        for step, value in logged[f"gradstab/log10_grad_norm/{kind}"]:
+            assert value == pytest.approx(math.log10(pick(reference.seen[(step, "")][0].values())), abs=1e-5)
+    for step, value in logged["gradstab/log10_grad_norm/total"]:
+        assert value == pytest.approx(math.log10(reference.seen[(step, "")][1]), abs=1e-5)
+
+
+def test_a_deep_model_gets_no_per_layer_scalars_unless_asked(memory_logger):
+    deep = TinyRegressor(depth=20)  # 20 Linear layers > 16 groups
+    fit(deep, [GradNormMonitor(log_every_n_steps=2)], memory_logger)
+    per_layer = [tag for tag in memory_logger.metrics if tag.startswith(("gradstab/grad_norm/net", "gradstab/grad_to"))]
+    assert per_layer == [] and "gradstab/log10_grad_norm/layer_median" in memory_logger.metrics
+
+    forced = type(memory_logger)()
+    fit(TinyRegressor(depth=20), [GradNormMonitor(log_every_n_steps=2, per_layer_scalars=True)], forced)
+    assert "gradstab/grad_norm/net.0" in forced.metrics and "gradstab/grad_to_weight/net.38" in forced.metrics
+
+
+def _layout_and_images(log_dir: str) -> tuple[list[str], dict[str, list]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    titles = [chart.title for chart in layout.category[0].chart]
+    images = {tag: events.Images(tag) for tag in events.Tags()["images"]}
+    return titles, images
+
+
+def test_the_layout_lists_only_charts_the_run_fills_and_the_heat_map_is_drawn_from_logged_steps(tmp_path):
+    from lightning_gradstab import ExplosionGuard
+    from lightning_gradstab.tensorboard import GUARD_CHARTS, HEATMAP_TAG
+
+    monitor_only = TensorBoardLogger(tmp_path, name="monitor")
+    fit(TinyRegressor(depth=20), [GradNormMonitor(log_every_n_steps=2, heatmap_every_n_steps=4)], monitor_only)
+    titles, images = _layout_and_images(monitor_only.log_dir)
+    assert titles == [
+        "total gradient norm and clip threshold",
+        "log10 gradient norm: total and smallest / median / largest layer",
+        "non-finite gradients",
+    ]
+    # logged steps 0, 2, 4: drawn at step 4 (an interval after nothing), then once more at the end of training
+    assert [image.step for image in images[HEATMAP_TAG]] == [4]
+    assert images[HEATMAP_TAG][0].width > 600
+
+    guarded = TensorBoardLogger(tmp_path, name="guarded")
+    monitor = GradNormMonitor(log_every_n_steps=2, update_to_weight=True, log_inf_norm=True, heatmap_every_n_steps=None)
+    fit(TinyRegressor(depth=3), [monitor, ExplosionGuard()], guarded)
+    titles, images = _layout_and_images(guarded.log_dir)
+    assert set(GUARD_CHARTS) <= set(titles)
+    assert {"per-layer gradient norms", "update-to-weight ratios", "max |grad|"} <= set(titles)
+    assert HEATMAP_TAG not in images
