@@ -255,3 +255,59 @@ def test_cuda_model_gets_the_same_findings_and_is_left_untouched():
     assert {(f.code, f.modules) for f in report.findings} == {(f.code, f.modules) for f in cpu_report.findings}
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+
+
+class _DictForward(nn.Module):
+    """A model whose forward takes the whole batch dict (``forward(batch)``), as many training codebases do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(4, 32, init="he")
+
+    def forward(self, batch):
+        return self.net(batch["features"])
+
+
+class _KeywordForward(_DictForward):
+    """A model taking the batch as keyword arguments (``model(**batch)``, Hugging Face style)."""
+
+    def forward(self, features, mask=None):
+        return self.net(features)
+
+
+@pytest.mark.parametrize("model_class", [_DictForward, _KeywordForward], ids=["forward(batch)", "forward(**batch)"])
+def test_a_dict_batch_reaches_forward_as_one_dict_or_as_keywords(model_class):
+    report = diagnose(model_class(), {"features": digits_batch(32), "mask": torch.ones(32)})
+    assert [row["name"] for row in report.layers] == ["net.0", "net.2", "net.4", "net.6"]
+    assert all(row["grad_rms"] is not None for row in report.layers)
+
+
+def test_compiled_module_is_probed_on_its_eager_module_without_compiling():
+    from torch._dynamo.utils import counters
+
+    model = mlp(30, 64, init="xavier")
+    compiled = torch.compile(model, backend="eager")
+    counters.clear()
+    report = diagnose(compiled, digits_batch())
+    assert sum(counters["stats"].values()) == 0 and not counters["frames"]  # dynamo never ran
+    assert report.by_code("init.scale")[0].modules == diagnose(model, digits_batch()).by_code("init.scale")[0].modules
+
+
+def test_tied_parameters_are_not_reported_untraced():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight  # named once, as embed.weight, used by head too
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    assert "trace.incomplete" not in diagnose(TiedLM(), tokens()).codes
+
+
+def test_a_parameter_the_forward_never_uses_is_not_a_tracing_gap():
+    model = mlp(3, 16)
+    model.register_parameter("mask_token", nn.Parameter(torch.zeros(16)))  # used only with masking
+    assert "trace.incomplete" not in diagnose(model, digits_batch()).codes
