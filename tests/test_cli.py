@@ -43,6 +43,30 @@ FACTORIES = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def forward(self, batch):
+            return self.net(batch["features"])
+
+    class KeywordNet(DictNet):
+        def forward(self, features, labels=None):
+            return self.net(features)
+
+    def _batch():
+        return {"features": torch.randn(16, 64), "labels": torch.zeros(16, dtype=torch.long)}
+
+    def dict_model_and_batch():
+        return DictNet(), _batch()
+
+    def keyword_model_and_batch():
+        return KeywordNet(), _batch()
+
+    def xavier_mlp_and_batch():
+        return xavier_mlp(), torch.randn(8, 64)
     """
 )
 
@@ -106,3 +130,20 @@ def test_console_script_entry_point_runs_as_a_process(factories):
     )
     assert completed.returncode == EXIT_FINDINGS, completed.stderr
     assert (factories / "gradstab_audit.json").exists()
+
+
+@pytest.mark.parametrize("factory", ["dict_model_and_batch", "keyword_model_and_batch"])
+def test_a_factory_returning_model_and_dict_batch_is_audited_on_that_batch(factories, factory):
+    assert main(["audit", f"user_models:{factory}", "--json", "audit.json"]) == EXIT_OK
+    document = json.loads((factories / "audit.json").read_text())
+    assert [row["name"] for row in document["layers"]] == ["net.0", "net.2"]
+    assert all(row["grad_rms"] is not None for row in document["layers"])
+
+
+def test_the_returned_batch_decides_the_exit_status(factories):
+    assert main(["audit", "user_models:xavier_mlp_and_batch"]) == EXIT_FINDINGS
+
+
+def test_a_model_only_factory_without_input_shape_is_a_usage_error(factories, capsys):
+    assert main(["audit", "user_models:healthy_mlp"]) == EXIT_USAGE
+    assert "--input-shape is required when the factory returns only a model" in capsys.readouterr().err

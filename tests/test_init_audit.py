@@ -201,3 +201,36 @@ def test_fix_redraws_a_zero_initialised_hidden_layer():
     assert audit.fixed_modules == ["net.2"]  # names relative to the LightningModule
     assert net[2].weight.std().item() == pytest.approx((2 / 32) ** 0.5, rel=0.15)  # He before its ReLU
     assert "init.symmetric" not in diagnose(net, digits_batch()).codes
+
+
+class _DictBatchClassifier(DigitsClassifier):
+    """Batches are dicts; ``keywords`` picks ``net(**batch)`` (Hugging Face style) over ``net(batch)``."""
+
+    def __init__(self, keywords: bool) -> None:
+        super().__init__(mlp(30, 64, init="xavier"), lr=0.0)
+        self.keywords = keywords
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(batch["features"]) if not self.keywords else self._keywords(**batch)
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def _keywords(self, features, labels):
+        return self.net(features)
+
+
+def _dict_loader():
+    x, y = digits_batch(64), torch.arange(64) % 10
+    return torch.utils.data.DataLoader([{"features": f, "labels": t} for f, t in zip(x, y, strict=True)], batch_size=32)
+
+
+@pytest.mark.parametrize("keywords", [False, True], ids=["forward(batch)", "forward(**batch)"])
+def test_dict_batches_are_audited_and_fixed(keywords):
+    audit = InitAudit(fix=True)
+    quiet_trainer(max_steps=1, callbacks=[audit]).fit(_DictBatchClassifier(keywords), _dict_loader())
+    assert "init.scale" in audit.report.codes and len(audit.fixed_modules) == 29
+
+
+def test_forward_fn_gets_the_dict_batch():
+    audit = InitAudit(forward_fn=lambda module, batch: module.net(batch["features"]))
+    quiet_trainer(max_steps=1, callbacks=[audit]).fit(_DictBatchClassifier(False), _dict_loader())
+    assert len(audit.report.layers) == 30
