@@ -566,6 +566,7 @@ class _FileWriter:
                         stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
                     self._release(tensor.nbytes)
                     del item, tensor
+            _return_freed_memory()
         except BaseException as error:  # reported by the next take/restore; training goes on
             with self._space:
                 self.error = error
@@ -584,6 +585,17 @@ class _FileWriter:
         with self._space:
             self.pending_bytes -= nbytes
             self._space.notify_all()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed copies back to the OS: glibc keeps large freed blocks in its heap (its mmap threshold
+    grows after the first free), so the resident set would stay as if the copies were still held."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # -- the tuple snapshot the guard has used so far -------------------------------------------------------------
