@@ -27,9 +27,9 @@ quick=0
 dry_run=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --out) [ $# -ge 2 ] || { echo "gpu_check.sh: --out needs a folder" >&2; exit 64; }; out_dir="$2"; shift 2 ;;
-        --quick) quick=1; shift ;;
-        --dry-run) dry_run=1; shift ;;
+        "--out") [ $# -ge 2 ] || { echo "gpu_check.sh: --out needs a folder" >&2; exit 64; }; out_dir="$2"; shift 2 ;;
+        "--quick") quick=1; shift ;;
+        "--dry-run") dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (try --help)" >&2; exit 64 ;;
     esac
