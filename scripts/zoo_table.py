@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_gradstab import diagnose  # noqa: E402
-from tests.zoo import CONTROLS, GOOD, STOCK  # noqa: E402
+from tests.zoo import BROKEN, CONTROLS, GOOD, STOCK  # noqa: E402
 
 
 def _call(model: torch.nn.Module, batch: Any) -> Any:
@@ -77,8 +77,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     rows: list[str] = []
     summary = {"stock": [0, 0, 0], "good": [0, 0, 0]}
+    cited = 0
     largest = (0, "", 0.0, 0.0)
-    for group, entries in (("stock", STOCK), ("good", GOOD), ("control", CONTROLS)):
+    for group, entries in (("stock", STOCK), ("broken default", BROKEN), ("good", GOOD), ("control", CONTROLS)):
         for entry in entries:
             model, batch = entry()
             parameters = sum(p.numel() for p in model.parameters())
@@ -94,11 +95,16 @@ def main() -> None:
                 largest = (parameters, entry.name, seconds, step)
             note = getattr(entry, "fault", None) or entry.source
             expected = getattr(entry, "expected", {})
-            cited = "; ".join(f"`{code}`: {why}" for code, why in expected.items() if isinstance(why, str))
+            found = report.codes
+            why = "; ".join(
+                f"`{code}` {text}" for code, text in expected.items() if isinstance(text, str) and code in found
+            )
+            if group == "stock":
+                cited += sum(f.severity == "warning" and f.code in expected for f in report.findings)
             reduced = getattr(entry, "reduced", "")
             rows.append(
                 f"| {group} | {entry.name} | {note}{' (' + reduced + ')' if reduced else ''} | {parameters:,} | "
-                f"{_findings(report)}{' - ' + cited if cited else ''} | {seconds:.3f} | {step:.3f} | "
+                f"{_findings(report)}{' - ' + why if why else ''} | {seconds:.3f} | {step:.3f} | "
                 f"{seconds / step:.1f} |"
             )
             print(rows[-1], flush=True)
@@ -120,7 +126,8 @@ def main() -> None:
         "`ratio` = diagnose / fwd+bwd",
         "",
         f"Stock models: {summary['stock'][0]}, error-level findings {summary['stock'][1]}, warning-level findings "
-        f"{summary['stock'][2]}. Good-practice inits: {summary['good'][0]}, errors {summary['good'][1]}, warnings "
+        f"{summary['stock'][2]} ({cited} of them cited to a paper in the table). Good-practice inits: "
+        f"{summary['good'][0]}, errors {summary['good'][1]}, warnings "
         f"{summary['good'][2]}. Largest model: {largest[1]} ({largest[0]:,} parameters), diagnose "
         f"{largest[2]:.3f} s = {largest[2] / largest[3]:.1f}x one forward + backward ({largest[3]:.3f} s).",
         "",

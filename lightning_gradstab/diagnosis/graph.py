@@ -436,13 +436,13 @@ class GraphTracer:
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None:
             return None
-        has_parameters = next(module.parameters(recurse=False), None) is not None
-        vector_parameters = all(p.dim() <= 1 for p in module.parameters(recurse=False))
-        if vector_parameters and normalizes(module, args):
-            return ("norm", 0.0)
-        if has_parameters:
+        parameters = list(module.parameters(recurse=False))
+        if parameters and all(p.dim() <= 1 for p in parameters) and normalizes(module, args):
+            return ("norm", 0.0)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
+        if parameters:
             return ("layer", 0.0)
-        if next(module.buffers(recurse=False), None) is None and len(args) == 1:
+        torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
+        if not torch_builtin and next(module.buffers(recurse=False), None) is None and len(args) == 1:
             behaviour = classify_elementwise(module, first)
             if behaviour is not None:
                 return (f"activation:{behaviour[0]}", behaviour[1])

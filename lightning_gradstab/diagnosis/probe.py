@@ -192,8 +192,8 @@ def run_probe(
         loss = _factor_out_zero_heads(result, loss, seed)
         weight_grads: dict[str, Tensor] = {}
         if loss is not None and loss.requires_grad:
-            targets = [t for t in tree_leaves(grad_inputs) if isinstance(t, Tensor) and t.requires_grad]
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            targets = _anchors(graph, grad_inputs)
+            named = _gradient_parameters(model, graph, anchored=bool(targets))
             grads = torch.autograd.grad(loss, targets + [p for _, p in named], allow_unused=True)
             unused = set()
             for (name, _), grad in zip(named, grads[len(targets) :], strict=True):
@@ -258,6 +258,30 @@ def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Te
             direction = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
             terms.append((tensor.float() * direction.to(tensor.device)).sum())
     return torch.stack(terms).sum() if terms else None
+
+
+def _anchors(graph: ModelGraph, inputs: Any) -> list[Tensor]:
+    """Tensors the backward must reach: the float inputs and the embedding outputs (token models), so every
+    layer's delta is computed without computing every weight gradient."""
+    anchors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    for node in graph.nodes:
+        tensor = node.output
+        embedding = node.kind == "layer" and node.layer_kind == "embedding" and isinstance(tensor, Tensor)
+        if embedding and tensor.requires_grad and all(t is not tensor for t in anchors):
+            anchors.append(tensor)
+    return anchors
+
+
+def _gradient_parameters(model: nn.Module, graph: ModelGraph, anchored: bool) -> list[tuple[str, Tensor]]:
+    """The parameters whose gradients the rules read: the weights of the first and last layers (evidence that
+    weight gradients stay flat while deltas vanish, Glorot & Bengio 2010) and parameters the tracer did not see
+    (a None gradient means unused). Without an anchor every parameter is requested, which reaches every layer."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not anchored:
+        return named
+    layers = [layer.name for layer in graph.layers if layer.kind != "embedding" and layer.weight is not None]
+    wanted = {f"{name}.weight" for name in layers[:1] + layers[-2:]} | set(graph.untraced)
+    return [(n, p) for n, p in named if n in wanted]
 
 
 def _factor_out_zero_heads(result: ProbeResult, loss: Tensor | None, seed: int) -> Tensor | None:
