@@ -387,7 +387,8 @@ class RollbackSnapshot:
         for tensor in live:
             offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
             self._offsets.append((offset, tensor.dtype, tensor.shape))
-            writer.put(offset, tensor.to("cpu", copy=True).contiguous())
+            writer.reserve(tensor.nbytes)  # before the copy exists: host copies in flight stay under the bound
+            writer.put(offset, torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor))  # one contiguous copy
             offset += tensor.nbytes
         writer.finish()
 
@@ -522,7 +523,7 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor]) -> Any:
 class _FileWriter:
     """Writes ``(offset, host tensor)`` pieces into a file from a background thread.
 
-    ``put`` blocks only while more than ``max_in_flight`` bytes wait to be written (one piece larger than
+    ``reserve`` blocks only while more than ``max_in_flight`` bytes wait to be written (one piece larger than
     the bound still goes alone), so host RAM used by copies in flight stays under the bound.
     """
 
@@ -537,16 +538,20 @@ class _FileWriter:
         self._thread = threading.Thread(target=self._run, name="gradstab-snapshot-writer", daemon=True)
         self._thread.start()
 
-    def put(self, offset: int, tensor: Tensor) -> None:
+    def reserve(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit under the bound (call it before making the host copy)."""
         with self._space:
             while (
                 self.max_in_flight is not None
                 and self.pending_bytes > 0
-                and self.pending_bytes + tensor.nbytes > self.max_in_flight
+                and self.pending_bytes + nbytes > self.max_in_flight
                 and self.error is None
             ):
                 self._space.wait()
-            self.pending_bytes += tensor.nbytes
+            self.pending_bytes += nbytes
+
+    def put(self, offset: int, tensor: Tensor) -> None:
+        """Queue a host copy whose bytes were reserved."""
         self._queue.put((offset, tensor))
 
     def finish(self) -> None:
