@@ -2,9 +2,10 @@
 
 For each stock architecture, good-practice init and known-bad control: parameters, the findings of
 ``diagnose()`` (severity code (number of modules)), the time of ``diagnose()`` and of one plain forward +
-backward of the same model on the same batch, whose ratio is diagnose()'s cost. Run from the repository root:
+backward of the same model on the same batch, whose ratio is diagnose()'s cost (one thread). Run from the
+repository root:
 
-    OMP_NUM_THREADS=1 python scripts/zoo_table.py --output docs/results/zoo.md
+    python scripts/zoo_table.py --output docs/results/zoo.md
 """
 
 from __future__ import annotations
@@ -65,10 +66,18 @@ def _findings(report: Any) -> str:
     return ", ".join(parts) or "-"
 
 
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
     parser.add_argument("--title", default="after")
+    parser.add_argument("--note", default="", help="a line saying which code was measured, when not this tree's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -116,8 +125,9 @@ def main() -> None:
     lines = [
         f"# Diagnosis zoo ({args.title})",
         "",
-        f"- command: `OMP_NUM_THREADS=1 python scripts/zoo_table.py --output {args.output.resolve().relative_to(ROOT)}"
+        f"- command: `python scripts/zoo_table.py --output {_shown(args.output)}"
         f"{' --title ' + repr(args.title) if args.title != 'after' else ''}`",
+        *([f"- code: {args.note}"] if args.note else []),
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {cpu}, {torch.get_num_threads()} thread(s) of {len(__import__('os').sched_getaffinity(0))} cores",
         f"- versions: torch {torch.__version__}, lightning {lightning.__version__}, transformers "

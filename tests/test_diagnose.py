@@ -32,7 +32,7 @@ def test_xavier_relu_30_layers_gets_init_scale_naming_linears_with_he_and_signal
     assert "He/Kaiming" in scale.recommendation and scale.severity == "error"
     assert scale.evidence["predicted_signal_factor"] < 1e-3
     (vanishing,) = report.by_code("signal.vanishing")
-    # He et al. 2015 / PAPERS.md: backprop delta layer1/layer30 is 3e-5..1e-7 under Xavier
+    # He et al. 2015 (reproduced on digits): backprop delta layer1/layer30 is 3e-5..1e-7 under Xavier
     assert vanishing.evidence["delta_rms_first_over_last"] < 1e-4
     assert vanishing.evidence["per_layer_gain"] == pytest.approx(0.5**0.5, abs=0.05)  # chi1 = 1/2 per layer
     # ...while weight-gradient norms stay flat: why the rule reads activation gradients
@@ -78,7 +78,7 @@ def test_plain_56_layer_batchnorm_mlp_gets_arch_residual_but_not_normalization()
     (residual,) = report.by_code("arch.residual")
     assert residual.evidence["plain_depth"] == 56 and residual.evidence["skip_connections"] == 0
     assert "arch.normalization" not in report.codes
-    # PAPERS.md: plain-56 BN at init has activation gradients exploding toward the input (~4.9e4)
+    # reproduced on digits: plain-56 BN at init has activation gradients exploding toward the input (~4.9e4)
     (exploding,) = report.by_code("signal.exploding")
     assert exploding.evidence["delta_rms_first_over_last"] > 1e3
     assert "arch.residual" in exploding.recommendation

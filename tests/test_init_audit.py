@@ -152,7 +152,7 @@ def test_constructor_validation(kwargs, error, message):
 
 @pytest.mark.slow
 def test_he2015_xavier_30_layer_relu_stays_at_chance_and_fix_trains_below_10_percent_error():
-    """He et al. 2015 Fig. 3 on digits (PAPERS.md): SGD momentum 0.9, lr 0.003, 20 epochs."""
+    """He et al. 2015 Fig. 3 on digits: SGD momentum 0.9, lr 0.003, 20 epochs."""
     errors = {}
     for fix in (False, True):
         torch.manual_seed(0)

@@ -1,9 +1,10 @@
 """Architecture rules: normalization, skip connections, hidden activations, recurrent weights.
 
 - ``arch.residual`` keys on depth without shortcuts, never on vanishing: plain BatchNorm nets degrade with
-  healthy gradient norms (He et al. 2016; PAPERS.md: plain MLP with BN, 1-2% train error at depth 8,
-  26-30% at 20, 80% at 56, residual ~1% throughout). We flag plain chains of 20 or more layers; the advisor
-  raises it to an error when the training loss also stalls.
+  healthy gradient norms (He et al. 2016; a NumPy reproduction on digits, plain MLP with BN: 1-2% train error at
+  depth 8, 26-30% at 20, 80% at 56, residual ~1% throughout). ``diagnose`` flags plain chains of 30 or more
+  layers (plain-34 is where He et al. see ImageNet nets degrade); the advisor flags 20 or more, as an error, when
+  the training loss also stalls.
 - ``arch.normalization`` needs a deep plain stack without normalization *and* a measured problem that the
   init does not explain (vanishing/exploding deltas, saturation, hidden sigmoids). Ioffe & Szegedy 2015: a
   10-layer sigmoid MLP stays at chance without BN and reaches ~0% train error with it.

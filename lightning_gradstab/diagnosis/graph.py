@@ -6,8 +6,14 @@ forward hooks on the modules we understand (layers, normalizations, activation m
 as single nodes, and a ``TorchFunctionMode`` that records every functional call between them. Tensors are
 matched to the node that produced them by identity. From the nodes we derive, for each parameterised layer,
 the activation that consumes its output, whether a normalization follows, whether it ends a residual branch,
-and the longest *plain* chain: the most parameterised layers a signal must cross with no skip connection
-offering a shorter path.
+and the longest *plain* chain: the most distinct parameterised layers a signal must cross with no skip
+connection offering a shorter path.
+
+Modules we do not know by class are recognised by what they compute, at their first call: a leaf whose output
+does not change when its input is scaled is a normalization (RMSNorm classes, T5's layer norm), a
+parameter-free elementwise leaf is classified as a sigmoid-, tanh- or ReLU-like activation on a grid (so
+GELU-tanh's internal add and tanh are not read as structure). A product whose factor is broadcast or comes from
+a sigmoid-family activation is a gate (Squeeze-Excitation), off the main path.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Signal rules: read the probe's backpropagated deltas and activation statistics.
 
-``signal.vanishing`` / ``signal.exploding`` compare the RMS of the gradient reaching the first and the last
-parameterised layer's output. Under one learning rate, a ratio of 1e-2 means the input layers move ~100x
-slower than the output layers (warning); 1e-4 means they effectively do not train (error; He et al. 2015
-measured 3e-5..1e-7 for a Xavier-initialised 30-layer ReLU MLP that stays at chance). The reverse ratios
-flag explosion. The per-layer gain ``ratio ** (1 / (layers - 1))`` is reported next to its critical value 1.
+``signal.vanishing`` / ``signal.exploding`` compare the RMS of the gradient reaching the first and the last point
+of the main signal path: the layers of a plain network, and in a residual one the skip connections' outputs plus
+the layers outside residual branches (see :func:`measured_layers`). Under one learning rate, a ratio of 1e-2 means
+the input side moves ~100x slower than the output side (warning); 1e-4 means it effectively does not train
+(error; He et al. 2015 measured 3e-5..1e-7 for a Xavier-initialised 30-layer ReLU MLP that stays at chance). The
+reverse ratios flag explosion. The per-layer gain ``ratio ** (1 / (points - 1))`` is reported next to its
+critical value 1.
 """
 
 from __future__ import annotations
