@@ -387,8 +387,12 @@ class RollbackSnapshot:
         for tensor in live:
             offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
             self._offsets.append((offset, tensor.dtype, tensor.shape))
-            writer.reserve(tensor.nbytes)  # before the copy exists: host copies in flight stay under the bound
-            writer.put(offset, torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor))  # one contiguous copy
+            if writer.error is not None:  # the file cannot be written: no point copying the rest
+                break
+            buffer = writer.staging(tensor.nbytes)
+            buffer[: tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            writer.put(offset, buffer, tensor.nbytes)
+            del buffer
             offset += tensor.nbytes
         writer.finish()
 
@@ -521,38 +525,46 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor]) -> Any:
 
 
 class _FileWriter:
-    """Writes ``(offset, host tensor)`` pieces into a file from a background thread.
+    """Writes pieces of a snapshot into a file from a background thread, through a pool of staging buffers.
 
-    ``reserve`` blocks only while more than ``max_in_flight`` bytes wait to be written (one piece larger than
-    the bound still goes alone), so host RAM used by copies in flight stays under the bound.
+    The training thread asks :meth:`staging` for a host buffer, copies a tensor into it and queues it with
+    :meth:`put`; the writer writes it and hands the buffer back to the pool for the next piece. The pool never
+    grows past ``max_in_flight`` bytes (one piece larger than that still gets a buffer of its own), so the host
+    RAM the copies use stays under the bound: a fresh allocation per piece would not, since the allocator does
+    not reliably reuse the blocks another thread freed. ``staging`` waits only while the pool is full.
     """
 
     def __init__(self, path: Path, max_in_flight: int | None) -> None:
         self.path = path
         self.max_in_flight = max_in_flight
-        self.pending_bytes = 0
+        self.pending_bytes = 0  # bytes of staging buffers allocated (in flight or waiting in the pool)
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._space = threading.Condition()
-        self._queue: queue.SimpleQueue[tuple[int, Tensor] | None] = queue.SimpleQueue()
+        self._pool: list[Tensor] = []
+        self._queue: queue.SimpleQueue[tuple[int, Tensor, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="gradstab-snapshot-writer", daemon=True)
         self._thread.start()
 
-    def reserve(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` more fit under the bound (call it before making the host copy)."""
+    def staging(self, nbytes: int) -> Tensor:
+        """A ``uint8`` host buffer of at least ``nbytes``, from the pool or newly allocated under the bound."""
         with self._space:
-            while (
-                self.max_in_flight is not None
-                and self.pending_bytes > 0
-                and self.pending_bytes + nbytes > self.max_in_flight
-                and self.error is None
-            ):
+            while True:
+                fitting = [i for i, buffer in enumerate(self._pool) if buffer.numel() >= nbytes]
+                if fitting:
+                    return self._pool.pop(min(fitting, key=lambda i: self._pool[i].numel()))
+                room = self.max_in_flight is None or self.pending_bytes + nbytes <= self.max_in_flight
+                if room or self.pending_bytes == 0 or self.error is not None:
+                    self.pending_bytes += nbytes
+                    return torch.empty(nbytes, dtype=torch.uint8)
+                if self._pool:  # only smaller buffers are free: drop one to make room
+                    self.pending_bytes -= self._pool.pop(0).numel()
+                    continue
                 self._space.wait()
-            self.pending_bytes += nbytes
 
-    def put(self, offset: int, tensor: Tensor) -> None:
-        """Queue a host copy whose bytes were reserved."""
-        self._queue.put((offset, tensor))
+    def put(self, offset: int, buffer: Tensor, nbytes: int) -> None:
+        """Queue the first ``nbytes`` of a :meth:`staging` buffer, to be written at ``offset``."""
+        self._queue.put((offset, buffer, nbytes))
 
     def finish(self) -> None:
         self._queue.put(None)
@@ -565,31 +577,31 @@ class _FileWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "wb") as stream:
                 while not (finished := (item := self._queue.get()) is None):
-                    offset, tensor = item
-                    if tensor.nbytes:
+                    offset, buffer, nbytes = item
+                    if nbytes:
                         stream.seek(offset)
-                        stream.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-                    self._release(tensor.nbytes)
-                    del item, tensor
-            _return_freed_memory()
+                        stream.write(memoryview(buffer[:nbytes].numpy()))
+                    del item
+                    with self._space:
+                        self._pool.append(buffer)
+                        self._space.notify_all()
+                    del buffer
         except BaseException as error:  # reported by the next take/restore; training goes on
             with self._space:
                 self.error = error
-                self._space.notify_all()  # ``put`` stops waiting for a writer that is gone
+                self._space.notify_all()  # ``staging`` stops waiting for a writer that is gone
             if self.path.parent.is_dir():
                 self.path.unlink(missing_ok=True)
             while not finished:  # drain until ``finish``
                 finished = self._queue.get() is None
         finally:
             with self._space:
+                self._pool.clear()
                 self.pending_bytes = 0
+            _return_freed_memory()
+            with self._space:
                 self.done.set()
                 self._space.notify_all()
-
-    def _release(self, nbytes: int) -> None:
-        with self._space:
-            self.pending_bytes -= nbytes
-            self._space.notify_all()
 
 
 def _return_freed_memory() -> None:

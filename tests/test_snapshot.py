@@ -202,13 +202,14 @@ def test_a_snapshot_that_fits_neither_the_bound_nor_the_disk_is_not_kept_and_say
 def test_disk_copies_in_flight_stay_under_max_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)])  # 16 KiB per weight
     seen: list[int] = []
-    original_reserve = snapshot_module._FileWriter.reserve
+    original_staging = snapshot_module._FileWriter.staging
 
-    def recording_reserve(writer, nbytes):
-        original_reserve(writer, nbytes)
-        seen.append(writer.pending_bytes)  # what is in flight once the next copy is made
+    def recording_staging(writer, nbytes):
+        buffer = original_staging(writer, nbytes)
+        seen.append(writer.pending_bytes)  # host bytes of staging buffers once this copy has one
+        return buffer
 
-    monkeypatch.setattr(snapshot_module._FileWriter, "reserve", recording_reserve)
+    monkeypatch.setattr(snapshot_module._FileWriter, "staging", recording_staging)
     bound = 2 * model[0].weight.nbytes
     snapshot = RollbackSnapshot(keep="weights", location="disk", max_bytes=bound, directory=tmp_path)
     snapshot.take(model)
