@@ -33,6 +33,8 @@ PLAIN_DEPTH_RESIDUAL_UNOBSERVED = 30
 plain nets of 20-30 layers (MobileNetV1's 28) are not predicted to degrade by depth alone."""
 PLAIN_DEPTH_NORMALIZATION = 4
 """Below this many plain layers, missing normalization is not worth a finding."""
+RECURRENT_EXPLODING_ERROR = 1e4
+"""``radius ** length`` above this (the signal rules' error ratio) makes a radius above 1 an error."""
 RECURRENT_VANISHING_FACTOR = 1e-2
 """``radius ** length`` below this: the first time steps get < 1% of the gradient of the last one."""
 
@@ -122,10 +124,13 @@ def recurrent_findings(graph: ModelGraph) -> list[Finding]:
         evidence = {"spectral_radius": radius, "sequence_length": steps, "nonlinearity": nonlinearity,
                     "radius_pow_length": radius**steps if radius > 0 else 0.0}
         if radius > 1.0:
+            # radius > 1 is necessary for exploding gradients, not sufficient: an error only when the potential
+            # growth over the sequence passes the signal rules' error ratio
+            growth = radius**steps
             findings.append(
                 Finding(
                     "arch.recurrent",
-                    "error",
+                    "error" if growth > RECURRENT_EXPLODING_ERROR else "warning",
                     (layer.name,),
                     evidence,
                     f"Replace the vanilla RNN {layer.name} (recurrent spectral radius {radius:.2f} > 1: gradients "
