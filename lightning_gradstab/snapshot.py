@@ -71,11 +71,18 @@ def host_memory_bytes() -> tuple[int, int]:
 
 
 def local_process_count() -> int:
-    """Training processes sharing this host: ``LOCAL_WORLD_SIZE`` (torchrun, Lightning's launchers), else 1."""
+    """Training processes sharing this host: ``LOCAL_WORLD_SIZE`` where set (torchrun), else, in a process
+    group, the world size capped by the GPUs this host has (Lightning's launchers start one rank per device),
+    else 1. Erring high only lowers the bound."""
     try:
-        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            return max(int(os.environ["LOCAL_WORLD_SIZE"]), 1)
     except ValueError:
-        return 1
+        pass
+    if dist.is_available() and dist.is_initialized():
+        world, devices = dist.get_world_size(), torch.cuda.device_count()
+        return min(world, devices) if devices else world
+    return 1
 
 
 def default_max_bytes(local_processes: int | None = None) -> int:
@@ -208,7 +215,8 @@ class RollbackSnapshot:
             once; :attr:`available` is then false and a rollback must do without).
         directory: folder of the snapshot file (``rollback-rank{rank}.bin``); ``None``: ``gradstab_rollback``
             in the working directory. Use a disk, not a tmpfs: a RAM-backed folder defeats the bound.
-        local_processes: ranks sharing this host, dividing the ``"auto"`` bound (default: ``LOCAL_WORLD_SIZE``).
+        local_processes: ranks sharing this host, dividing the ``"auto"`` bound (default:
+            :func:`local_process_count`; a callback can pass ``trainer.num_devices``).
 
     Example::
 
