@@ -135,6 +135,9 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
         "wall_s": round(wall, 2),
         "injections": len(built.injections),
         "actions": _actions(method.callbacks),
+        "package": str(Path(sys.modules["lightning_gradstab"].__file__).parent)
+        if "lightning_gradstab" in sys.modules
+        else None,
     }
 
 
@@ -288,6 +291,23 @@ def actions_table(results: list[dict[str, Any]], tasks: list[str], methods: list
     return lines
 
 
+def freeze_package() -> str:
+    """Copy ``lightning_gradstab/`` as it is now to a temporary directory first on ``sys.path`` (spawned workers
+    inherit it), so edits made to the working tree during a long benchmark do not mix versions; returns a
+    short hash of the copied sources that identifies the code measured."""
+    import hashlib
+    import shutil
+
+    source = ROOT / "lightning_gradstab"
+    target = Path(tempfile.mkdtemp(prefix="gradstab-bench-code-"))
+    shutil.copytree(source, target / "lightning_gradstab", ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for path in sorted((target / "lightning_gradstab").rglob("*.py")):
+        digest.update(path.relative_to(target).as_posix().encode() + b"\0" + path.read_bytes())
+    sys.path.insert(0, str(target))
+    return digest.hexdigest()[:12]
+
+
 def machine() -> dict[str, Any]:
     import lightning
     import torch
@@ -309,7 +329,7 @@ def machine() -> dict[str, Any]:
             text=True,
         ).stdout.strip()
         if dirty:
-            commit += " (lightning_gradstab/ has uncommitted changes)"
+            commit += " + uncommitted changes in lightning_gradstab/"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -385,15 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
 
+    code_hash = freeze_package()
     start = time.perf_counter()
     results = run_all(tasks, methods, args.seeds, args.jobs, args.steps, log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - start
     command = "python benchmarks/divergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, tasks, methods, command.strip(), args.jobs, wall, args.label)
+    label = f"lightning_gradstab sources sha256 {code_hash}" + (f"; {args.label}" if args.label else "")
+    text = report(results, tasks, methods, command.strip(), args.jobs, wall, label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
-    payload = {"command": command.strip(), "machine": machine(), "label": args.label, "runs": results}
+    payload = {"command": command.strip(), "machine": machine(), "label": label, "runs": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print(text)
 

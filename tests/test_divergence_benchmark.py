@@ -11,7 +11,7 @@ from benchmarks import divergence
 from benchmarks.divergence_tasks import TASKS
 from benchmarks.peers import METHODS, OlmoSkipStep, resolve_method
 
-TASK = "sgd_tanh_lr"
+TASK = "bad_init_scale"
 STEPS = 40
 
 
