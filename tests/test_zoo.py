@@ -52,6 +52,16 @@ def test_library_default_that_blocks_training_gets_its_finding(entry):
     assert first.grad.norm() < 1e-12
 
 
+def test_efficientnet_s_small_batchnorm_gains_are_named_and_setting_them_to_1_restores_the_signal():
+    model, batch = next(entry for entry in BROKEN if entry.name == "efficientnet")()
+    (vanishing,) = diagnose(model, batch).by_code("signal.vanishing")
+    assert "nn.init.ones_" in vanishing.recommendation and vanishing.severity == "error"
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    assert "signal.vanishing" not in diagnose(model, batch).codes
+
+
 @pytest.mark.parametrize("control", CONTROLS, ids=_ids(CONTROLS))
 def test_known_bad_control_gets_its_codes_naming_its_modules(control):
     report = diagnose(*control())

@@ -168,6 +168,14 @@ def build_report(
     return report
 
 
+NORM_GAIN_SMALL = 10**-0.5
+"""A normalization gain (RMS of its output at init) below 1/sqrt(10) shrinks the variance more than 10x."""
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, …, {names[-1]} ({len(names)} normalizations)"
+
+
 def _deliberate(finding: Finding, graph: ModelGraph) -> Finding:
     """``signal.vanishing`` explained by deliberately down-scaled residual branches becomes info.
 
@@ -199,7 +207,8 @@ def _signal_cause(
     activation_problems: list[Finding],
     measured: tuple[float, Any] | None,
 ) -> tuple[str, bool]:
-    """The recommendation of a signal finding: the cause the evidence supports, and whether it is the init.
+    """The recommendation of a signal finding: the cause the evidence supports, and whether that cause is
+    identified (the init, symmetric or dead units, normalization gains: no architecture advice is due then).
 
     The init explains a measured first/last delta ratio only if its predicted factor points the same way and
     is of the same order (log of one within a factor 2 of the log of the other); otherwise the measurement has
@@ -222,6 +231,13 @@ def _signal_cause(
                 f"its predicted signal factor {predicted:.1e} matches this measurement ({ratio:.1e}).",
                 True,
             )
+    small_gains = sorted(name for name, gain in graph.norm_gains.items() if gain < NORM_GAIN_SMALL)
+    if vanishing and len(small_gains) >= 2:
+        return (
+            f"Re-initialise the gains (weight) of {_listed(small_gains)} to 1 (`nn.init.ones_`): at ~"
+            f"{min(graph.norm_gains[n] for n in small_gains):.0e} each normalization shrinks its output, the next "
+            "one's input variance falls under its eps, and the shrinkage compounds layer after layer."
+        ), True
     prefix = ""
     if scales:
         predicted = scales[0].evidence["predicted_signal_factor"]
@@ -234,7 +250,7 @@ def _signal_cause(
             "activation.saturated)."
         ), False
     if vanishing and "activation.dead" in codes:
-        return prefix + "dead ReLU units pass no gradient: revive them first (see activation.dead).", False
+        return prefix + "dead ReLU units pass no gradient: revive them first (see activation.dead).", True
     if graph.plain_depth >= 4 and not graph.plain_chain_normalized:
         return prefix + (
             "add normalization layers to the deep plain stack (see arch.normalization) and check the activations."

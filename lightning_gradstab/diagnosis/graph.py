@@ -194,15 +194,26 @@ def classify_elementwise(module: nn.Module, like: Tensor) -> tuple[str, float] |
 
 
 def normalizes(module: nn.Module, args: tuple) -> bool:
-    """Whether ``module`` normalises its input: its output does not change when the input is scaled.
-
-    Tested on the real input scaled by 4 and by 16 (large enough that a typical epsilon no longer matters), so
-    any normalisation class is recognised by what it computes (RMSNorm variants, T5's layer norm, channels-first
-    layer norms), not by its name.
+    """Whether ``module`` normalises its input (see :func:`norm_gain`).
 
     Example::
 
         normalizes(transformers.models.t5.modeling_t5.T5LayerNorm(64), (x,))  # True
+    """
+    return norm_gain(module, args) is not None
+
+
+def norm_gain(module: nn.Module, args: tuple) -> float | None:
+    """Whether ``module`` normalises its input: its output does not change when the input is scaled.
+
+    Tested on the real input scaled by 4 and by 16 (large enough that a typical epsilon no longer matters), so
+    any normalisation class is recognised by what it computes (RMSNorm variants, T5's layer norm, channels-first
+    layer norms), not by its name. Returns the module's gain, the RMS of its output (a normalised input has RMS
+    1), or None if it does not normalise.
+
+    Example::
+
+        norm_gain(transformers.models.gemma.modeling_gemma.GemmaRMSNorm(64), (x,))  # 1.0: (1 + weight), weight 0
     """
     first = next((a for a in args if isinstance(a, Tensor)), None)
     if first is None or not first.is_floating_point() or first.numel() < 2:
@@ -216,7 +227,9 @@ def normalizes(module: nn.Module, args: tuple) -> bool:
     if not isinstance(small, Tensor) or not isinstance(large, Tensor) or small.shape != first.shape:
         return False
     scale = small.float().norm()
-    return bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)
+    if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
+        return None
+    return float(large.float().square().mean().sqrt())
 
 
 @dataclass
@@ -312,6 +325,7 @@ class ModelGraph:
     untraced: list[str]
     problems: list[str]
     outputs: list[int] = field(default_factory=list)  # nodes whose tensors are (part of) the model output
+    norm_gains: dict[str, float] = field(default_factory=dict)  # normalization -> its output RMS at init
 
     @property
     def plain_depth(self) -> int:
@@ -377,6 +391,7 @@ class GraphTracer:
         self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
         self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
         self._called: set[str] = set()
+        self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
 
     def register_inputs(self, inputs: Any) -> None:
@@ -443,8 +458,9 @@ class GraphTracer:
         if first is None:
             return None
         parameters = list(module.parameters(recurse=False))
-        if parameters and all(p.dim() <= 1 for p in parameters) and normalizes(module, args):
-            return ("norm", 0.0)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
+        gain = norm_gain(module, args) if parameters and all(p.dim() <= 1 for p in parameters) else None
+        if gain is not None:
+            return ("norm", gain)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
         if parameters:
             return ("layer", 0.0)
         torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
@@ -493,6 +509,8 @@ class GraphTracer:
             node.negative_slope = slope
         elif role == "norm":
             node = self._new_node("norm", name, type(module).__name__, self._signal_only(inputs))
+            if not isinstance(module, NORM_TYPES):
+                self.norm_gains.setdefault(name, slope)  # measured by behaviour at the first call
         else:
             node = self._new_node("layer", name, type(module).__name__, inputs, signal=True)
             node.layer_kind = layer_kind(module) or "other"
@@ -602,11 +620,24 @@ class GraphTracer:
         output_nodes = set(self._traced_inputs(output))
         graph = build_graph(self.nodes, output_nodes, self._resolve_weights())
         graph.untraced = self._untraced_parameters()
+        graph.norm_gains = {**self._affine_gains(), **self.norm_gains}
         if self.problem:
             graph.problems.append(self.problem)
         self._alive.clear()
         self.producers.clear()
         return graph
+
+    def _affine_gains(self) -> dict[str, float]:
+        """The gain of every recorded torch normalization: the RMS of its affine weight (1 without one)."""
+        weighted = {
+            name: module.weight for name, module in self.recorded_modules.items()
+            if isinstance(module, NORM_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
+        }
+        gains = {name: 1.0 for name, m in self.recorded_modules.items() if isinstance(m, NORM_TYPES)}
+        if weighted:
+            rms = torch.stack([w.detach().float().square().mean().sqrt().cpu() for w in weighted.values()])
+            gains.update(zip(weighted, rms.tolist(), strict=True))  # one host sync
+        return gains
 
     def _resolve_weights(self) -> dict[str, tuple[nn.Module | None, Tensor | None]]:
         resolved: dict[str, tuple[nn.Module | None, Tensor | None]] = {}

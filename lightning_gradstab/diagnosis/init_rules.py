@@ -172,8 +172,7 @@ def _scale_findings(graph: ModelGraph, variance: dict[str, float], accepted: dic
     origin: list[int | None] = []  # the normalization that reset the chain (None: the inputs)
     for node in nodes:
         p = parent[node.index]
-        reset = p is None or nodes[p].kind == "norm"
-        base = 0.0 if reset else cumulative[p]
+        base = 0.0 if p is None else cumulative[p]  # a normalization's own entry is its gain
         origin.append(p if p is not None and nodes[p].kind == "norm" else (None if p is None else origin[p]))
         own = 0.5 * log_ratio.get(node.name, 0.0) if node.kind == "layer" and node.first_call else 0.0
         if node.kind == "pass" and node.scale > 0:
@@ -204,8 +203,11 @@ def _scale_findings(graph: ModelGraph, variance: dict[str, float], accepted: dic
                 if log_ratio.get(name, 0.0) * direction > math.log(LAYER_TOLERANCE):
                     names[name] = None
         alone = math.log(SIGNAL_FACTOR_WARNING)  # std off by more than sqrt(10): variance by more than 10
+        info = {layer.name: layer for layer in graph.layers}
         for name, ratio in log_ratio.items():
-            if ratio * direction > alone:
+            layer = info[name]
+            deliberate = layer.in_branch or layer.feeds_join or layer.is_output  # may be small on purpose
+            if ratio * direction > alone and (direction > 0 or not deliberate):
                 names[name] = None
         order = {layer.name: i for i, layer in enumerate(graph.layers)}
         chain = sorted(names, key=lambda n: order.get(n, 0))
@@ -327,6 +329,13 @@ def reinitialize(
     for position, name in enumerate(dict.fromkeys(names)):
         module = modules.get(name)
         weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 1:  # a normalization's gain: back to the usual 1
+            with torch.no_grad():
+                weight.fill_(1.0)
+                if isinstance(getattr(module, "bias", None), Tensor):
+                    module.bias.zero_()
+            applied[name] = InitScheme("normalization gain 1", 1.0)
+            continue
         if not isinstance(weight, Tensor) or weight.dim() < 2:
             continue
         fan_in, fan_out = fans(weight)

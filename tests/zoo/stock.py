@@ -361,9 +361,10 @@ def mobilenet_v1_config_default() -> tuple[nn.Module, dict]:
 BROKEN: list[ZooEntry] = [
     ZooEntry("efficientnet", efficientnet, "transformers EfficientNetForImageClassification",
              "B0 with width 0.25, depth 0.25, " + IMAGE,
-             {"signal.vanishing": "the stem's weight gradient is exactly 0.0 in a plain backward too: N(0, 0.02) "
-              "convs leave the pre-BatchNorm variance below eps=1e-3 (Ioffe & Szegedy 2015: BN only rescales "
-              "when the variance dominates eps), so each block shrinks the delta"}),
+             {"signal.vanishing": "right: the stem's weight gradient is exactly 0.0 in a plain backward too; the "
+              "library's _init_weights draws every BatchNorm weight (gain) N(0, 0.02) like a Linear's, so each "
+              "normalization shrinks its output ~50x and the next one's input variance falls under eps=1e-3 "
+              "(Ioffe & Szegedy 2015: BN rescales only when the variance dominates eps); gains of 1 fix it"}),
     ZooEntry("mobilenet-v1-config-dropout", mobilenet_v1_config_default,
              "transformers MobileNetV1ForImageClassification", "config defaults (classifier_dropout_prob 0.999), "
              + IMAGE,
