@@ -65,3 +65,35 @@ def test_method_names_resolve_and_bad_ones_are_refused():
         resolve_method("nope")
     with pytest.raises(ValueError, match="window"):
         OlmoSkipStep(window=1)
+
+
+def _runs(task: str, method: str, losses: list[float], ok: list[bool], status: str = "finished") -> list[dict]:
+    return [
+        {"task": task, "method": method, "seed": s, "final_loss": v, "ok": k, "status": status, "actions": {}}
+        for s, (v, k) in enumerate(zip(losses, ok, strict=True))
+    ]
+
+
+def test_the_bar_holds_the_guard_to_the_best_peer_where_unprotected_training_fails():
+    runs = (
+        _runs("t", "none", [9.0, 9.0, 0.5], [False, False, True])
+        + _runs("t", "clip1", [1.0, 1.0, 1.0], [True] * 3)
+        + _runs("t", "zclip", [0.9, 0.9, 0.9], [True, True, False])
+    )
+    methods = ["none", "clip1", "zclip", "guard"]
+    near = divergence.aggregate(runs + _runs("t", "guard", [1.06, 1.06, 1.06], [True] * 3))
+    assert divergence.best_peer(near, "t", methods) == "clip1"  # most ok seeds first, then the lowest loss
+    assert divergence.bar(near, "t", "unstable", "guard", methods)[0] is True  # 1.06 <= 1.05 x 1.0 + 0.01
+    worse = divergence.aggregate(runs + _runs("t", "guard", [1.07, 1.07, 1.07], [True] * 3))
+    assert divergence.bar(worse, "t", "unstable", "guard", methods)[0] is False
+    stopped = divergence.aggregate(runs + _runs("t", "guard", [0.5, 0.5, 0.5], [True] * 3, status="stopped"))
+    assert divergence.bar(stopped, "t", "unstable", "guard", methods)[0] is False  # must finish every seed
+
+
+def test_the_bar_on_a_healthy_task_is_relative_to_unprotected_training():
+    runs = _runs("h", "none", [1.0] * 3, [True] * 3) + _runs("h", "clip1", [0.5] * 3, [True] * 3)
+    methods = ["none", "clip1", "guard"]
+    cells = divergence.aggregate(runs + _runs("h", "guard", [1.07] * 3, [True] * 3))
+    assert divergence.bar(cells, "h", "healthy", "guard", methods)[0] is True  # 1.07 <= 1.05 x 1.0 + 0.02
+    cells = divergence.aggregate(runs + _runs("h", "guard", [1.08] * 3, [True] * 3))
+    assert divergence.bar(cells, "h", "healthy", "guard", methods)[0] is False
