@@ -322,6 +322,65 @@ def test_sharded_parameters_are_snapshotted_as_their_local_shards(tmp_path: Path
         dist.destroy_process_group()
 
 
+def _fsdp2_rank(rank: int, store_path: str, out_dir: str) -> None:
+    """One rank of a 2-process FSDP2 job: snapshot, perturb, restore; write what it held and whether it matched."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+        full_bytes = sum(p.nbytes for p in model.parameters())
+        fully_shard(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            torch.manual_seed(rank)
+            model(torch.randn(4, 16)).square().mean().backward()
+            optimizer.step()
+
+        step()
+        snapshot = RollbackSnapshot(keep="weights+optimizer")
+        snapshot.take(model, [optimizer])
+        expected = [p.to_local().clone() for p in model.parameters()]
+        step()
+        snapshot.restore(model, [optimizer])
+        restored = all(torch.equal(p.to_local(), e) for p, e in zip(model.parameters(), expected, strict=True))
+        local_parameter_bytes = sum(p.to_local().nbytes for p in model.parameters())
+        result = {"nbytes": snapshot.nbytes, "local": local_parameter_bytes, "full": full_bytes, "ok": restored}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_under_fsdp2_each_of_two_ranks_holds_only_its_shard(tmp_path: Path) -> None:
+    import json
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if dist.is_initialized():  # a forked rank would inherit this process's group
+        pytest.skip("a process group is already initialised in this process")
+    # fork: the ranks start from this process's imports instead of importing torch again (seconds each)
+    mp.start_processes(
+        _fsdp2_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["ok"] for r in ranks)
+    full = ranks[0]["full"]
+    assert sum(r["local"] for r in ranks) == full  # the shards partition the parameters
+    for r in ranks:  # weights + two Adam moments of the local shard (+ step counters): about 3/2 of the full weights
+        assert 3 * r["local"] <= r["nbytes"] <= 3 * r["local"] + 1024
+        assert r["nbytes"] < 0.6 * 3 * full
+
+
 def test_the_class_example_runs() -> None:
     docstring = RollbackSnapshot.__doc__ or ""
     example = textwrap.dedent(re.split(r"Example::\n", docstring)[1])
