@@ -115,3 +115,16 @@ def test_gpu_marked_tests_skip_on_cpu_with_a_reason() -> None:
     assert all(outcome == "skipped" and "CUDA" in reason for outcome, reason in recorder.outcomes.values()), (
         recorder.outcomes
     )
+
+
+def test_the_mixed_precision_check_passes_its_own_checks_on_the_cpu(tmp_path: Path) -> None:
+    """The fp16 (CPU GradScaler) and bf16 guard runs of the GPU check, on the CPU: spike acted on, NaN skipped."""
+    import json
+
+    from scripts.gpu_precision_check import main
+
+    assert main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    results = {r["precision"]: r for r in json.loads((tmp_path / "precision.json").read_text())}
+    assert set(results) == {"16-mixed", "bf16-mixed"}
+    assert all(all(r["checks"].values()) for r in results.values()), {p: r["checks"] for p, r in results.items()}
+    assert results["16-mixed"]["guard_summary"]["optimizers"]["0"]["counts"].get("amp_overflow", 0) >= 1
