@@ -311,3 +311,23 @@ def test_a_parameter_the_forward_never_uses_is_not_a_tracing_gap():
     model = mlp(3, 16)
     model.register_parameter("mask_token", nn.Parameter(torch.zeros(16)))  # used only with masking
     assert "trace.incomplete" not in diagnose(model, digits_batch()).codes
+
+
+def test_compiled_submodules_run_eagerly_in_the_probe_and_stay_compiled():
+    from torch._dynamo.utils import counters
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.compile(mlp(30, 64, init="xavier"), backend="eager")
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Wrapper()
+    compiled_forward = model.body.forward
+    counters.clear()
+    report = diagnose(model, digits_batch())
+    assert not counters["frames"]  # dynamo never ran
+    assert len(report.by_code("init.scale")[0].modules) == 29  # the hooks saw every layer
+    assert model.body.forward is compiled_forward

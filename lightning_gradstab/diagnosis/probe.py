@@ -119,6 +119,32 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextmanager
+def eager_compiled(model: nn.Module) -> Iterator[None]:
+    """Run every ``torch.compile``d submodule eagerly for the duration of the block.
+
+    Module hooks added after compiling are not called inside the compiled graph, and tracing through it would
+    recompile; so each ``OptimizedModule``'s compiled ``forward`` is swapped for its eager module's call and put
+    back afterwards. Nothing is compiled, the compiled graphs stay as they were.
+
+    Example::
+
+        with eager_compiled(model):  # model.body = torch.compile(body)
+            model(x)                  # body runs eagerly here
+    """
+    swapped = []
+    for module in model.modules():
+        original = getattr(module, "_orig_mod", None)
+        if isinstance(original, nn.Module) and "forward" in module.__dict__:
+            swapped.append((module, module.__dict__["forward"]))
+            module.__dict__["forward"] = original.__call__
+    try:
+        yield
+    finally:
+        for module, compiled in swapped:
+            module.__dict__["forward"] = compiled
+
+
 def run_probe(
     model: nn.Module,
     forward: Callable[[Any], Any],
@@ -184,7 +210,7 @@ def run_probe(
     tracer.register_inputs(grad_inputs)
     with preserved_state(model):
         model.train()
-        with tracer.tracing():
+        with tracer.tracing(), eager_compiled(model):
             output = forward(grad_inputs)
         graph = tracer.build(output)
         loss = _loss(output, loss_fn, seed)
