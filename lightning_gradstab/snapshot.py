@@ -204,7 +204,8 @@ class RollbackSnapshot:
 
     Args:
         keep: ``"weights+optimizer"`` (default: an exact rollback, Adam's moments included) or ``"weights"``
-            (parameters and buffers only, a third of the bytes with Adam; the optimizer state is left as it is).
+            (parameters, buffers and the loss scale: a third of the bytes with Adam; a restore leaves the
+            optimizer state as it is).
         location: ``"memory"`` (host RAM, default) or ``"disk"`` (a file written by a background thread; the
             training step waits only while more than ``max_bytes`` of copies are in flight, a restore waits for
             the write to finish).
