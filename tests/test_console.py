@@ -25,17 +25,17 @@ from lightning_gradstab.report import GUARD_STOPPED, Finding, Report, fit_summar
 pyte = pytest.importorskip("pyte")
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS, ROWS = 120, 400
+COLUMNS, ROWS = 120, 600
 
 
-def _start_under_pty(bar: str, out_dir: Path) -> tuple[subprocess.Popen, int]:
+def _start_under_pty(bars: str, out_dir: Path) -> tuple[subprocess.Popen, int]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM_PROGRAM"):
         env.pop(name, None)
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "scripts" / "console_fit.py"), bar, str(out_dir)],
+        [sys.executable, str(REPO / "tests" / "scripts" / "console_fit.py"), bars, str(out_dir)],
         stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
     )
     os.close(slave)
@@ -60,9 +60,10 @@ def _screen(process: subprocess.Popen, master: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def screens(tmp_path_factory) -> dict[str, list[str]]:
-    """Both fits run at once (each is mostly interpreter start-up); the final screen of each."""
-    started = {bar: _start_under_pty(bar, tmp_path_factory.mktemp(bar)) for bar in ("rich", "tqdm")}
-    return {bar: _screen(*started[bar]) for bar in started}
+    """The final screen of one process that fits under the Rich bar, then under the TQDM bar, split per fit."""
+    lines = _screen(*_start_under_pty("rich,tqdm", tmp_path_factory.mktemp("fits")))
+    markers = {bar: lines.index(f"=== {bar} progress bar ===") for bar in ("rich", "tqdm")}
+    return {"rich": lines[markers["rich"] : markers["tqdm"]], "tqdm": lines[markers["tqdm"] :]}
 
 
 def whole_table(lines: list[str], title: str) -> tuple[int, str]:

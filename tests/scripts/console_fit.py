@@ -1,6 +1,7 @@
 """A tiny fit with the whole suite and a chosen progress bar, for tests/test_console.py's pseudo-terminal.
 
-``python console_fit.py rich|tqdm OUT_DIR``: a 30-layer Xavier ReLU MLP on random 10-class data (it stalls, so
+``python console_fit.py rich,tqdm OUT_DIR``: one fit per named progress bar, each after a line
+``=== <bar> progress bar ===``. Each is a 30-layer Xavier ReLU MLP on random 10-class data (it stalls, so
 the audit and the advisor have findings to print), 12 steps, validation every epoch (a second progress bar).
 """
 
@@ -48,16 +49,23 @@ def loader(seed: int) -> DataLoader:
     return DataLoader(TensorDataset(inputs, torch.randint(0, 10, (96,), generator=generator)), batch_size=16)
 
 
-if __name__ == "__main__":
+def fit(bar_name: str, out_dir: str) -> None:
     torch.manual_seed(0)
-    bar = RichProgressBar() if sys.argv[1] == "rich" else TQDMProgressBar()
+    bar = RichProgressBar() if bar_name == "rich" else TQDMProgressBar()
     trainer = pl.Trainer(
         max_epochs=2,
         callbacks=[GradNormMonitor(), ExplosionGuard(), InitAudit(), ArchitectureAdvisor(observe_steps=10), bar],
-        default_root_dir=sys.argv[2],
+        default_root_dir=out_dir,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=2,
     )
     trainer.fit(StalledMLP(), loader(0), loader(1))
+
+
+if __name__ == "__main__":
+    # one process for both bars: the interpreter and torch start once (the test's time is mostly start-up)
+    for name in sys.argv[1].split(","):
+        print(f"=== {name} progress bar ===", flush=True)
+        fit(name, f"{sys.argv[2]}/{name}")
