@@ -2,7 +2,7 @@
 
 Reads the scalars of the run's event file and lays them out chart by chart exactly as the custom-scalar
 layout groups them (``lightning_gradstab.tensorboard``: same titles, same tag patterns), plus the latest
-gradient-flow figure. It is a rendering of the logged numbers, not a browser screenshot.
+gradient-flow heat map. It is a rendering of the logged numbers, not a browser screenshot.
 
 Example::
 

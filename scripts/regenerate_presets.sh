@@ -2,8 +2,8 @@
 # Re-run the experiment presets and store each sweep's results.md (command, date, machine, table) under
 # docs/results/presets/, the files the docs' preset tables quote (tests/test_docs.py checks them verbatim).
 # Usage: scripts/regenerate_presets.sh [PRESET ...]   (default: all, plus he2015 over seeds 0,1,2)
-# Takes about 12 minutes on 2 idle CPU cores (he2015 ~1.5, resnet2016 ~3, glorot2010 ~0.5, pascanu2013 ~1.5,
-# lm_spike ~0.5, he2015-seeds ~4); afterwards paste the changed tables into README.md / docs/examples.md.
+# All of them took 27 minutes on the shared 2-core box (he2015 alone: under 2 minutes). Afterwards
+# `python scripts/quote_results.py` refreshes the quoted tables in README.md and docs/*.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-${TMPDIR:-/tmp}/gradstab-presets}
