@@ -53,6 +53,7 @@ AVAILABLE_MEMORY_SHARE = 0.5
 DISK_SHARE = 0.5
 """Share of a rank's part of the free disk space its snapshot file may take (the rest is left to checkpoints)."""
 
+_STATE_VERSION = 1  # layout of RollbackSnapshot.state_dict()
 _ALIGNMENT = 64  # bytes: every tensor in a snapshot file starts on a boundary any dtype can be viewed from
 
 
@@ -365,6 +366,37 @@ class RollbackSnapshot:
         finally:
             del tensors, mapping  # unmap the snapshot file
 
+    def state_dict(self) -> dict[str, Any]:
+        """A memory snapshot as plain tensors and values, for a checkpoint (``weights_only`` loading reads it).
+
+        The tensors are the snapshot's own host buffers: save them before the next :meth:`take`. A disk
+        snapshot is not carried (it would put its whole size into every checkpoint): after a resume the next
+        :meth:`take` makes a new one.
+        """
+        if self.location != "memory":
+            return {"version": _STATE_VERSION, "step": None}
+        return {
+            "version": _STATE_VERSION,
+            "step": self.step,
+            "keep": self.keep,
+            "skeleton": _encode(self._skeleton),
+            "tensors": list(self._host),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the snapshot it holds becomes this one (none if it holds none)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"RollbackSnapshot state has version {state.get('version')!r}; this code reads {_STATE_VERSION}"
+            )
+        self.close()
+        if state["step"] is None and "tensors" not in state:
+            return
+        self._host = [tensor.to("cpu") for tensor in state["tensors"]]
+        self._skeleton = _decode(state["skeleton"])
+        self.keep, self.step, self.location = state["keep"], state["step"], "memory"
+        self.state_bytes = sum(tensor.nbytes for tensor in self._host)
+
     def close(self) -> None:
         """Drop the snapshot: free its host buffers and delete its file."""
         self._wait_for_write(raise_error=False)
@@ -504,12 +536,13 @@ class RollbackSnapshot:
                     continue
                 current = raw.state.get(parameter) or {}
                 raw.state[parameter] = {
-                    key: _restored(current.get(key), value, tensors) for key, value in state.items()
+                    key: _restored(current.get(key), value, tensors, parameter) for key, value in state.items()
                 }
 
 
-def _restored(current: Any, saved: Any, tensors: list[Tensor]) -> Any:
-    """``saved`` copied into ``current`` where it has the same shape and dtype, else a new device copy."""
+def _restored(current: Any, saved: Any, tensors: list[Tensor], parameter: Tensor | None = None) -> Any:
+    """``saved`` copied into ``current`` where it has the same shape and dtype, else a new device copy (a
+    DTensor again if it was one, or if it has the shape of its ``parameter``'s local shard: FSDP2's state)."""
     if isinstance(saved, _Slot):
         source = tensors[saved.index]
         if isinstance(current, Tensor):
@@ -518,19 +551,46 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor]) -> Any:
                 target.copy_(source)
                 return current
         restored = source.to(saved.device, copy=True)
-        if saved.dtensor_spec is not None:
+        spec = saved.dtensor_spec
+        if spec is None and hasattr(parameter, "to_local") and parameter.to_local().shape == source.shape:
+            spec = (parameter.device_mesh, parameter.placements)
+        if spec is not None:
             from torch.distributed.tensor import DTensor
 
-            mesh, placements = saved.dtensor_spec
-            restored = DTensor.from_local(restored, mesh, placements, run_check=False)
+            restored = DTensor.from_local(restored, spec[0], spec[1], run_check=False)
         return restored
     if isinstance(saved, dict):
         old = current if isinstance(current, dict) else {}
-        return {key: _restored(old.get(key), value, tensors) for key, value in saved.items()}
+        return {key: _restored(old.get(key), value, tensors, parameter) for key, value in saved.items()}
     if isinstance(saved, (list, tuple)):
         old = current if isinstance(current, (list, tuple)) and len(current) == len(saved) else [None] * len(saved)
-        return type(saved)(_restored(c, s, tensors) for c, s in zip(old, saved, strict=True))
+        return type(saved)(_restored(c, s, tensors, parameter) for c, s in zip(old, saved, strict=True))
     return copy.deepcopy(saved)
+
+
+_SLOT_TAG = "gradstab-snapshot-slot"
+
+
+def _encode(value: Any) -> Any:
+    """The skeleton in plain values (``torch.load(weights_only=True)`` reads them): a slot becomes a tagged tuple;
+    a DTensor's mesh is not kept (a restore takes it from the parameter)."""
+    if isinstance(value, _Slot):
+        return (_SLOT_TAG, value.index, str(value.device))
+    if isinstance(value, dict):
+        return {key: _encode(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_encode(item) for item in value)
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == _SLOT_TAG:
+        return _Slot(int(value[1]), torch.device(value[2]), None)
+    if isinstance(value, dict):
+        return {key: _decode(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(item) for item in value)
+    return value
 
 
 class _FileWriter:

@@ -102,6 +102,29 @@ def test_training_after_a_restore_continues_exactly_like_from_the_snapshot(tmp_p
     assert not _identical(rolled_back.state(), reference.state())
 
 
+def test_a_snapshot_travels_in_a_checkpoint_and_restores_after_a_resume(tmp_path: Path) -> None:
+    training = _Training()
+    training.step()
+    snapshot = RollbackSnapshot()
+    snapshot.take(training.model, [training.optimizer], training.scaler, step=7)
+    at_snapshot = training.state()
+    torch.save({"snapshot": snapshot.state_dict()}, tmp_path / "checkpoint.pt")
+
+    resumed = RollbackSnapshot()  # a new process: the state comes back from the file
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["snapshot"])
+    training.step(overflow=True)
+    training.step()
+    resumed.restore(training.model, [training.optimizer], training.scaler)
+    assert _identical(training.state(), at_snapshot)
+    assert resumed.step == 7 and resumed.nbytes == snapshot.nbytes
+
+    on_disk = RollbackSnapshot(location="disk", directory=tmp_path)
+    on_disk.take(training.model, [training.optimizer], step=8)
+    empty = RollbackSnapshot()
+    empty.load_state_dict(on_disk.state_dict())  # a disk snapshot is not carried: a new one is taken later
+    assert not empty.available and empty.step is None
+
+
 def test_a_refresh_reuses_the_host_buffers_and_holds_three_times_the_weights_with_adam() -> None:
     training = _Training()
     training.step()
