@@ -52,6 +52,8 @@ HEATMAP_MAX_COLUMNS = 1000
 def _log10_spread(values: Tensor) -> Tensor:
     """log10 of the smallest non-zero, the median and the largest finite value (device ops, no sync)."""
     logs = values.float().log10()
+    if logs.numel() == 0:  # no group has parameters to measure
+        return torch.full((3,), math.nan, device=values.device)
     finite = torch.isfinite(logs)
     low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
     high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
