@@ -14,8 +14,8 @@ from lightning_gradstab.cli import EXIT_OK, main
 
 pytest.importorskip("transformers", reason="the zoo builds Hugging Face models from configs (the dev extra)")
 
-from tests.zoo import BROKEN, CONTROLS, GOOD, STOCK  # noqa: E402
-from tests.zoo.controls import GPT2_LAYERS  # noqa: E402
+from tests.zoo import BROKEN, CONTROLS, GOOD, STOCK
+from tests.zoo.controls import GPT2_LAYERS
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*token_id.*")
