@@ -25,7 +25,7 @@ CHARTS: dict[str, list[str]] = {
     "log10 gradient norm: total and smallest / median / largest layer": [r"gradstab/log10_grad_norm/.*"],
     "per-layer gradient norms": [r"gradstab/grad_norm/(?!(opt\d+/)?total$).*"],
     "gradient-to-weight ratios": [r"gradstab/grad_to_weight/.*"],
-    "log10 update-to-weight ratio: smallest / median / largest layer": [r"gradstab/log10_update_to_weight/.*"],
+    "log10 update-to-weight ratio: smallest / median / largest layer": [r"gradstab/log10_update/.*"],
     "update-to-weight ratios": [r"gradstab/update_to_weight/.*"],
     "max |grad|": [r"gradstab/grad_max/.*"],
     "non-finite gradients": [r"gradstab/nonfinite/.*", r"gradstab/(opt\d+/)?amp_overflow$"],

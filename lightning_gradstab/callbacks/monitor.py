@@ -117,7 +117,7 @@ class GradNormMonitor(Callback):
       scale in four lines, whatever the depth) and, with per-layer scalars on, ``grad_norm/{group}`` and
       ``grad_to_weight/{group}``;
     - ``grad_max/total`` (and ``grad_max/{group}``) with ``log_inf_norm=True``;
-    - ``log10_update_to_weight/{layer_min,layer_median,layer_max}`` (and ``update_to_weight/{group}``), ‖Δw‖/‖w‖
+    - ``log10_update/{layer_min,layer_median,layer_max}`` (log10 of, and ``update_to_weight/{group}``), ‖Δw‖/‖w‖
       of the optimizer step, with ``update_to_weight=True``;
     - TensorBoard images: ``gradient_flow_over_time`` (layer x step heat map of log10 gradient norms, drawn from
       the values already copied to the host for logging) and ``gradient_flow``; histograms ``grad_hist/{group}``.
@@ -285,7 +285,7 @@ class GradNormMonitor(Callback):
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
         _, weight_norms = stats.group_weight_norms(self.group_by)
         ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        tags = [f"gradstab/log10_update_to_weight/{scope}{kind}" for kind in _SPREAD]
+        tags = [f"gradstab/log10_update/{scope}{kind}" for kind in _SPREAD]
         vectors = [_log10_spread(ratios)]
         if self._per_layer:
             tags += [f"gradstab/update_to_weight/{scope}{name}" for name in names]
