@@ -139,7 +139,7 @@ def test_float64_and_complex_models_train_measured_and_guarded(dtype: torch.dtyp
         max_steps=steps,
         logger=memory_logger,
         log_every_n_steps=1,
-        callbacks=[reference, GradNormMonitor(), guard],
+        callbacks=[reference, GradNormMonitor(update_to_weight=True), guard],
         **QUIET,
     )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
@@ -155,3 +155,10 @@ def test_float64_and_complex_models_train_measured_and_guarded(dtype: torch.dtyp
     assert all(torch.equal(a, b) for a, b in zip(after_nan, reference.weights_before[nan_step], strict=True))
     assert all(torch.isfinite(torch.view_as_real(p) if p.is_complex() else p).all() for p in model.weights())
     assert guard.summary()["optimizers"]["0"]["counts"].get("skip", 0) >= 1
+    # update-to-weight ratios are measured in the parameters' own dtype too: ||w_after - w_before|| / ||w_before||
+    update_ratios = dict(memory_logger.metrics["gradstab/update_to_weight/net.0"])
+    for step in (1, 10, 20):
+        before, after = reference.weights_before[step][:2], reference.weights_before[step + 1][:2]  # net.0's
+        delta_norm = math.sqrt(sum(reference_sq_norm(a - b) for a, b in zip(after, before, strict=True)))
+        expected = delta_norm / math.sqrt(sum(reference_sq_norm(w) for w in before))
+        assert update_ratios[step] == pytest.approx(expected, rel=1e-6)

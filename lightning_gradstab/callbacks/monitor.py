@@ -27,7 +27,13 @@ from lightning_gradstab.callbacks._shared import (
     validate_flag,
     validate_interval,
 )
-from lightning_gradstab.stats import GradientStats, GroupBy, all_reduce_if_distributed, validate_group_by
+from lightning_gradstab.stats import (
+    GradientStats,
+    GroupBy,
+    all_reduce_if_distributed,
+    layout_norms,
+    validate_group_by,
+)
 
 
 def _validate_norm_type(value: object) -> float:
@@ -279,7 +285,7 @@ class GradNormMonitor(Callback):
             return
         step, scope, stats, old_weights = before
         deltas = torch._foreach_sub(stats.layout.weights(), old_weights)
-        delta_sq = torch.stack(torch._foreach_norm(deltas, 2.0, dtype=torch.float32)).square()
+        delta_sq = layout_norms(stats.layout, deltas, "update").square()  # any dtype, float64/complex too
         if stats.sharded:
             delta_sq = all_reduce_if_distributed(delta_sq, torch.distributed.ReduceOp.SUM, stats.process_group)
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
