@@ -6,28 +6,41 @@ ranks, so every rank computes the same thing) into one :class:`Decision`. The la
 ==  ==============  =====================================================================================
 0   ``observe``     detect and log only
 1   ``clip``        adaptive clipping: a spike is clipped to ``exp(mu + z_thr^2 / z * sigma)`` in log space
-                    (ZClip's reciprocal rule), so larger spikes are pulled closer to the running mean
+                    (ZClip's reciprocal rule), so larger spikes are pulled closer to the running mean; a loss
+                    spike is skipped (clipping cannot undo what a bad batch does to Adam's moments)
 2   ``tight_clip``  every step is clipped to ``tight_clip_ratio`` x the running typical norm
 3   ``skip``        an anomalous step is skipped (the adapter drops its gradients)
-4   ``lr_backoff``  additionally multiply the learning rate by ``backoff_factor``; it is restored gradually,
-                    up to ``backoff_factor`` x the scale the episode began at (that scale proved too high)
+4   ``lr_backoff``  additionally multiply the learning rate by ``backoff_factor``; it recovers by one factor
+                    per ``lr_recovery_steps`` healthy steps, up to a ceiling below the scale that failed
 5   ``rollback``    restore the last healthy snapshot of model and optimizer and skip the step
 6   ``stop``        stop training (the adapter sets ``trainer.should_stop`` or raises)
 ==  ==============  =====================================================================================
 
-Anomalies: a ``spike`` (log-norm z-score against a fast EMA), ``growth`` (a steep trend over a short
-window), ``drift`` (the fast EMA has climbed more than ``growth_factor`` above a slow, long-horizon reference
-that learns healthy steps only: slow sustained growth the fast statistics follow), ``nonfinite`` and
-``loss_scale_collapse``. During drift the clip thresholds are capped by the reference, so they cannot ratchet
-upward with the norm.
+Evidence, by what it is about:
+
+- gradient: a ``spike`` (log-norm z-score against a fast EMA; during the warm-up, a norm more than
+  ``growth_factor`` above the warm-up's own geometric mean), ``growth`` (a steep trend over a short window),
+  ``drift`` (the fast EMA has climbed more than ``growth_factor`` above a slow, long-horizon reference that
+  learns healthy steps only), ``nonfinite``;
+- loss: a ``loss_spike`` (z-score of the step's loss against its running statistics above
+  ``loss_zscore_threshold``, OLMo's 6 sigma) and ``divergence`` (the smoothed loss has risen more than
+  ``loss_rise_tolerance`` of its lowest value, and more than 3 standard deviations of the loss, above it: the
+  step size is too large). Divergence rolls back to the last snapshot taken while the loss was not rising and
+  backs the learning rate off at once, whatever the rung;
+- update: ``update_ratio`` (plain SGD only: ``lr * |g| / |w|`` above ``max_update_ratio``, a step that moves
+  the weights by a large fraction of their own norm); the gradient is clipped to the ratio's bound;
+- loss scale: ``loss_scale_collapse`` (an fp16 ``GradScaler`` scale below ``loss_scale_floor``, judged on
+  overflow steps too): the scale is reset to the scaler's initial value and the step skipped; a collapse that
+  keeps coming back climbs the ladder to ``stop``.
 
 A rung handles ``budget`` anomalous steps, a rate drained by every healthy step (``budget /
 healthy_steps_to_deescalate`` each), so the sparse clips of a healthy run never add up; past it the next
 rung takes over. ``healthy_steps_to_deescalate`` consecutive healthy steps drop one level and empty the
 budget. Lower rungs stay active above them (a skipping guard still clips tightly). A non-finite gradient
 cannot be clipped, so it jumps straight to the ``skip`` rung. Under an fp16 ``GradScaler`` a non-finite
-step is an overflow the scaler already skips: it is counted, never escalated; a loss scale below
-``loss_scale_floor`` (the gradients overflow fp16 even unscaled) is an explosion.
+step on *every* rank is an overflow the scaler already skips: it is counted, never escalated; non-finite
+values on some ranks only are a rank-local fault (not an overflow) and are skipped everywhere. A step with
+an exactly zero gradient carries no information and is not learned.
 """
 
 from __future__ import annotations
@@ -36,13 +49,44 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_gradstab.running import GrowthWindow, LogNormStatistics
+from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RunningMoments
 
 RUNGS: tuple[str, ...] = ("observe", "clip", "tight_clip", "skip", "lr_backoff", "rollback", "stop")
 """The ladder's rung names, lowest first; a rung's position is its level."""
 
 DEFAULT_BUDGETS: dict[str, int] = {"clip": 8, "tight_clip": 4, "skip": 4, "lr_backoff": 6, "rollback": 3}
 """Anomalous steps each rung handles before the guard escalates (``observe`` and ``stop`` have none)."""
+
+EVIDENCE: dict[str, str] = {
+    "spike": "gradient",
+    "growth": "gradient",
+    "drift": "gradient",
+    "nonfinite": "gradient",
+    "update_ratio": "update",
+    "loss_spike": "loss",
+    "divergence": "loss",
+    "loss_scale_collapse": "loss scale",
+    "amp_overflow": "loss scale",
+}
+"""What each anomaly is evidence from: the gradient, the loss, the size of the update or the fp16 loss scale."""
+
+MIN_LR_SCALE = 2.0**-10
+"""Divergence below this learning-rate multiplier (about 1/1000 of the configured LR) stops the run."""
+
+LOSS_NOISE_SIGMAS = 3.0
+"""A divergence must also lie this many per-step loss standard deviations above the lowest smoothed loss.
+
+The smoothed loss (a ``loss_horizon_steps``-step EMA) of independent noise of standard deviation ``s`` has a
+standard deviation of ``s / sqrt(2 h - 1)`` (0.23 ``s`` at ``h = 10``): 3 ``s`` is 13 of those, never noise."""
+
+LOSS_HORIZON_STEPS = 10
+"""Effective window of the smoothed loss that divergence is judged on."""
+
+RELATIVE_LOSS_STD_FLOOR = 0.01
+"""Smallest loss standard deviation used in loss z-scores, as a fraction of the mean loss."""
+
+SNAPSHOT_HEALTHY_STREAK = 10
+"""Consecutive healthy steps before a refreshed snapshot is taken: a state the guard is acting on is not one."""
 
 _RUNG_OPTIONS: dict[str, str] = {
     "tight_clip_ratio": "tight_clip",
@@ -64,26 +108,35 @@ class PolicyConfig:
     """Every threshold and budget of the guard, validated on construction.
 
     Options that tune one rung default to ``None`` (use the default); setting one for a rung above
-    ``max_rung`` is a contradiction and raises ``ValueError``.
+    ``max_rung`` is a contradiction and raises ``ValueError``. Every number must be finite (``inf`` and
+    ``nan`` are rejected naming the argument): a threshold of ``inf`` silently turns a rule off or on.
 
     Args:
         max_rung: the highest rung the guard may reach (e.g. ``"clip"`` for clip-only).
         zscore_threshold: log-norm z-score above which a step is a spike, > 0 (ZClip: 2.5).
-        ema_decay: weight of the past in the running log-norm statistics, in (0, 1).
-        warmup_steps: finite steps before spikes are judged, >= 1.
+        ema_decay: weight of the past in the running log-norm and loss statistics, in (0, 1).
+        warmup_steps: finite steps before spikes are judged by z-score, >= 1; during them a norm more than
+            ``growth_factor`` above the geometric mean of the steps so far is clipped to that bound.
         log_std_floor: smallest log-norm standard deviation used in z-scores, >= 0.
         growth_window: steps over which sustained growth is measured, >= 3.
-        growth_factor: norm growth over ``growth_window``, or of the fast typical norm over the long-horizon
-            reference, that counts as an explosion, > 1.
+        growth_factor: norm growth over ``growth_window``, of the fast typical norm over the long-horizon
+            reference, or of a warm-up step over the warm-up so far, that counts as an explosion, > 1.
         drift_horizon_steps: horizon of the long-horizon reference (an exact mean over its first this many
             healthy steps, then an EMA with this horizon), greater than the fast EMA's ``1 / (1 - ema_decay)``;
             ``None`` turns drift detection off.
         healthy_steps_to_deescalate: consecutive healthy steps that drop the level by one, >= 1.
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
+        loss_zscore_threshold: loss z-score above which the step's batch is skipped, > 0 (OLMo: 6); ``None``
+            turns loss spikes off.
+        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of that value,
+            that makes a divergence, > 0; ``None`` turns divergence detection off.
+        max_update_ratio: largest ``lr * |g| / |w|`` of a plain SGD step (momentum included as
+            ``lr / (1 - momentum)``), > 0; the gradient is clipped to it. ``None`` turns it off.
+        max_norm: an absolute ceiling on the gradient norm, > 0 (``None``: no ceiling, the default).
         budgets: anomalous steps each rung may handle, e.g. ``{"skip": 2}`` (others keep their default).
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm, > 0 (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
-        lr_recovery_steps: healthy steps to undo one back-off, >= 1 (default 100).
+        lr_recovery_steps: healthy steps to undo one back-off, >= 1 (default 25).
         snapshot_every: healthy steps between rollback snapshots, >= 1 (default 100: PaLM rolled back ~100 steps).
 
     Example::
@@ -101,6 +154,10 @@ class PolicyConfig:
     drift_horizon_steps: int | None = 1000
     healthy_steps_to_deescalate: int = 50
     loss_scale_floor: float = 1.0
+    loss_zscore_threshold: float | None = 6.0
+    loss_rise_tolerance: float | None = 0.5
+    max_update_ratio: float | None = 1.0
+    max_norm: float | None = None
     budgets: dict[str, int] | None = None
     tight_clip_ratio: float | None = None
     backoff_factor: float | None = None
@@ -110,10 +167,14 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         max_level = rung_level(self.max_rung, "max_rung")
         for name in ("zscore_threshold", "ema_decay", "log_std_floor", "growth_factor", "loss_scale_floor",
+                     "loss_zscore_threshold", "loss_rise_tolerance", "max_update_ratio", "max_norm",
                      "tight_clip_ratio", "backoff_factor"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
+            _check(math.isfinite(value), name, value, "a finite number (inf and nan are not thresholds)")
         _check(self.zscore_threshold > 0, "zscore_threshold", self.zscore_threshold, "a number > 0")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         _check_int(self.warmup_steps, "warmup_steps", 1)
@@ -131,6 +192,10 @@ class PolicyConfig:
             )
         _check_int(self.healthy_steps_to_deescalate, "healthy_steps_to_deescalate", 1)
         _check(self.loss_scale_floor > 0, "loss_scale_floor", self.loss_scale_floor, "a number > 0")
+        for name in ("loss_zscore_threshold", "loss_rise_tolerance", "max_update_ratio", "max_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value > 0, name, value, "None or a number > 0")
         for option, rung in _RUNG_OPTIONS.items():
             if getattr(self, option) is not None and RUNGS.index(rung) > max_level:
                 raise ValueError(
@@ -163,6 +228,10 @@ class PolicyConfig:
         """Level of ``max_rung``."""
         return RUNGS.index(self.max_rung)
 
+    def allows(self, rung: str) -> bool:
+        """Whether ``max_rung`` lets the guard act on ``rung``."""
+        return self.max_level >= RUNGS.index(rung)
+
     def budget(self, level: int) -> int:
         """Anomalous steps the rung at ``level`` handles before escalating."""
         rung = RUNGS[level]
@@ -170,7 +239,7 @@ class PolicyConfig:
 
     def resolved(self, option: str) -> Any:
         """The value of a per-rung option, its default when unset."""
-        defaults = {"tight_clip_ratio": 1.0, "backoff_factor": 0.5, "lr_recovery_steps": 100, "snapshot_every": 100}
+        defaults = {"tight_clip_ratio": 1.0, "backoff_factor": 0.5, "lr_recovery_steps": 25, "snapshot_every": 100}
         value = getattr(self, option)
         return defaults[option] if value is None else value
 
@@ -183,11 +252,26 @@ class Observation:
         total_norm: L2 norm of all gradients (any value when ``nonfinite``).
         nonfinite: some gradient on some rank holds a NaN or Inf.
         loss_scale: the fp16 ``GradScaler`` scale used for this step, ``None`` without a scaler.
+        rank_local: the non-finite values are on some ranks but not on all of them (a rank-local fault,
+            never an fp16 overflow: under DDP an overflow reaches every rank through the all-reduce).
+        loss: the step's training loss (unscaled, summed over micro-batches; the maximum over ranks),
+            ``None`` when the step had none (e.g. the second optimizer of a manual step).
+        weight_norm: L2 norm of the weights this optimizer updates, ``None`` when not measured.
+        step_size: the plain-SGD step size per unit gradient, ``lr / (1 - momentum)`` before the guard's own
+            learning-rate scale; ``None`` for optimizers whose step does not scale with the gradient (Adam).
+        lr: the scheduled learning rate (first param group) before the guard's scale, ``None`` if unknown. With
+            it, the ceiling a back-off leaves is an absolute learning rate, so a schedule that decays below the
+            rate that failed runs at its own rate again.
     """
 
     total_norm: float
     nonfinite: bool = False
     loss_scale: float | None = None
+    rank_local: bool = False
+    loss: float | None = None
+    weight_norm: float | None = None
+    step_size: float | None = None
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +281,8 @@ class Decision:
     Attributes:
         step: optimizer steps seen by the policy, 1-based.
         level: ladder level after this step's escalation or de-escalation.
-        anomaly: ``"spike"``, ``"growth"``, ``"drift"``, ``"nonfinite"``, ``"loss_scale_collapse"``, ``"amp_overflow"``
-            or ``None`` for a healthy step.
+        anomaly: a key of :data:`EVIDENCE` (``"spike"``, ``"loss_spike"``, ``"divergence"``, ...) or ``None``
+            for a healthy step.
         zscore: log-norm z-score of the raw norm (0 in warm-up or when non-finite).
         clip_threshold: the norm the step is clipped to (``inf`` when no clipping is armed).
         clip_coefficient: multiply every gradient by this (1.0: leave them alone).
@@ -207,6 +291,9 @@ class Decision:
         rollback: restore the last healthy snapshot before skipping this step.
         stop: stop the run.
         snapshot: this step is healthy; take a rollback snapshot of the state *before* it.
+        loss_zscore: z-score of the step's loss (0 without a loss or in warm-up).
+        reset_loss_scale: the fp16 loss scale collapsed: set it back to the scaler's initial scale (its own
+            growth, one doubling per 2000 clean steps, would take tens of thousands of steps).
     """
 
     step: int
@@ -220,11 +307,18 @@ class Decision:
     rollback: bool = False
     stop: bool = False
     snapshot: bool = False
+    loss_zscore: float = 0.0
+    reset_loss_scale: bool = False
 
     @property
     def rung(self) -> str:
         """Name of the level."""
         return RUNGS[self.level]
+
+    @property
+    def evidence(self) -> str | None:
+        """What the anomaly was seen in: ``"gradient"``, ``"loss"``, ``"update"``, ``"loss scale"`` or ``None``."""
+        return EVIDENCE.get(self.anomaly) if self.anomaly else None
 
     @property
     def actions(self) -> list[str]:
@@ -246,10 +340,13 @@ class _Counters:
     healthy_streak: int = 0
     steps_since_snapshot: int = 0
     has_snapshot: bool = False
+    snapshot_step: int = 0
     lr_scale: float = 1.0
     lr_ceiling: float = 1.0
+    lr_ceiling_absolute: float | None = None  # the largest learning rate the evidence supports, when lr is known
     events_recorded: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
 
 class ExplosionPolicy:
@@ -273,14 +370,19 @@ class ExplosionPolicy:
         self.max_events = max_events
         self.base_level = min(1, self.config.max_level)
         self.statistics = LogNormStatistics(self.config.ema_decay, self.config.warmup_steps, self.config.log_std_floor)
+        self.loss_statistics = RunningMoments(
+            self.config.ema_decay, self.config.warmup_steps, relative_std_floor=RELATIVE_LOSS_STD_FLOOR
+        )
+        self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
         self.growth = GrowthWindow(self.config.growth_window)
         horizon = self.config.drift_horizon_steps
         # the healthy level the fast statistics are compared with; exact mean first, so it starts from the whole
         # early run (warm-up growth included) rather than from the init regime's first norms
         self.reference = None if horizon is None else LogNormStatistics(1.0 - 1.0 / horizon, horizon, 0.0)
         self._statistics_at_snapshot: dict[str, Any] | None = None
+        self._trend_at_snapshot: dict[str, Any] | None = None
         self.state = _Counters(level=self.base_level)
-        self.events: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
         self.worst_spikes: list[dict[str, Any]] = []
 
     @property
@@ -288,80 +390,142 @@ class ExplosionPolicy:
         """Current ladder level."""
         return self.state.level
 
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The kept event log, oldest first (copies: editing them changes nothing).
+
+        Each event has ``step``, ``total_norm`` (``None`` if not finite), ``zscore``, ``loss``,
+        ``loss_zscore``, ``clip_threshold``, ``level``, ``previous_level``, ``rung``, ``anomaly``,
+        ``evidence``, ``actions`` and ``lr_scale``.
+        """
+        return [dict(event) for event in self._events]
+
     def events_since(self, recorded: int) -> list[dict[str, Any]]:
         """Events recorded after the first ``recorded`` ones (those still kept), for incremental writers."""
         missing = self.state.events_recorded - recorded
-        return self.events[len(self.events) - min(missing, len(self.events)) :] if missing > 0 else []
+        kept = self._events[len(self._events) - min(missing, len(self._events)) :] if missing > 0 else []
+        return [dict(event) for event in kept]
 
     @property
     def counts(self) -> dict[str, int]:
         """How often each action and anomaly happened (``clip``, ``skip``, ``amp_overflow``, ...)."""
         return dict(self.state.counts)
 
+    @property
+    def first_anomaly_steps(self) -> dict[str, int]:
+        """The step at which each kind of anomaly was first seen."""
+        return dict(self.state.first_anomaly_steps)
+
     def step(self, observation: Observation) -> Decision:
         """Judge one optimizer step and decide what to do with it."""
         state, config = self.state, self.config
         state.steps += 1
-        if observation.loss_scale is not None and observation.nonfinite:
+        collapsed = observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor
+        overflow = observation.loss_scale is not None and observation.nonfinite and not observation.rank_local
+        if overflow and not collapsed:
             self._count("amp_overflow")  # GradScaler skips this step and lowers the scale itself
             return Decision(state.steps, state.level, "amp_overflow", 0.0, math.inf, lr_scale=1.0)
+        norm, nonfinite = observation.total_norm, observation.nonfinite
+        if not nonfinite and not collapsed and norm == 0.0:
+            # no gradient, no information (a frozen phase, a loss term not switched on yet): nothing to judge or
+            # learn; the loss of such a step does not train anything either
+            self._count("zero_gradient")
+            return Decision(state.steps, state.level, None, 0.0, math.inf, lr_scale=state.lr_scale)
+        loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
 
-        norm = observation.total_norm
-        zscore = 0.0 if observation.nonfinite else self.statistics.zscore(norm)
+        zscore = 0.0 if nonfinite else self.statistics.zscore(norm)
+        loss_zscore = 0.0
+        if loss is not None and config.loss_zscore_threshold is not None:
+            loss_zscore = self.loss_statistics.zscore(loss)
+        learned_loss = None if loss is None else min(loss, self._loss_threshold())
+        warmup_threshold = self._warmup_threshold()
+        update_threshold = self._update_threshold(observation)
         anomaly: str | None = None
-        drifting = not observation.nonfinite and self.drift() > math.log(config.growth_factor)
-        if observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor:
+        # a norm that drifts up while the loss keeps falling is a run whose gradients legitimately grew (weights
+        # grow, a tanh net leaves its linear regime): the loss, not the norm, is what an explosion damages
+        benign = loss is not None and self.loss_trend.count > 0 and not self._loss_rising()
+        drifting = not nonfinite and not benign and self.drift() > math.log(config.growth_factor)
+        if collapsed:
             anomaly = "loss_scale_collapse"
-        elif observation.nonfinite:
+        elif nonfinite:
             anomaly = "nonfinite"
         else:
             self.growth.push(norm)
-            if zscore > config.zscore_threshold:
+            if learned_loss is not None and self._diverging(learned_loss):
+                anomaly = "divergence"
+            elif config.loss_zscore_threshold is not None and loss_zscore > config.loss_zscore_threshold:
+                anomaly = "loss_spike"
+            elif zscore > config.zscore_threshold or norm > warmup_threshold:
                 anomaly = "spike"
+            elif norm > update_threshold:
+                anomaly = "update_ratio"
             elif self.growth.growth_factor() > config.growth_factor:
                 anomaly = "growth"
             elif drifting:
                 anomaly = "drift"
 
-        previous_level = state.level
+        previous_level, previous_lr_scale = state.level, state.lr_scale
+        lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
         if anomaly is None:
-            self._on_healthy_step()
+            self._on_healthy_step(lr)
+        elif anomaly == "divergence":
+            self._on_divergence(lr)
         else:
             self._escalate(anomaly)
 
-        adaptive_threshold = self._adaptive_threshold(zscore)
+        adaptive_threshold = min(self._adaptive_threshold(zscore), warmup_threshold)
         threshold = adaptive_threshold
-        if drifting and state.level >= RUNGS.index("clip"):  # the edge of the band drift is judged by
-            threshold = min(threshold, config.growth_factor * self.reference_norm)
+        if state.level >= RUNGS.index("clip"):
+            threshold = min(threshold, update_threshold, config.max_norm or math.inf)
+            if drifting:  # the edge of the band drift is judged by
+                threshold = min(threshold, config.growth_factor * self.reference_norm)
         if state.level >= RUNGS.index("tight_clip") and self.statistics.warmed_up:
             typical = min(self.statistics.typical_norm, self.reference_norm)
             threshold = min(threshold, config.resolved("tight_clip_ratio") * typical)
         coefficient = 1.0
-        if not observation.nonfinite and math.isfinite(threshold) and norm > threshold:
+        if not nonfinite and math.isfinite(threshold) and norm > threshold:
             coefficient = threshold / norm
         anomalous_level = state.level if anomaly is not None else 0
-        skip = anomalous_level >= RUNGS.index("skip")
-        rollback = anomalous_level == RUNGS.index("rollback") and state.has_snapshot
-        stop = anomalous_level == RUNGS.index("stop")
-        if anomalous_level == RUNGS.index("lr_backoff"):
+        divergence = anomaly == "divergence"
+        skip = anomalous_level >= RUNGS.index("skip") or (
+            anomaly in ("loss_spike", "divergence") and config.allows("skip")
+        )
+        rollback = state.has_snapshot and (
+            anomalous_level == RUNGS.index("rollback") or (divergence and config.allows("rollback"))
+        )
+        stop = anomalous_level == RUNGS.index("stop") or (divergence and state.lr_scale < MIN_LR_SCALE)
+        if anomalous_level == RUNGS.index("lr_backoff") and not divergence:
             if previous_level < state.level:  # a new back-off episode: the scale it began at was too high
-                state.lr_ceiling = min(state.lr_ceiling, state.lr_scale * config.resolved("backoff_factor"))
+                self._lower_ceiling(state.lr_scale * config.resolved("backoff_factor"), lr)
             state.lr_scale *= config.resolved("backoff_factor")
         if rollback:
             self._restore_statistics()
-        snapshot = (
-            anomaly is None
-            and config.max_level >= RUNGS.index("rollback")
-            and state.level <= self.base_level
-            and (not state.has_snapshot or state.steps_since_snapshot >= config.resolved("snapshot_every"))
+        elif divergence:  # nothing to go back to: judge the next rise from here
+            self.loss_trend.lowest = self.loss_trend.smoothed
+        snapshot = config.allows("rollback") and (
+            (not state.has_snapshot and (anomaly is None or state.steps == 1))  # the initial state at least
+            or (
+                anomaly is None
+                and (
+                    state.steps_since_snapshot >= config.resolved("snapshot_every")
+                    and state.healthy_streak >= SNAPSHOT_HEALTHY_STREAK
+                    and state.level < RUNGS.index("rollback")
+                    and not self._loss_rising()
+                )
+            )
         )
-        if not observation.nonfinite and not rollback:  # learn the spike-clipped norm, not the tight clip's
+        if not nonfinite and not rollback:  # learn the spike-clipped norm, not the tight clip's
             self.statistics.update(min(norm, adaptive_threshold))
             if anomaly is None and state.level <= self.base_level and self.reference is not None:
                 self.reference.update(norm)  # healthy steps at rest only: an episode's norms are not the baseline
+            if learned_loss is not None and anomaly not in ("loss_spike", "divergence"):
+                self.loss_statistics.update(learned_loss)
+                noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
+                self.loss_trend.update(learned_loss, healthy=anomaly is None, noise=noise)
         if snapshot:
-            state.has_snapshot, state.steps_since_snapshot = True, 0
+            state.has_snapshot, state.steps_since_snapshot, state.snapshot_step = True, 0, state.steps
             self._statistics_at_snapshot = None
+            self._trend_at_snapshot = self.loss_trend.state_dict()
         elif anomaly is None:
             state.steps_since_snapshot += 1
         if (  # what a rollback restores: the first statistics since the snapshot that can judge a step
@@ -385,14 +549,21 @@ class ExplosionPolicy:
             rollback=rollback,
             stop=stop,
             snapshot=snapshot,
+            loss_zscore=loss_zscore,
+            reset_loss_scale=collapsed and config.allows("skip"),
         )
         for action in decision.actions:
             self._count(action)
         if anomaly is not None:
             self._count(anomaly)
-        if anomaly is not None or decision.skip or state.level != previous_level:
-            self._record(decision, norm, previous_level)
+            state.first_anomaly_steps.setdefault(anomaly, state.steps)
+        if anomaly is not None or decision.skip or state.level != previous_level or state.lr_scale != previous_lr_scale:
+            self._record(decision, norm, previous_level, loss)
         return decision
+
+    def forget_snapshot(self) -> None:
+        """The adapter has no snapshot (e.g. resumed from a checkpoint without one): request a new one."""
+        self.state.has_snapshot, self.state.steps_since_snapshot = False, 0
 
     @property
     def reference_norm(self) -> float:
@@ -407,19 +578,83 @@ class ExplosionPolicy:
             return 0.0
         return self.statistics.mean - self.reference.mean
 
+    def _loss_threshold(self) -> float:
+        """The loss a spike is clipped to before the statistics learn it (``inf`` in the warm-up)."""
+        statistics, threshold = self.loss_statistics, self.config.loss_zscore_threshold
+        if threshold is None or not statistics.warmed_up:
+            return math.inf
+        return statistics.mean + threshold * statistics.std
+
+    def _rise_margin(self) -> float:
+        """How far above its lowest value the smoothed loss may lie before it is a divergence."""
+        tolerance = self.config.loss_rise_tolerance
+        if tolerance is None:
+            return math.inf
+        # the noise measured when the lowest value was reached: a climb inflates the running variance itself
+        return max(tolerance * abs(self.loss_trend.lowest), LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest)
+
+    def _diverging(self, loss: float) -> bool:
+        """Whether adding ``loss`` would lift the smoothed loss above its lowest value by more than the margin."""
+        trend = self.loss_trend
+        if self.config.loss_rise_tolerance is None or trend.count < 2 or not math.isfinite(trend.lowest):
+            return False
+        average = trend.decay * trend.average + (1.0 - trend.decay) * loss
+        smoothed = average / (1.0 - trend.decay ** (trend.count + 1))
+        return smoothed - trend.lowest > self._rise_margin()
+
+    def _loss_rising(self) -> bool:
+        """Whether the smoothed loss is more than half the divergence margin above its lowest value."""
+        return self.loss_trend.rise() > 0.5 * self._rise_margin()
+
+    def _warmup_threshold(self) -> float:
+        """During the warm-up: ``growth_factor`` x the geometric mean of the (clipped) norms so far."""
+        statistics = self.statistics
+        if statistics.warmed_up or not statistics.count or self.state.level < RUNGS.index("clip"):
+            return math.inf
+        return self.config.growth_factor * statistics.typical_norm
+
+    def _update_threshold(self, observation: Observation) -> float:
+        """The gradient norm at which a plain SGD step moves the weights by ``max_update_ratio`` of their norm."""
+        ratio, weight_norm, step_size = self.config.max_update_ratio, observation.weight_norm, observation.step_size
+        if ratio is None or not weight_norm or not step_size or self.state.level < RUNGS.index("clip"):
+            return math.inf
+        return ratio * weight_norm / (step_size * self.state.lr_scale)
+
     def _statistics_state(self) -> dict[str, Any]:
         reference = None if self.reference is None else self.reference.state_dict()
-        return {"statistics": self.statistics.state_dict(), "reference": reference}
+        return {
+            "statistics": self.statistics.state_dict(),
+            "reference": reference,
+            "loss_statistics": self.loss_statistics.state_dict(),
+        }
 
     def _restore_statistics(self) -> None:
         # after a rollback the weights are the snapshot's again: so are the statistics that describe them
         self.growth.clear()
+        if self._trend_at_snapshot is not None:
+            self.loss_trend.load_state_dict(self._trend_at_snapshot)
         if self._statistics_at_snapshot is not None:
             self.statistics.load_state_dict(self._statistics_at_snapshot["statistics"])
+            self.loss_statistics.load_state_dict(self._statistics_at_snapshot["loss_statistics"])
             if self.reference is not None and self._statistics_at_snapshot["reference"] is not None:
                 self.reference.load_state_dict(self._statistics_at_snapshot["reference"])
 
-    def _on_healthy_step(self) -> None:
+    def lr_ceiling(self, lr: float | None = None) -> float:
+        """The largest learning-rate multiplier the evidence supports for a scheduled learning rate ``lr``."""
+        state = self.state
+        if lr is not None and state.lr_ceiling_absolute is not None:
+            return min(1.0, state.lr_ceiling_absolute / lr)
+        return state.lr_ceiling
+
+    def _lower_ceiling(self, scale: float, lr: float | None) -> None:
+        state = self.state
+        state.lr_ceiling = min(state.lr_ceiling, scale)
+        if lr is not None:
+            absolute = scale * lr
+            previous = state.lr_ceiling_absolute
+            state.lr_ceiling_absolute = absolute if previous is None else min(previous, absolute)
+
+    def _on_healthy_step(self, lr: float | None) -> None:
         state, config = self.state, self.config
         state.healthy_streak += 1
         # a budget is a rate, not a lifetime count: anomalies as sparse as the healthy band's (ZClip clips ~1 % of
@@ -427,15 +662,30 @@ class ExplosionPolicy:
         # `healthy_steps_to_deescalate` steps does
         drain = config.budget(state.level) / config.healthy_steps_to_deescalate
         state.anomalies_at_level = max(0.0, state.anomalies_at_level - drain)
-        if state.lr_scale < state.lr_ceiling:  # undo one back-off factor per lr_recovery_steps healthy steps
+        ceiling = self.lr_ceiling(lr)
+        if state.lr_scale < ceiling:  # undo one back-off factor per lr_recovery_steps healthy steps
             recovery = (1.0 / config.resolved("backoff_factor")) ** (1.0 / config.resolved("lr_recovery_steps"))
-            state.lr_scale = min(state.lr_ceiling, state.lr_scale * recovery)
+            state.lr_scale = min(ceiling, state.lr_scale * recovery)
+        else:  # a schedule that climbs above the rate that failed is held at it
+            state.lr_scale = ceiling
         if state.healthy_streak >= config.healthy_steps_to_deescalate:
             state.healthy_streak = 0
             state.anomalies_at_level = 0
             if state.level > self.base_level:
                 state.level -= 1
                 self._count("deescalate")
+
+    def _on_divergence(self, lr: float | None) -> None:
+        # the step size is too large: back off at once, and never trust the diverging rate again
+        state, config = self.state, self.config
+        state.healthy_streak = 0
+        if config.allows("lr_backoff"):
+            state.lr_scale *= config.resolved("backoff_factor")
+            self._lower_ceiling(state.lr_scale, lr)
+        target = min(RUNGS.index("lr_backoff"), config.max_level)
+        if state.level < target:
+            state.level, state.anomalies_at_level = target, 0
+            self._count("escalate")
 
     def _escalate(self, anomaly: str) -> None:
         state, config = self.state, self.config
@@ -460,51 +710,72 @@ class ExplosionPolicy:
     def _count(self, name: str) -> None:
         self.state.counts[name] = self.state.counts.get(name, 0) + 1
 
-    def _record(self, decision: Decision, norm: float, previous_level: int) -> None:
+    def _record(self, decision: Decision, norm: float, previous_level: int, loss: float | None) -> None:
         event = {
             "step": decision.step,
             "total_norm": norm if math.isfinite(norm) and decision.anomaly != "nonfinite" else None,
             "zscore": round(decision.zscore, 4),
+            "loss": loss,
+            "loss_zscore": round(decision.loss_zscore, 4),
             "clip_threshold": decision.clip_threshold if math.isfinite(decision.clip_threshold) else None,
             "level": decision.level,
             "previous_level": previous_level,
             "rung": decision.rung,
             "anomaly": decision.anomaly,
+            "evidence": decision.evidence,
             "actions": decision.actions,
             "lr_scale": decision.lr_scale,
         }
-        self.events.append(event)
+        self._events.append(event)
         self.state.events_recorded += 1
-        del self.events[: -self.max_events]
-        if decision.anomaly in ("spike", "growth", "drift", "nonfinite", "loss_scale_collapse"):
+        del self._events[: -self.max_events]
+        if decision.anomaly in EVIDENCE and decision.anomaly != "amp_overflow":
             self.worst_spikes.append(event)
             self.worst_spikes.sort(key=_severity, reverse=True)
             del self.worst_spikes[5:]
 
     def state_dict(self) -> dict[str, Any]:
-        """Statistics, reference, level, budgets used, learning-rate scale, counts and the event log (versioned)."""
+        """Statistics, reference, loss trend, level, budgets used, LR scale, counts and events (versioned)."""
         return {
-            "version": 2,
+            "version": STATE_VERSION,
             **self._statistics_state(),
+            "loss_trend": self.loss_trend.state_dict(),
             "statistics_at_snapshot": self._statistics_at_snapshot,
+            "trend_at_snapshot": self._trend_at_snapshot,
             "growth": self.growth.state_dict(),
             "counters": asdict(self.state),
-            "events": [dict(e) for e in self.events],
+            "events": self.events,
             "worst_spikes": [dict(e) for e in self.worst_spikes],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where a ``state_dict`` left off."""
-        if state.get("version") != 2:
-            raise ValueError(f"ExplosionPolicy state has version {state.get('version')!r}; this code reads 2")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"ExplosionPolicy state has version {state.get('version')!r}; this code reads {STATE_VERSION}"
+            )
         self.statistics.load_state_dict(state["statistics"])
+        self.loss_statistics.load_state_dict(state["loss_statistics"])
+        self.loss_trend.load_state_dict(state["loss_trend"])
         if self.reference is not None and state["reference"] is not None:
             self.reference.load_state_dict(state["reference"])
         self._statistics_at_snapshot = state["statistics_at_snapshot"]
+        self._trend_at_snapshot = state["trend_at_snapshot"]
         self.growth.load_state_dict(state["growth"])
-        self.state = _Counters(**{**state["counters"], "counts": dict(state["counters"]["counts"])})
-        self.events = [dict(e) for e in state["events"]]
+        counters = state["counters"]
+        self.state = _Counters(
+            **{
+                **counters,
+                "counts": dict(counters["counts"]),
+                "first_anomaly_steps": dict(counters["first_anomaly_steps"]),
+            }
+        )
+        self._events = [dict(e) for e in state["events"]]
         self.worst_spikes = [dict(e) for e in state["worst_spikes"]]
+
+
+STATE_VERSION = 3
+"""Layout version of :meth:`ExplosionPolicy.state_dict` (3: loss statistics and trend, snapshot step)."""
 
 
 def _severity(event: dict[str, Any]) -> float:

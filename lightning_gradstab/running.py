@@ -21,64 +21,62 @@ from torch import Tensor
 ReduceKind = Literal["max", "min"]
 
 
-class LogNormStatistics:
-    """Mean and variance of ``log(norm)``: exact over a warm-up, then an exponential moving average.
+class RunningMoments:
+    """Mean and variance of a stream: exact over a warm-up (Welford), then an exponential moving average.
 
     The warm-up uses Welford's exact mean/variance, so the first z-scores are not biased toward an
-    arbitrary initial value (ZClip initialises its EMA the same way). Callers feed it the *clipped* norm of
-    each finite step and nothing on a non-finite one, so one spike cannot inflate the variance that decides
-    what the next spike is.
+    arbitrary initial value (ZClip initialises its EMA the same way). Callers feed it the *clipped* value of
+    each usable step and nothing on a non-finite one, so one outlier cannot inflate the variance that decides
+    what the next outlier is.
 
     Args:
         decay: EMA weight of the past, in (0, 1) (ZClip uses 0.97: an effective window of ~33 steps).
-        warmup_steps: finite steps averaged exactly before z-scores are reported, >= 1.
-        log_std_floor: lower bound of the standard deviation used in z-scores, >= 0. A very steady stream
-            would otherwise flag a 1 % wobble as a many-sigma event.
+        warmup_steps: values averaged exactly before z-scores are reported, >= 1.
+        std_floor: lower bound of the standard deviation used in z-scores, >= 0.
+        relative_std_floor: a second lower bound, as a fraction of ``|mean|`` (a deterministic stream would
+            otherwise flag a rounding wobble as a many-sigma event).
 
     Example::
 
-        statistics = LogNormStatistics(decay=0.97, warmup_steps=25)
-        for norm in [1.0, 1.1, 0.9] * 10:
-            statistics.update(norm)
-        statistics.zscore(100.0)  # about 56: a spike
+        losses = RunningMoments(decay=0.97, warmup_steps=5, relative_std_floor=0.01)
+        for loss in [2.3, 2.2, 2.25, 2.1, 2.15, 2.05]:
+            losses.update(loss)
+        losses.zscore(4.0)  # about 29: a loss spike
     """
 
-    def __init__(self, decay: float = 0.97, warmup_steps: int = 25, log_std_floor: float = 0.05) -> None:
+    def __init__(
+        self, decay: float = 0.97, warmup_steps: int = 25, std_floor: float = 0.0, relative_std_floor: float = 0.0
+    ) -> None:
         self.decay = decay
         self.warmup_steps = warmup_steps
-        self.log_std_floor = log_std_floor
+        self.std_floor = std_floor
+        self.relative_std_floor = relative_std_floor
         self.count = 0
         self.mean = 0.0
         self.variance = 0.0
 
+    def _transform(self, value: float) -> float:
+        return value
+
     @property
     def warmed_up(self) -> bool:
-        """Whether enough finite steps were seen for z-scores to mean something."""
+        """Whether enough values were seen for z-scores to mean something."""
         return self.count >= self.warmup_steps
 
     @property
     def std(self) -> float:
-        """Standard deviation of the log-norm used in z-scores (never below ``log_std_floor``)."""
-        return max(math.sqrt(max(self.variance, 0.0)), self.log_std_floor)
+        """Standard deviation used in z-scores (never below either floor)."""
+        return max(math.sqrt(max(self.variance, 0.0)), self.std_floor, self.relative_std_floor * abs(self.mean))
 
-    @property
-    def typical_norm(self) -> float:
-        """The running geometric mean of the norm, ``exp(mean of log-norm)`` (nan before the first update)."""
-        return math.exp(self.mean) if self.count else math.nan
-
-    def zscore(self, norm: float) -> float:
-        """How many standard deviations ``log(norm)`` lies above the running mean (0 during the warm-up)."""
+    def zscore(self, value: float) -> float:
+        """How many standard deviations ``value`` lies above the running mean (0 during the warm-up)."""
         if not self.warmed_up:
             return 0.0
-        return (_safe_log(norm) - self.mean) / self.std
+        return (self._transform(value) - self.mean) / self.std if self.std > 0 else 0.0
 
-    def norm_at(self, zscore: float) -> float:
-        """The norm that sits ``zscore`` standard deviations above the running mean."""
-        return math.exp(self.mean + zscore * self.std)
-
-    def update(self, norm: float) -> None:
-        """Add one finite norm (the clipped one, if the step was clipped)."""
-        value = _safe_log(norm)
+    def update(self, value: float) -> None:
+        """Add one finite value (the clipped one, if the step was an outlier)."""
+        value = self._transform(value)
         self.count += 1
         if self.count <= self.warmup_steps:  # Welford: exact mean and (population) variance
             delta = value - self.mean
@@ -98,6 +96,100 @@ class LogNormStatistics:
         self.count = int(state["count"])
         self.mean = float(state["mean"])
         self.variance = float(state["variance"])
+
+
+class LogNormStatistics(RunningMoments):
+    """:class:`RunningMoments` of ``log(norm)``: gradient norms are positive and blow up multiplicatively.
+
+    Args:
+        decay: EMA weight of the past, in (0, 1).
+        warmup_steps: finite steps averaged exactly before z-scores are reported, >= 1.
+        log_std_floor: lower bound of the log-norm standard deviation used in z-scores, >= 0. A very steady
+            stream would otherwise flag a 1 % wobble as a many-sigma event.
+
+    Example::
+
+        statistics = LogNormStatistics(decay=0.97, warmup_steps=25)
+        for norm in [1.0, 1.1, 0.9] * 10:
+            statistics.update(norm)
+        statistics.zscore(100.0)  # about 56: a spike
+    """
+
+    def __init__(self, decay: float = 0.97, warmup_steps: int = 25, log_std_floor: float = 0.05) -> None:
+        super().__init__(decay, warmup_steps, std_floor=log_std_floor)
+        self.log_std_floor = log_std_floor
+
+    def _transform(self, value: float) -> float:
+        return _safe_log(value)
+
+    @property
+    def typical_norm(self) -> float:
+        """The running geometric mean of the norm, ``exp(mean of log-norm)`` (nan before the first update)."""
+        return math.exp(self.mean) if self.count else math.nan
+
+    def norm_at(self, zscore: float) -> float:
+        """The norm that sits ``zscore`` standard deviations above the running mean."""
+        return math.exp(self.mean + zscore * self.std)
+
+
+class LossTrend:
+    """The smoothed training loss and the lowest value it has reached: the evidence of divergence.
+
+    The smoothed loss is a bias-corrected EMA (as Adam corrects its moments), so it is an unbiased average
+    from the first step on. A step size that is stable makes the loss fall on average (the descent lemma:
+    for an L-smooth loss, gradient descent with step size below ``2 / L`` cannot increase it); a smoothed
+    loss that climbs well above the lowest value it reached says the step is too large, whatever the
+    gradient norms did.
+
+    Args:
+        horizon_steps: effective window of the smoothing, ``1 / (1 - decay)``, >= 1.
+
+    Example::
+
+        trend = LossTrend(horizon_steps=5)
+        for loss in [2.3, 2.0, 1.8, 2.5, 4.0, 9.0]:
+            trend.update(loss)
+        trend.rise()  # about 3.3: the smoothed loss is far above its lowest value
+    """
+
+    def __init__(self, horizon_steps: float = 10.0) -> None:
+        self.decay = 1.0 - 1.0 / horizon_steps
+        self.count = 0
+        self.average = 0.0  # the raw EMA; ``smoothed`` corrects its bias toward the zero start
+        self.lowest = math.inf
+        self.noise_at_lowest = 0.0  # the loss noise (std) when the lowest value was reached: not the climb's
+
+    @property
+    def smoothed(self) -> float:
+        """The bias-corrected EMA of the loss (nan before the first update)."""
+        if not self.count:
+            return math.nan
+        return self.average / (1.0 - self.decay**self.count) if self.decay > 0 else self.average
+
+    def update(self, loss: float, *, healthy: bool = True, noise: float = 0.0) -> None:
+        """Add one finite loss; only ``healthy`` steps may lower the reference (``noise``: the loss std now)."""
+        self.count += 1
+        self.average = self.decay * self.average + (1.0 - self.decay) * loss
+        # the first loss is the reference whatever the step was judged: a run must not end worse than it began
+        if (healthy or not math.isfinite(self.lowest)) and self.smoothed <= self.lowest:
+            self.lowest, self.noise_at_lowest = self.smoothed, noise
+
+    def rise(self) -> float:
+        """How far the smoothed loss lies above the lowest value it reached (0 before there is one)."""
+        return self.smoothed - self.lowest if self.count and math.isfinite(self.lowest) else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        """Everything needed to continue after a restart."""
+        return {
+            "count": self.count, "average": self.average, "lowest": self.lowest, "noise_at_lowest": self.noise_at_lowest
+        }
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue from a ``state_dict``."""
+        self.count = int(state["count"])
+        self.average = float(state["average"])
+        self.lowest = float(state["lowest"])
+        self.noise_at_lowest = float(state["noise_at_lowest"])
 
 
 class GrowthWindow:

@@ -217,11 +217,11 @@ def test_lr_backoff_scales_the_step_and_never_corrupts_the_scheduler(tmp_path: P
     backoff = [e for e in _events(tmp_path) if e["rung"] == "lr_backoff" and e["anomaly"] == "spike"]
     assert [(e["step"], e["actions"]) for e in backoff] == [(34, ["skip"]), (35, ["skip"])]
     # the next step runs at a quarter of the scheduled lr times one recovery factor; it recovers to the
-    # ceiling, half of the scale (1.0) at which the back-off episode began
+    # ceiling: half of the learning rate at which the back-off episode began (step 34 ran on the lr of step 33)
     ratios = [during / (0.05 * 0.99**step) for step, during in enumerate(probe.during)]
     assert ratios[:33] == pytest.approx([1.0] * 33)
     assert ratios[35] == pytest.approx(0.25 * 2 ** (1 / 5))
-    assert ratios[-1] == pytest.approx(0.5)
+    assert probe.during[-1] == pytest.approx(0.5 * 0.05 * 0.99**33)  # an lr, while the schedule decays below it
 
 
 def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
@@ -347,15 +347,92 @@ def test_fp16_overflow_is_counted_and_left_to_the_scaler(tmp_path: Path, memory_
     assert trainer.precision_plugin.scaler.get_scale() < 2.0**16  # the scaler itself backed off
 
 
-def test_fp16_collapsing_loss_scale_is_an_explosion(tmp_path: Path) -> None:
-    guard, probe = _guard(), _WeightsEveryStep()
+class _LossScales(Callback):
+    """The GradScaler's scale after every optimizer step (a device read, outside the guard's hook)."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.after[trainer.global_step] = trainer.precision_plugin.scaler.get_scale()
+
+
+def test_fp16_collapsed_loss_scale_is_reset_and_a_collapse_that_keeps_coming_back_escalates(tmp_path: Path) -> None:
+    guard, probe, scales = _guard(), _WeightsEveryStep(), _LossScales()
     precision = MixedPrecision("16-mixed", "cpu")
-    # the scale stays collapsed, as a real one does (GradScaler only grows it back after 2000 good steps)
-    _fit(TinyRegression(), 42, tmp_path, [_FakeLossScale({30: 0.25}), guard, probe], plugins=[precision])
+    collapsing = dict.fromkeys(range(30, 42), 0.25)  # something keeps driving the scale below 1
+    _fit(TinyRegression(), 42, tmp_path, [_FakeLossScale(collapsing), guard, probe, scales], plugins=[precision])
     collapse = [e for e in _events(tmp_path) if e["anomaly"] == "loss_scale_collapse"]
-    assert collapse[0]["step"] == 31 and collapse[0]["actions"] == ["skip"]
+    assert collapse[0]["step"] == 31 and collapse[0]["actions"] == ["skip"] and collapse[0]["evidence"] == "loss scale"
     assert torch.equal(probe.weights[31], probe.weights[30])
+    assert scales.after[31] == 2.0**16  # reset to the scaler's initial scale, not left to grow back for ages
     assert [e["rung"] for e in collapse[:6]] == ["skip"] * 4 + ["lr_backoff"] * 2  # it escalates
+
+
+def test_persistent_nan_under_fp16_collapses_the_scale_again_and_again_and_reaches_stop_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    guard = _guard()
+    precision = MixedPrecision("16-mixed", "cpu")
+    faults = dict.fromkeys(range(30, 600), "nan_loss")
+    trainer = _fit(TinyRegression(faults=faults), 600, tmp_path, [guard], plugins=[precision])
+    assert trainer.global_step < 600 and guard.stop_reason is not None
+    assert "loss_scale_collapse at level 6 (stop)" in guard.stop_reason
+    assert guard.policy().counts["amp_overflow"] > 100  # overflows the scaler skipped on its own in between
+
+
+def test_rollback_restores_the_grad_scaler_state_of_the_snapshot(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
+    guard, scales = _guard(budgets=budgets, snapshot_every=10), _LossScales()
+    precision = MixedPrecision("16-mixed", "cpu")
+    faults = dict.fromkeys(range(30, 35), "scale_grad")
+    _fit(TinyRegression(faults=faults), 40, tmp_path, [_FakeLossScale({32: 4.0}), guard, scales], plugins=[precision])
+    rollback = next(e for e in _events(tmp_path) if "rollback" in e["actions"])
+    assert rollback["step"] == 35 and guard.snapshot_step is not None and guard.snapshot_step < 30
+    # the scale in use at the snapshot step (the scale after the step before it), not the 4.0 set since
+    assert scales.after[35] == scales.after[guard.snapshot_step - 1] != 4.0
+
+
+def test_zero_gradient_phase_then_normal_gradients_trains_like_the_unguarded_run(tmp_path: Path) -> None:
+    faults = dict.fromkeys(range(30), "zero_loss")  # a loss term switched on at step 30
+    unguarded, guarded, guard = TinyRegression(faults=faults), TinyRegression(faults=faults), _guard()
+    _fit(unguarded, 200, tmp_path / "unguarded", [])
+    _fit(guarded, 200, tmp_path / "guarded", [guard])
+    counts = guard.policy().counts
+    assert counts["zero_gradient"] == 30 and "skip" not in counts and "escalate" not in counts
+    assert guarded.full_loss() == pytest.approx(unguarded.full_loss(), rel=0.01)
+
+
+class _NoLrOptimizer(torch.optim.Optimizer):
+    """Plain gradient descent whose param groups name their step ``step_size``, not ``lr``."""
+
+    def __init__(self, params: Any, step_size: float = 0.05) -> None:
+        super().__init__(params, {"step_size": step_size})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.add_(parameter.grad, alpha=-group["step_size"])
+        return loss
+
+
+class _WithoutLr(TinyRegression):
+    def configure_optimizers(self) -> Any:
+        return _NoLrOptimizer(self.parameters())
+
+
+def test_optimizer_without_lr_is_named_at_fit_start_and_the_backoff_rung_still_works(tmp_path: Path) -> None:
+    budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
+    guard = _guard(budgets=budgets)
+    faults = dict.fromkeys(range(30, 35), "scale_grad")  # reaches lr_backoff at the 4th spike
+    with pytest.warns(UserWarning, match=r"optimizer 0 \(_NoLrOptimizer\) has param groups without a numeric 'lr'"):
+        trainer = _fit(_WithoutLr(faults=faults), 60, tmp_path, [guard])
+    assert trainer.global_step == 60
+    assert [e["rung"] for e in _events(tmp_path) if e["anomaly"] == "spike"][3:5] == ["lr_backoff"] * 2
+    assert all("lr" not in group for group in trainer.optimizers[0].param_groups)
 
 
 @pytest.mark.parametrize(
@@ -367,6 +444,9 @@ def test_fp16_collapsing_loss_scale_is_an_explosion(tmp_path: Path) -> None:
         ({"backoff_factor": 1.5}, r"`backoff_factor` must be a number in \(0, 1\), got 1.5"),
         ({"max_rung": "clip", "snapshot_every": 10}, r"`snapshot_every` configures rung 'rollback'"),
         ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be a positive int or None, got 0"),
+        ({"loss_scale_floor": math.inf}, r"`loss_scale_floor` must be a finite number .*got inf"),
+        ({"zscore_threshold": math.nan}, r"`zscore_threshold` must be a finite number .*got nan"),
+        ({"max_norm": math.inf}, r"`max_norm` must be a finite number .*got inf"),
     ],
 )
 def test_guard_rejects_bad_arguments_naming_them(options: dict, message: str) -> None:

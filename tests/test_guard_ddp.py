@@ -23,3 +23,22 @@ def test_nan_on_one_rank_skips_the_same_step_on_all_ranks(tmp_path: Path, ddp_ru
     assert rank0["events"] == rank1["events"]
     assert rank0["weights"] == rank1["weights"]  # identical on every step, bit for bit
     assert all(math.isfinite(w) for w in rank0["weights"][str(STEPS)])
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_fp16_nan_on_one_rank_after_the_all_reduce_is_skipped_on_both_ranks_with_identical_loss_scales(
+    tmp_path: Path, ddp_runner
+) -> None:
+    """Not an fp16 overflow (the scaler's own check ran before it and on one rank): a rank-local fault."""
+    rank0, rank1 = ddp_runner("guard_nan_ddp.py", tmp_path, "fp16", timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == STEPS
+    for rank in (rank0, rank1):
+        by_step = {e["step"]: (e["anomaly"], e["actions"]) for e in rank["events"]}
+        assert by_step[NAN_GRAD_STEP + 1] == ("nonfinite", ["skip"])  # skipped on every rank, not left to the scaler
+        assert rank["weights"][str(NAN_GRAD_STEP + 1)] == rank["weights"][str(NAN_GRAD_STEP)]
+        assert rank["counts"].get("amp_overflow", 0) >= 1  # rank 1's NaN loss reached both ranks: a real overflow
+    assert rank0["weights"] == rank1["weights"]  # bit-identical on every step
+    assert rank0["loss_scales"] == rank1["loss_scales"]
+    assert rank0["loss_scales"][str(NAN_GRAD_STEP + 1)] == rank0["loss_scales"][str(NAN_GRAD_STEP)]  # not halved
+    assert all(math.isfinite(w) for w in rank0["weights"][str(STEPS)])

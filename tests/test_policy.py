@@ -236,11 +236,22 @@ def test_collapsed_loss_scale_is_an_explosion() -> None:
     assert decision.anomaly == "loss_scale_collapse" and decision.skip
 
 
-def test_snapshots_are_requested_only_on_healthy_steps_at_rest() -> None:
+def test_snapshots_are_refreshed_every_snapshot_every_healthy_steps_once_ten_in_a_row_were_healthy() -> None:
     policy = ExplosionPolicy(PolicyConfig(snapshot_every=5))
     steps = [d.step for d in (policy.step(Observation(n)) for n in _healthy_norms(21)) if d.snapshot]
-    assert steps == [1, 7, 13, 19]
+    assert steps == [1, 10, 16]  # the first healthy step, then the 10-step streak, then every 5 healthy steps
     assert not ExplosionPolicy(PolicyConfig(max_rung="skip")).step(Observation(1.0)).snapshot
+
+
+def test_snapshots_are_refreshed_while_escalated_once_the_run_is_healthy_again() -> None:
+    """A long healthy stretch above the resting rung must not leave the step-1 snapshot as the only one."""
+    policy = _warmed_policy(budgets={"clip": 1}, healthy_steps_to_deescalate=1000)
+    policy.step(Observation(1e6))
+    policy.step(Observation(1e6))
+    assert policy.level == RUNGS.index("tight_clip")
+    snapshots = [d.step for d in (policy.step(Observation(n)) for n in _healthy_norms(300, seed=4)) if d.snapshot]
+    assert snapshots and policy.level == RUNGS.index("tight_clip")  # refreshed without de-escalating
+    assert policy.state.snapshot_step == snapshots[-1] > 300
 
 
 def test_state_dict_round_trip_reproduces_every_future_decision() -> None:
@@ -334,3 +345,129 @@ def test_a_burst_of_spikes_still_escalates_past_the_clip_rung():
         policy.step(Observation(total_norm=1e3, nonfinite=False))
         policy.step(Observation(total_norm=1.0, nonfinite=False))
     assert policy.level >= 2
+
+
+def _losses(count: int, start: float = 2.3, seed: int = 0) -> list[float]:
+    """A falling, noisy training loss (2 % per-batch noise)."""
+    rng = random.Random(seed)
+    return [start * (0.5 + 0.5 * math.exp(-step / 100)) * (1 + 0.02 * rng.gauss(0.0, 1.0)) for step in range(count)]
+
+
+def _warmed_with_loss(**options: object) -> ExplosionPolicy:
+    policy = ExplosionPolicy(PolicyConfig(**options))
+    for norm, loss in zip(_healthy_norms(60), _losses(60), strict=True):
+        policy.step(Observation(norm, loss=loss))
+    return policy
+
+
+def test_a_loss_spike_is_skipped_before_it_lands_even_when_the_gradient_norm_looks_normal() -> None:
+    policy = _warmed_with_loss()
+    decision = policy.step(Observation(1.0, loss=6.0))  # a corrupted batch: normal norm, 3x the loss
+    assert decision.anomaly == "loss_spike" and decision.evidence == "loss"
+    assert decision.skip and decision.actions == ["skip"] and decision.level == RUNGS.index("clip")
+    before = policy.loss_statistics.state_dict()
+    assert policy.step(Observation(1.0, loss=6.0)).skip
+    assert policy.loss_statistics.state_dict() == before  # a skipped batch's loss is not learned
+
+
+def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_rolls_back_and_halves_the_lr() -> None:
+    policy = _warmed_with_loss()
+    loss, decisions = 1.5, []
+    while not decisions or decisions[-1].anomaly != "divergence":
+        loss *= 1.15  # the loss climbs 15 % per step: below the 6-sigma loss-spike bar every single step
+        decisions.append(policy.step(Observation(1.0, loss=loss)))
+        assert len(decisions) < 20
+    divergence = decisions[-1]
+    assert divergence.rollback and divergence.skip and divergence.evidence == "loss"
+    assert divergence.rung == "lr_backoff" and policy.state.lr_scale == pytest.approx(0.5)
+    assert policy.state.lr_ceiling == pytest.approx(0.5)  # the scale that diverged is never trusted again
+    assert policy.loss_trend.rise() == pytest.approx(0.0, abs=0.05)  # the trend is the snapshot's again
+
+
+def test_divergence_that_persists_below_a_thousandth_of_the_lr_stops_the_run() -> None:
+    policy = ExplosionPolicy()
+    decision, loss = policy.step(Observation(1.0, loss=1.0)), 1.0
+    for _ in range(500):
+        loss *= 2.0
+        decision = policy.step(Observation(1.0, loss=loss))
+        if decision.stop:
+            break
+    assert decision.stop and decision.anomaly == "divergence"
+    assert policy.counts["divergence"] == 11 and policy.state.lr_scale < 2.0**-10
+
+
+def test_an_unstable_start_is_clipped_against_the_first_steps_during_the_warmup() -> None:
+    """The z-score needs 25 steps of history; a norm 10x above the warm-up's geometric mean is clipped anyway."""
+    policy = ExplosionPolicy()
+    decisions = [policy.step(Observation(1.0 * 3.0**step)) for step in range(8)]
+    clipped = [d for d in decisions if "clip" in d.actions]
+    assert clipped[0].step == 5 and all(d.anomaly == "spike" for d in clipped)  # 81 > 10 x (1 * 3 * 9 * 27)^(1/4)
+    unclipped_mean = 3.0**3.5  # the geometric mean of 1, 3, ..., 3**7
+    assert policy.statistics.typical_norm < 0.5 * unclipped_mean  # it learned the clipped norms, not the explosion
+
+
+def test_a_plain_sgd_step_larger_than_the_weights_themselves_is_clipped_to_their_norm() -> None:
+    policy = ExplosionPolicy()
+    decision = policy.step(Observation(100.0, weight_norm=10.0, step_size=0.5))  # |lr g| = 50 on |w| = 10
+    assert decision.anomaly == "update_ratio" and decision.evidence == "update"
+    assert decision.clip_threshold == pytest.approx(1.0 * 10.0 / 0.5)
+    assert decision.clip_coefficient * 100.0 * 0.5 == pytest.approx(10.0)  # the step now moves |w| by 100 %
+    assert policy.step(Observation(10.0, weight_norm=10.0, step_size=0.5)).anomaly is None  # 50 %: allowed
+
+
+def test_a_back_off_ceiling_is_a_learning_rate_so_a_decaying_schedule_below_it_runs_at_its_own_rate() -> None:
+    policy = _warmed_policy(budgets={"clip": 1, "tight_clip": 1, "skip": 1})
+    for _ in range(4):  # the 4th spike backs off at a scheduled lr of 1.0: the ceiling becomes lr 0.5
+        policy.step(Observation(1e6, lr=1.0))
+    assert policy.state.lr_scale == pytest.approx(0.5) and policy.state.lr_ceiling_absolute == pytest.approx(0.5)
+    typical = policy.statistics.typical_norm
+    at_same_lr = [policy.step(Observation(typical, lr=1.0)).lr_scale for _ in range(60)]
+    assert max(at_same_lr) == pytest.approx(0.5)  # the rate that failed is not tried again
+    after_decay = [policy.step(Observation(typical, lr=0.1)).lr_scale for _ in range(60)]
+    assert after_decay[-1] == pytest.approx(1.0)  # 0.1 is below the 0.5 that the evidence supports
+
+
+def test_max_norm_is_an_absolute_ceiling_that_is_off_by_default() -> None:
+    assert ExplosionPolicy().step(Observation(5.0)).clip_coefficient == 1.0
+    decision = ExplosionPolicy(PolicyConfig(max_norm=1.0)).step(Observation(5.0))
+    assert decision.clip_threshold == 1.0 and decision.clip_coefficient == pytest.approx(0.2)
+    assert decision.anomaly is None  # a ceiling is not an anomaly: it never escalates
+
+
+def test_zero_gradients_carry_no_information_and_the_normal_gradients_after_them_are_not_spikes() -> None:
+    policy = ExplosionPolicy()
+    for _ in range(40):  # a frozen phase: the loss term is not switched on yet
+        assert policy.step(Observation(0.0, loss=0.0)).anomaly is None
+    assert policy.statistics.count == 0 and policy.loss_statistics.count == 0
+    stream = zip(_healthy_norms(200), _losses(200), strict=True)
+    decisions = [policy.step(Observation(norm, loss=loss)) for norm, loss in stream]
+    assert max(d.level for d in decisions) == RUNGS.index("clip")
+    assert not any(d.skip for d in decisions) and policy.counts["zero_gradient"] == 40
+
+
+def test_a_nonfinite_gradient_on_some_ranks_only_is_a_fault_to_skip_not_an_fp16_overflow() -> None:
+    policy = _warmed_policy()
+    decision = policy.step(Observation(math.nan, nonfinite=True, loss_scale=2.0**16, rank_local=True))
+    assert decision.anomaly == "nonfinite" and decision.skip
+
+
+def test_persistent_fp16_overflow_with_a_collapsed_scale_climbs_to_stop() -> None:
+    policy = _warmed_policy()
+    scale, decisions = 2.0**16, []
+    for _ in range(100):
+        decisions.append(policy.step(Observation(math.inf, nonfinite=True, loss_scale=scale)))
+        scale /= 2  # the scaler halves on every overflow
+        if decisions[-1].stop:
+            break
+    assert decisions[0].anomaly == "amp_overflow"  # the scaler's business while the scale is sane
+    assert decisions[-1].stop and decisions[-1].anomaly == "loss_scale_collapse"
+
+
+@pytest.mark.parametrize(
+    "argument",
+    ["zscore_threshold", "growth_factor", "loss_scale_floor", "loss_zscore_threshold", "max_update_ratio", "max_norm"],
+)
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_infinite_or_nan_thresholds_are_rejected_naming_the_argument(argument: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"`{argument}` must be a finite number"):
+        PolicyConfig(**{argument: value})

@@ -31,9 +31,9 @@ from lightning_gradstab.callbacks._shared import (
     validate_flag,
     validate_interval,
 )
-from lightning_gradstab.policy import RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
 from lightning_gradstab.report import console_print
-from lightning_gradstab.running import FLOAT32_MAX, RankReduction
+from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (re-exported: the rollback snapshot lives there)
     TrainingSnapshot,
     _to_cpu,
@@ -41,9 +41,25 @@ from lightning_gradstab.snapshot import (  # noqa: F401  (re-exported: the rollb
     snapshot_training_state,
 )
 
-# what every decision needs, and how each value combines across ranks
-_WITHOUT_SCALER = RankReduction([("total_norm", "max"), ("nonfinite_count", "max")])
-_WITH_SCALER = RankReduction([("total_norm", "max"), ("nonfinite_count", "max"), ("loss_scale", "min")])
+# what every decision needs, and how each value combines across ranks: the largest norm and loss, whether any
+# rank and whether every rank saw non-finite gradients, the weights' norm (identical on every rank) and the
+# smallest loss scale
+_FIELDS: list[tuple[str, ReduceKind]] = [
+    ("total_norm", "max"),
+    ("nonfinite_count", "max"),
+    ("nonfinite_count_everywhere", "min"),
+    ("loss", "max"),
+    ("weight_norm", "max"),
+]
+_WITHOUT_SCALER = RankReduction(_FIELDS)
+_WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
+_NO_LOSS = -FLOAT32_MAX  # stands for "this rank had no loss this step" in the max over ranks
+
+WEIGHT_NORM_EVERY = 10
+"""Optimizer steps between measurements of the weight norm (plain SGD only; weights change slowly)."""
+
+SNAPSHOT_CHECKPOINT_KEY = "gradstab_guard_snapshot"
+"""Where :meth:`ExplosionGuard.on_save_checkpoint` keeps the rollback snapshot in a Lightning checkpoint."""
 
 EVENTS_FILENAME = "gradstab_guard_events.jsonl"
 SUMMARY_FILENAME = "gradstab_guard_summary.json"
@@ -69,10 +85,15 @@ class ExplosionGuard(Callback):
     so together with :class:`~lightning_gradstab.GradNormMonitor` the gradients are measured once. The ladder
     and its defaults are described in :mod:`lightning_gradstab.policy` and ``docs/guard.md``.
 
-    Every decision comes from numbers all-reduced across ranks (max norm, any rank's NaN, min loss scale) in a
-    single collective, read on the host in a single sync per optimizer step, so all ranks clip, skip, roll back
-    and stop on the same step. ``Trainer(gradient_clip_val=...)`` still applies after the guard: the tighter
-    of the two clips wins.
+    Besides the gradient norm it watches the training loss (captured in ``on_before_backward``, unscaled under
+    fp16, summed over accumulated micro-batches, kept on the device) and, for plain SGD, the size of the step
+    relative to the weights, so a run that is unstable from its first step, or a bad batch under Adam, is
+    caught although the run's own gradient history looks normal.
+
+    Every decision comes from numbers all-reduced across ranks (max norm, max loss, any rank's and every
+    rank's NaN, min loss scale) in a single collective, read on the host in a single sync per optimizer step,
+    so all ranks clip, skip, roll back and stop on the same step. ``Trainer(gradient_clip_val=...)`` still
+    applies after the guard: the tighter of the two clips wins.
 
     Logged (rank 0, ``opt{i}/`` inserted for optimizers after the first) every ``log_every_n_steps`` and on
     every intervention: ``gradstab/level``, ``clip_threshold``, ``clipped``, ``skipped``, ``lr_scale``,
@@ -93,10 +114,17 @@ class ExplosionGuard(Callback):
             ``1 / (1 - ema_decay)`` steps; ``None`` turns drift detection off.
         healthy_steps_to_deescalate: consecutive healthy steps that lower the level by one, >= 1.
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
+        loss_zscore_threshold: loss z-score above which the step's batch is skipped before it lands, > 0
+            (OLMo's 6); ``None`` turns loss spikes off.
+        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of it, that is a
+            divergence (roll back and halve the learning rate), > 0; ``None`` turns it off.
+        max_update_ratio: largest ``lr / (1 - momentum) * |g| / |w|`` a plain SGD step may take, > 0 (the
+            gradient is clipped to it); ``None`` turns it off. Other optimizers are not affected.
+        max_norm: an absolute ceiling on the gradient norm (ZClip's ``max_grad_norm``), > 0; off by default.
         budgets: anomalous steps per rung before escalating, e.g. ``{"skip": 2}``.
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
-        lr_recovery_steps: healthy steps to undo one back-off (default 100).
+        lr_recovery_steps: healthy steps to undo one back-off (default 25).
         snapshot_every: healthy steps between rollback snapshots (kept on CPU; default 100).
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
@@ -122,6 +150,10 @@ class ExplosionGuard(Callback):
         drift_horizon_steps: int | None = 1000,
         healthy_steps_to_deescalate: int = 50,
         loss_scale_floor: float = 1.0,
+        loss_zscore_threshold: float | None = 6.0,
+        loss_rise_tolerance: float | None = 0.5,
+        max_update_ratio: float | None = 1.0,
+        max_norm: float | None = None,
         budgets: dict[str, int] | None = None,
         tight_clip_ratio: float | None = None,
         backoff_factor: float | None = None,
@@ -142,6 +174,10 @@ class ExplosionGuard(Callback):
             drift_horizon_steps=drift_horizon_steps,
             healthy_steps_to_deescalate=healthy_steps_to_deescalate,
             loss_scale_floor=loss_scale_floor,
+            loss_zscore_threshold=loss_zscore_threshold,
+            loss_rise_tolerance=loss_rise_tolerance,
+            max_update_ratio=max_update_ratio,
+            max_norm=max_norm,
             budgets=dict(budgets) if isinstance(budgets, dict) else budgets,
             tight_clip_ratio=tight_clip_ratio,
             backoff_factor=backoff_factor,
@@ -155,12 +191,17 @@ class ExplosionGuard(Callback):
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}
         self._snapshot: TrainingSnapshot | None = None
+        self._scaler_snapshot: dict[str, torch.Tensor] | None = None
         self.snapshot_step: int | None = None
         self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         self._step_hooks: dict[int, Any] = {}
         self._log_dir: Path | None = None
         self._unwritable_log_dir = False
         self._written_events: dict[int, int] = {}
+        self._step_loss: torch.Tensor | None = None  # this optimizer step's loss so far, on the device
+        self._weight_norms: dict[int, float] = {}  # the last measured weight norm per optimizer (plain SGD)
+        self._without_lr: list[str] = []
+        self._base_lrs: dict[int, float] = {}  # each optimizer's first param group lr, read at the end of fit
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -185,28 +226,82 @@ class ExplosionGuard(Callback):
         add_tensorboard_layout(trainer, pl_module)  # only the charts this run's callbacks fill
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._snapshot is None:  # resumed from a checkpoint that carried no snapshot: take a new one first
+            for policy in self.policies.values():
+                policy.forget_snapshot()
+        if not self.config.allows("lr_backoff"):
+            return
+        self._without_lr = [
+            f"optimizer {index} ({type(getattr(optimizer, '_optimizer', optimizer)).__name__})"
+            for index, optimizer in enumerate(trainer.optimizers)
+            if any(not isinstance(group.get("lr"), (int, float, torch.Tensor)) for group in optimizer.param_groups)
+        ]
+        if self._without_lr:
+            rank_zero_warn(
+                f"ExplosionGuard: {', '.join(self._without_lr)} has param groups without a numeric 'lr', so the "
+                "'lr_backoff' rung cannot scale its learning rate: there it skips steps only (rollback and stop "
+                "still work). Pass max_rung='skip' to silence this, or use an optimizer with an 'lr'."
+            )
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # the loss of every micro-batch (and every manual_backward) of the coming optimizer step, on the device;
+        # Lightning hands it over already divided by accumulate_grad_batches (so the sum is the step's mean) and,
+        # under fp16, already multiplied by the GradScaler's scale
+        value = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler._scale is not None:
+            value = value / scaler._scale
+        self._step_loss = value if self._step_loss is None else self._step_loss + value
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         raw = getattr(optimizer, "_optimizer", optimizer)
         self._restore_lr(raw)  # a scaled step the optimizer never ran (e.g. skipped by a GradScaler)
         index = optimizer_index(trainer, optimizer)
+        policy = self.policy(index)
         stats = gradient_stats(trainer, pl_module, raw)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        values: dict[str, Any] = {"total_norm": stats.total_norm, "nonfinite_count": stats.nonfinite_count}
+        loss, self._step_loss = self._step_loss, None  # one optimizer step consumes the losses since the last
+        step_size = _sgd_step_size(raw) if self.config.max_update_ratio is not None else None
+        weight_norm: torch.Tensor | float = self._weight_norms.get(index, 0.0)
+        if step_size is not None and (policy.state.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
+            weight_norm = stats.weight_norms().square().sum().sqrt()
+        values: dict[str, Any] = {
+            "total_norm": stats.total_norm,
+            "nonfinite_count": stats.nonfinite_count,
+            "nonfinite_count_everywhere": stats.nonfinite_count,
+            # a non-finite loss becomes +Inf, which the reduction carries as FLOAT32_MAX
+            "loss": _NO_LOSS if loss is None else torch.where(torch.isfinite(loss), loss, math.inf),
+            "weight_norm": weight_norm,
+        }
         if scaler is not None:
             values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
         reduction = _WITH_SCALER if scaler is not None else _WITHOUT_SCALER
         reduced = reduction.reduce(values, distributed=trainer.world_size > 1)
+        if step_size is not None:
+            self._weight_norms[index] = reduced["weight_norm"]
+        loss_value = reduced["loss"]
         observation = Observation(
             total_norm=reduced["total_norm"],
             # an Inf total from finite gradients (a float32 overflow of the sum of squares) cannot be clipped
-            nonfinite=reduced["nonfinite_count"] > 0 or reduced["total_norm"] >= FLOAT32_MAX,
+            nonfinite=max(
+                reduced["nonfinite_count"] > 0, reduced["total_norm"] >= FLOAT32_MAX, loss_value >= FLOAT32_MAX
+            ),
             loss_scale=reduced.get("loss_scale"),
+            rank_local=reduced["nonfinite_count"] > 0 and reduced["nonfinite_count_everywhere"] == 0,
+            loss=None if loss_value <= 0.5 * _NO_LOSS or loss_value >= FLOAT32_MAX else loss_value,
+            weight_norm=reduced["weight_norm"] if step_size is not None else None,
+            step_size=step_size,
+            lr=_scheduled_lr(raw),
         )
-        policy = self.policy(index)
         decision = policy.step(observation)
-        self._act(trainer, pl_module, raw, decision, observation)
+        if observation.rank_local and scaler is not None:
+            _clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
+        self._act(trainer, pl_module, raw, decision, observation, scaler)
         self._report(trainer, index, policy, decision)
 
     def _act(
@@ -216,20 +311,21 @@ class ExplosionGuard(Callback):
         optimizer: torch.optim.Optimizer,
         decision: Decision,
         observation: Observation,
+        scaler: Any = None,
     ) -> None:
-        healthy = decision.anomaly is None
-        if (
-            healthy
-            and self.config.max_level >= RUNGS.index("rollback")
-            and (decision.snapshot or self._snapshot is None)
-        ):
+        if decision.snapshot:
             self._snapshot = snapshot_training_state(pl_module, trainer.optimizers, into=self._snapshot)
+            self._scaler_snapshot = _scaler_copy(scaler)
             self.snapshot_step = decision.step
         if decision.rollback:
             if self._snapshot is None:
                 rank_zero_warn("ExplosionGuard: rollback requested but no snapshot exists yet; skipping the step.")
             else:
                 restore_training_state(pl_module, trainer.optimizers, self._snapshot)
+                _restore_scaler(scaler, self._scaler_snapshot)
+        if decision.reset_loss_scale and scaler is not None and scaler._scale is not None:
+            scaler._scale.fill_(scaler._init_scale)  # a device write on every rank alike: no sync
+            scaler._growth_tracker.zero_()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if decision.skip:
             for parameter in params:  # the optimizer skips None grads: no weight and no state change
@@ -240,9 +336,14 @@ class ExplosionGuard(Callback):
         if decision.lr_scale != 1.0 and not decision.skip and not observation.nonfinite:
             self._scale_lr(optimizer, decision.lr_scale)
         if decision.stop:
+            why = (
+                "with the learning rate already backed off below 1/1000"
+                if decision.anomaly == "divergence"
+                else "after every lower rung's budget was spent"
+            )
             self.stop_reason = (
-                f"step {decision.step}: {decision.anomaly} at level {decision.level} ({decision.rung}) "
-                "after every lower rung's budget was spent"
+                f"step {decision.step}: {decision.anomaly} at level {decision.level} ({decision.rung}) {why}"
+                + (f" ({decision.evidence} evidence)" if decision.evidence else "")
             )
             trainer.should_stop = True
             self._write_summary(trainer)
@@ -253,9 +354,10 @@ class ExplosionGuard(Callback):
 
     def _scale_lr(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
         # applied just before the step and undone right after it, so LR schedulers never see the scaled value
-        self._saved_lrs[id(optimizer)] = (optimizer, [group["lr"] for group in optimizer.param_groups])
+        self._saved_lrs[id(optimizer)] = (optimizer, [group.get("lr") for group in optimizer.param_groups])
         for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * lr_scale
+            if isinstance(group.get("lr"), (int, float, torch.Tensor)):  # groups without one were warned about
+                group["lr"] = group["lr"] * lr_scale
         if id(optimizer) not in self._step_hooks:
             self._step_hooks[id(optimizer)] = optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: self._restore_lr(opt)
@@ -265,7 +367,8 @@ class ExplosionGuard(Callback):
         saved = self._saved_lrs.pop(id(optimizer), None)
         if saved is not None:
             for group, lr in zip(saved[0].param_groups, saved[1], strict=True):
-                group["lr"] = lr
+                if lr is not None:
+                    group["lr"] = lr
 
     def _report(self, trainer: pl.Trainer, index: int, policy: ExplosionPolicy, decision: Decision) -> None:
         step = logging_step(trainer)
@@ -293,21 +396,34 @@ class ExplosionGuard(Callback):
             self._write_file(self._log_dir / EVENTS_FILENAME, lines, mode="a")
 
     def summary(self) -> dict[str, Any]:
-        """What the guard did: final level, counts per action, worst spikes, stop reason, per optimizer."""
-        return {
-            "stopped": self.stop_reason is not None,
-            "stop_reason": self.stop_reason,
-            "optimizers": {
-                str(index): {
-                    "final_level": policy.level,
-                    "final_rung": RUNGS[policy.level],
-                    "lr_scale": policy.state.lr_scale,
-                    "counts": policy.counts,
-                    "worst_spikes": policy.worst_spikes,
-                }
-                for index, policy in sorted(self.policies.items())
-            },
-        }
+        """What the guard did, per optimizer, as plain data (also written to ``gradstab_guard_summary.json``).
+
+        Per optimizer: final level and rung, ``lr_scale`` (the multiplier the run ended at after back-offs) and
+        ``final_lr`` (its first param group's learning rate times that multiplier), counts per action and
+        anomaly, ``evidence`` (anomaly counts by what they were seen in: gradient, loss, update, loss scale),
+        the first step of each anomaly, the worst spikes, and ``advice``: concrete configuration changes.
+        """
+        optimizers = {}
+        for index, policy in sorted(self.policies.items()):
+            counts = policy.counts
+            evidence: dict[str, int] = {}
+            for anomaly, kind in EVIDENCE.items():
+                if counts.get(anomaly):
+                    evidence[kind] = evidence.get(kind, 0) + counts[anomaly]
+            base_lr = self._base_lrs.get(index)
+            final_lr = None if base_lr is None else base_lr * policy.state.lr_scale
+            optimizers[str(index)] = {
+                "final_level": policy.level,
+                "final_rung": RUNGS[policy.level],
+                "lr_scale": policy.state.lr_scale,
+                "final_lr": final_lr,
+                "counts": counts,
+                "evidence": evidence,
+                "first_anomaly_steps": policy.first_anomaly_steps,
+                "worst_spikes": policy.worst_spikes,
+                "advice": _advice(policy, base_lr, self.config),
+            }
+        return {"stopped": self.stop_reason is not None, "stop_reason": self.stop_reason, "optimizers": optimizers}
 
     def _summary_path(self) -> Path | None:
         return None if self._log_dir is None else self._log_dir / SUMMARY_FILENAME
@@ -335,6 +451,10 @@ class ExplosionGuard(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index, optimizer in enumerate(trainer.optimizers):
+            lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+            if isinstance(lr, (int, float)):
+                self._base_lrs[index] = float(lr)
         self._write_summary(trainer)
         if self.console_summary and trainer.global_rank == 0 and self.policies:
             _print_summary(self.summary(), trainer)
@@ -348,7 +468,7 @@ class ExplosionGuard(Callback):
         for handle in self._step_hooks.values():
             handle.remove()
         self._step_hooks.clear()
-        self._snapshot = None
+        # the snapshot stays: a checkpoint saved after fit carries it, so a run resumed from it rolls back alike
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -359,6 +479,28 @@ class ExplosionGuard(Callback):
         }
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # the rollback snapshot travels with the checkpoint (tensors, so not in the JSON-like state_dict): a
+        # resumed run rolls back to the same weights as the uninterrupted one would
+        if self._snapshot is not None:
+            checkpoint[SNAPSHOT_CHECKPOINT_KEY] = {
+                "step": self.snapshot_step,
+                "training_state": self._snapshot,
+                "scaler": self._scaler_snapshot,
+            }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(SNAPSHOT_CHECKPOINT_KEY)
+        if saved is not None:
+            self._snapshot, self._scaler_snapshot = saved["training_state"], saved["scaler"]
+            self.snapshot_step = saved["step"]
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version("ExplosionGuard", state_dict)
         self.policies.clear()
@@ -366,6 +508,83 @@ class ExplosionGuard(Callback):
         self.stop_reason = state_dict["stop_reason"]
         for index in list(self._loaded_policies):
             self.policy(index)
+
+
+def _sgd_step_size(optimizer: torch.optim.Optimizer) -> float | None:
+    """``lr / (1 - momentum)`` (times ``1 - dampening``) of plain SGD, the largest over its param groups.
+
+    A gradient ``g`` moves SGD's weights by ``lr * g`` now and, through the momentum buffer, by
+    ``lr / (1 - momentum) * g`` in total. Other optimizers (Adam's step is normalised) get ``None``.
+    """
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    sizes = []
+    for group in optimizer.param_groups:
+        lr, momentum = group.get("lr"), float(group.get("momentum", 0.0))
+        if not isinstance(lr, (int, float)) or not 0.0 <= momentum < 1.0:
+            return None
+        dampening = float(group.get("dampening", 0.0)) if momentum > 0 else 0.0
+        sizes.append(lr * (1.0 - dampening) / (1.0 - momentum))
+    return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+def _scheduled_lr(optimizer: torch.optim.Optimizer) -> float | None:
+    """The first param group's learning rate as a Python number (``None`` for a tensor: reading it would sync)."""
+    lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
+def _clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Tell the GradScaler this step did not overflow (its gradients are dropped by the guard instead).
+
+    A rank-local fault may have set ``found_inf`` on one rank only; left alone, that rank would halve its loss
+    scale while the others keep theirs, and every later step would be scaled differently per rank.
+    """
+    state = scaler._per_optimizer_states.get(id(optimizer), {})
+    for found_inf in state.get("found_inf_per_device", {}).values():
+        found_inf.zero_()
+
+
+def _scaler_copy(scaler: Any) -> dict[str, torch.Tensor] | None:
+    """The GradScaler's scale and growth tracker, cloned on their device (no host sync)."""
+    if scaler is None or getattr(scaler, "_scale", None) is None:
+        return None
+    return {"scale": scaler._scale.detach().clone(), "growth_tracker": scaler._growth_tracker.detach().clone()}
+
+
+def _restore_scaler(scaler: Any, saved: dict[str, torch.Tensor] | None) -> None:
+    if scaler is not None and saved is not None and getattr(scaler, "_scale", None) is not None:
+        scaler._scale.copy_(saved["scale"])
+        scaler._growth_tracker.copy_(saved["growth_tracker"])
+
+
+def _advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:
+    """Concrete configuration changes that would have avoided what the guard had to do."""
+    counts, first = policy.counts, policy.first_anomaly_steps
+    advice = []
+    scale = policy.state.lr_scale
+    if scale < 1.0 and (counts.get("divergence") or counts.get("lr_backoff") or counts.get("rollback")):
+        lr = f"lr={base_lr * scale:.3g}" if base_lr is not None else f"{scale:.3g} x your learning rate"
+        advice.append(f"start at {lr}: the run ended at {scale:.3g} x its learning rate after back-offs")
+    if counts.get("update_ratio"):
+        advice.append(
+            f"SGD steps moved the weights by more than {config.max_update_ratio:g} of their norm (first at step "
+            f"{first['update_ratio']}): lower the learning rate or add a learning-rate warm-up"
+        )
+    early = [name for name in ("spike", "divergence", "nonfinite", "growth") if first.get(name, math.inf) <= 25]
+    if early:
+        advice.append(f"{', '.join(early)} within the first 25 steps: add a learning-rate warm-up")
+    if counts.get("spike", 0) + counts.get("growth", 0) + counts.get("drift", 0) > 0:
+        reference = min(policy.statistics.typical_norm, policy.reference_norm)
+        if math.isfinite(reference):
+            advice.append(f"gradient spikes: clip at about {config.growth_factor * reference:.3g} (gradient_clip_val)")
+    if counts.get("loss_spike"):
+        advice.append(f"loss spikes (first at step {first['loss_spike']}): check those batches for corrupt data")
+    if counts.get("nonfinite"):
+        advice.append(f"non-finite gradients (first at step {first['nonfinite']}): check the inputs and the loss")
+    if counts.get("loss_scale_collapse"):
+        advice.append("the fp16 loss scale collapsed: use bf16, or find the layer whose activations overflow fp16")
+    return advice
 
 
 def _print_summary(summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:

@@ -32,7 +32,8 @@ def regression_loader(batch_size: int = 32) -> DataLoader:
 
 
 class TinyRegression(pl.LightningModule):
-    """8-32-32-1 tanh MLP; ``faults`` maps a global step to ``"scale_grad"`` (x1e4) or ``"nan_loss"``.
+    """8-32-32-1 tanh MLP; ``faults`` maps a global step to ``"scale_grad"`` (x1e4), ``"nan_loss"`` or
+    ``"zero_loss"`` (the loss times 0: exactly zero gradients, as in a phase before a loss term is switched on).
 
     ``fault_rank`` restricts the faults to one rank (``None``: every rank).
     """
@@ -63,6 +64,8 @@ class TinyRegression(pl.LightningModule):
         loss = nn.functional.mse_loss(self.net(x), y)
         if self._fault() == "nan_loss":
             loss = loss * float("nan")
+        if self._fault() == "zero_loss":
+            loss = loss * 0.0
         return loss
 
     def on_after_backward(self) -> None:
