@@ -12,19 +12,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradstab.callbacks._reporting import (
+    ForwardFn,
+    ReportingCallback,
+    eager,
+    probing,
+    publish_report,
+)
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
     check_state_version,
     forget_trainer,
     gradient_stats,
     optimizer_index,
-)
-from lightning_gradstab.callbacks.init_audit import (
-    ForwardFn,
-    ReportingCallback,
-    eager,
-    probing,
-    publish_report,
 )
 from lightning_gradstab.diagnosis import ModelGraph, preserved_state, trace
 from lightning_gradstab.diagnosis.arch_rules import (
