@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = run_all(tasks, methods, args.seeds, args.jobs, args.steps, log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - start
-    command = "python benchmarks/divergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "benchmarks/divergence.py", *(sys.argv[1:] if argv is None else argv)])
     label = f"lightning_gradstab sources sha256 {code_hash}" + (f"; {args.label}" if args.label else "")
     text = report(results, tasks, methods, command.strip(), args.jobs, wall, label)
     out = Path(args.out)
