@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,14 +11,14 @@ from torch import nn
 
 import lightning_gradstab.callbacks._shared as shared
 from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, GradNormMonitor
-from tests.test_diagnose_models import (
+from tests.helpers.models import (
     DigitsClassifier,
     digits_loader,
     mlp,
-    quiet_trainer,
     sequences,
     vanilla_rnn,
 )
+from tests.helpers.trainers import quiet_trainer
 
 torch.set_num_threads(1)
 
@@ -74,12 +73,15 @@ def test_advisor_reads_the_shared_statistics_once_per_step_with_the_monitor(monk
 
 
 class _GuardStub(Callback):
-    """Mimics ExplosionGuard's public event log: ``policies[i].events`` with anomalies and level transitions."""
+    """A GuardEventSource (``guard_events()``) with anomalies and level transitions chosen by the test."""
 
     def __init__(self, events: list[dict] | None = None) -> None:
         spike = {"step": 3, "level": 2, "previous_level": 0, "anomaly": "spike", "total_norm": 1e5}
         healthy = {"step": 4, "level": 1, "previous_level": 2, "anomaly": None}  # a de-escalation: not counted
-        self.policies = {0: SimpleNamespace(events=[spike, healthy] if events is None else events)}
+        self._events = [spike, healthy] if events is None else events
+
+    def guard_events(self) -> list[dict]:
+        return self._events
 
 
 class _RNNClassifier(DigitsClassifier):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,14 +26,8 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
 )
 from lightning_gradstab.diagnosis import ModelGraph, preserved_state, trace
-from lightning_gradstab.diagnosis.arch_rules import (
-    activation_finding,
-    normalization_finding,
-    recurrent_findings,
-    residual_finding,
-)
-from lightning_gradstab.diagnosis.signal_rules import RATIO_ERROR, RATIO_WARNING
-from lightning_gradstab.policy import RUNGS
+from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
+from lightning_gradstab.guard_events import collect_guard_events
 from lightning_gradstab.report import Finding, Report
 
 ADVISOR_FILENAME = "gradstab_advisor.json"
@@ -54,8 +47,10 @@ class ArchitectureAdvisor(ReportingCallback):
     - ``signal.vanishing``/``signal.exploding`` when the median weight-gradient norm of the first layer is
       100x below/above the last, then ``arch.normalization`` and ``arch.activation`` for the structural cause.
     - ``signal.exploding`` when an ``ExplosionGuard`` in ``trainer.callbacks`` met an anomaly or escalated
-      during the window (read from its public ``policies[i].events``; optional), plus ``arch.recurrent`` for
-      vanilla RNNs.
+      during the window (read through the :class:`~lightning_gradstab.guard_events.GuardEventSource`
+      protocol; optional), plus ``arch.recurrent`` for vanilla RNNs.
+
+    The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules`.
 
     Global rank 0 publishes the report like ``InitAudit`` (console, TensorBoard ``gradstab/findings``,
     ``<log_dir>/gradstab_advisor.json``). It changes nothing in training.
@@ -166,82 +161,18 @@ class ArchitectureAdvisor(ReportingCallback):
 
     def _loss_findings(self) -> list[Finding]:
         losses = _stacked(self._losses).tolist() if self._losses else []  # one host sync
-        if len(losses) < 10 or self.graph is None:
-            return []
-        tenth = max(1, len(losses) // 10)
-        first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
-        improvement = (first - last) / abs(first) if first and math.isfinite(last) else 0.0
-        if improvement >= self.stall_improvement:
-            return []
-        evidence = {
-            "loss_first": first,
-            "loss_last": last,
-            "relative_improvement": improvement,
-            "stall_threshold": self.stall_improvement,
-            "batches_observed": len(losses),
-        }
-        return residual_finding(self.graph, evidence)
+        return loss_findings(self.graph, losses, self.stall_improvement)
 
     def _gradient_findings(self) -> list[Finding]:
         medians: dict[str, float] = {}
         for index, norms in self._group_norms.items():
             values = _stacked(norms).median(dim=0).values.tolist()  # one host sync per optimizer
             medians.update(zip(self._group_names[index], values, strict=True))
-        order = [layer.name for layer in self.graph.layers if layer.kind != "embedding"] if self.graph else []
-        layers = [name for name in order if medians.get(name)] or [n for n, v in medians.items() if v]
-        if len(layers) < 3:
-            return []
-        ratio = medians[layers[0]] / medians[layers[-1]]
-        if 1 / RATIO_WARNING <= ratio <= RATIO_WARNING:
-            return []
-        vanishing = ratio < 1.0
-        magnitude = 1 / ratio if vanishing else ratio
-        signal = Finding(
-            "signal.vanishing" if vanishing else "signal.exploding",
-            "error" if magnitude > RATIO_ERROR else "warning",
-            (layers[0], layers[-1]),
-            {
-                "weight_grad_first_over_last_median": ratio,
-                "layers": len(layers),
-                "optimizer_steps_observed": max(len(norms) for norms in self._group_norms.values()),
-            },
-            f"Gradients {'vanish' if vanishing else 'explode'} from {layers[-1]} toward {layers[0]} during "
-            "training: see arch.normalization / arch.activation, or run diagnose() for the per-layer deltas.",
-        )
-        findings = [signal]
-        if self.graph is not None:
-            findings += normalization_finding(self.graph, [signal]) + activation_finding(self.graph)
-        return findings
+        steps = max((len(norms) for norms in self._group_norms.values()), default=0)
+        return gradient_findings(self.graph, medians, steps)
 
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
-        events: list[dict[str, Any]] = []  # the guard's evidence of explosions within the window
-        for callback in trainer.callbacks:
-            for policy in dict(getattr(callback, "policies", None) or {}).values():
-                for event in getattr(policy, "events", []):
-                    if not isinstance(event, Mapping) or event.get("step", 0) > self.observe_steps:
-                        continue
-                    if _means_explosion(event):
-                        events.append(dict(event))
-        if not events:
-            return []
-        findings = [
-            Finding(
-                "signal.exploding",
-                "warning",
-                (),
-                {
-                    "guard_events": len(events),
-                    "max_level": max(e.get("level", 0) for e in events),
-                    "anomalies": sorted({str(e["anomaly"]) for e in events if e.get("anomaly")}),
-                    "first_step": min(e.get("step", 0) for e in events),
-                },
-                "ExplosionGuard acted during the first steps: lower the learning rate or add warmup, and fix "
-                "the architectural findings listed with this one.",
-            )
-        ]
-        if self.graph is not None:
-            findings += recurrent_findings(self.graph)
-        return findings
+        return guard_findings(self.graph, collect_guard_events(trainer.callbacks), self.observe_steps)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -260,26 +191,6 @@ class ArchitectureAdvisor(ReportingCallback):
         self._losses = [torch.tensor(v) for v in state_dict["losses"]]
         self._group_names = {int(i): tuple(names) for i, names in state_dict["group_names"].items()}
         self._group_norms = {int(i): list(torch.tensor(rows)) for i, rows in state_dict["group_norms"].items()}
-
-
-EXPLOSIVE_SPIKE_RATIO = 10.0
-"""A clipped spike counts as exploding gradients when its norm was this many times its clip threshold."""
-
-
-def _means_explosion(event: Mapping[str, Any]) -> bool:
-    """Whether a guard event is evidence of exploding gradients rather than routine adaptive clipping.
-
-    The guard's resting rung clips the top of the healthy norm distribution (ZClip's band, about 1 % of the
-    steps of a healthy run); such a clip is no finding. Escalations past that rung, non-finite gradients,
-    growth, drift and a collapsing loss scale are; so is a spike an order of magnitude above its threshold.
-    """
-    if event.get("level", 0) > max(event.get("previous_level", 0), RUNGS.index("clip")):
-        return True
-    anomaly = event.get("anomaly")
-    if anomaly != "spike":
-        return anomaly is not None
-    norm, threshold = event.get("total_norm"), event.get("clip_threshold")
-    return norm is None or not threshold or norm >= EXPLOSIVE_SPIKE_RATIO * threshold
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
