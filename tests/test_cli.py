@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from lightning_gradstab.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.subprocess_env import child_env
 
 FACTORIES = textwrap.dedent(
     """
@@ -119,7 +116,7 @@ def test_malformed_input_shape_is_rejected_by_the_parser(factories, capsys):
 
 
 def test_console_script_entry_point_runs_as_a_process(factories):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{factories}", "OMP_NUM_THREADS": "1"}
+    env = child_env(factories)
     completed = subprocess.run(
         [sys.executable, "-m", "lightning_gradstab.cli", "audit", "user_models:xavier_mlp", "--input-shape", "8,64"],
         cwd=factories,

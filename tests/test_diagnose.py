@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_gradstab import diagnose
-from tests.test_diagnose_models import (
+from tests.helpers.models import (
     PreLNTransformer,
     ResidualMLP,
     SmallResNet,

@@ -12,14 +12,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradstab import InitAudit, diagnose
-from tests.test_diagnose_models import (
+from tests.helpers.models import (
     DigitsClassifier,
     digits_batch,
     digits_loader,
     mlp,
-    quiet_trainer,
     training_error,
 )
+from tests.helpers.trainers import quiet_trainer
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab import ArchitectureAdvisor, InitAudit
-from tests.test_diagnose_models import DigitsClassifier, digits, mlp
+from tests.helpers.models import DigitsClassifier, digits, mlp
 
 
 class RankData(DigitsClassifier):
