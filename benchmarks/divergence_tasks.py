@@ -23,7 +23,7 @@ Example::
     from benchmarks.divergence_tasks import TASKS
     built = TASKS["sgd_tanh_lr"].build(seed=0, steps=40)
     trainer = lightning.pytorch.Trainer(max_steps=built.steps, logger=False, **built.trainer_kwargs)
-    trainer.fit(built.module, built.train_loader(), )
+    trainer.fit(built.module, built.train_loader())
     print(built.module.evaluate(built.eval_batches))
 """
 
