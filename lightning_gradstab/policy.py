@@ -27,8 +27,9 @@ Evidence, by what it is about:
   ``loss_rise_tolerance`` of its lowest value, and more than 3 standard deviations of the loss, above it: the
   step size is too large). Divergence rolls back to the last snapshot taken while the loss was not rising and
   backs the learning rate off at once, whatever the rung;
-- update: ``update_ratio`` (plain SGD only: ``lr * |g| / |w|`` above ``max_update_ratio``, a step that moves
-  the weights by a large fraction of their own norm); the gradient is clipped to the ratio's bound;
+- update: ``update_ratio`` (plain SGD only: ``lr / (1 - momentum) * |g| / |w|`` above ``max_update_ratio``, a
+  step that would move the weights by more than their own norm); the gradient is clipped to the bound;
+  skipping a step that is safe once clipped would only repeat it, so it escalates to ``tight_clip`` at most;
 - loss scale: ``loss_scale_collapse`` (an fp16 ``GradScaler`` scale below ``loss_scale_floor``, judged on
   overflow steps too): the scale is reset to the scaler's initial value and the step skipped; a collapse that
   keeps coming back climbs the ladder to ``stop``.
@@ -470,6 +471,13 @@ class ExplosionPolicy:
             self._on_healthy_step(lr)
         elif anomaly == "divergence":
             self._on_divergence(lr)
+        elif anomaly == "update_ratio":
+            # clipped to the bound, the step is safe by construction; skipping it would only repeat it (the
+            # weights would not change), so it climbs to tight clipping at most: the loss says whether the LR is
+            # too high
+            if state.level < min(RUNGS.index("tight_clip"), config.max_level):
+                self._escalate(anomaly)
+            state.healthy_streak = 0
         else:
             self._escalate(anomaly)
 
@@ -485,7 +493,7 @@ class ExplosionPolicy:
         coefficient = 1.0
         if not nonfinite and math.isfinite(threshold) and norm > threshold:
             coefficient = threshold / norm
-        anomalous_level = state.level if anomaly is not None else 0
+        anomalous_level = state.level if anomaly not in (None, "update_ratio") else 0
         divergence = anomaly == "divergence"
         skip = anomalous_level >= RUNGS.index("skip") or (
             anomaly in ("loss_spike", "divergence") and config.allows("skip")
@@ -524,12 +532,14 @@ class ExplosionPolicy:
                 self.loss_trend.update(learned_loss, healthy=anomaly is None, noise=noise)
         if snapshot:
             state.has_snapshot, state.steps_since_snapshot, state.snapshot_step = True, 0, state.steps
-            self._statistics_at_snapshot = None
+            # this step's gradient and loss were computed on the snapshot's weights: they describe it
+            self._statistics_at_snapshot = self._statistics_state()
             self._trend_at_snapshot = self.loss_trend.state_dict()
         elif anomaly is None:
             state.steps_since_snapshot += 1
-        if (  # what a rollback restores: the first statistics since the snapshot that can judge a step
-            self._statistics_at_snapshot is None
+        if (  # a snapshot taken in the warm-up: a rollback restores the first statistics since that can judge
+            self._statistics_at_snapshot is not None
+            and self._statistics_at_snapshot["statistics"]["count"] < config.warmup_steps
             and state.has_snapshot
             and anomaly is None
             and state.level <= self.base_level
