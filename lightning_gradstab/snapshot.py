@@ -187,7 +187,7 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 def _scaler_tensors(scaler: Any) -> dict[str, Tensor] | None:
     """The ``GradScaler``'s scale and growth tracker as its own device tensors (``scaler.state_dict()`` would
     read them on the host: a sync), ``None`` if disabled or not initialised by a first scaled step yet."""
-    if scaler is None or not getattr(scaler, "_enabled", False) or getattr(scaler, "_scale", None) is None:
+    if scaler is None or not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
         return None
     return {"_scale": scaler._scale, "_growth_tracker": scaler._growth_tracker}
 

@@ -1,0 +1,201 @@
+"""Module boundaries, checked on the source (AST): thin callbacks over a core that never imports them, and no
+module reaching into another's private attributes or into a policy's internal ``state``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
+CALLBACKS = PACKAGE / "callbacks"
+CORE = ("stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events")
+
+# Private attributes of third-party objects that have no public equivalent, each with the reason.
+ALLOWED_PRIVATE = {
+    # torch.amp.GradScaler: get_scale() reads a copy; restoring a rolled-back or collapsed scale in place needs
+    # the tensors themselves (the scaler's own load_state_dict replaces them only before the first step)
+    "_scale",
+    "_growth_tracker",
+    "_init_scale",
+    "_per_optimizer_states",
+    # torch's multi-tensor kernels, the ones torch.nn.utils.clip_grad_norm_ itself calls; no public alias
+    "_foreach_norm",
+    "_foreach_mul",
+    "_foreach_mul_",
+    "_foreach_sub",
+    # torch's abstract bases of every conv / norm / dropout variant, for isinstance
+    "_ConvNd",
+    "_NormBase",
+    "_DropoutNd",
+    # nn.init's own fan computation, which the init rules must match exactly
+    "_calculate_fan_in_and_fan_out",
+    # the storage base of a view (documented in torch's tensor-view notes), to tell views from copies
+    "_base",
+    # Lightning's optimizer wrapper (LightningOptimizer._optimizer) around the user's optimizer
+    "_optimizer",
+    # Lightning's logging step (what self.log uses); the loop exposes no public accessor
+    "_batches_that_stepped",
+    # where Lightning keeps the original methods of a torch.compile'd LightningModule
+    "_compiler_ctx",
+    # torch.compile's OptimizedModule keeps the eager module here (no public accessor)
+    "_orig_mod",
+}
+
+
+def _modules(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return found
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.relative_to(PACKAGE.parent)}:{line}"
+
+
+def _is_callback_module(module: str) -> bool:
+    parts = module.split(".")
+    return parts[:2] == ["lightning_gradstab", "callbacks"] and len(parts) >= 3 and not parts[2].startswith("_")
+
+
+def test_no_callback_module_imports_another_callback_module():
+    violations = []
+    for path in _modules(CALLBACKS):
+        if path.name.startswith("_"):  # helper modules (_shared, _reporting) serve every callback
+            continue
+        own = _name(path)
+        violations += [
+            f"{_where(path, line)} imports {module}"
+            for line, module in _imports(path)
+            if _is_callback_module(module) and not module.startswith(own)
+        ]
+    assert violations == []
+
+
+def test_no_core_module_imports_the_callbacks():
+    violations = []
+    for core in CORE:
+        paths = _modules(PACKAGE / core) if (PACKAGE / core).is_dir() else [PACKAGE / f"{core}.py"]
+        for path in paths:
+            violations += [
+                f"{_where(path, line)} imports {module}"
+                for line, module in _imports(path)
+                if module.startswith("lightning_gradstab.callbacks")
+            ]
+    assert violations == []
+
+
+def _private_reads(path: Path) -> list[str]:
+    """``x._name`` and ``getattr(x, "_name")`` where ``x`` is not ``self``/``cls`` and the name is not allowed,
+    and ``from lightning_gradstab... import _name``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            receiver, attribute = node.value, node.attr
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            receiver, attribute = node.args[0], node.args[1].value
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_gradstab"):
+            found += [f"{_where(path, node.lineno)}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+            continue
+        else:
+            continue
+        if not attribute.startswith("_") or attribute.startswith("__") or attribute in ALLOWED_PRIVATE:
+            continue
+        if isinstance(receiver, ast.Name) and receiver.id in ("self", "cls"):
+            continue
+        found.append(f"{_where(path, node.lineno)}: {ast.unparse(receiver)}.{attribute}")
+    return found
+
+
+def _policy_state_reads(path: Path) -> list[str]:
+    """``<policy>.state`` outside policy.py: the policy's internal counters, behind its public properties."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "state"
+            and "polic" in ast.unparse(node.value)
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        ):
+            found.append(f"{_where(path, node.lineno)}: {ast.unparse(node)}")
+    return found
+
+
+# Known cases in files this change does not own (their owners were editing them); listed so they are fixed.
+KNOWN_PRIVATE = {
+    "lightning_gradstab/tensorboard.py",  # a marker attribute set on the SummaryWriter
+    "lightning_gradstab/callbacks/guard.py",  # imports snapshot._to_cpu
+}
+KNOWN_POLICY_STATE = {"lightning_gradstab/callbacks/guard.py"}  # policy.state.events_recorded / .level / ...
+
+
+def _split(found: list[str], known: set[str]) -> tuple[list[str], list[str]]:
+    return [f for f in found if f.split(":")[0] not in known], [f for f in found if f.split(":")[0] in known]
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    new, _ = _split([f for path in _modules(PACKAGE) for f in _private_reads(path)], KNOWN_PRIVATE)
+    assert new == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="tensorboard.py:64,72 read/write writer._gradstab_layout_added (a marker on the writer); "
+    "callbacks/guard.py:37 imports snapshot._to_cpu",
+)
+def test_tensorboard_and_guard_read_no_private_attribute():
+    _, known = _split([f for path in _modules(PACKAGE) for f in _private_reads(path)], KNOWN_PRIVATE)
+    assert known == []
+
+
+def test_no_module_but_the_policy_reads_policy_state():
+    new, _ = _split([f for path in _modules(PACKAGE) for f in _policy_state_reads(path)], KNOWN_POLICY_STATE)
+    assert new == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="callbacks/guard.py:213,271,377,381,386,414,418,565 read policy.state.* (events_recorded, level, "
+    "counters) instead of the policy's public properties",
+)
+def test_the_guard_reads_no_policy_state():
+    _, known = _split([f for path in _modules(PACKAGE) for f in _policy_state_reads(path)], KNOWN_POLICY_STATE)
+    assert known == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guard_events.py keeps a transitional `policies` fallback until ExplosionGuard implements "
+    "guard_events() (the GuardEventSource protocol)",
+)
+def test_no_module_finds_the_guard_by_its_policies_attribute():
+    found = []
+    for path in _modules(PACKAGE):
+        if path.parts[-2:] == ("callbacks", "guard.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = isinstance(node, ast.Constant) and node.value == "policies"
+            read = isinstance(node, ast.Attribute) and node.attr == "policies" and ast.unparse(node.value) != "self"
+            if named or read:
+                found.append(_where(path, node.lineno))
+    assert found == []
