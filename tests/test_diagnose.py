@@ -331,3 +331,17 @@ def test_compiled_submodules_run_eagerly_in_the_probe_and_stay_compiled():
     assert not counters["frames"]  # dynamo never ran
     assert len(report.by_code("init.scale")[0].modules) == 29  # the hooks saw every layer
     assert model.body.forward is compiled_forward
+
+
+def test_dead_units_are_a_warning_past_half_the_width_plus_its_sampling_noise_and_an_error_past_90_percent():
+    from lightning_gradstab.diagnosis.probe import ActivationProbe
+    from lightning_gradstab.diagnosis.signal_rules import activation_findings
+
+    def dead(fraction: float, units: int = 100) -> list[tuple[str, str]]:
+        probe = ActivationProbe("relu", "relu", hidden=True, dead_fraction=fraction, units=units)
+        return [(f.code, f.severity) for f in activation_findings([probe])]
+
+    # 100 units: the threshold is 0.5 + 1/sqrt(100) = 0.6
+    assert dead(0.59) == [] and dead(0.6) == [("activation.dead", "warning")]
+    assert dead(0.9) == [("activation.dead", "error")]
+    assert dead(0.55, units=10_000) == [("activation.dead", "warning")]  # 0.5 + 0.01
