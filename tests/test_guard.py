@@ -557,3 +557,36 @@ def test_snapshot_survives_a_restore_and_further_training() -> None:
     refreshed = snapshot_training_state(model, [optimizer], into=snapshot)
     assert refreshed[0]["weight"] is snapshot[0]["weight"]  # refreshed in place, no new allocation
     assert torch.equal(refreshed[0]["weight"], model.weight.detach())
+
+
+def test_a_run_sigkilled_and_resumed_rolls_back_to_the_same_weights_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.conftest import REPO
+    from tests.scripts import guard_resume
+
+    script = REPO / "tests" / "scripts" / "guard_resume.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed")], env=env, timeout=200)
+    assert killed.returncode == -9  # SIGKILL: no exception handler, no on_exception checkpoint
+    runs = {}
+    for name, ckpt in [("uninterrupted", None), ("resumed", tmp_path / "killed" / "checkpoints" / "last.ckpt")]:
+        probe, guard = _WeightsEveryStep(), guard_resume.guard()
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=guard_resume.STEPS, logger=False, default_root_dir=str(tmp_path / name),
+            callbacks=[guard, ModelCheckpoint(dirpath=str(tmp_path / name / "ckpt")), probe],
+            **{**QUIET, "enable_checkpointing": True},
+        )
+        trainer.fit(TinyRegression(faults=guard_resume.FAULTS), regression_loader(), ckpt_path=ckpt and str(ckpt))
+        runs[name] = (probe.weights, guard)
+    (weights, guard), (resumed_weights, resumed_guard) = runs["uninterrupted"], runs["resumed"]
+    rollback = next(e for e in guard.policy().events if "rollback" in e["actions"])
+    assert rollback["step"] > guard_resume.KILL_STEP  # the rollback happens after the crash
+    resumed_rollback = next(e for e in resumed_guard.policy().events if "rollback" in e["actions"])
+    assert resumed_rollback["step"] == rollback["step"] and resumed_guard.snapshot_step == guard.snapshot_step
+    assert guard.snapshot_step <= 50  # taken before the last checkpoint: only the checkpoint can carry it
+    assert torch.equal(resumed_weights[rollback["step"]], weights[rollback["step"]])  # the same restored weights
