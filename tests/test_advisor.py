@@ -164,3 +164,21 @@ def test_observations_survive_a_checkpoint_resume(tmp_path):
 def test_constructor_validation(kwargs, error, message):
     with pytest.raises(error, match=message):
         ArchitectureAdvisor(**kwargs)
+
+
+def test_a_real_explosion_guard_escalation_reaches_the_advice_with_the_guards_own_levels(tmp_path):
+    from lightning_gradstab.policy import RUNGS
+    from tests.scripts.guard_models import TinyRegression, regression_loader
+
+    guard, advisor = ExplosionGuard(console_summary=False), ArchitectureAdvisor(observe_steps=30)
+    model = TinyRegression(faults={12: "nan_loss", 20: "scale_grad"})  # a non-finite step, then a x1e4 spike
+    quiet_trainer(max_steps=30, callbacks=[guard, advisor], default_root_dir=tmp_path).fit(model, regression_loader())
+    logged = [e for e in guard.policies[0].events if e["anomaly"] is not None]
+    assert [e["anomaly"] for e in logged] == ["nonfinite", "spike"]
+    (exploding,) = advisor.report.by_code("signal.exploding")
+    assert exploding.evidence == {
+        "guard_events": 2,
+        "max_level": RUNGS.index("skip"),  # the NaN step escalated the ladder to its skip rung
+        "anomalies": ["nonfinite", "spike"],
+        "first_step": logged[0]["step"],
+    }

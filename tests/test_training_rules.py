@@ -94,6 +94,7 @@ def test_gradient_finding_reports_the_ratio_layers_and_steps_and_skips_unmeasure
         "optimizer_steps_observed": 7,
     }
     assert gradient_findings(None, {"in": 1e-4, "out": 1.0}, optimizer_steps=7) == []  # two layers: no trend
+    assert gradient_findings(None, {"in": float("nan"), "mid": 1.0, "out": 1.0}, optimizer_steps=7) == []
 
 
 def test_gradient_findings_follow_the_graph_order_not_the_measured_order():

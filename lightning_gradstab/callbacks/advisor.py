@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -166,7 +167,9 @@ class ArchitectureAdvisor(ReportingCallback):
     def _gradient_findings(self) -> list[Finding]:
         medians: dict[str, float] = {}
         for index, norms in self._group_norms.items():
-            values = _stacked(norms).median(dim=0).values.tolist()  # one host sync per optimizer
+            stacked = _stacked(norms)  # a non-finite step (skipped by a guard) is no measurement of the trend
+            finite = stacked.where(stacked.isfinite(), torch.full_like(stacked, math.nan))
+            values = finite.nanmedian(dim=0).values.tolist()  # one host sync per optimizer
             medians.update(zip(self._group_names[index], values, strict=True))
         steps = max((len(norms) for norms in self._group_norms.values()), default=0)
         return gradient_findings(self.graph, medians, steps)

@@ -75,7 +75,8 @@ def gradient_findings(
 ) -> list[Finding]:
     """``signal.vanishing``/``signal.exploding`` from per-layer median weight-gradient norms, with causes.
 
-    Layers are taken in the graph's order (embeddings excluded; measured order without a graph). When the
+    Layers with a finite, non-zero median are taken in the graph's order (embeddings excluded; measured order
+    without a graph). When the
     first layer's median is 100x below (above) the last's, gradients vanish (explode) toward the input:
     a warning, an error past 10^4; the graph adds ``arch.normalization`` and ``arch.activation``.
 
@@ -83,8 +84,9 @@ def gradient_findings(
 
         gradient_findings(None, {"a": 1e-5, "b": 1e-3, "c": 1.0}, optimizer_steps=50)  # signal.vanishing
     """
+    measured = {name: norm for name, norm in median_norms.items() if math.isfinite(norm) and norm > 0}
     order = [layer.name for layer in graph.layers if layer.kind != "embedding"] if graph else []
-    layers = [name for name in order if median_norms.get(name)] or [n for n, v in median_norms.items() if v]
+    layers = [name for name in order if name in measured] or list(measured)
     if len(layers) < MIN_GRADIENT_LAYERS:
         return []
     ratio = median_norms[layers[0]] / median_norms[layers[-1]]
