@@ -185,8 +185,8 @@ def test_the_guard_reads_no_policy_state():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="guard_events.py keeps a transitional `policies` fallback until ExplosionGuard implements "
-    "guard_events() (the GuardEventSource protocol)",
+    reason="guard_events.py (_policy_events) keeps a transitional `policies` fallback until ExplosionGuard implements "
+    "guard_events() (the GuardEventSource protocol); callbacks/_shared.py:214 filters guards by `c.policies`",
 )
 def test_no_module_finds_the_guard_by_its_policies_attribute():
     found = []
