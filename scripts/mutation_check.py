@@ -4,7 +4,8 @@ Each mutation below replaces one exact source snippet with a plausible wrong ver
 a flipped sign, an off-by-one threshold, a renamed contract key) in a scratch copy of the repository, then
 runs the short pytest selection that specifies that code. A mutation is *killed* when the selection fails
 (or times out) and *survived* when it passes; a snippet that no longer exists in the source is reported as
-*stale* and not counted. The repository itself is never modified.
+*stale* and not counted, and so is a mutation whose selection already fails on the unmutated copy (each
+selection is run once unmutated first). The repository itself is never modified.
 
 Run from the repository root (about 10 minutes on 2 CPU cores)::
 
@@ -249,12 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         copy = Path(scratch) / "repo"
         _scratch_copy(copy)
         _check_isolated(copy)
+        baseline = {}  # each selection must pass on the unmutated copy, or its kills would mean nothing
+        for tests in dict.fromkeys(m.tests for m in mutations):
+            baseline[tests], _ = _run(copy, tests, args.timeout)
+            print(f"baseline {baseline[tests]:<12} {' '.join(tests)}", flush=True)
         for mutation in mutations:
             target = copy / mutation.path
             original = target.read_text()
             count = original.count(mutation.snippet)
             if count != 1:
                 outcome, seconds = f"stale (snippet found {count} times)", 0.0
+            elif baseline[mutation.tests] != "survived":
+                outcome, seconds = "invalid (fails unmutated)", 0.0
             else:
                 target.write_text(original.replace(mutation.snippet, mutation.replacement))
                 try:
