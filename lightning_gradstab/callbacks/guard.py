@@ -218,6 +218,20 @@ class ExplosionGuard(Callback):
         """Current ladder level of the first optimizer's policy."""
         return self.policy(0).level
 
+    def guard_events(self) -> list[dict[str, Any]]:
+        """Every optimizer's kept events, oldest first within each, with its ``optimizer`` index (copies).
+
+        The keys are those of :attr:`lightning_gradstab.policy.ExplosionPolicy.events`; this is the read-only
+        accessor other callbacks (``ArchitectureAdvisor``) read the guard's decisions through.
+
+        Example::
+
+            escalations = [e for e in guard.guard_events() if e["level"] > e["previous_level"]]
+        """
+        return [
+            {"optimizer": index, **event} for index, policy in sorted(self.policies.items()) for event in policy.events
+        ]
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
