@@ -68,7 +68,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "lightning_gradstab/callbacks/monitor.py",
         "ratios = l2_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)",
         "ratios = l2_norms / weight_norms.square().clamp_min(torch.finfo(torch.float32).tiny)",
-        ("tests/test_monitor.py",),
+        ("tests/test_monitor.py", "tests/test_monitor_ratios.py"),
     ),
     Mutation(
         "update-to-weight ratio from the squared update norm",
