@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per mutation's test run")
     parser.add_argument("--only", nargs="*", default=None, help="run the mutations whose name contains one of these")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results file")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the results file (Markdown)")
     args = parser.parse_args(argv)
     mutations = [m for m in MUTATIONS if not args.only or any(word in m.name for word in args.only)]
     rows = []
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline = {}  # each selection must pass on the unmutated copy, or its kills would mean nothing
         for tests in dict.fromkeys(m.tests for m in mutations):
             baseline[tests], _ = _run(copy, tests, args.timeout)
-            print(f"baseline {baseline[tests]:<12} {' '.join(tests)}", flush=True)
+            passed = "passes" if baseline[tests] == "survived" else f"FAILS ({baseline[tests]})"
+            print(f"unmutated {passed:<12} {' '.join(tests)}", flush=True)
         for mutation in mutations:
             target = copy / mutation.path
             original = target.read_text()
@@ -275,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     rate = f"{killed}/{len(counted)} killed ({100.0 * killed / max(len(counted), 1):.0f} %)"
     print(rate)
     if not args.no_write:
-        _write(rows, rate, argv)
+        _write(rows, rate, argv, args.output)
     return 0 if killed == len(counted) else 1
 
 
-def _write(rows: list[tuple[Mutation, str, float]], rate: str, argv: list[str] | None) -> None:
+def _write(rows: list[tuple[Mutation, str, float]], rate: str, argv: list[str] | None, output: Path) -> None:
     import lightning
     import torch
 
@@ -298,9 +300,10 @@ def _write(rows: list[tuple[Mutation, str, float]], rate: str, argv: list[str] |
     ]
     for mutation, outcome, seconds in rows:
         tests = ", ".join(f"`{t}`" for t in mutation.tests)
-        lines.append(f"| {mutation.name} | `{mutation.path}` | {outcome} | {seconds:.0f} | {tests} |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+        name = mutation.name.replace("|", "\\|")  # a norm's bars would split the table cell
+        lines.append(f"| {name} | `{mutation.path}` | {outcome} | {seconds:.0f} | {tests} |")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
