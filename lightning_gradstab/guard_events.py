@@ -95,21 +95,4 @@ def collect_guard_events(callbacks: Sequence[object]) -> list[GuardEvent]:
     for callback in callbacks:
         if isinstance(callback, GuardEventSource):
             events += [GuardEvent.from_mapping(event) for event in callback.guard_events()]
-        else:
-            events += _policy_events(callback)
     return events
-
-
-def _policy_events(callback: object) -> list[GuardEvent]:
-    """Transitional: a guard without ``guard_events()`` exposes ``policies[i].events`` (the public policy log).
-
-    Remove once ``ExplosionGuard`` implements :class:`GuardEventSource`.
-    """
-    policies = getattr(callback, "policies", None)
-    if not isinstance(policies, Mapping):
-        return []
-    return [
-        GuardEvent.from_mapping({"optimizer": index, **event})
-        for index, policy in sorted(policies.items())
-        for event in getattr(policy, "events", ())
-    ]

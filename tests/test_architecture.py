@@ -175,7 +175,7 @@ def test_no_module_but_the_policy_reads_policy_state():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="callbacks/guard.py:213,271,377,381,386,414,418,565 read policy.state.* (events_recorded, level, "
+    reason="callbacks/guard.py:213,285,391,395,400,428,432,579 read policy.state.* (events_recorded, level, "
     "counters) instead of the policy's public properties",
 )
 def test_the_guard_reads_no_policy_state():
@@ -185,8 +185,7 @@ def test_the_guard_reads_no_policy_state():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="guard_events.py (_policy_events) keeps a transitional `policies` fallback until ExplosionGuard implements "
-    "guard_events() (the GuardEventSource protocol); callbacks/_shared.py:214 filters guards by `c.policies`",
+    reason="callbacks/_shared.py:214 filters guards by `c.policies` (could ask guard_events() or summary())",
 )
 def test_no_module_finds_the_guard_by_its_policies_attribute():
     found = []

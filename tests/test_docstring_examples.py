@@ -116,6 +116,7 @@ def _namespace(tmp_path) -> dict[str, object]:
         batch=batch,
         x=batch,
         trainer=trainer_factory(),
+        guard=lightning_gradstab.ExplosionGuard(),
     )
     return namespace
 
