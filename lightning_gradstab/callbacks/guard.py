@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,22 +35,23 @@ from lightning_gradstab.callbacks._shared import (
 from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
 from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
-from lightning_gradstab.snapshot import (  # noqa: F401  (re-exported: the rollback snapshot lives there)
-    TrainingSnapshot,
-    _to_cpu,
+from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
+    RollbackSnapshot,
     restore_training_state,
     snapshot_training_state,
+    validate_snapshot_options,
 )
 
 # what every decision needs, and how each value combines across ranks: the largest norm and loss, whether any
 # rank and whether every rank saw non-finite gradients, the weights' norm (identical on every rank) and the
-# smallest loss scale
+# smallest loss scale; and whether every rank holds a rollback snapshot (a disk write can fail on one rank only)
 _FIELDS: list[tuple[str, ReduceKind]] = [
     ("total_norm", "max"),
     ("nonfinite_count", "max"),
     ("nonfinite_count_everywhere", "min"),
     ("loss", "max"),
     ("weight_norm", "max"),
+    ("snapshot_available", "min"),
 ]
 _WITHOUT_SCALER = RankReduction(_FIELDS)
 _WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
@@ -60,6 +62,16 @@ WEIGHT_NORM_EVERY = 10
 
 SNAPSHOT_CHECKPOINT_KEY = "gradstab_guard_snapshot"
 """Where :meth:`ExplosionGuard.on_save_checkpoint` keeps the rollback snapshot in a Lightning checkpoint."""
+
+SNAPSHOT_DIRNAME = "gradstab_rollback"
+"""Folder under the log directory that holds disk rollback snapshots when ``snapshot_dir`` is not given."""
+
+_SNAPSHOT_DEFAULTS: dict[str, Any] = {
+    "snapshot_keep": "weights+optimizer",
+    "snapshot_location": "memory",
+    "snapshot_max_bytes": "auto",
+    "snapshot_dir": None,
+}
 
 EVENTS_FILENAME = "gradstab_guard_events.jsonl"
 SUMMARY_FILENAME = "gradstab_guard_summary.json"
@@ -125,7 +137,18 @@ class ExplosionGuard(Callback):
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
         lr_recovery_steps: healthy steps to undo one back-off (default 25).
-        snapshot_every: healthy steps between rollback snapshots (kept on CPU; default 100).
+        snapshot_every: healthy steps between rollback snapshots (default 100).
+        snapshot_keep: what a snapshot holds: ``"weights+optimizer"`` (default: an exact rollback, Adam's
+            moments included) or ``"weights"`` (parameters, buffers and the fp16 loss scale, a third of the bytes
+            with Adam; a rollback then leaves the optimizer state as it is).
+        snapshot_location: ``"memory"`` (host RAM, default) or ``"disk"`` (a file written by a background
+            thread, see :class:`~lightning_gradstab.snapshot.RollbackSnapshot`).
+        snapshot_max_bytes: most host RAM a snapshot may hold: ``"auto"`` (default: a share of this host's RAM
+            per rank), a positive int, or ``None`` (no bound); a larger memory snapshot goes to disk (said once).
+        snapshot_dir: folder of disk snapshots; ``None``: ``gradstab_rollback`` in the trainer's log directory.
+            A disk snapshot is not carried in checkpoints (a memory one is): after a resume the next healthy
+            snapshot step takes a new one. The four ``snapshot_*`` options need ``max_rung`` at ``"rollback"``
+            or above.
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -159,6 +182,10 @@ class ExplosionGuard(Callback):
         backoff_factor: float | None = None,
         lr_recovery_steps: int | None = None,
         snapshot_every: int | None = None,
+        snapshot_keep: Literal["weights", "weights+optimizer"] = "weights+optimizer",
+        snapshot_location: Literal["memory", "disk"] = "memory",
+        snapshot_max_bytes: int | Literal["auto"] | None = "auto",
+        snapshot_dir: str | os.PathLike[str] | None = None,
         raise_on_stop: bool = False,
         log_every_n_steps: int | None = None,
         console_summary: bool = True,
@@ -184,15 +211,31 @@ class ExplosionGuard(Callback):
             lr_recovery_steps=lr_recovery_steps,
             snapshot_every=snapshot_every,
         )
+        validate_snapshot_options(snapshot_keep, snapshot_location, snapshot_max_bytes, None, prefix="snapshot_")
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(f"`snapshot_dir` must be a path (str or os.PathLike) or None, got {snapshot_dir!r}")
+        given = {
+            "snapshot_keep": snapshot_keep,
+            "snapshot_location": snapshot_location,
+            "snapshot_max_bytes": snapshot_max_bytes,
+            "snapshot_dir": snapshot_dir,
+        }
+        if not self.config.allows("rollback"):
+            for option, value in given.items():
+                if value != _SNAPSHOT_DEFAULTS[option]:
+                    raise ValueError(
+                        f"`{option}`={value!r} configures rung 'rollback', which is above `max_rung`={max_rung!r}; "
+                        f"raise `max_rung` to at least 'rollback' or drop `{option}`"
+                    )
+        self._snapshot_dir_given = snapshot_dir is not None
+        self._rollback = RollbackSnapshot(snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir)
+        self._warned_unavailable = False
         self.raise_on_stop = validate_flag(raise_on_stop, "raise_on_stop")
         self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
         self.console_summary = validate_flag(console_summary, "console_summary")
         self.policies: dict[int, ExplosionPolicy] = {}
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}
-        self._snapshot: TrainingSnapshot | None = None
-        self._scaler_snapshot: dict[str, torch.Tensor] | None = None
-        self.snapshot_step: int | None = None
         self._saved_lrs: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         self._step_hooks: dict[int, Any] = {}
         self._log_dir: Path | None = None
@@ -212,6 +255,16 @@ class ExplosionGuard(Callback):
             self.policies[index] = policy
             self._written_events[index] = policy.state.events_recorded
         return self.policies[index]
+
+    @property
+    def snapshot_step(self) -> int | None:
+        """The step the current rollback snapshot was taken at (``None``: there is none)."""
+        return self._rollback.step if self._rollback.available else None
+
+    @property
+    def rollback_snapshot(self) -> RollbackSnapshot:
+        """The store of the rollback snapshot (where it lives, its size in bytes, its step)."""
+        return self._rollback
 
     @property
     def level(self) -> int:
@@ -237,11 +290,14 @@ class ExplosionGuard(Callback):
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
         self._unwritable_log_dir = False
+        if not self._snapshot_dir_given:
+            self._rollback.directory = self._log_dir / SNAPSHOT_DIRNAME
+        self._rollback.local_processes = trainer.num_devices  # ranks on this host share the "auto" bound
         add_tensorboard_layout(trainer, pl_module)  # only the charts this run's callbacks fill
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._snapshot is None:  # resumed from a checkpoint that carried no snapshot: take a new one first
+        if not self._rollback.available:  # resumed from a checkpoint that carried no snapshot: take a new one first
             for policy in self.policies.values():
                 policy.forget_snapshot()
         if not self.config.allows("lr_backoff"):
@@ -291,6 +347,7 @@ class ExplosionGuard(Callback):
             # a non-finite loss becomes +Inf, which the reduction carries as FLOAT32_MAX
             "loss": _NO_LOSS if loss is None else torch.where(torch.isfinite(loss), loss, math.inf),
             "weight_norm": weight_norm,
+            "snapshot_available": float(self._snapshot_ready()),
         }
         if scaler is not None:
             values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
@@ -313,9 +370,10 @@ class ExplosionGuard(Callback):
             lr=_scheduled_lr(raw),
         )
         decision = policy.step(observation)
+        snapshot_everywhere = reduced["snapshot_available"] > 0
         if observation.rank_local and scaler is not None:
             _clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
-        self._act(trainer, pl_module, raw, decision, observation, scaler)
+        self._act(trainer, pl_module, raw, decision, observation, scaler, snapshot_everywhere)
         self._report(trainer, index, policy, decision)
 
     def _act(
@@ -326,17 +384,25 @@ class ExplosionGuard(Callback):
         decision: Decision,
         observation: Observation,
         scaler: Any = None,
+        snapshot_everywhere: bool = True,
     ) -> None:
         if decision.snapshot:
-            self._snapshot = snapshot_training_state(pl_module, trainer.optimizers, into=self._snapshot)
-            self._scaler_snapshot = _scaler_copy(scaler)
-            self.snapshot_step = decision.step
+            self._rollback.take(pl_module, trainer.optimizers, scaler, step=decision.step)
         if decision.rollback:
-            if self._snapshot is None:
-                rank_zero_warn("ExplosionGuard: rollback requested but no snapshot exists yet; skipping the step.")
+            # every rank restores or none does: one rank without a snapshot (a failed or unfinished disk
+            # write) makes all of them skip the step instead, so the replicas stay identical
+            if snapshot_everywhere:
+                self._rollback.restore(pl_module, trainer.optimizers, scaler)
             else:
-                restore_training_state(pl_module, trainer.optimizers, self._snapshot)
-                _restore_scaler(scaler, self._scaler_snapshot)
+                if not self._warned_unavailable:
+                    self._warned_unavailable = True
+                    rank_zero_warn(
+                        f"ExplosionGuard: step {decision.step} asks for a rollback but a rank holds no complete "
+                        "rollback snapshot (none taken yet, a disk write failed or is still in flight, or it did "
+                        "not fit); every rank skips the step instead (said once)."
+                    )
+                for each in self.policies.values():  # the next healthy step takes a new snapshot
+                    each.forget_snapshot()
         if decision.reset_loss_scale and scaler is not None and scaler._scale is not None:
             scaler._scale.fill_(scaler._init_scale)  # a device write on every rank alike: no sync
             scaler._growth_tracker.zero_()
@@ -365,6 +431,15 @@ class ExplosionGuard(Callback):
                 raise GradientExplosionError(
                     f"ExplosionGuard stopped training at {self.stop_reason}; summary: {self._summary_path()}"
                 )
+
+    def _snapshot_ready(self) -> bool:
+        """Whether this rank holds a snapshot a restore can load now (a host-side check: no device sync).
+
+        A disk write still in flight counts as not ready: its outcome is not known yet, and a rank whose write
+        then failed could not restore while the others did.
+        """
+        writer = self._rollback._writer
+        return self._rollback.available and (writer is None or writer.done.is_set())
 
     def _scale_lr(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
         # applied just before the step and undone right after it, so LR schedulers never see the scaled value
@@ -482,7 +557,10 @@ class ExplosionGuard(Callback):
         for handle in self._step_hooks.values():
             handle.remove()
         self._step_hooks.clear()
-        # the snapshot stays: a checkpoint saved after fit carries it, so a run resumed from it rolls back alike
+        # a memory snapshot stays: a checkpoint saved after fit carries it, so a run resumed from it rolls back
+        # alike; a disk snapshot is not carried, so its file is written out (or its failure noted) and removed
+        if stage == "fit" and self._rollback.location == "disk":
+            self._rollback.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -496,23 +574,18 @@ class ExplosionGuard(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # the rollback snapshot travels with the checkpoint (tensors, so not in the JSON-like state_dict): a
-        # resumed run rolls back to the same weights as the uninterrupted one would
-        if self._snapshot is not None:
-            checkpoint[SNAPSHOT_CHECKPOINT_KEY] = {
-                "step": self.snapshot_step,
-                "training_state": self._snapshot,
-                "scaler": self._scaler_snapshot,
-            }
+        # a memory rollback snapshot travels with the checkpoint (tensors, so not in the JSON-like state_dict):
+        # a resumed run rolls back to the same weights as the uninterrupted one would; a disk one is not
+        # carried (its whole size in every checkpoint) and a resumed run takes a new one
+        checkpoint[SNAPSHOT_CHECKPOINT_KEY] = self._rollback.state_dict()
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         saved = checkpoint.get(SNAPSHOT_CHECKPOINT_KEY)
-        if saved is not None:
-            self._snapshot, self._scaler_snapshot = saved["training_state"], saved["scaler"]
-            self.snapshot_step = saved["step"]
+        if saved is not None and "version" in saved:  # an older layout is not read: a new snapshot is taken
+            self._rollback.load_state_dict(saved)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -557,19 +630,6 @@ def _clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     state = scaler._per_optimizer_states.get(id(optimizer), {})
     for found_inf in state.get("found_inf_per_device", {}).values():
         found_inf.zero_()
-
-
-def _scaler_copy(scaler: Any) -> dict[str, torch.Tensor] | None:
-    """The GradScaler's scale and growth tracker, cloned on their device (no host sync)."""
-    if scaler is None or getattr(scaler, "_scale", None) is None:
-        return None
-    return {"scale": scaler._scale.detach().clone(), "growth_tracker": scaler._growth_tracker.detach().clone()}
-
-
-def _restore_scaler(scaler: Any, saved: dict[str, torch.Tensor] | None) -> None:
-    if scaler is not None and saved is not None and getattr(scaler, "_scale", None) is not None:
-        scaler._scale.copy_(saved["scale"])
-        scaler._growth_tracker.copy_(saved["growth_tracker"])
 
 
 def _advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:
