@@ -41,6 +41,7 @@ REFERENCE_TABLES = {
     # headers of tables that state what the code does (tags, rungs, codes, fields, options), not measurements
     "| tag (under `gradstab/`) | when | meaning |",
     "| level | rung | action on an anomalous step |",
+    "| evidence | anomaly | rule | default | why |",
     "| code | finds |",
     "| preset | published result | measured (docs/examples.md) |",
     "| set-up | status | cell (`tests/test_matrix.py`) | notes |",
@@ -190,7 +191,8 @@ def check_pip(arguments: list[str]) -> None:
             for extra in (match.group(2) or "").split(","):
                 assert not extra or extra in extras, f"pyproject.toml has no extra {extra!r}"
         elif token == "torch" or token.startswith("torch=="):
-            assert token != "torch" or cpu_index, "a bare `pip install torch` pulls a CUDA build: pin or use the CPU index"
+            bare_torch_message = "a bare `pip install torch` pulls a CUDA build: pin or use the CPU index"
+            assert token != "torch" or cpu_index, bare_torch_message
         else:
             assert token.split("=")[0].split(">")[0] in dependency_text, f"{token} is no dependency of the project"
 
