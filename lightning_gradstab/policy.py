@@ -392,6 +392,21 @@ class ExplosionPolicy:
         return self.state.level
 
     @property
+    def steps(self) -> int:
+        """Optimizer steps judged so far."""
+        return self.state.steps
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate multiplier the ladder holds now (1.0: no back-off in force)."""
+        return self.state.lr_scale
+
+    @property
+    def events_recorded(self) -> int:
+        """Events recorded since the start, kept or not (an incremental writer's position for :meth:`events_since`)."""
+        return self.state.events_recorded
+
+    @property
     def events(self) -> list[dict[str, Any]]:
         """The kept event log, oldest first (copies: editing them changes nothing).
 

@@ -290,6 +290,12 @@ class RollbackSnapshot:
         return self.location is not None
 
     @property
+    def ready(self) -> bool:
+        """Whether :meth:`restore` can load a snapshot *now* without waiting: it exists and no disk write of it is
+        still in flight (whose outcome, success or failure, is not known yet). A host-side check: no sync."""
+        return self.available and (self._writer is None or self._writer.done.is_set())
+
+    @property
     def path(self) -> Path:
         """The snapshot file of this rank (used when the snapshot is on disk)."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))

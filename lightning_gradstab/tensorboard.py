@@ -11,6 +11,7 @@ bury the Scalars tab under hundreds of charts.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -49,6 +50,9 @@ GUARD_CHARTS: tuple[str, ...] = (
 HEATMAP_TAG = "gradstab/gradient_flow_over_time"
 """Image tag of :func:`gradient_heatmap_figure` (``/opt{i}`` appended when there are several optimizers)."""
 
+_WRITERS_WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Writers that already hold the layout (one ``add_custom_scalars`` per writer: a second would replace it)."""
+
 
 def add_layout(writer: Any, charts: Iterable[str] | None = None) -> None:
     """Register the "Gradient stability" layout on a ``SummaryWriter`` (once per writer).
@@ -61,7 +65,7 @@ def add_layout(writer: Any, charts: Iterable[str] | None = None) -> None:
 
         add_layout(logger.experiment, ["total gradient norm and clip threshold", "non-finite gradients"])
     """
-    if getattr(writer, "_gradstab_layout_added", False):
+    if writer in _WRITERS_WITH_LAYOUT:
         return
     wanted = set(CHARTS if charts is None else charts)
     unknown = wanted - set(CHARTS)
@@ -69,7 +73,7 @@ def add_layout(writer: Any, charts: Iterable[str] | None = None) -> None:
         raise ValueError(f"`charts` must be titles from lightning_gradstab.tensorboard.CHARTS, got {sorted(unknown)}")
     layout = {LAYOUT_CATEGORY: {title: ["Multiline", tags] for title, tags in CHARTS.items() if title in wanted}}
     writer.add_custom_scalars(layout)
-    writer._gradstab_layout_added = True
+    _WRITERS_WITH_LAYOUT.add(writer)
 
 
 def gradient_heatmap_figure(

@@ -530,10 +530,21 @@ def test_compiled_module_is_guarded_like_the_eager_one(tmp_path: Path) -> None:
 
 def test_tensorboard_logger_gets_the_gradient_stability_layout(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from lightning_gradstab.tensorboard import GUARD_CHARTS
 
     logger = TensorBoardLogger(str(tmp_path))
     _fit(TinyRegression(), 5, tmp_path, [_guard()], logger=logger)
-    assert getattr(logger.experiment, "_gradstab_layout_added", False)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    configs = events.Tensors("custom_scalars__config__")
+    assert len(configs) == 1  # registered once, by the guard alone
+    layout = layout_pb2.Layout.FromString(configs[0].tensor_proto.string_val[0])
+    assert layout.category[0].title == "Gradient stability"
+    assert set(GUARD_CHARTS) <= {chart.title for chart in layout.category[0].chart}
 
 
 def test_snapshot_survives_a_restore_and_further_training() -> None:

@@ -211,7 +211,7 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
     reports = [
         c.report for c in trainer.callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
     ]
-    guards = [c.summary() for c in trainer.callbacks if isinstance(c, ExplosionGuard) and c.policies]
+    guards = [s for c in trainer.callbacks if isinstance(c, ExplosionGuard) and (s := c.summary())["optimizers"]]
     if not reports and not guards:
         return
     logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here

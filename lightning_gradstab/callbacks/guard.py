@@ -253,7 +253,7 @@ class ExplosionGuard(Callback):
             if index in self._loaded_policies:
                 policy.load_state_dict(self._loaded_policies.pop(index))
             self.policies[index] = policy
-            self._written_events[index] = policy.state.events_recorded
+            self._written_events[index] = policy.events_recorded
         return self.policies[index]
 
     @property
@@ -338,7 +338,7 @@ class ExplosionGuard(Callback):
         loss, self._step_loss = self._step_loss, None  # one optimizer step consumes the losses since the last
         step_size = _sgd_step_size(raw) if self.config.max_update_ratio is not None else None
         weight_norm: torch.Tensor | float = self._weight_norms.get(index, 0.0)
-        if step_size is not None and (policy.state.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
+        if step_size is not None and (policy.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
             weight_norm = stats.weight_norms().square().sum().sqrt()
         values: dict[str, Any] = {
             "total_norm": stats.total_norm,
@@ -438,8 +438,7 @@ class ExplosionGuard(Callback):
         A disk write still in flight counts as not ready: its outcome is not known yet, and a rank whose write
         then failed could not restore while the others did.
         """
-        writer = self._rollback._writer
-        return self._rollback.available and (writer is None or writer.done.is_set())
+        return self._rollback.ready
 
     def _scale_lr(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
         # applied just before the step and undone right after it, so LR schedulers never see the scaled value
@@ -463,16 +462,16 @@ class ExplosionGuard(Callback):
         step = logging_step(trainer)
         interval = self.log_every_n_steps or trainer.log_every_n_steps
         new_events = policy.events_since(self._written_events.get(index, 0))
-        self._written_events[index] = policy.state.events_recorded
+        self._written_events[index] = policy.events_recorded
         if not new_events and step % max(interval, 1) != 0:
             return
         prefix = "gradstab/" if index == 0 else f"gradstab/opt{index}/"
-        counts = policy.state.counts
+        counts = policy.counts
         metrics = {
             "level": float(decision.level),
             "clipped": float("clip" in decision.actions),
             "skipped": float(decision.skip),
-            "lr_scale": decision.lr_scale if not decision.skip else policy.state.lr_scale,
+            "lr_scale": decision.lr_scale if not decision.skip else policy.lr_scale,
             "rollbacks": float(counts.get("rollback", 0)),
             "zscore": decision.zscore,
             "amp_overflow": float(counts.get("amp_overflow", 0)),
@@ -500,11 +499,11 @@ class ExplosionGuard(Callback):
                 if counts.get(anomaly):
                     evidence[kind] = evidence.get(kind, 0) + counts[anomaly]
             base_lr = self._base_lrs.get(index)
-            final_lr = None if base_lr is None else base_lr * policy.state.lr_scale
+            final_lr = None if base_lr is None else base_lr * policy.lr_scale
             optimizers[str(index)] = {
                 "final_level": policy.level,
                 "final_rung": RUNGS[policy.level],
-                "lr_scale": policy.state.lr_scale,
+                "lr_scale": policy.lr_scale,
                 "final_lr": final_lr,
                 "counts": counts,
                 "evidence": evidence,
@@ -636,7 +635,7 @@ def _advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig
     """Concrete configuration changes that would have avoided what the guard had to do."""
     counts, first = policy.counts, policy.first_anomaly_steps
     advice = []
-    scale = policy.state.lr_scale
+    scale = policy.lr_scale
     if scale < 1.0 and (counts.get("divergence") or counts.get("lr_backoff") or counts.get("rollback")):
         lr = f"lr={base_lr * scale:.3g}" if base_lr is not None else f"{scale:.3g} x your learning rate"
         advice.append(f"start at {lr}: the run ended at {scale:.3g} x its learning rate after back-offs")
