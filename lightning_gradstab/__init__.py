@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.init_audit import InitAudit
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
     from lightning_gradstab.diagnosis import diagnose
+    from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
     from lightning_gradstab.report import Finding, Report
+    from lightning_gradstab.snapshot import RollbackSnapshot
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 _EXPORTS = {
@@ -31,9 +33,12 @@ _EXPORTS = {
     "GradNormMonitor": "lightning_gradstab.callbacks.monitor",
     "GradientExplosionError": "lightning_gradstab.callbacks.guard",
     "GradientStats": "lightning_gradstab.stats",
+    "GuardEvent": "lightning_gradstab.guard_events",
+    "GuardEventSource": "lightning_gradstab.guard_events",
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
     "ParameterLayout": "lightning_gradstab.stats",
     "Report": "lightning_gradstab.report",
+    "RollbackSnapshot": "lightning_gradstab.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
     "diagnose": "lightning_gradstab.diagnosis",
 }
@@ -45,9 +50,12 @@ __all__ = [
     "GradNormMonitor",
     "GradientExplosionError",
     "GradientStats",
+    "GuardEvent",
+    "GuardEventSource",
     "InitAudit",
     "ParameterLayout",
     "Report",
+    "RollbackSnapshot",
     "compute_gradient_stats",
     "diagnose",
 ]
