@@ -7,10 +7,8 @@ the message a user sees for a typo.
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,8 @@ from omegaconf.errors import ValidationError
 
 from examples.schema import TrainerSchema, register_schemas
 from examples.tasks.base import ExampleTask
+from tests.helpers.subprocess_env import REPO, child_env
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 
@@ -79,11 +77,10 @@ def test_wrong_type_is_refused_at_composition_naming_key_and_type(override, key,
 
 
 def test_typo_on_the_command_line_fails_before_training_with_a_clear_message(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     completed = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), "model.depht=3", f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path,
-        env=env,
+        env=child_env(HYDRA_FULL_ERROR="0"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -198,7 +195,7 @@ def test_a_wrong_choice_fails_before_torch_is_imported_and_lists_only_the_groups
     fake = tmp_path / "fake_site" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('torch imported before the config composed')\n")
-    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "HYDRA_FULL_ERROR": "0"}
+    env = child_env(prepend=[fake.parent], HYDRA_FULL_ERROR="0")  # the fake torch shadows the installed one
     completed = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), "task=mnist", f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,

@@ -21,19 +21,17 @@ import pytest
 from rich.table import Table
 
 from lightning_gradstab.report import GUARD_STOPPED, Finding, Report, fit_summary, render_text
+from tests.helpers.subprocess_env import REPO, child_env
 
 pyte = pytest.importorskip("pyte")
 
-REPO = Path(__file__).resolve().parents[1]
 COLUMNS, ROWS = 120, 600
 
 
 def _start_under_pty(bars: str, out_dir: Path) -> tuple[subprocess.Popen, int]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM_PROGRAM"):
-        env.pop(name, None)
+    env = child_env(drop=("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM_PROGRAM"), TERM="xterm-256color")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "scripts" / "console_fit.py"), bars, str(out_dir)],
         stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,

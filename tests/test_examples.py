@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from examples.divergence import StopWhenDiverged
 from examples.plot_panels import plot_panels
 from examples.run_summary import RunSummary
+from tests.helpers.subprocess_env import REPO, child_env
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "model.depth=4",
     "model.width=16",
@@ -37,12 +36,10 @@ TINY = [
 def run_train(
     tmp_path: Path, *overrides: str, timeout: float = 240, returncode: int = 0
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    env.pop("LOCAL_RANK", None)
     completed = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), *overrides],
         cwd=tmp_path,
-        env=env,
+        env=child_env(PL_DISABLE_FORK="1"),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -137,7 +134,7 @@ def test_a_failing_job_is_recorded_the_sweep_goes_on_and_then_exits_non_zero_nam
 
 
 def test_single_run_fails_loudly_but_still_leaves_a_summary(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     run_dir = tmp_path / "run"
     completed = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), "model.activation=swish", "gradstab=off", *TINY,

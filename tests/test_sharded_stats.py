@@ -1,23 +1,21 @@
 """Sharded gradients (FSDP2 DTensors on CPU, Lightning FSDP on GPU): one all-reduce gives the global norms."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers.subprocess_env import REPO, child_env
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
 
 def test_fsdp2_dtensor_shards_give_the_unsharded_norms_on_every_rank(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TEST_PORT": "29531"}
     done = subprocess.run(
         [sys.executable, str(REPO / "tests/scripts/sharded_norms.py"), str(tmp_path)],
-        env=env,
+        env=child_env(TEST_PORT="29531"),
         capture_output=True,
         text=True,
         timeout=200,
@@ -35,7 +33,7 @@ def test_lightning_fsdp_strategy_logs_the_global_norm(tmp_path, memory_logger):
     import lightning.pytorch as pl
 
     from lightning_gradstab import GradNormMonitor
-    from tests.models import TinyRegressor
+    from tests.helpers.models import TinyRegressor
 
     trainer = pl.Trainer(
         accelerator="gpu",
