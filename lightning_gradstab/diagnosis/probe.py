@@ -169,90 +169,129 @@ def run_probe(
         result = run_probe(model, lambda batch: model(batch), inputs=x)
         print([layer.grad_rms for layer in result.layers])
     """
-    values: list[Tensor] = []
-    layer_slots: list[tuple[LayerProbe, int]] = []
-    grad_slots: dict[int, Tensor] = {}
-    activation_slots: list[tuple[ActivationProbe, int, str]] = []
+    measurements = _Measurements(model)
+    grad_inputs = _with_grad(inputs)
+    measurements.tracer.register_inputs(grad_inputs)
+    with preserved_state(model):
+        model.train()
+        with measurements.tracer.tracing(), eager_compiled(model):
+            output = forward(grad_inputs)
+        graph = measurements.tracer.build(output)
+        loss = _loss(output, loss_fn, seed)
+        result = ProbeResult(graph)
+        loss = _factor_out_zero_heads(result, loss, seed)
+        weight_grads = _backward(model, result, loss, grad_inputs)
+    measurements.read_back(result, weight_grads, loss)
+    return result
 
-    def on_layer_output(node: Node, tensor: Tensor) -> None:
+
+class _Measurements:
+    """The tracer's hooks for :func:`run_probe` and the device tensors they gather until one final transfer.
+
+    Every statistic is appended as a 0-d device tensor to the flat list ``values``, and each probe remembers
+    its offset there, so :meth:`read_back` brings everything to the host with a single ``tolist()`` instead of
+    one sync per layer. Gradient statistics arrive later, from tensor hooks that fire during the backward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.values: list[Tensor] = []
+        self.layer_slots: list[tuple[LayerProbe, int]] = []  # (probe, offset of its mean and std in values)
+        self.grad_slots: dict[int, Tensor] = {}  # index into layer_slots -> RMS of the gradient at its output
+        self.activation_slots: list[tuple[ActivationProbe, int, str]] = []  # (probe, offset, "dead"/"saturated")
+        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation)
+
+    def on_layer_output(self, node: Node, tensor: Tensor) -> None:
+        """Record a layer's (or a join's) output mean and std, and hook the gradient that will reach it."""
         if not tensor.is_floating_point():
             return
         kind = "join" if node.kind == "join" else node.layer_kind or "other"
         probe = LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         detached = tensor.detach().float()
-        layer_slots.append((probe, len(values)))
-        values.extend([detached.mean(), detached.std() if detached.numel() > 1 else detached.sum() * 0])
+        self.layer_slots.append((probe, len(self.values)))
+        self.values.extend([detached.mean(), detached.std() if detached.numel() > 1 else detached.sum() * 0])
         if tensor.requires_grad:
-            slot = len(layer_slots) - 1
+            slot = len(self.layer_slots) - 1
+            grad_slots = self.grad_slots
 
             def capture(grad: Tensor) -> None:
                 grad_slots[slot] = grad.detach().float().square().mean().sqrt()
 
             tensor.register_hook(capture)
 
-    def on_activation(node: Node, tensor: Tensor) -> None:
+    def on_activation(self, node: Node, tensor: Tensor) -> None:
+        """Record the dead fraction of a ReLU/ReLU6 or the saturated fraction of a sigmoid/tanh; others are skipped."""
         family = activation_family(node.op)
         units = 1
         if node.op in ("relu", "relu6"):
-            axis = _unit_axis(node, tracer.nodes)
+            axis = _unit_axis(node, self.tracer.nodes)
             units = int(tensor.shape[axis]) if tensor.dim() >= 2 else 1
             measure, kind = _dead_fraction(tensor.detach(), axis), "dead"
         elif family in ("tanh", "sigmoid") and node.op != "logsigmoid":
             measure, kind = _saturated_fraction(tensor.detach(), family), "saturated"
         else:
             return
-        probe = ActivationProbe(_activation_display_name(node, tracer.nodes), node.op, hidden=False, units=units)
-        activation_slots.append((probe, len(values), kind))
-        values.append(measure)
+        name = _activation_display_name(node, self.tracer.nodes)
+        probe = ActivationProbe(name, node.op, hidden=False, units=units)
+        self.activation_slots.append((probe, len(self.values), kind))
+        self.values.append(measure)
 
-    tracer = GraphTracer(model, on_layer_output, on_activation)
-    grad_inputs = _with_grad(inputs)
-    tracer.register_inputs(grad_inputs)
-    with preserved_state(model):
-        model.train()
-        with tracer.tracing(), eager_compiled(model):
-            output = forward(grad_inputs)
-        graph = tracer.build(output)
-        loss = _loss(output, loss_fn, seed)
-        result = ProbeResult(graph)
-        loss = _factor_out_zero_heads(result, loss, seed)
-        weight_grads: dict[str, Tensor] = {}
-        if loss is not None and loss.requires_grad:
-            targets = _anchors(graph, grad_inputs)
-            named = _gradient_parameters(model, graph, anchored=bool(targets))
-            grads = torch.autograd.grad(loss, targets + [p for _, p in named], allow_unused=True)
-            unused = set()
-            for (name, _), grad in zip(named, grads[len(targets) :], strict=True):
-                if grad is None:
-                    unused.add(name)
-                elif name.endswith("weight"):
-                    weight_grads[name.rsplit(".", 1)[0] if "." in name else name] = grad.detach().float().norm()
-            # a parameter this forward never used (a mask token, a pooler left out) is not a tracing gap
-            graph.untraced = [name for name in graph.untraced if name not in unused]
-            result.gradients_reached = True
-        elif loss is None:
-            graph.problems.append("the output holds no floating-point tensor that requires grad: no backward")
-    # one host transfer for every statistic gathered above
-    extra = [grad_slots[i] for i in sorted(grad_slots)] + list(weight_grads.values())
-    if loss is not None:
-        extra.append(loss.detach().float())
-    device = values[0].device if values else (extra[0].device if extra else torch.device("cpu"))
-    numbers = torch.stack([v.to(device) for v in values + extra]).tolist() if values or extra else []
-    grad_values = dict(zip(sorted(grad_slots), numbers[len(values) :], strict=False))
-    weight_values = dict(zip(weight_grads, numbers[len(values) + len(grad_slots) :], strict=False))
-    for slot, (probe, offset) in enumerate(layer_slots):
-        probe.output_mean, probe.output_std = numbers[offset], numbers[offset + 1]
-        probe.grad_rms = grad_values.get(slot)
-        probe.weight_grad_norm = weight_values.get(probe.name)
-        (result.joins if probe.kind == "join" else result.layers).append(probe)
-    hidden = _hidden_activations(graph)
-    for probe, offset, kind in activation_slots:
-        setattr(probe, f"{kind}_fraction", numbers[offset])
-        probe.hidden = probe.name in hidden
-        result.activations.append(probe)
-    if loss is not None:
-        result.loss = numbers[-1]
-    return result
+    def read_back(self, result: ProbeResult, weight_grads: dict[str, Tensor], loss: Tensor | None) -> None:
+        """Bring every gathered statistic to the host in one transfer and fill ``result``'s probes and loss."""
+        extra = [self.grad_slots[i] for i in sorted(self.grad_slots)] + list(weight_grads.values())
+        if loss is not None:
+            extra.append(loss.detach().float())
+        numbers = _to_host(self.values + extra)
+        offset = len(self.values)
+        grad_values = dict(zip(sorted(self.grad_slots), numbers[offset:], strict=False))
+        weight_values = dict(zip(weight_grads, numbers[offset + len(self.grad_slots) :], strict=False))
+        for slot, (probe, position) in enumerate(self.layer_slots):
+            probe.output_mean, probe.output_std = numbers[position], numbers[position + 1]
+            probe.grad_rms = grad_values.get(slot)
+            probe.weight_grad_norm = weight_values.get(probe.name)
+            (result.joins if probe.kind == "join" else result.layers).append(probe)
+        hidden = _hidden_activations(result.graph)
+        for probe, position, kind in self.activation_slots:
+            setattr(probe, f"{kind}_fraction", numbers[position])
+            probe.hidden = probe.name in hidden
+            result.activations.append(probe)
+        if loss is not None:
+            result.loss = numbers[-1]
+
+
+def _to_host(tensors: list[Tensor]) -> list[float]:
+    """The single host sync of a probe: stack 0-d tensors on the first one's device and read them back at once."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.stack([t.to(device) for t in tensors]).tolist()
+
+
+def _backward(model: nn.Module, result: ProbeResult, loss: Tensor | None, inputs: Any) -> dict[str, Tensor]:
+    """Backpropagate ``loss`` once with ``torch.autograd.grad`` (no ``.grad`` is written) and return the weight
+    gradient norms of the requested layers, keyed by layer name; the layer-output hooks fire on the way.
+
+    A parameter whose gradient comes back None was never used by this forward (a mask token, a pooler left
+    out), so it is dropped from ``graph.untraced``: it is not a tracing gap.
+    """
+    graph = result.graph
+    weight_grads: dict[str, Tensor] = {}
+    if loss is None:
+        graph.problems.append("the output holds no floating-point tensor that requires grad: no backward")
+        return weight_grads
+    if not loss.requires_grad:
+        return weight_grads
+    targets = _anchors(graph, inputs)
+    named = _gradient_parameters(model, graph, anchored=bool(targets))
+    grads = torch.autograd.grad(loss, targets + [p for _, p in named], allow_unused=True)
+    unused = set()
+    for (name, _), grad in zip(named, grads[len(targets) :], strict=True):
+        if grad is None:
+            unused.add(name)
+        elif name.endswith("weight"):
+            weight_grads[name.rsplit(".", 1)[0] if "." in name else name] = grad.detach().float().norm()
+    graph.untraced = [name for name in graph.untraced if name not in unused]
+    result.gradients_reached = True
+    return weight_grads
 
 
 def _with_grad(inputs: Any) -> Any:
