@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -727,12 +727,7 @@ def build_graph(
     weights: dict[str, tuple[nn.Module | None, Tensor | None]],
 ) -> ModelGraph:
     """Derive per-layer summaries, skip connections and the longest plain chain from recorded nodes."""
-    depth_before, _ = _plain_chain_dp(nodes)
-    for node in nodes:
-        # an add/cat of paths that crossed the same layers is arithmetic (rotary embeddings, x*cos + rot(x)*sin),
-        # not a skip connection: a skip bypasses at least one layer
-        if node.kind == "join" and len({depth_before[i] for i in node.inputs}) == 1:
-            node.kind = "op"
+    _demote_arithmetic_joins(nodes)
     consumers = _consumers(nodes)
     gated = {i for node in nodes for i in node.side_inputs}
     parent = _plain_chain_dp(nodes)[1]
@@ -753,6 +748,37 @@ def build_graph(
             info.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
             if info.kind == "embedding":
                 info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
+    chain, normalized, activations = _longest_plain_chain(nodes)
+    norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
+    return ModelGraph(
+        nodes=nodes,
+        layers=list(layers.values()),
+        plain_chain=chain,
+        plain_chain_normalized=normalized,
+        plain_chain_activations=activations,
+        skip_connections=sum(1 for n in nodes if n.kind == "join"),
+        normalization_layers=norms,
+        untraced=[],
+        problems=[],
+        outputs=sorted(output_nodes),
+    )
+
+
+def _demote_arithmetic_joins(nodes: list[Node]) -> None:
+    """Turn every join whose inputs crossed the same number of layers into a plain op, in place.
+
+    An add/cat of such paths is arithmetic (rotary embeddings, x*cos + rot(x)*sin), not a skip connection: a
+    skip bypasses at least one layer.
+    """
+    depth_before, _ = _plain_chain_dp(nodes)
+    for node in nodes:
+        if node.kind == "join" and len({depth_before[i] for i in node.inputs}) == 1:
+            node.kind = "op"
+
+
+def _longest_plain_chain(nodes: list[Node]) -> tuple[list[str], bool, list[str]]:
+    """Walk back from the deepest node along the plain-chain parents: the distinct layers crossed (input first),
+    whether a normalization lies on the way, and the activations met (input first)."""
     depth, parent = _plain_chain_dp(nodes)
     chain: list[str] = []
     normalized = False
@@ -767,19 +793,7 @@ def build_graph(
             if node.kind == "activation":
                 activations.append(node.op)
             cursor = parent[cursor]
-    norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
-    return ModelGraph(
-        nodes=nodes,
-        layers=list(layers.values()),
-        plain_chain=list(dict.fromkeys(chain[::-1])),
-        plain_chain_normalized=normalized,
-        plain_chain_activations=activations[::-1],
-        skip_connections=sum(1 for n in nodes if n.kind == "join"),
-        normalization_layers=norms,
-        untraced=[],
-        problems=[],
-        outputs=sorted(output_nodes),
-    )
+    return list(dict.fromkeys(chain[::-1])), normalized, activations[::-1]
 
 
 def _describe_consumers(
@@ -833,37 +847,17 @@ def _reaches_layer(start: int, nodes: list[Node], consumers: list[list[int]]) ->
     return False
 
 
-def _in_branch(
-    start: int, nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
-) -> bool:
-    """Whether every path from ``start`` enters its first join as a branch (never as the skip's stream, never
-    reaching the output first): the layer sits inside a residual branch."""
-    frontier, seen = [start], set()
-    branch = False
-    while frontier:
-        index = frontier.pop()
-        if index in seen:
-            continue
-        seen.add(index)
-        if index in outputs:
-            return False
-        for consumer_index in consumers[index]:
-            consumer = nodes[consumer_index]
-            if consumer.kind == "join":
-                if parent[consumer_index] == index:
-                    return False
-                branch = True
-            elif index in consumer.inputs:
-                frontier.append(consumer_index)
-    return branch
+_PathStep = Literal["follow", "found", "fail", "stop"]
+"""What one edge ``index -> consumer`` means to :func:`_every_path_ends`: walk on through the consumer, a path
+ends well here, the answer is False, or this path ends here without counting either way."""
 
 
-def _only_reaches(
-    start: int, nodes: list[Node], consumers: list[list[int]], gated: set[int], what: str, outputs: set[int]
+def _every_path_ends(
+    start: int, consumers: list[list[int]], outputs: set[int], step: Callable[[int, int], _PathStep]
 ) -> bool:
-    """Whether every path from ``start`` (through non-layer nodes) ends in a gate (``what="gate"``: a side input
-    of a gated product) or in attention logits (``what="logits"``: a softmax, or the query/key of a fused
-    attention call), with at least one such path."""
+    """Walk forward from ``start`` and say whether at least one path ends ``"found"`` while none reaches a model
+    output or a ``"fail"`` edge; ``step(index, consumer_index)`` judges each edge. Shared by the branch, gate and
+    attention-logit questions, which differ only in what ends a path."""
     frontier, seen, found = [start], set(), False
     while frontier:
         index = frontier.pop()
@@ -873,19 +867,50 @@ def _only_reaches(
         if index in outputs:
             return False
         for consumer_index in consumers[index]:
-            consumer = nodes[consumer_index]
-            softmax = consumer.kind == "activation" and consumer.op in ("softmax", "log_softmax")
-            if (what == "gate" and index in consumer.side_inputs) or (what == "logits" and softmax):
-                found = True
-            elif what == "logits" and consumer.op == "scaled_dot_product_attention":
-                if index in consumer.value_inputs:
-                    return False
-                found = True
-            elif consumer.kind == "layer" and what == "logits":
+            verdict = step(index, consumer_index)
+            if verdict == "fail":
                 return False
-            else:
+            if verdict == "found":
+                found = True
+            elif verdict == "follow":
                 frontier.append(consumer_index)
     return found
+
+
+def _in_branch(
+    start: int, nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
+) -> bool:
+    """Whether every path from ``start`` enters its first join as a branch (never as the skip's stream, never
+    reaching the output first): the layer sits inside a residual branch."""
+
+    def step(index: int, consumer_index: int) -> _PathStep:
+        consumer = nodes[consumer_index]
+        if consumer.kind == "join":
+            return "fail" if parent[consumer_index] == index else "found"
+        return "follow" if index in consumer.inputs else "stop"
+
+    return _every_path_ends(start, consumers, outputs, step)
+
+
+def _only_reaches(
+    start: int, nodes: list[Node], consumers: list[list[int]], gated: set[int], what: str, outputs: set[int]
+) -> bool:
+    """Whether every path from ``start`` (through non-layer nodes) ends in a gate (``what="gate"``: a side input
+    of a gated product) or in attention logits (``what="logits"``: a softmax, or the query/key of a fused
+    attention call), with at least one such path."""
+
+    def step(index: int, consumer_index: int) -> _PathStep:
+        consumer = nodes[consumer_index]
+        softmax = consumer.kind == "activation" and consumer.op in ("softmax", "log_softmax")
+        if (what == "gate" and index in consumer.side_inputs) or (what == "logits" and softmax):
+            return "found"
+        if what == "logits" and consumer.op == "scaled_dot_product_attention":
+            return "fail" if index in consumer.value_inputs else "found"
+        if consumer.kind == "layer" and what == "logits":
+            return "fail"
+        return "follow"
+
+    return _every_path_ends(start, consumers, outputs, step)
 
 
 def _pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
