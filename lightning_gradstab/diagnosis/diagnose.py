@@ -210,26 +210,41 @@ def _signal_cause(
     """The recommendation of a signal finding: the cause the evidence supports, and whether that cause is
     identified (the init, symmetric or dead units, normalization gains: no architecture advice is due then).
 
-    The init explains a measured first/last delta ratio only if its predicted factor points the same way and
-    is of the same order (log of one within a factor 2 of the log of the other); otherwise the measurement has
-    another cause, and the text names it instead of sending the user to re-initialise.
+    The causes are tried in order: first those in the weights at init, then those in the activations and the
+    architecture. When the init does not explain the measurement, the text says so before naming the other cause.
     """
     if measured is None:
         return "", False
     ratio = measured[0]
+    init_cause = _init_cause(graph, scales, symmetric, ratio)
+    if init_cause is not None:
+        return init_cause, True
+    prefix = ""
+    if scales:
+        predicted = scales[0].evidence["predicted_signal_factor"]
+        prefix = f"The init alone predicts {predicted:.1e}, not the measured {ratio:.1e}: "
+    text, identified = _structural_cause(graph, activation_problems, ratio)
+    return prefix + text, identified
+
+
+def _init_cause(graph: ModelGraph, scales: list[Finding], symmetric: list[Finding], ratio: float) -> str | None:
+    """The recommendation when the weights at init explain a measured first/last delta ratio, else None:
+    symmetric weights, an init scale, or normalization gains far below 1.
+
+    An init scale explains the measurement only if its predicted factor points the same way and is of the same
+    order (log of one within a factor 2 of the log of the other); otherwise the measurement has another cause,
+    and the text must name it instead of sending the user to re-initialise.
+    """
     vanishing = ratio < 1.0
     if symmetric and vanishing:
         names = ", ".join(m for f in symmetric for m in f.modules)
-        return f"Re-initialise {names} randomly first (see init.symmetric): its constant weights block the signal.", (
-            True
-        )
+        return f"Re-initialise {names} randomly first (see init.symmetric): its constant weights block the signal."
     for scale in scales:
         predicted = scale.evidence["predicted_signal_factor"]
         if ratio > 0 and (predicted < 1.0) == vanishing and 0.5 <= math.log(ratio) / math.log(predicted) <= 2.0:
             return (
                 f"Fix the initialization first (see init.scale: {scale.recommendation.split(' (e.g.')[0]}); "
-                f"its predicted signal factor {predicted:.1e} matches this measurement ({ratio:.1e}).",
-                True,
+                f"its predicted signal factor {predicted:.1e} matches this measurement ({ratio:.1e})."
             )
     small_gains = sorted(name for name, gain in graph.norm_gains.items() if gain < NORM_GAIN_SMALL)
     if vanishing and len(small_gains) >= 2:
@@ -237,35 +252,39 @@ def _signal_cause(
             f"Re-initialise the gains (weight) of {_listed(small_gains)} to 1 (`nn.init.ones_`): at ~"
             f"{min(graph.norm_gains[n] for n in small_gains):.0e} each normalization shrinks its output, the next "
             "one's input variance falls under its eps, and the shrinkage compounds layer after layer."
-        ), True
-    prefix = ""
-    if scales:
-        predicted = scales[0].evidence["predicted_signal_factor"]
-        prefix = f"The init alone predicts {predicted:.1e}, not the measured {ratio:.1e}: "
+        )
+    return None
+
+
+def _structural_cause(graph: ModelGraph, activation_problems: list[Finding], ratio: float) -> tuple[str, bool]:
+    """The recommendation when the init does not explain the measurement: saturated or dead units, a deep plain
+    stack without normalization or without skips, or, failing all of them, the generic advice; and whether the
+    cause is identified (only dead units are: reviving them needs no architecture advice)."""
+    vanishing = ratio < 1.0
     codes = {f.code for f in activation_problems}
     if vanishing and codes & {"activation.saturated", "arch.activation"}:
-        return prefix + (
+        return (
             "saturated or sigmoid units pass at most 1/4 of the gradient per layer (Glorot & Bengio 2010): put a "
             "normalization layer before each of them, or use ReLU with He init (see arch.activation, "
             "activation.saturated)."
         ), False
     if vanishing and "activation.dead" in codes:
-        return prefix + "dead ReLU units pass no gradient: revive them first (see activation.dead).", True
+        return "dead ReLU units pass no gradient: revive them first (see activation.dead).", True
     if graph.plain_depth >= 4 and not graph.plain_chain_normalized:
-        return prefix + (
+        return (
             "add normalization layers to the deep plain stack (see arch.normalization) and check the activations."
         ), False
     if not vanishing and graph.plain_chain_normalized and graph.plain_depth >= PLAIN_DEPTH_RESIDUAL:
         see = " (see arch.residual)" if graph.plain_depth >= PLAIN_DEPTH_RESIDUAL_UNOBSERVED else ""
-        return prefix + (
+        return (
             f"a normalized plain stack of {graph.plain_depth} layers without skips amplifies gradients toward the "
             "input at init (Yang et al. 2019: about sqrt(pi/(pi-1)) ~ 1.2 per BatchNorm-ReLU layer): add identity "
             f"skip connections over it{see}, or warm the learning rate up."
         ), False
     if graph.plain_depth >= PLAIN_DEPTH_RESIDUAL_UNOBSERVED:
-        return prefix + "add identity skip connections to the deep plain stack (see arch.residual).", False
+        return "add identity skip connections to the deep plain stack (see arch.residual).", False
     direction = "vanish" if vanishing else "explode"
-    return prefix + (
+    return (
         f"gradients {direction} toward the input for a reason neither the init nor the architecture rules explain: "
         "lower the learning rate or clip, and check the first layers."
     ), False
