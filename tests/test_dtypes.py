@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.stats import ParameterLayout, compute_gradient_stats, layout_norms
+from tests.helpers.trainers import quiet_trainer
 
 torch.set_num_threads(1)
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 def reference_sq_norm(tensor: torch.Tensor) -> float:
@@ -134,13 +134,11 @@ def test_float64_and_complex_models_train_measured_and_guarded(dtype: torch.dtyp
     model = _Regression(dtype, nan_step)
     reference = _ReferenceNorms()
     guard = ExplosionGuard(console_summary=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
         logger=memory_logger,
         log_every_n_steps=1,
         callbacks=[reference, GradNormMonitor(update_to_weight=True), guard],
-        **QUIET,
     )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
 

@@ -19,15 +19,15 @@ from lightning_gradstab.callbacks.guard import (
     ExplosionGuard,
     GradientExplosionError,
 )
-from tests.scripts.guard_models import QUIET, TinyRegression, regression_loader
+from tests.helpers.trainers import quiet_trainer
+from tests.scripts.guard_models import TinyRegression, regression_loader
 
 torch.set_num_threads(1)
 
 
 def _fit(model: pl.LightningModule, steps: int, tmp_path: Path, callbacks: list, **trainer_options: Any) -> pl.Trainer:
-    options = {"logger": False, **QUIET, "log_every_n_steps": 1, **trainer_options}
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), **options
+    trainer = quiet_trainer(
+        max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), log_every_n_steps=1, **trainer_options
     )
     trainer.fit(model, regression_loader())
     return trainer
@@ -120,10 +120,7 @@ def test_healthy_run_never_goes_above_level_one_and_matches_the_unguarded_loss(
 def _fit_from(
     model: pl.LightningModule, steps: int, tmp_path: Path, callbacks: list, ckpt_path: Path | None = None
 ) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path), logger=False,
-        **QUIET,
-    )
+    trainer = quiet_trainer(max_steps=steps, callbacks=callbacks, default_root_dir=str(tmp_path))
     trainer.fit(model, regression_loader(), ckpt_path=str(ckpt_path) if ckpt_path else None)
     return trainer
 
@@ -571,26 +568,23 @@ def test_snapshot_survives_a_restore_and_further_training() -> None:
 
 
 def test_a_run_sigkilled_and_resumed_rolls_back_to_the_same_weights_as_the_uninterrupted_run(tmp_path: Path) -> None:
-    import os
     import subprocess
     import sys
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tests.conftest import REPO
+    from tests.helpers.subprocess_env import REPO, child_env
     from tests.scripts import guard_resume
 
     script = REPO / "tests" / "scripts" / "guard_resume.py"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed")], env=env, timeout=200)
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed")], env=child_env(), timeout=200)
     assert killed.returncode == -9  # SIGKILL: no exception handler, no on_exception checkpoint
     runs = {}
     for name, ckpt in [("uninterrupted", None), ("resumed", tmp_path / "killed" / "checkpoints" / "last.ckpt")]:
         probe, guard = _WeightsEveryStep(), guard_resume.guard()
-        trainer = pl.Trainer(
-            accelerator="cpu", max_steps=guard_resume.STEPS, logger=False, default_root_dir=str(tmp_path / name),
-            callbacks=[guard, ModelCheckpoint(dirpath=str(tmp_path / name / "ckpt")), probe],
-            **{**QUIET, "enable_checkpointing": True},
+        trainer = quiet_trainer(
+            max_steps=guard_resume.STEPS, default_root_dir=str(tmp_path / name),
+            callbacks=[guard, ModelCheckpoint(dirpath=str(tmp_path / name / "ckpt")), probe], enable_checkpointing=True,
         )
         trainer.fit(TinyRegression(faults=guard_resume.FAULTS), regression_loader(), ckpt_path=ckpt and str(ckpt))
         runs[name] = (probe.weights, guard)

@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab.callbacks.guard import SNAPSHOT_DIRNAME, ExplosionGuard
-from tests.scripts.guard_models import QUIET, TinyRegression, regression_loader
+from tests.helpers.trainers import quiet_trainer
+from tests.scripts.guard_models import TinyRegression, regression_loader
 
 torch.set_num_threads(1)
 
@@ -49,10 +50,9 @@ class _Probe(Callback):
 def _train(tmp_path: Path, **options: Any) -> tuple[ExplosionGuard, _Probe]:
     guard = ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=10, **options)
     probe = _Probe(guard)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=STEPS, callbacks=[guard, probe], default_root_dir=str(tmp_path), logger=False,
-        log_every_n_steps=1, **QUIET,
-    )  # fmt: skip
+    trainer = quiet_trainer(
+        max_steps=STEPS, callbacks=[guard, probe], default_root_dir=str(tmp_path), log_every_n_steps=1
+    )
     trainer.fit(TinyRegression(optimizer="adam", lr=0.01, faults=FAULTS), regression_loader())
     return guard, probe
 
@@ -157,10 +157,7 @@ class _SaveAt(Callback):
 def test_a_checkpoint_carries_a_memory_snapshot_but_not_a_disk_one(tmp_path: Path, location: str) -> None:
     path = tmp_path / "step20.ckpt"
     guard = ExplosionGuard(console_summary=False, snapshot_every=10, snapshot_location=location)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=25, callbacks=[guard, _SaveAt(20, path)], default_root_dir=str(tmp_path),
-        logger=False, **QUIET,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_steps=25, callbacks=[guard, _SaveAt(20, path)], default_root_dir=str(tmp_path))
     trainer.fit(TinyRegression(optimizer="adam", lr=0.01), regression_loader())
     saved = torch.load(path, weights_only=True)["gradstab_guard_snapshot"]
     resumed = ExplosionGuard(console_summary=False, snapshot_location=location)

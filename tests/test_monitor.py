@@ -15,7 +15,8 @@ from lightning_gradstab import GradNormMonitor
 from lightning_gradstab.callbacks._shared import logging_step, optimizer_index
 from lightning_gradstab.stats import group_name
 from tests.conftest import reference_group_norms
-from tests.models import TinyRegressor, TwoOptimizerModule
+from tests.helpers.models import TinyRegressor, TwoOptimizerModule
+from tests.helpers.trainers import quiet_trainer
 
 
 class ReferenceNorms(Callback):
@@ -34,20 +35,11 @@ class ReferenceNorms(Callback):
         self.steps_per_scope[scope] += 1
 
 
-def fit(model, callbacks, logger, **trainer_kwargs) -> pl.Trainer:
+def fit(model, callbacks, logger, max_steps=6, log_every_n_steps=2, **trainer_kwargs) -> pl.Trainer:
     torch.manual_seed(0)
-    options = dict(
-        max_steps=6,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=2,
+    trainer = quiet_trainer(
+        callbacks=callbacks, logger=logger, max_steps=max_steps, log_every_n_steps=log_every_n_steps, **trainer_kwargs
     )
-    options.update(trainer_kwargs)
-    trainer = pl.Trainer(callbacks=callbacks, **options)
     trainer.fit(model)
     return trainer
 

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
-from tests.scripts.guard_models import QUIET, TinyRegression, regression_loader
+from tests.helpers.trainers import quiet_trainer
+from tests.scripts.guard_models import TinyRegression, regression_loader
 
 KILL_STEP, STEPS = 52, 70
 FAULTS = dict.fromkeys(range(60, 65), "scale_grad")  # climbs to rollback at policy step 65, after the resume
@@ -41,10 +42,9 @@ class _Kill(Callback):
 
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
-    options = {**QUIET, "enable_checkpointing": True}
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=STEPS, logger=False, default_root_dir=str(out_dir),
-        callbacks=[guard(), checkpointing(out_dir / "checkpoints"), _Kill()], **options,
+    trainer = quiet_trainer(
+        max_steps=STEPS, default_root_dir=str(out_dir), enable_checkpointing=True,
+        callbacks=[guard(), checkpointing(out_dir / "checkpoints"), _Kill()],
     )
     trainer.fit(TinyRegression(faults=FAULTS), regression_loader())
 
