@@ -16,16 +16,22 @@ def regression_data(n: int = 64, features: int = 8, seed: int = 0) -> DataLoader
     return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
+def tanh_mlp(width: int = 16, depth: int = 3, features: int = 8) -> nn.Sequential:
+    """``features -> width x (depth - 1) -> 1`` with tanh between the ``depth`` linear layers, at torch's default
+    init (drawn from the global generator, layer by layer: seed before calling it for fixed weights)."""
+    layers: list[nn.Module] = [nn.Linear(features, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
 class TinyRegressor(pl.LightningModule):
     """An MLP regressor trained with SGD; ``frozen`` freezes its first layer, ``tied`` ties two layers."""
 
     def __init__(self, width: int = 16, depth: int = 3, lr: float = 0.05, frozen: bool = False, tied: bool = False):
         super().__init__()
-        layers: list[nn.Module] = [nn.Linear(8, width), nn.Tanh()]
-        for _ in range(depth - 2):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = tanh_mlp(width, depth)
         if frozen:
             self.net[0].requires_grad_(False)
         if tied and depth >= 4:

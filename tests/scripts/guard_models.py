@@ -1,7 +1,8 @@
 """Tiny real trainings for the ExplosionGuard tests: a regression MLP with injectable faults.
 
 Shared by ``tests/test_guard.py`` and the DDP job ``tests/scripts/guard_nan_ddp.py`` so both train the
-same model on the same data.
+same model on the same data. Its network is ``tests.helpers.models.tanh_mlp`` (as ``TinyRegressor``'s), wider
+(32) and seeded here; the data (a sine of a projection, 512 samples) and the fault injection are its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+from tests.helpers.models import tanh_mlp
+from tests.helpers.trainers import QUIET  # noqa: F401  (imported from here by scripts/gpu_precision_check.py)
 
 
 def regression_data(samples: int = 512, seed: int = 0) -> TensorDataset:
@@ -48,7 +50,7 @@ class TinyRegression(pl.LightningModule):
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.net = tanh_mlp(width=32, depth=3)
         self.lr = lr
         self.optimizer_name = optimizer
         self.faults = faults or {}

@@ -4,7 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,7 +12,8 @@ from lightning_gradstab import GradNormMonitor
 from lightning_gradstab.callbacks._shared import gradient_stats, logging_step
 from lightning_gradstab.stats import group_name
 from tests.conftest import MemoryLogger, reference_group_norms
-from tests.models import TinyRegressor
+from tests.helpers.models import TinyRegressor
+from tests.helpers.trainers import quiet_trainer
 
 
 class RankData(TinyRegressor):
@@ -39,10 +39,9 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     torch.manual_seed(0)
     logger, recorder = MemoryLogger(), Recorder()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=4, log_every_n_steps=2, logger=logger,
-        callbacks=[GradNormMonitor(log_every_n_steps=2), recorder], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp", max_steps=4, log_every_n_steps=2, logger=logger,
+        callbacks=[GradNormMonitor(log_every_n_steps=2), recorder],
     )
     trainer.fit(RankData())
     (out_dir / f"rank{trainer.global_rank}.json").write_text(
