@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -14,7 +13,7 @@ import pytest
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.subprocess_env import REPO, child_env
 
 
 class MemoryLogger(Logger):
@@ -62,11 +61,9 @@ def run_ddp_script(script: str | Path, out_dir: Path, *args: str, timeout: float
     order. A hang fails the test through ``timeout`` instead of blocking CI.
     """
     script_path = REPO / "tests" / "scripts" / script
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    env.pop("LOCAL_RANK", None)
     completed = subprocess.run(
         [sys.executable, str(script_path), str(out_dir), *args],
-        env=env,
+        env=child_env(PL_DISABLE_FORK="1"),
         cwd=str(out_dir),
         capture_output=True,
         text=True,

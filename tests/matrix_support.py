@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, GradNormMonitor, InitAudit
 from tests.conftest import MemoryLogger
+from tests.helpers.trainers import quiet_trainer
 
 FEATURES = 8
 VOCABULARY = 12
 BATCH_SIZE = 8
 TRAIN_BATCHES = 4  # per epoch: a per-epoch scheduler steps twice in an 8-step cell
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
 def matrix_data(batches: int = TRAIN_BATCHES, seed: int = 0) -> DataLoader:
@@ -288,21 +288,17 @@ def build_model(cell: Cell) -> MatrixModel:
 def trainer_for(cell: Cell, root: Path, callbacks: list[Callback], logger: Logger | bool, **extra: Any) -> pl.Trainer:
     """A quiet single-process CPU trainer logging every step, with the cell's options."""
     options = {
-        "accelerator": "cpu",
-        "devices": 1,
         "max_steps": 8,
         "log_every_n_steps": 1,
         "limit_val_batches": 2,
         "num_sanity_val_steps": 0,
-        "enable_checkpointing": False,
         "deterministic": True,
-        **QUIET,
         **cell.trainer,
         **extra,
     }
     if cell.fp16_scaler:
         options["plugins"] = [MixedPrecision("16-mixed", "cpu")]
-    return pl.Trainer(default_root_dir=str(root), callbacks=callbacks, logger=logger, **options)
+    return quiet_trainer(default_root_dir=str(root), callbacks=callbacks, logger=logger, **options)
 
 
 def final_weights(model: nn.Module) -> dict[str, Tensor]:

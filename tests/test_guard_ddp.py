@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-NAN_LOSS_STEP, NAN_GRAD_STEP, STEPS = 30, 40, 50  # as in tests/scripts/guard_nan_ddp.py
+from tests.scripts.guard_nan_ddp import NAN_GRAD_STEP, NAN_LOSS_STEP, STEPS
+
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(240)
 def test_nan_on_one_rank_skips_the_same_step_on_all_ranks(tmp_path: Path, ddp_runner) -> None:
     rank0, rank1 = ddp_runner("guard_nan_ddp.py", tmp_path, timeout=200)
     assert rank0["global_step"] == rank1["global_step"] == STEPS  # no hang, no early exit
@@ -25,8 +25,6 @@ def test_nan_on_one_rank_skips_the_same_step_on_all_ranks(tmp_path: Path, ddp_ru
     assert all(math.isfinite(w) for w in rank0["weights"][str(STEPS)])
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(240)
 def test_fp16_nan_on_one_rank_after_the_all_reduce_is_skipped_on_both_ranks_with_identical_loss_scales(
     tmp_path: Path, ddp_runner
 ) -> None:

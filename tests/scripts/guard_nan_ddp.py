@@ -14,11 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from guard_models import QUIET, NanGradientAfterReduction, TinyRegression, regression_loader
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
+from tests.helpers.trainers import quiet_trainer
+from tests.scripts.guard_models import NanGradientAfterReduction, TinyRegression, regression_loader
 
 NAN_LOSS_STEP = 30  # rank 1's loss is NaN: DDP's all-reduce spreads it to every rank
 NAN_GRAD_STEP = 40  # rank 1's gradient turns NaN after the all-reduce: only the guard's reduction tells rank 0
@@ -41,16 +42,13 @@ def main(out_dir: Path, mode: str = "fp32") -> None:
     torch.set_num_threads(1)
     model = TinyRegression(faults={NAN_LOSS_STEP: "nan_loss"}, fault_rank=1)
     guard, weights = ExplosionGuard(console_summary=False), _Weights()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=STEPS,
         callbacks=[NanGradientAfterReduction(NAN_GRAD_STEP, rank=1), guard, weights],
-        logger=False,
         default_root_dir=str(out_dir),
         plugins=[MixedPrecision("16-mixed", "cpu")] if mode == "fp16" else None,
-        **QUIET,
     )
     trainer.fit(model, regression_loader())
     result = {

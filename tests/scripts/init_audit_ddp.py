@@ -4,13 +4,13 @@ import json
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab import ArchitectureAdvisor, InitAudit
 from tests.helpers.models import DigitsClassifier, digits, mlp
+from tests.helpers.trainers import quiet_trainer
 
 
 class RankData(DigitsClassifier):
@@ -35,10 +35,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     torch.set_num_threads(1)
     audit, recorder, advisor = InitAudit(fix=True, seed=3), WeightsAfterAudit(), ArchitectureAdvisor(observe_steps=10)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, default_root_dir=out_dir,
-        callbacks=[audit, recorder, advisor], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp", max_steps=12, default_root_dir=out_dir, callbacks=[audit, recorder, advisor]
     )
     model = RankData(mlp(30, 64, init="xavier"))
     trainer.fit(model)

@@ -29,7 +29,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab import ExplosionGuard
 from tests.conftest import MemoryLogger
-from tests.matrix_support import QUIET, Cell, GradientReference, build_model, full_suite, guard_actions
+from tests.helpers.trainers import quiet_trainer
+from tests.matrix_support import Cell, GradientReference, build_model, full_suite, guard_actions
 
 STEPS = 8
 NAN_INPUT_STEP = 3  # optimizer steps done before the faulty batch
@@ -77,18 +78,15 @@ def main(out_dir: Path, mode: str) -> None:
     suite = full_suite() if mode != "without_suite" else []
     reference, weights, logger = GradientReference(), WeightsPerStep(), MemoryLogger()
     injectors = [InfGradientAfterReduction(INF_GRAD_STEP, rank=0)] if faulty else []
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=steps,
         log_every_n_steps=1,
         limit_val_batches=0,
-        enable_checkpointing=False,
         callbacks=[*injectors, reference, *suite, weights],
         logger=logger,
         default_root_dir=str(out_dir),
-        **QUIET,
     )
     trainer.fit(model)
     guard = next((c for c in suite if isinstance(c, ExplosionGuard)), None)
