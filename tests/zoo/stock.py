@@ -28,20 +28,25 @@ def _image(model_class: type, config: object, size: int = 32) -> tuple[nn.Module
     return model_class(config), {"pixel_values": image_batch(size)}
 
 
+SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+         "max_position_embeddings": 32}
+"""The reduced size of the text models whose configs use BERT's size names (``overrides`` change one)."""
+
+
+def _bert_sized(config_class: type, model_class: type, **overrides: object) -> tuple[nn.Module, dict]:
+    return _text(model_class, config_class(vocab_size=VOCAB, **{**SIZES, **overrides}))
+
+
 def gpt2() -> tuple[nn.Module, dict]:
     return _text(hf.GPT2LMHeadModel, hf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4))
 
 
 def bert() -> tuple[nn.Module, dict]:
-    config = hf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=32)
-    return _text(hf.BertForMaskedLM, config)
+    return _bert_sized(hf.BertConfig, hf.BertForMaskedLM)
 
 
 def roberta() -> tuple[nn.Module, dict]:
-    config = hf.RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=128, max_position_embeddings=40)
-    return _text(hf.RobertaForMaskedLM, config)
+    return _bert_sized(hf.RobertaConfig, hf.RobertaForMaskedLM, max_position_embeddings=40)
 
 
 def distilbert() -> tuple[nn.Module, dict]:
@@ -52,21 +57,15 @@ def distilbert() -> tuple[nn.Module, dict]:
 
 def albert() -> tuple[nn.Module, dict]:
     # one layer group shared across depth: the same modules run once per layer
-    config = hf.AlbertConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=64, num_hidden_layers=3,
-                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
-    return _text(hf.AlbertForMaskedLM, config)
+    return _bert_sized(hf.AlbertConfig, hf.AlbertForMaskedLM, embedding_size=32, num_hidden_layers=3)
 
 
 def electra() -> tuple[nn.Module, dict]:
-    config = hf.ElectraConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
-    return _text(hf.ElectraForPreTraining, config)
+    return _bert_sized(hf.ElectraConfig, hf.ElectraForPreTraining, embedding_size=32)
 
 
 def _llama_like(config_class: type, model_class: type, **kwargs: object) -> tuple[nn.Module, dict]:
-    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kwargs)
-    return _text(model_class, config)
+    return _bert_sized(config_class, model_class, num_key_value_heads=2, max_position_embeddings=64, **kwargs)
 
 
 def llama() -> tuple[nn.Module, dict]:
@@ -99,9 +98,7 @@ def opt() -> tuple[nn.Module, dict]:
 
 
 def gpt_neox() -> tuple[nn.Module, dict]:
-    config = hf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=128, max_position_embeddings=32)
-    return _text(hf.GPTNeoXForCausalLM, config)
+    return _bert_sized(hf.GPTNeoXConfig, hf.GPTNeoXForCausalLM)
 
 
 def bloom() -> tuple[nn.Module, dict]:
