@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RunningMoments
 
@@ -85,6 +85,20 @@ LOSS_HORIZON_STEPS = 10
 
 RELATIVE_LOSS_STD_FLOOR = 0.01
 """Smallest loss standard deviation used in loss z-scores, as a fraction of the mean loss."""
+
+SCALE_INVARIANT_MAX_NORM = 1.0
+"""The gradient-norm ceiling ``max_norm="auto"`` applies to optimizers whose step ignores the gradient's scale.
+
+Adam and its relatives divide by a running root mean square of the gradient, so multiplying every gradient by a
+constant leaves their steps unchanged: a ceiling cannot shrink their step size the way it does SGD's (where a
+ceiling of 1 on a model whose healthy norm is 100 is a 100x lower learning rate). What it changes is how much one
+step weighs against the others: a gradient ``k`` times the typical one enters Adam's first moment with weight
+``(1 - beta1) k`` while barely moving the slow second moment, so its push grows with ``k``. Capping the norm
+keeps an early or heavy-tailed step from dominating the moments (Zhang et al. 2020, "Why are adaptive methods
+good for attention models?": heavy-tailed gradient noise, which clipping tames). 1.0 is the ceiling of nearly
+every published AdamW recipe (GPT-3, LLaMA, OLMo, Wortsman et al. 2023's small-scale proxies) and ZClip's
+``max_grad_norm`` default; on a model whose healthy norms are all above it, every step is normalised, which for
+a scale-invariant optimizer is a change of weighting, not of step size."""
 
 SNAPSHOT_HEALTHY_STREAK = 10
 """Consecutive healthy steps before a refreshed snapshot is taken: a state the guard is acting on is not one."""
@@ -133,7 +147,9 @@ class PolicyConfig:
             that makes a divergence, > 0; ``None`` turns divergence detection off.
         max_update_ratio: largest ``lr * |g| / |w|`` of a plain SGD step (momentum included as
             ``lr / (1 - momentum)``), > 0; the gradient is clipped to it. ``None`` turns it off.
-        max_norm: an absolute ceiling on the gradient norm, > 0 (``None``: no ceiling, the default).
+        max_norm: an absolute ceiling on the gradient norm, > 0; ``"auto"`` (the default):
+            :data:`SCALE_INVARIANT_MAX_NORM` for an optimizer whose step ignores the gradient's scale (the
+            observation says so, see :attr:`Observation.scale_invariant`), none for the others; ``None``: none.
         budgets: anomalous steps each rung may handle, e.g. ``{"skip": 2}`` (others keep their default).
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm, > 0 (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
@@ -158,7 +174,7 @@ class PolicyConfig:
     loss_zscore_threshold: float | None = 6.0
     loss_rise_tolerance: float | None = 0.5
     max_update_ratio: float | None = 1.0
-    max_norm: float | None = None
+    max_norm: float | Literal["auto"] | None = "auto"
     budgets: dict[str, int] | None = None
     tight_clip_ratio: float | None = None
     backoff_factor: float | None = None
@@ -171,8 +187,10 @@ class PolicyConfig:
                      "loss_zscore_threshold", "loss_rise_tolerance", "max_update_ratio", "max_norm",
                      "tight_clip_ratio", "backoff_factor"):
             value = getattr(self, name)
-            if value is None:
+            if value is None or (name == "max_norm" and value == "auto"):
                 continue
+            if name == "max_norm" and isinstance(value, str):
+                raise ValueError(f"`max_norm` must be a number > 0, 'auto' or None, got {value!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
             _check(math.isfinite(value), name, value, "a finite number (inf and nan are not thresholds)")
@@ -195,7 +213,7 @@ class PolicyConfig:
         _check(self.loss_scale_floor > 0, "loss_scale_floor", self.loss_scale_floor, "a number > 0")
         for name in ("loss_zscore_threshold", "loss_rise_tolerance", "max_update_ratio", "max_norm"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value != "auto":
                 _check(value > 0, name, value, "None or a number > 0")
         for option, rung in _RUNG_OPTIONS.items():
             if getattr(self, option) is not None and RUNGS.index(rung) > max_level:
@@ -263,6 +281,8 @@ class Observation:
         lr: the scheduled learning rate (first param group) before the guard's scale, ``None`` if unknown. With
             it, the ceiling a back-off leaves is an absolute learning rate, so a schedule that decays below the
             rate that failed runs at its own rate again.
+        scale_invariant: the optimizer's step does not change when every gradient is multiplied by a constant
+            (Adam, AdamW, RMSprop, Adagrad, ...): ``max_norm="auto"`` gives it a ceiling.
     """
 
     total_norm: float
@@ -273,6 +293,7 @@ class Observation:
     weight_norm: float | None = None
     step_size: float | None = None
     lr: float | None = None
+    scale_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -498,8 +519,9 @@ class ExplosionPolicy:
 
         adaptive_threshold = min(self._adaptive_threshold(zscore), warmup_threshold)
         threshold = adaptive_threshold
+        ceiling = self._norm_ceiling(observation) if state.level >= RUNGS.index("clip") else math.inf
         if state.level >= RUNGS.index("clip"):
-            threshold = min(threshold, update_threshold, config.max_norm or math.inf)
+            threshold = min(threshold, update_threshold, ceiling)
             if drifting:  # the edge of the band drift is judged by
                 threshold = min(threshold, config.growth_factor * self.reference_norm)
         if state.level >= RUNGS.index("tight_clip") and self.statistics.warmed_up:
@@ -579,6 +601,8 @@ class ExplosionPolicy:
         )
         for action in decision.actions:
             self._count(action)
+        if "clip" in decision.actions and threshold == ceiling:
+            self._count("max_norm")  # the ceiling, not an anomaly, set this clip
         if anomaly is not None:
             self._count(anomaly)
             state.first_anomaly_steps.setdefault(anomaly, state.steps)
@@ -644,6 +668,13 @@ class ExplosionPolicy:
         if ratio is None or not weight_norm or not step_size or self.state.level < RUNGS.index("clip"):
             return math.inf
         return ratio * weight_norm / (step_size * self.state.lr_scale)
+
+    def _norm_ceiling(self, observation: Observation) -> float:
+        """The absolute gradient-norm ceiling for this optimizer (``inf``: none)."""
+        max_norm = self.config.max_norm
+        if max_norm == "auto":
+            return SCALE_INVARIANT_MAX_NORM if observation.scale_invariant else math.inf
+        return math.inf if max_norm is None else float(max_norm)
 
     def _statistics_state(self) -> dict[str, Any]:
         reference = None if self.reference is None else self.reference.state_dict()

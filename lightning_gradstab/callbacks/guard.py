@@ -132,7 +132,10 @@ class ExplosionGuard(Callback):
             divergence (roll back and halve the learning rate), > 0; ``None`` turns it off.
         max_update_ratio: largest ``lr / (1 - momentum) * |g| / |w|`` a plain SGD step may take, > 0 (the
             gradient is clipped to it); ``None`` turns it off. Other optimizers are not affected.
-        max_norm: an absolute ceiling on the gradient norm (ZClip's ``max_grad_norm``), > 0; off by default.
+        max_norm: an absolute ceiling on the gradient norm (ZClip's ``max_grad_norm``), > 0. ``"auto"`` (the
+            default): 1.0 for optimizers whose step ignores the gradient's scale (Adam, AdamW, RMSprop, Adagrad
+            and any optimizer with ``betas``, see :data:`~lightning_gradstab.policy.SCALE_INVARIANT_MAX_NORM`),
+            none for SGD and the others, where a ceiling would lower the learning rate; ``None``: no ceiling.
         budgets: anomalous steps per rung before escalating, e.g. ``{"skip": 2}``.
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
@@ -176,7 +179,7 @@ class ExplosionGuard(Callback):
         loss_zscore_threshold: float | None = 6.0,
         loss_rise_tolerance: float | None = 0.5,
         max_update_ratio: float | None = 1.0,
-        max_norm: float | None = None,
+        max_norm: float | Literal["auto"] | None = "auto",
         budgets: dict[str, int] | None = None,
         tight_clip_ratio: float | None = None,
         backoff_factor: float | None = None,
@@ -368,6 +371,7 @@ class ExplosionGuard(Callback):
             weight_norm=reduced["weight_norm"] if step_size is not None else None,
             step_size=step_size,
             lr=_scheduled_lr(raw),
+            scale_invariant=_scale_invariant(raw),
         )
         decision = policy.step(observation)
         snapshot_everywhere = reduced["snapshot_available"] > 0
@@ -612,6 +616,23 @@ def _sgd_step_size(optimizer: torch.optim.Optimizer) -> float | None:
         dampening = float(group.get("dampening", 0.0)) if momentum > 0 else 0.0
         sizes.append(lr * (1.0 - dampening) / (1.0 - momentum))
     return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+_SCALE_INVARIANT_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam", "Adagrad", "RMSprop", "Adadelta",
+                 "Adafactor")
+    if hasattr(torch.optim, name)
+)
+
+
+def _scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step ignores a constant scaling of the gradient (it normalises by its moments).
+
+    torch's adaptive optimizers by type; others (LAMB, Lion, 8-bit and fused Adams from other libraries) by
+    the ``betas`` of Adam-style moment estimates in their defaults.
+    """
+    return isinstance(optimizer, _SCALE_INVARIANT_OPTIMIZERS) or "betas" in getattr(optimizer, "defaults", {})
 
 
 def _scheduled_lr(optimizer: torch.optim.Optimizer) -> float | None:
