@@ -18,6 +18,10 @@ unprotected training is not ok on every seed, the guard finishes every seed ok w
 ``<= 1.05 x best peer + 0.01``; on a healthy task its mean final loss is ``<= 1.05 x none + 0.02``; on an AdamW
 transformer task (and on an unstable task whose unprotected run happened not to fail) ``<= 1.05 x best peer +
 0.01``. The best peer is the peer method with the most ok seeds, then the lowest mean final loss.
+
+``clean`` is a reference, not a peer: on a task that injects bad batches it is the unprotected run on the same
+batches with the injected ones replaced by the originals, so it is what a perfect filter of bad batches would
+reach (tasks that inject nothing leave its cell empty).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_METHODS = ("none", "clip1", "zclip", "olmo_skip", "spike", "guard")
+DEFAULT_METHODS = ("none", "clip1", "zclip", "olmo_skip", "spike", "clean", "guard")
 
 
 def _quiet() -> None:
@@ -89,6 +93,10 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
     _quiet()
     task = TASKS[task_name]
     built = task.build(seed, steps)
+    if method_name == "clean":  # a reference, not a method: the same run without its injected batches
+        if built.clean_batches is None:
+            return {"task": task_name, "method": method_name, "seed": seed, "status": "n/a"}
+        built.train_batches = built.clean_batches
     initial = built.module.evaluate(built.eval_batches)
     method = resolve_method(method_name)()
     status, error = "finished", None
@@ -174,6 +182,8 @@ def run_all(
 
 
 def _progress(r: dict[str, Any], done: int, total: int) -> str:
+    if r["status"] == "n/a":
+        return f"[{done}/{total}] {r['task']} {r['method']} seed={r['seed']}: n/a"
     return (
         f"[{done}/{total}] {r['task']} {r['method']} seed={r['seed']}: {r['status']} "
         f"loss {r['initial_loss']:.3g} -> {r['final_loss']:.3g} {'ok' if r['ok'] else 'NOT ok'} ({r['wall_s']}s)"
@@ -199,6 +209,8 @@ def aggregate(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     """Per (task, method): seeds, ok count, early-ended count, mean final loss, summed actions."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
+        if r["status"] == "n/a":  # the clean reference of a task that injects nothing
+            continue
         cell = cells.setdefault(
             (r["task"], r["method"]), {"n": 0, "ok": 0, "early": 0, "crashed": 0, "losses": [], "actions": {}}
         )
@@ -357,7 +369,8 @@ def report(results, tasks, methods, command: str, jobs: int, wall: float, label:
         f"lightning {info['lightning']}",
         f"- code: git commit {info['commit']}" + (f"; {label}" if label else ""),
         f"- {seeds} seed(s) per task; cell = `ok seeds/seeds, mean final held-out loss`",
-        f"- zclip settings: `{ZCLIP_SETTINGS}`; spike = `SpikeDetection()` defaults; olmo_skip = window 128, 6 sigma",
+        f"- zclip settings: `{ZCLIP_SETTINGS}`; spike = `SpikeDetection()` defaults; olmo_skip = window 128, 6 sigma; "
+        "clean = no protection, the injected batches replaced by the originals (a reference, not a peer)",
         "",
         *table(results, tasks, methods),
         "",

@@ -130,6 +130,9 @@ class Built:
     eval_batches: list[Batch]
     injections: dict[int, str] = field(default_factory=dict)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    clean_batches: list[Batch] | None = None
+    """The training batches without the injected ones (``None``: nothing injected), for the ``clean`` reference:
+    what the same run reaches when the bad batches never come, the most a protection can give back."""
 
     @property
     def steps(self) -> int:
@@ -442,9 +445,10 @@ def _sgd_spikes(seed: int, steps: int) -> Built:
     ~10 more steps. Without protection the weights overflow.
     """
     train, evals = _digit_batches(seed, steps)
+    clean = list(train)
     injections = _scale_inputs(train, spike_steps(steps, (0.3, 0.55, 0.8)), 1e5, misalign=True)
     module = BenchModule(mlp(128, 2, nn.ReLU), "ce", sgd(lr=0.05, momentum=0.9))
-    return Built(module, train, evals, injections)
+    return Built(module, train, evals, injections, clean_batches=clean)
 
 
 def _adamw_spikes(seed: int, steps: int) -> Built:
@@ -455,9 +459,10 @@ def _adamw_spikes(seed: int, steps: int) -> Built:
     for ~1/(1 - beta2) = 1000 steps, freezing the layers it hit.
     """
     train, evals = _digit_batches(seed, steps)
+    clean = list(train)
     injections = _scale_inputs(train, spike_steps(steps, (0.3, 0.55, 0.8)), 1e5, misalign=True)
     module = BenchModule(mlp(128, 2, nn.ReLU), "ce", adamw(lr=3e-3))
-    return Built(module, train, evals, injections)
+    return Built(module, train, evals, injections, clean_batches=clean)
 
 
 def _gpt_lr_high(seed: int, steps: int) -> Built:
@@ -488,6 +493,7 @@ def _gpt_corrupt(seed: int, steps: int) -> Built:
     """
     train, evals = _text_batches(seed, steps)
     g = torch.Generator().manual_seed(4000 + seed)
+    clean = list(train)
     injections: dict[int, str] = {}
     for n, start in enumerate(spike_steps(steps, (0.35, 0.6))):
         for i in range(start, min(steps, start + 3)):
@@ -499,7 +505,7 @@ def _gpt_corrupt(seed: int, steps: int) -> Built:
                 train[i] = {**train[i], "y": torch.full_like(train[i]["y"], ALPHABET.index("q"))}
                 injections[i] = "targets collapsed onto one token"
     module = BenchModule(CharGPT(), "ce", adamw(lr=3e-3), warmup_cosine(30, steps))
-    return Built(module, train, evals, injections)
+    return Built(module, train, evals, injections, clean_batches=clean)
 
 
 def _early_spike(seed: int, steps: int) -> Built:
@@ -528,9 +534,11 @@ def _fp16_scale_collapse(seed: int, steps: int) -> Built:
 
     train, evals = _digit_batches(seed, steps)
     phase = list(range(min(steps, 40)))
+    clean = list(train)
     injections = _scale_inputs(train, phase, 1e5)
     module = BenchModule(mlp(128, 2, nn.ReLU), "ce", sgd(lr=0.05, momentum=0.9))
-    return Built(module, train, evals, injections, {"plugins": [MixedPrecision("16-mixed", "cpu")]})
+    plugins = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    return Built(module, train, evals, injections, plugins, clean_batches=clean)
 
 
 def _zero_grad_phase(seed: int, steps: int) -> Built:

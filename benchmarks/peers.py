@@ -162,6 +162,7 @@ METHODS: dict[str, Callable[[], Method]] = {
     "zclip": _zclip,
     "olmo_skip": _olmo_skip,
     "spike": _spike,
+    "clean": _none,  # the harness swaps the injected batches back for it
     "guard": guard,
 }
 PEERS = ("none", "clip1", "zclip", "olmo_skip", "spike")
