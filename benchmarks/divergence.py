@@ -96,7 +96,7 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
     if method_name == "clean":  # a reference, not a method: the same run without its injected batches
         if built.clean_batches is None:
             return {"task": task_name, "method": method_name, "seed": seed, "status": "n/a"}
-        built.train_batches = built.clean_batches
+        built.train_batches, built.injections = built.clean_batches, {}
     initial = built.module.evaluate(built.eval_batches)
     method = resolve_method(method_name)()
     status, error = "finished", None

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import divergence
 from benchmarks.divergence_tasks import TASKS
@@ -25,10 +26,24 @@ def results() -> list[dict]:
 def test_every_method_runs_once_and_records_losses(results):
     assert [r["method"] for r in results] == list(divergence.DEFAULT_METHODS)
     for r in results:
-        assert r["task"] == TASK and r["seed"] == 0 and r["steps"] == STEPS
+        assert r["task"] == TASK and r["seed"] == 0
+        if r["method"] == "clean":  # a reference only for tasks that inject bad batches; this one injects none
+            assert r["status"] == "n/a"
+            continue
+        assert r["steps"] == STEPS
         assert r["status"] in ("finished", "stopped", "killed")
         assert math.isfinite(r["initial_loss"])
     json.dumps(results)  # the per-run records are what the .json file holds
+
+
+def test_clean_reference_replays_the_run_with_the_injected_batches_replaced_by_the_originals():
+    record = divergence.run_one("sgd_spikes", "clean", seed=0, steps=STEPS)
+    assert record["injections"] == 0 and record["status"] == "finished"
+    task = TASKS["sgd_spikes"]
+    built = task.build(0, STEPS)
+    assert built.clean_batches is not None and built.injections
+    for step in built.injections:
+        assert not torch.equal(built.train_batches[step]["x"], built.clean_batches[step]["x"])
 
 
 def test_unprotected_training_diverges_and_a_fixed_clip_rescues_it(results):
