@@ -371,6 +371,23 @@ class _Counters:
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Judgement:
+    """What :meth:`ExplosionPolicy._judge` found in one step's evidence (the inputs of everything after it)."""
+
+    norm: float
+    nonfinite: bool
+    collapsed: bool
+    loss: float | None
+    learned_loss: float | None
+    zscore: float
+    loss_zscore: float
+    warmup_threshold: float
+    update_threshold: float
+    drifting: bool
+    anomaly: str | None
+
+
 class ExplosionPolicy:
     """The guard's brain: detection, escalation ladder, budgets, de-escalation, event log.
 
@@ -455,21 +472,75 @@ class ExplosionPolicy:
 
     def step(self, observation: Observation) -> Decision:
         """Judge one optimizer step and decide what to do with it."""
-        state, config = self.state, self.config
+        state = self.state
         state.steps += 1
+        unjudged = self._unjudged(observation)
+        if unjudged is not None:
+            return unjudged
+        judgement = self._judge(observation)
+        anomaly = judgement.anomaly
+        previous_level, previous_lr_scale = state.level, state.lr_scale
+        lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
+        self._move_on_the_ladder(anomaly, lr)
+        adaptive_threshold, threshold, ceiling = self._clip_thresholds(judgement, observation)
+        coefficient = 1.0
+        if not judgement.nonfinite and math.isfinite(threshold) and judgement.norm > threshold:
+            coefficient = threshold / judgement.norm
+        skip, rollback, stop = self._interventions(anomaly, previous_level, lr)
+        snapshot = self._snapshot_due(anomaly)
+        if not judgement.nonfinite and not rollback:
+            self._learn(judgement, adaptive_threshold)
+        self._keep_snapshot_bookkeeping(anomaly, snapshot)
+
+        decision = Decision(
+            step=state.steps,
+            level=state.level,
+            anomaly=anomaly,
+            zscore=judgement.zscore,
+            clip_threshold=threshold,
+            clip_coefficient=1.0 if skip else coefficient,
+            skip=skip,
+            lr_scale=1.0 if skip else state.lr_scale,
+            rollback=rollback,
+            stop=stop,
+            snapshot=snapshot,
+            loss_zscore=judgement.loss_zscore,
+            reset_loss_scale=judgement.collapsed and self.config.allows("skip"),
+        )
+        for action in decision.actions:
+            self._count(action)
+        if "clip" in decision.actions and threshold == ceiling:
+            self._count("max_norm")  # the ceiling, not an anomaly, set this clip
+        if anomaly is not None:
+            self._count(anomaly)
+            state.first_anomaly_steps.setdefault(anomaly, state.steps)
+        if anomaly is not None or decision.skip or state.level != previous_level or state.lr_scale != previous_lr_scale:
+            self._record(decision, judgement.norm, previous_level, judgement.loss)
+        return decision
+
+    def _unjudged(self, observation: Observation) -> Decision | None:
+        """The decision for a step there is nothing to judge on (an fp16 overflow, an exactly zero gradient)."""
+        state, config = self.state, self.config
         collapsed = observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor
         overflow = observation.loss_scale is not None and observation.nonfinite and not observation.rank_local
         if overflow and not collapsed:
             self._count("amp_overflow")  # GradScaler skips this step and lowers the scale itself
             return Decision(state.steps, state.level, "amp_overflow", 0.0, math.inf, lr_scale=1.0)
-        norm, nonfinite = observation.total_norm, observation.nonfinite
-        if not nonfinite and not collapsed and norm == 0.0:
+        if not observation.nonfinite and not collapsed and observation.total_norm == 0.0:
             # no gradient, no information (a frozen phase, a loss term not switched on yet): nothing to judge or
             # learn; the loss of such a step does not train anything either
             self._count("zero_gradient")
             return Decision(state.steps, state.level, None, 0.0, math.inf, lr_scale=state.lr_scale)
-        loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
+        return None
 
+    def _judge(self, observation: Observation) -> _Judgement:
+        """What this step's evidence says, against the statistics of the steps before it (the most severe
+        anomaly wins: a collapsed loss scale, non-finite values, divergence, a loss spike, a gradient spike, an
+        oversized SGD step, growth, drift)."""
+        config = self.config
+        collapsed = observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor
+        norm, nonfinite = observation.total_norm, observation.nonfinite
+        loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
         zscore = 0.0 if nonfinite else self.statistics.zscore(norm)
         loss_zscore = 0.0
         if loss is not None and config.loss_zscore_threshold is not None:
@@ -477,11 +548,11 @@ class ExplosionPolicy:
         learned_loss = None if loss is None else min(loss, self._loss_threshold())
         warmup_threshold = self._warmup_threshold()
         update_threshold = self._update_threshold(observation)
-        anomaly: str | None = None
         # a norm that drifts up while the loss keeps falling is a run whose gradients legitimately grew (weights
         # grow, a tanh net leaves its linear regime): the loss, not the norm, is what an explosion damages
         benign = loss is not None and self.loss_trend.count > 0 and not self._loss_rising()
         drifting = not nonfinite and not benign and self.drift() > math.log(config.growth_factor)
+        anomaly: str | None = None
         if collapsed:
             anomaly = "loss_scale_collapse"
         elif nonfinite:
@@ -500,9 +571,14 @@ class ExplosionPolicy:
                 anomaly = "growth"
             elif drifting:
                 anomaly = "drift"
+        return _Judgement(
+            norm, nonfinite, collapsed, loss, learned_loss, zscore, loss_zscore, warmup_threshold, update_threshold,
+            drifting, anomaly,
+        )
 
-        previous_level, previous_lr_scale = state.level, state.lr_scale
-        lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
+    def _move_on_the_ladder(self, anomaly: str | None, lr: float | None) -> None:
+        """Escalate on an anomaly, de-escalate after a healthy stretch, back off at once on a divergence."""
+        state, config = self.state, self.config
         if anomaly is None:
             self._on_healthy_step(lr)
         elif anomaly == "divergence":
@@ -517,19 +593,26 @@ class ExplosionPolicy:
         else:
             self._escalate(anomaly)
 
-        adaptive_threshold = min(self._adaptive_threshold(zscore), warmup_threshold)
+    def _clip_thresholds(self, judgement: _Judgement, observation: Observation) -> tuple[float, float, float]:
+        """``(adaptive, applied, ceiling)``: the spike threshold the statistics learn, the norm the step is
+        clipped to at the current level, and the absolute ceiling among the bounds it is the minimum of."""
+        state, config = self.state, self.config
+        adaptive_threshold = min(self._adaptive_threshold(judgement.zscore), judgement.warmup_threshold)
         threshold = adaptive_threshold
         ceiling = self._norm_ceiling(observation) if state.level >= RUNGS.index("clip") else math.inf
         if state.level >= RUNGS.index("clip"):
-            threshold = min(threshold, update_threshold, ceiling)
-            if drifting:  # the edge of the band drift is judged by
+            threshold = min(threshold, judgement.update_threshold, ceiling)
+            if judgement.drifting:  # the edge of the band drift is judged by
                 threshold = min(threshold, config.growth_factor * self.reference_norm)
         if state.level >= RUNGS.index("tight_clip") and self.statistics.warmed_up:
             typical = min(self.statistics.typical_norm, self.reference_norm)
             threshold = min(threshold, config.resolved("tight_clip_ratio") * typical)
-        coefficient = 1.0
-        if not nonfinite and math.isfinite(threshold) and norm > threshold:
-            coefficient = threshold / norm
+        return adaptive_threshold, threshold, ceiling
+
+    def _interventions(self, anomaly: str | None, previous_level: int, lr: float | None) -> tuple[bool, bool, bool]:
+        """``(skip, rollback, stop)`` for this step; applies the level's learning-rate back-off and, on a rollback,
+        the snapshot's statistics."""
+        state, config = self.state, self.config
         anomalous_level = state.level if anomaly not in (None, "update_ratio") else 0
         divergence = anomaly == "divergence"
         skip = anomalous_level >= RUNGS.index("skip") or (
@@ -547,8 +630,14 @@ class ExplosionPolicy:
             self._restore_statistics()
         elif divergence:  # nothing to go back to: judge the next rise from here
             self.loss_trend.lowest = self.loss_trend.smoothed
-        snapshot = config.allows("rollback") and (
-            (not state.has_snapshot and (anomaly is None or state.steps == 1))  # the initial state at least
+        return skip, rollback, stop
+
+    def _snapshot_due(self, anomaly: str | None) -> bool:
+        """Whether the state before this step is a snapshot worth keeping: the initial state at least, then a
+        healthy one every ``snapshot_every`` steps, never while the guard is acting or the loss is rising."""
+        state, config = self.state, self.config
+        return config.allows("rollback") and (
+            (not state.has_snapshot and (anomaly is None or state.steps == 1))
             or (
                 anomaly is None
                 and (
@@ -559,14 +648,22 @@ class ExplosionPolicy:
                 )
             )
         )
-        if not nonfinite and not rollback:  # learn the spike-clipped norm, not the tight clip's
-            self.statistics.update(min(norm, adaptive_threshold))
-            if anomaly is None and state.level <= self.base_level and self.reference is not None:
-                self.reference.update(norm)  # healthy steps at rest only: an episode's norms are not the baseline
-            if learned_loss is not None and anomaly not in ("loss_spike", "divergence"):
-                self.loss_statistics.update(learned_loss)
-                noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
-                self.loss_trend.update(learned_loss, healthy=anomaly is None, noise=noise)
+
+    def _learn(self, judgement: _Judgement, adaptive_threshold: float) -> None:
+        """Fold this step into the statistics: the spike-clipped norm (not the tight clip's), healthy norms at
+        rest into the long-horizon reference, and the clipped loss unless the loss itself was the anomaly."""
+        state, anomaly, learned_loss = self.state, judgement.anomaly, judgement.learned_loss
+        self.statistics.update(min(judgement.norm, adaptive_threshold))
+        if anomaly is None and state.level <= self.base_level and self.reference is not None:
+            self.reference.update(judgement.norm)  # an episode's norms are not the baseline
+        if learned_loss is not None and anomaly not in ("loss_spike", "divergence"):
+            self.loss_statistics.update(learned_loss)
+            noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
+            self.loss_trend.update(learned_loss, healthy=anomaly is None, noise=noise)
+
+    def _keep_snapshot_bookkeeping(self, anomaly: str | None, snapshot: bool) -> None:
+        """Remember the statistics that describe a new snapshot, and count the healthy steps since the last."""
+        state = self.state
         if snapshot:
             state.has_snapshot, state.steps_since_snapshot, state.snapshot_step = True, 0, state.steps
             # this step's gradient and loss were computed on the snapshot's weights: they describe it
@@ -576,39 +673,13 @@ class ExplosionPolicy:
             state.steps_since_snapshot += 1
         if (  # a snapshot taken in the warm-up: a rollback restores the first statistics since that can judge
             self._statistics_at_snapshot is not None
-            and self._statistics_at_snapshot["statistics"]["count"] < config.warmup_steps
+            and self._statistics_at_snapshot["statistics"]["count"] < self.config.warmup_steps
             and state.has_snapshot
             and anomaly is None
             and state.level <= self.base_level
             and self.statistics.warmed_up
         ):
             self._statistics_at_snapshot = self._statistics_state()
-
-        decision = Decision(
-            step=state.steps,
-            level=state.level,
-            anomaly=anomaly,
-            zscore=zscore,
-            clip_threshold=threshold,
-            clip_coefficient=1.0 if skip else coefficient,
-            skip=skip,
-            lr_scale=1.0 if skip else state.lr_scale,
-            rollback=rollback,
-            stop=stop,
-            snapshot=snapshot,
-            loss_zscore=loss_zscore,
-            reset_loss_scale=collapsed and config.allows("skip"),
-        )
-        for action in decision.actions:
-            self._count(action)
-        if "clip" in decision.actions and threshold == ceiling:
-            self._count("max_norm")  # the ceiling, not an anomaly, set this clip
-        if anomaly is not None:
-            self._count(anomaly)
-            state.first_anomaly_steps.setdefault(anomaly, state.steps)
-        if anomaly is not None or decision.skip or state.level != previous_level or state.lr_scale != previous_lr_scale:
-            self._record(decision, norm, previous_level, loss)
-        return decision
 
     def forget_snapshot(self) -> None:
         """The adapter has no snapshot (e.g. resumed from a checkpoint without one): request a new one."""
