@@ -186,6 +186,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_training_rules.py",),
     ),
     Mutation(
+        "the automatic norm ceiling applied to SGD too",
+        "lightning_gradstab/policy.py",
+        "return SCALE_INVARIANT_MAX_NORM if observation.scale_invariant else math.inf",
+        "return SCALE_INVARIANT_MAX_NORM",
+        ("tests/test_guard_ceiling.py",),
+    ),
+    Mutation(
+        "Adam-style optimizers with betas not recognised as scale-invariant",
+        "lightning_gradstab/callbacks/guard.py",
+        'or "betas" in getattr(optimizer, "defaults", {})',
+        'or "beta" in getattr(optimizer, "defaults", {})',
+        ("tests/test_guard_ceiling.py",),
+    ),
+    Mutation(
+        "the ceiling compared with the clip threshold the wrong way (max instead of min)",
+        "lightning_gradstab/policy.py",
+        "threshold = min(threshold, judgement.update_threshold, ceiling)",
+        "threshold = min(threshold, judgement.update_threshold, max(ceiling, judgement.norm))",
+        ("tests/test_guard_ceiling.py",),
+    ),
+    Mutation(
         "vanishing/exploding band edges made exclusive",
         "lightning_gradstab/diagnosis/training_rules.py",
         "if 1 / RATIO_WARNING <= ratio <= RATIO_WARNING:",
