@@ -1,11 +1,15 @@
 """What does ExplosionGuard add to a training step, and what does a rollback snapshot cost?
 
-In one process, the same training loop (``benchmarks/harness.py``) runs round-robin in three configurations:
-``baseline`` (no callbacks), ``monitor`` (``GradNormMonitor()``) and ``monitor+guard`` (``GradNormMonitor()``
-and ``ExplosionGuard()``). The added time is measured inside the hooks that do the work (the mean per
-optimizer step of ``on_before_optimizer_step`` of each callback) and reported as a multiple of the *floor*:
-one bare ``torch._foreach_norm`` over all gradients. Both callbacks read the same shared statistics, so the
-guard's own share is its reduction, its single host read and the policy's few microseconds of Python.
+In one process, the same training loop (``benchmarks/harness.py``, Adam) runs round-robin in these
+configurations: ``baseline`` (no callbacks), ``monitor`` (``GradNormMonitor()``), ``monitor+guard``
+(``GradNormMonitor()`` and ``ExplosionGuard(max_norm=None)``: a guard with nothing to act on, so what it costs
+is measuring and deciding), ``monitor+guard default`` (``ExplosionGuard()``, whose Adam ceiling of 1.0 clips
+every step of a workload whose healthy norm is above 1: the cost of acting) and ``clip_grad_norm_`` (a callback
+calling ``torch.nn.utils.clip_grad_norm_(parameters, 1.0)``, what ``gradient_clip_val=1.0`` does: the reference
+for the cost of a clip). The added time is measured inside the hooks that do the work (the mean per optimizer
+step of ``on_before_optimizer_step`` of each callback) and reported as a multiple of the *floor*: one bare
+``torch._foreach_norm`` over all gradients. Both callbacks read the same shared statistics, so the guard's own
+share is its reduction, its single host read and the policy's few microseconds of Python.
 
 The rollback snapshot (model and Adam state copied to CPU) is timed separately, with its size; snapshots
 live in host memory, so peak accelerator memory is unchanged (checked when a GPU is present).
@@ -28,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from benchmarks.harness import (
     WORKLOADS,
@@ -44,10 +49,25 @@ from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.callbacks.guard import snapshot_training_state
 
 
-def measure(workload: Workload, repetitions: int, steps: int, accelerator: str) -> tuple[dict[str, StepTiming], float]:
-    """Median step time and median per-step time inside the callbacks' hooks, per configuration, and the
-    median time inside the guard's own hook when it runs beside the monitor (its share of the cost)."""
+class ClipGradNorm(Callback):
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` before every optimizer step (Lightning's
+    ``gradient_clip_val`` does the same, outside any callback hook, so it cannot be timed in place)."""
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        torch.nn.utils.clip_grad_norm_(pl_module.parameters(), self.max_norm)
+
+
+def measure(
+    workload: Workload, repetitions: int, steps: int, accelerator: str
+) -> tuple[dict[str, StepTiming], float, float]:
+    """Median step time and median per-step time inside the callbacks' hooks, per configuration, the median
+    time inside the guard's own hook when it runs beside the monitor (its share of the cost), and the fraction
+    of steps the default guard's ceiling clipped."""
     guard_hook_seconds: list[float] = []
+    ceiling_fractions: list[float] = []
 
     def baseline() -> StepTiming:
         return time_fit(workload, [], steps=steps, accelerator=accelerator)
@@ -56,19 +76,42 @@ def measure(workload: Workload, repetitions: int, steps: int, accelerator: str) 
         callback = GradNormMonitor()
         return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
 
-    def monitor_and_guard() -> StepTiming:
-        monitor, guard = GradNormMonitor(), ExplosionGuard(console_summary=False)
+    def with_guard(guard: ExplosionGuard) -> tuple[StepTiming, float]:
+        """The step timing with monitor + guard hooks together, and the guard's own hook alone."""
+        monitor = GradNormMonitor()
         monitor_clock = HookClock(monitor, "on_before_optimizer_step")
         timing = time_fit(workload, [monitor, guard], timed_callback=guard, steps=steps, accelerator=accelerator)
-        guard_hook_seconds.append(timing.hook_seconds)
-        return StepTiming(
+        both = StepTiming(
             timing.step_seconds, timing.hook_seconds + monitor_clock.mean_seconds(skip=10), timing.peak_memory_bytes
         )
+        return both, timing.hook_seconds
+
+    def monitor_and_guard() -> StepTiming:
+        timing, own = with_guard(ExplosionGuard(console_summary=False, max_norm=None))
+        guard_hook_seconds.append(own)
+        return timing
+
+    def monitor_and_default_guard() -> StepTiming:
+        guard = ExplosionGuard(console_summary=False)
+        timing, _ = with_guard(guard)
+        ceiling_fractions.append(guard.policy().counts.get("max_norm", 0) / max(1, guard.policy().steps))
+        return timing
+
+    def clip() -> StepTiming:
+        callback = ClipGradNorm()
+        return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
 
     timings = interleaved_medians(
-        {"baseline": baseline, "monitor": monitor, "monitor+guard": monitor_and_guard}, repetitions
+        {
+            "baseline": baseline,
+            "monitor": monitor,
+            "monitor+guard": monitor_and_guard,
+            "monitor+guard default": monitor_and_default_guard,
+            "clip_grad_norm_": clip,
+        },
+        repetitions,
     )
-    return timings, statistics.median(guard_hook_seconds)
+    return timings, statistics.median(guard_hook_seconds), statistics.median(ceiling_fractions)
 
 
 def snapshot_cost(workload: Workload, device: str, repeats: int = 5) -> tuple[float, float, int, int]:
@@ -123,11 +166,14 @@ def main(argv: list[str] | None = None) -> None:
         "| guard's own hook (ms, x floor) | step ratio monitor / +guard vs baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    acting = []
     snapshots, peaks = [], []
     for workload in (WORKLOADS[key]() for key in args.workloads):
         floor = foreach_norm_floor(workload, steps=args.steps, accelerator=accelerator)
-        timings, guard_seconds = measure(workload, args.repetitions, args.steps, accelerator)
+        timings, guard_seconds, ceiling_fraction = measure(workload, args.repetitions, args.steps, accelerator)
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
+        default, clip = timings["monitor+guard default"], timings["clip_grad_norm_"]
+        acting.append((workload, floor, base, default, clip, ceiling_fraction))
         print(
             f"| {workload.name} | {workload.parameter_tensors()} | {workload.parameter_count() / 1e6:.1f}M "
             f"| {floor * 1e3:.3f} | {monitor.hook_seconds * 1e3:.3f} ({monitor.hook_seconds / floor:.2f}x) "
@@ -137,6 +183,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         snapshots.append((workload, *snapshot_cost(workload, args.device)))
         peaks.append((workload, base, monitor, both))
+    print(
+        "\n| workload | steps clipped at the Adam ceiling | monitor+guard default hooks (ms, x floor) "
+        "| clip_grad_norm_(1.0) hook (ms, x floor) | step ratio guard default / clip_grad_norm_ vs baseline |"
+    )
+    print("|---|---|---|---|---|")
+    for workload, floor, base, default, clip, fraction in acting:
+        print(
+            f"| {workload.name} | {fraction:.0%} "
+            f"| {default.hook_seconds * 1e3:.3f} ({default.hook_seconds / floor:.2f}x) "
+            f"| {clip.hook_seconds * 1e3:.3f} ({clip.hook_seconds / floor:.2f}x) "
+            f"| {default.step_seconds / base.step_seconds:.3f} / {clip.step_seconds / base.step_seconds:.3f} |"
+        )
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
     print(
         f"\n| workload | first snapshot (ms) | refresh (ms) | refresh per step at snapshot_every={snapshot_every} "
