@@ -194,7 +194,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "Adam-style optimizers with betas not recognised as scale-invariant",
-        "lightning_gradstab/callbacks/guard.py",
+        "lightning_gradstab/callbacks/_optimizers.py",
         'or "betas" in getattr(optimizer, "defaults", {})',
         'or "beta" in getattr(optimizer, "defaults", {})',
         ("tests/test_guard_ceiling.py",),

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradstab import ExplosionGuard
-from lightning_gradstab.callbacks.guard import _scale_invariant
+from lightning_gradstab.callbacks._optimizers import is_scale_invariant
 from lightning_gradstab.policy import SCALE_INVARIANT_MAX_NORM, ExplosionPolicy, Observation, PolicyConfig
 from tests.helpers.models import regression_data, tanh_mlp
 from tests.helpers.trainers import quiet_trainer
@@ -121,7 +121,7 @@ class _LionLike(torch.optim.Optimizer):
     ids=["adam", "adamw", "rmsprop", "adagrad", "nadam", "betas", "sgd", "nesterov", "lbfgs"],
 )
 def test_optimizers_whose_step_ignores_the_gradient_scale_are_recognised(factory, invariant: bool) -> None:
-    assert _scale_invariant(factory(nn.Linear(2, 2).parameters())) is invariant
+    assert is_scale_invariant(factory(nn.Linear(2, 2).parameters())) is invariant
 
 
 def test_policy_ceiling_follows_the_observation_only_in_auto_mode() -> None:

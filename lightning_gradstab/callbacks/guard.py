@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_gradstab.callbacks._guard_summary import guard_advice, print_guard_summary
+from lightning_gradstab.callbacks._optimizers import is_scale_invariant, scheduled_lr, sgd_step_size
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
     add_tensorboard_layout,
@@ -33,7 +35,6 @@ from lightning_gradstab.callbacks._shared import (
     validate_interval,
 )
 from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
-from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
     RollbackSnapshot,
@@ -339,7 +340,7 @@ class ExplosionGuard(Callback):
         stats = gradient_stats(trainer, pl_module, raw)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss, self._step_loss = self._step_loss, None  # one optimizer step consumes the losses since the last
-        step_size = _sgd_step_size(raw) if self.config.max_update_ratio is not None else None
+        step_size = sgd_step_size(raw) if self.config.max_update_ratio is not None else None
         weight_norm: torch.Tensor | float = self._weight_norms.get(index, 0.0)
         if step_size is not None and (policy.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
             weight_norm = stats.weight_norms().square().sum().sqrt()
@@ -370,8 +371,8 @@ class ExplosionGuard(Callback):
             loss=None if loss_value <= 0.5 * _NO_LOSS or loss_value >= FLOAT32_MAX else loss_value,
             weight_norm=reduced["weight_norm"] if step_size is not None else None,
             step_size=step_size,
-            lr=_scheduled_lr(raw),
-            scale_invariant=_scale_invariant(raw),
+            lr=scheduled_lr(raw),
+            scale_invariant=is_scale_invariant(raw),
         )
         decision = policy.step(observation)
         snapshot_everywhere = reduced["snapshot_available"] > 0
@@ -513,7 +514,7 @@ class ExplosionGuard(Callback):
                 "evidence": evidence,
                 "first_anomaly_steps": policy.first_anomaly_steps,
                 "worst_spikes": policy.worst_spikes,
-                "advice": _advice(policy, base_lr, self.config),
+                "advice": guard_advice(policy, base_lr, self.config),
             }
         return {"stopped": self.stop_reason is not None, "stop_reason": self.stop_reason, "optimizers": optimizers}
 
@@ -549,7 +550,7 @@ class ExplosionGuard(Callback):
                 self._base_lrs[index] = float(lr)
         self._write_summary(trainer)
         if self.console_summary and trainer.global_rank == 0 and self.policies:
-            _print_summary(self.summary(), trainer)
+            print_guard_summary(self.summary(), trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -600,47 +601,6 @@ class ExplosionGuard(Callback):
             self.policy(index)
 
 
-def _sgd_step_size(optimizer: torch.optim.Optimizer) -> float | None:
-    """``lr / (1 - momentum)`` (times ``1 - dampening``) of plain SGD, the largest over its param groups.
-
-    A gradient ``g`` moves SGD's weights by ``lr * g`` now and, through the momentum buffer, by
-    ``lr / (1 - momentum) * g`` in total. Other optimizers (Adam's step is normalised) get ``None``.
-    """
-    if type(optimizer) is not torch.optim.SGD:
-        return None
-    sizes = []
-    for group in optimizer.param_groups:
-        lr, momentum = group.get("lr"), float(group.get("momentum", 0.0))
-        if not isinstance(lr, (int, float)) or not 0.0 <= momentum < 1.0:
-            return None
-        dampening = float(group.get("dampening", 0.0)) if momentum > 0 else 0.0
-        sizes.append(lr * (1.0 - dampening) / (1.0 - momentum))
-    return max(sizes) if sizes and max(sizes) > 0 else None
-
-
-_SCALE_INVARIANT_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(
-    getattr(torch.optim, name)
-    for name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "SparseAdam", "Adagrad", "RMSprop", "Adadelta",
-                 "Adafactor")
-    if hasattr(torch.optim, name)
-)
-
-
-def _scale_invariant(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer's step ignores a constant scaling of the gradient (it normalises by its moments).
-
-    torch's adaptive optimizers by type; others (LAMB, Lion, 8-bit and fused Adams from other libraries) by
-    the ``betas`` of Adam-style moment estimates in their defaults.
-    """
-    return isinstance(optimizer, _SCALE_INVARIANT_OPTIMIZERS) or "betas" in getattr(optimizer, "defaults", {})
-
-
-def _scheduled_lr(optimizer: torch.optim.Optimizer) -> float | None:
-    """The first param group's learning rate as a Python number (``None`` for a tensor: reading it would sync)."""
-    lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
-
-
 def _clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     """Tell the GradScaler this step did not overflow (its gradients are dropped by the guard instead).
 
@@ -650,52 +610,3 @@ def _clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     state = scaler._per_optimizer_states.get(id(optimizer), {})
     for found_inf in state.get("found_inf_per_device", {}).values():
         found_inf.zero_()
-
-
-def _advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:
-    """Concrete configuration changes that would have avoided what the guard had to do."""
-    counts, first = policy.counts, policy.first_anomaly_steps
-    advice = []
-    scale = policy.lr_scale
-    if scale < 1.0 and (counts.get("divergence") or counts.get("lr_backoff") or counts.get("rollback")):
-        lr = f"lr={base_lr * scale:.3g}" if base_lr is not None else f"{scale:.3g} x your learning rate"
-        advice.append(f"start at {lr}: the run ended at {scale:.3g} x its learning rate after back-offs")
-    if counts.get("update_ratio"):
-        advice.append(
-            f"SGD steps moved the weights by more than {config.max_update_ratio:g} of their norm (first at step "
-            f"{first['update_ratio']}): lower the learning rate or add a learning-rate warm-up"
-        )
-    early = [name for name in ("spike", "divergence", "nonfinite", "growth") if first.get(name, math.inf) <= 25]
-    if early:
-        advice.append(f"{', '.join(early)} within the first 25 steps: add a learning-rate warm-up")
-    if counts.get("spike", 0) + counts.get("growth", 0) + counts.get("drift", 0) > 0:
-        reference = min(policy.statistics.typical_norm, policy.reference_norm)
-        if math.isfinite(reference):
-            advice.append(f"gradient spikes: clip at about {config.growth_factor * reference:.3g} (gradient_clip_val)")
-    if counts.get("loss_spike"):
-        advice.append(f"loss spikes (first at step {first['loss_spike']}): check those batches for corrupt data")
-    if counts.get("nonfinite"):
-        advice.append(f"non-finite gradients (first at step {first['nonfinite']}): check the inputs and the loss")
-    if counts.get("loss_scale_collapse"):
-        advice.append("the fp16 loss scale collapsed: use bf16, or find the layer whose activations overflow fp16")
-    return advice
-
-
-def _print_summary(summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:
-    from rich.table import Table
-
-    table = Table(title="ExplosionGuard summary")
-    for column in ("optimizer", "final level", "lr scale", "actions", "worst spikes (step: z / norm)"):
-        table.add_column(column)
-    for index, entry in summary["optimizers"].items():
-        actions = ", ".join(f"{name}={count}" for name, count in sorted(entry["counts"].items())) or "none"
-        spikes = "; ".join(
-            f"{s['step']}: {s['zscore']:.1f} / {s['total_norm']:.3g}"
-            if s["total_norm"] is not None
-            else f"{s['step']}: {s['zscore']:.1f} / nan"
-            for s in entry["worst_spikes"]
-        )
-        level = f"{entry['final_level']} ({entry['final_rung']})"
-        table.add_row(index, level, f"{entry['lr_scale']:.3g}", actions, spikes or "none")
-    stop = [f"[bold red]stopped:[/] {summary['stop_reason']}"] if summary["stopped"] else []
-    console_print(table, *stop, trainer=trainer)  # through the progress bar, which would draw over it
