@@ -520,8 +520,8 @@ class ExplosionPolicy:
 
     def _unjudged(self, observation: Observation) -> Decision | None:
         """The decision for a step there is nothing to judge on (an fp16 overflow, an exactly zero gradient)."""
-        state, config = self.state, self.config
-        collapsed = observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor
+        state = self.state
+        collapsed = self._scale_collapsed(observation)
         overflow = observation.loss_scale is not None and observation.nonfinite and not observation.rank_local
         if overflow and not collapsed:
             self._count("amp_overflow")  # GradScaler skips this step and lowers the scale itself
@@ -538,7 +538,7 @@ class ExplosionPolicy:
         anomaly wins: a collapsed loss scale, non-finite values, divergence, a loss spike, a gradient spike, an
         oversized SGD step, growth, drift)."""
         config = self.config
-        collapsed = observation.loss_scale is not None and observation.loss_scale < config.loss_scale_floor
+        collapsed = self._scale_collapsed(observation)
         norm, nonfinite = observation.total_norm, observation.nonfinite
         loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
         zscore = 0.0 if nonfinite else self.statistics.zscore(norm)
@@ -576,6 +576,10 @@ class ExplosionPolicy:
             drifting, anomaly,
         )
 
+    def _scale_collapsed(self, observation: Observation) -> bool:
+        """The fp16 loss scale fell below ``loss_scale_floor``: the gradients overflow even unscaled."""
+        return observation.loss_scale is not None and observation.loss_scale < self.config.loss_scale_floor
+
     def _move_on_the_ladder(self, anomaly: str | None, lr: float | None) -> None:
         """Escalate on an anomaly, de-escalate after a healthy stretch, back off at once on a divergence."""
         state, config = self.state, self.config
@@ -598,9 +602,9 @@ class ExplosionPolicy:
         clipped to at the current level, and the absolute ceiling among the bounds it is the minimum of."""
         state, config = self.state, self.config
         adaptive_threshold = min(self._adaptive_threshold(judgement.zscore), judgement.warmup_threshold)
-        threshold = adaptive_threshold
-        ceiling = self._norm_ceiling(observation) if state.level >= RUNGS.index("clip") else math.inf
+        threshold, ceiling = adaptive_threshold, math.inf
         if state.level >= RUNGS.index("clip"):
+            ceiling = self._norm_ceiling(observation)
             threshold = min(threshold, judgement.update_threshold, ceiling)
             if judgement.drifting:  # the edge of the band drift is judged by
                 threshold = min(threshold, config.growth_factor * self.reference_norm)

@@ -51,49 +51,51 @@ class _NormsSeenByTheOptimizer(Callback):
 
 
 def _fit(
-    optimizer: str, tmp_path: Path, **guard_options
-) -> tuple[dict[str, torch.Tensor], list[float], ExplosionGuard]:
+    optimizer: str, tmp_path: Path, guard: ExplosionGuard | None = None
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The final weights and the norm of every step as the optimizer saw it, with ``guard`` (or none)."""
     model, seen = _LoudRegressor(optimizer), _NormsSeenByTheOptimizer()
-    guard = ExplosionGuard(console_summary=False, **guard_options)
-    trainer = quiet_trainer(max_steps=STEPS, callbacks=[guard, seen], default_root_dir=str(tmp_path))
-    trainer.fit(model, regression_data())
-    return {k: v.clone() for k, v in model.state_dict().items()}, seen.norms, guard
-
-
-def _unguarded(optimizer: str, tmp_path: Path) -> tuple[dict[str, torch.Tensor], list[float]]:
-    model, seen = _LoudRegressor(optimizer), _NormsSeenByTheOptimizer()
-    quiet_trainer(max_steps=STEPS, callbacks=[seen], default_root_dir=str(tmp_path)).fit(model, regression_data())
+    callbacks = [seen] if guard is None else [guard, seen]
+    quiet_trainer(max_steps=STEPS, callbacks=callbacks, default_root_dir=str(tmp_path)).fit(model, regression_data())
     return {k: v.clone() for k, v in model.state_dict().items()}, seen.norms
 
 
+def _guard(**options) -> ExplosionGuard:
+    return ExplosionGuard(console_summary=False, **options)
+
+
 def test_adamw_steps_are_clipped_to_norm_one_by_default(tmp_path: Path) -> None:
-    _, raw_norms = _unguarded("adamw", tmp_path / "raw")
+    _, raw_norms = _fit("adamw", tmp_path / "raw")
     assert min(raw_norms) > 2.0  # every step would exceed the ceiling
-    _, norms, guard = _fit("adamw", tmp_path / "guarded")
+    guard = _guard()
+    _, norms = _fit("adamw", tmp_path / "guarded", guard)
     assert norms == pytest.approx([SCALE_INVARIANT_MAX_NORM] * STEPS, rel=1e-5)
     assert guard.policy().counts["max_norm"] == STEPS
     assert guard.policy().level == 1  # a ceiling is not an anomaly: nothing escalates
 
 
 def test_sgd_is_not_clipped_by_the_automatic_ceiling_and_trains_bit_identically(tmp_path: Path) -> None:
-    reference, raw_norms = _unguarded("sgd", tmp_path / "raw")
+    reference, raw_norms = _fit("sgd", tmp_path / "raw")
     assert min(raw_norms) > 2.0
-    weights, _, guard = _fit("sgd", tmp_path / "guarded")
+    guard = _guard()
+    weights, _ = _fit("sgd", tmp_path / "guarded", guard)
     assert "max_norm" not in guard.policy().counts
     for name, value in reference.items():
         assert torch.equal(weights[name], value), name
 
 
 def test_no_ceiling_leaves_adamw_bit_identical(tmp_path: Path) -> None:
-    reference, _ = _unguarded("adamw", tmp_path / "raw")
-    weights, _, guard = _fit("adamw", tmp_path / "guarded", max_norm=None)
+    reference, _ = _fit("adamw", tmp_path / "raw")
+    guard = _guard(max_norm=None)
+    weights, _ = _fit("adamw", tmp_path / "guarded", guard)
     assert guard.policy().counts == {}
     for name, value in reference.items():
         assert torch.equal(weights[name], value), name
 
 
 def test_an_explicit_ceiling_applies_to_sgd_too(tmp_path: Path) -> None:
-    _, norms, guard = _fit("sgd", tmp_path / "guarded", max_norm=2.0)
+    guard = _guard(max_norm=2.0)
+    _, norms = _fit("sgd", tmp_path / "guarded", guard)
     assert norms == pytest.approx([2.0] * STEPS, rel=1e-5)
     assert guard.policy().counts["max_norm"] == STEPS
 
