@@ -190,45 +190,103 @@ class Report:
         return path
 
     def to_markdown(self) -> str:
-        """A Markdown table for the TensorBoard text panel and for pasting into an issue."""
+        """Markdown for TensorBoard's Text tab and for pasting into an issue.
+
+        The table holds only short columns (severity, code, modules), so it reads at a normal browser width;
+        the evidence and the fix of each finding follow it as text (long cells in a Markdown table wrap letter
+        by letter in TensorBoard).
+        """
         title = f"### Gradient stability findings: {self.model or 'model'} ({self.source})"
         if not self.findings:
             lines = [title, "", "No findings: initialisation, signal propagation and architecture look healthy."]
         else:
-            lines = [title, "", "| severity | code | modules | evidence | recommendation |", "|---|---|---|---|---|"]
-            for f in self.findings:
-                cells = [f.severity, f"`{f.code}`", _short_modules(f.modules), _short_evidence(f.evidence)]
-                cells.append(f.recommendation)
+            lines = [title, "", "| # | severity | code | modules |", "|---|---|---|---|"]
+            for index, f in enumerate(self.findings, 1):
+                cells = [str(index), f"**{f.severity}**", f"`{f.code}`", _short_modules(f.modules)]
                 lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+            for index, f in enumerate(self.findings, 1):
+                lines += ["", f"**{index}. `{f.code}`** ({f.severity}): {f.recommendation}"]
+                if f.evidence:
+                    lines += ["", f"evidence: {_short_evidence(f.evidence)}"]
+        if self.notes:
+            lines.append("")
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 
     def to_rich_table(self) -> Any:
-        """A ``rich.table.Table`` of the findings (severity colour-coded)."""
+        """A ``rich.table.Table`` of the findings (severity colour-coded) that wraps to the console's width.
+
+        Three columns: the finding (severity over code, never wrapped), the modules, and the recommendation
+        followed by the evidence, which take the remaining width and wrap between words.
+        """
         from rich.table import Table
 
         table = Table(title=f"Gradient stability: {self.model or 'model'} ({self.source})", show_lines=True)
-        for column in ("severity", "code", "modules", "evidence", "recommendation"):
-            table.add_column(column, overflow="fold")
-        colours = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+        table.add_column("finding", no_wrap=True)
+        table.add_column("modules", ratio=1, min_width=12)
+        table.add_column("recommendation, then evidence", ratio=3, min_width=30)
         for f in self.findings:
+            evidence = _short_evidence(f.evidence)
             table.add_row(
-                f"[{colours[f.severity]}]{f.severity}[/]",
-                f.code,
+                f"[{_COLOURS[f.severity]}]{f.severity}[/]\n{f.code}",
                 _short_modules(f.modules),
-                _short_evidence(f.evidence),
-                f.recommendation,
+                _escape(f.recommendation) + (f"\n[dim]{_escape(evidence)}[/]" if evidence != "-" else ""),
             )
         return table
 
+    def _stacked(self) -> list[Any]:
+        """The narrow-terminal form: per finding a heading line, then the fix and the evidence, indented."""
+        from rich.padding import Padding
+        from rich.text import Text
+
+        shown: list[Any] = [Text(f"Gradient stability: {self.model or 'model'} ({self.source})", style="bold")]
+        for f in self.findings:
+            heading = Text.assemble((f.severity, _COLOURS[f.severity]), " ", (f.code, "bold"), " ",
+                                    _short_modules(f.modules))
+            shown += [heading, Padding(Text(f.recommendation), (0, 0, 0, 2), expand=False)]
+            if f.evidence:
+                shown.append(Padding(Text(_short_evidence(f.evidence), style="dim"), (0, 0, 0, 2), expand=False))
+        return shown
+
+    def to_lines(self, width: int = 160) -> list[str]:
+        """The compact form for logs and CI: a title, then one line per finding (continued, indented, past
+        ``width`` characters), then the notes. No colour codes, no box drawing."""
+        import textwrap
+
+        title = f"Gradient stability: {self.model or 'model'} ({self.source})"
+        if not self.findings:
+            lines = [f"{title}: no findings."]
+        else:
+            lines = [f"{title}: {len(self.findings)} finding{'s' if len(self.findings) > 1 else ''}"]
+            for f in self.findings:
+                text = f"  {f.severity} {f.code} [{_short_modules(f.modules)}] {_short_evidence(f.evidence)}"
+                lines += textwrap.wrap(f"{text} -> {f.recommendation}", width, subsequent_indent="      ",
+                                       break_long_words=True, break_on_hyphens=False)
+        for note in self.notes:
+            lines += textwrap.wrap(f"- {note}", width, subsequent_indent="  ")
+        return lines
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        """Rich protocol: on a terminal the table (the stacked form below :data:`NARROW_WIDTH` columns), else
+        the compact lines of :meth:`to_lines`."""
+        from rich.text import Text
+
+        if not console.is_terminal:
+            for line in self.to_lines(options.max_width):
+                yield Text(line, no_wrap=True, overflow="fold")
+            return
+        if self.findings and options.max_width >= NARROW_WIDTH:
+            yield self.to_rich_table()
+        elif self.findings:
+            yield from self._stacked()
+        else:
+            yield f"Gradient stability: no findings for {self.model or 'model'} ({self.source})."
+        for note in self.notes:
+            yield f"- {note}"
+
     def renderables(self) -> list[Any]:
-        """What :meth:`print` shows: the findings table (or a one-line "no findings"), then the notes."""
-        shown: list[Any] = [
-            self.to_rich_table()
-            if self.findings
-            else f"Gradient stability: no findings for {self.model or 'model'} ({self.source})."
-        ]
-        return shown + [f"- {note}" for note in self.notes]
+        """What :meth:`print` shows: the report itself (a Rich renderable: table or compact lines)."""
+        return [self]
 
     def print(self, console: Any = None, *, trainer: Any = None) -> None:
         """Print the findings table (and notes) to ``console``, or through :func:`console_print` if None.
@@ -257,6 +315,19 @@ def _short_evidence(evidence: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+NARROW_WIDTH = 100
+"""Below this many columns a terminal gets the findings stacked (heading, fix, evidence) instead of a table."""
+
+
+_COLOURS = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -273,16 +344,59 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-MAX_PLAIN_WIDTH = 400
-"""Widest line :func:`console_print` writes when the output is not a terminal (rows are never wrapped below it)."""
+MAX_PLAIN_WIDTH = 160
+"""Widest line :func:`console_print` writes when the output is not a terminal (a CI log, a file): longer rows
+wrap inside their cells, findings take the compact one-line form of :meth:`Report.to_lines`."""
+
+Verbosity = Literal["normal", "quiet"]
+VERBOSITY_ENV = "GRADSTAB_VERBOSITY"
+"""Environment variable read when :func:`set_verbosity` was not called: ``quiet`` or ``normal`` (inherited by
+DDP ranks and Hydra jobs, so one setting covers every process of a run)."""
+
+_verbosity: Verbosity | None = None
+
+
+def set_verbosity(level: Verbosity) -> Verbosity:
+    """The one switch for what the suite prints; returns the previous level.
+
+    ``"quiet"``: the four callbacks and ``gradstab audit`` still log their scalars, images and text to the
+    loggers and write their report files, but print nothing (no tables, no end-of-fit summary). ``"normal"``
+    (the default) prints them. Without a call, the ``GRADSTAB_VERBOSITY`` environment variable decides;
+    ``gradstab audit --quiet`` sets it for the CLI.
+
+    Example::
+
+        from lightning_gradstab import set_verbosity
+
+        set_verbosity("quiet")  # e.g. in a sweep: everything goes to TensorBoard and the JSON files
+    """
+    global _verbosity
+    if level not in ("normal", "quiet"):
+        raise ValueError(f"`level` must be 'normal' or 'quiet', got {level!r}")
+    previous = get_verbosity()
+    _verbosity = level
+    return previous
+
+
+def get_verbosity() -> Verbosity:
+    """The level :func:`set_verbosity` set, else ``GRADSTAB_VERBOSITY`` (``quiet``/``normal``), else ``normal``."""
+    if _verbosity is not None:
+        return _verbosity
+    import os
+
+    value = os.environ.get(VERBOSITY_ENV, "normal").strip().lower() or "normal"
+    if value not in ("normal", "quiet"):
+        raise ValueError(f"environment variable {VERBOSITY_ENV} must be 'normal' or 'quiet', got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def console_print(*renderables: Any, trainer: Any = None, stream: Any = None) -> None:
     """Print rich renderables (tables, strings with markup) so that Lightning's progress bar cannot draw over them.
 
-    Every table of the suite goes through here. On a terminal the output wraps to the terminal's width; piped
-    or redirected to a file, each row stays on one line (up to :data:`MAX_PLAIN_WIDTH` characters), with no
-    colour codes. While ``trainer`` shows a progress bar:
+    Every table of the suite goes through here, and nothing is printed at verbosity ``quiet``
+    (:func:`set_verbosity`). On a terminal the output wraps to the terminal's width (cells wrap between
+    words); piped or redirected to a file, lines are at most :data:`MAX_PLAIN_WIDTH` characters, findings one
+    line each, with no colour codes. While ``trainer`` shows a progress bar:
 
     - ``RichProgressBar``: printed through Rich's global console, the one the bar's live display draws on,
       which keeps the bar below the printed lines instead of redrawing over them;
@@ -293,6 +407,8 @@ def console_print(*renderables: Any, trainer: Any = None, stream: Any = None) ->
 
         console_print(report.to_rich_table(), "[bold]next:[/] model.init=he", trainer=trainer)
     """
+    if get_verbosity() == "quiet":
+        return
     stream = stream or sys.stdout
     bar = _progress_bar(trainer)
     terminal = _is_terminal(stream)
@@ -313,8 +429,8 @@ def console_print(*renderables: Any, trainer: Any = None, stream: Any = None) ->
 
 
 def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> str:
-    """Render to text: for a terminal with colours at ``width`` (default: the terminal's), else plain and as
-    wide as the widest row needs, so that a table piped to a file is never wrapped into unreadable cells."""
+    """Render to text: for a terminal with colours at ``width`` (default: the terminal's), else plain, as wide
+    as the widest row needs up to ``width`` (default :data:`MAX_PLAIN_WIDTH`), findings in their compact form."""
     from rich.console import Console
     from rich.measure import Measurement
 
@@ -329,10 +445,10 @@ def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> 
         soft_wrap=False,
     )
     for renderable in renderables:
-        if not terminal and width is None:
+        if not terminal:
             natural = Measurement.get(console, console.options, console.render_str(renderable)
                                       if isinstance(renderable, str) else renderable).maximum
-            console.print(renderable, width=max(1, min(natural, MAX_PLAIN_WIDTH)))
+            console.print(renderable, width=max(1, min(natural, width or MAX_PLAIN_WIDTH)))
         else:
             console.print(renderable)
     text = console.file.getvalue()
@@ -379,17 +495,27 @@ def fit_summary(
     next_steps: Mapping[str, str] | None = None,
     files: Sequence[str] = (),
     max_steps_shown: int = 3,
+    *,
+    fixed_modules: Sequence[str] = (),
 ) -> list[Any]:
     """The one summary printed at the end of a fit: what the suite found, what the guard did, what to do next.
 
+    The advice follows what happened in the run: a finding that ``InitAudit(fix=True)`` already repaired is
+    reported as done, not as a suggestion; the guard's own advice (e.g. how to clip) comes from what it did;
+    each sentence appears once; a fit without ``InitAudit`` or ``ArchitectureAdvisor`` says that no diagnosis
+    ran rather than "no findings".
+
     Args:
-        reports: the ``InitAudit`` / ``ArchitectureAdvisor`` reports of the fit.
+        reports: the ``InitAudit`` / ``ArchitectureAdvisor`` reports of the fit (empty: no diagnosis ran).
         guard_summaries: ``ExplosionGuard.summary()`` of each guard.
         next_steps: advice by finding code (and :data:`GUARD_STOPPED`, :data:`GUARD_INTERVENED`) in the terms
             of how the user runs, e.g. ``{"init.scale": "rerun with model.init=he"}`` from a Hydra example;
             codes without an entry get the finding's own recommendation.
-        files: report files written, listed so the user knows where the details are.
+        files: report files this fit wrote, listed so the user knows where the details are.
         max_steps_shown: at most this many distinct suggestions, most severe first.
+        fixed_modules: the modules ``InitAudit(fix=True)`` re-initialised before the first update. Its
+            ``init.*`` findings on them are done, and its signal and activation findings were measured on the
+            weights the fix replaced, so neither is advised again.
 
     Example::
 
@@ -398,31 +524,39 @@ def fit_summary(
     from rich.table import Table
 
     next_steps = dict(next_steps or {})
+    fixed = set(fixed_modules)
     findings = sorted(
         ((f, r.source) for r in reports for f in r.findings),
         key=lambda pair: -SEVERITIES.index(pair[0].severity),
     )
     counts: dict[str, int] = {}
     stopped = [g["stop_reason"] for g in guard_summaries if g.get("stopped")]
+    guard_advice: list[str] = []
     for guard in guard_summaries:
         for entry in guard.get("optimizers", {}).values():
             for name, count in entry.get("counts", {}).items():
                 counts[name] = counts.get(name, 0) + int(count)
-    if not findings and not counts and not stopped:
+            guard_advice += [line for line in entry.get("advice", ()) if line not in guard_advice]
+    if not findings and not counts and not stopped and not fixed:
+        if not reports:
+            return ["[green]Gradient stability:[/] the guard took no action (no init audit or advisor ran)."]
         return ["[green]Gradient stability:[/] no findings, and the guard took no action."
                 if guard_summaries else "[green]Gradient stability:[/] no findings."]
 
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    colours = {"info": "cyan", "warning": "yellow", "error": "bold red"}
     by_source: dict[str, list[str]] = {}
     for finding, source in findings:
-        entry = f"[{colours[finding.severity]}]{finding.code}[/] ({finding.severity})"
+        done = " fixed" if _superseded_by_fix(finding, source, fixed) else ""
+        entry = f"[{_COLOURS[finding.severity]}]{finding.code}[/] ({finding.severity}{done})"
         if entry not in by_source.setdefault(source, []):
             by_source[source].append(entry)
     found = "; ".join(f"{source}: {', '.join(entries)}" for source, entries in by_source.items())
-    grid.add_row("found", found or "no findings")
+    grid.add_row("found", found or ("no findings" if reports else "not run (no InitAudit or ArchitectureAdvisor)"))
+    if fixed:
+        grid.add_row("done", f"InitAudit(fix=True) re-initialised {_count_layers(len(fixed))} before the first "
+                     "update; its findings on the replaced weights need no action")
     if guard_summaries:
         actions = " ".join(f"{name}={count}" for name, count in sorted(counts.items())) or "no action"
         grid.add_row("guard", actions + (f"; [bold red]stopped:[/] {stopped[0]}" if stopped else ""))
@@ -432,15 +566,34 @@ def fit_summary(
     elif any(counts.get(name) for name in _INTERVENTIONS):
         suggestions.append(next_steps.get(GUARD_INTERVENED, _GUARD_NEXT_STEPS[GUARD_INTERVENED]))
     advised: set[str] = set()
-    for finding, _ in findings:
+    for finding, source in findings:
         if finding.code in advised or (finding.severity == "info" and suggestions):
             continue
+        if _superseded_by_fix(finding, source, fixed):
+            continue
         advised.add(finding.code)
-        suggestion = next_steps.get(finding.code, f"{finding.code}: {finding.recommendation}")
-        if suggestion not in suggestions:
-            suggestions.append(suggestion)
+        suggestions.append(next_steps.get(finding.code, f"{finding.code}: {finding.recommendation}"))
+    suggestions += guard_advice
+    suggestions = list(dict.fromkeys(suggestions))  # one line per sentence, first place kept
     for index, suggestion in enumerate(suggestions[:max_steps_shown]):
         grid.add_row("next" if index == 0 else "", f"- {suggestion}")
     if files:
         grid.add_row("details", ", ".join(files))
     return ["[bold]Gradient stability: what this fit found[/]", grid]
+
+
+_MEASURED_BEFORE_FIX = ("signal.vanishing", "signal.exploding", "activation.dead", "activation.saturated")
+
+
+def _superseded_by_fix(finding: Finding, source: str, fixed: set[str]) -> bool:
+    """Whether ``InitAudit(fix=True)`` already acted on ``finding``: an init finding on re-drawn layers, or a
+    signal/activation finding the audit measured on the weights it then replaced."""
+    if not fixed or source != "InitAudit":
+        return False
+    if finding.code.startswith("init."):
+        return bool(finding.modules) and set(finding.modules) <= fixed
+    return finding.code in _MEASURED_BEFORE_FIX
+
+
+def _count_layers(count: int) -> str:
+    return f"{count} layer{'s' if count != 1 else ''}"

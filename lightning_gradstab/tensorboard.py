@@ -18,30 +18,34 @@ from typing import Any
 LAYOUT_CATEGORY = "Gradient stability"
 
 CHARTS: dict[str, list[str]] = {
-    # chart title -> tag regexes (each chart is a TensorBoard "Multiline" chart)
+    # chart title -> tag regexes (each chart is a TensorBoard "Multiline" chart); ``{opt}`` is the optimizer's
+    # scope: empty with one optimizer, ``opt0/``, ``opt1/``, ... with several (one chart per optimizer then)
     "total gradient norm and clip threshold": [
-        r"gradstab/grad_norm/(opt\d+/)?total$",
-        r"gradstab/(opt\d+/)?clip_threshold$",
+        r"gradstab/grad_norm/{opt}total$",
+        r"gradstab/{opt}clip_threshold$",
     ],
-    "log10 gradient norm: total and smallest / median / largest layer": [r"gradstab/log10_grad_norm/.*"],
-    "per-layer gradient norms": [r"gradstab/grad_norm/(?!(opt\d+/)?total$).*"],
-    "gradient-to-weight ratios": [r"gradstab/grad_to_weight/.*"],
-    "log10 update-to-weight ratio: smallest / median / largest layer": [r"gradstab/log10_update/.*"],
-    "update-to-weight ratios": [r"gradstab/update_to_weight/.*"],
-    "max |grad|": [r"gradstab/grad_max/.*"],
-    "non-finite gradients": [r"gradstab/nonfinite/.*", r"gradstab/(opt\d+/)?amp_overflow$"],
-    "guard level and LR scale": [r"gradstab/(opt\d+/)?(level|lr_scale)$"],
+    "log10 gradient norm: total and smallest / median / largest layer": [r"gradstab/log10_grad_norm/{opt}[^/]+$"],
+    "per-layer gradient norms": [r"gradstab/grad_norm/{opt}(?!total$)(?!opt\d+/)[^/]+$"],
+    "gradient-to-weight ratios": [r"gradstab/grad_to_weight/{opt}[^/]+$"],
+    "log10 update-to-weight ratio: smallest / median / largest layer": [r"gradstab/log10_update/{opt}[^/]+$"],
+    "update-to-weight ratios": [r"gradstab/update_to_weight/{opt}[^/]+$"],
+    "max |grad|": [r"gradstab/grad_max/{opt}[^/]+$"],
+    "non-finite gradients": [r"gradstab/nonfinite/{opt}count$", r"gradstab/{opt}amp_overflow$"],
+    "guard level (0 observe ... 6 stop)": [r"gradstab/{opt}level$"],
+    "guard LR scale (1 = the scheduled learning rate)": [r"gradstab/{opt}lr_scale$"],
     "guard actions (1 = acted on that step; rollbacks: running count)": [
-        r"gradstab/(opt\d+/)?(clipped|skipped|rollbacks)$"
+        r"gradstab/{opt}(clipped|skipped|rollbacks)$"
     ],
-    "guard spike z-score of log(total norm)": [r"gradstab/(opt\d+/)?zscore$"],
+    "guard spike z-score of log(total norm)": [r"gradstab/{opt}zscore$"],
 }
-"""Every chart the suite can fill; :func:`add_layout` registers the subset a run writes."""
+"""Every chart the suite can fill, one quantity each (the guard level and the LR scale have their own axes);
+:func:`add_layout` registers the subset a run writes, once per optimizer."""
 
 GUARD_CHARTS: tuple[str, ...] = (
     "total gradient norm and clip threshold",
     "non-finite gradients",
-    "guard level and LR scale",
+    "guard level (0 observe ... 6 stop)",
+    "guard LR scale (1 = the scheduled learning rate)",
     "guard actions (1 = acted on that step; rollbacks: running count)",
     "guard spike z-score of log(total norm)",
 )
@@ -50,16 +54,27 @@ GUARD_CHARTS: tuple[str, ...] = (
 HEATMAP_TAG = "gradstab/gradient_flow_over_time"
 """Image tag of :func:`gradient_heatmap_figure` (``/opt{i}`` appended when there are several optimizers)."""
 
+HEATMAP_FILENAME = "gradstab_gradient_flow_over_time{suffix}.png"
+"""The heat map's file in the log directory when no logger of the run takes images (e.g. ``CSVLogger``)."""
+
 _WRITERS_WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
 """Writers that already hold the layout (one ``add_custom_scalars`` per writer: a second would replace it)."""
 
 
-def add_layout(writer: Any, charts: Iterable[str] | None = None) -> None:
+def chart_tags(title: str, optimizer: int | None = None) -> list[str]:
+    """The tag regexes of chart ``title`` for ``optimizer`` (None: the run has one optimizer, tags unscoped)."""
+    scope = "" if optimizer is None else f"opt{optimizer}/"
+    return [pattern.replace("{opt}", scope) for pattern in CHARTS[title]]
+
+
+def add_layout(writer: Any, charts: Iterable[str] | None = None, optimizers: int = 1) -> None:
     """Register the "Gradient stability" layout on a ``SummaryWriter`` (once per writer).
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (``TensorBoardLogger.experiment``).
         charts: titles from :data:`CHARTS` that the run will fill (default: all of them).
+        optimizers: how many optimizers the run has; with several, each chart is repeated per optimizer (titled
+            ``... (opt1)``), so two optimizers' norms never share an axis.
 
     Example::
 
@@ -71,9 +86,21 @@ def add_layout(writer: Any, charts: Iterable[str] | None = None) -> None:
     unknown = wanted - set(CHARTS)
     if unknown:
         raise ValueError(f"`charts` must be titles from lightning_gradstab.tensorboard.CHARTS, got {sorted(unknown)}")
-    layout = {LAYOUT_CATEGORY: {title: ["Multiline", tags] for title, tags in CHARTS.items() if title in wanted}}
+    if isinstance(optimizers, bool) or not isinstance(optimizers, int) or optimizers < 1:
+        raise ValueError(f"`optimizers` must be a positive int, got {optimizers!r}")
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for optimizer in range(optimizers) if optimizers > 1 else (None,):
+        category = LAYOUT_CATEGORY if optimizer is None else f"{LAYOUT_CATEGORY}: optimizer {optimizer}"
+        layout[category] = {
+            title: ["Multiline", chart_tags(title, optimizer)] for title in CHARTS if title in wanted
+        }
     writer.add_custom_scalars(layout)
     _WRITERS_WITH_LAYOUT.add(writer)
+
+
+HEATMAP_COLOURS = {"zero": "#bdbdbd", "nan": "#e41a1c", "inf": "#ff7f00"}
+"""Colours of the heat map cells that have no log10: a zero gradient (a dead layer) grey, NaN red, Inf orange,
+each named in the figure's legend; finite norms use viridis."""
 
 
 def gradient_heatmap_figure(
@@ -82,9 +109,10 @@ def gradient_heatmap_figure(
     """Layer x step heat map of log10 gradient norms: the picture of gradients vanishing or exploding over time.
 
     Args:
-        steps: the logging steps, one per column.
+        steps: the optimizer steps, one per column.
         layer_names: one per row, input (top) to output (bottom).
-        norms: ``norms[i][j]`` = gradient norm of layer ``j`` at ``steps[i]``; zero, NaN and Inf are drawn grey.
+        norms: ``norms[i][j]`` = gradient norm of layer ``j`` at ``steps[i]``; zero, NaN and Inf cells are drawn
+            in the colours of :data:`HEATMAP_COLOURS`, with a legend saying which is which.
 
     The colour scale spans at least 4 decades around the data, so a healthy net (all layers within a decade)
     is one colour band and a vanishing one (the input layers decades below the output layers) a gradient.
@@ -97,9 +125,11 @@ def gradient_heatmap_figure(
 
     matplotlib.use("Agg", force=False)
     import numpy as np
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    values = np.asarray(norms, dtype=np.float64).T  # layers x steps
+    values = np.asarray(norms, dtype=np.float64).T.reshape(len(layer_names), len(steps))  # layers x steps
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(values)
     valid = np.isfinite(logs)
@@ -108,25 +138,138 @@ def gradient_heatmap_figure(
     height = min(9.0, max(3.5, 0.12 * len(layer_names) + 1.5))
     figure = Figure(figsize=(9.0, height), layout="constrained")
     axes = figure.subplots()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
+    extent = (-0.5, len(steps) - 0.5, len(layer_names) - 0.5, -0.5)
     image = axes.imshow(
         np.ma.masked_invalid(logs),
         aspect="auto",
         interpolation="nearest",
-        cmap=cmap,
+        cmap=matplotlib.colormaps["viridis"].with_extremes(bad=(0, 0, 0, 0)),
         vmin=middle - half_span,
         vmax=middle + half_span,
-        extent=(-0.5, len(steps) - 0.5, len(layer_names) - 0.5, -0.5),
+        extent=extent,
     )
+    special = np.full(values.shape, np.nan)
+    kinds = [("zero", values == 0), ("nan", np.isnan(values)), ("inf", np.isinf(values))]
+    for code, (_, where) in enumerate(kinds):
+        special[where] = code
+    present = [name for name, where in kinds if where.any()]
+    if present:
+        colours = ListedColormap([HEATMAP_COLOURS[name] for name, _ in kinds]).with_extremes(bad=(0, 0, 0, 0))
+        axes.imshow(np.ma.masked_invalid(special), aspect="auto", interpolation="nearest", cmap=colours,
+                    vmin=-0.5, vmax=len(kinds) - 0.5, extent=extent)
+    labels = {"zero": "zero gradient", "nan": "NaN", "inf": "Inf"}
+    handles = [Patch(facecolor=HEATMAP_COLOURS[name], edgecolor="0.3", label=labels[name]) for name, _ in kinds]
+    axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=3, fontsize=8, frameon=False,
+                title=None if present else "none in this run:")
     figure.colorbar(image, ax=axes, label="log10 ‖gradient‖ of the layer")
     tick_every = max(1, math.ceil(len(layer_names) / 40))
     axes.set_yticks(range(0, len(layer_names), tick_every), list(layer_names)[::tick_every], fontsize=7)
     step_ticks = list(range(0, len(steps), max(1, math.ceil(len(steps) / 8))))
+    if steps and step_ticks[-1] != len(steps) - 1:
+        step_ticks.append(len(steps) - 1)  # the last step is always labelled
     axes.set_xticks(step_ticks, [str(steps[i]) for i in step_ticks])
-    axes.set_xlabel("step")
+    axes.set_xlabel("optimizer step")
     axes.set_ylabel("layer (input at the top)")
     axes.set_title(title or "Gradient flow over time")
     return figure
+
+
+class HeatmapBuffer:
+    """Per-layer gradient norms of every optimizer step, kept on their device for the heat map (bounded memory).
+
+    :meth:`add` copies one step's norms into a preallocated device tensor (no host transfer); :meth:`columns`
+    moves them to the host once, when the figure is drawn. When the buffer is full, every other column is
+    dropped (on the device), halving the time resolution, so a run of any length keeps at most ``capacity``
+    columns, spread over the whole run, and the newest step is always there.
+
+    Example::
+
+        buffer = HeatmapBuffer(("net.0", "net.2"), capacity=512)
+        buffer.add(step, norms)  # each optimizer step
+        steps, columns = buffer.columns()  # when drawing
+    """
+
+    def __init__(self, names: Sequence[str], capacity: int = 512) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
+            raise ValueError(f"`capacity` must be an int >= 2, got {capacity!r}")
+        self.names = tuple(names)
+        self.capacity = capacity
+        self.stride = 1  # keep one step in ``stride``: doubles each time the buffer fills
+        self.steps: list[int] = []
+        self._values: Any = None
+        self._latest: Any = None  # the newest step's norms, drawn even when the stride skipped that step
+        self._latest_step = -1
+        self._seen = 0
+
+    def add(self, step: int, norms: Any) -> None:
+        """Record the norms (a 1-d tensor, one per layer) of optimizer step ``step``."""
+        import torch
+
+        if self._values is None:
+            self._values = torch.empty((self.capacity, len(self.names)), dtype=torch.float32, device=norms.device)
+            self._latest = torch.empty(len(self.names), dtype=torch.float32, device=norms.device)
+        self._latest.copy_(norms.detach().reshape(-1), non_blocking=True)
+        self._latest_step = step
+        self._seen += 1
+        if (self._seen - 1) % self.stride:
+            return
+        if len(self.steps) == self.capacity:
+            kept = self._values[::2].clone()
+            self._values[: len(kept)] = kept
+            self.steps = self.steps[::2]
+            self.stride *= 2
+            self._seen = 1
+        self._values[len(self.steps)].copy_(norms.detach().reshape(-1), non_blocking=True)
+        self.steps.append(step)
+
+    @property
+    def latest_step(self) -> int:
+        """The newest step added (-1 before the first)."""
+        return self._latest_step
+
+    def columns(self) -> tuple[list[int], list[list[float]]]:
+        """The recorded steps and their norms on the host (one transfer), oldest first."""
+        if not self.steps:
+            return [], []
+        if self.steps[-1] == self._latest_step:
+            return list(self.steps), self._values[: len(self.steps)].cpu().tolist()
+        import torch
+
+        values = torch.cat([self._values[: len(self.steps)], self._latest[None]])
+        return [*self.steps, self._latest_step], values.cpu().tolist()
+
+
+_TOLD_ABOUT_PNG: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def save_heatmap_png(trainer: Any, figure: Any, scope: str = "") -> Any:
+    """Write the heat map as :data:`HEATMAP_FILENAME` into the log directory, for a run whose loggers take no
+    images (``CSVLogger``, no logger); the first time per trainer a warning says where. Returns the path.
+
+    Example::
+
+        save_heatmap_png(trainer, gradient_heatmap_figure(steps, names, norms))  # <log_dir>/gradstab_...png
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here
+    directory = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
+    path = directory / HEATMAP_FILENAME.format(suffix=f"_{scope.rstrip('/')}" if scope else "")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    except OSError as error:  # a picture must never stop training
+        rank_zero_warn(f"lightning_gradstab: could not write the gradient heat map to {str(path)!r}: {error!r}")
+        return None
+    if trainer not in _TOLD_ABOUT_PNG:
+        _TOLD_ABOUT_PNG.add(trainer)
+        rank_zero_warn(
+            f"lightning_gradstab: no TensorBoard logger takes the gradient heat map; it is written to {path} "
+            "(redrawn every heatmap_every_n_steps and at the end of training)."
+        )
+    return path
 
 
 def gradient_flow_figure(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -18,9 +19,16 @@ import termios
 from pathlib import Path
 
 import pytest
-from rich.table import Table
 
-from lightning_gradstab.report import GUARD_STOPPED, Finding, Report, fit_summary, render_text
+from lightning_gradstab.report import (
+    GUARD_STOPPED,
+    MAX_PLAIN_WIDTH,
+    NARROW_WIDTH,
+    Finding,
+    Report,
+    fit_summary,
+    render_text,
+)
 from tests.helpers.subprocess_env import REPO, child_env
 
 pyte = pytest.importorskip("pyte")
@@ -94,26 +102,31 @@ def test_guard_and_advisor_tables_are_whole_on_the_screen_under_the_progress_bar
     assert any(line.startswith("next") and "init.scale" in line for line in lines[summary_at:])
 
 
-def _findings_table() -> Table:
+def _report() -> Report:
     recommendation = "Re-initialise network.1 ... network.29 with He/Kaiming normal (std = sqrt(2/fan_in)). " * 2
-    finding = Finding("init.scale", "error", ("network.1", "network.29"), {"signal": 3.8e-5}, recommendation.strip())
-    return Report([finding], model="MLP").to_rich_table()
+    evidence = {"predicted_signal_factor": 3.8e-5, "weight_std_over_recommended_median": 0.71}
+    finding = Finding("init.scale", "error", ("network.1", "network.29"), evidence, recommendation.strip())
+    return Report([finding], model="MLP")
 
 
-def test_piped_output_keeps_each_row_on_one_line_without_colour_codes():
-    text = render_text(_findings_table(), terminal=False)
-    rows = [line for line in text.splitlines() if "init.scale" in line]
-    assert len(rows) == 1 and "sqrt(2/fan_in)). Re-initialise" in rows[0]  # the whole sentence, unwrapped
-    assert "\x1b[" not in text
+def test_piped_output_has_one_line_per_finding_without_colour_codes_or_boxes():
+    text = render_text(_report(), terminal=False)
+    lines = text.splitlines()
+    assert lines[0] == "Gradient stability: MLP (diagnose): 1 finding"
+    assert lines[1].startswith("  error init.scale [network.1, network.29] predicted_signal_factor=3.8e-05;")
+    assert "sqrt(2/fan_in)). Re-initialise" in " ".join(lines)  # the whole sentence, continued on the next line
+    assert all(len(line) <= MAX_PLAIN_WIDTH for line in lines)
+    assert "\x1b[" not in text and "│" not in text
 
 
-def test_terminal_output_fits_the_terminal_width():
-    text = render_text(_findings_table(), terminal=True, width=70)
-    plain = [line for line in text.splitlines() if line.strip()]
-    import re
-
-    visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in plain]
-    assert max(len(line) for line in visible) <= 70 and len(visible) > 5
+@pytest.mark.parametrize("width", [60, 80, 100, 140])
+def test_terminal_output_fits_the_terminal_width_and_never_splits_a_word(width):
+    text = render_text(_report(), terminal=True, width=width)
+    visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in text.splitlines() if line.strip()]
+    assert max(len(line) for line in visible) <= width and len(visible) >= 4
+    words = " ".join(visible).replace("│", " ").split()
+    assert "predicted_signal_factor=3.8e-05;" in words and "weight_std_over_recommended_median=0.71" in words
+    assert ("┏" in text) == (width >= NARROW_WIDTH)  # a table where it fits, the stacked form below
 
 
 def test_fit_summary_says_what_was_found_and_what_to_do_in_the_callers_terms():

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_gradstab.policy import ExplosionPolicy, PolicyConfig
+from lightning_gradstab.policy import SCALE_INVARIANT_MAX_NORM, ExplosionPolicy, PolicyConfig
 from lightning_gradstab.report import console_print
 
 
@@ -27,10 +27,18 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
     early = [name for name in ("spike", "divergence", "nonfinite", "growth") if first.get(name, math.inf) <= 25]
     if early:
         advice.append(f"{', '.join(early)} within the first 25 steps: add a learning-rate warm-up")
+    ceiling = _ceiling(config)
+    if counts.get("max_norm") and ceiling is not None:
+        advice.append(
+            f"the guard clipped {counts['max_norm']} of {policy.steps} steps at its ceiling max_norm={ceiling:g}; "
+            f"without the guard, gradient_clip_val={ceiling:g} keeps that clipping"
+        )
     if counts.get("spike", 0) + counts.get("growth", 0) + counts.get("drift", 0) > 0:
         reference = min(policy.statistics.typical_norm, policy.reference_norm)
-        if math.isfinite(reference):
-            advice.append(f"gradient spikes: clip at about {config.growth_factor * reference:.3g} (gradient_clip_val)")
+        suggested = config.growth_factor * reference
+        # a clip above the ceiling the run already clipped at would loosen it: the ceiling sentence says enough
+        if math.isfinite(reference) and (ceiling is None or not counts.get("max_norm") or suggested < ceiling):
+            advice.append(f"gradient spikes: clip at about {suggested:.3g} (gradient_clip_val)")
     if counts.get("loss_spike"):
         advice.append(f"loss spikes (first at step {first['loss_spike']}): check those batches for corrupt data")
     if counts.get("nonfinite"):
@@ -40,12 +48,23 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
     return advice
 
 
+def _ceiling(config: PolicyConfig) -> float | None:
+    """The gradient-norm ceiling the guard clips at when it acts (``"auto"``: the Adam-family one)."""
+    if config.max_norm == "auto":
+        return SCALE_INVARIANT_MAX_NORM
+    return None if config.max_norm is None else float(config.max_norm)
+
+
 def print_guard_summary(summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:
+    """The table of what the guard did, per optimizer (cells wrap between words to the console's width)."""
     from rich.table import Table
 
     table = Table(title="ExplosionGuard summary")
-    for column in ("optimizer", "final level", "lr scale", "actions", "worst spikes (step: z / norm)"):
-        table.add_column(column)
+    table.add_column("optimizer", no_wrap=True)
+    table.add_column("final level", no_wrap=True)
+    table.add_column("lr scale", no_wrap=True)
+    table.add_column("actions", ratio=1, min_width=12)
+    table.add_column("worst spikes (step: z / norm)", ratio=1, min_width=12)
     for index, entry in summary["optimizers"].items():
         actions = ", ".join(f"{name}={count}" for name, count in sorted(entry["counts"].items())) or "none"
         spikes = "; ".join(

@@ -13,7 +13,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradstab.callbacks._shared import logging_step, print_fit_summary, tensorboard_writers
+from lightning_gradstab.callbacks._shared import (
+    logging_step,
+    mark_fit_start,
+    print_fit_summary,
+    tensorboard_writers,
+)
 from lightning_gradstab.report import Report
 
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
@@ -33,6 +38,7 @@ class ReportingCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mark_fit_start(trainer)  # the summary lists only the report files written from here on
         self._log_dir = report_directory(trainer)
 
     @override
