@@ -880,11 +880,15 @@ class ExplosionPolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where a ``state_dict`` left off."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"ExplosionPolicy state has version {state.get('version')!r}; this code reads {STATE_VERSION}"
-            )
+        """Continue exactly where a ``state_dict`` left off; a malformed state (a key missing, a value of the
+        wrong type or out of range) raises ``ValueError`` naming the key before anything is loaded."""
+        from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
+
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else state
+            raise ValueError(f"ExplosionPolicy state has version {version!r}; this code reads {STATE_VERSION}")
+        template = ExplosionPolicy(self.config, self.max_events).state_dict()
+        check_state(state, template, "ExplosionPolicy state", policy_rules(len(RUNGS)), POLICY_OPTIONAL)
         self.statistics.load_state_dict(state["statistics"])
         self.loss_statistics.load_state_dict(state["loss_statistics"])
         self.loss_trend.load_state_dict(state["loss_trend"])

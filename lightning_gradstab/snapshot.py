@@ -24,18 +24,24 @@ from __future__ import annotations
 
 import copy
 import os
-import queue
 import shutil
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from lightning_gradstab.snapshot_disk import (
+    FileWriter,
+    SnapshotUnusable,
+    leftover_files,
+    new_run_token,
+    open_verified,
+    snapshot_file_name,
+)
 
 SnapshotKeep = Literal["weights", "weights+optimizer"]
 """What a snapshot holds: the model's parameters and buffers, or those and every optimizer's state."""
@@ -53,7 +59,7 @@ AVAILABLE_MEMORY_SHARE = 0.5
 DISK_SHARE = 0.5
 """Share of a rank's part of the free disk space its snapshot file may take (the rest is left to checkpoints)."""
 
-_STATE_VERSION = 1  # layout of RollbackSnapshot.state_dict()
+_STATE_VERSION = 2  # layout of RollbackSnapshot.state_dict() (2: the model's tensor names and dtypes)
 _ALIGNMENT = 64  # bytes: every tensor in a snapshot file starts on a boundary any dtype can be viewed from
 
 
@@ -165,15 +171,22 @@ def _flatten(value: Any, tensors: list[Tensor]) -> Any:
     return copy.deepcopy(value)
 
 
-def _model_tensors(module: nn.Module) -> list[Tensor]:
-    """Parameters then buffers of ``module``, each once (tied ones are one tensor)."""
+def _model_entries(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the parameters then buffers of ``module``, each once (tied ones are one tensor).
+
+    Names drop ``torch.compile``'s ``_orig_mod.`` so a snapshot names the same tensors compiled or not."""
     seen: set[int] = set()
-    tensors: list[Tensor] = []
-    for tensor in [*module.parameters(), *module.buffers()]:
+    entries: list[tuple[str, Tensor]] = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            tensors.append(tensor)
-    return tensors
+            entries.append((name.replace("_orig_mod.", ""), tensor))
+    return entries
+
+
+def _model_tensors(module: nn.Module) -> list[Tensor]:
+    """Parameters then buffers of ``module``, each once (tied ones are one tensor)."""
+    return [tensor for _, tensor in _model_entries(module)]
 
 
 def _raw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -215,8 +228,10 @@ class RollbackSnapshot:
             it bounds the copies in flight. A file may take half of this rank's share of the free disk space
             (``DISK_SHARE``, the rest is left to checkpoints); a snapshot that fits neither is not kept (said
             once; :attr:`available` is then false and a rollback must do without).
-        directory: folder of the snapshot file (``rollback-rank{rank}.bin``); ``None``: ``gradstab_rollback``
-            in the working directory. Use a disk, not a tmpfs: a RAM-backed folder defeats the bound.
+        directory: folder of the snapshot file (``gradstab-rollback-<pid>-<random>-rank<r>.bin``: private to
+            this run and rank, mode 0600, see :mod:`lightning_gradstab.snapshot_disk`); ``None``:
+            ``gradstab_rollback`` in the working directory. Use a disk, not a tmpfs: a RAM-backed folder defeats
+            the bound.
         local_processes: ranks sharing this host, dividing the ``"auto"`` bound (default:
             :func:`local_process_count`; a callback can pass ``trainer.num_devices``).
 
@@ -264,8 +279,16 @@ class RollbackSnapshot:
         self._skeleton: Any = None
         self._host: list[Tensor] = []
         self._offsets: list[tuple[int, torch.dtype, torch.Size]] = []
-        self._writer: _FileWriter | None = None
+        self._writer: FileWriter | None = None
         self._warned: set[str] = set()
+        self._run_token = new_run_token()
+
+    def new_run(self) -> None:
+        """Drop the snapshot and its file and start a new run: a later file gets a new name (a callback reused
+        for a second ``fit`` never restores, or deletes, the first fit's snapshot)."""
+        self.close()
+        self._run_token = new_run_token()
+        self._warned.clear()
 
     @property
     def max_bytes(self) -> int | None:
@@ -296,10 +319,25 @@ class RollbackSnapshot:
         return self.available and (self._writer is None or self._writer.done.is_set())
 
     @property
+    def usable(self) -> bool:
+        """:attr:`ready`, and a disk snapshot's file is still there with the inode and size it was written with
+        (one ``stat``: no read, no sync). The checksum is checked by :meth:`problem` before a restore."""
+        if not self.ready:
+            return False
+        return self.location == "memory" or (self._writer is not None and self._writer.intact())
+
+    @property
     def path(self) -> Path:
-        """The snapshot file of this rank (used when the snapshot is on disk)."""
+        """This run's snapshot file of this rank (used when the snapshot is on disk): a name no other run or
+        rank shares, ``gradstab-rollback-<pid>-<random>-rank<r>.bin``."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-        return (self.directory or Path.cwd() / "gradstab_rollback") / f"rollback-rank{rank}.bin"
+        folder = self.directory or Path.cwd() / "gradstab_rollback"
+        return folder / snapshot_file_name(self._run_token, rank)
+
+    def leftover_files(self) -> list[Path]:
+        """Snapshot files in this snapshot's folder left by processes that are gone (a SIGKILL, a crash): not
+        this run's, never deleted by it; a callback names them so the user can."""
+        return leftover_files(self.path.parent)
 
     def take(
         self,
@@ -310,12 +348,18 @@ class RollbackSnapshot:
     ) -> None:
         """Copy the state of ``module`` (and of ``optimizers`` and ``scaler``, see ``keep``) as the new snapshot.
 
-        The previous snapshot is replaced; in memory its buffers are reused where shapes match. A disk write
-        still in flight from the previous call is waited for first. ``scaler``: an fp16 ``GradScaler`` whose
-        scale and growth tracker are restored with the weights (``None`` or a disabled scaler: nothing).
+        The previous snapshot is replaced; in memory its buffers are reused where shapes match, on disk its
+        file is deleted before the new one is written (the disk never holds two). A disk write still in flight
+        from the previous call is waited for first. ``scaler``: an fp16 ``GradScaler`` whose scale and growth
+        tracker are restored with the weights (``None`` or a disabled scaler: nothing).
         """
         self._wait_for_write(raise_error=False)
-        state: dict[str, Any] = {"model": _model_tensors(module), "optimizers": None, "scaler": _scaler_tensors(scaler)}
+        entries = _model_entries(module)
+        state: dict[str, Any] = {
+            "model": [tensor for _, tensor in entries],
+            "optimizers": None,
+            "scaler": _scaler_tensors(scaler),
+        }
         if self.keep == "weights+optimizer":
             # every torch.optim optimizer keeps its per-parameter state in ``optimizer.state``
             state["optimizers"] = [
@@ -324,12 +368,16 @@ class RollbackSnapshot:
             ]
         live: list[Tensor] = []
         skeleton = _flatten(state, live)
+        skeleton["model_names"] = [name for name, _ in entries]
         needed = sum(t.nbytes for t in live)
         bound = self.max_bytes
         location = self.requested_location
         over_bound = location == "memory" and bound is not None and needed > bound
         if over_bound or location == "disk":
             location = "disk"
+            if self._writer is not None:  # superseded: its bytes are free for the new file
+                self._writer.remove()
+                self._writer = None
             room = self._disk_room()
             if needed > room:
                 self.close()
@@ -344,6 +392,24 @@ class RollbackSnapshot:
             self._copy_to_disk(live, bound)
         self._skeleton, self.location, self.state_bytes, self.step = skeleton, location, needed, step
 
+    def problem(
+        self, module: nn.Module, optimizers: list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...] = ()
+    ) -> str | None:
+        """Why the snapshot cannot be restored into ``module`` and ``optimizers`` now, or ``None`` if it can.
+
+        Checked, in this order: that there is one; for a disk snapshot, that its file is the one written (inode,
+        size, no link) and holds what was written (CRC-32); that the model has the snapshot's tensors (names,
+        shapes, dtypes of every parameter and buffer) and the optimizers its parameter counts. Reads the file
+        (a rollback's cost, not a step's); no device value is read. Pass ``optimizers=None`` to check the model
+        alone (a checkpoint being loaded before the optimizers exist).
+        """
+        try:
+            tensors, mapping = self._verified_tensors(module, optimizers)
+        except SnapshotUnusable as error:
+            return str(error)
+        del tensors, mapping
+        return None
+
     def restore(
         self,
         module: nn.Module,
@@ -353,17 +419,22 @@ class RollbackSnapshot:
         """Copy the snapshot back into ``module``, ``optimizers`` and ``scaler`` in place.
 
         Each param group's current hyper-parameters (learning rate, momentum, ...) are kept. With
-        ``keep="weights"`` the optimizer state is left as it is. Raises ``RuntimeError`` when there is no
-        snapshot (or its file could not be written) and ``ValueError`` when the model or the optimizers do
-        not have the snapshot's structure.
+        ``keep="weights"`` the optimizer state is left as it is. Everything is checked (see :meth:`problem`)
+        before anything is written: raises ``RuntimeError`` when there is no snapshot (or its file could not be
+        written) and ``ValueError`` when it is unusable (its file gone or corrupt, or the model or the
+        optimizers without the snapshot's structure); the live state is then untouched.
         """
         if self.location is None:
             raise RuntimeError("RollbackSnapshot.restore: there is no snapshot (none taken yet, or the last not kept)")
         self._wait_for_write()
-        tensors, mapping = self._stored_tensors()
+        try:
+            tensors, mapping = self._verified_tensors(module, optimizers)
+        except SnapshotUnusable as error:
+            raise ValueError(f"RollbackSnapshot.restore: {error}") from None
         try:
             with torch.no_grad():
-                self._restore_model(module, tensors)
+                for tensor, slot in zip(_model_tensors(module), self._skeleton["model"], strict=True):
+                    _local(tensor.detach()).copy_(tensors[slot.index])
                 if self._skeleton["optimizers"] is not None:
                     self._restore_optimizers(optimizers, tensors)
                 if scaler is not None and self._skeleton["scaler"] is not None:
@@ -384,31 +455,54 @@ class RollbackSnapshot:
         return {
             "version": _STATE_VERSION,
             "step": self.step,
-            "keep": self.keep,
+            "keep": "weights+optimizer" if self._skeleton["optimizers"] is not None else "weights",
             "skeleton": _encode(self._skeleton),
             "tensors": list(self._host),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the snapshot it holds becomes this one (none if it holds none)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"RollbackSnapshot state has version {state.get('version')!r}; this code reads {_STATE_VERSION}"
-            )
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Continue from :meth:`state_dict`: the snapshot it holds becomes this one (none if it holds none).
+
+        The constructor's settings stay (``keep`` included): a checkpoint's ``"weights+optimizer"`` snapshot
+        is kept as weights only under ``keep="weights"``, and a ``"weights"`` one is dropped under
+        ``keep="weights+optimizer"`` (it cannot give the exact rollback asked for). Returns why the checkpoint's
+        snapshot was dropped, or ``None``; raises ``ValueError`` for another layout version or a malformed state.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else state
+            raise ValueError(f"RollbackSnapshot state has version {version!r}; this code reads {_STATE_VERSION}")
         self.close()
-        if state["step"] is None and "tensors" not in state:
-            return
-        self._host = [tensor.to("cpu") for tensor in state["tensors"]]
-        self._skeleton = _decode(state["skeleton"])
-        self.keep, self.step, self.location = state["keep"], state["step"], "memory"
+        if state.get("step") is None and "tensors" not in state:
+            return None
+        try:
+            host = [tensor.to("cpu") for tensor in state["tensors"]]
+            skeleton = _decode(state["skeleton"])
+            saved_keep, step = state["keep"], state["step"]
+            slots = [*skeleton["model"], *_slots(skeleton["optimizers"]), *_slots(skeleton["scaler"])]
+            names = skeleton["model_names"]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"RollbackSnapshot state is malformed (missing or wrong {error})") from None
+        if saved_keep not in KEEPS or len(names) != len(skeleton["model"]) or any(
+            not isinstance(s, _Slot) or not 0 <= s.index < len(host) for s in slots
+        ):
+            raise ValueError("RollbackSnapshot state is malformed (its slots do not match its tensors)")
+        if saved_keep == "weights" and self.keep == "weights+optimizer":
+            return (
+                "the checkpoint's snapshot holds weights only, and this guard keeps weights+optimizer "
+                "(snapshot_keep): a new snapshot is taken instead"
+            )
+        if self.keep == "weights":
+            skeleton["optimizers"] = None  # the user's setting: a rollback leaves the optimizer state alone
+        self._host, self._skeleton, self.step, self.location = host, skeleton, step, "memory"
         self.state_bytes = sum(tensor.nbytes for tensor in self._host)
+        return None
 
     def close(self) -> None:
-        """Drop the snapshot: free its host buffers and delete its file."""
+        """Drop the snapshot: free its host buffers and delete its file (only ever a file this run created)."""
         self._wait_for_write(raise_error=False)
         self._host, self._skeleton, self.location, self.step, self.state_bytes = [], None, None, None, 0
         if self._writer is not None:
-            self._writer.path.unlink(missing_ok=True)
+            self._writer.remove()
             self._writer = None
 
     # -- storage ------------------------------------------------------------------------------------------
@@ -424,11 +518,11 @@ class RollbackSnapshot:
                 host.append(tensor.to("cpu", copy=True))
         del host[len(live) :]
         if self._writer is not None:  # an older snapshot on disk is superseded
-            self._writer.path.unlink(missing_ok=True)
+            self._writer.remove()
             self._writer = None
 
     def _copy_to_disk(self, live: list[Tensor], bound: int | None) -> None:
-        self._writer = writer = _FileWriter(self.path, max_in_flight=bound)
+        self._writer = writer = FileWriter(self.path, max_in_flight=bound)
         self._offsets = []
         offset = 0
         for tensor in live:
@@ -460,18 +554,74 @@ class RollbackSnapshot:
             warnings.warn(f"lightning_gradstab: {message} until a later one is written.", stacklevel=3)
 
     def _stored_tensors(self) -> tuple[list[Tensor], Any]:
+        """The snapshot's tensors: the host buffers, or views of its verified file (a copy-on-write mapping:
+        pages are read as they are copied to the device). Raises :class:`SnapshotUnusable`."""
         if self.location == "memory":
             return self._host, None
-        assert self._writer is not None
-        mapping = np.memmap(self._writer.path, dtype=np.uint8, mode="c") if self.state_bytes else None
+        if self._writer is None or self._writer.error is not None:
+            raise SnapshotUnusable("its disk write failed")
+        pieces = [(offset, torch.Size(shape).numel() * dtype.itemsize) for offset, dtype, shape in self._offsets]
+        mapping = open_verified(self._writer, pieces)
         tensors = []
-        for offset, dtype, shape in self._offsets:
-            size = torch.Size(shape).numel() * dtype.itemsize
+        for (offset, dtype, shape), (_, size) in zip(self._offsets, pieces, strict=True):
             if size == 0 or mapping is None:
                 tensors.append(torch.empty(shape, dtype=dtype))
-            else:  # a copy-on-write view of the file: pages are read as they are copied to the device
-                tensors.append(torch.from_numpy(mapping[offset : offset + size]).view(dtype).reshape(shape))
+            else:
+                tensors.append(torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=offset).view(dtype)
+                               .reshape(shape))
         return tensors, mapping
+
+    def _verified_tensors(self, module: nn.Module, optimizers: Any) -> tuple[list[Tensor], Any]:
+        """:meth:`_stored_tensors` after every check of :meth:`problem` passed (else :class:`SnapshotUnusable`)."""
+        if self.location is None or self._skeleton is None:
+            raise SnapshotUnusable("there is no snapshot")
+        if not self.ready:
+            raise SnapshotUnusable("its disk write is still in flight")
+        self._check_model(module)
+        tensors, mapping = self._stored_tensors()
+        if optimizers is not None and self._skeleton["optimizers"] is not None:
+            saved = self._skeleton["optimizers"]
+            if len(optimizers) != len(saved):
+                raise SnapshotUnusable(f"{len(optimizers)} optimizers given, the snapshot holds {len(saved)}")
+            for index, (optimizer, states) in enumerate(zip(optimizers, saved, strict=True)):
+                count = len(_optimizer_parameters(optimizer))
+                if count != len(states):
+                    raise SnapshotUnusable(
+                        f"optimizer {index} updates {count} parameters, its snapshot {len(states)}: restore into "
+                        "the optimizers the snapshot was taken of"
+                    )
+        return tensors, mapping
+
+    def _shapes(self) -> list[tuple[torch.dtype, torch.Size]]:
+        if self.location == "memory":
+            return [(tensor.dtype, tensor.shape) for tensor in self._host]
+        return [(dtype, torch.Size(shape)) for _, dtype, shape in self._offsets]
+
+    def _check_model(self, module: nn.Module) -> None:
+        live, slots, shapes = _model_entries(module), self._skeleton["model"], self._shapes()
+        names = self._skeleton.get("model_names")
+        if names is not None and [name for name, _ in live] != list(names):
+            missing = sorted(set(names) - {name for name, _ in live})
+            extra = sorted({name for name, _ in live} - set(names))
+            raise SnapshotUnusable(
+                f"the module has {len(live)} parameters and buffers, the snapshot {len(names)}"
+                + (f"; not in the module: {missing[:3]}" if missing else "")
+                + (f"; not in the snapshot: {extra[:3]}" if extra else "")
+                + ": restore into the model the snapshot was taken of"
+            )
+        if len(live) != len(slots):
+            raise SnapshotUnusable(
+                f"the module has {len(live)} parameters and buffers, the snapshot {len(slots)}: restore into the "
+                "model the snapshot was taken of"
+            )
+        for (name, tensor), slot in zip(live, slots, strict=True):
+            dtype, shape = shapes[slot.index]
+            local = _local(tensor)
+            if local.shape != shape or local.dtype != dtype:
+                raise SnapshotUnusable(
+                    f"{name!r} is {tuple(local.shape)} {local.dtype} in the module, {tuple(shape)} {dtype} in the "
+                    "snapshot: restore into the model the snapshot was taken of"
+                )
 
     def _disk_room(self) -> int:
         """Bytes this rank's snapshot file may take: half of its share of the free space (the rest is left
@@ -484,8 +634,7 @@ class RollbackSnapshot:
         except OSError:
             return 0
         processes = self.local_processes if self.local_processes is not None else local_process_count()
-        current = self.path.stat().st_size if self.path.is_file() else 0
-        return int(DISK_SHARE * free / max(processes, 1)) + current
+        return int(DISK_SHARE * free / max(processes, 1))
 
     def _message_once(self, kind: str, needed: int, bound: int | None, room: int) -> None:
         if kind in self._warned or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
@@ -510,32 +659,10 @@ class RollbackSnapshot:
 
     # -- restore ------------------------------------------------------------------------------------------
 
-    def _restore_model(self, module: nn.Module, tensors: list[Tensor]) -> None:
-        live = _model_tensors(module)
-        slots = self._skeleton["model"]
-        if len(live) != len(slots) or any(
-            _local(t).shape != tensors[s.index].shape for t, s in zip(live, slots, strict=False)
-        ):
-            raise ValueError(
-                f"RollbackSnapshot.restore: the module has {len(live)} parameters and buffers, the snapshot "
-                f"{len(slots)} (or their shapes differ): restore into the model the snapshot was taken of"
-            )
-        for tensor, slot in zip(live, slots, strict=True):
-            _local(tensor.detach()).copy_(tensors[slot.index])
-
     def _restore_optimizers(self, optimizers: Any, tensors: list[Tensor]) -> None:
-        saved = self._skeleton["optimizers"]
-        if len(optimizers) != len(saved):
-            raise ValueError(
-                f"RollbackSnapshot.restore: {len(optimizers)} optimizers given, the snapshot holds {len(saved)}"
-            )
-        for optimizer, states in zip(optimizers, saved, strict=True):
+        # the structure was checked by ``_verified_tensors``
+        for optimizer, states in zip(optimizers, self._skeleton["optimizers"], strict=True):
             raw, parameters = _raw(optimizer), _optimizer_parameters(optimizer)
-            if len(parameters) != len(states):
-                raise ValueError(
-                    f"RollbackSnapshot.restore: an optimizer updates {len(parameters)} parameters, its snapshot "
-                    f"{len(states)}: restore into the optimizers the snapshot was taken of"
-                )
             for parameter, state in zip(parameters, states, strict=True):
                 if state is None:  # no state yet at the snapshot: the optimizer initialises it again lazily
                     raw.state.pop(parameter, None)
@@ -577,6 +704,17 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor], parameter: Tensor
 _SLOT_TAG = "gradstab-snapshot-slot"
 
 
+def _slots(value: Any) -> list[Any]:
+    """Every :class:`_Slot` in a decoded skeleton part (a list, dict or ``None``)."""
+    if isinstance(value, _Slot):
+        return [value]
+    if isinstance(value, dict):
+        return [slot for item in value.values() for slot in _slots(item)]
+    if isinstance(value, (list, tuple)):
+        return [slot for item in value for slot in _slots(item)]
+    return []
+
+
 def _encode(value: Any) -> Any:
     """The skeleton in plain values (``torch.load(weights_only=True)`` reads them): a slot becomes a tagged tuple;
     a DTensor's mesh is not kept (a restore takes it from the parameter)."""
@@ -599,95 +737,84 @@ def _decode(value: Any) -> Any:
     return value
 
 
-class _FileWriter:
-    """Writes pieces of a snapshot into a file from a background thread, through a pool of staging buffers.
+_FileWriter = FileWriter  # the disk format lives in snapshot_disk.py
 
-    The training thread asks :meth:`staging` for a host buffer, copies a tensor into it and queues it with
-    :meth:`put`; the writer writes it and hands the buffer back to the pool for the next piece. The pool never
-    grows past ``max_in_flight`` bytes (one piece larger than that still gets a buffer of its own), so the host
-    RAM the copies use stays under the bound: a fresh allocation per piece would not, since the allocator does
-    not reliably reuse the blocks another thread freed. ``staging`` waits only while the pool is full.
+
+class StepBuffers:
+    """The buffers a forward pass changes (BatchNorm's running statistics and counter), as they were before the
+    current optimizer step, so a step the guard skips leaves no trace in them.
+
+    Dropping a step's gradients undoes nothing the forward did: a NaN batch through ``BatchNorm`` makes its
+    running mean and variance NaN, ``eval()`` then returns NaN while the weights are fine, and the next
+    snapshot copies the NaN. :meth:`save` (before the step's first forward) copies the buffers the forward
+    changes into device tensors of their own; :meth:`restore` (on a skipped step) copies them back. Which
+    buffers change is learned once: every buffer is copied before the first step, and at the second
+    :meth:`save` only those whose values or version counters changed stay tracked (one host read per fit;
+    none at all are, for a model without running statistics: no cost). A buffer first written later is
+    tracked from the next step on (its version counter). Copies are device-to-device.
+
+    Example::
+
+        buffers = StepBuffers()
+        model = torch.nn.BatchNorm1d(4)
+        buffers.save(model)
+        model(torch.full((2, 4), float("nan")))  # a bad batch
+        buffers.restore()
+        assert torch.isfinite(model.running_mean).all()
     """
 
-    def __init__(self, path: Path, max_in_flight: int | None) -> None:
-        self.path = path
-        self.max_in_flight = max_in_flight
-        self.pending_bytes = 0  # bytes of staging buffers allocated (in flight or waiting in the pool)
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._space = threading.Condition()
-        self._pool: list[Tensor] = []
-        self._queue: queue.SimpleQueue[tuple[int, Tensor, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="gradstab-snapshot-writer", daemon=True)
-        self._thread.start()
+    def __init__(self) -> None:
+        self._module: nn.Module | None = None
+        self._buffers: list[Tensor] = []  # every buffer of the module, each once
+        self._tracked: list[bool] = []  # copied at ``save``: every buffer until the first step shows which change
+        self._narrowed = False
+        self._versions: list[int] = []  # version counters when the copies were last in sync
+        self._live: list[Tensor] = []  # the buffers copied at ``save`` ...
+        self._copies: list[Tensor] = []  # ... and their copies
 
-    def staging(self, nbytes: int) -> Tensor:
-        """A ``uint8`` host buffer of at least ``nbytes``, from the pool or newly allocated under the bound."""
-        with self._space:
-            while True:
-                fitting = [i for i, buffer in enumerate(self._pool) if buffer.numel() >= nbytes]
-                if fitting:
-                    return self._pool.pop(min(fitting, key=lambda i: self._pool[i].numel()))
-                room = self.max_in_flight is None or self.pending_bytes + nbytes <= self.max_in_flight
-                if room or self.pending_bytes == 0 or self.error is not None:
-                    self.pending_bytes += nbytes
-                    return torch.empty(nbytes, dtype=torch.uint8)
-                if self._pool:  # only smaller buffers are free: drop one to make room
-                    self.pending_bytes -= self._pool.pop(0).numel()
-                    continue
-                self._space.wait()
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the copies hold."""
+        return sum(copy.nbytes for copy in self._copies)
 
-    def put(self, offset: int, buffer: Tensor, nbytes: int) -> None:
-        """Queue the first ``nbytes`` of a :meth:`staging` buffer, to be written at ``offset``."""
-        self._queue.put((offset, buffer, nbytes))
+    def save(self, module: nn.Module) -> None:
+        """Copy the buffers a forward may change, before this optimizer step's first forward pass."""
+        if module is not self._module:
+            buffers = list({id(b): b for b in module.buffers()}.values())
+            self._module, self._buffers, self._tracked, self._narrowed = module, buffers, [True] * len(buffers), False
+        elif self._versions:  # learn which buffers the forward passes since the last save wrote to
+            changed = [b._version != v for b, v in zip(self._buffers, self._versions, strict=True)]
+            if not self._narrowed and self._live:
+                # after the first step, by value too: kernels such as batch_norm's update their running
+                # statistics without bumping the version counter. One host read, once per fit.
+                differs = torch.stack([(c != b).any() for c, b in zip(self._copies, self._live, strict=True)])
+                changed = [a or b for a, b in zip(changed, differs.tolist(), strict=True)]
+            else:  # a buffer first written later is tracked from then on
+                changed = [a or b for a, b in zip(self._tracked, changed, strict=True)]
+            self._tracked, self._narrowed = changed, True
+        live = [b for b, tracked in zip(self._buffers, self._tracked, strict=True) if tracked]
+        if len(live) != len(self._live) or any(a is not b for a, b in zip(live, self._live, strict=True)):
+            self._live, self._copies = live, [torch.empty_like(b) for b in live]
+        if self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._copies, self._live)
+        self.resync()
 
-    def finish(self) -> None:
-        self._queue.put(None)
+    def resync(self) -> None:
+        """Take the buffers as they are now as unchanged by a forward (after the guard itself wrote them: a
+        restore, a rollback), so a write of the guard's is not learned as one of the forward's."""
+        self._versions = [b._version for b in self._buffers]
 
-    def _run(self) -> None:
-        # written in place: the previous snapshot's file is overwritten, so the disk never holds two of them
-        # (a restore waits for the write, and the snapshot lives no longer than the process anyway)
-        finished = False  # ``finish`` was seen
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as stream:
-                while not (finished := (item := self._queue.get()) is None):
-                    offset, buffer, nbytes = item
-                    if nbytes:
-                        stream.seek(offset)
-                        stream.write(memoryview(buffer[:nbytes].numpy()))
-                    del item
-                    with self._space:
-                        self._pool.append(buffer)
-                        self._space.notify_all()
-                    del buffer
-        except BaseException as error:  # reported by the next take/restore; training goes on
-            with self._space:
-                self.error = error
-                self._space.notify_all()  # ``staging`` stops waiting for a writer that is gone
-            if self.path.parent.is_dir():
-                self.path.unlink(missing_ok=True)
-            while not finished:  # drain until ``finish``
-                finished = self._queue.get() is None
-        finally:
-            with self._space:
-                self._pool.clear()
-                self.pending_bytes = 0
-            _return_freed_memory()
-            with self._space:
-                self.done.set()
-                self._space.notify_all()
+    def restore(self) -> None:
+        """Copy the saved buffers back (a skipped step). Nothing happens before the first :meth:`save`."""
+        if self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._copies)
+            self.resync()
 
-
-def _return_freed_memory() -> None:
-    """Hand the freed copies back to the OS: glibc keeps large freed blocks in its heap (its mmap threshold
-    grows after the first free), so the resident set would stay as if the copies were still held."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    def clear(self) -> None:
+        """Forget the module and free the copies (the end of a fit)."""
+        self.__init__()  # type: ignore[misc]
 
 
 # -- the tuple snapshot the guard has used so far -------------------------------------------------------------

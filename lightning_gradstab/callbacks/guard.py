@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,10 +39,12 @@ from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
     RollbackSnapshot,
+    StepBuffers,
     restore_training_state,
     snapshot_training_state,
     validate_snapshot_options,
 )
+from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 
 # what every decision needs, and how each value combines across ranks: the largest norm and loss, whether any
 # rank and whether every rank saw non-finite gradients, the weights' norm (identical on every rank) and the
@@ -56,6 +59,7 @@ _FIELDS: list[tuple[str, ReduceKind]] = [
 ]
 _WITHOUT_SCALER = RankReduction(_FIELDS)
 _WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
+_SNAPSHOT_AGREEMENT = RankReduction([("usable", "min")])  # on rollback steps: every rank's snapshot verified
 _NO_LOSS = -FLOAT32_MAX  # stands for "this rank had no loss this step" in the max over ranks
 
 WEIGHT_NORM_EVERY = 10
@@ -209,7 +213,7 @@ class ExplosionGuard(Callback):
             loss_rise_tolerance=loss_rise_tolerance,
             max_update_ratio=max_update_ratio,
             max_norm=max_norm,
-            budgets=dict(budgets) if isinstance(budgets, dict) else budgets,
+            budgets=dict(budgets) if isinstance(budgets, Mapping) else budgets,  # a Hydra DictConfig too
             tight_clip_ratio=tight_clip_ratio,
             backoff_factor=backoff_factor,
             lr_recovery_steps=lr_recovery_steps,
@@ -249,6 +253,10 @@ class ExplosionGuard(Callback):
         self._weight_norms: dict[int, float] = {}  # the last measured weight norm per optimizer (plain SGD)
         self._without_lr: list[str] = []
         self._base_lrs: dict[int, float] = {}  # each optimizer's first param group lr, read at the end of fit
+        self._step_buffers = StepBuffers()  # buffers as before this step's forward: a skip leaves no trace
+        self._buffers_saved = False  # this optimizer step's buffers are saved (its first forward ran)
+        self._loss_unmeasured = False  # a micro-batch of this step had a non-scalar loss (backward with gradient=)
+        self._warned_once: set[str] = set()
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -290,6 +298,24 @@ class ExplosionGuard(Callback):
         ]
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a callback reused for another fit (a sweep loop, an Optuna objective, a notebook) starts it clean: the
+        # last fit's level, statistics and snapshot describe another model. Lightning loads a checkpoint's
+        # state after ``setup``, so a resumed fit gets it back; a second ``fit`` of the same trainer goes on.
+        if stage != "fit" or trainer.global_step > 0:
+            return
+        self.policies.clear()
+        self._loaded_policies.clear()
+        self.stop_reason = None
+        self._written_events.clear()
+        self._weight_norms.clear()
+        self._base_lrs.clear()
+        self._step_loss, self._loss_unmeasured, self._buffers_saved = None, False, False
+        self._step_buffers.clear()
+        self._warned_unavailable = False
+        self._rollback.new_run()
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
@@ -297,10 +323,19 @@ class ExplosionGuard(Callback):
         if not self._snapshot_dir_given:
             self._rollback.directory = self._log_dir / SNAPSHOT_DIRNAME
         self._rollback.local_processes = trainer.num_devices  # ranks on this host share the "auto" bound
+        if self._rollback.requested_location == "disk" or self._rollback.max_bytes is not None:
+            leftover = self._rollback.leftover_files()
+            if leftover:  # never deleted here: only the run that wrote a file deletes it
+                rank_zero_warn(
+                    f"ExplosionGuard: {len(leftover)} rollback snapshot file(s) left by processes that are gone (a "
+                    f"SIGKILL or a crash) in {str(leftover[0].parent)!r}: {', '.join(p.name for p in leftover[:3])}"
+                    f"{' ...' if len(leftover) > 3 else ''}; delete them to free the disk space."
+                )
         add_tensorboard_layout(trainer, pl_module)  # only the charts this run's callbacks fill
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drop_unusable_snapshot(pl_module, trainer.optimizers)  # a checkpoint's, against the optimizers too
         if not self._rollback.available:  # resumed from a checkpoint that carried no snapshot: take a new one first
             for policy in self.policies.values():
                 policy.forget_snapshot()
@@ -319,11 +354,25 @@ class ExplosionGuard(Callback):
             )
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if not self._buffers_saved:  # the first forward of an optimizer step: keep what its buffers were
+            self._step_buffers.save(pl_module)
+            self._buffers_saved = True
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # the loss of every micro-batch (and every manual_backward) of the coming optimizer step, on the device;
         # Lightning hands it over already divided by accumulate_grad_batches (so the sum is the step's mean) and,
         # under fp16, already multiplied by the GradScaler's scale
-        value = loss.detach().float()
+        if loss.numel() != 1:  # manual_backward(losses, gradient=...): the step's scalar loss is not known
+            self._loss_unmeasured = True
+            self._warn_once(
+                "vector loss",
+                f"ExplosionGuard: a backward of a loss of shape {tuple(loss.shape)} (manual_backward with "
+                "`gradient=`): the guard judges such steps by their gradients only, not by their loss (said once).",
+            )
+            return
+        value = loss.detach().float().reshape(())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler._scale is not None:
             value = value / scaler._scale
@@ -340,6 +389,8 @@ class ExplosionGuard(Callback):
         stats = gradient_stats(trainer, pl_module, raw)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss, self._step_loss = self._step_loss, None  # one optimizer step consumes the losses since the last
+        if self._loss_unmeasured:
+            loss, self._loss_unmeasured = None, False
         step_size = sgd_step_size(raw) if self.config.max_update_ratio is not None else None
         weight_norm: torch.Tensor | float = self._weight_norms.get(index, 0.0)
         if step_size is not None and (policy.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
@@ -379,6 +430,7 @@ class ExplosionGuard(Callback):
         if observation.rank_local and scaler is not None:
             _clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
         self._act(trainer, pl_module, raw, decision, observation, scaler, snapshot_everywhere)
+        self._buffers_saved = False  # the next batch starts a new optimizer step
         self._report(trainer, index, policy, decision)
 
     def _act(
@@ -393,18 +445,29 @@ class ExplosionGuard(Callback):
     ) -> None:
         if decision.snapshot:
             self._rollback.take(pl_module, trainer.optimizers, scaler, step=decision.step)
+        rolled_back = False
         if decision.rollback:
-            # every rank restores or none does: one rank without a snapshot (a failed or unfinished disk
-            # write) makes all of them skip the step instead, so the replicas stay identical
-            if snapshot_everywhere:
+            # every rank restores or none does: one rank without a usable snapshot (a failed or unfinished disk
+            # write, a file removed or corrupted) makes all of them skip the step instead, so the replicas stay
+            # identical. The file's checksum and the model's structure are checked first, agreed on in one
+            # more collective on rollback steps only (a decision every rank took alike)
+            problem = self._rollback.problem(pl_module, trainer.optimizers) if snapshot_everywhere else None
+            if snapshot_everywhere and trainer.world_size > 1:
+                usable = torch.tensor(0.0 if problem else 1.0, device=pl_module.device)
+                snapshot_everywhere = _SNAPSHOT_AGREEMENT.reduce({"usable": usable}, distributed=True)["usable"] > 0
+            if snapshot_everywhere and problem is None:
                 self._rollback.restore(pl_module, trainer.optimizers, scaler)
+                self._step_buffers.resync()
+                rolled_back = True
             else:
                 if not self._warned_unavailable:
                     self._warned_unavailable = True
                     rank_zero_warn(
-                        f"ExplosionGuard: step {decision.step} asks for a rollback but a rank holds no complete "
-                        "rollback snapshot (none taken yet, a disk write failed or is still in flight, or it did "
-                        "not fit); every rank skips the step instead (said once)."
+                        f"ExplosionGuard: step {decision.step} asks for a rollback but a rank holds no usable "
+                        "rollback snapshot (none taken yet, a disk write failed or is still in flight, it did not "
+                        "fit, its file was removed or changed, or it does not match the model"
+                        + (f": {problem}" if problem else "")
+                        + "); every rank skips the step instead (said once)."
                     )
                 for each in self.policies.values():  # the next healthy step takes a new snapshot
                     each.forget_snapshot()
@@ -415,6 +478,8 @@ class ExplosionGuard(Callback):
         if decision.skip:
             for parameter in params:  # the optimizer skips None grads: no weight and no state change
                 parameter.grad = None
+            if not rolled_back:  # nor a buffer change: the forward's running statistics are put back
+                self._step_buffers.restore()
         elif decision.clip_coefficient < 1.0:
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_mul_(grads, decision.clip_coefficient)
@@ -441,9 +506,30 @@ class ExplosionGuard(Callback):
         """Whether this rank holds a snapshot a restore can load now (a host-side check: no device sync).
 
         A disk write still in flight counts as not ready: its outcome is not known yet, and a rank whose write
-        then failed could not restore while the others did.
+        then failed could not restore while the others did. A disk snapshot's file must still be the one
+        written, with its size (a ``stat``); its checksum is checked on a rollback step.
         """
-        return self._rollback.ready
+        return self._rollback.usable
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned_once:
+            self._warned_once.add(key)
+            rank_zero_warn(message)
+
+    def _drop_unusable_snapshot(self, pl_module: pl.LightningModule, optimizers: Any) -> None:
+        """Drop a snapshot restored from a checkpoint that does not fit this model (a buffer added to the code
+        since, another architecture) or these optimizers (``None``: not set up yet), with one warning: it is
+        checked when loaded, not found out at the first rollback."""
+        if self._rollback.location != "memory":
+            return
+        problem = self._rollback.problem(pl_module, optimizers)
+        if problem is not None:
+            self._rollback.close()
+            self._warn_once(
+                "checkpoint snapshot",
+                f"ExplosionGuard: the checkpoint's rollback snapshot cannot be used ({problem}); it is dropped and "
+                "a new one is taken at the next healthy step.",
+            )
 
     def _scale_lr(self, optimizer: torch.optim.Optimizer, lr_scale: float) -> None:
         # applied just before the step and undone right after it, so LR schedulers never see the scaled value
@@ -565,6 +651,17 @@ class ExplosionGuard(Callback):
         # alike; a disk snapshot is not carried, so its file is written out (or its failure noted) and removed
         if stage == "fit" and self._rollback.location == "disk":
             self._rollback.close()
+        if stage == "fit":
+            self._step_buffers.clear()
+            self._buffers_saved = False
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # an error or a preemption (Lightning turns SIGTERM into an exception in the loop): this run's disk
+        # snapshot file is deleted now, since no later step of this process will use it. A memory one stays for
+        # a checkpoint written after the error. A SIGKILL runs nothing: the next run names the file left over
+        if self._rollback.location != "memory":  # on disk, or none (a write that failed or was cut short)
+            self._rollback.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -588,12 +685,29 @@ class ExplosionGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         saved = checkpoint.get(SNAPSHOT_CHECKPOINT_KEY)
-        if saved is not None and "version" in saved:  # an older layout is not read: a new snapshot is taken
-            self._rollback.load_state_dict(saved)
+        if not isinstance(saved, dict) or "version" not in saved:
+            return
+        try:  # the constructor's settings stay: a snapshot that does not fit them is dropped, not obeyed
+            dropped = self._rollback.load_state_dict(saved)
+        except ValueError as error:  # an older layout or a damaged one: a new snapshot is taken instead
+            dropped = str(error)
+        if dropped is not None:
+            self._warn_once("checkpoint snapshot", f"ExplosionGuard: the checkpoint's rollback snapshot is not used "
+                            f"({dropped}); a new one is taken at the next healthy step.")
+        self._drop_unusable_snapshot(pl_module, None)  # the model is built; the optimizers come later
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version("ExplosionGuard", state_dict)
+        owner = "ExplosionGuard checkpoint state"
+        check_state(state_dict, {"policies": {}, "stop_reason": None}, owner)
+        template = ExplosionPolicy(self.config).state_dict()
+        for index, policy_state in state_dict["policies"].items():
+            if not str(index).isdigit():
+                raise ValueError(f"{owner}: `policies` keys must be optimizer indices, got {index!r}")
+            check_state(policy_state, template, owner, policy_rules(len(RUNGS)), POLICY_OPTIONAL, f"policies.{index}.")
+        if state_dict["stop_reason"] is not None and not isinstance(state_dict["stop_reason"], str):
+            raise ValueError(f"{owner}: `stop_reason` must be None or a str, got {state_dict['stop_reason']!r}")
         self.policies.clear()
         self._loaded_policies = {int(index): state for index, state in state_dict["policies"].items()}
         self.stop_reason = state_dict["stop_reason"]
