@@ -12,19 +12,22 @@ Example::
     report.print()
 """
 
-from lightning_gradstab.diagnosis.diagnose import build_report, diagnose
+from lightning_gradstab.diagnosis.diagnose import build_report, diagnose, probe_failed_report
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, trace
 from lightning_gradstab.diagnosis.init_rules import InitScheme, recommended_scheme, reinitialize
-from lightning_gradstab.diagnosis.probe import ProbeResult, preserved_state, run_probe
+from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, could_not_probe, preserved_state, run_probe
 
 __all__ = [
     "InitScheme",
     "LayerInfo",
     "ModelGraph",
+    "ProbeError",
     "ProbeResult",
     "build_report",
+    "could_not_probe",
     "diagnose",
     "preserved_state",
+    "probe_failed_report",
     "recommended_scheme",
     "reinitialize",
     "run_probe",

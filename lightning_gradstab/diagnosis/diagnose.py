@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_gradstab.diagnosis.arch_rules import (
@@ -22,7 +23,7 @@ from lightning_gradstab.diagnosis.arch_rules import (
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, fans, init_findings
-from lightning_gradstab.diagnosis.probe import ProbeResult, run_probe
+from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, preserved_state, run_probe
 from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings
 from lightning_gradstab.report import Finding, Report
 
@@ -49,11 +50,15 @@ def diagnose(
             the output is backpropagated, so no labels are needed.
         seed: seed of that random direction.
 
+    When the model runs on ``inputs`` but the probe cannot measure it, the report holds a ``trace.incomplete``
+    finding naming the cause (``could_not_probe(report)`` is then True) instead of an exception.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``inputs`` is not a tensor/sequence/mapping, or
             ``loss_fn`` is not callable.
-        ValueError: the forward or backward fails on ``inputs`` (e.g. wrong shapes), or ``loss_fn`` does not
-            return a scalar tensor.
+        ProbeError: (a ``ValueError``) the model's own forward or backward raises on ``inputs`` (e.g. wrong
+            shapes), with the model's error as the cause.
+        ValueError: ``loss_fn`` does not return a scalar tensor.
 
     Example::
 
@@ -78,12 +83,40 @@ def diagnose(
 
     try:
         result = run_probe(model, forward, inputs=inputs, loss_fn=loss_fn, seed=seed)
-    except (RuntimeError, IndexError) as error:
-        raise ValueError(
-            f"`inputs` of shapes {_shapes(inputs)} do not fit {type(model).__name__}: the forward/backward "
-            f"raised {type(error).__name__}: {error}"
-        ) from error
+    except ProbeError as error:
+        cause = error.__cause__ or error
+        if _runs_plainly(model, forward, inputs):  # the model is fine: the probe is what failed
+            return probe_failed_report(type(model).__name__, "diagnose", f"{type(cause).__name__}: {cause}")
+        raise ProbeError(
+            f"`inputs` of shapes {_shapes(inputs)} do not fit {type(model).__name__}: its forward/backward "
+            f"raised {type(cause).__name__}: {cause}"
+        ) from cause
     return build_report(result, model=type(model).__name__, source="diagnose")
+
+
+def _runs_plainly(model: nn.Module, forward: Callable[[Any], Any], inputs: Any) -> bool:
+    """Whether the model's forward runs on ``inputs`` without the probe (state restored afterwards)."""
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.train()
+            forward(inputs)
+    except Exception:
+        return False
+    return True
+
+
+def probe_failed_report(model: str, source: str, cause: str) -> Report:
+    """The report of a model that could not be probed: one ``trace.incomplete`` finding naming the real cause
+    (``evidence["probe_failed"]`` is True, which :func:`could_not_probe` reads)."""
+    finding = Finding(
+        "trace.incomplete",
+        "info",
+        (),
+        {"problem": f"the probe failed: {cause}", "probe_failed": True},
+        f"Could not diagnose the model (the probe failed: {cause}); nothing was measured. Call "
+        "`diagnose(model, batch)` on the eager module, or report the model to lightning_gradstab.",
+    )
+    return Report([finding], model=model, source=source)
 
 
 def eager_module(model: nn.Module) -> nn.Module:

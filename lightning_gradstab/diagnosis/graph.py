@@ -18,6 +18,7 @@ a sigmoid-family activation is a gate (Squeeze-Excitation), off the main path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,8 +101,24 @@ _FUNCTIONAL_LAYERS = {
     "conv_transpose2d": "conv",
     "conv_transpose3d": "conv",
     "embedding": "embedding",
+    "einsum": "linear",
+    "bmm": "linear",
+    "baddbmm": "linear",
+    "addbmm": "linear",
+    "tensordot": "linear",
+    "mv": "linear",
+    "addmv": "linear",
 }
-_JOINS = frozenset({"add", "sub", "cat", "concat", "concatenate"})
+"""Ops that apply a weight: with a parameter (or a slice of one) as an operand, each call is one layer."""
+_JOINS = frozenset({"add", "cat", "concat", "concatenate"})
+# a difference of two traced paths (``pred - target``, ``x - mean``) is arithmetic, never a skip connection
+_DIFFERENCES = frozenset({"sub"})
+# ops that take a parameter apart or re-lay it out without applying it: the result is still "that weight"
+_WEIGHT_VIEWS = frozenset({
+    "getitem", "select", "unbind", "t", "get", "transpose", "permute", "view", "reshape", "contiguous", "to",
+    "float", "half", "bfloat16", "type_as", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow", "clone",
+    "chunk", "split", "mT", "T",
+})
 _SCALINGS = frozenset({"mul", "div", "truediv"})
 # ops that move, select or rescale values without changing which layer they come from
 _PASS_THROUGH = frozenset({
@@ -217,19 +234,51 @@ def norm_gain(module: nn.Module, args: tuple) -> float | None:
     """
     first = next((a for a in args if isinstance(a, Tensor)), None)
     if first is None or not first.is_floating_point() or first.numel() < 2:
-        return False
+        return None
     rest = args[1:]
     try:
         with torch.no_grad():
             small, large = module(first * 4.0, *rest), module(first * 16.0, *rest)
     except Exception:
-        return False
+        return None
     if not isinstance(small, Tensor) or not isinstance(large, Tensor) or small.shape != first.shape:
-        return False
+        return None
     scale = small.float().norm()
     if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
         return None
     return float(large.float().square().mean().sqrt())
+
+
+def affine_gain(module: nn.Module, args: tuple) -> float | None:
+    """The gain of a module that computes ``scale * x + bias`` on its input, None if it computes anything else.
+
+    Such modules (LayerScale, ReZero/SkipInit gates, the per-channel affine blocks of ResMLP or of a frozen
+    BatchNorm) are deliberate scalings, not layers: they mix no features, so they add no depth, and their factor
+    is measured through. Recognised by behaviour on the real input: the output minus the output at zero is
+    linear in the input (doubling the input doubles it) and keeps its shape. The gain is the RMS of that linear
+    part over the RMS of the input (``gamma``'s RMS for LayerScale).
+
+    Example::
+
+        affine_gain(LayerScale(64, init_values=1e-5), (x,))  # 1e-5
+    """
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None or not first.is_floating_point() or first.numel() < 2:
+        return None
+    rest = args[1:]
+    try:
+        with torch.no_grad():
+            once, twice, zero = module(first, *rest), module(first * 2.0, *rest), module(first * 0.0, *rest)
+    except Exception:
+        return None
+    if not all(isinstance(t, Tensor) and t.shape == first.shape for t in (once, twice, zero)):
+        return None
+    linear, doubled = (once - zero).double(), (twice - zero).double()
+    size = doubled.norm()
+    if not bool(torch.isfinite(size)) or bool((doubled - 2.0 * linear).norm() > 1e-4 * size + 1e-30):
+        return None
+    reference = first.double().square().mean().sqrt()
+    return float(linear.square().mean().sqrt() / reference) if bool(reference > 0) else None
 
 
 @dataclass
@@ -254,7 +303,17 @@ class Node:
     input_shape: tuple[int, ...] = ()
     side_inputs: list[int] = field(default_factory=list)
     value_inputs: list[int] = field(default_factory=list)
-    first_call: bool = True  # a layer's first call (a module called again, e.g. per time step, adds no depth)
+    mixing_inputs: list[int] = field(default_factory=list)
+    """Attention probabilities multiplied with the values (``softmax(q k^T) @ v``): they mix positions of the
+    main input, the value, which is the path the signal's depth is counted along."""
+    adds_depth: bool = True
+    """Every application of a weight is one layer of depth (a module called again, a shared block, a weight
+    applied in a loop); only a recurrent cell's calls after the first do not add depth: they are time steps,
+    which ``arch.recurrent`` judges."""
+    weight: Tensor | None = field(default=None, repr=False)  # the weight a functional layer applied
+    fans: tuple[int, int] | None = None  # (fan_in, fan_out) of the op, for functional layers
+    global_reduction: bool = False  # pools or selects away every position: (B, C, H, W) -> (B, C), x[:, 0]
+    signal: bool = True  # carries the input signal (not a constant computation such as a position-bias MLP)
 
 
 @dataclass
@@ -277,8 +336,13 @@ class LayerInfo:
         pre_norm_stream: an embedding whose output enters a residual stream un-normalized while the branches
             read it through a normalization (pre-LN Transformers).
         downstream_scale: constant factor applied to its output before the next op (``emb(x) * sqrt(d)``).
-        calls: how often it ran in the forward pass (time steps for RNN cells).
+        calls: how often it ran in the forward pass (time steps for RNN cells, applications of a shared
+            weight; each application of a non-recurrent weight is one layer of depth).
         input_shape: shape of its first input at the first call.
+        fans: ``(fan_in, fan_out)`` derived from the op that applied it (functional layers: ``x @ W`` reads the
+            contraction from the operand's layout), None to use ``torch.nn.init``'s convention on ``weight``.
+        on_signal_path: its input derives from the model input (False for a position-bias MLP over constant
+            coordinates, whose output is a constant at init).
 
     Example::
 
@@ -303,6 +367,8 @@ class LayerInfo:
     downstream_scale: float = 1.0
     calls: int = 0
     input_shape: tuple[int, ...] = ()
+    fans: tuple[int, int] | None = None
+    on_signal_path: bool = True
 
 
 @dataclass
@@ -326,11 +392,12 @@ class ModelGraph:
     problems: list[str]
     outputs: list[int] = field(default_factory=list)  # nodes whose tensors are (part of) the model output
     norm_gains: dict[str, float] = field(default_factory=dict)  # normalization -> its output RMS at init
+    plain_applications: int = 0  # weight applications on the longest plain chain (a weight used twice counts 2)
 
     @property
     def plain_depth(self) -> int:
-        """Number of distinct parameterised layers on the longest plain chain."""
-        return len(self.plain_chain)
+        """Number of weight applications on the longest plain chain (at least its distinct layers)."""
+        return max(self.plain_applications, len(self.plain_chain))
 
     def layer(self, name: str) -> LayerInfo | None:
         """The layer summary for module ``name`` (None if it was not traced)."""
@@ -393,6 +460,9 @@ class GraphTracer:
         self._called: set[str] = set()
         self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
+        self.parameter_names = {id(p): n for n, p in model.named_parameters()}
+        self.derived: dict[int, str] = {}  # tensors that are (a slice or a layout of) a weight -> the weight's name
+        self.missed: dict[str, str] = {}  # weight -> the op that applied it to the signal unrecognised
 
     def register_inputs(self, inputs: Any) -> None:
         """Mark the tensors the forward starts from as graph inputs."""
@@ -429,8 +499,8 @@ class GraphTracer:
     def _may_record(self, module: nn.Module) -> bool:
         if layer_kind(module) or isinstance(module, NORM_TYPES) or _activation_module_name(module):
             return True
-        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)):
-            return False
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)) or module is self.model:
+            return False  # the model itself is never one opaque layer: its forward is what we trace
         return next(module.children(), None) is None  # leaves: decided by what they compute at the first call
 
     def _role(self, module: nn.Module, args: tuple) -> tuple[str, float] | None:
@@ -461,8 +531,13 @@ class GraphTracer:
         gain = norm_gain(module, args) if parameters and all(p.dim() <= 1 for p in parameters) else None
         if gain is not None:
             return ("norm", gain)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
-        if parameters:
+        if parameters and all(p.dim() <= 1 for p in parameters):
+            scale = affine_gain(module, args)
+            if scale is not None:
+                return ("scale", scale)  # LayerScale, ReZero gates, per-channel affine blocks: measured through
             return ("layer", 0.0)
+        if parameters:
+            return None  # an unfamiliar layer class: its weights are read where its forward applies them
         torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
         if not torch_builtin and next(module.buffers(recurse=False), None) is None and len(args) == 1:
             behaviour = classify_elementwise(module, first)
@@ -511,14 +586,56 @@ class GraphTracer:
             node = self._new_node("norm", name, type(module).__name__, self._signal_only(inputs))
             if not isinstance(module, NORM_TYPES):
                 self.norm_gains.setdefault(name, slope)  # measured by behaviour at the first call
+        elif role == "scale":
+            node = self._new_node("pass", name, "scale", self._signal_only(inputs))
+            node.scale = slope  # the gain measured at the first call
         else:
-            node = self._new_node("layer", name, type(module).__name__, inputs, signal=True)
-            node.layer_kind = layer_kind(module) or "other"
-            node.first_call = name not in self._called
+            kind = layer_kind(module) or "other"
+            node = self._new_node("layer", name, type(module).__name__, inputs, signal=self._layer_signal(kind, inputs))
+            node.layer_kind = kind
+            node.adds_depth = name not in self._called or kind != "recurrent"
             self._called.add(name)
         first_input = next((t for t in tree_leaves(args) if isinstance(t, Tensor)), None)
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output)
+
+    def _layer_signal(self, kind: str, inputs: list[int]) -> bool:
+        """A layer carries the signal when one of its inputs does; an embedding starts it from integer ids. A
+        layer over constants only (a position-bias MLP over a coordinate table) computes a constant at init."""
+        return kind == "embedding" or any(self.signal[i] for i in inputs)
+
+    def _weight_name(self, tensor: Tensor) -> str | None:
+        """The name of the weight ``tensor`` is, or is a slice or re-layout of (``W[i].T``), else None."""
+        if id(tensor) in self.derived:
+            return self.derived[id(tensor)]
+        cursor: Tensor | None = tensor
+        while cursor is not None:
+            if id(cursor) in self.parameter_names:
+                return self._layer_name(self.parameter_names[id(cursor)])
+            cursor = cursor._base
+        return None
+
+    @staticmethod
+    def _layer_name(parameter: str) -> str:
+        """A module's ``weight`` is the module (``blocks.0.fc``); any other parameter is itself (``w.3``,
+        ``attn.W_q``), so two weights of one module applied in forward are two layers."""
+        owner, _, attribute = parameter.rpartition(".")
+        return owner if attribute == "weight" and owner else parameter
+
+    def _derive_weights(self, op: str, args: tuple, weights: list[str], output: Any) -> None:
+        """Remember the outputs of an op on weights alone as weights: ``W[i]``, ``W.T``, ``W.unbind(0)``."""
+        name = weights[0]
+        index = args[1] if len(args) > 1 and op in ("getitem", "select") else None
+        if op == "select" and len(args) > 2:
+            index = args[2]
+        if isinstance(index, tuple) and index and isinstance(index[0], int):
+            index = index[0]
+        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        for position, tensor in enumerate(tensors):
+            suffix = f"[{index}]" if isinstance(index, int) else (f"[{position}]" if op in ("unbind", "chunk", "split")
+                                                                   else "")
+            self.derived[id(tensor)] = name + suffix
+            self._alive.append(tensor)
 
     def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
         """Record one functional call seen outside the recorded modules."""
@@ -528,16 +645,16 @@ class GraphTracer:
         op = _op_name(func)
         owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
         self.used_parameters.update(id(p) for p in owned)
-        if owned and op in _FUNCTIONAL_LAYERS:
-            name = self.parameter_owner[id(owned[0])]
-            node = self._new_node("layer", name, op, self._traced_inputs(leaves), signal=True)
-            node.layer_kind = _FUNCTIONAL_LAYERS[op]
-            node.input_shape = tuple(leaves[0].shape)
-            node.first_call = name not in self._called
-            self._called.add(name)
-            self._register_outputs(node, output)
+        weights = [(leaf, name) for leaf in leaves if (name := self._weight_name(leaf)) is not None]
+        traced = self._traced_inputs(leaves)
+        if weights and not traced:
+            # the weights taken apart or combined before use (W[i], W.T, torch.stack): still weights
+            self._derive_weights(op, args, [name for _, name in weights], output)
             return
-        inputs = self._signal_only(self._traced_inputs(leaves))
+        if weights and op in _FUNCTIONAL_LAYERS:
+            self._record_functional_layer(op, args, weights, traced, leaves, output)
+            return
+        inputs = self._signal_only(traced)
         if not inputs:
             return  # a constant computation (masks, positions): not part of the signal path
         if op in ACTIVATION_FAMILY:
@@ -552,15 +669,49 @@ class GraphTracer:
             node.side_inputs = gates
         elif op in _JOINS and len(inputs) >= 2:
             node = self._new_node("join", op, op, inputs)
-        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS and len(inputs) == 1):
+        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS | _DIFFERENCES and len(inputs) == 1):
             node = self._new_node("pass", op, op, inputs)
             if op in _SCALINGS:
-                node.scale = _constant_factor(op, args, self.producers, self.parameter_owner)
+                node.scale = _constant_factor(op, args, self.producers, self._is_weight)
+        elif op == "addcmul" and len(inputs) == 1:  # beta + alpha * x (ResMLP's Affine written inline)
+            node = self._new_node("pass", op, op, inputs)
+            factors = [a for a in args[1:3] if isinstance(a, Tensor) and id(a) not in self.producers]
+            node.scale = float(factors[0].detach().double().square().mean().sqrt()) if factors else 1.0
         else:
             node = self._new_node("op", op, op, inputs)
             if op == "scaled_dot_product_attention":
                 value = kwargs.get("value", args[2] if len(args) > 2 else None)
                 node.value_inputs = self._traced_inputs([value]) if isinstance(value, Tensor) else []
+            elif op in ("matmul", "bmm", "einsum") and len(inputs) >= 2:
+                node.mixing_inputs = [i for i in inputs if self._from_softmax(i)]
+            for leaf, name in weights:
+                if sum(size > 1 for size in leaf.shape) >= 2:
+                    self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
+        first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
+        if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
+            node.global_reduction = _pools_positions(first, output)
+        self._register_outputs(node, output)
+
+    def _is_weight(self, tensor: Tensor) -> bool:
+        return self._weight_name(tensor) is not None
+
+    def _record_functional_layer(
+        self, op: str, args: tuple, weights: list[tuple[Tensor, str]], traced: list[int], leaves: list[Tensor],
+        output: Any,
+    ) -> None:
+        """One application of a weight by a functional op: a layer node named after the weight, with the
+        fan-in/fan-out read from the op (``x @ W`` contracts ``W``'s first axis, ``F.linear`` its last)."""
+        weight, name = next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])  # addmm's bias comes first
+        kind = _FUNCTIONAL_LAYERS[op]
+        self.used_parameters.update(id(p) for p, _ in weights)
+        node = self._new_node("layer", name, op, traced, signal=self._layer_signal(kind, traced))
+        node.layer_kind = kind
+        signal_leaf = next((leaf for leaf in leaves if id(leaf) in self.producers), leaves[0])
+        node.input_shape = tuple(signal_leaf.shape)
+        node.adds_depth = name not in self._called or kind != "recurrent"
+        node.weight = weight
+        node.fans = _op_fans(op, args, weight)
+        self._called.add(name)
         self._register_outputs(node, output)
 
     def _gate_split(self, leaves: list[Tensor], inputs: list[int], output: Any) -> tuple[list[int], list[int]] | None:
@@ -574,6 +725,12 @@ class GraphTracer:
             full = shape_of.get(producer) == tuple(output.shape)
             (main if full and not self._is_gate(producer) else gates).append(producer)
         return (main, gates) if main and gates else None
+
+    def _from_softmax(self, index: int) -> bool:
+        node = self.nodes[index]
+        while node.kind == "pass" and node.inputs:
+            node = self.nodes[node.inputs[0]]
+        return node.kind == "activation" and node.op in ("softmax", "log_softmax", "softmin")
 
     def _is_gate(self, index: int) -> bool:
         node = self.nodes[index]
@@ -623,6 +780,14 @@ class GraphTracer:
         graph.norm_gains = {**self._affine_gains(), **self.norm_gains}
         if self.problem:
             graph.problems.append(self.problem)
+        applied = {layer.name for layer in graph.layers}
+        missed = {name: op for name, op in self.missed.items() if name not in applied}
+        if missed:
+            graph.problems.append(
+                "weights applied to the signal by ops not read as layers (their depth and scale are not judged): "
+                + ", ".join(f"{name} ({op})" for name, op in missed.items())
+            )
+        self.derived.clear()
         self._alive.clear()
         self.producers.clear()
         return graph
@@ -646,6 +811,9 @@ class GraphTracer:
         for node in self.nodes:
             if node.kind != "layer" or node.name in resolved:
                 continue
+            if node.weight is not None:  # a functional application: the very tensor it applied
+                resolved[node.name] = (modules.get(node.name), node.weight)
+                continue
             module = modules.get(node.name)
             weight = getattr(module, "weight", None) if module is not None else None
             if weight is None and module is not None:
@@ -663,14 +831,59 @@ class GraphTracer:
         return [name for name, parameter in self.model.named_parameters() if id(parameter) not in seen]
 
 
-def _constant_factor(op: str, args: tuple, traced: dict[int, int], parameters: dict[int, str]) -> float:
+def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
+    """``(fan_in, fan_out)`` of ``weight`` as ``op`` applies it; None where ``torch.nn.init``'s convention holds
+    (``F.linear``'s ``(out, in)``, convolutions).
+
+    ``x @ W`` contracts W's second-to-last axis (fan-in) into its last (fan-out), ``W @ x`` the reverse; in an
+    einsum the weight's axes missing from the output are contracted (fan-in) and those only it carries into the
+    output are its fan-out (axes shared with the other operand, such as heads, are batch axes).
+    """
+    if op == "einsum" and args and isinstance(args[0], str):
+        equation = args[0].replace(" ", "")
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if "->" not in equation or "." in equation:
+            return None
+        inputs, result = equation.split("->")
+        terms = inputs.split(",")
+        position = next((i for i, t in enumerate(operands) if t is weight), None)
+        if position is None or len(terms) != len(operands):
+            return None
+        own = terms[position]
+        others = "".join(t for i, t in enumerate(terms) if i != position)
+        size = dict(zip(own, weight.shape, strict=False))
+        fan_in = math.prod(size[c] for c in own if c not in result)
+        fan_out = math.prod(size[c] for c in own if c in result and c not in others)
+        return (fan_in, fan_out) if fan_in and fan_out else None
+    if op in ("matmul", "mm", "bmm", "baddbmm", "addbmm", "addmm") and weight.dim() >= 2:
+        operands = [a for a in args if isinstance(a, Tensor)][-2:]
+        if len(operands) == 2 and operands[1] is weight:
+            return int(weight.shape[-2]), int(weight.shape[-1])
+        if len(operands) == 2 and operands[0] is weight:
+            return int(weight.shape[-1]), int(weight.shape[-2])
+    if weight.dim() > 2 and op in ("linear",):
+        return int(weight.shape[-1]), int(weight.shape[-2])
+    return None
+
+
+def _pools_positions(source: Tensor, output: Tensor) -> bool:
+    """Whether an op pools or selects away every position of a (B, C, ...) or (B, T, D) signal, leaving one
+    vector of features per sample: a global pool, ``x.mean(1)``, the class token ``x[:, 0]``. Deltas on the two
+    sides of it are not comparable (the pool divides the per-position gradient by the number of positions)."""
+    if source.dim() < 3 or output.numel() >= source.numel() or output.dim() < 1:
+        return False
+    per_sample = output.numel() // max(int(source.shape[0]), 1)
+    return output.numel() % max(int(source.shape[0]), 1) == 0 and per_sample in (source.shape[1], source.shape[-1])
+
+
+def _constant_factor(op: str, args: tuple, traced: dict[int, int], is_weight: Callable[[Tensor], bool]) -> float:
     numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     # an untraced tensor factor is a constant at init: a 0-d normalizer (Gemma's sqrt(d)) or a parameter vector
     # (LayerScale's gamma, 1e-6 in ConvNeXt), counted by its root-mean-square
     numbers += [
         float(a.detach().float().square().mean().sqrt()) for a in args
         if isinstance(a, Tensor) and id(a) not in traced and a.is_floating_point()
-        and (a.numel() == 1 or _is_parameter_view(a, parameters))
+        and (a.numel() == 1 or is_weight(a))
     ]
     if not numbers:
         return 1.0
@@ -679,15 +892,6 @@ def _constant_factor(op: str, args: tuple, traced: dict[int, int], parameters: d
         return abs(value)
     divides_tensor = args and isinstance(args[0], Tensor) and id(args[0]) in traced
     return abs(1.0 / value) if value != 0 and divides_tensor else 1.0
-
-
-def _is_parameter_view(tensor: Tensor, parameters: dict[int, str]) -> bool:
-    """A parameter, or a view of one (``gamma.unsqueeze(-1)``): a constant at init, unlike cos/sin tables."""
-    while tensor is not None:
-        if id(tensor) in parameters:
-            return True
-        tensor = tensor._base
-    return False
 
 
 def _consumers(nodes: list[Node]) -> list[list[int]]:
@@ -711,11 +915,12 @@ def _plain_chain_dp(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
     for node in nodes:
         if node.inputs:
             choose = min if node.kind == "join" else max
-            best = choose(node.inputs, key=lambda i: depth[i])
+            main = node.value_inputs or [i for i in node.inputs if i not in node.mixing_inputs] or node.inputs
+            best = choose(main, key=lambda i: depth[i])
             base = depth[best]
         else:
             best, base = None, 0
-        adds = node.kind == "layer" and node.layer_kind != "embedding" and node.first_call
+        adds = node.kind == "layer" and node.layer_kind != "embedding" and node.adds_depth and node.signal
         depth.append(base + int(adds))
         parent.append(best)
     return depth, parent
@@ -740,7 +945,10 @@ def build_graph(
         info.calls += 1
         if info.calls == 1:
             info.input_shape = node.input_shape
+            info.fans = node.fans
+            info.on_signal_path = node.signal
             _describe_consumers(info, node, nodes, consumers, output_nodes)
+            info.is_output |= _reaches_output_directly(node.index, nodes, consumers, output_nodes)
             info.gate = _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
             info.attention_logits = not info.is_output and _only_reaches(
                 node.index, nodes, consumers, gated, "logits", output_nodes
@@ -748,7 +956,7 @@ def build_graph(
             info.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
             if info.kind == "embedding":
                 info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
-    chain, normalized, activations = _longest_plain_chain(nodes)
+    chain, normalized, activations, applications = _longest_plain_chain(nodes)
     norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
     return ModelGraph(
         nodes=nodes,
@@ -761,6 +969,7 @@ def build_graph(
         untraced=[],
         problems=[],
         outputs=sorted(output_nodes),
+        plain_applications=applications,
     )
 
 
@@ -776,24 +985,25 @@ def _demote_arithmetic_joins(nodes: list[Node]) -> None:
             node.kind = "op"
 
 
-def _longest_plain_chain(nodes: list[Node]) -> tuple[list[str], bool, list[str]]:
+def _longest_plain_chain(nodes: list[Node]) -> tuple[list[str], bool, list[str], int]:
     """Walk back from the deepest node along the plain-chain parents: the distinct layers crossed (input first),
-    whether a normalization lies on the way, and the activations met (input first)."""
+    whether a normalization lies on the way, the activations met (input first) and the weight applications."""
     depth, parent = _plain_chain_dp(nodes)
     chain: list[str] = []
+    applications = max(depth, default=0)
     normalized = False
     activations: list[str] = []
     if nodes:
         cursor: int | None = max(range(len(nodes)), key=lambda i: depth[i])
         while cursor is not None:
             node = nodes[cursor]
-            if node.kind == "layer" and node.layer_kind != "embedding" and node.first_call:
+            if node.kind == "layer" and node.layer_kind != "embedding" and node.adds_depth and node.signal:
                 chain.append(node.name)
             normalized |= node.kind == "norm"
             if node.kind == "activation":
                 activations.append(node.op)
             cursor = parent[cursor]
-    return list(dict.fromkeys(chain[::-1])), normalized, activations[::-1]
+    return list(dict.fromkeys(chain[::-1])), normalized, activations[::-1], applications
 
 
 def _describe_consumers(
@@ -831,6 +1041,25 @@ def _describe_consumers(
                 info.feeds_layer = True
             elif consumer.kind in ("op", "norm", "activation", "join"):
                 info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+
+
+def _reaches_output_directly(start: int, nodes: list[Node], consumers: list[list[int]], outputs: set[int]) -> bool:
+    """Whether a path from ``start`` reaches a model output without crossing another layer or a skip connection:
+    the layer is an output layer even when a softcap (``c * tanh(x / c)``), an average of heads or a loss
+    computed in ``forward`` (``(pred - target).pow(2).mean()``) follows it. Its gain scales every delta alike,
+    so it is no reference point for depth."""
+    frontier, seen = [start], set()
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        if index in outputs:
+            return True
+        frontier.extend(
+            c for c in consumers[index] if nodes[c].kind not in ("layer", "join") and index in nodes[c].inputs
+        )
+    return False
 
 
 def _reaches_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:

@@ -70,6 +70,12 @@ def fans(weight: Tensor) -> tuple[int, int]:
     return nn.init._calculate_fan_in_and_fan_out(weight)
 
 
+def layer_fans(layer: LayerInfo) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a layer: read from the op that applied it (``x @ W``, an einsum) where the tracer
+    derived them, else ``torch.nn.init``'s convention on its weight."""
+    return layer.fans if layer.fans is not None else fans(layer.weight)
+
+
 def recommended_scheme(layer: LayerInfo) -> InitScheme | None:
     """The init the layer needs for its consuming activation; None where scale is not ours to judge.
 
@@ -92,9 +98,9 @@ def accepted_variance(layer: LayerInfo) -> tuple[InitScheme, float, float] | Non
     weight = layer.weight
     if layer.kind not in ("linear", "conv", "other") or weight is None or weight.dim() < 2:
         return None
-    if layer.normalized or layer.gate:
+    if layer.normalized or layer.gate or not layer.on_signal_path:
         return None
-    fan_in, fan_out = fans(weight)
+    fan_in, fan_out = layer_fans(layer)
     small, large = min(fan_in, fan_out), max(fan_in, fan_out)
     family = activation_family(layer.activation)
     if family == "relu":
@@ -174,7 +180,8 @@ def _scale_findings(graph: ModelGraph, variance: dict[str, float], accepted: dic
         p = parent[node.index]
         base = 0.0 if p is None else cumulative[p]  # a normalization's own entry is its gain
         origin.append(p if p is not None and nodes[p].kind == "norm" else (None if p is None else origin[p]))
-        own = 0.5 * log_ratio.get(node.name, 0.0) if node.kind == "layer" and node.first_call else 0.0
+        # every application of a weight multiplies the signal by its scale again (a Linear applied 24 times)
+        own = 0.5 * log_ratio.get(node.name, 0.0) if node.kind == "layer" and node.adds_depth else 0.0
         if node.kind == "pass" and node.scale > 0:
             own += math.log(node.scale)
         cumulative.append(0.0 if node.kind == "norm" else base + own)
@@ -317,18 +324,21 @@ def reinitialize(
 ) -> dict[str, InitScheme]:
     """Re-draw the weights of modules ``names`` (biases zeroed); returns the scheme applied to each module.
 
-    A module without an entry in ``schemes`` gets Xavier/Glorot normal. A generator seeded with ``seed`` and
-    the module's position makes the result identical on every rank.
+    A name may also be a weight applied in ``forward`` (``w.3`` of a ``ParameterList``, ``W[3]``: the slice of a
+    stacked weight), as the layer table names functional layers. A module without an entry in ``schemes`` gets
+    Xavier/Glorot normal. A generator seeded with ``seed`` and the module's position makes the result identical
+    on every rank.
 
     Example::
 
         applied = reinitialize(model, schemes, ["net.0", "net.2"], seed=0)
     """
     modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
     applied: dict[str, InitScheme] = {}
     for position, name in enumerate(dict.fromkeys(names)):
         module = modules.get(name)
-        weight = getattr(module, "weight", None)
+        weight = getattr(module, "weight", None) if module is not None else _functional_weight(parameters, name)
         if isinstance(weight, Tensor) and weight.dim() == 1:  # a normalization's gain: back to the usual 1
             with torch.no_grad():
                 weight.fill_(1.0)
@@ -348,3 +358,15 @@ def reinitialize(
                 bias.zero_()
         applied[name] = scheme
     return applied
+
+
+def _functional_weight(parameters: dict[str, nn.Parameter], name: str) -> Tensor | None:
+    """The weight a functional layer name stands for: a parameter (``w.3``) or a slice of one (``W[3]``)."""
+    base, _, index = name.partition("[")
+    parameter = parameters.get(base)
+    if parameter is None or not index:
+        return parameter
+    try:
+        return parameter[int(index.rstrip("]"))]
+    except (ValueError, IndexError):
+        return None

@@ -5,10 +5,13 @@ Per layer we measure the output mean/std and the norm of the gradient that reach
 signal vanishes (Glorot & Bengio 2010, Eq. 14; measured: ~1.4 first/last under both Xavier and He for a
 30-layer ReLU MLP, while the delta ratio is 3e-5..1e-7 vs ~1), so the delta is what the signal rules read.
 
-The backward uses ``torch.autograd.grad``: no ``.grad`` is touched and no optimizer sees anything.
-Buffers (BatchNorm running statistics), per-module train/eval flags and the RNG state are restored
-afterwards, so ``diagnose`` is invisible to the training that follows. All statistics stay on the device
-until one final transfer (a single host sync).
+The backward uses ``torch.autograd.grad``: no ``.grad`` is touched and no optimizer sees anything. The
+user's inputs are passed as they are (nothing is made to require grad: a model may set ``requires_grad`` on
+what it derives from them, as Hugging Face speech encoders do); the backward is anchored at the outputs of the
+first layers instead. Buffers (BatchNorm running statistics), per-module train/eval flags and the RNG state
+are restored afterwards, so ``diagnose`` is invisible to the training that follows; the RNG is seeded for the
+probe, so dropout draws the same masks wherever the probe runs (``diagnose``, ``InitAudit``). All statistics
+stay on the device until one final transfer (a single host sync).
 """
 
 from __future__ import annotations
@@ -94,6 +97,25 @@ class ProbeResult:
     input, since every gradient upstream of an all-zero head is exactly 0 at step 0 by construction."""
 
 
+class ProbeError(ValueError):
+    """The model could not be probed on the batch: its own forward (or backward) raised.
+
+    A ``ValueError`` (the batch does not suit the model); the CLI exits with its "could not probe" status.
+    """
+
+
+def could_not_probe(report: Any) -> bool:
+    """Whether ``report`` says the model ran but the probe could not measure it (a ``trace.incomplete`` finding
+    whose evidence holds ``probe_failed``): the CLI's "could not probe" exit status.
+
+    Example::
+
+        if could_not_probe(diagnose(model, batch)):
+            sys.exit(3)
+    """
+    return any(f.code == "trace.incomplete" and f.evidence.get("probe_failed") for f in report.findings)
+
+
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore buffers, train/eval flags and the RNG state of ``model`` bit for bit on exit.
@@ -152,17 +174,24 @@ def run_probe(
     inputs: Any = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
     seed: int = 0,
+    direction_at_model_output: bool = False,
 ) -> ProbeResult:
     """Trace and probe ``model`` while ``forward(inputs)`` runs once, then backpropagate once.
 
     Args:
         model: the module whose layers are hooked.
-        forward: runs the model on the batch it is given (``inputs``, floating-point tensors replaced by
-            copies that require grad) and returns its output.
-        inputs: the batch tensors (registered as graph inputs, so gradients reach the first layer).
+        forward: runs the model on the batch it is given (``inputs``, passed unchanged) and returns its output.
+        inputs: the batch tensors (registered as graph inputs; never modified, never made to require grad).
         loss_fn: maps the output to a scalar loss; None uses a random unit-variance direction on the output,
             so no labels are needed.
-        seed: seeds that random direction (the global RNG is not consumed).
+        seed: seeds that random direction and the RNG of the forward (dropout); the global RNG is restored.
+        direction_at_model_output: apply the random direction to the output of the last parameterised module
+            call ``forward`` makes at the top of ``model`` (``self.model(**batch)`` or ``self(batch)`` inside a
+            ``training_step``) instead of to what ``forward`` returns: the callbacks then measure exactly what
+            ``diagnose(model, batch)`` measures, whatever loss the training step computes after it.
+
+    Raises:
+        ProbeError: ``forward`` or the backward raised (the model cannot run on ``inputs``).
 
     Example::
 
@@ -170,19 +199,62 @@ def run_probe(
         print([layer.grad_rms for layer in result.layers])
     """
     measurements = _Measurements(model)
-    grad_inputs = _with_grad(inputs)
-    measurements.tracer.register_inputs(grad_inputs)
-    with preserved_state(model):
+    measurements.tracer.register_inputs(inputs)
+    top_calls: list[Any] = []
+    with preserved_state(model), _top_level_outputs(model, top_calls, direction_at_model_output):
+        _seed_rng(model, seed)
         model.train()
-        with measurements.tracer.tracing(), eager_compiled(model):
-            output = forward(grad_inputs)
+        try:
+            with measurements.tracer.tracing(), eager_compiled(model):
+                output = forward(inputs)
+        except Exception as error:
+            raise ProbeError(f"the forward raised {type(error).__name__}: {error}") from error
         graph = measurements.tracer.build(output)
-        loss = _loss(output, loss_fn, seed)
+        loss = _loss(top_calls[-1] if top_calls else output, loss_fn if not top_calls else None, seed)
         result = ProbeResult(graph)
         loss = _factor_out_zero_heads(result, loss, seed)
-        weight_grads = _backward(model, result, loss, grad_inputs)
+        try:
+            weight_grads = _backward(model, result, loss, inputs)
+        except RuntimeError as error:
+            raise ProbeError(f"the backward raised {type(error).__name__}: {error}") from error
     measurements.read_back(result, weight_grads, loss)
     return result
+
+
+def _seed_rng(model: nn.Module, seed: int) -> None:
+    """Seed the CPU generator and those of the model's CUDA devices (``preserved_state`` restores them)."""
+    torch.default_generator.manual_seed(seed)
+    for index in sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None}):
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+@contextmanager
+def _top_level_outputs(model: nn.Module, outputs: list[Any], enabled: bool) -> Iterator[None]:
+    """Collect, in ``outputs``, what each outermost call of ``model`` or of one of its parameterised children
+    returns (the model call inside a training step; a parameter-free loss module is not one)."""
+    if not enabled:
+        yield
+        return
+    candidates = [model] + [child for child in model.children() if next(child.parameters(), None) is not None]
+    depth = [0]
+    handles = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        depth[0] += 1
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0 and any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(output)):
+            outputs.append(output)
+
+    try:
+        for module in candidates:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _Measurements:
@@ -294,19 +366,6 @@ def _backward(model: nn.Module, result: ProbeResult, loss: Tensor | None, inputs
     return weight_grads
 
 
-def _with_grad(inputs: Any) -> Any:
-    """Floating-point inputs as fresh leaves that require grad, so the backward reaches the first layer."""
-    if inputs is None:
-        return None
-    if isinstance(inputs, Tensor):
-        return inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_with_grad(v) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: _with_grad(v) for k, v in inputs.items()}
-    return inputs
-
-
 def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Tensor | None:
     if loss_fn is not None:
         loss = loss_fn(output)
@@ -326,13 +385,18 @@ def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Te
 
 
 def _anchors(graph: ModelGraph, inputs: Any) -> list[Tensor]:
-    """Tensors the backward must reach: the float inputs and the embedding outputs (token models), so every
-    layer's delta is computed without computing every weight gradient."""
+    """Tensors the backward must reach so that every layer's delta is computed without computing every weight
+    gradient: the inputs that already require grad, and the outputs of the layers where the gradient starts
+    (layers none of whose traced inputs requires grad: the first layers, embeddings). The inputs themselves are
+    never made to require grad."""
     anchors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.requires_grad]
     for node in graph.nodes:
         tensor = node.output
-        embedding = node.kind == "layer" and node.layer_kind == "embedding" and isinstance(tensor, Tensor)
-        if embedding and tensor.requires_grad and all(t is not tensor for t in anchors):
+        if node.kind != "layer" or not isinstance(tensor, Tensor) or not tensor.requires_grad:
+            continue
+        upstream = [graph.nodes[i].output for i in node.inputs]
+        starts = not any(isinstance(t, Tensor) and t.requires_grad for t in upstream)
+        if starts and all(t is not tensor for t in anchors):
             anchors.append(tensor)
     return anchors
 

@@ -5,8 +5,10 @@ of the main signal path: the layers of a plain network, and in a residual one th
 the layers outside residual branches (see :func:`measured_layers`). Under one learning rate, a ratio of 1e-2 means
 the input side moves ~100x slower than the output side (warning); 1e-4 means it effectively does not train
 (error; He et al. 2015 measured 3e-5..1e-7 for a Xavier-initialised 30-layer ReLU MLP that stays at chance). The
-reverse ratios flag explosion. The per-layer gain ``ratio ** (1 / (points - 1))`` is reported next to its
-critical value 1.
+reverse ratios flag explosion; growth through normalized layers stays a warning however large: Yang et al. 2019
+show that BatchNorm stacks amplify gradients toward the input at init by construction, and such plain stacks
+train with their published recipe (He et al. 2016's plain nets), so no bound ties that growth to non-training.
+The per-layer gain ``ratio ** (1 / (points - 1))`` is reported next to its critical value 1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.probe import ActivationProbe, LayerProbe, ProbeResult
 from lightning_gradstab.report import Finding
 
@@ -49,19 +52,31 @@ class MeasuredLayer:
 def measured_layers(result: ProbeResult) -> list[MeasuredLayer]:
     """The points of the main signal path with a measured delta, in execution order.
 
-    In a plain network these are its layers. In a residual one the signal travels along the stream, so they
-    are the skip connections' outputs plus the layers outside residual branches: a branch's layers get the
-    stream's delta times the branch's own gain, which says nothing about depth (comparing a branch layer with a
-    head layer is comparing roles). Embeddings (lookups), query/key projections (small gradient at init by
-    construction: the softmax is near-uniform) and gate layers (Squeeze-Excitation) are left out.
+    In a plain network these are its layers, one point per application of a weight (a Linear applied 24 times
+    gives 24 points; a recurrent cell's time steps are one point). In a residual one the signal travels along
+    the stream, so they are the skip connections' outputs plus the layers outside residual branches: a branch's
+    layers get the stream's delta times the branch's own gain, which says nothing about depth (comparing a
+    branch layer with a head layer is comparing roles). Embeddings (lookups), query/key projections (small
+    gradient at init by construction: the softmax is near-uniform), gate layers (Squeeze-Excitation) and layers
+    over constants (a position-bias MLP) are left out. Only points on the input side of the first global pool
+    are compared (a pool over P positions divides each position's delta by P: the ratio would measure P), unless
+    every delta there is exactly 0: a pool never zeroes a gradient, so the head side is then the reference.
     """
+    pools = _pools_crossed(result.graph)
+    probes = [p for p in sorted(result.layers + result.joins, key=lambda p: p.node) if p.grad_rms is not None]
+    segment = min((pools[p.node] for p in probes), default=0)
+    points = _points(result, [p for p in probes if pools[p.node] == segment])
+    return points if any(p.grad_rms for p in points) else _points(result, probes)
+
+
+def _points(result: ProbeResult, probes: list[LayerProbe]) -> list[MeasuredLayer]:
     graph = result.graph
     info = {layer.name: layer for layer in graph.layers}
     consumers = graph.consumers()
-    squares: dict[str, list[float]] = {}
-    first: dict[str, LayerProbe] = {}
-    for probe in sorted(result.layers + result.joins, key=lambda p: p.node):
-        if probe.grad_rms is None:
+    squares: dict[object, list[float]] = {}
+    first: dict[object, LayerProbe] = {}
+    for probe in probes:
+        if not graph.nodes[probe.node].signal:
             continue
         if probe.kind == "join":
             if graph.nodes[probe.node].kind != "join":
@@ -76,12 +91,23 @@ def measured_layers(result: ProbeResult) -> list[MeasuredLayer]:
         value = probe.grad_rms * (probe.output_std if normalized else 1.0)
         if 0.0 < scale < 1.0:
             value /= scale  # a deliberate down-scaling (LayerScale) is no vanishing
-        squares.setdefault(probe.name, []).append(value * value)
-        first.setdefault(probe.name, probe)
+        key = probe.name if probe.kind == "recurrent" else (probe.name, probe.node)
+        squares.setdefault(key, []).append(value * value)
+        first.setdefault(key, probe)
     return [
-        MeasuredLayer(name, first[name].node, math.sqrt(sum(values) / len(values)), first[name].weight_grad_norm)
-        for name, values in squares.items()
+        MeasuredLayer(first[key].name, first[key].node, math.sqrt(sum(values) / len(values)),
+                      first[key].weight_grad_norm)
+        for key, values in squares.items()
     ]
+
+
+def _pools_crossed(graph: ModelGraph) -> list[int]:
+    """Per node: how many global pools (or class-token selections) lie between the inputs and it."""
+    crossed: list[int] = []
+    for node in graph.nodes:
+        before = max((crossed[i] for i in node.inputs), default=0)
+        crossed.append(before + int(node.global_reduction))
+    return crossed
 
 
 def point_module(result: ProbeResult, name: str) -> str:
@@ -151,7 +177,8 @@ def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
     return [
         Finding(
             "signal.vanishing" if vanishing else "signal.exploding",
-            "error" if magnitude > RATIO_ERROR else "warning",
+            "error" if magnitude > RATIO_ERROR and (vanishing or not result.graph.plain_chain_normalized)
+            else "warning",
             tuple(dict.fromkeys(affected)),
             evidence,
             cause,

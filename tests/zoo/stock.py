@@ -350,11 +350,6 @@ STOCK: list[ZooEntry] = [
              "4 inverted-residual blocks, 16..40 ch, " + IMAGE),
 ]
 
-def mobilenet_v1_config_default() -> tuple[nn.Module, dict]:
-    config = hf.MobileNetV1Config(image_size=32, depth_multiplier=0.25, num_labels=10)
-    return _image(hf.MobileNetV1ForImageClassification, config)
-
-
 BROKEN: list[ZooEntry] = [
     ZooEntry("efficientnet", efficientnet, "transformers EfficientNetForImageClassification",
              "B0 with width 0.25, depth 0.25, " + IMAGE,
@@ -362,11 +357,6 @@ BROKEN: list[ZooEntry] = [
               "library's _init_weights draws every BatchNorm weight (gain) N(0, 0.02) like a Linear's, so each "
               "normalization shrinks its output ~50x and the next one's input variance falls under eps=1e-3 "
               "(Ioffe & Szegedy 2015: BN rescales only when the variance dominates eps); gains of 1 fix it"}),
-    ZooEntry("mobilenet-v1-config-dropout", mobilenet_v1_config_default,
-             "transformers MobileNetV1ForImageClassification", "config defaults (classifier_dropout_prob 0.999), "
-             + IMAGE,
-             {"signal.vanishing": "dropout 0.999 before the classifier (TF-slim's keep probability read as a drop "
-              "probability) passes 0.1% of the units: the body's gradient is ~0"}),
 ]
 """Stock models whose library default itself blocks training (checked with a plain backward): the diagnosis
 must find it."""
