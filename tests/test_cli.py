@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from lightning_gradstab.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
+from lightning_gradstab.cli import EXIT_FINDINGS, EXIT_MODEL, EXIT_OK, EXIT_USAGE, build_parser, main
 from tests.helpers.subprocess_env import child_env
 
 FACTORIES = textwrap.dedent(
@@ -64,6 +64,20 @@ FACTORIES = textwrap.dedent(
 
     def xavier_mlp_and_batch():
         return xavier_mlp(), torch.randn(8, 64)
+
+    def missing_weights():
+        return torch.load("weights-that-are-not-there.pt")
+
+    class KeyErrorNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return {"hidden": self.net(x)}["logits"]
+
+    def key_error_model():
+        return KeyErrorNet()
     """
 )
 
@@ -100,19 +114,47 @@ def test_vocab_size_feeds_token_ids(factories):
         (["audit", "user_models:not_a_model", "--input-shape", "2,64"], "returned int, expected a torch.nn.Module"),
         (["audit", "user_models", "--input-shape", "2,64"], "must look like 'package.module:factory'"),
         (["audit", "user_models:missing", "--input-shape", "2,64"], "missing"),
+        (["audit", "user_models:healthy_mlp", "--input-shape", "100000,100000,1000"], "above"),  # 40 TB
+        (["audit", "user_models:healthy_mlp", "--input-shape", "2,64", "--json", "."], "is not a file path"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_one_line_message(factories, capsys, argv, message):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["audit", "user_models:missing_weights"], "factory 'user_models:missing_weights' raised FileNotFoundError"),
+        (["audit", "user_models:key_error_model", "--input-shape", "2,64"], "KeyError: 'logits'"),
         (["audit", "user_models:healthy_mlp", "--input-shape", "2,63"], "do not fit Sequential"),
     ],
 )
-def test_usage_errors_exit_2_with_a_message(factories, capsys, argv, message):
-    assert main(argv) == EXIT_USAGE
-    assert message in capsys.readouterr().err
+def test_a_factory_or_forward_that_raises_exits_3_with_one_line_and_no_traceback(factories, capsys, argv, message):
+    assert main(argv) == EXIT_MODEL  # not 1: a CI gate must tell "the model has errors" from "it did not run"
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (factories / "gradstab_audit.json").exists()
+
+
+def test_debug_lets_the_error_raise_with_its_traceback(factories):
+    with pytest.raises(FileNotFoundError):
+        main(["audit", "user_models:missing_weights", "--debug"])
+
+
+def test_the_exit_codes_are_documented_in_help() -> None:
+    text = build_parser().format_help()
+    assert all(f"{code} " in text for code in "0123") and "could not be probed" in text
 
 
 def test_malformed_input_shape_is_rejected_by_the_parser(factories, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["audit", "user_models:healthy_mlp", "--input-shape", "a,b"])
     assert exit_info.value.code == EXIT_USAGE
-    assert "--input-shape must be comma-separated positive ints" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--input-shape must be comma-separated positive ints" in err and len(err.strip().splitlines()) == 1
 
 
 def test_console_script_entry_point_runs_as_a_process(factories):
