@@ -165,6 +165,7 @@ class RunSummary(Callback):
             "guard_actions": guard_actions(callbacks),
             "guard_stop_reason": stop_reason,
             "findings": finding_codes(callbacks),
+            "diagnosis_ran": any(isinstance(c, (InitAudit, ArchitectureAdvisor)) for c in callbacks),
             "reinitialized_modules": reinitialized_modules(callbacks),
             "wall_time_s": round(time.perf_counter() - self.started_at, 2),
             "curves": self.curves,
