@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
     from lightning_gradstab.diagnosis import diagnose
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
-    from lightning_gradstab.report import Finding, Report
+    from lightning_gradstab.report import Finding, Report, get_verbosity, set_verbosity
     from lightning_gradstab.snapshot import RollbackSnapshot
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
@@ -41,6 +41,8 @@ _EXPORTS = {
     "RollbackSnapshot": "lightning_gradstab.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
     "diagnose": "lightning_gradstab.diagnosis",
+    "get_verbosity": "lightning_gradstab.report",
+    "set_verbosity": "lightning_gradstab.report",
 }
 
 __all__ = [
@@ -58,6 +60,8 @@ __all__ = [
     "RollbackSnapshot",
     "compute_gradient_stats",
     "diagnose",
+    "get_verbosity",
+    "set_verbosity",
 ]
 
 
