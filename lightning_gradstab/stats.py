@@ -10,10 +10,12 @@ gradients in float32, float64 and complex128 ones in float64 (the statistics of 
 those are float64 throughout, see :attr:`ParameterLayout.stats_dtype`). A complex gradient's L2 norm is
 ``sqrt(sum |z|^2)``, the norm of its ``view_as_real`` pairs, which keeps the fused real kernel.
 
-Sharded gradients (FSDP1 flat shards, FSDP2/DTensor shards) hold only a slice of each gradient. Their local
-squared norms are summed across ranks with one ``all_reduce`` of the whole vector, which gives the exact
-global norm (as ``FSDP.clip_grad_norm_`` does). Replicated gradients (DDP) are already identical on every
-rank and need no collective.
+Sharded gradients (FSDP1 flat shards, FSDP2/HSDP/tensor-parallel DTensors) hold only part of each gradient,
+some of it copied on several ranks. Each local squared norm is divided by the number of ranks holding the same
+values (:mod:`lightning_gradstab.distributed`) and the vector is summed across ranks with one ``all_reduce``:
+the exact global norm under any mix of ``Shard``, ``Replicate`` and ``Partial`` placements (``Partial``
+gradients are reduced first, one collective per mesh dimension, only in layouts that have them). Replicated
+gradients (DDP) are already identical on every rank and need no collective.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from lightning_gradstab.distributed import (
+    ReplicaCounts,
+    check_same_parameters_everywhere,
+    local_values,
+    max_over_ranks,
+    sum_over_ranks,
+    world_size,
+)
 
 GroupBy = Literal["module", "parameter"] | int
 """How parameters are grouped: by owning module, one group per parameter, or by module path cut at a depth."""
@@ -82,6 +93,7 @@ class ParameterLayout:
     _group_index_cache: dict = field(default_factory=dict, compare=False, repr=False)
     _bucket_cache: dict = field(default_factory=dict, compare=False, repr=False)
     _has_dtensors: bool = field(default=False, compare=False, repr=False)
+    _replica_counts: dict = field(default_factory=dict, compare=False, repr=False)
     stats_dtype: torch.dtype = field(default=torch.float32, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +129,20 @@ class ParameterLayout:
 
     def __len__(self) -> int:
         return len(self.parameters)
+
+    def replica_counts(self, process_group: object | None, plain: dict[int, int] | None) -> tuple[ReplicaCounts, bool]:
+        """The layout's :class:`~lightning_gradstab.distributed.ReplicaCounts` for ``process_group`` (built on
+        first use from ``plain``), and whether this is that first use."""
+        key = id(process_group)
+        first = key not in self._replica_counts
+        if first:
+            self._replica_counts[key] = ReplicaCounts(world_size(process_group), dict(plain or {}))
+        return self._replica_counts[key], first
+
+    @property
+    def holds_dtensors(self) -> bool:
+        """Whether some parameter is a DTensor (FSDP2, HSDP, tensor parallelism): its gradient is spread over ranks."""
+        return self._has_dtensors
 
     @property
     def device(self) -> torch.device:
@@ -227,6 +253,8 @@ def _dense_norms(tensors: list[Tensor], ord: float) -> Tensor:
     modulus (``|re| + |im|`` is not ``|z|``), so they take the per-tensor path of ``_foreach_norm``.
     """
     dtype = tensors[0].dtype
+    if math.isinf(ord) and any(t.numel() == 0 for t in tensors):  # an empty shard (uneven FSDP split) has no max:
+        tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # 0 adds nothing to a max over ranks
     if dtype.is_complex and ord == 2.0 and dtype != torch.complex32:
         tensors = [torch.view_as_real(t.resolve_conj()) for t in tensors]
         dtype = tensors[0].dtype
@@ -254,8 +282,11 @@ class GradientStats:
             of ``layout.stats_dtype`` (float32, or float64 when a parameter is float64 or complex128).
         total_norm: L2 norm of all gradients together, a 0-d tensor of the same dtype.
         nonfinite_count: number of parameters whose gradient holds a NaN or Inf, a 0-d ``float32`` tensor.
-        sharded: whether local results are summed across ranks (FSDP/DTensor).
+        sharded: whether local results are combined across ranks (FSDP/DTensor), each value counted once.
         process_group: the group those reductions use (``None``: the default group).
+        replica_counts: under ``sharded``, how many ranks hold each parameter's local values.
+        self_check: ``(suite total norm, independently gathered total norm)`` when the self-check ran on this
+            step (see :func:`lightning_gradstab.distributed.gathered_total_norm`), else ``None``.
     """
 
     layout: ParameterLayout
@@ -264,6 +295,9 @@ class GradientStats:
     nonfinite_count: Tensor
     sharded: bool = False
     process_group: object | None = None
+    replica_counts: ReplicaCounts | None = None
+    self_check: tuple[float, float] | None = None
+    _local_grads: tuple | None = field(default=None, repr=False)  # sharded: (locals, placements, meshes)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def param_norms(self, ord: float = 2.0) -> Tensor:
@@ -272,25 +306,49 @@ class GradientStats:
             return self.param_sq_norms.sqrt()
         key = ("grad", float(ord))
         if key not in self._cache:
-            local = per_parameter_norms(self.layout, ord)
-            if self.sharded:
-                if math.isinf(ord):
-                    local = all_reduce_if_distributed(local, dist.ReduceOp.MAX, self.process_group)
+            if not self.sharded:
+                self._cache[key] = per_parameter_norms(self.layout, ord)
+            else:
+                assert self._local_grads is not None
+                grads, placements, meshes = self._local_grads
+                local = layout_norms(self.layout, grads, "grad", ord)
+                if math.isinf(ord):  # copies do not change a maximum
+                    self._cache[key] = max_over_ranks(local, self.process_group)
                 else:
-                    local = all_reduce_if_distributed(local.pow(ord), dist.ReduceOp.SUM, self.process_group).pow(
-                        1 / ord
-                    )
-            self._cache[key] = local
+                    counts = self._counts(placements, meshes)
+                    self._cache[key] = sum_over_ranks(local.pow(ord), counts, self.process_group).pow(1 / ord)
         return self._cache[key]
 
     def weight_norms(self) -> Tensor:
         """Per-parameter L2 norms of the weights (computed on first request, then cached)."""
         if "weight" not in self._cache:
-            local = per_parameter_norms(self.layout, 2.0, weights=True).square()
-            if self.sharded:
-                local = all_reduce_if_distributed(local, dist.ReduceOp.SUM, self.process_group)
-            self._cache["weight"] = local.sqrt()
+            if not self.sharded:
+                self._cache["weight"] = per_parameter_norms(self.layout, 2.0, weights=True)
+            else:
+                weights, placements, meshes = local_values([p.detach() for p in self.layout.parameters])
+                local = layout_norms(self.layout, weights, "weight").square()
+                self._cache["weight_placements"] = (placements, meshes)
+                self._cache["weight"] = self.sum_like_weights(local).sqrt()
         return self._cache["weight"]
+
+    def sum_like_weights(self, local: Tensor) -> Tensor:
+        """Global per-parameter sums of ``local`` values of tensors laid out like the weights (update norms:
+        squared norms of ``weights_after - weights_before``); ``local`` itself when not ``sharded``.
+
+        Each value is counted once across ranks; enters one collective when ``sharded``.
+        """
+        if not self.sharded:
+            return local
+        if "weight_placements" not in self._cache:
+            _, placements, meshes = local_values([p.detach() for p in self.layout.parameters])
+            self._cache["weight_placements"] = (placements, meshes)
+        placements, meshes = self._cache["weight_placements"]
+        return sum_over_ranks(local, self._counts(placements, meshes, local), self.process_group)
+
+    def _counts(self, placements: list, meshes: dict, like: Tensor | None = None) -> Tensor:
+        like = self.param_sq_norms if like is None else like
+        assert self.replica_counts is not None
+        return self.replica_counts.of(self.layout.parameters, placements, meshes, like.device, like.dtype)
 
     def group_sums(self, values: Tensor, group_by: GroupBy) -> tuple[tuple[str, ...], Tensor]:
         """Sum per-parameter ``values`` into groups: ``(group_names, sums)``."""
@@ -330,24 +388,44 @@ class GradientStats:
 
 
 def compute_gradient_stats(
-    layout: ParameterLayout, *, sharded: bool = False, process_group: object | None = None
+    layout: ParameterLayout,
+    *,
+    sharded: bool = False,
+    process_group: object | None = None,
+    plain_replicas: dict[int, int] | None = None,
 ) -> GradientStats:
     """One fused pass over the gradients of ``layout``: per-parameter, total and non-finite statistics.
 
     Args:
         layout: the parameters to measure.
-        sharded: the gradients are shards (FSDP/DTensor): sum local squared norms across ranks. Set it on
-            every rank or on none: it issues one collective.
+        sharded: the gradients are shards or copies spread over ranks (FSDP, FSDP2, HSDP, tensor parallelism):
+            combine them across ranks, each value counted once (DTensor placements say how; plain tensors are
+            replicas unless ``plain_replicas`` says otherwise). Set it on every rank or on none: it issues one
+            collective (two when some gradients are ``Partial``; one more, once, on a layout's first step, to
+            check that every rank measures the same parameters).
         process_group: the group to reduce over (default: the world).
+        plain_replicas: ranks holding the same values of each plain (non-DTensor) parameter, by ``id``
+            (FSDP1 flat shards: :func:`~lightning_gradstab.distributed.fsdp1_replica_counts`); read once per
+            layout.
 
     Example::
 
         stats = compute_gradient_stats(ParameterLayout.from_module(model))
         print(stats.total_norm)  # a device tensor; no host sync happened
     """
-    sq_norms = per_parameter_norms(layout, 2.0).square()
-    if sharded:
-        sq_norms = all_reduce_if_distributed(sq_norms, dist.ReduceOp.SUM, process_group)
+    if not sharded:
+        sq_norms = per_parameter_norms(layout, 2.0).square()
+        return GradientStats(layout, sq_norms, sq_norms.sum().sqrt(), (~torch.isfinite(sq_norms)).sum().float())
+    counts, first_step = layout.replica_counts(process_group, plain_replicas)
+    grads, placements, meshes = local_values([p.grad for p in layout.parameters])
+    local_sq = layout_norms(layout, grads, "grad").square()
+    if first_step:
+        check_same_parameters_everywhere(
+            layout.names, local_sq, counts.replicated_plain_positions(layout.parameters, placements)
+        )
+    grad_counts = counts.of(layout.parameters, placements, meshes, local_sq.device, local_sq.dtype)
+    sq_norms = sum_over_ranks(local_sq, grad_counts, process_group)
     total_norm = sq_norms.sum().sqrt()
     nonfinite_count = (~torch.isfinite(sq_norms)).sum().float()
-    return GradientStats(layout, sq_norms, total_norm, nonfinite_count, sharded, process_group)
+    local_grads = (grads, placements, meshes)
+    return GradientStats(layout, sq_norms, total_norm, nonfinite_count, True, process_group, counts, None, local_grads)

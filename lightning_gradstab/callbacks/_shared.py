@@ -16,6 +16,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_gradstab.distributed import (
+    SELF_CHECK_RTOL,
+    fsdp1_replica_counts,
+    gathered_total_norm,
+    refuse_unsupported_strategy,
+    strategy_kind,
+)
 from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 
@@ -25,6 +32,8 @@ class _TrainerState:
     step_key: tuple | None = None
     step_stats: dict[int, GradientStats] = field(default_factory=dict)
     failed_loggers: set[int] = field(default_factory=set)
+    self_check: bool = False  # compare the first step's total norm with a gathered one (see request_self_check)
+    self_checked: set[int] = field(default_factory=set)
 
 
 _STATE: weakref.WeakKeyDictionary[pl.Trainer, _TrainerState] = weakref.WeakKeyDictionary()
@@ -37,9 +46,15 @@ def _state(trainer: pl.Trainer) -> _TrainerState:
 
 
 def is_sharded(trainer: pl.Trainer) -> bool:
-    """Whether gradients are shards whose norms must be summed across ranks (FSDP, FSDP2/DTensor)."""
-    name = type(trainer.strategy).__name__
-    return name in ("FSDPStrategy", "ModelParallelStrategy")
+    """Whether gradients are shards or copies spread over ranks, whose norms are combined across ranks (FSDP,
+    ``ModelParallelStrategy``: FSDP2, HSDP, tensor parallelism). Decided by type, so subclasses count."""
+    return strategy_kind(trainer.strategy) in ("fsdp", "model_parallel")
+
+
+def request_self_check(trainer: pl.Trainer) -> None:
+    """Check the first optimizer step's total norm against an independent, gathered one (see
+    :func:`gradient_stats`). Call it on every rank (a callback's ``setup`` does): the check is a collective."""
+    _state(trainer).self_check = True
 
 
 def optimizer_step_key(trainer: pl.Trainer) -> tuple[int, int]:
@@ -63,6 +78,7 @@ def parameter_layout(
     raw = getattr(optimizer, "_optimizer", optimizer)
     layouts = _state(trainer).layouts
     if id(raw) not in layouts:
+        refuse_unsupported_strategy(trainer.strategy, "lightning_gradstab")  # never a silent zero norm
         layouts[id(raw)] = ParameterLayout.from_module(pl_module, raw)
     return layouts[id(raw)]
 
@@ -73,7 +89,9 @@ def gradient_stats(
     """Gradient statistics of the current optimizer step, computed once and shared by every callback.
 
     Call it from ``on_before_optimizer_step``. Under a sharded strategy it enters one collective, so every
-    rank must call it on the same steps (all callbacks of the suite do).
+    rank must call it on the same steps (all callbacks of the suite do). With :func:`request_self_check`, the
+    first step of each optimizer also computes the total norm independently (full gradients gathered) and
+    warns with both numbers if they differ by more than ``SELF_CHECK_RTOL``; both land in ``stats.self_check``.
     """
     state = _state(trainer)
     key = optimizer_step_key(trainer)
@@ -82,8 +100,36 @@ def gradient_stats(
     raw = getattr(optimizer, "_optimizer", optimizer)
     if id(raw) not in state.step_stats:
         layout = parameter_layout(trainer, pl_module, raw)
-        state.step_stats[id(raw)] = compute_gradient_stats(layout, sharded=is_sharded(trainer))
+        kind = strategy_kind(trainer.strategy)
+        sharded = kind in ("fsdp", "model_parallel") or (layout.holds_dtensors and trainer.world_size > 1)
+        plain = fsdp1_replica_counts(trainer.strategy.model, trainer.world_size) if kind == "fsdp" else None
+        stats = compute_gradient_stats(layout, sharded=sharded, plain_replicas=plain)
+        if state.self_check and id(raw) not in state.self_checked:
+            state.self_checked.add(id(raw))
+            stats.self_check = _self_check(trainer, stats, kind)
+        state.step_stats[id(raw)] = stats
     return state.step_stats[id(raw)]
+
+
+def _self_check(trainer: pl.Trainer, stats: GradientStats, kind: str) -> tuple[float, float]:
+    """``(suite total norm, gathered total norm)``; warns on rank 0 when they differ."""
+    root = None
+    if kind == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        roots = FullyShardedDataParallel.fsdp_modules(trainer.strategy.model, root_only=True)
+        root = roots[0] if roots else None
+    gathered = gathered_total_norm(stats.layout.parameters, root)
+    suite = float(stats.total_norm)
+    agree = (suite == gathered) or abs(suite - gathered) <= SELF_CHECK_RTOL * max(abs(gathered), 1e-30)
+    if not agree:
+        rank_zero_warn(
+            f"lightning_gradstab self-check: the suite's total gradient norm is {suite:.9g} but the gathered full "
+            f"gradients give {gathered:.9g} (relative difference above {SELF_CHECK_RTOL:g}) under "
+            f"{type(trainer.strategy).__name__}; the logged norms and the guard's decisions are not to be trusted "
+            "for this layout. Please report it with the strategy and how the model is parallelized."
+        )
+    return suite, gathered
 
 
 def forget_trainer(trainer: pl.Trainer) -> None:

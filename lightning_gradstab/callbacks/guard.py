@@ -35,6 +35,7 @@ from lightning_gradstab.callbacks._shared import (
     validate_flag,
     validate_interval,
 )
+from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
@@ -317,6 +318,7 @@ class ExplosionGuard(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_unsupported_strategy(trainer.strategy, "ExplosionGuard")  # DeepSpeed: no readable gradients
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
         self._unwritable_log_dir = False

@@ -23,14 +23,15 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
     parameter_layout,
     print_fit_summary,
+    request_self_check,
     tensorboard_writers,
     validate_flag,
     validate_interval,
 )
+from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.stats import (
     GradientStats,
     GroupBy,
-    all_reduce_if_distributed,
     layout_norms,
     validate_group_by,
 )
@@ -149,6 +150,10 @@ class GradNormMonitor(Callback):
         per_layer_scalars: log one scalar per group and statistic. ``None`` (default): only for models with
             at most :data:`PER_LAYER_SCALARS_MAX_GROUPS` groups per optimizer, so the Scalars tab of a deep model
             stays navigable (the heat map and the log10 layer range carry the per-layer picture).
+        self_check: on the first optimizer step, also compute the total norm independently (every sharded
+            gradient gathered whole) and warn with both numbers if they differ by more than 1e-4 relative: proof
+            that the norms are right for this parallel layout, for one step's gathering cost. Both numbers land
+            in ``self_check_results[optimizer_index]``.
 
     Example::
 
@@ -167,6 +172,7 @@ class GradNormMonitor(Callback):
         figure_every_n_steps: int | None = None,
         heatmap_every_n_steps: int | None = 100,
         per_layer_scalars: bool | None = None,
+        self_check: bool = False,
     ) -> None:
         self.group_by = validate_group_by(group_by)
         self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
@@ -180,6 +186,8 @@ class GradNormMonitor(Callback):
         if per_layer_scalars is not None:
             validate_flag(per_layer_scalars, "per_layer_scalars")
         self.per_layer_scalars = per_layer_scalars
+        self.self_check = validate_flag(self_check, "self_check")
+        self.self_check_results: dict[int, tuple[float, float]] = {}  # optimizer index -> (suite, gathered)
         self._per_layer = True
         self._layer_tags: set[str] = set()
         self._heat: dict[str, _HeatMap] = {}
@@ -193,6 +201,9 @@ class GradNormMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        refuse_unsupported_strategy(trainer.strategy, "GradNormMonitor")
+        if self.self_check:
+            request_self_check(trainer)
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("GradNormMonitor: the trainer has no logger, so nothing will be logged.")
 
@@ -232,6 +243,8 @@ class GradNormMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         stats = gradient_stats(trainer, pl_module, optimizer)
+        if stats.self_check is not None:
+            self.self_check_results[optimizer_index(trainer, optimizer)] = stats.self_check
         step = logging_step(trainer)
         scope = f"opt{optimizer_index(trainer, optimizer)}/" if len(trainer.optimizers) > 1 else ""
         names = [f"gradstab/grad_norm/{scope}total", f"gradstab/nonfinite/{scope}count"]
@@ -286,8 +299,7 @@ class GradNormMonitor(Callback):
         step, scope, stats, old_weights = before
         deltas = torch._foreach_sub(stats.layout.weights(), old_weights)
         delta_sq = layout_norms(stats.layout, deltas, "update").square()  # any dtype, float64/complex too
-        if stats.sharded:
-            delta_sq = all_reduce_if_distributed(delta_sq, torch.distributed.ReduceOp.SUM, stats.process_group)
+        delta_sq = stats.sum_like_weights(delta_sq)  # sharded: each value counted once across ranks
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
         _, weight_norms = stats.group_weight_norms(self.group_by)
         ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
