@@ -1,22 +1,9 @@
-"""The console a user sees: the suite's tables survive Lightning's progress bars and piped output stays readable.
-
-A tiny fit (``tests/scripts/console_fit.py``) runs under a pseudo-terminal with ``RichProgressBar`` and with
-``TQDMProgressBar``; its bytes are replayed on a ``pyte`` terminal emulator, whose final screen is what a person
-would read. Each table must be there whole: title, top border, every row between the borders, bottom border,
-every line the same width (a bar redrawn over a table shifts or cuts its lines).
-"""
+"""The console a user sees, rendered without a fit: findings fit the width, piped output stays readable, the
+end-of-fit summary speaks the caller's terms. Whole fits under a pseudo-terminal: tests/test_output_width.py."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import re
-import struct
-import subprocess
-import sys
-import termios
-from pathlib import Path
 
 import pytest
 
@@ -29,77 +16,6 @@ from lightning_gradstab.report import (
     fit_summary,
     render_text,
 )
-from tests.helpers.subprocess_env import REPO, child_env
-
-pyte = pytest.importorskip("pyte")
-
-COLUMNS, ROWS = 120, 600
-
-
-def _start_under_pty(bars: str, out_dir: Path) -> tuple[subprocess.Popen, int]:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    env = child_env(drop=("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM_PROGRAM"), TERM="xterm-256color")
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "scripts" / "console_fit.py"), bars, str(out_dir)],
-        stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
-    )
-    os.close(slave)
-    return process, master
-
-
-def _screen(process: subprocess.Popen, master: int) -> list[str]:
-    screen = pyte.Screen(COLUMNS, ROWS)
-    stream = pyte.ByteStream(screen)
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        stream.feed(data)
-    os.close(master)
-    assert process.wait(timeout=120) == 0, "\n".join(screen.display)
-    return [line.rstrip() for line in screen.display]
-
-
-@pytest.fixture(scope="module")
-def screens(tmp_path_factory) -> dict[str, list[str]]:
-    """The final screen of one process that fits under the Rich bar, then under the TQDM bar, split per fit."""
-    lines = _screen(*_start_under_pty("rich,tqdm", tmp_path_factory.mktemp("fits")))
-    markers = {bar: lines.index(f"=== {bar} progress bar ===") for bar in ("rich", "tqdm")}
-    return {"rich": lines[markers["rich"] : markers["tqdm"]], "tqdm": lines[markers["tqdm"] :]}
-
-
-def whole_table(lines: list[str], title: str) -> tuple[int, str]:
-    """The line index of the table titled ``title`` and its text, after checking that it is intact."""
-    starts = [index for index, line in enumerate(lines) if line.strip() == title]
-    assert len(starts) == 1, f"{title!r} should be on the screen once:\n" + "\n".join(lines)
-    top = starts[0] + 1
-    assert lines[top].startswith("┏"), f"no top border under {title!r}:\n" + "\n".join(lines[top - 1 : top + 5])
-    bottom = next(index for index in range(top, len(lines)) if lines[index].startswith("└"))
-    block = lines[top : bottom + 1]
-    for line in block:
-        assert line[0] in "┏┃┡│├└" and line[-1] in "┓┃┩│┤┘", f"a line of {title!r} is cut:\n" + "\n".join(block)
-        assert "it/s" not in line, f"the progress bar drew into {title!r}:\n" + "\n".join(block)
-    assert len({len(line) for line in block}) == 1, f"{title!r} is misaligned:\n" + "\n".join(block)
-    return starts[0], "\n".join(block)
-
-
-@pytest.mark.parametrize("bar", ["rich", "tqdm"])
-def test_guard_and_advisor_tables_are_whole_on_the_screen_under_the_progress_bar(screens, bar):
-    lines = screens[bar]
-    audit_at, audit = whole_table(lines, "Gradient stability: StalledMLP (InitAudit)")
-    advisor_at, advisor = whole_table(lines, "Gradient stability: StalledMLP (ArchitectureAdvisor)")
-    guard_at, guard = whole_table(lines, "ExplosionGuard summary")
-    assert "init.scale" in audit
-    assert "arch.residual" in advisor and "arch.normalization" in advisor
-    assert "│ 0 " in guard and "1 (clip)" in guard  # the one optimizer's row, at its resting level
-    summary_at = lines.index("Gradient stability: what this fit found")
-    assert audit_at < advisor_at < guard_at < summary_at, "the one summary comes last, after every table"
-    assert sum("what this fit found" in line for line in lines) == 1
-    assert any(line.startswith("next") and "init.scale" in line for line in lines[summary_at:])
 
 
 def _report() -> Report:

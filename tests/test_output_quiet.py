@@ -52,13 +52,6 @@ def test_quiet_prints_nothing_from_any_callback_but_writes_every_file_and_log(tm
     assert logger.log_dir == str(log_dir)
 
 
-def test_normal_verbosity_prints_the_tables_and_the_one_summary(tmp_path, capsys):
-    _fit_whole_suite(tmp_path)
-    out = capsys.readouterr().out
-    assert "Gradient stability: DigitsClassifier (InitAudit)" in out and "ExplosionGuard summary" in out
-    assert out.count("Gradient stability: what this fit found") == 1
-
-
 def test_console_summary_false_silences_the_guard_at_the_end_of_fit(tmp_path, capsys):
     trainer = quiet_trainer(max_steps=6, callbacks=[ExplosionGuard(console_summary=False)], default_root_dir=tmp_path)
     trainer.fit(DigitsClassifier(mlp(3, 16)), digits_loader(size=96))
