@@ -186,6 +186,8 @@ def _audit(args: argparse.Namespace, diagnose: Any) -> int:
         message = f"cannot write --json {str(args.json)!r}: {error.strerror or error}"
         return _fail(message, EXIT_USAGE, error, args.debug)
     console_print(f"JSON report written to {path}")
+    if any(f.evidence.get("probe_failed") for f in report.by_code("trace.incomplete")):  # ran, but unprobed
+        return EXIT_MODEL
     return EXIT_FINDINGS if report.has_errors else EXIT_OK
 
 

@@ -98,11 +98,23 @@ def test_gradient_finding_reports_the_ratio_layers_and_steps_and_skips_unmeasure
 
 
 def test_gradient_findings_follow_the_graph_order_not_the_measured_order():
-    graph = _graph(mlp(4, 8), torch.randn(4, 64))
-    norms = {"6": 1.0, "2": 1e-2, "0": 1e-5, "4": 1e-1}  # measured order: last layer first
+    graph = _graph(mlp(5, 8), torch.randn(4, 64))
+    norms = {"8": 1.0, "4": 1e-2, "0": 1e-5, "6": 1e-1, "2": 1e-3}  # measured order: last layer first
     (signal, *causes) = gradient_findings(graph, norms, optimizer_steps=3)
-    assert signal.code == "signal.vanishing" and signal.modules == ("0", "6")
+    assert signal.code == "signal.vanishing" and signal.modules == ("0", "6")  # "8" is the output: no reference
     assert "arch.normalization" in {f.code for f in causes}
+
+
+def test_gradient_findings_compare_per_element_and_never_against_the_output_layer():
+    graph = _graph(mlp(5, 8), torch.randn(4, 64))  # 64 -> 8 -> 8 -> 8 -> 8 -> 10
+    sizes = {"0": 64 * 8 + 8, "2": 8 * 8 + 8, "4": 8 * 8 + 8, "6": 8 * 8 + 8, "8": 8 * 10 + 10}
+    # per element the hidden layers agree (the first one's norm is larger because it has 7x the weights), and
+    # the head's 1e4x larger gradient is no reference: no finding
+    norms = {"0": 8.0, "2": 3.0, "4": 3.0, "6": 3.0, "8": 3e4}
+    assert gradient_findings(graph, norms, optimizer_steps=3, sizes=sizes) == []
+    # a real 1e-3 per-element drop from the last hidden layer to the first is found, naming those two
+    (signal, *_) = gradient_findings(graph, {**norms, "0": 8e-3}, optimizer_steps=3, sizes=sizes)
+    assert signal.code == "signal.vanishing" and signal.modules == ("0", "6")
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
     ReportingCallback,
-    eager,
-    probing,
     publish_report,
 )
 from lightning_gradstab.callbacks._shared import (
@@ -26,7 +23,8 @@ from lightning_gradstab.callbacks._shared import (
     gradient_stats,
     optimizer_index,
 )
-from lightning_gradstab.diagnosis import ModelGraph, preserved_state, trace
+from lightning_gradstab.callbacks.init_audit import first_batch_measurement
+from lightning_gradstab.diagnosis import ModelGraph
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
 from lightning_gradstab.guard_events import collect_guard_events
 from lightning_gradstab.report import Finding, Report
@@ -39,14 +37,17 @@ class ArchitectureAdvisor(ReportingCallback):
 
     It never recomputes gradient norms: per-layer norms come from the suite's shared statistics
     (``gradient_stats`` in ``on_before_optimizer_step``) and stay on the device until the window ends, when
-    one host transfer feeds the rules. The model graph comes from one no-grad trace of ``training_step`` on
-    the first batch. Findings:
+    one host transfer feeds the rules. Its first look at the first batch is ``InitAudit``'s measurement (the
+    same probe, the same findings as ``diagnose(model, batch)``), kept as ``first_look``; its graph feeds the
+    training-time rules. Findings:
 
     - ``arch.residual`` (error) when a plain chain of >= 20 layers trains with a stalling loss (relative
       improvement below ``stall_improvement`` from the first to the last tenth of the window): the
       degradation problem of plain nets (He et al. 2016), which shows in the loss, not in gradient norms.
-    - ``signal.vanishing``/``signal.exploding`` when the median weight-gradient norm of the first layer is
-      100x below/above the last, then ``arch.normalization`` and ``arch.activation`` for the structural cause.
+    - ``signal.vanishing``/``signal.exploding`` when the median per-element weight gradient of the first layer
+      on the main path is 100x below/above the last layer of the same kind (output layers, query/key
+      projections, gates and residual-branch layers are no reference), then ``arch.normalization`` and
+      ``arch.activation`` for the structural cause.
     - ``signal.exploding`` when an ``ExplosionGuard`` in ``trainer.callbacks`` met an anomaly or escalated
       during the window (read through the :class:`~lightning_gradstab.guard_events.GuardEventSource`
       protocol; optional), plus ``arch.recurrent`` for vanilla RNNs.
@@ -78,11 +79,13 @@ class ArchitectureAdvisor(ReportingCallback):
         self.observe_steps = observe_steps
         self.stall_improvement = float(stall_improvement)
         self.graph: ModelGraph | None = None
+        self.first_look: Report | None = None
         self._losses: list[Tensor] = []
         self._group_norms: dict[int, list[Tensor]] = {}
         self._group_names: dict[int, tuple[str, ...]] = {}
         self._reported = False
         self._traced = False
+        self._sizes: dict[str, int] = {}
 
     @override
     def on_train_batch_start(
@@ -91,25 +94,9 @@ class ArchitectureAdvisor(ReportingCallback):
         if self._traced or self._reported:
             return
         self._traced = True
-        self.graph = self._trace(pl_module, batch, batch_idx)
-
-    def _trace(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> ModelGraph | None:
-        if self.forward_fn is None and not pl_module.automatic_optimization:
-            return None
-        forward_fn = self.forward_fn
-        step = eager(pl_module, "training_step")
-
-        def forward(inputs: Any) -> Any:
-            with probing(pl_module):
-                return forward_fn(pl_module, inputs) if forward_fn is not None else step(inputs, batch_idx)
-
-        try:
-            with preserved_state(pl_module), torch.no_grad():
-                graph, _ = trace(pl_module, forward, inputs=batch)
-        except Exception as error:  # advice only: never stop training
-            rank_zero_warn(f"lightning_gradstab: ArchitectureAdvisor could not trace the model: {error!r}")
-            return None
-        return graph
+        self.first_look, self.graph = first_batch_measurement(
+            pl_module, batch, batch_idx, self.forward_fn, source="ArchitectureAdvisor"
+        )
 
     def _observing(self, trainer: pl.Trainer) -> bool:
         return not self._reported and trainer.global_step < self.observe_steps
@@ -122,6 +109,12 @@ class ArchitectureAdvisor(ReportingCallback):
             return
         index = optimizer_index(trainer, optimizer)
         names, norms = gradient_stats(trainer, pl_module, optimizer).group_norms("module")
+        if index not in self._group_names:  # parameters per group, for per-element comparisons
+            modules = dict(pl_module.named_modules())
+            self._sizes.update({
+                name: sum(p.numel() for p in modules[name].parameters(recurse=False)) for name in names
+                if name in modules
+            })
         self._group_names[index] = names
         self._group_norms.setdefault(index, []).append(norms.detach())
 
@@ -172,7 +165,7 @@ class ArchitectureAdvisor(ReportingCallback):
             values = finite.nanmedian(dim=0).values.tolist()  # one host sync per optimizer
             medians.update(zip(self._group_names[index], values, strict=True))
         steps = max((len(norms) for norms in self._group_norms.values()), default=0)
-        return gradient_findings(self.graph, medians, steps)
+        return gradient_findings(self.graph, medians, steps, self._sizes)
 
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
         return guard_findings(self.graph, collect_guard_events(trainer.callbacks), self.observe_steps)

@@ -18,7 +18,14 @@ from lightning_gradstab.callbacks._reporting import (
     publish_report,
 )
 from lightning_gradstab.callbacks._shared import STATE_VERSION, check_state_version, validate_flag
-from lightning_gradstab.diagnosis import InitScheme, build_report, reinitialize, run_probe
+from lightning_gradstab.diagnosis import (
+    InitScheme,
+    ModelGraph,
+    build_report,
+    probe_failed_report,
+    reinitialize,
+    run_probe,
+)
 from lightning_gradstab.report import Finding, Report
 
 INIT_AUDIT_FILENAME = "gradstab_init_audit.json"
@@ -27,9 +34,12 @@ INIT_AUDIT_FILENAME = "gradstab_init_audit.json"
 class InitAudit(ReportingCallback):
     """Diagnose initialization, signal propagation and architecture on the first training batch.
 
-    Runs :func:`~lightning_gradstab.diagnosis.diagnose`'s probe at the first ``on_train_batch_start`` (one
-    forward + backward of ``training_step`` with its real loss; no ``.grad`` written, buffers and RNG
-    restored, ``self.log`` muted). Global rank 0 prints the findings, writes them as Markdown to TensorBoard
+    Runs :func:`~lightning_gradstab.diagnosis.diagnose`'s measurement at the first ``on_train_batch_start``: one
+    forward + backward of ``training_step`` (no ``.grad`` written, buffers and RNG restored, ``self.log``
+    muted) with the same random direction that ``diagnose`` uses, applied to the output of the model call the
+    step makes (``self(batch)``, ``self.model(**batch)``), so ``InitAudit``, ``ArchitectureAdvisor``'s first look
+    and ``diagnose(model, batch)`` give one verdict on one model and batch, whatever loss the step computes.
+    Global rank 0 prints the findings, writes them as Markdown to TensorBoard
     (``gradstab/findings``) and as JSON to ``<log_dir>/gradstab_init_audit.json``.
 
     With ``fix=True`` the layers flagged ``init.scale`` or ``init.symmetric`` are re-drawn with their
@@ -127,10 +137,23 @@ def probe_report(
     pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
 ) -> Report:
     """Probe ``pl_module`` on ``batch`` and build its report; a failure becomes an info finding, never a crash."""
+    return first_batch_measurement(pl_module, batch, batch_idx, forward_fn, source=source)[0]
+
+
+def first_batch_measurement(
+    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
+) -> tuple[Report, ModelGraph | None]:
+    """The first-batch measurement shared by ``InitAudit`` and ``ArchitectureAdvisor``: the report and the traced
+    graph (None when the model could not be probed).
+
+    ``training_step`` runs once under the probe and the random direction of ``diagnose`` is applied to the output
+    of the (last, outermost) parameterised module call it makes, so the verdict is ``diagnose(model, batch)``'s.
+    Without such a call (an all-functional step) the step's loss is backpropagated instead.
+    """
     model = type(pl_module).__name__
     if forward_fn is None and not pl_module.automatic_optimization:
         return Report([_untraced("manual optimization: training_step steps the optimizers itself; "
-                                 "pass forward_fn to probe the model")], model=model, source=source)
+                                 "pass forward_fn to probe the model")], model=model, source=source), None
     step = eager(pl_module, "training_step")
 
     def forward(inputs: Any) -> Any:
@@ -146,11 +169,13 @@ def probe_report(
     loss_fn = training_loss if forward_fn is None else None  # forward_fn: random output direction
 
     try:
-        result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn)
+        result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn,
+                           direction_at_model_output=forward_fn is None)
     except Exception as error:  # the audit is advice: it must never stop training
-        rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {error!r} (training continues)")
-        return Report([_untraced(f"the probe failed: {error!r}")], model=model, source=source)
-    return build_report(result, model=model, source=source)
+        cause = error.__cause__ or error
+        rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {cause!r} (training continues)")
+        return probe_failed_report(model, source, f"{type(cause).__name__}: {cause}"), None
+    return build_report(result, model=model, source=source), result.graph
 
 
 def _untraced(reason: str) -> Finding:

@@ -156,7 +156,7 @@ def trace_findings(graph: ModelGraph) -> list[Finding]:
     """``trace.incomplete`` (info) naming what the tracer could not see, so graph rules are not trusted blindly."""
     if not graph.problems and not graph.untraced:
         return []
-    owners = sorted({name.rsplit(".", 1)[0] if "." in name else name for name in graph.untraced})
+    owners = sorted({name.rsplit(".", 1)[0] if "." in name else name for name in graph.untraced} | set(graph.missed))
     evidence: dict[str, object] = {"untraced_parameters": len(graph.untraced)}
     if graph.problems:
         evidence["problem"] = "; ".join(graph.problems)

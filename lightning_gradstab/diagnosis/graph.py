@@ -108,6 +108,8 @@ _FUNCTIONAL_LAYERS = {
     "tensordot": "linear",
     "mv": "linear",
     "addmv": "linear",
+    "grouped_mm": "linear",  # mixture-of-experts: every expert's weight applied to its tokens in one call
+    "multi_head_attention_forward": "attention",  # attention over q/k/v/out weights passed in (WavLM)
 }
 """Ops that apply a weight: with a parameter (or a slice of one) as an operand, each call is one layer."""
 _JOINS = frozenset({"add", "cat", "concat", "concatenate"})
@@ -313,6 +315,7 @@ class Node:
     weight: Tensor | None = field(default=None, repr=False)  # the weight a functional layer applied
     fans: tuple[int, int] | None = None  # (fan_in, fan_out) of the op, for functional layers
     global_reduction: bool = False  # pools or selects away every position: (B, C, H, W) -> (B, C), x[:, 0]
+    in_branch: bool = False  # a join inside a residual branch (FocalNet's sum over focal levels): not the stream
     signal: bool = True  # carries the input signal (not a constant computation such as a position-bias MLP)
 
 
@@ -393,6 +396,7 @@ class ModelGraph:
     outputs: list[int] = field(default_factory=list)  # nodes whose tensors are (part of) the model output
     norm_gains: dict[str, float] = field(default_factory=dict)  # normalization -> its output RMS at init
     plain_applications: int = 0  # weight applications on the longest plain chain (a weight used twice counts 2)
+    missed: dict[str, str] = field(default_factory=dict)  # weight -> the op that applied it, unread as a layer
 
     @property
     def plain_depth(self) -> int:
@@ -703,6 +707,10 @@ class GraphTracer:
         fan-in/fan-out read from the op (``x @ W`` contracts ``W``'s first axis, ``F.linear`` its last)."""
         weight, name = next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])  # addmm's bias comes first
         kind = _FUNCTIONAL_LAYERS[op]
+        if kind == "attention":  # one attention layer over its projections: named after their common owner
+            owners = [n.split(".") for _, n in weights]
+            common = [parts[0] for parts in zip(*owners, strict=False) if len(set(parts)) == 1]
+            name = ".".join(common) or name
         self.used_parameters.update(id(p) for p, _ in weights)
         node = self._new_node("layer", name, op, traced, signal=self._layer_signal(kind, traced))
         node.layer_kind = kind
@@ -782,6 +790,7 @@ class GraphTracer:
             graph.problems.append(self.problem)
         applied = {layer.name for layer in graph.layers}
         missed = {name: op for name, op in self.missed.items() if name not in applied}
+        graph.missed = missed
         if missed:
             graph.problems.append(
                 "weights applied to the signal by ops not read as layers (their depth and scale are not judged): "
@@ -855,7 +864,7 @@ def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
         fan_in = math.prod(size[c] for c in own if c not in result)
         fan_out = math.prod(size[c] for c in own if c in result and c not in others)
         return (fan_in, fan_out) if fan_in and fan_out else None
-    if op in ("matmul", "mm", "bmm", "baddbmm", "addbmm", "addmm") and weight.dim() >= 2:
+    if op in ("matmul", "mm", "bmm", "baddbmm", "addbmm", "addmm", "grouped_mm") and weight.dim() >= 2:
         operands = [a for a in args if isinstance(a, Tensor)][-2:]
         if len(operands) == 2 and operands[1] is weight:
             return int(weight.shape[-2]), int(weight.shape[-1])
@@ -956,6 +965,9 @@ def build_graph(
             info.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
             if info.kind == "embedding":
                 info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
+    for node in nodes:
+        if node.kind == "join":
+            node.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
     chain, normalized, activations, applications = _longest_plain_chain(nodes)
     norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
     return ModelGraph(
@@ -1109,13 +1121,14 @@ def _every_path_ends(
 def _in_branch(
     start: int, nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
 ) -> bool:
-    """Whether every path from ``start`` enters its first join as a branch (never as the skip's stream, never
-    reaching the output first): the layer sits inside a residual branch."""
+    """Whether every path from ``start`` enters some join as a branch before it reaches the output: the layer (or
+    join) sits inside a residual branch. A join entered as its stream is walked through, so the running sum of
+    a branch's own accumulation (FocalNet's focal levels) is inside the branch that finally joins the stream."""
 
     def step(index: int, consumer_index: int) -> _PathStep:
         consumer = nodes[consumer_index]
         if consumer.kind == "join":
-            return "fail" if parent[consumer_index] == index else "found"
+            return "follow" if parent[consumer_index] == index else "found"
         return "follow" if index in consumer.inputs else "stop"
 
     return _every_path_ends(start, consumers, outputs, step)

@@ -79,8 +79,8 @@ def _points(result: ProbeResult, probes: list[LayerProbe]) -> list[MeasuredLayer
         if not graph.nodes[probe.node].signal:
             continue
         if probe.kind == "join":
-            if graph.nodes[probe.node].kind != "join":
-                continue  # arithmetic of one path (rotary embeddings), not a skip connection
+            if graph.nodes[probe.node].kind != "join" or graph.nodes[probe.node].in_branch:
+                continue  # arithmetic of one path (rotary embeddings), or a join inside a branch: not the stream
             normalized = any(graph.nodes[c].kind == "norm" for c in consumers[probe.node])
             scale = 1.0
         else:

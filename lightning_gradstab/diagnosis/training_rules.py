@@ -71,25 +71,35 @@ def loss_findings(graph: ModelGraph | None, losses: Sequence[float], stall_impro
 
 
 def gradient_findings(
-    graph: ModelGraph | None, median_norms: Mapping[str, float], optimizer_steps: int
+    graph: ModelGraph | None,
+    median_norms: Mapping[str, float],
+    optimizer_steps: int,
+    sizes: Mapping[str, int] | None = None,
 ) -> list[Finding]:
     """``signal.vanishing``/``signal.exploding`` from per-layer median weight-gradient norms, with causes.
 
-    Layers with a finite, non-zero median are taken in the graph's order (embeddings excluded; measured order
-    without a graph). When the
-    first layer's median is 100x below (above) the last's, gradients vanish (explode) toward the input:
-    a warning, an error past 10^4; the graph adds ``arch.normalization`` and ``arch.activation``.
+    Only comparable layers are compared: per element (each norm divided by the square root of the layer's
+    parameter count in ``sizes``, when given), and with a graph only the layers of the main signal path of
+    the most common kind, in the graph's order; output layers (their gain scales every gradient alike), query/key
+    projections (a near-uniform softmax at init), gates, residual-branch layers, embeddings and layers over
+    constants are no reference. Comparing a first layer's query projection with a classifier compares roles, not
+    depth. Without a graph, the measured order. When the first layer's value is 100x below (above) the last's,
+    gradients vanish (explode) toward the input: a warning, an error past 10^4; the graph adds
+    ``arch.normalization`` and ``arch.activation``.
 
     Example::
 
         gradient_findings(None, {"a": 1e-5, "b": 1e-3, "c": 1.0}, optimizer_steps=50)  # signal.vanishing
     """
-    measured = {name: norm for name, norm in median_norms.items() if math.isfinite(norm) and norm > 0}
-    order = [layer.name for layer in graph.layers if layer.kind != "embedding"] if graph else []
-    layers = [name for name in order if name in measured] or list(measured)
+    sizes = sizes or {}
+    measured = {
+        name: norm / math.sqrt(sizes[name]) if sizes.get(name) else norm
+        for name, norm in median_norms.items() if math.isfinite(norm) and norm > 0
+    }
+    layers = _comparable_layers(graph, measured) if graph else list(measured)
     if len(layers) < MIN_GRADIENT_LAYERS:
         return []
-    ratio = median_norms[layers[0]] / median_norms[layers[-1]]
+    ratio = measured[layers[0]] / measured[layers[-1]]
     if 1 / RATIO_WARNING <= ratio <= RATIO_WARNING:
         return []
     vanishing = ratio < 1.0
@@ -110,6 +120,18 @@ def gradient_findings(
     if graph is not None:
         findings += normalization_finding(graph, [signal]) + activation_finding(graph)
     return findings
+
+
+def _comparable_layers(graph: ModelGraph, measured: Mapping[str, float]) -> list[str]:
+    """The measured layers of the main signal path, of its most common kind, in the graph's order."""
+    candidates = [
+        layer for layer in graph.layers
+        if layer.name in measured and layer.kind in ("linear", "conv", "recurrent", "other") and not layer.is_output
+        and not layer.attention_logits and not layer.gate and not layer.in_branch and layer.on_signal_path
+    ]
+    kinds = [layer.kind for layer in candidates]
+    common = max(set(kinds), key=kinds.count) if kinds else None
+    return [layer.name for layer in candidates if layer.kind == common]
 
 
 def means_explosion(event: GuardEvent) -> bool:
