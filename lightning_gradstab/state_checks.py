@@ -84,45 +84,54 @@ def check_state(
     """Raise ``ValueError`` naming ``owner``, the dotted key and the value unless ``state`` has every key of
     ``template`` (the state a fresh object saves), each of the template value's type, and every value with a
     rule in its range. Keys the template does not have are left alone (a newer writer's additions).
+    ``rules`` and ``optional`` are keyed by paths within ``state``; ``prefix`` is where ``state`` sits in the
+    owner's state, for the message (``"policies.0."``).
 
     Example::
 
         check_state(loaded, ExplosionPolicy(config).state_dict(), "ExplosionGuard checkpoint 'policies.0'",
                     policy_rules(len(RUNGS)), POLICY_OPTIONAL)
     """
-    rules = rules or {}
+    _check_mapping(state, template, owner, rules or {}, optional, prefix, "")
+
+
+def _check_mapping(
+    state: Any, template: Mapping[str, Any], owner: str, rules: Mapping[str, Rule], optional: frozenset[str],
+    prefix: str, path: str,
+) -> None:
     if not isinstance(state, Mapping):
-        raise ValueError(f"{owner}: {_where(prefix)} must be a dict, got {_short(state)}")
+        where = f"`{prefix}{path}`" if prefix or path else "the state"
+        raise ValueError(f"{owner}: {where} must be a dict, got {_short(state)}")
     for key, expected in template.items():
-        path = f"{prefix}{key}"
+        inner = f"{path}.{key}" if path else str(key)
         if key not in state:
             raise ValueError(
-                f"{owner}: the key `{path}` is missing (a checkpoint of another version, or edited); resume "
-                "without this callback's state to start it fresh"
+                f"{owner}: the key `{prefix}{inner}` is missing (a checkpoint of another version, or edited); "
+                "resume without this callback's state to start it fresh"
             )
-        _check_value(state[key], expected, owner, rules, optional, path)
+        _check_value(state[key], expected, owner, rules, optional, prefix, inner)
 
 
 def _check_value(
-    value: Any, expected: Any, owner: str, rules: Mapping[str, Rule], optional: frozenset[str], path: str
+    value: Any, expected: Any, owner: str, rules: Mapping[str, Rule], optional: frozenset[str], prefix: str, path: str
 ) -> None:
     rule = rules.get(path) or rules.get(path.rsplit(".", 1)[0] + ".*")
     if rule is not None:
         if not rule[0](value):
-            raise ValueError(f"{owner}: `{path}` must be {rule[1]}, got {_short(value)}")
+            raise ValueError(f"{owner}: `{prefix}{path}` must be {rule[1]}, got {_short(value)}")
         if not isinstance(expected, Mapping):
             return
     if value is None and (expected is None or path in optional):
         return
     if isinstance(expected, Mapping):
-        check_state(value, expected, owner, rules, optional, prefix=f"{path}.")
+        _check_mapping(value, expected, owner, rules, optional, prefix, path)
         if not expected:  # a free-form mapping (counts by name): its values may still have a rule
             for key, item in value.items():
-                _check_value(item, None, owner, rules, optional, f"{path}.{key}")
+                _check_value(item, None, owner, rules, optional, prefix, f"{path}.{key}")
         return
     accepted = _accepted_type(expected)
     if accepted is not None and not accepted[0](value):
-        raise ValueError(f"{owner}: `{path}` must be {accepted[1]}, got {_short(value)}")
+        raise ValueError(f"{owner}: `{prefix}{path}` must be {accepted[1]}, got {_short(value)}")
 
 
 def _accepted_type(expected: Any) -> Rule | None:
@@ -137,10 +146,6 @@ def _accepted_type(expected: Any) -> Rule | None:
     if isinstance(expected, (list, tuple)):
         return (lambda v: isinstance(v, (list, tuple))), "a list"
     return None  # None in the template: any value
-
-
-def _where(prefix: str) -> str:
-    return f"`{prefix[:-1]}`" if prefix else "the state"
 
 
 def _short(value: Any) -> str:
