@@ -68,7 +68,9 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     for name, value in summary["final"].items():
         table.add_row(name, "—" if value is None else f"{value:.4g}")
     table.add_row("guard actions", ", ".join(f"{k}={v}" for k, v in summary["guard_actions"].items()) or "none")
-    table.add_row("findings", ", ".join(summary["findings"]) or "none")
+    # "none" only where a diagnosis ran; gradstab=monitor has no InitAudit or ArchitectureAdvisor
+    nothing = "none" if summary.get("diagnosis_ran", True) else "not run (no InitAudit or ArchitectureAdvisor)"
+    table.add_row("findings", ", ".join(summary["findings"]) or nothing)
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     if summary["error"]:
         table.add_row("error", summary["error"])
