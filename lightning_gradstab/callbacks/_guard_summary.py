@@ -48,6 +48,22 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
     return advice
 
 
+def effective_lr_metric(trainer: pl.Trainer, index: int, lr_scale: float) -> dict[str, float]:
+    """The learning rate optimizer ``index`` really steps with (its first param group's scheduled rate times the
+    guard's back-off scale), under ``LearningRateMonitor``'s name for that optimizer plus ``/gradstab_effective``
+    (``lr-SGD/gradstab_effective``), so it is charted in the section where that monitor's ``lr-SGD`` is.
+    Empty when the optimizer has no numeric ``lr``."""
+    optimizers = trainer.optimizers
+    if index >= len(optimizers) or not optimizers[index].param_groups:
+        return {}
+    lr = optimizers[index].param_groups[0].get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        return {}
+    name = type(optimizers[index]).__name__
+    same_before = sum(type(o).__name__ == name for o in optimizers[:index])  # LearningRateMonitor: lr-Adam-1
+    return {f"lr-{name}{f'-{same_before}' if same_before else ''}/gradstab_effective": float(lr) * lr_scale}
+
+
 def _ceiling(config: PolicyConfig) -> float | None:
     """The gradient-norm ceiling the guard clips at when it acts (``"auto"``: the Adam-family one)."""
     if config.max_norm == "auto":
