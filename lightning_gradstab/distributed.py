@@ -151,12 +151,10 @@ class ReplicaCounts:
             self._cache[key] = torch.tensor(counts, dtype=dtype, device=device)
         return self._cache[key]
 
-    def replicated_plain_positions(self, parameters: Sequence[Tensor], placements: Sequence[Placement]) -> list[int]:
-        """Positions of plain tensors counted as replicas of the whole world (not FSDP1 flat shards)."""
-        return [
-            i for i, (p, placement) in enumerate(zip(parameters, placements, strict=True))
-            if placement is True and id(p) not in self.plain
-        ]
+    def replicated_plain_positions(self, parameters: Sequence[Tensor]) -> list[int]:
+        """Positions of plain parameters counted as replicas of the whole world (not FSDP1 flat shards): the
+        same on every rank that holds the same parameters, whichever gradients are present."""
+        return [i for i, p in enumerate(parameters) if not is_dtensor(p) and id(p) not in self.plain]
 
 
 def _replica_count(mesh: object, placements: tuple, world: int) -> int:
@@ -248,7 +246,7 @@ def local_values(
 
 def check_same_parameters_everywhere(names: Sequence[str], local_sq_norms: Tensor, replicated: Sequence[int]) -> None:
     """Refuse parameters that live on some ranks only (expert parallelism with plain tensors): once, at the
-    first sharded reduction of a layout, with one small collective and one host read.
+    first sharded reduction of a layout, with two small collectives and two host reads.
 
     Every rank must measure the same number of parameters, or the packed reduction would mix them up; and a
     plain tensor under a sharded strategy is taken to be a replica (positions ``replicated``), so its gradient
@@ -258,26 +256,20 @@ def check_same_parameters_everywhere(names: Sequence[str], local_sq_norms: Tenso
     if world_size() == 1:
         return
     device = local_sq_norms.device
-    values = torch.cat(
-        [
-            torch.tensor([float(len(names))], dtype=torch.float64, device=device),
-            local_sq_norms[list(replicated)].to(torch.float64),
-        ]
-    )
-    values = torch.nan_to_num(values, nan=0.0, posinf=1e300, neginf=-1e300)
-    packed = torch.cat([values, -values])
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    host = packed.tolist()
-    largest, smallest = host[: len(values)], [-v for v in host[len(values) :]]
-    if largest[0] != smallest[0]:
+    count = float(len(names))
+    smallest, largest = _min_max(torch.tensor([count], dtype=torch.float64, device=device))
+    if smallest[0] != largest[0]:  # every rank sees the same reduced numbers: all raise, none hangs
         raise ValueError(
             f"lightning_gradstab: ranks measure different numbers of trainable parameters ({int(smallest[0])} "
             f"to {int(largest[0])}): parameters that live on some ranks only (expert parallelism with plain "
             "tensors) are not supported. Make them DTensors sharded over the expert mesh dimension "
             "(`distribute_tensor(..., [Shard(0)])`) and their norms are counted exactly."
         )
-    for offset, position in enumerate(replicated, start=1):
-        high, low = largest[offset], smallest[offset]
+    # same parameter count, so the same positions everywhere (each rank's plain/DTensor split is the same)
+    values = torch.nan_to_num(local_sq_norms[list(replicated)].to(torch.float64), nan=0.0, posinf=1e300)
+    smallest, largest = _min_max(values)
+    for offset, position in enumerate(replicated):
+        low, high = smallest[offset], largest[offset]
         if not math.isclose(high, low, rel_tol=1e-3, abs_tol=1e-30):
             raise ValueError(
                 f"lightning_gradstab: the plain (non-DTensor) parameter {names[position]!r} has a different "
@@ -286,6 +278,14 @@ def check_same_parameters_everywhere(names: Sequence[str], local_sq_norms: Tenso
                 "not supported as plain tensors: make them DTensors sharded over the expert mesh dimension, or "
                 "wrap their module with `fully_shard` so that its gradient is reduced."
             )
+
+
+def _min_max(values: Tensor) -> tuple[list[float], list[float]]:
+    """Element-wise minimum and maximum over ranks, in one ``all_reduce(MAX)`` of ``[values, -values]``."""
+    packed = torch.cat([values, -values])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    host = packed.tolist()
+    return [-v for v in host[len(values) :]], host[: len(values)]
 
 
 def gathered_total_norm(parameters: Iterable[Tensor], fsdp1_root: nn.Module | None = None) -> float:

@@ -421,7 +421,7 @@ def compute_gradient_stats(
     local_sq = layout_norms(layout, grads, "grad").square()
     if first_step:
         check_same_parameters_everywhere(
-            layout.names, local_sq, counts.replicated_plain_positions(layout.parameters, placements)
+            layout.names, local_sq, counts.replicated_plain_positions(layout.parameters)
         )
     grad_counts = counts.of(layout.parameters, placements, meshes, local_sq.device, local_sq.dtype)
     sq_norms = sum_over_ranks(local_sq, grad_counts, process_group)

@@ -9,7 +9,8 @@ One launch runs every layout in sequence, so the processes start (and import Lig
 - Lightning ``ModelParallelStrategy(2, 2)`` and ``(4, 1)`` fits with ``GradNormMonitor(self_check=True)`` and
   ``ExplosionGuard()`` (defaults) on Adam, whose logged metrics rank 0 writes out;
 - the same (2, 2) fit with every replica count forced to 1 (the bug this layout had), to show the self-check
-  and the comparison catch it.
+  and the comparison catch it;
+- parameters that live on some ranks only (expert parallelism with plain tensors), which must be refused.
 
 The parent process writes ``reference.json`` (one process, plain model, same batches) and each rank writes
 ``rank{N}.json``. Usage: ``parallel_norms.py OUT_DIR``.
@@ -145,7 +146,29 @@ def raw_layouts(rank: int) -> dict[str, dict[str, float]]:
             **measure(wrapped, sharded=True, plain_replicas=counts),
             "gathered": gathered_total_norm(wrapped.parameters(), fsdp1_root=wrapped),
         }
+    results["rank_local_plain"] = {"error": _refusal(_rank_local_experts(rank))}
+    extra = nn.ModuleDict({"shared": nn.Linear(2, 2, dtype=torch.float64)})
+    if rank == 0:
+        extra["only_here"] = nn.Linear(2, 2, dtype=torch.float64)
+    results["rank_local_count"] = {"error": _refusal(extra)}
     return results
+
+
+def _rank_local_experts(rank: int) -> nn.Module:
+    """An "expert" held as a plain tensor with different weights on each rank (expert parallelism)."""
+    torch.manual_seed(rank)
+    return nn.ModuleDict({"expert": nn.Linear(3, 3, dtype=torch.float64)})
+
+
+def _refusal(model: nn.Module) -> str:
+    """The message of the ValueError that measuring ``model``'s gradients as sharded raises ("" if none)."""
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter) if parameter.ndim > 1 else torch.zeros_like(parameter)
+    try:
+        compute_gradient_stats(ParameterLayout.from_module(model), sharded=True)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 class ParallelRegression(pl.LightningModule):
