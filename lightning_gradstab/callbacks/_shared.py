@@ -7,6 +7,7 @@ trainers in one process never share numbers and a finished trainer leaves nothin
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,7 @@ def validate_flag(value: object, argument: str) -> bool:
 class _ConsoleState:
     next_steps: dict[str, str] = field(default_factory=dict)
     summary_printed_at_step: int | None = None
+    fit_started_at: float | None = None  # wall clock: report files older than this were left by an earlier run
 
 
 _CONSOLE: weakref.WeakKeyDictionary[pl.Trainer, _ConsoleState] = weakref.WeakKeyDictionary()
@@ -237,6 +239,13 @@ def set_next_steps(trainer: pl.Trainer, next_steps: dict[str, str]) -> None:
     _console_state(trainer).next_steps = dict(next_steps)
 
 
+def mark_fit_start(trainer: pl.Trainer) -> None:
+    """Note when this fit started (first call wins), so the summary lists only report files this fit wrote."""
+    state = _console_state(trainer)
+    if state.fit_started_at is None:
+        state.fit_started_at = time.time()
+
+
 def print_fit_summary(trainer: pl.Trainer) -> None:
     """Print :func:`~lightning_gradstab.report.fit_summary` once per fit, on global rank 0.
 
@@ -257,16 +266,33 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
     reports = [
         c.report for c in trainer.callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
     ]
-    guards = [s for c in trainer.callbacks if isinstance(c, ExplosionGuard) and (s := c.summary())["optimizers"]]
+    # a guard built with console_summary=False prints nothing at the end of fit, in its table or here
+    guards = [
+        s for c in trainer.callbacks
+        if isinstance(c, ExplosionGuard) and c.console_summary and (s := c.summary())["optimizers"]
+    ]
     if not reports and not guards:
         return
+    fixed = [name for c in trainer.callbacks if isinstance(c, InitAudit) for name in c.fixed_modules]
     logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here
     directory = getattr(logger, "log_dir", None) or trainer.default_root_dir
-    files = [str(path) for name in _REPORT_FILES if (path := Path(directory) / name).exists()]
+    files = [
+        str(path) for name in _REPORT_FILES if _written_since(path := Path(directory) / name, state.fit_started_at)
+    ]
     try:
-        console_print(*fit_summary(reports, guards, state.next_steps, files), trainer=trainer)
+        summary = fit_summary(reports, guards, state.next_steps, files, fixed_modules=fixed)
+        console_print(*summary, trainer=trainer)
     except Exception as error:  # a broken console must not take the run down
         rank_zero_warn(f"lightning_gradstab: printing the fit summary failed: {error!r}")
+
+
+def _written_since(path: Path, started_at: float | None) -> bool:
+    """Whether ``path`` exists and was written by this fit (not left in the directory by an earlier run)."""
+    try:
+        modified = path.stat().st_mtime
+    except OSError:
+        return False
+    return started_at is None or modified >= started_at - 0.05  # file times come from a coarser kernel clock
 
 
 def add_tensorboard_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,4 +312,4 @@ def add_tensorboard_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -
         elif isinstance(callback, ExplosionGuard):
             charts += tensorboard.GUARD_CHARTS
     for writer in writers:
-        tensorboard.add_layout(writer, charts)
+        tensorboard.add_layout(writer, charts, optimizers=max(1, len(trainer.optimizers)))

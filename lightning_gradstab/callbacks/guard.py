@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradstab.callbacks._guard_summary import guard_advice, print_guard_summary
+from lightning_gradstab.callbacks._guard_summary import effective_lr_metric, guard_advice, print_guard_summary
 from lightning_gradstab.callbacks._optimizers import is_scale_invariant, scheduled_lr, sgd_step_size
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
@@ -30,6 +30,7 @@ from lightning_gradstab.callbacks._shared import (
     gradient_stats,
     log_metrics,
     logging_step,
+    mark_fit_start,
     optimizer_index,
     print_fit_summary,
     validate_flag,
@@ -319,6 +320,7 @@ class ExplosionGuard(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_unsupported_strategy(trainer.strategy, "ExplosionGuard")  # DeepSpeed: no readable gradients
+        mark_fit_start(trainer)  # the end-of-fit summary lists only the report files written from here on
         directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         self._log_dir = Path(directory)
         self._unwritable_log_dir = False
@@ -558,7 +560,8 @@ class ExplosionGuard(Callback):
         self._written_events[index] = policy.events_recorded
         if not new_events and step % max(interval, 1) != 0:
             return
-        prefix = "gradstab/" if index == 0 else f"gradstab/opt{index}/"
+        # the monitor's naming: one optimizer unscoped, several each under opt{i}/ (opt0 included)
+        prefix = "gradstab/" if len(trainer.optimizers) <= 1 else f"gradstab/opt{index}/"
         counts = policy.counts
         metrics = {
             "level": float(decision.level),
@@ -571,7 +574,9 @@ class ExplosionGuard(Callback):
         }
         if math.isfinite(decision.clip_threshold):
             metrics["clip_threshold"] = decision.clip_threshold
-        log_metrics(trainer, {prefix + name: value for name, value in metrics.items()}, step)
+        scalars = {prefix + name: value for name, value in metrics.items()}
+        scalars.update(effective_lr_metric(trainer, index, metrics["lr_scale"]))  # beside LearningRateMonitor's
+        log_metrics(trainer, scalars, step)
         if new_events and trainer.global_rank == 0 and self._log_dir is not None:
             lines = "".join(json.dumps({"optimizer": index, "logging_step": step, **e}) + "\n" for e in new_events)
             self._write_file(self._log_dir / EVENTS_FILENAME, lines, mode="a")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,8 +52,8 @@ Four statistics per group make ~65 charts at this size; beyond it the Scalars ta
 charts, and the heat map (one image) and the log10 layer range (four lines) show the same picture."""
 
 _SPREAD = ("layer_min", "layer_median", "layer_max")
-HEATMAP_MAX_COLUMNS = 1000
-"""The heat map keeps at most this many logging steps: when full, every other column is dropped."""
+HEATMAP_MAX_COLUMNS = 512
+"""The heat map keeps at most this many optimizer steps (on the device): when full, every other one is dropped."""
 
 
 def _log10_spread(values: Tensor) -> Tensor:
@@ -65,25 +65,6 @@ def _log10_spread(values: Tensor) -> Tensor:
     low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
     high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
     return torch.stack([low, torch.where(finite, logs, torch.full_like(logs, math.nan)).nanmedian(), high])
-
-
-@dataclass
-class _HeatMap:
-    """Per-group norms of the logged steps on the host, for the layer x step image."""
-
-    names: tuple[str, ...]
-    tags: list[str]
-    steps: list[int] = field(default_factory=list)
-    norms: list[list[float]] = field(default_factory=list)
-    drawn_at: int = -1
-
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        if self.tags[0] not in metrics:
-            return
-        self.steps.append(step)
-        self.norms.append([metrics[tag] for tag in self.tags])
-        if len(self.steps) > HEATMAP_MAX_COLUMNS:
-            self.steps, self.norms = self.steps[::2], self.norms[::2]
 
 
 @dataclass
@@ -144,9 +125,11 @@ class GradNormMonitor(Callback):
             them: each one copies every gradient to the host and bins it with NumPy.
         figure_every_n_steps: interval of the gradient-flow figure (TensorBoard only). ``None`` (default)
             disables it: a matplotlib figure costs tens of milliseconds.
-        heatmap_every_n_steps: interval at which the layer x step heat map is redrawn (TensorBoard only; also
-            at the end of training). It uses the per-group norms of the logging steps, already on the host: no
-            extra device work or sync, one matplotlib figure (tens of ms) per interval. ``None`` disables it.
+        heatmap_every_n_steps: interval at which the layer x step heat map is redrawn (also at the end of
+            training, so the last step is in it). Its columns are every optimizer step (at most
+            :data:`HEATMAP_MAX_COLUMNS`, kept on the device: one host transfer per drawing), whatever
+            ``log_every_n_steps``. Without a TensorBoard logger it is written as a PNG into the log directory
+            (said once). ``None`` disables it.
         per_layer_scalars: log one scalar per group and statistic. ``None`` (default): only for models with
             at most :data:`PER_LAYER_SCALARS_MAX_GROUPS` groups per optimizer, so the Scalars tab of a deep model
             stays navigable (the heat map and the log10 layer range carry the per-layer picture).
@@ -190,7 +173,8 @@ class GradNormMonitor(Callback):
         self.self_check_results: dict[int, tuple[float, float]] = {}  # optimizer index -> (suite, gathered)
         self._per_layer = True
         self._layer_tags: set[str] = set()
-        self._heat: dict[str, _HeatMap] = {}
+        self._heat: dict[str, tensorboard.HeatmapBuffer] = {}
+        self._heat_drawn_at: dict[str, int | None] = {}
         self._interval = 50
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
@@ -233,7 +217,7 @@ class GradNormMonitor(Callback):
         self.tensorboard_charts(trainer, pl_module)  # decides per-layer scalars from the model's group count
         add_tensorboard_layout(trainer, pl_module)
         self._trainer = trainer
-        self._heat = {}
+        self._heat, self._heat_drawn_at = {}, {}
         if self.update_to_weight:
             for optimizer in trainer.optimizers:
                 self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -256,6 +240,8 @@ class GradNormMonitor(Callback):
             if self.update_to_weight:
                 raw = getattr(optimizer, "_optimizer", optimizer)
                 self._weights_before[id(raw)] = (step, scope, stats, torch._foreach_mul(stats.layout.weights(), 1.0))
+        if self.heatmap_every_n_steps and trainer.global_rank == 0:
+            self._add_heatmap_column(trainer, stats, scope, step)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._add_histograms(trainer, stats, scope, step)
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
@@ -271,9 +257,7 @@ class GradNormMonitor(Callback):
         """
         names, norms = stats.group_norms(self.group_by, self.norm_type)
         tags = [f"gradstab/grad_norm/{scope}{name}" for name in names]
-        if scope not in self._heat:
-            self._heat[scope] = _HeatMap(tuple(names), tags)
-            self._layer_tags.update(tags)
+        self._layer_tags.update(tags)
         log_tags = [f"gradstab/log10_grad_norm/{scope}{kind}" for kind in ("total", *_SPREAD)]
         total = stats.total(self.norm_type).reshape(1)
         scalars = [(tags, norms), (log_tags, torch.cat([total.log10(), _log10_spread(norms)]))]
@@ -337,34 +321,40 @@ class GradNormMonitor(Callback):
     def _emit(self, trainer: pl.Trainer, wait: bool) -> None:
         while self._in_flight and (wait or self._in_flight[0].ready()):
             for step, metrics in self._in_flight.pop(0).metrics():
-                for heat in self._heat.values():
-                    heat.add(step, metrics)
                 if not self._per_layer:
                     metrics = {tag: value for tag, value in metrics.items() if tag not in self._layer_tags}
                 log_metrics(trainer, metrics, step)
-        if self.heatmap_every_n_steps:
-            for scope, heat in self._heat.items():
-                if heat.steps and heat.steps[-1] - heat.drawn_at >= self.heatmap_every_n_steps:
-                    self._draw_heatmap(trainer, scope, heat)
 
-    def _draw_heatmap(self, trainer: pl.Trainer, scope: str, heat: _HeatMap) -> None:
-        heat.drawn_at = heat.steps[-1]
+    def _add_heatmap_column(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
+        """Every optimizer step's per-group norms into the device buffer; redraw every heatmap_every_n_steps."""
+        names, norms = stats.group_norms(self.group_by, self.norm_type)
+        if scope not in self._heat:
+            self._heat[scope] = tensorboard.HeatmapBuffer(names, HEATMAP_MAX_COLUMNS)
+            self._heat_drawn_at[scope] = None
+        self._heat[scope].add(step, norms)
+        if step - (self._heat_drawn_at[scope] or 0) >= self.heatmap_every_n_steps:
+            self._draw_heatmap(trainer, scope)
+
+    def _draw_heatmap(self, trainer: pl.Trainer, scope: str) -> None:
+        steps, norms = self._heat[scope].columns()  # the one host transfer of this drawing
+        self._heat_drawn_at[scope] = steps[-1]
+        title = f"Gradient flow over time {scope}(log10 gradient norm per layer, steps {steps[0]}-{steps[-1]})"
+        figure = tensorboard.gradient_heatmap_figure(steps, self._heat[scope].names, norms, title=title)
         writers = tensorboard_writers(trainer)
-        if not writers:
-            return
-        title = f"Gradient flow over time {scope}(log10 gradient norm per layer, steps 0-{heat.steps[-1]})"
-        figure = tensorboard.gradient_heatmap_figure(heat.steps, heat.names, heat.norms, title=title)
-        tag = tensorboard.HEATMAP_TAG + (f"/{scope.rstrip('/')}" if scope else "")
-        for writer in writers:
-            writer.add_figure(tag, figure, heat.steps[-1])
+        if writers:
+            tag = tensorboard.HEATMAP_TAG + (f"/{scope.rstrip('/')}" if scope else "")
+            for writer in writers:
+                writer.add_figure(tag, figure, steps[-1])
+        elif trainer.loggers:  # loggers that take no images (CSVLogger): a PNG beside their files
+            tensorboard.save_heatmap_png(trainer, figure, scope)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         self._start_host_copy()
         self._emit(trainer, wait=True)
         if self.heatmap_every_n_steps:
             for scope, heat in self._heat.items():
-                if heat.steps and heat.drawn_at != heat.steps[-1]:
-                    self._draw_heatmap(trainer, scope, heat)
+                if heat.steps and self._heat_drawn_at[scope] != heat.latest_step:
+                    self._draw_heatmap(trainer, scope)
 
     def _add_histograms(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
         writers = tensorboard_writers(trainer)
