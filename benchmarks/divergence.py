@@ -81,31 +81,63 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
     return out
 
 
-def run_one(task_name: str, method_name: str, seed: int, steps: int | None = None) -> dict[str, Any]:
-    """One fit of ``task_name`` under ``method_name`` for ``seed``; returns the per-run record."""
+def all_tasks() -> dict[str, Any]:
+    """The divergence tasks and the healthy corpus (:mod:`benchmarks.healthy_tasks`), by name."""
+    from benchmarks.divergence_tasks import TASKS
+    from benchmarks.healthy_tasks import HEALTHY_TASKS
+
+    return {**TASKS, **HEALTHY_TASKS}
+
+
+def perturb_weights(module: Any, relative: float, seed: int) -> None:
+    """Multiply every parameter by ``1 + relative * N(0, 1)`` (one fixed generator per seed): the same tiny
+    perturbation for every method, to show how far a run moves under a change at the level of rounding."""
+    import torch
+
+    g = torch.Generator().manual_seed(777_000 + seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1 + relative * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def run_one(
+    task_name: str, method_name: str, seed: int, steps: int | None = None, perturb: float = 0.0
+) -> dict[str, Any]:
+    """One fit of ``task_name`` under ``method_name`` for ``seed``; returns the per-run record.
+
+    ``perturb`` > 0 multiplies the initial weights by ``1 + perturb * N(0, 1)`` (:func:`perturb_weights`).
+    Under manual optimization (the GAN of the healthy corpus) ``Trainer(gradient_clip_val=v)`` is refused by
+    Lightning, so ``v`` is handed to the module's ``manual_clip_val``, which clips through
+    ``self.clip_gradients`` as Lightning documents for manual optimization.
+    """
     import lightning.pytorch as pl
     import torch
     from lightning.fabric.utilities.spike import TrainingSpikeException
 
-    from benchmarks.divergence_tasks import TASKS
     from benchmarks.peers import resolve_method
 
     _quiet()
-    task = TASKS[task_name]
+    task = all_tasks()[task_name]
     built = task.build(seed, steps)
+    if perturb:
+        perturb_weights(built.module, perturb, seed)
     if method_name == "clean":  # a reference, not a method: the same run without its injected batches
         if built.clean_batches is None:
             return {"task": task_name, "method": method_name, "seed": seed, "status": "n/a"}
         built.train_batches, built.injections = built.clean_batches, {}
     initial = built.module.evaluate(built.eval_batches)
     method = resolve_method(method_name)()
+    trainer_kwargs = {**built.trainer_kwargs, **method.trainer_kwargs}
+    if not built.module.automatic_optimization and "gradient_clip_val" in trainer_kwargs:
+        built.module.manual_clip_val = trainer_kwargs.pop("gradient_clip_val")
+    max_steps = getattr(built, "max_steps", built.steps)  # optimizer steps (a GAN steps two per batch)
     status, error = "finished", None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
-            max_steps=built.steps,
+            max_steps=max_steps,
             max_epochs=1,
             logger=False,
             enable_progress_bar=False,
@@ -114,7 +146,7 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
             num_sanity_val_steps=0,
             default_root_dir=root,
             callbacks=method.callbacks,
-            **{**built.trainer_kwargs, **method.trainer_kwargs},
+            **trainer_kwargs,
         )
         torch.manual_seed(seed)
         sink = io.StringIO()
@@ -125,7 +157,7 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
             status, error = "killed", str(exc)
         except Exception as exc:  # a method or the run itself crashed: record it, keep benchmarking
             status, error = "crashed", f"{type(exc).__name__}: {exc}"
-        if status == "finished" and trainer.global_step < built.steps:
+        if status == "finished" and trainer.global_step < max_steps:
             status = "stopped"
     wall = time.perf_counter() - start
     final = built.module.evaluate(built.eval_batches)
@@ -135,7 +167,8 @@ def run_one(task_name: str, method_name: str, seed: int, steps: int | None = Non
         "method": method_name,
         "seed": seed,
         "steps": built.steps,
-        "steps_done": int(trainer.global_step),
+        "steps_done": int(trainer.global_step) // max(1, max_steps // built.steps),
+        "perturb": perturb,
         "status": status,
         "error": error,
         "initial_loss": initial,
