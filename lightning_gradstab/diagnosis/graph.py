@@ -762,6 +762,7 @@ class GraphTracer:
         node = Node(len(self.nodes), kind, name, op, inputs)
         self.nodes.append(node)
         self.signal.append(any(self.signal[i] for i in inputs) if signal is None else signal)
+        node.signal = self.signal[-1]
         return node
 
     def _register_outputs(self, node: Node, output: Any) -> None:

@@ -264,8 +264,19 @@ def torchvision_resnet50() -> tuple[nn.Module, Tensor]:
     return TorchvisionResNet(bottleneck=True, blocks=(1, 1, 1, 1)), image_batch(64)
 
 
-def _hf(name: str, build, model_class: str, reduced: str) -> ZooEntry:
-    return ZooEntry(name, build, f"transformers {model_class}", reduced)
+def _hf(name: str, build, model_class: str, reduced: str, expected: dict[str, str] | None = None) -> ZooEntry:
+    return ZooEntry(name, build, f"transformers {model_class}", reduced, expected or {})
+
+
+SPIKE_NO_MORE = {
+    "embedding.scale": "right: N(0, 0.02) embeddings enter the pre-LN residual stream unscaled, the setting Takase "
+    "et al. 2023 (Spike No More) show to cause loss spikes; scaled embeddings or an embedding LayerNorm fix it"
+}
+MAE_XAVIER = {
+    "init.scale": "right: the MAE reference code (He et al. 2022, facebookresearch/mae models_mae.py) initialises "
+    "every Linear with xavier_uniform_; the library's N(0, 0.02) starts the decoder's pre-LN stream ~7x below it "
+    "(Takase et al. 2023: a small stream under pre-LN branches spikes)"
+}
 
 
 STOCK_WIDER: list[ZooEntry] = [
@@ -274,20 +285,22 @@ STOCK_WIDER: list[ZooEntry] = [
     _hf("hubert-ctc", hubert, "HubertForCTC", AUDIO),
     _hf("wavlm-ctc", wavlm, "WavLMForCTC", AUDIO),
     _hf("data2vec-audio-ctc", data2vec_audio, "Data2VecAudioForCTC", AUDIO),
-    _hf("whisper", whisper, "WhisperForConditionalGeneration", "2+2 layers, d_model 64, 16 mel bins x 32 frames"),
+    _hf("whisper", whisper, "WhisperForConditionalGeneration", "2+2 layers, d_model 64, 16 mel bins x 32 frames",
+        SPIKE_NO_MORE),
     _hf("audio-spectrogram-transformer", audio_spectrogram_transformer, "ASTForAudioClassification",
         "2 layers, width 64, 32 mel bins x 32 frames, batch 2"),
-    _hf("mixtral-moe", mixtral, "MixtralForCausalLM", TEXT + ", 4 experts, top-2"),
-    _hf("qwen2-moe", qwen2_moe, "Qwen2MoeForCausalLM", TEXT + ", 4 experts, top-2, shared expert"),
-    _hf("olmoe", olmoe, "OlmoeForCausalLM", TEXT + ", 4 experts, top-2"),
+    _hf("mixtral-moe", mixtral, "MixtralForCausalLM", TEXT + ", 4 experts, top-2", SPIKE_NO_MORE),
+    _hf("qwen2-moe", qwen2_moe, "Qwen2MoeForCausalLM", TEXT + ", 4 experts, top-2, shared expert", SPIKE_NO_MORE),
+    _hf("olmoe", olmoe, "OlmoeForCausalLM", TEXT + ", 4 experts, top-2", SPIKE_NO_MORE),
     _hf("gemma2-softcap", gemma2, "Gemma2ForCausalLM", TEXT + ", logit softcaps 30 (final) and 50 (attention)"),
-    _hf("qwen3", qwen3, "Qwen3ForCausalLM", TEXT + ", QK-norm"),
+    _hf("qwen3", qwen3, "Qwen3ForCausalLM", TEXT + ", QK-norm", SPIKE_NO_MORE),
     _hf("olmo2", olmo2, "Olmo2ForCausalLM", TEXT + ", QK-norm, post-norm branches"),
     _hf("mamba", mamba, "MambaForCausalLM", "2 layers, width 64, state 8, vocab 128, batch 4 x 16 tokens"),
     _hf("modernbert-mlm", modernbert, "ModernBertForMaskedLM", TEXT),
     _hf("bert-seqcls-labels", bert_sequence_classification_with_labels,
         "BertForSequenceClassification with labels (cross-entropy in forward)", TEXT),
-    _hf("clip", clip, "CLIPModel (text and vision towers)", "2+2 layers, width 64, 32x32 images, 16 tokens"),
+    _hf("clip", clip, "CLIPModel (text and vision towers)", "2+2 layers, width 64, 32x32 images, 16 tokens",
+        SPIKE_NO_MORE),
     _hf("siglip-vision", siglip_vision, "SiglipVisionModel (attention-pooling head)", "2 layers, width 64, " + IMAGE),
     _hf("deit-with-teacher", deit_with_teacher, "DeiTForImageClassificationWithTeacher (two heads averaged)",
         "2 layers, width 64, patch 8, " + IMAGE),
@@ -296,7 +309,7 @@ STOCK_WIDER: list[ZooEntry] = [
     _hf("dinov2-registers", dinov2_registers, "Dinov2WithRegistersForImageClassification (LayerScale module)",
         "2 layers, width 64, 2 registers, layerscale 1e-5, " + IMAGE),
     _hf("vit-mae-pretraining", vit_mae_pretraining, "ViTMAEForPreTraining (reconstruction loss in forward)",
-        "2 + 1 decoder layers, width 64/32, mask 0.5, " + IMAGE),
+        "2 + 1 decoder layers, width 64/32, mask 0.5, " + IMAGE, MAE_XAVIER),
     _hf("focalnet", focalnet, "FocalNetForImageClassification (LayerScale 1e-4)", "2 stages x 1 block, " + IMAGE),
     _hf("pvt-v2", pvt_v2, "PvtV2ForImageClassification", "2 stages x 1 block, 16/32 ch, " + IMAGE),
     ZooEntry("torchvision-resnet18", torchvision_resnet18, "torchvision-style ResNet-18 (BasicBlock, init loop)",
