@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -48,13 +49,22 @@ def _per_step(metrics: dict, key: str) -> list[float]:
 @pytest.mark.parametrize("layout", RAW_LAYOUTS)
 def test_every_reduction_equals_the_one_process_reference_on_every_rank(parallel_run, layout):
     reference, ranks = parallel_run
-    expected = reference["raw"]  # L2, L1, max and weight norms per module, totals, non-finite count
+    expected = reference["raw"]  # L2, L1, max, weight and update norms per module, totals, non-finite count
+    assert {"l2/ln", "l1/fc2", "max/fc1", "weight/ln", "update/fc2", "nonfinite"} <= set(expected)
     for rank, results in enumerate(ranks):
         measured = results[layout]
         for key, value in expected.items():
             assert measured[key] == pytest.approx(value, rel=RTOL, abs=1e-300), (layout, rank, key)
         # the independent computation (full gradients gathered) agrees too
         assert measured["gathered"] == pytest.approx(expected["total"], rel=RTOL), (layout, rank)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(420)
+def test_a_nan_in_one_shard_of_one_replica_is_counted_once_on_every_rank(parallel_run):
+    _, ranks = parallel_run
+    for results in ranks:
+        assert results["hsdp_nan_on_rank_1"] == {"ln": 0.0, "fc1": 1.0, "fc2": 0.0}
 
 
 @pytest.mark.ddp
@@ -196,3 +206,25 @@ def test_self_check_option_is_validated():
 
     with pytest.raises(TypeError, match=r"`self_check` must be a bool, got 'yes'"):
         GradNormMonitor(self_check="yes")
+
+
+def test_self_check_on_one_device_agrees_with_a_float64_norm_of_the_first_step(recwarn):
+    from lightning_gradstab import GradNormMonitor
+    from tests.helpers.models import TinyRegressor
+    from tests.helpers.trainers import quiet_trainer
+
+    monitor = GradNormMonitor(self_check=True, heatmap_every_n_steps=None)
+    model = TinyRegressor()
+    first_step_norms = []
+
+    class FirstStepReference(pl.Callback):  # float64 norm of the gradients the suite measured on step 0
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 0:
+                grads = [p.grad.double().flatten() for p in pl_module.parameters() if p.grad is not None]
+                first_step_norms.append(float(torch.cat(grads).norm()))
+
+    quiet_trainer(max_steps=3, callbacks=[FirstStepReference(), monitor]).fit(model)
+    suite, gathered = monitor.self_check_results[0]
+    assert gathered == pytest.approx(first_step_norms[0], rel=1e-12)
+    assert suite == pytest.approx(gathered, rel=1e-6)  # float32 statistics of a float32 model
+    assert not [w for w in recwarn if "self-check" in str(w.message)]

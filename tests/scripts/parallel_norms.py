@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.distributed import fsdp1_replica_counts, gathered_total_norm
-from lightning_gradstab.stats import ParameterLayout, compute_gradient_stats
+from lightning_gradstab.stats import ParameterLayout, compute_gradient_stats, layout_norms
 
 WORLD = 4
 FEATURES, HIDDEN, OUTPUTS, SEQUENCE, ROWS = 6, 12, 5, 8, 4
@@ -67,7 +67,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(model: nn.Module, **sharding) -> dict[str, float]:
-    """Every reduction the suite makes, by module: L2, L1 and max norms, weight norms, non-finite count."""
+    """Every reduction the suite makes, by module: L2, L1 and max norms of the gradients, weight norms, the
+    non-finite count, and the norms of one SGD step's update (the step is taken: measure last)."""
     stats = compute_gradient_stats(ParameterLayout.from_module(model), **sharding)
     result = {"total": float(stats.total_norm), "nonfinite": float(stats.nonfinite_count)}
     for kind, (names, values) in {
@@ -78,6 +79,13 @@ def measure(model: nn.Module, **sharding) -> dict[str, float]:
     }.items():
         result.update({f"{kind}/{name}": value for name, value in zip(names, values.tolist(), strict=True)})
     result["total_l1"], result["total_max"] = float(stats.total(1.0)), float(stats.total(math.inf))
+    # update norms: one SGD step, the change of each parameter measured as GradNormMonitor measures it
+    layout = stats.layout
+    before = torch._foreach_mul(layout.weights(), 1.0)
+    torch.optim.SGD(layout.parameters, lr=0.1).step()
+    delta_sq = layout_norms(layout, torch._foreach_sub(layout.weights(), before), "update").square()
+    names, updates = stats.group_sums(stats.sum_like_weights(delta_sq), "module")
+    result.update({f"update/{name}": value for name, value in zip(names, updates.sqrt().tolist(), strict=True)})
     return result
 
 
@@ -111,6 +119,10 @@ def raw_layouts(rank: int) -> dict[str, dict[str, float]]:
         fully_shard(module, mesh=square)  # HSDP: replicate over dim 0, shard over dim 1
     backward(model)
     results["hsdp"] = {**measure(model, sharded=True), "gathered": gathered_total_norm(model.parameters())}
+    if rank == 1:  # a NaN in one shard of one replica: every rank counts one non-finite parameter
+        model.fc1.weight.grad.to_local()[0, 0] = math.nan
+    nonfinite = compute_gradient_stats(ParameterLayout.from_module(model), sharded=True).group_nonfinite_counts()
+    results["hsdp_nan_on_rank_1"] = dict(zip(*[nonfinite[0], nonfinite[1].tolist()], strict=True))
 
     model = Net()
     parallelize_module(model, flat, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})  # LayerNorm plain
@@ -306,7 +318,7 @@ def reference(out_dir: Path) -> float:
     x, target = batch(0)
     (model(x) - target).square().mean().backward()
     raw = measure(model)
-    initial_norms = []
+    initial_norms, model = [], Net()
     for step in range(FIT_STEPS):
         model.zero_grad()
         x, target = batch(step)
