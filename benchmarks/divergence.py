@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_METHODS = ("none", "clip1", "zclip", "olmo_skip", "spike", "clean", "guard")
+DEFAULT_METHODS = ("none", "clip1", "zclip", "agc", "olmo_skip", "spike", "clean", "guard")
 
 
 def _quiet() -> None:

@@ -15,6 +15,9 @@ Peers and the exact settings used:
   ``ZClipLightningCallback`` with the settings of its README's Lightning example: ``mode="zscore", alpha=0.97,
   z_thresh=2.5, clip_option="adaptive_scaling", max_grad_norm=1.0, clip_factor=1.0`` (ZClip's own default
   ``warmup_steps=25``). Note ``max_grad_norm=1.0`` means ZClip also clips every step at 1.0, warm-up included.
+- ``agc``: :class:`AdaptiveGradientClipping`, NFNet's adaptive gradient clipping (Brock et al. 2021) re-implemented
+  as a callback, with the defaults of timm's ``timm.utils.agc.adaptive_clip_grad`` (``clip_factor=0.01,
+  eps=1e-3``) and, as the paper does, not on the final linear layer (of each optimizer's parameters).
 - ``olmo_skip``: :class:`OlmoSkipStep`, OLMo-core's skip-step rule re-implemented as a callback.
 - ``spike``: Lightning's ``lightning.pytorch.callbacks.SpikeDetection()`` with its defaults (``window=10,
   warmup=1, rtol=2.0, atol=None, finite_only=True``). It looks at the loss in ``on_train_batch_end`` (after the
@@ -44,6 +47,9 @@ ZCLIP_SETTINGS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "clip_factor": 1.0,
 }
+
+
+AGC_SETTINGS: dict[str, Any] = {"clip_factor": 0.01, "eps": 1e-3}
 
 
 @dataclass
@@ -125,6 +131,97 @@ class OlmoSkipStep(Callback):
         return {"counts": {"skip": self.skipped}}
 
 
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each *unit* of a weight: one norm per output row of a linear weight, per output channel of a
+    convolution kernel (every dimension but the first reduced, kept for broadcasting); a bias, gain or scalar
+    (``ndim <= 1``) is one unit, its whole-vector norm (as the NFNet authors' ``unitwise_norm`` does)."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_(params: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> int:
+    """Adaptive gradient clipping (Brock et al. 2021, eq. 3), in place on ``p.grad`` of every ``p`` in ``params``.
+
+    For each unit ``i`` with weights ``W_i`` and gradient ``G_i``: when ``||G_i|| / max(||W_i||, eps) >
+    clip_factor``, ``G_i`` is rescaled to norm ``clip_factor * max(||W_i||, eps)`` (direction kept); otherwise it
+    is left alone. ``eps`` keeps zero-initialised weights (biases) from having their gradients clipped to zero.
+    Returns the number of units clipped.
+    """
+    clipped = 0
+    for p in params:
+        if p.grad is None:
+            continue
+        limit = clip_factor * unitwise_norm(p.detach()).clamp_min(eps)
+        norm = unitwise_norm(p.grad)
+        over = norm > limit
+        factor = torch.where(over, limit / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+        p.grad.mul_(factor.to(p.grad.dtype))
+        clipped += int(over.sum())
+    return clipped
+
+
+class AdaptiveGradientClipping(Callback):
+    """NFNet's adaptive gradient clipping (AGC; Brock, De, Smith & Simonyan 2021, "High-Performance Large-Scale
+    Image Recognition Without Normalization", section 4) as a Lightning callback.
+
+    Every unit's gradient is clipped relative to its own weight norm (:func:`adaptive_clip_`). The paper's
+    ``clip_factor`` (lambda) depends on the batch size: 0.01 at batch 4096 and larger for smaller batches;
+    here it is 0.01 with ``eps=1e-3``, the defaults of timm's ``adaptive_clip_grad`` (the PyTorch implementation
+    most users reach for, ``huggingface/pytorch-image-models``, ``timm/utils/agc.py``). As in the paper (and
+    timm's ``train.py``, which excludes the model's head when ``--clip-mode agc``), the final linear layer is not
+    clipped: for each optimizer, the last registered ``nn.Linear`` of the LightningModule whose weight that
+    optimizer steps (a GAN's generator and discriminator each keep their output layer unclipped).
+
+    It acts in ``on_before_optimizer_step`` (gradients unscaled, before Lightning's own clipping), so it also
+    works under manual optimization with several optimizers.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaptiveGradientClipping()])
+    """
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+        if not clip_factor > 0 or not eps > 0:
+            raise ValueError(f"clip_factor and eps must be > 0, got {clip_factor!r}, {eps!r}")
+        self.clip_factor = float(clip_factor)
+        self.eps = float(eps)
+        self.clipped_steps = 0
+        self.clipped_units = 0
+        self._excluded: dict[int, set[int]] = {}
+
+    @staticmethod
+    def final_layer(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module | None:
+        """The last registered ``nn.Linear`` whose weight ``optimizer`` steps (``None`` if there is none)."""
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        last = None
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) in stepped:
+                last = module
+        return last
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        key = id(optimizer)
+        if key not in self._excluded:
+            head = self.final_layer(pl_module, optimizer)
+            self._excluded[key] = {id(p) for p in head.parameters()} if head is not None else set()
+        params = [
+            p
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None and id(p) not in self._excluded[key]
+        ]
+        units = adaptive_clip_(params, self.clip_factor, self.eps)
+        self.clipped_units += units
+        self.clipped_steps += units > 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"counts": {"clip": self.clipped_steps}}
+
+
 def _none() -> Method:
     return Method()
 
@@ -137,6 +234,10 @@ def _zclip() -> Method:
     from zclip import ZClipLightningCallback
 
     return Method(callbacks=[ZClipLightningCallback(**ZCLIP_SETTINGS)])
+
+
+def _agc() -> Method:
+    return Method(callbacks=[AdaptiveGradientClipping(**AGC_SETTINGS)])
 
 
 def _olmo_skip() -> Method:
@@ -160,12 +261,13 @@ METHODS: dict[str, Callable[[], Method]] = {
     "none": _none,
     "clip1": _clip1,
     "zclip": _zclip,
+    "agc": _agc,
     "olmo_skip": _olmo_skip,
     "spike": _spike,
     "clean": _none,  # the harness swaps the injected batches back for it
     "guard": guard,
 }
-PEERS = ("none", "clip1", "zclip", "olmo_skip", "spike")
+PEERS = ("none", "clip1", "zclip", "agc", "olmo_skip", "spike")
 
 
 def resolve_method(name: str) -> Callable[[], Method]:
