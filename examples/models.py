@@ -14,15 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from examples.schema import CELLS, INITS, NORMS  # the names a config may choose (no torch there)
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "gelu": nn.GELU,
 }
-INITS = ("xavier", "he", "standard", "pytorch")
-NORMS = ("none", "batch", "layer")
-CELLS = ("rnn", "lstm", "gru")
 
 
 def _choice(value: str, accepted: tuple[str, ...] | list[str], argument: str) -> str:

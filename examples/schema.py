@@ -22,6 +22,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+INITS = ("xavier", "he", "standard", "pytorch")
+NORMS = ("none", "batch", "layer")
+CELLS = ("rnn", "lstm", "gru")
+ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu")
+MODEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "init": INITS, "norm": NORMS, "cell": CELLS, "activation": ACTIVATION_NAMES
+}
+"""The accepted values of the model options that take a name (``examples.models`` builds from these), checked on
+the command line before anything loads (``examples.config_check``)."""
+
 
 @dataclass
 class DigitsTaskSchema:

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from examples.config_check import INTERNAL_GROUPS, check_overrides  # noqa: E402
 from examples.schema import register_schemas  # noqa: E402
 
 register_schemas()
@@ -44,5 +45,24 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("final", {}).get("val/loss")
 
 
+def _help_without_internal_groups() -> None:
+    """Hydra's ``--help``, less the stored schemas (``schema/*``): plumbing of the configs, not a choice."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        main()
+    print("".join(line for line in text.getvalue().splitlines(keepends=True)
+                  if not line.startswith(tuple(f"{group}/" for group in INTERNAL_GROUPS))), end="")
+
+
 if __name__ == "__main__":
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _help_without_internal_groups()
+        sys.exit(0)
+    problem = check_overrides(sys.argv[1:], REPO_ROOT / "conf")
+    if problem is not None:  # one line, before Hydra composes and before torch loads
+        print(f"examples/train.py: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

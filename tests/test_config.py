@@ -190,18 +190,59 @@ def test_an_unknown_activation_fails_at_build_naming_the_argument_and_the_choice
     assert isinstance(error.value.__cause__, ValueError)
 
 
-def test_a_wrong_choice_fails_before_torch_is_imported_and_lists_only_the_groups_options(tmp_path):
-    # a `torch` that refuses to import: the error must come from the config, before any training code loads
+def _run_without_torch(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+    """``examples/train.py`` with a ``torch`` that refuses to import: an answer proves nothing heavy loaded."""
     fake = tmp_path / "fake_site" / "torch"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('torch imported before the config composed')\n")
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported before the config was checked')\n")
     env = child_env(prepend=[fake.parent], HYDRA_FULL_ERROR="0")  # the fake torch shadows the installed one
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "train.py"), "task=mnist", f"hydra.run.dir={tmp_path}/run"],
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), *arguments, f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
-    assert completed.returncode != 0
-    assert "torch imported" not in completed.stderr
-    assert "Could not find 'task/mnist'" in completed.stderr
-    options = completed.stderr.split("Available options in 'task':", 1)[1].split("Config search path", 1)[0].split()
-    assert options == ["digits", "lm", "rnn"]  # the schemas live under schema/task, not among the choices
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+gradstab.guard.max_rng=skip",
+         "gradstab.guard (ExplosionGuard) has no option 'max_rng'; did you mean 'max_rung'? (options: max_rung, "),
+        ("gradstab.init_audit.fixx=true", "gradstab.init_audit (InitAudit) has no option 'fixx'; did you mean 'fix'?"),
+        ("gradstab.gard.max_rung=skip", "the suite has no entry 'gard'; did you mean 'guard'?"),
+        ("model.init=hee", "'model.init' has no choice 'hee'; did you mean 'he'? (choices: xavier, he, standard, "),
+        ("task=mnist", "config group 'task' has no option 'mnist' (options: digits, lm, rnn)"),
+        ("model=mpl", "config group 'model' has no option 'mpl'; did you mean 'mlp'?"),
+    ],
+)
+def test_a_typo_fails_in_one_line_naming_the_key_or_group_with_a_suggestion_before_torch_loads(
+    tmp_path, override, message
+):
+    completed = _run_without_torch(tmp_path, override)
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.splitlines() == [completed.stderr.strip()], "one line"
+    assert completed.stderr.startswith(f"examples/train.py: {override}: {message}")
+
+
+def test_help_lists_the_groups_a_user_chooses_not_the_stored_schemas(tmp_path):
+    completed = _run_without_torch(tmp_path, "--help")
+    groups = completed.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: cnn, gpt, mlp, rnn" in groups and "gradstab: full, monitor, off" in groups
+    assert "schema/" not in completed.stdout
+
+
+@pytest.mark.parametrize("name", ["GradNormMonitor", "ExplosionGuard", "InitAudit", "ArchitectureAdvisor"])
+def test_the_options_read_from_the_source_are_the_constructors_arguments(name):
+    import inspect
+
+    import lightning_gradstab
+    from examples.config_check import callback_options
+
+    signature = inspect.signature(getattr(lightning_gradstab, name).__init__)
+    assert callback_options(f"lightning_gradstab.{name}") == tuple(signature.parameters)[1:]
+
+
+def test_the_model_choices_checked_up_front_are_the_ones_the_builders_accept():
+    from examples.models import ACTIVATIONS
+    from examples.schema import MODEL_CHOICES
+
+    assert set(MODEL_CHOICES["activation"]) == set(ACTIVATIONS)
