@@ -19,6 +19,18 @@ unprotected training is not ok on every seed, the guard finishes every seed ok w
 transformer task (and on an unstable task whose unprotected run happened not to fail) ``<= 1.05 x best peer +
 0.01``. The best peer is the peer method with the most ok seeds, then the lowest mean final loss.
 
+``--suite healthy`` runs the healthy-but-unusual corpus of :mod:`benchmarks.healthy_tasks` instead (default
+methods ``none,guard,clip1,zclip,agc,olmo_skip``, output ``benchmarks/results/healthy-cpu.{md,json}``): each
+run's ``initial_loss`` / ``final_loss`` then hold the task's held-out *metric* (error rate, reconstruction error,
+...; lower is better), the table gives its mean and min-max over seeds, the guard's lowest final LR multiplier
+and its stops, and ``--check`` applies issue 18's bar for healthy training: a ``guard*`` method never stops,
+ends every seed with LR multiplier >= 0.5 and a mean metric <= ``1.02 x none + 0.01``::
+
+    python benchmarks/divergence.py --suite healthy --seeds 5 --perturb 1e-6 --check
+
+``--perturb 1e-6`` reruns seed 0 (``--perturb-seeds N``: seeds 0..N-1) of every task and method with the initial
+weights multiplied by ``1 + 1e-6 N(0, 1)`` (a fixed generator per seed) and reports how far the result moves.
+
 ``clean`` is a reference, not a peer: on a task that injects bad batches it is the unprotected run on the same
 batches with the injected ones replaced by the originals, so it is what a perfect filter of bad batches would
 reach (tasks that inject nothing leave its cell empty).
@@ -70,12 +82,20 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
         if summary is None:
             continue
         data = summary()
-        if "optimizers" in data:  # ExplosionGuard
-            per_opt = data["optimizers"].get("0", {})
-            out["counts"] = {k: v for k, v in per_opt.get("counts", {}).items() if v}
+        if "optimizers" in data:  # ExplosionGuard: counts summed over optimizers, the lowest LR multiplier
+            per_opt = list(data["optimizers"].values()) or [{}]
+            counts: dict[str, int] = {}
+            for opt in per_opt:
+                for key, value in opt.get("counts", {}).items():
+                    counts[key] = counts.get(key, 0) + value
+            out["counts"] = {k: v for k, v in counts.items() if v}
             out["stop_reason"] = data.get("stop_reason")
-            out["lr_scale"] = per_opt.get("lr_scale")
-            out["final_rung"] = per_opt.get("final_rung")
+            scales = [opt["lr_scale"] for opt in per_opt if opt.get("lr_scale") is not None]
+            out["lr_scale"] = min(scales) if scales else None
+            out["final_rung"] = per_opt[0].get("final_rung")
+            if len(per_opt) > 1:
+                out["lr_scales"] = {name: opt.get("lr_scale") for name, opt in data["optimizers"].items()}
+                out["final_rungs"] = {name: opt.get("final_rung") for name, opt in data["optimizers"].items()}
         else:
             out["counts"] = {k: v for k, v in data.get("counts", {}).items() if v}
     return out
@@ -194,10 +214,23 @@ def _init_worker() -> None:
 
 
 def run_all(
-    tasks: list[str], methods: list[str], seeds: int, jobs: int = 1, steps: int | None = None, log=print
+    tasks: list[str],
+    methods: list[str],
+    seeds: int,
+    jobs: int = 1,
+    steps: int | None = None,
+    log=print,
+    perturb: float = 0.0,
+    perturb_seeds: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every (task, method, seed) run, in parallel over ``jobs`` spawned processes when ``jobs > 1``."""
-    work = [(t, m, s, steps) for t in tasks for s in range(seeds) for m in methods]
+    """Every (task, method, seed) run, in parallel over ``jobs`` spawned processes when ``jobs > 1``.
+
+    With ``perturb > 0`` every (task, method) also runs seeds ``0 .. perturb_seeds - 1`` once more with the
+    initial weights multiplied by ``1 + perturb * N(0, 1)``; those records carry ``"perturb": perturb``.
+    """
+    work = [(t, m, s, steps, 0.0) for t in tasks for s in range(seeds) for m in methods]
+    if perturb:
+        work += [(t, m, s, steps, perturb) for t in tasks for s in range(min(seeds, perturb_seeds)) for m in methods]
     results: list[dict[str, Any]] = []
     if jobs <= 1:
         _init_worker()
@@ -210,15 +243,16 @@ def run_all(
         for record in pool.imap_unordered(_run_star, work):
             results.append(record)
             log(_progress(record, len(results), len(work)))
-    order = {item[:3]: i for i, item in enumerate(work)}
-    return sorted(results, key=lambda r: order[(r["task"], r["method"], r["seed"])])
+    order = {(*item[:3], item[4]): i for i, item in enumerate(work)}
+    return sorted(results, key=lambda r: order[(r["task"], r["method"], r["seed"], r.get("perturb", 0.0))])
 
 
 def _progress(r: dict[str, Any], done: int, total: int) -> str:
+    seed = f"seed={r['seed']}" + (f" perturbed {r['perturb']:g}" if r.get("perturb") else "")
     if r["status"] == "n/a":
-        return f"[{done}/{total}] {r['task']} {r['method']} seed={r['seed']}: n/a"
+        return f"[{done}/{total}] {r['task']} {r['method']} {seed}: n/a"
     return (
-        f"[{done}/{total}] {r['task']} {r['method']} seed={r['seed']}: {r['status']} "
+        f"[{done}/{total}] {r['task']} {r['method']} {seed}: {r['status']} "
         f"loss {r['initial_loss']:.3g} -> {r['final_loss']:.3g} {'ok' if r['ok'] else 'NOT ok'} ({r['wall_s']}s)"
     )
 
@@ -242,7 +276,7 @@ def aggregate(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     """Per (task, method): seeds, ok count, early-ended count, mean final loss, summed actions."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
-        if r["status"] == "n/a":  # the clean reference of a task that injects nothing
+        if r["status"] == "n/a" or r.get("perturb"):  # clean reference of a task that injects nothing; perturbed
             continue
         cell = cells.setdefault(
             (r["task"], r["method"]), {"n": 0, "ok": 0, "early": 0, "crashed": 0, "losses": [], "actions": {}}
@@ -388,7 +422,7 @@ def machine() -> dict[str, Any]:
 
 def report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
     from benchmarks.divergence_tasks import TASKS
-    from benchmarks.peers import ZCLIP_SETTINGS
+    from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
 
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -402,8 +436,9 @@ def report(results, tasks, methods, command: str, jobs: int, wall: float, label:
         f"lightning {info['lightning']}",
         f"- code: git commit {info['commit']}" + (f"; {label}" if label else ""),
         f"- {seeds} seed(s) per task; cell = `ok seeds/seeds, mean final held-out loss`",
-        f"- zclip settings: `{ZCLIP_SETTINGS}`; spike = `SpikeDetection()` defaults; olmo_skip = window 128, 6 sigma; "
-        "clean = no protection, the injected batches replaced by the originals (a reference, not a peer)",
+        f"- zclip settings: `{ZCLIP_SETTINGS}`; agc = NFNet adaptive gradient clipping `{AGC_SETTINGS}` (timm's "
+        "defaults; final linear layer excluded); spike = `SpikeDetection()` defaults; olmo_skip = window 128, "
+        "6 sigma; clean = no protection, the injected batches replaced by the originals (a reference, not a peer)",
         "",
         *table(results, tasks, methods),
         "",
@@ -424,26 +459,219 @@ def report(results, tasks, methods, command: str, jobs: int, wall: float, label:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the healthy corpus (--suite healthy): task metrics, the guard's LR multiplier and stops
+# ----------------------------------------------------------------------------------------------------------
+
+HEALTHY_METHODS = ("none", "guard", "clip1", "zclip", "agc", "olmo_skip")
+HEALTHY_LR_FLOOR = 0.5
+"""On a healthy task a guard must end every seed with its LR multiplier at least this (issue 18)."""
+
+
+def healthy_cells(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (task, method), over the unperturbed seeds: task metrics, stops, crashes, the guard's LR multipliers."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        if r.get("perturb") or r["status"] == "n/a":
+            continue
+        cell = cells.setdefault(
+            (r["task"], r["method"]),
+            {"metrics": [], "initial": [], "stopped": 0, "crashed": 0, "lr_scales": [], "actions": {}},
+        )
+        cell["metrics"].append(r["final_loss"])
+        cell["initial"].append(r["initial_loss"])
+        cell["stopped"] += r["status"] in ("stopped", "killed")
+        cell["crashed"] += r["status"] == "crashed"
+        if r["actions"].get("lr_scale") is not None:
+            cell["lr_scales"].append(r["actions"]["lr_scale"])
+        for key, value in r["actions"].get("counts", {}).items():
+            cell["actions"][key] = cell["actions"].get(key, 0) + value
+    for cell in cells.values():
+        finite = [v for v in cell["metrics"] if math.isfinite(v)]
+        cell["mean"] = _mean(cell["metrics"])
+        cell["min"] = min(finite) if finite else float("inf")
+        cell["max"] = max(cell["metrics"])
+        cell["init_mean"] = _mean(cell["initial"])
+        cell["lr_min"] = min(cell["lr_scales"]) if cell["lr_scales"] else None
+    return cells
+
+
+def healthy_bar(cells: dict, task: str, method: str) -> tuple[bool | None, str]:
+    """Issue 18's bar on a healthy task: no seed stopped (or crashed), every final LR multiplier >= 0.5, and
+    the mean task metric <= 1.02 x unguarded's + 0.01."""
+    cell, none = cells.get((task, method)), cells.get((task, "none"))
+    if cell is None or none is None:
+        return None, "needs the 'none' run"
+    limit = 1.02 * none["mean"] + 0.01
+    reasons = []
+    if cell["stopped"]:
+        reasons.append(f"stopped {cell['stopped']}/{len(cell['metrics'])}")
+    if cell["crashed"]:
+        reasons.append(f"crashed {cell['crashed']}/{len(cell['metrics'])}")
+    if cell["lr_min"] is not None and cell["lr_min"] < HEALTHY_LR_FLOOR:
+        low = sum(v < HEALTHY_LR_FLOOR for v in cell["lr_scales"])
+        reasons.append(f"LR x{cell['lr_min']:.3g} ({low} seed(s) < {HEALTHY_LR_FLOOR})")
+    if not cell["mean"] <= limit:
+        reasons.append(f"metric {_fmt(cell['mean'])} > {_fmt(limit)}")
+    rule = f"never stops, LR x >= {HEALTHY_LR_FLOOR}, mean <= 1.02 x none + 0.01 = {_fmt(limit)}"
+    return not reasons, rule + (f"; missed: {', '.join(reasons)}" if reasons else "")
+
+
+def _perturbation_deltas(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """Per (task, method): |metric(perturbed) - metric(same seed, unperturbed)| for each perturbed seed."""
+    base = {(r["task"], r["method"], r["seed"]): r["final_loss"] for r in results if not r.get("perturb")}
+    deltas: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.get("perturb") and (r["task"], r["method"], r["seed"]) in base:
+            ref = base[(r["task"], r["method"], r["seed"])]
+            delta = abs(r["final_loss"] - ref) if math.isfinite(ref) and math.isfinite(r["final_loss"]) else math.inf
+            deltas.setdefault((r["task"], r["method"]), []).append(delta)
+    return deltas
+
+
+def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
+    from benchmarks.healthy_tasks import METRICS
+
+    cells = healthy_cells(results)
+    guards = [m for m in methods if m.startswith("guard")]
+    header = ["task", "metric", "init", *[f"`{m}`" for m in methods], *[f"`{g}` bar" for g in guards]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        none = cells.get((task, "none")) or next((c for (t, _), c in cells.items() if t == task), None)
+        row = [task, METRICS.get(task, "loss"), _fmt(none["init_mean"]) if none else ""]
+        for m in methods:
+            c = cells.get((task, m))
+            if c is None:
+                row.append("")
+                continue
+            text = f"{_fmt(c['mean'])} [{_fmt(c['min'])}-{_fmt(c['max'])}]"
+            notes = []
+            if c["stopped"]:
+                notes.append(f"**{c['stopped']} stopped**")
+            if c["crashed"]:
+                notes.append(f"{c['crashed']} crashed")
+            if c["lr_min"] is not None and c["lr_min"] != 1.0:
+                low = c["lr_min"] < HEALTHY_LR_FLOOR
+                notes.append(("**" if low else "") + f"LR x{c['lr_min']:.2g}" + ("**" if low else ""))
+            row.append(text + (f" ({', '.join(notes)})" if notes else ""))
+        for g in guards:
+            passed, _ = healthy_bar(cells, task, g)
+            row.append({True: "meets", False: "**misses**", None: "n/a"}[passed])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
+    from benchmarks.healthy_tasks import HEALTHY_TASKS, METRICS
+    from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
+
+    info = machine()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = max((r["seed"] for r in results), default=-1) + 1
+    perturbs = sorted({r["perturb"] for r in results if r.get("perturb")})
+    out = [
+        "# Healthy-but-unusual corpus (CPU)",
+        "",
+        f"- command: `{command}`",
+        f"- date: {date}; wall time {wall / 60:.1f} min with {jobs} process(es), 1 thread each",
+        f"- machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
+        f"lightning {info['lightning']}",
+        f"- code: git commit {info['commit']}" + (f"; {label}" if label else ""),
+        f"- {seeds} seed(s) per task; cell = `mean [min-max]` over seeds of the held-out **task metric** (lower is "
+        "better; not the training loss), then how many seeds a method stopped and the lowest final LR multiplier "
+        "of a guard; `init` = the metric before training (mean over seeds)",
+        f"- zclip settings: `{ZCLIP_SETTINGS}`; agc = NFNet adaptive gradient clipping `{AGC_SETTINGS}` (timm's "
+        "defaults; final linear layer excluded); olmo_skip = window 128, 6 sigma; clip1 = "
+        "`Trainer(gradient_clip_val=1.0)` (for the manual-optimization GAN: `self.clip_gradients(opt, 1.0)` on "
+        "each optimizer)",
+        f"- bar (issue 18) for a `guard*` method on every task: never stops, every seed ends with LR multiplier >= "
+        f"{HEALTHY_LR_FLOOR}, mean metric <= 1.02 x `none` + 0.01",
+        "",
+        *healthy_table(results, tasks, methods),
+        "",
+    ]
+    cells = healthy_cells(results)
+    guards = [m for m in methods if m.startswith("guard")]
+    out += ["Guard outcomes per task (LR multiplier per seed; stop reasons; actions summed over seeds):", ""]
+    for task in tasks:
+        for g in guards:
+            c = cells.get((task, g))
+            if c is None:
+                continue
+            passed, rule = healthy_bar(cells, task, g)
+            reasons = sorted(
+                {
+                    r["actions"].get("stop_reason") or ""
+                    for r in results
+                    if r["task"] == task and r["method"] == g and not r.get("perturb")
+                }
+                - {""}
+            )
+            actions = ", ".join(f"{k} {v}" for k, v in sorted(c["actions"].items())) or "none"
+            lrs = ", ".join(f"{v:.3g}" for v in c["lr_scales"])
+            verdict = {True: "meets", False: "**misses**", None: "n/a"}[passed]
+            out.append(f"- {task} / `{g}`: {verdict} ({rule}); LR x [{lrs}]; actions: {actions}")
+            out += [f"  - stop: {reason}" for reason in reasons]
+    acting = actions_table(results, tasks, methods)
+    if acting:
+        out += ["", "Actions summed over seeds (callbacks with a `summary()`):", "", *acting]
+    if perturbs:
+        deltas = _perturbation_deltas(results)
+        out += [
+            "",
+            f"Sensitivity: initial weights x (1 + {', '.join(f'{p:g}' for p in perturbs)} N(0,1)), same seed, same "
+            "batches; cell = |metric(perturbed) - metric(unperturbed)|, max over the perturbed seeds (compare with "
+            "the seed spread above):",
+            "",
+            "| task | " + " | ".join(f"`{m}`" for m in methods) + " |",
+            "|" + "---|" * (len(methods) + 1),
+        ]
+        for task in tasks:
+            row = [task] + [_fmt(max(deltas[(task, m)])) if deltas.get((task, m)) else "" for m in methods]
+            out.append("| " + " | ".join(row) + " |")
+    out += ["", "Tasks:", ""]
+    out += [
+        f"- `{t}` ({HEALTHY_TASKS[t].steps} steps; metric: {METRICS.get(t, 'loss')}): {HEALTHY_TASKS[t].summary}"
+        for t in tasks
+    ]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.divergence_tasks import TASKS
+    from benchmarks.healthy_tasks import HEALTHY_TASKS
     from benchmarks.peers import resolve_method
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
+    parser.add_argument(
+        "--suite",
+        choices=("divergence", "healthy"),
+        default="divergence",
+        help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
+        "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar",
+    )
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the suite)")
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: the suite's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count (quick looks)")
-    parser.add_argument("--out", default="benchmarks/results/divergence-cpu", help="writes OUT.json and OUT.md")
+    parser.add_argument("--perturb", type=float, default=0.0, help="also rerun seeds with weights x (1 + p N(0,1))")
+    parser.add_argument("--perturb-seeds", type=int, default=1, help="how many seeds (0, 1, ...) --perturb reruns")
+    parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md (default: per suite)")
     parser.add_argument("--label", default=None, help="a note for the report header (e.g. which guard)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
+    healthy = args.suite == "healthy"
+    registry = HEALTHY_TASKS if healthy else TASKS
+    known = {**TASKS, **HEALTHY_TASKS}
+    tasks = [t for t in (args.tasks or ",".join(registry)).split(",") if t]
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; known: {list(TASKS)}")
-    methods = [m for m in args.methods.split(",") if m]
+        parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
+    if not healthy and any(t in HEALTHY_TASKS for t in tasks):
+        parser.error("the healthy corpus's tasks need --suite healthy (their evaluate() is a task metric)")
+    methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
     for m in methods:
         try:
             resolve_method(m)
@@ -451,28 +679,45 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
+    if args.perturb < 0 or args.perturb_seeds < 1:
+        parser.error("--perturb must be >= 0 and --perturb-seeds >= 1")
+    out = Path(args.out or ("benchmarks/results/healthy-cpu" if healthy else "benchmarks/results/divergence-cpu"))
 
     code_hash = freeze_package()
     start = time.perf_counter()
-    results = run_all(tasks, methods, args.seeds, args.jobs, args.steps, log=lambda s: print(s, flush=True))
+    results = run_all(
+        tasks,
+        methods,
+        args.seeds,
+        args.jobs,
+        args.steps,
+        log=lambda s: print(s, flush=True),
+        perturb=args.perturb,
+        perturb_seeds=args.perturb_seeds,
+    )
     wall = time.perf_counter() - start
     command = shlex.join(["python", "benchmarks/divergence.py", *(sys.argv[1:] if argv is None else argv)])
     label = f"lightning_gradstab sources sha256 {code_hash}" + (f"; {args.label}" if args.label else "")
-    text = report(results, tasks, methods, command.strip(), args.jobs, wall, label)
-    out = Path(args.out)
+    write = healthy_report if healthy else report
+    text = write(results, tasks, methods, command.strip(), args.jobs, wall, label)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
-    payload = {"command": command.strip(), "machine": machine(), "label": label, "runs": results}
+    payload = {"command": command.strip(), "machine": machine(), "label": label, "suite": args.suite, "runs": results}
+    if healthy:
+        from benchmarks.healthy_tasks import METRICS
+
+        payload["metrics"] = {t: METRICS.get(t) for t in tasks}
+        payload["note"] = "initial_loss / final_loss hold the task metric (lower is better), not the loss"
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print(text)
 
-    cells = aggregate(results)
-    failed = [
-        (t, g)
-        for t in tasks
-        for g in methods
-        if g.startswith("guard") and bar(cells, t, TASKS[t].kind, g, methods)[0] is False
-    ]
+    guards = [g for g in methods if g.startswith("guard")]
+    if healthy:
+        cells = healthy_cells(results)
+        failed = [(t, g) for t in tasks for g in guards if healthy_bar(cells, t, g)[0] is False]
+    else:
+        cells = aggregate(results)
+        failed = [(t, g) for t in tasks for g in guards if bar(cells, t, TASKS[t].kind, g, methods)[0] is False]
     if args.check and failed:
         print(f"bar missed on: {failed}", file=sys.stderr)
         return 1
