@@ -1,8 +1,9 @@
 """Diagnose every model of the test zoo and write the results table (docs/results/zoo.md).
 
-For each stock architecture, good-practice init and known-bad control: parameters, the findings of
-``diagnose()`` (severity code (number of modules)), the time of ``diagnose()`` and of one plain forward +
-backward of the same model on the same batch, whose ratio is diagnose()'s cost (one thread). Run from the
+For each stock architecture, good-practice init and known-bad control (the first zoo and the wider one of
+diagnosis v3): parameters, the findings of ``diagnose()`` (severity code (number of modules)), whether a control
+got every code naming every module it must, the time of ``diagnose()`` and of one plain forward + backward of the
+same model on the same batch, whose ratio is diagnose()'s cost (one thread), and any exception. Run from the
 repository root:
 
     python scripts/zoo_table.py --output docs/results/zoo.md
@@ -26,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_gradstab import diagnose  # noqa: E402
 from tests.zoo import BROKEN, CONTROLS, GOOD, STOCK  # noqa: E402
+from tests.zoo.applied import APPLIED  # noqa: E402
+from tests.zoo.wider import GOOD_WIDER, STOCK_WIDER  # noqa: E402
 
 
 def _call(model: torch.nn.Module, batch: Any) -> Any:
@@ -61,6 +64,14 @@ def diagnose_seconds(model: torch.nn.Module, batch: Any, repeats: int = 3) -> tu
     return report, best
 
 
+def _control_found(entry: Any, report: Any) -> bool:
+    """Whether a control got every expected code, each finding naming every module it must."""
+    return all(
+        code in report.codes and set(modules) <= {m for f in report.by_code(code) for m in f.modules}
+        for code, modules in entry.expected.items()
+    )
+
+
 def _findings(report: Any) -> str:
     parts = [f"{f.severity} `{f.code}` ({len(f.modules)})" for f in report.findings]
     return ", ".join(parts) or "-"
@@ -86,37 +97,56 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     rows: list[str] = []
     summary = {"stock": [0, 0, 0], "good": [0, 0, 0]}
-    cited = 0
+    cited = uncited = exceptions = 0
+    controls, found = 0, 0
+    ratios: list[float] = []
     largest = (0, "", 0.0, 0.0)
-    for group, entries in (("stock", STOCK), ("broken default", BROKEN), ("good", GOOD), ("control", CONTROLS)):
+    groups = (("stock", STOCK + STOCK_WIDER), ("broken default", BROKEN), ("good", GOOD + GOOD_WIDER),
+              ("control", CONTROLS + APPLIED))
+    for group, entries in groups:
         for entry in entries:
-            model, batch = entry()
-            parameters = sum(p.numel() for p in model.parameters())
-            report, seconds = diagnose_seconds(model, batch)
-            step = forward_backward_seconds(model, batch)
+            note = getattr(entry, "fault", None) or entry.source
+            reduced = getattr(entry, "reduced", "")
+            try:
+                model, batch = entry()
+                parameters = sum(p.numel() for p in model.parameters())
+                report, seconds = diagnose_seconds(model, batch)
+                step = forward_backward_seconds(model, batch)
+            except Exception as error:  # counted and shown: the table must say so
+                exceptions += 1
+                failure = f"exception {type(error).__name__}: {error}"
+                rows.append(f"| {group} | {entry.name} | {note} | - | {failure} | - | - | - |")
+                print(rows[-1], flush=True)
+                continue
+            ratios.append(seconds / step)
+            expected = getattr(entry, "expected", {})
             if group in summary:
-                errors = sum(f.severity == "error" for f in report.findings)
-                warns = sum(f.severity == "warning" for f in report.findings)
                 summary[group][0] += 1
-                summary[group][1] += errors
-                summary[group][2] += warns
+                summary[group][1] += sum(f.severity == "error" for f in report.findings)
+                summary[group][2] += sum(f.severity == "warning" for f in report.findings)
+                if group == "stock":
+                    backed = [f.severity == "warning" and f.code in expected for f in report.findings]
+                    cited += sum(backed)
+                    uncited += sum(f.severity == "warning" for f in report.findings) - sum(backed)
+            verdict = ""
+            if group == "control":
+                controls += 1
+                hit = _control_found(entry, report)
+                found += hit
+                verdict = " - found, modules named" if hit else " - **missed**"
             if parameters > largest[0]:
                 largest = (parameters, entry.name, seconds, step)
-            note = getattr(entry, "fault", None) or entry.source
-            expected = getattr(entry, "expected", {})
-            found = report.codes
             why = "; ".join(
-                f"`{code}` {text}" for code, text in expected.items() if isinstance(text, str) and code in found
+                f"`{code}` {text}" for code, text in expected.items() if isinstance(text, str) and code in report.codes
             )
-            if group == "stock":
-                cited += sum(f.severity == "warning" and f.code in expected for f in report.findings)
-            reduced = getattr(entry, "reduced", "")
             rows.append(
                 f"| {group} | {entry.name} | {note}{' (' + reduced + ')' if reduced else ''} | {parameters:,} | "
-                f"{_findings(report)}{' - ' + why if why else ''} | {seconds:.3f} | {step:.3f} | "
+                f"{_findings(report)}{verdict}{' - ' + why if why else ''} | {seconds:.3f} | {step:.3f} | "
                 f"{seconds / step:.1f} |"
             )
             print(rows[-1], flush=True)
+    ordered = sorted(ratios)
+    median = ordered[len(ordered) // 2] if ordered else float("nan")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     import lightning
@@ -136,10 +166,12 @@ def main() -> None:
         "`ratio` = diagnose / fwd+bwd",
         "",
         f"Stock models: {summary['stock'][0]}, error-level findings {summary['stock'][1]}, warning-level findings "
-        f"{summary['stock'][2]} ({cited} of them cited to a paper in the table). Good-practice inits: "
-        f"{summary['good'][0]}, errors {summary['good'][1]}, warnings "
-        f"{summary['good'][2]}. Largest model: {largest[1]} ({largest[0]:,} parameters), diagnose "
-        f"{largest[2]:.3f} s = {largest[2] / largest[3]:.1f}x one forward + backward ({largest[3]:.3f} s).",
+        f"{summary['stock'][2]} ({cited} of them cited to a paper in the table, {uncited} not). Good-practice "
+        f"inits: {summary['good'][0]}, errors {summary['good'][1]}, warnings {summary['good'][2]}. Bad controls: "
+        f"{found} of {controls} found with their modules named. Exceptions: {exceptions}. diagnose() cost: median "
+        f"{median:.2f}x, maximum {max(ratios, default=float('nan')):.2f}x one forward + backward. Largest model: "
+        f"{largest[1]} ({largest[0]:,} parameters), diagnose {largest[2]:.3f} s = "
+        f"{largest[2] / largest[3]:.1f}x one forward + backward ({largest[3]:.3f} s).",
         "",
         "| group | model | built from (reduced size) | parameters | findings (modules named) | diagnose s | "
         "fwd+bwd s | ratio |",

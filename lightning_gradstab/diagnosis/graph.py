@@ -136,6 +136,15 @@ _RENAMES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "rmul": 
             "itruediv": "truediv", "rtruediv": "truediv", "rmatmul": "matmul", "concat": "cat"}
 
 
+def _leaves(value: Any) -> list[Any]:
+    """``tree_leaves`` with fast paths for a tensor and a flat tuple/list (most calls: the tracer's hot path)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and all(not isinstance(v, (tuple, list, dict)) for v in value):
+        return list(value)
+    return tree_leaves(value)
+
+
 def activation_family(name: str | None) -> str | None:
     """The init family of an activation name (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"selu"``, ``"softmax"``)."""
     return ACTIVATION_FAMILY.get(name) if name else None
@@ -521,7 +530,8 @@ class GraphTracer:
         else:
             self.testing = True
             try:
-                role = self._leaf_role(module, args)
+                with torch._C.DisableTorchFunction():  # probing its behaviour is no part of the model's graph
+                    role = self._leaf_role(module, args)
             finally:
                 self.testing = False
         self._roles[id(module)] = role
@@ -599,7 +609,7 @@ class GraphTracer:
             node.layer_kind = kind
             node.adds_depth = name not in self._called or kind != "recurrent"
             self._called.add(name)
-        first_input = next((t for t in tree_leaves(args) if isinstance(t, Tensor)), None)
+        first_input = next((t for t in _leaves(args) if isinstance(t, Tensor)), None)
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output)
 
@@ -643,8 +653,10 @@ class GraphTracer:
 
     def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
         """Record one functional call seen outside the recorded modules."""
-        leaves = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
-        if not any(isinstance(leaf, Tensor) for leaf in tree_leaves(output)):
+        leaves = [leaf for leaf in _leaves(args) if isinstance(leaf, Tensor)]
+        if kwargs:
+            leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
+        if not any(isinstance(leaf, Tensor) for leaf in _leaves(output)):
             return
         op = _op_name(func)
         owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
@@ -751,7 +763,7 @@ class GraphTracer:
 
     def _traced_inputs(self, values: Any) -> list[int]:
         inputs: list[int] = []
-        for leaf in tree_leaves(values):
+        for leaf in _leaves(values):
             if isinstance(leaf, Tensor) and id(leaf) in self.producers:
                 producer = self.producers[id(leaf)]
                 if producer not in inputs:
@@ -766,7 +778,7 @@ class GraphTracer:
         return node
 
     def _register_outputs(self, node: Node, output: Any) -> None:
-        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        tensors = [t for t in _leaves(output) if isinstance(t, Tensor)]
         for tensor in tensors:
             self.producers[id(tensor)] = node.index
             self._alive.append(tensor)
@@ -774,10 +786,11 @@ class GraphTracer:
             node.output = tensors[0]
             self.testing = True  # the probe's statistics are not part of the model's graph
             try:
-                if node.kind in ("layer", "join") and self.on_layer_output is not None:
-                    self.on_layer_output(node, tensors[0])
-                if node.kind == "activation" and self.on_activation is not None:
-                    self.on_activation(node, tensors[0])
+                with torch._C.DisableTorchFunction():  # nor dispatched through the recorder
+                    if node.kind in ("layer", "join") and self.on_layer_output is not None:
+                        self.on_layer_output(node, tensors[0])
+                    if node.kind == "activation" and self.on_activation is not None:
+                        self.on_activation(node, tensors[0])
             finally:
                 self.testing = False
 
@@ -836,9 +849,16 @@ class GraphTracer:
     def _untraced_parameters(self) -> list[str]:
         # by identity: a parameter tied into a recorded module (a shared embedding / lm_head) is seen
         seen = set(self.used_parameters)
-        for module in self.recorded_modules.values():
-            seen.update(id(p) for p in module.parameters())
-        return [name for name, parameter in self.model.named_parameters() if id(parameter) not in seen]
+        recorded = set(self.recorded_modules)
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        for name, parameter in named:
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            while owner:  # a parameter of a recorded module or of one of its submodules
+                if owner in recorded:
+                    seen.add(id(parameter))
+                    break
+                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        return list(dict.fromkeys(name for name, parameter in named if id(parameter) not in seen))
 
 
 def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
@@ -945,6 +965,9 @@ def build_graph(
     _demote_arithmetic_joins(nodes)
     consumers = _consumers(nodes)
     gated = {i for node in nodes for i in node.side_inputs}
+    # the path questions below walk to the output from every layer: asked only where their answer can be yes
+    attends = any(n.op in ("softmax", "log_softmax", "scaled_dot_product_attention") for n in nodes)
+    joins = any(n.kind == "join" for n in nodes)
     parent = _plain_chain_dp(nodes)[1]
     layers: dict[str, LayerInfo] = {}
     for node in nodes:
@@ -959,11 +982,11 @@ def build_graph(
             info.on_signal_path = node.signal
             _describe_consumers(info, node, nodes, consumers, output_nodes)
             info.is_output |= _reaches_output_directly(node.index, nodes, consumers, output_nodes)
-            info.gate = _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
-            info.attention_logits = not info.is_output and _only_reaches(
+            info.gate = bool(gated) and _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
+            info.attention_logits = attends and not info.is_output and _only_reaches(
                 node.index, nodes, consumers, gated, "logits", output_nodes
             )
-            info.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
+            info.in_branch = joins and _in_branch(node.index, nodes, consumers, parent, output_nodes)
             if info.kind == "embedding":
                 info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
     for node in nodes:
