@@ -22,7 +22,7 @@ from lightning_gradstab.diagnosis.arch_rules import (
     trace_findings,
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
-from lightning_gradstab.diagnosis.init_rules import InitScheme, fans, init_findings
+from lightning_gradstab.diagnosis.init_rules import InitScheme, init_findings, layer_fans
 from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, preserved_state, run_probe
 from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings
 from lightning_gradstab.report import Finding, Report
@@ -338,7 +338,7 @@ def layer_rows(
     rows = []
     for layer in result.graph.layers:
         weight = layer.weight
-        fan_in, fan_out = fans(weight) if weight is not None and weight.dim() >= 2 else (None, None)
+        fan_in, fan_out = layer_fans(layer) if weight is not None and weight.dim() >= 2 else (None, None)
         probe = first_call.get(layer.name)
         rows.append({
             "name": layer.name,

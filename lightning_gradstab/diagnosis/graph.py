@@ -700,8 +700,9 @@ class GraphTracer:
                 node.value_inputs = self._traced_inputs([value]) if isinstance(value, Tensor) else []
             elif op in ("matmul", "bmm", "einsum") and len(inputs) >= 2:
                 node.mixing_inputs = [i for i in inputs if self._from_softmax(i)]
+            applied = args[:3] if op == "scaled_dot_product_attention" else leaves  # its mask is an additive bias
             for leaf, name in weights:
-                if sum(size > 1 for size in leaf.shape) >= 2:
+                if sum(size > 1 for size in leaf.shape) >= 2 and any(leaf is a for a in applied):
                     self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
         first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
         if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):

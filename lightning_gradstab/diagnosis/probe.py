@@ -280,7 +280,11 @@ class _Measurements:
         probe = LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         detached = tensor.detach().float()
         self.layer_slots.append((probe, len(self.values)))
-        self.values.extend([detached.mean(), detached.std() if detached.numel() > 1 else detached.sum() * 0])
+        if detached.numel() > 1:
+            std, mean = torch.std_mean(detached)  # one pass for both
+            self.values.extend([mean, std])
+        else:
+            self.values.extend([detached.mean(), detached.sum() * 0])
         if tensor.requires_grad:
             slot = len(self.layer_slots) - 1
             grad_slots = self.grad_slots
@@ -453,8 +457,8 @@ def _unit_axis(node: Node, nodes: list[Node]) -> int:
 def _dead_fraction(output: Tensor, unit_axis: int) -> Tensor:
     if output.dim() < 2:
         return (~(output > 0).any()).float()
-    moved = output.movedim(unit_axis, -1).reshape(-1, output.shape[unit_axis])
-    return (~(moved > 0).any(dim=0)).float().mean()
+    alive = (output > 0).movedim(unit_axis, 0).reshape(output.shape[unit_axis], -1).any(dim=1)
+    return 1.0 - alive.float().mean()
 
 
 def _saturated_fraction(output: Tensor, family: str) -> Tensor:

@@ -10,6 +10,9 @@
 - :data:`GOOD`: deliberate inits that look odd and are not mistakes (zero-init residual, zero-init heads,
   LayerScale): no warning or error.
 - :data:`CONTROLS`: known-bad models, each with the codes and modules it must get and the fix that removes them.
+- :mod:`tests.zoo.wider` (diagnosis v3): ``STOCK_WIDER`` (speech, mixture-of-experts, multimodal, state-space,
+  softcapped, LayerScale-module, averaged-head and in-forward-loss models) and ``GOOD_WIDER`` (the literature's
+  deliberate inits); :mod:`tests.zoo.applied`: ``APPLIED``, bad controls where depth is applications of weights.
 
 Nothing is downloaded: every model is instantiated from a config class directly.
 """
