@@ -316,3 +316,20 @@ def test_init_audit_the_advisors_first_look_and_diagnose_give_one_verdict(entry)
     quiet_trainer(max_steps=1, callbacks=[audit, advisor]).fit(Wrapped(model), loader)
     assert _verdict(audit.report, "model.") == expected
     assert _verdict(advisor.first_look, "model.") == expected
+
+
+def test_einsum_attention_at_std_1_is_sent_to_init_scale_on_its_projections_not_to_clipping():
+    control = next(c for c in APPLIED if c.name == "einsum-attention-std1")
+    (exploding,) = diagnose(*control()).by_code("signal.exploding")
+    assert "init.scale" in exploding.recommendation and "clip" not in exploding.recommendation
+
+
+def test_the_advisors_gradient_trend_never_compares_a_query_projection_with_the_classifier():
+    from lightning_gradstab.diagnosis.training_rules import gradient_findings
+    from tests.zoo.wider import bert_sequence_classification_with_labels
+
+    model, batch = bert_sequence_classification_with_labels()
+    graph, _ = trace(model, lambda inputs: model(**inputs), inputs=batch)
+    norms = {layer.name: 1.0 for layer in graph.layers if layer.kind != "embedding"}
+    norms["bert.encoder.layer.0.attention.self.query"] = 3e-4  # a near-uniform softmax: small by construction
+    assert gradient_findings(graph, norms, optimizer_steps=10) == []  # before: query over classifier, vanishing
