@@ -1,9 +1,9 @@
-"""Issue 19: the suite's own files and state never corrupt, crash or leak a user's run.
+"""The suite's own files and state never corrupt, crash or leak a user's run.
 
-One test (or one parametrized family) per scenario of the issue's fault-injection table, each a real tiny
-Lightning training. Most runs are the 8-32-32-1 regression MLP of ``tests/scripts/guard_models.py`` trained
-with Adam whose gradients blow up x1e4 on steps 30-34, so that with budgets of one the ladder asks for a
-rollback at step 35 (the snapshot it returns to was taken at step 21). The 2-process DDP case runs as
+One test (or one parametrized family) per fault-injection scenario of docs/compatibility.md (rows 8-20),
+each a real tiny Lightning training. Most runs are the 8-32-32-1 regression MLP of
+``tests/scripts/guard_models.py`` trained with Adam whose gradients blow up x1e4 on steps 30-34, so that with
+budgets of one the ladder asks for a rollback at step 35. The 2-process DDP case runs as
 ``tests/scripts/reliability_ddp.py``.
 """
 
@@ -248,6 +248,36 @@ def test_a_nan_batch_through_batchnorm_leaves_no_trace_in_its_running_statistics
     x = TensorDataset(*regression_loader().dataset.tensors).tensors[0][:64]
     assert torch.isfinite(model.net(x)).all()  # eval() uses the running statistics
     assert before  # the skipped step's statistics were those before it (checked through the counter above)
+
+
+def test_keeping_the_buffers_adds_no_host_read_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read per fit learns which buffers a forward writes; each step then stays at the decision's one read."""
+    guard, steps = ExplosionGuard(console_summary=False), 20
+    reads: dict[str, list[str]] = {"on_train_batch_start": [], "on_before_optimizer_step": []}
+    inside: list[str] = []
+    for method in ("tolist", "item", "__bool__", "__float__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self: torch.Tensor, *args: Any, _original: Any = original, _name: str = method) -> Any:
+            if inside:
+                reads[inside[-1]].append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    for hook in reads:
+        original_hook = getattr(guard, hook)
+
+        def observed(*args: Any, _hook: Any = original_hook, _name: str = hook) -> None:
+            inside.append(_name)
+            try:
+                _hook(*args)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(guard, hook, observed)
+    _fit(tmp_path, guard, _BatchNormRegression(nan_step=10), steps=steps)
+    assert reads["on_before_optimizer_step"] == ["tolist"] * steps  # the skip's buffer restore included
+    assert reads["on_train_batch_start"] == ["tolist"]  # once per fit, at the second step
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
