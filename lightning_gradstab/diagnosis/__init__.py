@@ -1,8 +1,8 @@
 """Diagnosis of unstable gradients on a real model and batch (pure PyTorch, no Lightning import).
 
-``graph`` recovers the dataflow from one forward pass, ``probe`` measures activations and backpropagated
-deltas, ``init_rules``, ``signal_rules`` and ``arch_rules`` turn them into findings, and ``diagnose`` ties
-them together.
+``tracer`` records the dataflow of one forward pass (``ops`` is its vocabulary), ``graph`` analyses its paths,
+``probe`` measures activations and backpropagated deltas, ``init_rules``, ``signal_rules`` and ``arch_rules``
+turn them into findings, and ``diagnose`` ties them together.
 
 Example::
 
@@ -13,9 +13,10 @@ Example::
 """
 
 from lightning_gradstab.diagnosis.diagnose import build_report, diagnose, probe_failed_report
-from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, trace
+from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, recommended_scheme, reinitialize
 from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, could_not_probe, preserved_state, run_probe
+from lightning_gradstab.diagnosis.tracer import trace
 
 __all__ = [
     "InitScheme",

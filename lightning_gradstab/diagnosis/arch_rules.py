@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, activation_family
+from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
+from lightning_gradstab.diagnosis.ops import activation_family
 from lightning_gradstab.report import Finding
 
 PLAIN_DEPTH_RESIDUAL = 20

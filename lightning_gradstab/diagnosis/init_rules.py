@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph, activation_family
+from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
+from lightning_gradstab.diagnosis.ops import activation_family
 from lightning_gradstab.report import Finding
 
 SIGNAL_FACTOR_WARNING = 10.0

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from lightning_gradstab.diagnosis.graph import GraphTracer, ModelGraph, Node, activation_family
+from lightning_gradstab.diagnosis.graph import ModelGraph, Node
+from lightning_gradstab.diagnosis.ops import activation_family
+from lightning_gradstab.diagnosis.tracer import GraphTracer
 
 SATURATION_MARGIN = 0.01
 """A sigmoid output within 0.01 of 0 or 1 (|x| > 4.6), or a tanh output beyond 0.99 (|x| > 2.6), is saturated:

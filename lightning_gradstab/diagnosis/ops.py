@@ -1,0 +1,335 @@
+"""The op vocabulary of the diagnosis: which modules and functional calls are layers, normalizations,
+activations, joins, scalings and pass-throughs, and the behavioural tests that classify modules we do not know by
+class (a normalization: output invariant to the input's scale; an elementwise activation: its shape on a grid; a
+deliberate scaling: ``scale * x + bias``). Also the facts read off one op: the fan-in/fan-out of a weight as the op
+applies it, whether it pools every position away, the constant factor it multiplies by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+LAYER_TYPES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "linear"),
+    (nn.Bilinear, "linear"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Embedding, "embedding"),
+    (nn.EmbeddingBag, "embedding"),
+    (nn.RNNBase, "recurrent"),
+    (nn.RNNCellBase, "recurrent"),
+    (nn.MultiheadAttention, "attention"),
+)
+"""Module types recorded as one parameterised layer, with their kind."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+NORM_FUNCTIONS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "normalize"})
+
+ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Softplus: "softplus",
+    nn.Hardswish: "hardswish",
+    nn.Tanh: "tanh",
+    nn.Hardtanh: "hardtanh",
+    nn.Softsign: "softsign",
+    nn.Sigmoid: "sigmoid",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.LogSigmoid: "logsigmoid",
+    nn.SELU: "selu",
+    nn.Softmax: "softmax",
+    nn.LogSoftmax: "log_softmax",
+    nn.Softmin: "softmin",
+}
+
+ACTIVATION_FAMILY: dict[str, str] = {
+    **dict.fromkeys(
+        ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "softplus",
+         "hardswish"),
+        "relu",
+    ),
+    **dict.fromkeys(("tanh", "hardtanh", "softsign"), "tanh"),
+    **dict.fromkeys(("sigmoid", "hardsigmoid", "logsigmoid"), "sigmoid"),
+    "selu": "selu",
+    **dict.fromkeys(("softmax", "log_softmax", "softmin"), "softmax"),
+}
+"""Activation name -> family whose init rule applies (He for ``relu``, Xavier for ``tanh``/``sigmoid``...)."""
+
+_FUNCTIONAL_LAYERS = {
+    "linear": "linear",
+    "bilinear": "linear",
+    "matmul": "linear",
+    "mm": "linear",
+    "addmm": "linear",
+    "conv1d": "conv",
+    "conv2d": "conv",
+    "conv3d": "conv",
+    "conv_transpose1d": "conv",
+    "conv_transpose2d": "conv",
+    "conv_transpose3d": "conv",
+    "embedding": "embedding",
+    "einsum": "linear",
+    "bmm": "linear",
+    "baddbmm": "linear",
+    "addbmm": "linear",
+    "tensordot": "linear",
+    "mv": "linear",
+    "addmv": "linear",
+    "grouped_mm": "linear",  # mixture-of-experts: every expert's weight applied to its tokens in one call
+    "multi_head_attention_forward": "attention",  # attention over q/k/v/out weights passed in (WavLM)
+}
+"""Ops that apply a weight: with a parameter (or a slice of one) as an operand, each call is one layer."""
+_JOINS = frozenset({"add", "cat", "concat", "concatenate"})
+# a difference of two traced paths (``pred - target``, ``x - mean``) is arithmetic, never a skip connection
+_DIFFERENCES = frozenset({"sub"})
+_SCALINGS = frozenset({"mul", "div", "truediv"})
+# ops that move, select or rescale values without changing which layer they come from
+_PASS_THROUGH = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+    "getitem", "squeeze", "unsqueeze", "expand", "expand_as", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "pad", "chunk", "split", "unbind", "narrow", "select", "clone", "to", "float", "type_as", "repeat", "mean",
+    "get", "detach", "flip", "roll", "pixel_shuffle",
+})
+_RENAMES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "rmul": "mul", "imul": "mul",
+            "itruediv": "truediv", "rtruediv": "truediv", "rmatmul": "matmul", "concat": "cat"}
+
+
+def _leaves(value: Any) -> list[Any]:
+    """``tree_leaves`` with fast paths for a tensor and a flat tuple/list (most calls: the tracer's hot path)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and all(not isinstance(v, (tuple, list, dict)) for v in value):
+        return list(value)
+    return tree_leaves(value)
+
+
+def activation_family(name: str | None) -> str | None:
+    """The init family of an activation name (``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"selu"``, ``"softmax"``)."""
+    return ACTIVATION_FAMILY.get(name) if name else None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of parameterised layer ``module`` is (``"linear"``, ``"conv"``...), None if not a known layer."""
+    for layer_type, kind in LAYER_TYPES:
+        if isinstance(module, layer_type):
+            return kind
+    return None
+
+
+def _activation_module_name(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls in ACTIVATION_MODULES:
+            return ACTIVATION_MODULES[cls]
+    return None
+
+
+def _op_name(func: Callable) -> str:
+    name = getattr(func, "__name__", type(func).__name__).strip("_")
+    return _RENAMES.get(name, name)
+_GRID_HALF_WIDTH = 8.0
+"""Elementwise modules are classified on the grid [-8, 8]: far enough into the tails that sigmoid/tanh-like
+functions are within 1e-3 of their bounds and ReLU-like ones within 1e-3 of the identity or of zero."""
+
+
+def classify_elementwise(module: nn.Module, like: Tensor) -> tuple[str, float] | None:
+    """``(activation name, negative slope)`` of a parameter-free elementwise module, by what it computes.
+
+    The module is evaluated on a grid over [-8, 8]: a bounded monotone map onto (0, 1) is sigmoid-like
+    (``hardsigmoid`` if it reaches the bounds exactly), onto (-1, 1) tanh-like, one that is the identity for
+    large inputs and ~0 (or a small slope) for negative ones ReLU-like (``relu`` if exactly zero there, else
+    ``leaky_relu`` with its slope, ``elu`` if it tends to -1, ``gelu`` otherwise). None when the module is not
+    elementwise or none of these (its internals are then traced as usual).
+
+    Example::
+
+        classify_elementwise(transformers.activations.NewGELUActivation(), x)  # ("gelu", 0.0)
+    """
+    grid = torch.linspace(-_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, 1601, device=like.device)
+    grid = grid.to(like.dtype) if like.is_floating_point() else grid
+    try:
+        with torch.no_grad():
+            values = module(grid)
+            flipped = module(grid.flip(0))
+    except Exception:  # not callable on a 1-D tensor: not an elementwise activation
+        return None
+    if not isinstance(values, Tensor) or values.shape != grid.shape or not torch.isfinite(values).all():
+        return None
+    x, y = grid.double().cpu(), values.double().cpu()
+    if not torch.allclose(flipped.double().cpu().flip(0), y, atol=1e-4) or torch.allclose(y, x, atol=1e-4):
+        return None
+    negative, positive = x < -4, x > 4
+    low, high = float(y[0]), float(y[-1])
+    increasing = bool((y[1:] - y[:-1] >= -1e-6).all())
+    if increasing and y.min() >= -1e-6 and y.max() <= 1 + 1e-6 and low < 1e-3 and high > 1 - 1e-3:
+        return ("hardsigmoid" if low == 0.0 and high == 1.0 else "sigmoid"), 0.0
+    if increasing and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6 and low < -1 + 1e-3 and high > 1 - 1e-3:
+        return ("hardtanh" if low == -1.0 and high == 1.0 else "tanh"), 0.0
+    if not torch.allclose(y[positive], x[positive], rtol=1e-3, atol=1e-3):
+        return None
+    tail = y[negative]
+    if bool((tail == 0).all()):
+        return "relu", 0.0
+    slope = float((tail[-1] - tail[0]) / (x[negative][-1] - x[negative][0]))
+    if 0.0 < slope < 1.0 and torch.allclose(tail, slope * x[negative], rtol=1e-3, atol=1e-4):
+        return "leaky_relu", slope
+    if abs(low + 1.0) < 1e-2:
+        return "elu", 0.0
+    if abs(low) < 1e-2:
+        return "gelu", 0.0
+    return None
+
+
+def normalizes(module: nn.Module, args: tuple) -> bool:
+    """Whether ``module`` normalises its input (see :func:`norm_gain`).
+
+    Example::
+
+        normalizes(transformers.models.t5.modeling_t5.T5LayerNorm(64), (x,))  # True
+    """
+    return norm_gain(module, args) is not None
+
+
+def norm_gain(module: nn.Module, args: tuple) -> float | None:
+    """Whether ``module`` normalises its input: its output does not change when the input is scaled.
+
+    Tested on the real input scaled by 4 and by 16 (large enough that a typical epsilon no longer matters), so
+    any normalisation class is recognised by what it computes (RMSNorm variants, T5's layer norm, channels-first
+    layer norms), not by its name. Returns the module's gain, the RMS of its output (a normalised input has RMS
+    1), or None if it does not normalise.
+
+    Example::
+
+        norm_gain(transformers.models.gemma.modeling_gemma.GemmaRMSNorm(64), (x,))  # 1.0: (1 + weight), weight 0
+    """
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None or not first.is_floating_point() or first.numel() < 2:
+        return None
+    rest = args[1:]
+    try:
+        with torch.no_grad():
+            small, large = module(first * 4.0, *rest), module(first * 16.0, *rest)
+    except Exception:
+        return None
+    if not isinstance(small, Tensor) or not isinstance(large, Tensor) or small.shape != first.shape:
+        return None
+    scale = small.float().norm()
+    if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
+        return None
+    return float(large.float().square().mean().sqrt())
+
+
+def affine_gain(module: nn.Module, args: tuple) -> float | None:
+    """The gain of a module that computes ``scale * x + bias`` on its input, None if it computes anything else.
+
+    Such modules (LayerScale, ReZero/SkipInit gates, the per-channel affine blocks of ResMLP or of a frozen
+    BatchNorm) are deliberate scalings, not layers: they mix no features, so they add no depth, and their factor
+    is measured through. Recognised by behaviour on the real input: the output minus the output at zero is
+    linear in the input (doubling the input doubles it) and keeps its shape. The gain is the RMS of that linear
+    part over the RMS of the input (``gamma``'s RMS for LayerScale).
+
+    Example::
+
+        affine_gain(LayerScale(64, init_values=1e-5), (x,))  # 1e-5
+    """
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None or not first.is_floating_point() or first.numel() < 2:
+        return None
+    rest = args[1:]
+    try:
+        with torch.no_grad():
+            once, twice, zero = module(first, *rest), module(first * 2.0, *rest), module(first * 0.0, *rest)
+    except Exception:
+        return None
+    if not all(isinstance(t, Tensor) and t.shape == first.shape for t in (once, twice, zero)):
+        return None
+    linear, doubled = (once - zero).double(), (twice - zero).double()
+    size = doubled.norm()
+    if not bool(torch.isfinite(size)) or bool((doubled - 2.0 * linear).norm() > 1e-4 * size + 1e-30):
+        return None
+    reference = first.double().square().mean().sqrt()
+    return float(linear.square().mean().sqrt() / reference) if bool(reference > 0) else None
+
+
+def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
+    """``(fan_in, fan_out)`` of ``weight`` as ``op`` applies it; None where ``torch.nn.init``'s convention holds
+    (``F.linear``'s ``(out, in)``, convolutions).
+
+    ``x @ W`` contracts W's second-to-last axis (fan-in) into its last (fan-out), ``W @ x`` the reverse; in an
+    einsum the weight's axes missing from the output are contracted (fan-in) and those only it carries into the
+    output are its fan-out (axes shared with the other operand, such as heads, are batch axes).
+    """
+    if op == "einsum" and args and isinstance(args[0], str):
+        equation = args[0].replace(" ", "")
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if "->" not in equation or "." in equation:
+            return None
+        inputs, result = equation.split("->")
+        terms = inputs.split(",")
+        position = next((i for i, t in enumerate(operands) if t is weight), None)
+        if position is None or len(terms) != len(operands):
+            return None
+        own = terms[position]
+        others = "".join(t for i, t in enumerate(terms) if i != position)
+        size = dict(zip(own, weight.shape, strict=False))
+        fan_in = math.prod(size[c] for c in own if c not in result)
+        fan_out = math.prod(size[c] for c in own if c in result and c not in others)
+        return (fan_in, fan_out) if fan_in and fan_out else None
+    if op in ("matmul", "mm", "bmm", "baddbmm", "addbmm", "addmm", "grouped_mm") and weight.dim() >= 2:
+        operands = [a for a in args if isinstance(a, Tensor)][-2:]
+        if len(operands) == 2 and operands[1] is weight:
+            return int(weight.shape[-2]), int(weight.shape[-1])
+        if len(operands) == 2 and operands[0] is weight:
+            return int(weight.shape[-1]), int(weight.shape[-2])
+    if weight.dim() > 2 and op in ("linear",):
+        return int(weight.shape[-1]), int(weight.shape[-2])
+    return None
+
+
+def _pools_positions(source: Tensor, output: Tensor) -> bool:
+    """Whether an op pools or selects away every position of a (B, C, ...) or (B, T, D) signal, leaving one
+    vector of features per sample: a global pool, ``x.mean(1)``, the class token ``x[:, 0]``. Deltas on the two
+    sides of it are not comparable (the pool divides the per-position gradient by the number of positions)."""
+    if source.dim() < 3 or output.numel() >= source.numel() or output.dim() < 1:
+        return False
+    per_sample = output.numel() // max(int(source.shape[0]), 1)
+    return output.numel() % max(int(source.shape[0]), 1) == 0 and per_sample in (source.shape[1], source.shape[-1])
+
+
+def _constant_factor(op: str, args: tuple, traced: dict[int, int], is_weight: Callable[[Tensor], bool]) -> float:
+    numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    # an untraced tensor factor is a constant at init: a 0-d normalizer (Gemma's sqrt(d)) or a parameter vector
+    # (LayerScale's gamma, 1e-6 in ConvNeXt), counted by its root-mean-square
+    numbers += [
+        float(a.detach().float().square().mean().sqrt()) for a in args
+        if isinstance(a, Tensor) and id(a) not in traced and a.is_floating_point()
+        and (a.numel() == 1 or is_weight(a))
+    ]
+    if not numbers:
+        return 1.0
+    value = float(numbers[0])
+    if op == "mul":
+        return abs(value)
+    divides_tensor = args and isinstance(args[0], Tensor) and id(args[0]) in traced
+    return abs(1.0 / value) if value != 0 and divides_tensor else 1.0

@@ -1,0 +1,501 @@
+"""Recording the graph from one real forward pass.
+
+The module tree alone misses what ``forward`` does with functional calls (``F.relu``, ``x.sigmoid()``,
+``x + block(x)``, ``x @ W[i].T``), and ``torch.fx`` fails on data-dependent code. So we run the real forward once
+with forward hooks on the modules we understand (layers, normalizations, activation modules), which are recorded
+as single nodes, and a ``TorchFunctionMode`` that records every functional call between them. Tensors are
+matched to the node that produced them by identity; weights are followed through slices and re-layouts to the op
+that applies them, and every application is a layer.
+
+Modules we do not know by class are recognised by what they compute, at their first call: a leaf whose output
+does not change when its input is scaled is a normalization (RMSNorm classes, T5's layer norm), one that computes
+``scale * x + bias`` is a deliberate scaling (LayerScale, SkipInit gates, affine blocks), a parameter-free
+elementwise leaf is classified as a sigmoid-, tanh- or ReLU-like activation on a grid (so GELU-tanh's internal add
+and tanh are not read as structure), and any other parameterised leaf is traced inside. A product whose factor is
+broadcast or comes from a sigmoid-family activation is a gate (Squeeze-Excitation), off the main path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from lightning_gradstab.diagnosis.graph import ModelGraph, Node, build_graph
+from lightning_gradstab.diagnosis.ops import (
+    _DIFFERENCES,
+    _FUNCTIONAL_LAYERS,
+    _JOINS,
+    _PASS_THROUGH,
+    _SCALINGS,
+    ACTIVATION_FAMILY,
+    NORM_FUNCTIONS,
+    NORM_TYPES,
+    _activation_module_name,
+    _constant_factor,
+    _leaves,
+    _op_fans,
+    _op_name,
+    _pools_positions,
+    activation_family,
+    affine_gain,
+    classify_elementwise,
+    layer_kind,
+    norm_gain,
+)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracer: GraphTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
+            try:
+                self.tracer.record_function(func, args, kwargs, output)
+            except Exception as error:  # tracing must never break the user's forward
+                self.tracer.problem = f"recording {_op_name(func)} failed: {error!r}"
+        return output
+
+
+class GraphTracer:
+    """Records a :class:`ModelGraph` while the wrapped forward runs (hooks removed on exit).
+
+    ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe attach statistics and
+    gradient hooks to the very tensors the graph sees.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        on_layer_output: Callable[[Node, Tensor], None] | None = None,
+        on_activation: Callable[[Node, Tensor], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.on_layer_output = on_layer_output
+        self.on_activation = on_activation
+        self.nodes: list[Node] = []
+        self.producers: dict[int, int] = {}
+        self._alive: list[Tensor] = []  # keeps traced tensors alive so ids are never reused
+        self.depth = 0
+        self.testing = False  # True while a module is evaluated on probe inputs (nothing is recorded)
+        self.problem: str | None = None
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.parameter_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else n for n, p in model.named_parameters()}
+        self.used_parameters: set[int] = set()
+        self.recorded_modules: dict[str, nn.Module] = {}
+        self.signal: list[bool] = []  # per node: carries the input signal (not a mask built from integer ids)
+        self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
+        self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
+        self._called: set[str] = set()
+        self.norm_gains: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self.parameter_names = {id(p): n for n, p in model.named_parameters()}
+        self.derived: dict[int, str] = {}  # tensors that are (a slice or a layout of) a weight -> the weight's name
+        self.missed: dict[str, str] = {}  # weight -> the op that applied it to the signal unrecognised
+
+    def register_inputs(self, inputs: Any) -> None:
+        """Mark the tensors the forward starts from as graph inputs."""
+        for tensor in tree_leaves(inputs):
+            if isinstance(tensor, Tensor):
+                node = self._new_node("input", "input", "input", [], signal=tensor.is_floating_point())
+                self._register_outputs(node, tensor)
+
+    @contextmanager
+    def tracing(self) -> Iterator[GraphTracer]:
+        """Install hooks and the function mode for the duration of the block."""
+        try:
+            for module in self.model.modules():
+                if self._may_record(module):
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(module.register_forward_hook(self._post_hook))
+        except Exception as error:  # e.g. TorchScript modules refuse Python hooks
+            self.problem = f"module hooks unavailable ({type(self.model).__name__}): {error}"
+            self._remove_hooks()
+        try:
+            if self.problem is None:
+                with _Recorder(self):
+                    yield self
+            else:
+                yield self
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _may_record(self, module: nn.Module) -> bool:
+        if layer_kind(module) or isinstance(module, NORM_TYPES) or _activation_module_name(module):
+            return True
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)) or module is self.model:
+            return False  # the model itself is never one opaque layer: its forward is what we trace
+        return next(module.children(), None) is None  # leaves: decided by what they compute at the first call
+
+    def _role(self, module: nn.Module, args: tuple) -> tuple[str, float] | None:
+        """How a module is recorded: ``("layer"|"norm"|"activation"|..., slope)``, None to trace its internals."""
+        if id(module) in self._roles:
+            return self._roles[id(module)]
+        activation = _activation_module_name(module)
+        if layer_kind(module):
+            role: tuple[str, float] | None = ("layer", 0.0)
+        elif isinstance(module, NORM_TYPES):
+            role = ("norm", 0.0)
+        elif activation:
+            role = ("activation", float(getattr(module, "negative_slope", 0.0)))
+        else:
+            self.testing = True
+            try:
+                with torch._C.DisableTorchFunction():  # probing its behaviour is no part of the model's graph
+                    role = self._leaf_role(module, args)
+            finally:
+                self.testing = False
+        self._roles[id(module)] = role
+        return role
+
+    def _leaf_role(self, module: nn.Module, args: tuple) -> tuple[str, float] | None:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None:
+            return None
+        parameters = list(module.parameters(recurse=False))
+        gain = norm_gain(module, args) if parameters and all(p.dim() <= 1 for p in parameters) else None
+        if gain is not None:
+            return ("norm", gain)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
+        if parameters and all(p.dim() <= 1 for p in parameters):
+            scale = affine_gain(module, args)
+            if scale is not None:
+                return ("scale", scale)  # LayerScale, ReZero gates, per-channel affine blocks: measured through
+            return ("layer", 0.0)
+        if parameters:
+            return None  # an unfamiliar layer class: its weights are read where its forward applies them
+        torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
+        if not torch_builtin and next(module.buffers(recurse=False), None) is None and len(args) == 1:
+            behaviour = classify_elementwise(module, first)
+            if behaviour is not None:
+                return (f"activation:{behaviour[0]}", behaviour[1])
+        return None
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        if self.testing:
+            return
+        entered = False
+        if self.depth == 0 and self.problem is None:
+            try:
+                entered = self._role(module, tuple(args) if isinstance(args, tuple) else (args,)) is not None
+            except Exception as error:
+                self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
+        elif self.depth > 0:
+            entered = True
+        self._entered.append(entered)
+        self.depth += int(entered)
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.testing:
+            return
+        entered = self._entered.pop() if self._entered else False
+        if not entered:
+            return
+        self.depth -= 1
+        if self.depth != 0 or self.problem is not None:
+            return
+        try:
+            self._record_module(module, args, output)
+        except Exception as error:
+            self.problem = f"recording module {type(module).__name__} failed: {error!r}"
+
+    def _record_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.module_names.get(id(module), type(module).__name__)
+        self.recorded_modules[name] = module
+        role, slope = self._roles[id(module)] or ("layer", 0.0)
+        inputs = self._traced_inputs(args)
+        if role.startswith("activation"):
+            op = role.split(":", 1)[1] if ":" in role else _activation_module_name(module) or "relu"
+            node = self._new_node("activation", name, op, self._signal_only(inputs))
+            node.negative_slope = slope
+        elif role == "norm":
+            node = self._new_node("norm", name, type(module).__name__, self._signal_only(inputs))
+            if not isinstance(module, NORM_TYPES):
+                self.norm_gains.setdefault(name, slope)  # measured by behaviour at the first call
+        elif role == "scale":
+            node = self._new_node("pass", name, "scale", self._signal_only(inputs))
+            node.scale = slope  # the gain measured at the first call
+        else:
+            kind = layer_kind(module) or "other"
+            node = self._new_node("layer", name, type(module).__name__, inputs, signal=self._layer_signal(kind, inputs))
+            node.layer_kind = kind
+            node.adds_depth = name not in self._called or kind != "recurrent"
+            self._called.add(name)
+        first_input = next((t for t in _leaves(args) if isinstance(t, Tensor)), None)
+        node.input_shape = tuple(first_input.shape) if first_input is not None else ()
+        self._register_outputs(node, output)
+
+    def _layer_signal(self, kind: str, inputs: list[int]) -> bool:
+        """A layer carries the signal when one of its inputs does; an embedding starts it from integer ids. A
+        layer over constants only (a position-bias MLP over a coordinate table) computes a constant at init."""
+        return kind == "embedding" or any(self.signal[i] for i in inputs)
+
+    def _weight_name(self, tensor: Tensor) -> str | None:
+        """The name of the weight ``tensor`` is, or is a slice or re-layout of (``W[i].T``), else None."""
+        if id(tensor) in self.derived:
+            return self.derived[id(tensor)]
+        cursor: Tensor | None = tensor
+        while cursor is not None:
+            if id(cursor) in self.parameter_names:
+                return self._layer_name(self.parameter_names[id(cursor)])
+            cursor = cursor._base
+        return None
+
+    @staticmethod
+    def _layer_name(parameter: str) -> str:
+        """A module's ``weight`` is the module (``blocks.0.fc``); any other parameter is itself (``w.3``,
+        ``attn.W_q``), so two weights of one module applied in forward are two layers."""
+        owner, _, attribute = parameter.rpartition(".")
+        return owner if attribute == "weight" and owner else parameter
+
+    def _derive_weights(self, op: str, args: tuple, weights: list[str], output: Any) -> None:
+        """Remember the outputs of an op on weights alone as weights: ``W[i]``, ``W.T``, ``W.unbind(0)``."""
+        name = weights[0]
+        index = args[1] if len(args) > 1 and op in ("getitem", "select") else None
+        if op == "select" and len(args) > 2:
+            index = args[2]
+        if isinstance(index, tuple) and index and isinstance(index[0], int):
+            index = index[0]
+        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        for position, tensor in enumerate(tensors):
+            suffix = f"[{index}]" if isinstance(index, int) else (f"[{position}]" if op in ("unbind", "chunk", "split")
+                                                                   else "")
+            self.derived[id(tensor)] = name + suffix
+            self._alive.append(tensor)
+
+    def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
+        """Record one functional call seen outside the recorded modules."""
+        leaves = [leaf for leaf in _leaves(args) if isinstance(leaf, Tensor)]
+        if kwargs:
+            leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
+        if not any(isinstance(leaf, Tensor) for leaf in _leaves(output)):
+            return
+        op = _op_name(func)
+        owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
+        self.used_parameters.update(id(p) for p in owned)
+        weights = [(leaf, name) for leaf in leaves if (name := self._weight_name(leaf)) is not None]
+        traced = self._traced_inputs(leaves)
+        if weights and not traced:
+            # the weights taken apart or combined before use (W[i], W.T, torch.stack): still weights
+            self._derive_weights(op, args, [name for _, name in weights], output)
+            return
+        if weights and op in _FUNCTIONAL_LAYERS:
+            self._record_functional_layer(op, args, weights, traced, leaves, output)
+            return
+        inputs = self._signal_only(traced)
+        if not inputs:
+            return  # a constant computation (masks, positions): not part of the signal path
+        if op in ACTIVATION_FAMILY:
+            node = self._new_node("activation", f"F.{op}", op, inputs)
+            slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+            node.negative_slope = float(slope) if op == "leaky_relu" and isinstance(slope, (int, float)) else 0.0
+        elif op in NORM_FUNCTIONS:
+            node = self._new_node("norm", f"F.{op}", op, inputs)
+        elif op == "mul" and len(inputs) >= 2 and (gated := self._gate_split(leaves, inputs, output)):
+            main, gates = gated
+            node = self._new_node("pass", op, op, main)
+            node.side_inputs = gates
+        elif op in _JOINS and len(inputs) >= 2:
+            node = self._new_node("join", op, op, inputs)
+        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS | _DIFFERENCES and len(inputs) == 1):
+            node = self._new_node("pass", op, op, inputs)
+            if op in _SCALINGS:
+                node.scale = _constant_factor(op, args, self.producers, self._is_weight)
+        elif op == "addcmul" and len(inputs) == 1:  # beta + alpha * x (ResMLP's Affine written inline)
+            node = self._new_node("pass", op, op, inputs)
+            factors = [a for a in args[1:3] if isinstance(a, Tensor) and id(a) not in self.producers]
+            node.scale = float(factors[0].detach().double().square().mean().sqrt()) if factors else 1.0
+        else:
+            node = self._new_node("op", op, op, inputs)
+            if op == "scaled_dot_product_attention":
+                value = kwargs.get("value", args[2] if len(args) > 2 else None)
+                node.value_inputs = self._traced_inputs([value]) if isinstance(value, Tensor) else []
+            elif op in ("matmul", "bmm", "einsum") and len(inputs) >= 2:
+                node.mixing_inputs = [i for i in inputs if self._from_softmax(i)]
+            applied = args[:3] if op == "scaled_dot_product_attention" else leaves  # its mask is an additive bias
+            for leaf, name in weights:
+                if sum(size > 1 for size in leaf.shape) >= 2 and any(leaf is a for a in applied):
+                    self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
+        first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
+        if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
+            node.global_reduction = _pools_positions(first, output)
+        self._register_outputs(node, output)
+
+    def _is_weight(self, tensor: Tensor) -> bool:
+        return self._weight_name(tensor) is not None
+
+    def _record_functional_layer(
+        self, op: str, args: tuple, weights: list[tuple[Tensor, str]], traced: list[int], leaves: list[Tensor],
+        output: Any,
+    ) -> None:
+        """One application of a weight by a functional op: a layer node named after the weight, with the
+        fan-in/fan-out read from the op (``x @ W`` contracts ``W``'s first axis, ``F.linear`` its last)."""
+        weight, name = next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])  # addmm's bias comes first
+        kind = _FUNCTIONAL_LAYERS[op]
+        if kind == "attention":  # one attention layer over its projections: named after their common owner
+            owners = [n.split(".") for _, n in weights]
+            common = [parts[0] for parts in zip(*owners, strict=False) if len(set(parts)) == 1]
+            name = ".".join(common) or name
+        self.used_parameters.update(id(p) for p, _ in weights)
+        node = self._new_node("layer", name, op, traced, signal=self._layer_signal(kind, traced))
+        node.layer_kind = kind
+        signal_leaf = next((leaf for leaf in leaves if id(leaf) in self.producers), leaves[0])
+        node.input_shape = tuple(signal_leaf.shape)
+        node.adds_depth = name not in self._called or kind != "recurrent"
+        node.weight = weight
+        node.fans = _op_fans(op, args, weight)
+        self._called.add(name)
+        self._register_outputs(node, output)
+
+    def _gate_split(self, leaves: list[Tensor], inputs: list[int], output: Any) -> tuple[list[int], list[int]] | None:
+        """Split a product of traced tensors into the main path and gates: a gate is broadcast against the
+        output (Squeeze-Excitation's per-channel scale) or comes from a sigmoid-family activation."""
+        if not isinstance(output, Tensor):
+            return None
+        shape_of = {self.producers[id(t)]: tuple(t.shape) for t in leaves if id(t) in self.producers}
+        main, gates = [], []
+        for producer in inputs:
+            full = shape_of.get(producer) == tuple(output.shape)
+            (main if full and not self._is_gate(producer) else gates).append(producer)
+        return (main, gates) if main and gates else None
+
+    def _from_softmax(self, index: int) -> bool:
+        node = self.nodes[index]
+        while node.kind == "pass" and node.inputs:
+            node = self.nodes[node.inputs[0]]
+        return node.kind == "activation" and node.op in ("softmax", "log_softmax", "softmin")
+
+    def _is_gate(self, index: int) -> bool:
+        node = self.nodes[index]
+        while node.kind == "pass" and node.inputs:
+            node = self.nodes[node.inputs[0]]
+        return node.kind == "activation" and activation_family(node.op) == "sigmoid"
+
+    def _signal_only(self, inputs: list[int]) -> list[int]:
+        return [i for i in inputs if self.signal[i]]
+
+    def _traced_inputs(self, values: Any) -> list[int]:
+        inputs: list[int] = []
+        for leaf in _leaves(values):
+            if isinstance(leaf, Tensor) and id(leaf) in self.producers:
+                producer = self.producers[id(leaf)]
+                if producer not in inputs:
+                    inputs.append(producer)
+        return inputs
+
+    def _new_node(self, kind: str, name: str, op: str, inputs: list[int], signal: bool | None = None) -> Node:
+        node = Node(len(self.nodes), kind, name, op, inputs)
+        self.nodes.append(node)
+        self.signal.append(any(self.signal[i] for i in inputs) if signal is None else signal)
+        node.signal = self.signal[-1]
+        return node
+
+    def _register_outputs(self, node: Node, output: Any) -> None:
+        tensors = [t for t in _leaves(output) if isinstance(t, Tensor)]
+        for tensor in tensors:
+            self.producers[id(tensor)] = node.index
+            self._alive.append(tensor)
+        if tensors:
+            node.output = tensors[0]
+            self.testing = True  # the probe's statistics are not part of the model's graph
+            try:
+                with torch._C.DisableTorchFunction():  # nor dispatched through the recorder
+                    if node.kind in ("layer", "join") and self.on_layer_output is not None:
+                        self.on_layer_output(node, tensors[0])
+                    if node.kind == "activation" and self.on_activation is not None:
+                        self.on_activation(node, tensors[0])
+            finally:
+                self.testing = False
+
+    def build(self, output: Any) -> ModelGraph:
+        """Summarise the recorded nodes into a :class:`ModelGraph` (call after the forward)."""
+        output_nodes = set(self._traced_inputs(output))
+        graph = build_graph(self.nodes, output_nodes, self._resolve_weights())
+        graph.untraced = self._untraced_parameters()
+        graph.norm_gains = {**self._affine_gains(), **self.norm_gains}
+        if self.problem:
+            graph.problems.append(self.problem)
+        applied = {layer.name for layer in graph.layers}
+        missed = {name: op for name, op in self.missed.items() if name not in applied}
+        graph.missed = missed
+        if missed:
+            graph.problems.append(
+                "weights applied to the signal by ops not read as layers (their depth and scale are not judged): "
+                + ", ".join(f"{name} ({op})" for name, op in missed.items())
+            )
+        self.derived.clear()
+        self._alive.clear()
+        self.producers.clear()
+        return graph
+
+    def _affine_gains(self) -> dict[str, float]:
+        """The gain of every recorded torch normalization: the RMS of its affine weight (1 without one)."""
+        weighted = {
+            name: module.weight for name, module in self.recorded_modules.items()
+            if isinstance(module, NORM_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
+        }
+        gains = {name: 1.0 for name, m in self.recorded_modules.items() if isinstance(m, NORM_TYPES)}
+        if weighted:
+            rms = torch.stack([w.detach().float().square().mean().sqrt().cpu() for w in weighted.values()])
+            gains.update(zip(weighted, rms.tolist(), strict=True))  # one host sync
+        return gains
+
+    def _resolve_weights(self) -> dict[str, tuple[nn.Module | None, Tensor | None]]:
+        resolved: dict[str, tuple[nn.Module | None, Tensor | None]] = {}
+        modules = dict(self.model.named_modules())
+        parameters = dict(self.model.named_parameters())
+        for node in self.nodes:
+            if node.kind != "layer" or node.name in resolved:
+                continue
+            if node.weight is not None:  # a functional application: the very tensor it applied
+                resolved[node.name] = (modules.get(node.name), node.weight)
+                continue
+            module = modules.get(node.name)
+            weight = getattr(module, "weight", None) if module is not None else None
+            if weight is None and module is not None:
+                weight = next((p for n, p in module.named_parameters() if "weight_hh" in n or "in_proj" in n), None)
+            if weight is None:
+                weight = parameters.get(f"{node.name}.weight") or parameters.get(node.name)
+            resolved[node.name] = (module, weight if isinstance(weight, Tensor) else None)
+        return resolved
+
+    def _untraced_parameters(self) -> list[str]:
+        # by identity: a parameter tied into a recorded module (a shared embedding / lm_head) is seen
+        seen = set(self.used_parameters)
+        recorded = set(self.recorded_modules)
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        for name, parameter in named:
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            while owner:  # a parameter of a recorded module or of one of its submodules
+                if owner in recorded:
+                    seen.add(id(parameter))
+                    break
+                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        return list(dict.fromkeys(name for name, parameter in named if id(parameter) not in seen))
+
+
+def trace(model: nn.Module, forward: Callable[[Any], Any], inputs: Any = None) -> tuple[ModelGraph, Any]:
+    """Run ``forward(inputs)`` once under the tracer and return ``(graph, output)`` (no backward).
+
+    Example::
+
+        graph, output = trace(model, lambda batch: model(batch), inputs=x)
+    """
+    tracer = GraphTracer(model)
+    tracer.register_inputs(inputs)
+    with tracer.tracing():
+        output = forward(inputs)
+    return tracer.build(output), output
