@@ -625,7 +625,7 @@ class RollbackSnapshot:
 
     def _disk_room(self) -> int:
         """Bytes this rank's snapshot file may take: half of its share of the free space (the rest is left
-        to checkpoints and logs), plus what its current file already occupies (it is overwritten)."""
+        to checkpoints and logs); the previous file is deleted before this is asked, so its bytes count as free."""
         folder = self.path.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
