@@ -41,10 +41,12 @@ def test_lightning_fsdp_strategy_logs_the_global_norm(tmp_path, memory_logger):
         strategy="fsdp",
         max_steps=3,
         logger=memory_logger,
-        callbacks=[GradNormMonitor(log_every_n_steps=1)],
+        callbacks=[monitor := GradNormMonitor(log_every_n_steps=1, self_check=True)],
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(TinyRegressor())
     totals = memory_logger.metrics["gradstab/grad_norm/total"]
     assert len(totals) == 3 and all(0 < value < float("inf") for _, value in totals)
+    suite, gathered = monitor.self_check_results[0]  # FSDP1 unsharded with its gradients, summed independently
+    assert suite == pytest.approx(gathered, rel=1e-5)

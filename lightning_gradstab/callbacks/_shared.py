@@ -35,6 +35,7 @@ class _TrainerState:
     failed_loggers: set[int] = field(default_factory=set)
     self_check: bool = False  # compare the first step's total norm with a gathered one (see request_self_check)
     self_checked: set[int] = field(default_factory=set)
+    sharding: tuple[str, dict[int, int] | None] | None = None  # (strategy kind, FSDP1 replica counts by id)
 
 
 _STATE: weakref.WeakKeyDictionary[pl.Trainer, _TrainerState] = weakref.WeakKeyDictionary()
@@ -101,9 +102,12 @@ def gradient_stats(
     raw = getattr(optimizer, "_optimizer", optimizer)
     if id(raw) not in state.step_stats:
         layout = parameter_layout(trainer, pl_module, raw)
-        kind = strategy_kind(trainer.strategy)
+        if state.sharding is None:  # once per fit: the strategy and its FSDP1 flat-shard counts do not change
+            kind = strategy_kind(trainer.strategy)
+            plain = fsdp1_replica_counts(trainer.strategy.model, trainer.world_size) if kind == "fsdp" else None
+            state.sharding = (kind, plain)
+        kind, plain = state.sharding
         sharded = kind in ("fsdp", "model_parallel") or (layout.holds_dtensors and trainer.world_size > 1)
-        plain = fsdp1_replica_counts(trainer.strategy.model, trainer.world_size) if kind == "fsdp" else None
         stats = compute_gradient_stats(layout, sharded=sharded, plain_replicas=plain)
         if state.self_check and id(raw) not in state.self_checked:
             state.self_checked.add(id(raw))

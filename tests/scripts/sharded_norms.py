@@ -1,7 +1,7 @@
 """2 CPU processes (gloo): norms of FSDP2 (DTensor) gradient shards equal the unsharded ones.
 
-FSDP1 refuses CPU-only processes in torch 2.13 ("FSDP needs a non-CPU accelerator device"); its flat
-shards go through the same reduction and are covered by the GPU test.
+FSDP1 runs on CPU when given ``device_id=torch.device("cpu")``; it, HSDP and tensor parallelism are checked
+on 4 processes by ``tests/scripts/parallel_norms.py``. Lightning's ``FSDPStrategy`` needs CUDA (the GPU test).
 """
 
 import json
