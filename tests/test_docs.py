@@ -43,6 +43,7 @@ REFERENCE_TABLES = {
     "| level | rung | action on an anomalous step |",
     "| evidence | anomaly | rule | default | why |",
     "| code | finds |",
+    "| file | written by | where |",
     "| preset | published result | measured (docs/examples.md) |",
     "| set-up | status | cell (`tests/test_matrix.py`) | notes |",
     "| fault | outcome | record |",
