@@ -578,6 +578,78 @@ def _healthy_lstm(seed: int, steps: int) -> Built:
     return Built(module, train, evals)
 
 
+def _relu_init_std_sgd(seed: int, steps: int) -> Built:
+    """4-layer 256-wide ReLU MLP initialised with ``normal_(std=0.2)`` (He's std for fan-in 256 is 0.088), plain
+    SGD at lr 0.1 without momentum.
+
+    Each layer multiplies the activation scale by about ``0.2 * sqrt(256 / 2) = 2.3`` (He et al. 2015), so the
+    logits start ~25x too large; the first steps are huge and the ReLU net's homogeneity lets them feed on
+    themselves until the weights overflow (non-finite on every seed, unprotected; clip 1.0 ends at 1.1-1.6).
+    """
+    train, evals = _digit_batches(seed, steps)
+    net = mlp(256, 4, nn.ReLU)
+    with torch.no_grad():
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, 0.2)
+    return Built(BenchModule(net, "ce", sgd(lr=0.1)), train, evals)
+
+
+def _cnn_sgd_lr_high(seed: int, steps: int) -> Built:
+    """The plain CNN (no normalization) on 8x8 digits, SGD+momentum 0.9 at lr 0.3 from the first step (6x the
+    healthy CNN task's 0.05).
+
+    Without normalization nothing bounds the activations; the first large steps kill most ReLUs or overflow,
+    and the unprotected net ends at its initial (chance) loss on every seed, above it on 4 of 5.
+    """
+    train, evals = _digit_batches(seed, steps, image=True)
+    return Built(BenchModule(cnn(), "ce", sgd(lr=0.3, momentum=0.9)), train, evals)
+
+
+def vgg_no_bn() -> nn.Sequential:
+    """A VGG-style CNN (Simonyan & Zisserman 2015) for 8x8 inputs without BatchNorm: three blocks of two 3x3
+    convolutions and a 2x2 max-pool (32, 64, 128 channels), two linear layers; torchvision's VGG init (Kaiming
+    normal, fan-out, for convolutions; N(0, 0.01) for linear layers; zero biases)."""
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU()]
+
+    net = nn.Sequential(
+        *block(1, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def _vgg_nobn_nesterov(seed: int, steps: int) -> Built:
+    """VGG-style CNN without BatchNorm, SGD lr 0.1 with Nesterov momentum 0.9 and weight decay 5e-4 (the usual
+    recipe for VGG *with* BatchNorm on CIFAR), on 8x8 digits.
+
+    Without normalization lr 0.1 is at the edge of stability: unprotected, some seeds never leave the initial
+    loss (dead ReLUs after the first large steps) and the others train far worse than a clipped run.
+    """
+    train, evals = _digit_batches(seed, steps, image=True)
+    optimizer = lambda params: torch.optim.SGD(  # noqa: E731
+        params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    return Built(BenchModule(vgg_no_bn(), "ce", optimizer), train, evals)
+
+
 def _task(name: str, kind: str, steps: int, builder: Callable[[int, int], Built]) -> Task:
     doc = (builder.__doc__ or "").strip().split("\n\n")[0]
     return Task(name, kind, " ".join(doc.split()), steps, builder)
@@ -594,6 +666,9 @@ TASKS: dict[str, Task] = {
         _task("adamw_spikes", "unstable", 300, _adamw_spikes),
         _task("early_spike", "unstable", 300, _early_spike),
         _task("fp16_scale_collapse", "unstable", 300, _fp16_scale_collapse),
+        _task("relu_init_std_sgd", "unstable", 300, _relu_init_std_sgd),
+        _task("cnn_sgd_lr_high", "unstable", 300, _cnn_sgd_lr_high),
+        _task("vgg_nobn_nesterov", "unstable", 300, _vgg_nobn_nesterov),
         _task("gpt_lr_high", "transformer", 250, _gpt_lr_high),
         _task("gpt_postln", "transformer", 250, _gpt_postln),
         _task("gpt_corrupt", "transformer", 250, _gpt_corrupt),
