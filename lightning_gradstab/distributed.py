@@ -18,8 +18,10 @@ torchtitan and VeOmni made for HSDP and tensor parallelism). A maximum needs no 
 
 Example::
 
-    counts = ReplicaCounts.for_strategy(world_size=4)
-    global_sq = sum_over_ranks(local_sq_norms, counts.of(local_tensors_with_placements))
+    locals_, placements, meshes = local_values([p.grad for p in parameters])
+    local_sq = torch.stack([g.square().sum() for g in locals_])
+    counts = ReplicaCounts(world_size()).of(parameters, placements, meshes, local_sq.device, local_sq.dtype)
+    global_sq = sum_over_ranks(local_sq, counts)  # exact under any mix of meshes and placements
 """
 
 from __future__ import annotations
@@ -165,12 +167,6 @@ def _replica_count(mesh: object, placements: tuple, world: int) -> int:
         if placement.is_replicate() or placement.is_partial():
             count *= mesh.size(dim)  # type: ignore[attr-defined]
     return count
-
-
-def dtensor_replica_count(tensor: Tensor, world: int) -> int:
-    """Ranks holding the same local values as this rank for a DTensor: the copies of its mesh in the world
-    times the sizes of its ``Replicate`` mesh dimensions (and ``Partial`` ones, once reduced)."""
-    return _replica_count(tensor.device_mesh, tensor.placements, world)  # type: ignore[attr-defined]
 
 
 def sum_over_ranks(local: Tensor, replica_counts: Tensor, group: object | None = None) -> Tensor:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gradstab.distributed import (
@@ -263,13 +262,6 @@ def _dense_norms(tensors: list[Tensor], ord: float) -> Tensor:
     if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
         return torch.stack(torch._foreach_norm(tensors, ord))  # complex in: real norms of matching precision
     return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
-
-
-def all_reduce_if_distributed(tensor: Tensor, op: dist.ReduceOp, group: object | None = None) -> Tensor:
-    """In-place ``all_reduce`` when a process group is initialised; the identity otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 @dataclass
