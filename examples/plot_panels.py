@@ -43,6 +43,7 @@ def plot_panels(run_dir: Path, output: Path) -> list[str]:
     tags = accumulator.Tags()["scalars"]
     charts = []
     for title, patterns in CHARTS.items():
+        patterns = [pattern.replace("{opt}", r"(opt\d+/)?") for pattern in patterns]  # any optimizer's scope
         matched = [tag for tag in tags if any(re.match(pattern, tag) for pattern in patterns)]
         if matched:
             stride = max(1, len(matched) // MAX_LINES_PER_CHART)

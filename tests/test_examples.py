@@ -110,26 +110,31 @@ def test_two_job_multirun_writes_both_summaries_and_the_aggregate_table(tmp_path
     assert {
         "total gradient norm and clip threshold",
         "log10 gradient norm: total and smallest / median / largest layer",
-        "guard level and LR scale",
+        "guard level (0 observe ... 6 stop)",
+        "guard LR scale (1 = the scheduled learning rate)",
     } <= set(titles)
     assert (tmp_path / "panels.png").stat().st_size > 10_000
+
+
+WIDTHLESS = [override for override in TINY if not override.startswith("model.width=")]
+"""TINY for tests that set the width themselves (0: a value the builder refuses, past the up-front checks)."""
 
 
 def test_a_failing_job_is_recorded_the_sweep_goes_on_and_then_exits_non_zero_naming_it(tmp_path):
     sweep = tmp_path / "sweep"
     completed = run_train(
-        tmp_path, "-m", "model.activation=swish,tanh", "gradstab=off", *TINY, f"hydra.sweep.dir={sweep}", returncode=1
+        tmp_path, "-m", "model.width=0,8", "gradstab=off", *WIDTHLESS, f"hydra.sweep.dir={sweep}", returncode=1
     )
 
     failed, finished = read_summary(sweep / "0"), read_summary(sweep / "1")
     assert failed["status"] == "failed"
-    assert "`activation` must be one of" in failed["error"]
+    assert "`width` must be an int >= 1, got 0" in failed["error"]  # passes the up-front check, fails at build
     assert finished["status"] == "finished"
     statuses = [line.split("|")[3].strip() for line in (sweep / "summary.md").read_text().splitlines()[2:]]
     assert statuses == ["failed", "finished"]
     output = completed.stdout + completed.stderr
     # the failing job's overrides in full (not "model.activa…") and its error, after the table
-    assert "job 0 failed: model.activation=swish gradstab=off model.depth=4" in " ".join(output.split())
+    assert "job 0 failed: model.width=0 gradstab=off model.depth=4" in " ".join(output.split())
     assert "1 of 2 jobs failed" in output
 
 
@@ -137,12 +142,12 @@ def test_single_run_fails_loudly_but_still_leaves_a_summary(tmp_path):
     env = child_env()
     run_dir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "train.py"), "model.activation=swish", "gradstab=off", *TINY,
+        [sys.executable, str(REPO / "examples" / "train.py"), "model.width=0", "gradstab=off", *WIDTHLESS,
          f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode != 0
-    assert "`activation` must be one of" in completed.stderr
+    assert "`width` must be an int >= 1, got 0" in completed.stderr
     assert read_summary(run_dir)["status"] == "failed"
 
 
