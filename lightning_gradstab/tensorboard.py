@@ -244,7 +244,8 @@ _TOLD_ABOUT_PNG: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def save_heatmap_png(trainer: Any, figure: Any, scope: str = "") -> Any:
     """Write the heat map as :data:`HEATMAP_FILENAME` into the log directory, for a run whose loggers take no
-    images (``CSVLogger``, no logger); the first time per trainer a warning says where. Returns the path.
+    images (``CSVLogger``); the first time per trainer a warning says where (not at verbosity ``quiet``).
+    Returns the path, None when it could not be written.
 
     Example::
 
@@ -263,7 +264,9 @@ def save_heatmap_png(trainer: Any, figure: Any, scope: str = "") -> Any:
     except OSError as error:  # a picture must never stop training
         rank_zero_warn(f"lightning_gradstab: could not write the gradient heat map to {str(path)!r}: {error!r}")
         return None
-    if trainer not in _TOLD_ABOUT_PNG:
+    from lightning_gradstab.report import get_verbosity
+
+    if trainer not in _TOLD_ABOUT_PNG and get_verbosity() != "quiet":
         _TOLD_ABOUT_PNG.add(trainer)
         rank_zero_warn(
             f"lightning_gradstab: no TensorBoard logger takes the gradient heat map; it is written to {path} "
