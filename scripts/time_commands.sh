@@ -13,12 +13,15 @@ machine="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) 
 torch $(python -c 'import torch; print(torch.__version__)'), Python $(python -c 'import platform; print(platform.python_version())')"
 row() {  # command, then the command line to run
   local label=$1; shift
-  local load start end
+  local load start end status=0
   load=$(cut -d' ' -f1 /proc/loadavg)
   start=$(date +%s.%N)
-  "$@" >"$runs/log" 2>&1 || { tail -20 "$runs/log"; exit 1; }
+  "$@" >"$runs/log" 2>&1 || status=$?
   end=$(date +%s.%N)
-  printf '| `%s` | %.0f s | %s | %s |\n' "$label" "$(echo "$end - $start" | bc)" "$load" "$(date -u +%F)" >>"$runs/rows"
+  tail -3 "$runs/log"
+  printf '| `%s` | %.0f s | %s | %s | %s |\n' "$label" "$(echo "$end - $start" | bc)" "$load" "$(date -u +%F)" \
+    "$( ((status == 0)) && echo ok || echo "exit $status: $(grep -E '[0-9]+ (passed|failed)' "$runs/log" | tail -1)")" \
+    >>"$runs/rows"
 }
 for what in "${which[@]}"; do
   case $what in
@@ -31,11 +34,12 @@ done
 {
   echo "# Durations of the README's commands"
   echo
-  echo "Written by \`scripts/time_commands.sh ${which[*]}\` on: $machine."
+  echo "Written by \`scripts/time_commands.sh ${which[*]}\` (rows of other commands kept from earlier runs) on:"
+  echo "$machine."
   echo "Wall-clock time of one run each; load: the 1-minute load average when it started (the cores are shared)."
   echo
-  echo "| command | wall time | load | date |"
-  echo "|---|---|---|---|"
+  echo "| command | wall time | load | date | outcome |"
+  echo "|---|---|---|---|---|"
   cat "$runs/rows"
 } >"$out.new"
 if [[ -f $out ]]; then  # keep rows of commands not re-timed this time
