@@ -62,8 +62,9 @@ def test_console_summary_false_silences_the_guard_at_the_end_of_fit(tmp_path, ca
 
 def test_cli_quiet_prints_nothing_writes_the_json_and_keeps_the_exit_status(tmp_path, capsys, monkeypatch):
     (tmp_path / "user_models.py").write_text(
-        "from torch import nn\n\n"
+        "import torch\nfrom torch import nn\n\n"
         "def xavier_mlp():\n"
+        "    torch.manual_seed(0)  # the same model for both runs\n"
         "    layers = []\n"
         "    for _ in range(30):\n"
         "        linear = nn.Linear(64, 64)\n"
