@@ -71,8 +71,35 @@ EVIDENCE: dict[str, str] = {
 }
 """What each anomaly is evidence from: the gradient, the loss, the size of the update or the fp16 loss scale."""
 
+DAMAGE_EVIDENCE: frozenset[str] = frozenset({"nonfinite", "loss_spike", "divergence", "loss_scale_collapse"})
+"""Anomalies that show the step would damage training, the only ones that may skip, back off, roll back or stop.
+
+A gradient statistic (a spike, growth, drift, an oversized SGD step) says a step is *unusual*, not that it is
+harmful: when the scale of the gradient changes for good (a model leaving a plateau, a layer unfrozen, a task whose
+norm grows while its loss falls) every step looks unusual. Clipping costs little and is reversible by the next
+step, so gradient evidence may clip (up to ``tight_clip``); the costly rungs need a non-finite value, a batch whose
+own loss lies far outside the running loss, a sustained rise of the smoothed loss, or a collapsed fp16 scale."""
+
+SKIP_ONLY_EVIDENCE: frozenset[str] = frozenset({"loss_spike"})
+"""Damage evidence whose remedy is skipping its batch and nothing more: a bad batch says nothing about the learning
+rate, so repeated bad batches never back the learning rate off or roll back (each one is skipped on its own)."""
+
+MAX_SKIP_FRACTION = 0.1
+"""Largest fraction of recent steps (a ``healthy_steps_to_deescalate`` horizon) that loss spikes may skip.
+
+A 6-sigma threshold on a well-estimated spread fires on a tiny fraction of batches; skipping more than one in ten
+says the statistic is wrong for this loss (a heavy tail, a new regime), not that a tenth of the data is bad. Past
+the bound a loss spike is clipped instead of skipped and the loss statistics learn it, so a run cannot be starved."""
+
+REGIME_STEPS = 10
+"""Consecutive gradient anomalies, with the loss not rising, after which the gradient statistics re-learn.
+
+Statistics that learn only clipped norms never accept a new, legitimate scale; once the norm has been unusual for
+this many steps in a row while the loss kept improving, the norms of those steps become the new reference."""
+
 MIN_LR_SCALE = 2.0**-10
-"""Divergence below this learning-rate multiplier (about 1/1000 of the configured LR) stops the run."""
+"""The floor of the learning-rate multiplier (about 1/1000 of the configured LR): a back-off that would go below it
+stops the run with its reason instead, so the guard never freezes a run silently."""
 
 LOSS_NOISE_SIGMAS = 3.0
 """A divergence must also lie this many per-step loss standard deviations above the lowest smoothed loss.
@@ -143,8 +170,14 @@ class PolicyConfig:
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
         loss_zscore_threshold: loss z-score above which the step's batch is skipped, > 0 (OLMo: 6); ``None``
             turns loss spikes off.
-        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of that value,
-            that makes a divergence, > 0; ``None`` turns divergence detection off.
+        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of the loss's scale
+            (the larger of that value and the progress made from the first loss), that makes a divergence, > 0;
+            ``None`` turns divergence detection off.
+        loss_rules: whether the loss rules (loss spikes, divergence) judge this run: ``True``, ``False`` or
+            ``"auto"`` (the default: on, until the loss shows it is not an objective that should fall: a
+            negative loss, or the adapter reports competing losses such as a GAN's). Adversarial,
+            policy-gradient and scheduled-term losses rise in healthy training; pass ``False`` for those the
+            adapter cannot recognise.
         max_update_ratio: largest ``lr * |g| / |w|`` of a plain SGD step (momentum included as
             ``lr / (1 - momentum)``), > 0; the gradient is clipped to it. ``None`` turns it off.
         max_norm: an absolute ceiling on the gradient norm, > 0; ``"auto"`` (the default):
@@ -175,6 +208,7 @@ class PolicyConfig:
     loss_rise_tolerance: float | None = 0.5
     max_update_ratio: float | None = 1.0
     max_norm: float | Literal["auto"] | None = "auto"
+    loss_rules: bool | Literal["auto"] = "auto"
     budgets: dict[str, int] | None = None
     tight_clip_ratio: float | None = None
     backoff_factor: float | None = None
@@ -194,6 +228,8 @@ class PolicyConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
             _check(math.isfinite(value), name, value, "a finite number (inf and nan are not thresholds)")
+        if self.loss_rules not in (True, False, "auto"):
+            raise ValueError(f"`loss_rules` must be True, False or 'auto', got {self.loss_rules!r}")
         _check(self.zscore_threshold > 0, "zscore_threshold", self.zscore_threshold, "a number > 0")
         _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         _check_int(self.warmup_steps, "warmup_steps", 1)
@@ -367,6 +403,9 @@ class _Counters:
     lr_ceiling: float = 1.0
     lr_ceiling_absolute: float | None = None  # the largest learning rate the evidence supports, when lr is known
     events_recorded: int = 0
+    gradient_anomaly_streak: int = 0  # consecutive gradient-only anomalies while the loss was not rising
+    recent_skips: float = 0.0  # loss-spike skips, a leaky count over a healthy_steps_to_deescalate horizon
+    loss_rules_off: str | None = None  # why the loss rules stopped judging this run (None: they judge)
     counts: dict[str, int] = field(default_factory=dict)
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
@@ -385,6 +424,7 @@ class _Judgement:
     warmup_threshold: float
     update_threshold: float
     drifting: bool
+    benign: bool  # the loss is not rising (or is not judged): a gradient anomaly has done no visible harm
     anomaly: str | None
 
 
@@ -409,8 +449,15 @@ class ExplosionPolicy:
         self.max_events = max_events
         self.base_level = min(1, self.config.max_level)
         self.statistics = LogNormStatistics(self.config.ema_decay, self.config.warmup_steps, self.config.log_std_floor)
+        # the per-step loss noise (linear: the divergence margin is a distance in loss units) ...
         self.loss_statistics = RunningMoments(
             self.config.ema_decay, self.config.warmup_steps, relative_std_floor=RELATIVE_LOSS_STD_FLOOR
+        )
+        # ... and the loss in log space, where spikes are judged: a positive loss fluctuates multiplicatively
+        # (a batch twice as hard is twice the loss at any level), so near convergence, where the linear spread
+        # is tiny, an ordinary hard batch is not a many-sigma event
+        self.log_loss_statistics = LogNormStatistics(
+            self.config.ema_decay, self.config.warmup_steps, RELATIVE_LOSS_STD_FLOOR
         )
         self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
         self.growth = GrowthWindow(self.config.growth_window)
@@ -489,7 +536,7 @@ class ExplosionPolicy:
         skip, rollback, stop = self._interventions(anomaly, previous_level, lr)
         snapshot = self._snapshot_due(anomaly)
         if not judgement.nonfinite and not rollback:
-            self._learn(judgement, adaptive_threshold)
+            self._learn(judgement, adaptive_threshold, skipped=skip)
         self._keep_snapshot_bookkeeping(anomaly, snapshot)
 
         decision = Decision(
@@ -535,22 +582,28 @@ class ExplosionPolicy:
 
     def _judge(self, observation: Observation) -> _Judgement:
         """What this step's evidence says, against the statistics of the steps before it (the most severe
-        anomaly wins: a collapsed loss scale, non-finite values, divergence, a loss spike, a gradient spike, an
+        anomaly wins: a collapsed loss scale, non-finite values, a loss spike, divergence, a gradient spike, an
         oversized SGD step, growth, drift)."""
         config = self.config
         collapsed = self._scale_collapsed(observation)
         norm, nonfinite = observation.total_norm, observation.nonfinite
         loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
+        unjudged_loss = loss is not None and not self.loss_rules_active
+        if loss is not None and loss < 0 and config.loss_rules == "auto" and self.loss_rules_active:
+            self.disable_loss_rules("a negative loss: not an objective bounded below by zero that should fall")
+        if not self.loss_rules_active:
+            loss = None  # nothing below judges it, and the statistics do not learn it
         zscore = 0.0 if nonfinite else self.statistics.zscore(norm)
         loss_zscore = 0.0
-        if loss is not None and config.loss_zscore_threshold is not None:
-            loss_zscore = self.loss_statistics.zscore(loss)
+        if loss is not None and loss > 0 and config.loss_zscore_threshold is not None:
+            loss_zscore = self.log_loss_statistics.zscore(loss)
         learned_loss = None if loss is None else min(loss, self._loss_threshold())
         warmup_threshold = self._warmup_threshold()
         update_threshold = self._update_threshold(observation)
         # a norm that drifts up while the loss keeps falling is a run whose gradients legitimately grew (weights
         # grow, a tanh net leaves its linear regime): the loss, not the norm, is what an explosion damages
-        benign = loss is not None and self.loss_trend.count > 0 and not self._loss_rising()
+        # (a loss the rules do not judge gives no evidence of damage either way: a new scale is learned)
+        benign = unjudged_loss or (loss is not None and self.loss_trend.count > 0 and not self._loss_rising())
         drifting = not nonfinite and not benign and self.drift() > math.log(config.growth_factor)
         anomaly: str | None = None
         if collapsed:
@@ -559,10 +612,14 @@ class ExplosionPolicy:
             anomaly = "nonfinite"
         else:
             self.growth.push(norm)
-            if learned_loss is not None and self._diverging(learned_loss):
-                anomaly = "divergence"
-            elif config.loss_zscore_threshold is not None and loss_zscore > config.loss_zscore_threshold:
+            # a batch far outside the running loss is judged on its own first: it is skipped and never learned,
+            # so it cannot make the smoothed loss look like a divergence
+            if config.loss_zscore_threshold is not None and (
+                loss_zscore > config.loss_zscore_threshold or (loss is not None and loss > self._loss_threshold())
+            ):
                 anomaly = "loss_spike"
+            elif learned_loss is not None and self._diverging(learned_loss):
+                anomaly = "divergence"
             elif zscore > config.zscore_threshold or norm > warmup_threshold:
                 anomaly = "spike"
             elif norm > update_threshold:
@@ -573,7 +630,7 @@ class ExplosionPolicy:
                 anomaly = "drift"
         return _Judgement(
             norm, nonfinite, collapsed, loss, learned_loss, zscore, loss_zscore, warmup_threshold, update_threshold,
-            drifting, anomaly,
+            drifting, benign, anomaly,
         )
 
     def _scale_collapsed(self, observation: Observation) -> bool:
@@ -581,21 +638,21 @@ class ExplosionPolicy:
         return observation.loss_scale is not None and observation.loss_scale < self.config.loss_scale_floor
 
     def _move_on_the_ladder(self, anomaly: str | None, lr: float | None) -> None:
-        """Escalate on an anomaly, de-escalate after a healthy stretch, back off at once on a divergence."""
-        state, config = self.state, self.config
+        """Escalate on an anomaly as far as its evidence allows, de-escalate after a healthy stretch, back off at
+        once on a divergence.
+
+        Gradient evidence climbs to ``tight_clip`` at most and a loss spike to ``skip`` at most (see
+        :data:`DAMAGE_EVIDENCE`): an anomaly at its ceiling keeps the level where it is, so repeats of the same
+        kind of evidence never reach a rung that costs more than the evidence justifies.
+        """
         if anomaly is None:
             self._on_healthy_step(lr)
         elif anomaly == "divergence":
             self._on_divergence(lr)
-        elif anomaly == "update_ratio":
-            # clipped to the bound, the step is safe by construction; skipping it would only repeat it (the
-            # weights would not change), so it climbs to tight clipping at most: the loss says whether the LR is
-            # too high
-            if state.level < min(RUNGS.index("tight_clip"), config.max_level):
-                self._escalate(anomaly)
-            state.healthy_streak = 0
-        else:
+        elif self.state.level < min(_highest_rung(anomaly), self.config.max_level):
             self._escalate(anomaly)
+        else:
+            self.state.healthy_streak = 0
 
     def _clip_thresholds(self, judgement: _Judgement, observation: Observation) -> tuple[float, float, float]:
         """``(adaptive, applied, ceiling)``: the spike threshold the statistics learn, the norm the step is
@@ -617,19 +674,31 @@ class ExplosionPolicy:
         """``(skip, rollback, stop)`` for this step; applies the level's learning-rate back-off and, on a rollback,
         the snapshot's statistics."""
         state, config = self.state, self.config
-        anomalous_level = state.level if anomaly not in (None, "update_ratio") else 0
+        # only evidence of damage acts above clipping, and a loss spike only on its own batch
+        laddered = anomaly in DAMAGE_EVIDENCE and anomaly not in SKIP_ONLY_EVIDENCE
+        anomalous_level = state.level if laddered else 0
         divergence = anomaly == "divergence"
-        skip = anomalous_level >= RUNGS.index("skip") or (
-            anomaly in ("loss_spike", "divergence") and config.allows("skip")
-        )
+        horizon = config.healthy_steps_to_deescalate
+        state.recent_skips *= 1.0 - 1.0 / horizon
+        spike_skip = anomaly == "loss_spike" and config.allows("skip")
+        if spike_skip and state.recent_skips >= MAX_SKIP_FRACTION * horizon:
+            spike_skip = False  # too many for the statistic to be right: clip this one, learn it (see _learn)
+            self._count("skip_bound")
+        skip = anomalous_level >= RUNGS.index("skip") or spike_skip or (divergence and config.allows("skip"))
+        if spike_skip:
+            state.recent_skips += 1.0
         rollback = state.has_snapshot and (
             anomalous_level == RUNGS.index("rollback") or (divergence and config.allows("rollback"))
         )
         stop = anomalous_level == RUNGS.index("stop") or (divergence and state.lr_scale < MIN_LR_SCALE)
         if anomalous_level == RUNGS.index("lr_backoff") and not divergence:
-            if previous_level < state.level:  # a new back-off episode: the scale it began at was too high
-                self._lower_ceiling(state.lr_scale * config.resolved("backoff_factor"), lr)
-            state.lr_scale *= config.resolved("backoff_factor")
+            backed_off = state.lr_scale * config.resolved("backoff_factor")
+            if backed_off < MIN_LR_SCALE:  # the floor: stop with the reason rather than freeze the run
+                stop = True
+            else:
+                if previous_level < state.level:  # a new back-off episode: the scale it began at was too high
+                    self._lower_ceiling(backed_off, lr)
+                state.lr_scale = backed_off
         if rollback:
             self._restore_statistics()
         elif divergence:  # nothing to go back to: judge the next rise from here
@@ -653,17 +722,48 @@ class ExplosionPolicy:
             )
         )
 
-    def _learn(self, judgement: _Judgement, adaptive_threshold: float) -> None:
+    def _learn(self, judgement: _Judgement, adaptive_threshold: float, skipped: bool) -> None:
         """Fold this step into the statistics: the spike-clipped norm (not the tight clip's), healthy norms at
         rest into the long-horizon reference, and the clipped loss unless the loss itself was the anomaly."""
         state, anomaly, learned_loss = self.state, judgement.anomaly, judgement.learned_loss
         self.statistics.update(min(judgement.norm, adaptive_threshold))
         if anomaly is None and state.level <= self.base_level and self.reference is not None:
             self.reference.update(judgement.norm)  # an episode's norms are not the baseline
-        if learned_loss is not None and anomaly not in ("loss_spike", "divergence"):
-            self.loss_statistics.update(learned_loss)
+        self._follow_gradient_regime(anomaly, judgement.benign)
+        if learned_loss is not None and (anomaly not in ("loss_spike", "divergence") or not skipped):
+            # a loss spike that was not skipped (the skip bound) is part of the loss's distribution: learn it whole
+            learned = judgement.loss if anomaly == "loss_spike" else learned_loss
+            self.loss_statistics.update(learned)
+            if learned > 0:
+                self.log_loss_statistics.update(learned)
+            # the per-step noise, exact from the second loss on (Welford), so a divergence is never judged
+            # against a zero spread
             noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
-            self.loss_trend.update(learned_loss, healthy=anomaly is None, noise=noise)
+            self.loss_trend.update(learned, healthy=anomaly is None, noise=noise)
+
+    def _follow_gradient_regime(self, anomaly: str | None, benign: bool) -> None:
+        """Re-learn the gradient statistics when the norm has been unusual for :data:`REGIME_STEPS` steps in a
+        row while the loss kept improving (or is not judged): a new scale, not an explosion. Without a loss there
+        is no such evidence, and the statistics keep the scale they know."""
+        state = self.state
+        if anomaly not in _GRADIENT_ONLY or not benign:
+            state.gradient_anomaly_streak = 0
+            return
+        state.gradient_anomaly_streak += 1
+        if state.gradient_anomaly_streak < REGIME_STEPS:
+            return
+        state.gradient_anomaly_streak = 0
+        recent = [math.exp(v) for v in list(self.growth.log_norms)[-REGIME_STEPS:]]
+        config = self.config
+        self.statistics = LogNormStatistics(config.ema_decay, config.warmup_steps, config.log_std_floor)
+        for norm in recent:
+            self.statistics.update(norm)
+        if self.reference is not None:
+            self.reference = LogNormStatistics(self.reference.decay, self.reference.warmup_steps, 0.0)
+            for norm in recent:
+                self.reference.update(norm)
+        self.growth.clear()
+        self._count("regime_change")
 
     def _keep_snapshot_bookkeeping(self, anomaly: str | None, snapshot: bool) -> None:
         """Remember the statistics that describe a new snapshot, and count the healthy steps since the last."""
@@ -703,18 +803,25 @@ class ExplosionPolicy:
         return self.statistics.mean - self.reference.mean
 
     def _loss_threshold(self) -> float:
-        """The loss a spike is clipped to before the statistics learn it (``inf`` in the warm-up)."""
-        statistics, threshold = self.loss_statistics, self.config.loss_zscore_threshold
-        if threshold is None or not statistics.warmed_up:
+        """The loss above which a batch is a spike, and which a spike is clipped to before the statistics learn it:
+        ``loss_zscore_threshold`` standard deviations above the running log-loss, or during the warm-up, before
+        there is a spread, ``growth_factor`` x the geometric mean of the losses so far (the gradient's warm-up
+        rule: a batch ten times as hard as every batch so far is not what the run is learning from)."""
+        statistics, threshold = self.log_loss_statistics, self.config.loss_zscore_threshold
+        if threshold is None or not statistics.count:
             return math.inf
-        return statistics.mean + threshold * statistics.std
+        if not statistics.warmed_up:
+            return self.config.growth_factor * statistics.typical_norm
+        return statistics.norm_at(threshold)
 
     def _rise_margin(self) -> float:
         """How far above its lowest value the smoothed loss may lie before it is a divergence."""
         tolerance = self.config.loss_rise_tolerance
         if tolerance is None:
             return math.inf
-        # the noise measured when the lowest value was reached: a climb inflates the running variance itself
+        # the noise measured when the lowest value was reached (a climb inflates the running variance itself),
+        # exact from the second loss on: a loss near zero is judged against its own spread, not against a
+        # fraction of a value that is nearly nothing
         return max(tolerance * abs(self.loss_trend.lowest), LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest)
 
     def _diverging(self, loss: float) -> bool:
@@ -725,6 +832,27 @@ class ExplosionPolicy:
         average = trend.decay * trend.average + (1.0 - trend.decay) * loss
         smoothed = average / (1.0 - trend.decay ** (trend.count + 1))
         return smoothed - trend.lowest > self._rise_margin()
+
+    @property
+    def loss_rules_active(self) -> bool:
+        """Whether the loss rules (loss spikes, divergence) judge this run (see ``PolicyConfig.loss_rules``)."""
+        rules = self.config.loss_rules
+        return rules is True or (rules == "auto" and self.state.loss_rules_off is None)
+
+    @property
+    def loss_rules_off_reason(self) -> str | None:
+        """Why ``loss_rules="auto"`` stopped judging the loss (``None`` while it judges, or when set by hand)."""
+        return self.state.loss_rules_off
+
+    def disable_loss_rules(self, reason: str) -> None:
+        """Stop judging the loss under ``loss_rules="auto"``: it is not an objective that should fall.
+
+        The adapter calls it for competing losses (several optimizers under manual optimization: a GAN); the
+        policy itself on a negative loss. A no-op when ``loss_rules`` is ``True`` or ``False``.
+        """
+        if self.config.loss_rules == "auto" and self.state.loss_rules_off is None:
+            self.state.loss_rules_off = reason
+            self._count("loss_rules_off")
 
     def _loss_rising(self) -> bool:
         """Whether the smoothed loss is more than half the divergence margin above its lowest value."""
@@ -757,6 +885,7 @@ class ExplosionPolicy:
             "statistics": self.statistics.state_dict(),
             "reference": reference,
             "loss_statistics": self.loss_statistics.state_dict(),
+            "log_loss_statistics": self.log_loss_statistics.state_dict(),
         }
 
     def _restore_statistics(self) -> None:
@@ -767,6 +896,8 @@ class ExplosionPolicy:
         if self._statistics_at_snapshot is not None:
             self.statistics.load_state_dict(self._statistics_at_snapshot["statistics"])
             self.loss_statistics.load_state_dict(self._statistics_at_snapshot["loss_statistics"])
+            if "log_loss_statistics" in self._statistics_at_snapshot:
+                self.log_loss_statistics.load_state_dict(self._statistics_at_snapshot["log_loss_statistics"])
             if self.reference is not None and self._statistics_at_snapshot["reference"] is not None:
                 self.reference.load_state_dict(self._statistics_at_snapshot["reference"])
 
@@ -881,16 +1012,22 @@ class ExplosionPolicy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where a ``state_dict`` left off; a malformed state (a key missing, a value of the
-        wrong type or out of range) raises ``ValueError`` naming the key before anything is loaded."""
+        wrong type or out of range) raises ``ValueError`` naming the key before anything is loaded. Version 3,
+        written by 0.1, resumes too: what it lacks (the log-space loss statistics, the counters added since)
+        starts afresh."""
         from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") not in (3, STATE_VERSION):
             version = state.get("version") if isinstance(state, dict) else state
-            raise ValueError(f"ExplosionPolicy state has version {version!r}; this code reads {STATE_VERSION}")
+            raise ValueError(f"ExplosionPolicy state has version {version!r}; this code reads 3 and {STATE_VERSION}")
         template = ExplosionPolicy(self.config, self.max_events).state_dict()
+        if state["version"] == 3:
+            state = _upgraded_from_version_3(state, template)
         check_state(state, template, "ExplosionPolicy state", policy_rules(len(RUNGS)), POLICY_OPTIONAL)
         self.statistics.load_state_dict(state["statistics"])
         self.loss_statistics.load_state_dict(state["loss_statistics"])
+        if "log_loss_statistics" in state:
+            self.log_loss_statistics.load_state_dict(state["log_loss_statistics"])
         self.loss_trend.load_state_dict(state["loss_trend"])
         if self.reference is not None and state["reference"] is not None:
             self.reference.load_state_dict(state["reference"])
@@ -909,8 +1046,30 @@ class ExplosionPolicy:
         self.worst_spikes = [dict(e) for e in state["worst_spikes"]]
 
 
-STATE_VERSION = 3
-"""Layout version of :meth:`ExplosionPolicy.state_dict` (3: loss statistics and trend, snapshot step)."""
+STATE_VERSION = 4
+"""Layout version of :meth:`ExplosionPolicy.state_dict` (3: loss statistics and trend, snapshot step; 4: log-space
+loss statistics, the regime and skip-bound counters, why the loss rules are off)."""
+
+
+_GRADIENT_ONLY = frozenset(name for name, source in EVIDENCE.items() if source in ("gradient", "update"))
+_GRADIENT_ONLY -= DAMAGE_EVIDENCE
+
+
+def _highest_rung(anomaly: str) -> int:
+    """The highest level ``anomaly``'s evidence may escalate to (see :data:`DAMAGE_EVIDENCE`)."""
+    if anomaly in _GRADIENT_ONLY:
+        return RUNGS.index("tight_clip")
+    if anomaly in SKIP_ONLY_EVIDENCE:
+        return RUNGS.index("skip")
+    return RUNGS.index("stop")
+
+
+def _upgraded_from_version_3(state: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """A version-3 state with the parts version 4 added taken from a fresh policy's ``template``."""
+    counters = state.get("counters")
+    if isinstance(counters, dict):
+        counters = {**template["counters"], **counters}
+    return {**template, **state, "counters": counters, "version": STATE_VERSION}
 
 
 def _severity(event: dict[str, Any]) -> float:

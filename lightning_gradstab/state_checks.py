@@ -67,7 +67,10 @@ def policy_rules(levels: int) -> dict[str, Rule]:
 
 
 POLICY_OPTIONAL = frozenset(
-    {"reference", "statistics_at_snapshot", "trend_at_snapshot", "statistics_at_snapshot.reference"}
+    {
+        "reference", "statistics_at_snapshot", "trend_at_snapshot", "statistics_at_snapshot.reference",
+        "counters.loss_rules_off",
+    }
 )
 """Parts of a policy's state that may be ``None`` whatever a fresh policy saves (drift detection off when the
 checkpoint was written, no snapshot taken yet)."""

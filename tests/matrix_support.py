@@ -268,8 +268,9 @@ class GradientReference(Callback):
 
 
 def user_metrics(logger: MemoryLogger) -> dict[str, list[tuple[int, float]]]:
-    """What the LightningModule itself logged (everything but the suite's ``gradstab/`` scalars)."""
-    return {key: values for key, values in logger.metrics.items() if not key.startswith("gradstab/")}
+    """What the LightningModule itself logged (everything but the suite's scalars: ``gradstab/...`` and the
+    effective learning rate ``lr-<Optimizer>/gradstab_effective`` logged beside LearningRateMonitor's)."""
+    return {key: values for key, values in logger.metrics.items() if "gradstab" not in key}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from lightning_gradstab.callbacks.guard import (
     GradientExplosionError,
 )
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import TinyRegression, regression_loader
+from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
 torch.set_num_threads(1)
 
@@ -207,11 +207,11 @@ def test_lr_backoff_scales_the_step_and_never_corrupts_the_scheduler(tmp_path: P
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
     guard = _guard(budgets=budgets, backoff_factor=0.5, lr_recovery_steps=5)
     probe = _LearningRates()
-    faults = dict.fromkeys(range(30, 35), "scale_grad")  # clip, tight clip, skip, back off, back off again
+    faults = dict(CLIMB_FAULTS)  # clip, tight clip, skip, back off, back off again
     _fit(_WithScheduler(faults=faults), 60, tmp_path, [guard, probe])
     scheduled = [0.05 * 0.99 ** (step + 1) for step in range(60)]
     assert probe.after == pytest.approx(scheduled, rel=1e-12)
-    backoff = [e for e in _events(tmp_path) if e["rung"] == "lr_backoff" and e["anomaly"] == "spike"]
+    backoff = [e for e in _events(tmp_path) if e["rung"] == "lr_backoff" and e["anomaly"] == "nonfinite"]
     assert [(e["step"], e["actions"]) for e in backoff] == [(34, ["skip"]), (35, ["skip"])]
     # the next step runs at a quarter of the scheduled lr times one recovery factor; it recovers to the
     # ceiling: half of the learning rate at which the back-off episode began (step 34 ran on the lr of step 33)
@@ -225,7 +225,7 @@ def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
     guard = _guard(budgets=budgets, snapshot_every=10)
     probe = _WeightsEveryStep()
-    faults = dict.fromkeys(range(30, 35), "scale_grad")
+    faults = dict(CLIMB_FAULTS)
     _fit(TinyRegression(faults=faults), 45, tmp_path, [guard, probe])
     rollback = next(e for e in _events(tmp_path) if "rollback" in e["actions"])
     assert rollback["step"] == 35 and rollback["rung"] == "rollback"
@@ -238,18 +238,18 @@ def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
 def test_stop_rung_ends_the_run_gracefully_with_a_json_reason(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
     guard = _guard(budgets=budgets)
-    faults = dict.fromkeys(range(30, 60), "scale_grad")
+    faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
     trainer = _fit(TinyRegression(faults=faults), 100, tmp_path, [guard])
-    assert trainer.global_step == 36  # the sixth spike in a row (policy step 36) stops it
+    assert trainer.global_step == 36  # the sixth fault in a row (policy step 36) stops it
     summary = json.loads((tmp_path / SUMMARY_FILENAME).read_text())
-    assert summary["stopped"] and "step 36: spike at level 6 (stop)" in summary["stop_reason"]
+    assert summary["stopped"] and "step 36: nonfinite at level 6 (stop)" in summary["stop_reason"]
     assert summary["optimizers"]["0"]["counts"]["stop"] == 1
 
 
 def test_stop_rung_can_raise_instead(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
-    faults = dict.fromkeys(range(30, 60), "scale_grad")
-    with pytest.raises(GradientExplosionError, match="step 36: spike"):
+    faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
+    with pytest.raises(GradientExplosionError, match="step 36: nonfinite"):
         _fit(TinyRegression(faults=faults), 100, tmp_path, [_guard(budgets=budgets, raise_on_stop=True)])
 
 
@@ -275,7 +275,7 @@ def test_unwritable_log_directory_warns_once_and_the_stop_decision_still_stands(
     blocker.write_text("")
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
     guard = _guard(budgets=budgets)
-    faults = dict.fromkeys(range(30, 60), "scale_grad")
+    faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
     with pytest.warns(UserWarning, match=r"lightning_gradstab: ExplosionGuard cannot write .*a_file") as warned:
         trainer = _fit(TinyRegression(faults=faults), 100, blocker / "logs", [guard], logger=memory_logger)
     assert len([w for w in warned if "ExplosionGuard cannot write" in str(w.message)]) == 1
@@ -379,15 +379,16 @@ def test_persistent_nan_under_fp16_collapses_the_scale_again_and_again_and_reach
 
 
 def test_rollback_restores_the_grad_scaler_state_of_the_snapshot(tmp_path: Path) -> None:
-    budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
+    budgets = {"skip": 1, "lr_backoff": 1}
     guard, scales = _guard(budgets=budgets, snapshot_every=10), _LossScales()
     precision = MixedPrecision("16-mixed", "cpu")
-    faults = dict.fromkeys(range(30, 35), "scale_grad")
-    _fit(TinyRegression(faults=faults), 40, tmp_path, [_FakeLossScale({32: 4.0}), guard, scales], plugins=[precision])
+    # the scale set to 4.0, then collapsed three times: skip, back off, roll back (policy steps 32-34)
+    fake = _FakeLossScale({30: 4.0, 31: 0.5, 32: 0.5, 33: 0.5})
+    _fit(TinyRegression(), 40, tmp_path, [fake, guard, scales], plugins=[precision])
     rollback = next(e for e in _events(tmp_path) if "rollback" in e["actions"])
-    assert rollback["step"] == 35 and guard.snapshot_step is not None and guard.snapshot_step < 30
+    assert rollback["step"] == 34 and guard.snapshot_step is not None and guard.snapshot_step < 30
     # the scale in use at the snapshot step (the scale after the step before it), not the 4.0 set since
-    assert scales.after[35] == scales.after[guard.snapshot_step - 1] != 4.0
+    assert scales.after[34] == scales.after[guard.snapshot_step - 1] not in (4.0, 0.5)
 
 
 def test_zero_gradient_phase_then_normal_gradients_trains_like_the_unguarded_run(tmp_path: Path) -> None:
@@ -424,11 +425,12 @@ class _WithoutLr(TinyRegression):
 def test_optimizer_without_lr_is_named_at_fit_start_and_the_backoff_rung_still_works(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
     guard = _guard(budgets=budgets)
-    faults = dict.fromkeys(range(30, 35), "scale_grad")  # reaches lr_backoff at the 4th spike
+    faults = dict(CLIMB_FAULTS)  # reaches lr_backoff at the 4th fault
     with pytest.warns(UserWarning, match=r"optimizer 0 \(_NoLrOptimizer\) has param groups without a numeric 'lr'"):
         trainer = _fit(_WithoutLr(faults=faults), 60, tmp_path, [guard])
     assert trainer.global_step == 60
-    assert [e["rung"] for e in _events(tmp_path) if e["anomaly"] == "spike"][3:5] == ["lr_backoff"] * 2
+    climb = [e["rung"] for e in _events(tmp_path) if e["anomaly"] in ("spike", "nonfinite")]
+    assert climb[3:5] == ["lr_backoff"] * 2
     assert all("lr" not in group for group in trainer.optimizers[0].param_groups)
 
 

@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab.callbacks.guard import SNAPSHOT_DIRNAME, ExplosionGuard
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import TinyRegression, regression_loader
+from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
 torch.set_num_threads(1)
 
 BUDGETS = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
-FAULTS = dict.fromkeys(range(30, 35), "scale_grad")
+FAULTS = CLIMB_FAULTS
 ROLLBACK_STEP = 35
 RUN_FILE = r"gradstab-rollback-\d+-[0-9a-f]{8}-rank0\.bin"  # pid, a random token, the rank
 STEPS = 45

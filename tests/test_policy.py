@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradstab.policy import DEFAULT_BUDGETS, RUNGS, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.policy import (
+    MIN_LR_SCALE,
+    RUNGS,
+    ExplosionPolicy,
+    Observation,
+    PolicyConfig,
+)
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, RankReduction
 
 
@@ -141,27 +147,31 @@ def test_slow_sustained_growth_is_caught_as_drift_and_the_clip_threshold_stops_f
     assert {"growth"} & {d.anomaly for d in decisions} == set()
 
 
-def test_drift_escalates_from_tight_clip_to_learning_rate_backoff() -> None:
+def test_drift_alone_clips_tightly_but_never_skips_backs_off_or_rolls_back() -> None:
     policy = ExplosionPolicy()
     decisions = [policy.step(Observation(norm)) for norm in _slow_climb(200, 300, 0.02)]
-    rungs = [d.rung for d in decisions]
-    backoff = rungs.index("lr_backoff")
-    assert 0 < rungs.index("tight_clip") < backoff
-    assert policy.state.lr_scale < 0.5 ** (DEFAULT_BUDGETS["lr_backoff"] - 1)  # halved on each back-off step
-    anomalies = [d.anomaly for d in decisions[:backoff]]
+    assert max(d.level for d in decisions) == RUNGS.index("tight_clip")  # gradient evidence clips, no more
+    assert not any(d.skip or d.rollback or d.stop for d in decisions) and policy.state.lr_scale == 1.0
+    anomalies = [d.anomaly for d in decisions]
     assert anomalies.count("drift") > anomalies.count("spike") + anomalies.count("growth")
+    assert decisions[-1].clip_coefficient < 0.1  # the climb is held at the healthy scale
 
 
-def test_rollback_after_drift_restores_the_statistics_of_the_snapshot_and_training_resumes_quietly() -> None:
+def test_a_norm_climb_is_acted_on_above_clipping_only_once_the_loss_rises() -> None:
     policy = ExplosionPolicy()
-    climb = iter(_slow_climb(200, 600, 0.02))
-    anomalies = []
-    while not (decision := policy.step(Observation(next(climb)))).rollback:  # weights back at the snapshot's
-        anomalies.append(decision.anomaly)
-    assert anomalies.count("drift") > anomalies.count("spike")
-    after_rollback = [policy.step(Observation(norm)) for norm in _healthy_norms(100, seed=5)]
-    assert {d.anomaly for d in after_rollback} <= {None, "spike"} and not any(d.stop for d in after_rollback)
-    assert policy.drift() < math.log(policy.config.growth_factor)
+    rng = random.Random(0)
+    climb = _slow_climb(200, 400, 0.02)
+    held = [1.6 * math.exp(rng.gauss(0.0, 0.02)) for _ in range(400)]
+    losses = held + [1.6 * math.exp(0.02 * t) for t in range(200)]
+    decisions = []
+    for norm, loss in zip(climb, losses, strict=True):
+        decisions.append(policy.step(Observation(norm, loss=loss)))
+        if decisions[-1].anomaly == "divergence":
+            break
+    first_divergence = decisions[-1]
+    assert first_divergence.step > 400  # while the loss held, the 50x norm climb was a new scale, not damage
+    assert not any(d.skip or d.rollback or d.lr_scale != 1.0 for d in decisions[:-1])
+    assert first_divergence.rollback and policy.state.lr_scale == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -180,13 +190,47 @@ def test_drift_detection_is_off_without_a_horizon() -> None:
     assert "drift" not in anomalies and policy.reference_norm == math.inf
 
 
-def test_repeated_spikes_climb_every_rung_in_order_and_then_stop() -> None:
+def test_repeated_gradient_spikes_stop_climbing_at_tight_clip() -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
     policy = _warmed_policy(budgets=budgets)
-    decisions = [policy.step(Observation(1e6)) for _ in range(6)]
-    assert [d.rung for d in decisions] == ["clip", "tight_clip", "skip", "lr_backoff", "rollback", "stop"]
-    assert decisions[3].skip and policy.state.lr_scale == pytest.approx(0.5)
-    assert decisions[4].rollback and decisions[5].stop
+    decisions = [policy.step(Observation(1e6)) for _ in range(8)]
+    assert [d.rung for d in decisions[:3]] == ["clip", "tight_clip", "tight_clip"]
+    assert {d.rung for d in decisions[3:]} == {"tight_clip"}
+    assert all(d.actions == ["clip"] for d in decisions) and policy.state.lr_scale == 1.0
+
+
+def test_repeated_non_finite_steps_climb_every_rung_in_order_and_then_stop() -> None:
+    budgets = {"skip": 1, "lr_backoff": 1, "rollback": 1}
+    policy = _warmed_policy(budgets=budgets)
+    decisions = [policy.step(Observation(math.nan, nonfinite=True)) for _ in range(4)]
+    assert [d.rung for d in decisions] == ["skip", "lr_backoff", "rollback", "stop"]
+    assert all(d.skip for d in decisions) and policy.state.lr_scale == pytest.approx(0.5)
+    assert decisions[2].rollback and decisions[3].stop
+
+
+def test_repeated_loss_spikes_skip_their_batches_and_never_back_off_or_roll_back() -> None:
+    policy = ExplosionPolicy()
+    rng = random.Random(0)
+    decisions = []
+    for _ in range(2000):  # 2.7 % of batches corrupted (loss x 1e4), the rest ordinary
+        loss = 0.3 * math.exp(rng.gauss(0.0, 0.2)) * (1e4 if rng.random() < 0.027 else 1.0)
+        decisions.append(policy.step(Observation(1.0 + 0.1 * rng.random(), loss=loss)))
+    spikes = [d for d in decisions if d.anomaly == "loss_spike"]
+    assert spikes and all(d.skip for d in spikes)
+    assert max(d.level for d in decisions) <= RUNGS.index("skip") and policy.state.lr_scale == 1.0
+    assert not any(d.rollback or d.stop for d in decisions)
+
+
+def test_lr_backoff_has_a_floor_that_stops_the_run_with_its_reason() -> None:
+    policy = _warmed_policy(budgets={"skip": 1, "lr_backoff": 100}, max_rung="stop")
+    scales, decisions = [], []
+    for _ in range(30):
+        decisions.append(policy.step(Observation(math.nan, nonfinite=True)))
+        scales.append(policy.state.lr_scale)
+    stop = next(d for d in decisions if d.stop)
+    # after 40 healthy steps: a skip, 10 halvings to the floor, and the 11th would pass it
+    assert stop.rung == "lr_backoff" and stop.step == 40 + 12
+    assert min(scales) == pytest.approx(MIN_LR_SCALE)  # never below the floor
 
 
 def test_tight_clip_clips_every_step_to_the_typical_norm() -> None:
@@ -212,9 +256,9 @@ def test_level_drops_one_rung_after_the_healthy_streak() -> None:
 
 
 def test_learning_rate_scale_recovers_gradually_up_to_below_the_scale_that_failed() -> None:
-    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"clip": 1, "tight_clip": 1, "skip": 1})
-    for _ in range(5):  # the 4th spike starts a back-off episode at scale 1, the 5th backs off again
-        policy.step(Observation(1e6))
+    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"skip": 1})
+    for _ in range(3):  # the 2nd non-finite step starts a back-off episode at scale 1, the 3rd backs off again
+        policy.step(Observation(math.nan, nonfinite=True))
     assert policy.state.lr_scale == pytest.approx(0.25)
     scales = [policy.step(Observation(policy.statistics.typical_norm)).lr_scale for _ in range(30)]
     assert scales[0] == pytest.approx(0.25 * 2 ** (1 / 10))
@@ -416,9 +460,9 @@ def test_a_plain_sgd_step_larger_than_the_weights_themselves_is_clipped_to_their
 
 
 def test_a_back_off_ceiling_is_a_learning_rate_so_a_decaying_schedule_below_it_runs_at_its_own_rate() -> None:
-    policy = _warmed_policy(budgets={"clip": 1, "tight_clip": 1, "skip": 1})
-    for _ in range(4):  # the 4th spike backs off at a scheduled lr of 1.0: the ceiling becomes lr 0.5
-        policy.step(Observation(1e6, lr=1.0))
+    policy = _warmed_policy(budgets={"skip": 1})
+    for _ in range(2):  # the 2nd non-finite step backs off at a scheduled lr of 1.0: the ceiling becomes lr 0.5
+        policy.step(Observation(math.nan, nonfinite=True, lr=1.0))
     assert policy.state.lr_scale == pytest.approx(0.5) and policy.state.lr_ceiling_absolute == pytest.approx(0.5)
     typical = policy.statistics.typical_norm
     at_same_lr = [policy.step(Observation(typical, lr=1.0)).lr_scale for _ in range(60)]

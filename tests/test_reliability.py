@@ -32,14 +32,14 @@ from lightning_gradstab.callbacks.guard import SNAPSHOT_CHECKPOINT_KEY, Explosio
 from lightning_gradstab.running import GrowthWindow
 from lightning_gradstab.snapshot import RollbackSnapshot
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import TinyRegression, regression_loader
+from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 from tests.scripts.reliability_ddp import ROLLBACK_STEP as DDP_ROLLBACK_STEP
 from tests.scripts.reliability_ddp import STEPS as DDP_STEPS
 
 torch.set_num_threads(1)
 
 BUDGETS = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
-FAULTS = dict.fromkeys(range(30, 35), "scale_grad")
+FAULTS = CLIMB_FAULTS
 ROLLBACK_STEP = 35
 STEPS = 40
 UNUSABLE = "asks for a rollback but a rank holds no usable rollback snapshot"

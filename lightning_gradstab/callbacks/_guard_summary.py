@@ -19,12 +19,14 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
     if scale < 1.0 and (counts.get("divergence") or counts.get("lr_backoff") or counts.get("rollback")):
         lr = f"lr={base_lr * scale:.3g}" if base_lr is not None else f"{scale:.3g} x your learning rate"
         advice.append(f"start at {lr}: the run ended at {scale:.3g} x its learning rate after back-offs")
-    if counts.get("update_ratio"):
+    damaged = any(counts.get(name) for name in ("divergence", "nonfinite", "loss_scale_collapse"))
+    if counts.get("update_ratio") and damaged:  # an oversized step that was clipped and did no harm needs no advice
         advice.append(
             f"SGD steps moved the weights by more than {config.max_update_ratio:g} of their norm (first at step "
             f"{first['update_ratio']}): lower the learning rate or add a learning-rate warm-up"
         )
-    early = [name for name in ("spike", "divergence", "nonfinite", "growth") if first.get(name, math.inf) <= 25]
+    # a warm-up is advised from early damage only: early gradient spikes are what a warm-up's clipping handles
+    early = [name for name in ("divergence", "nonfinite") if first.get(name, math.inf) <= 25]
     if early:
         advice.append(f"{', '.join(early)} within the first 25 steps: add a learning-rate warm-up")
     ceiling = _ceiling(config)

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from rich.markup import escape
 from typing_extensions import override
 
 from lightning_gradstab.callbacks._guard_summary import effective_lr_metric, guard_advice, print_guard_summary
@@ -38,6 +39,7 @@ from lightning_gradstab.callbacks._shared import (
 )
 from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
     RollbackSnapshot,
@@ -259,6 +261,8 @@ class ExplosionGuard(Callback):
         self._buffers_saved = False  # this optimizer step's buffers are saved (its first forward ran)
         self._loss_unmeasured = False  # a micro-batch of this step had a non-scalar loss (backward with gradient=)
         self._warned_once: set[str] = set()
+        self._competing_losses: str | None = None  # why the loss rules are off for every optimizer of this fit
+        self._skip_lines = 0  # skips said on the console so far (the first few each fit; the rest are counted)
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -340,6 +344,13 @@ class ExplosionGuard(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._drop_unusable_snapshot(pl_module, trainer.optimizers)  # a checkpoint's, against the optimizers too
+        self._competing_losses, self._skip_lines = None, 0
+        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            # several optimizers stepped by hand are almost always adversarial (a GAN) or otherwise competing
+            # objectives: each loss rises when the other model improves, so neither may be judged as one that falls
+            self._competing_losses = (
+                f"{len(trainer.optimizers)} optimizers under manual optimization: competing losses (e.g. a GAN)"
+            )
         if not self._rollback.available:  # resumed from a checkpoint that carried no snapshot: take a new one first
             for policy in self.policies.values():
                 policy.forget_snapshot()
@@ -390,6 +401,8 @@ class ExplosionGuard(Callback):
         self._restore_lr(raw)  # a scaled step the optimizer never ran (e.g. skipped by a GradScaler)
         index = optimizer_index(trainer, optimizer)
         policy = self.policy(index)
+        if self._competing_losses is not None:
+            policy.disable_loss_rules(self._competing_losses)
         stats = gradient_stats(trainer, pl_module, raw)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss, self._step_loss = self._step_loss, None  # one optimizer step consumes the losses since the last
@@ -577,9 +590,20 @@ class ExplosionGuard(Callback):
         scalars = {prefix + name: value for name, value in metrics.items()}
         scalars.update(effective_lr_metric(trainer, index, metrics["lr_scale"]))  # beside LearningRateMonitor's
         log_metrics(trainer, scalars, step)
+        for event in new_events:
+            line = _move_line(index, event) if trainer.global_rank == 0 else None
+            if line is not None and not (event["actions"] == ["skip"] and self._quiet_skip()):
+                console_print(escape(line), trainer=trainer)
         if new_events and trainer.global_rank == 0 and self._log_dir is not None:
             lines = "".join(json.dumps({"optimizer": index, "logging_step": step, **e}) + "\n" for e in new_events)
             self._write_file(self._log_dir / EVENTS_FILENAME, lines, mode="a")
+
+    def _quiet_skip(self) -> bool:
+        """Whether a plain skip goes unsaid: the first :data:`SKIP_LINES` of a fit are said, the rest counted."""
+        self._skip_lines += 1
+        if self._skip_lines == SKIP_LINES + 1:
+            return False  # said once more, as the last one: see _move_line
+        return self._skip_lines > SKIP_LINES
 
     def summary(self) -> dict[str, Any]:
         """What the guard did, per optimizer, as plain data (also written to ``gradstab_guard_summary.json``).
@@ -720,6 +744,28 @@ class ExplosionGuard(Callback):
         self.stop_reason = state_dict["stop_reason"]
         for index in list(self._loaded_policies):
             self.policy(index)
+
+
+SKIP_LINES = 5
+"""Skips said on the console per fit; later ones are counted in the summary and the event file."""
+
+
+def _move_line(index: int, event: dict[str, Any]) -> str | None:
+    """The one console line for an event that acts above clipping (skip, back-off, rollback, stop, a rung above
+    ``clip``), ``None`` for clips and for the quiet steps of recovery."""
+    actions = [a for a in event["actions"] if a != "clip"]
+    backed_off = event["anomaly"] is not None and event["lr_scale"] < 1.0 and (
+        event["level"] >= RUNGS.index("lr_backoff") or event["anomaly"] == "divergence"
+    )
+    climbed = event["level"] > event["previous_level"] and event["level"] > RUNGS.index("tight_clip")
+    if not (actions or climbed or backed_off):
+        return None
+    what = "+".join(actions) if actions else f"level {event['rung']}"
+    evidence = f"{event['anomaly']} ({event['evidence']} evidence)" if event["anomaly"] else "healthy"
+    where = "" if index == 0 else f" optimizer {index}:"
+    lr = f", lr x {event['lr_scale']:.3g}" if event["lr_scale"] != 1.0 else ""
+    tail = " (further skips are counted in the summary)" if event["actions"] == ["skip"] else ""
+    return f"ExplosionGuard step {event['step']}:{where} {what} on {evidence}, level {event['rung']}{lr}{tail}"
 
 
 def _clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -7,6 +7,7 @@ same model on the same data. Its network is ``tests.helpers.models.tanh_mlp`` (a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,7 +35,8 @@ def regression_loader(batch_size: int = 32) -> DataLoader:
 
 
 class TinyRegression(pl.LightningModule):
-    """8-32-32-1 tanh MLP; ``faults`` maps a global step to ``"scale_grad"`` (x1e4), ``"nan_loss"`` or
+    """8-32-32-1 tanh MLP; ``faults`` maps a global step to ``"scale_grad"`` (x1e4), ``"nan_grad"`` (a NaN in
+    every gradient, the loss finite), ``"nan_loss"`` or
     ``"zero_loss"`` (the loss times 0: exactly zero gradients, as in a phase before a loss term is switched on).
 
     ``fault_rank`` restricts the faults to one rank (``None``: every rank).
@@ -71,9 +73,9 @@ class TinyRegression(pl.LightningModule):
         return loss
 
     def on_after_backward(self) -> None:
-        if self._fault() == "scale_grad":
+        if self._fault() in ("scale_grad", "nan_grad"):
             for parameter in self.parameters():
-                parameter.grad.mul_(1e4)
+                parameter.grad.mul_(1e4 if self._fault() == "scale_grad" else math.nan)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
@@ -106,3 +108,9 @@ class NanGradientAfterReduction(Callback):
     ) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             next(iter(pl_module.parameters())).grad.view(-1)[0] = float("nan")
+
+
+CLIMB_FAULTS: dict[int, str] = {30: "scale_grad", 31: "scale_grad", 32: "nan_grad", 33: "nan_grad", 34: "nan_grad"}
+"""Faults that climb the ladder one rung per step from step 30 under budgets of 1: two gradient spikes (clip, then
+tight clip: all that gradient evidence may do) and then non-finite gradients, the evidence of damage that skips,
+backs off and rolls back."""

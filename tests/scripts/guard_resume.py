@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import TinyRegression, regression_loader
+from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
 KILL_STEP, STEPS = 52, 70
-FAULTS = dict.fromkeys(range(60, 65), "scale_grad")  # climbs to rollback at policy step 65, after the resume
+# climbs to rollback at policy step 65, after the resume
+FAULTS = {step + 30: fault for step, fault in CLIMB_FAULTS.items()}
 BUDGETS = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
 
 

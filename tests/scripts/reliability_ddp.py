@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import TinyRegression, regression_loader
+from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
-FAULTS = dict.fromkeys(range(30, 35), "scale_grad")
+FAULTS = CLIMB_FAULTS
 DAMAGE_STEP = 33  # after the snapshot of step 21, before the rollback of step 35
 ROLLBACK_STEP = 35
 STEPS = 40
