@@ -95,7 +95,8 @@ REGIME_STEPS = 10
 """Consecutive gradient anomalies, with the loss not rising, after which the gradient statistics re-learn.
 
 Statistics that learn only clipped norms never accept a new, legitimate scale; once the norm has been unusual for
-this many steps in a row while the loss kept improving, the norms of those steps become the new reference."""
+this many steps in a row while the loss kept improving, the norms of those steps become the new reference (spikes,
+growth and drift only: an oversized SGD step is measured against the weights, not against the norm's history)."""
 
 MIN_LR_SCALE = 2.0**-10
 """The floor of the learning-rate multiplier (about 1/1000 of the configured LR): a back-off that would go below it
@@ -746,7 +747,7 @@ class ExplosionPolicy:
         row while the loss kept improving (or is not judged): a new scale, not an explosion. Without a loss there
         is no such evidence, and the statistics keep the scale they know."""
         state = self.state
-        if anomaly not in _GRADIENT_ONLY or not benign:
+        if anomaly not in _SCALE_EVIDENCE or not benign:
             state.gradient_anomaly_streak = 0
             return
         state.gradient_anomaly_streak += 1
@@ -1053,6 +1054,9 @@ loss statistics, the regime and skip-bound counters, why the loss rules are off)
 
 _GRADIENT_ONLY = frozenset(name for name, source in EVIDENCE.items() if source in ("gradient", "update"))
 _GRADIENT_ONLY -= DAMAGE_EVIDENCE
+_SCALE_EVIDENCE = frozenset({"spike", "growth", "drift"})
+"""Gradient anomalies judged against the running norm statistics: the ones a new regime re-learns away (an oversized
+SGD step is judged against the weights, which a re-learned norm scale does not change)."""
 
 
 def _highest_rung(anomaly: str) -> int:

@@ -440,7 +440,9 @@ class ExplosionGuard(Callback):
             weight_norm=reduced["weight_norm"] if step_size is not None else None,
             step_size=step_size,
             lr=scheduled_lr(raw),
-            scale_invariant=is_scale_invariant(raw),
+            # max_norm="auto" is the ceiling of single-objective recipes (LMs, classifiers); adversarial games are
+            # trained without one (DCGAN, StyleGAN), their gradient norm being part of the game's dynamics
+            scale_invariant=is_scale_invariant(raw) and self._competing_losses is None,
         )
         decision = policy.step(observation)
         snapshot_everywhere = reduced["snapshot_available"] > 0
