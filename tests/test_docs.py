@@ -42,6 +42,7 @@ REFERENCE_TABLES = {
     "| tag (under `gradstab/`) | when | meaning |",
     "| level | rung | action on an anomalous step |",
     "| evidence | anomaly | rule | default | why |",
+    "| evidence | highest rung it can reach | why |",
     "| code | finds |",
     "| file | written by | where |",
     "| preset | published result | measured (docs/examples.md) |",
