@@ -48,6 +48,16 @@ def _run_in_a_temporary_directory(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_the_verbosity():
+    """``set_verbosity`` is process-wide (a docstring example sets "quiet"): no test leaks it into the next."""
+    from lightning_gradstab import report
+
+    saved = report._verbosity
+    yield
+    report._verbosity = saved
+
+
 @pytest.fixture
 def memory_logger() -> MemoryLogger:
     return MemoryLogger()
