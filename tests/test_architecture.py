@@ -23,6 +23,11 @@ ALLOWED_PRIVATE = {
     "_foreach_mul",
     "_foreach_mul_",
     "_foreach_sub",
+    "_foreach_copy_",
+    # a tensor's version counter (bumped by every in-place write): which buffers a forward wrote, with no sync
+    "_version",
+    # torch's C extension, for DisableTorchFunction: the diagnosis tracer's own probes must not be recorded
+    "_C",
     # torch's abstract bases of every conv / norm / dropout variant, for isinstance
     "_ConvNd",
     "_NormBase",

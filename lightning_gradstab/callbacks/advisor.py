@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradstab.callbacks._first_batch import first_batch_measurement
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
     ReportingCallback,
@@ -23,7 +24,6 @@ from lightning_gradstab.callbacks._shared import (
     gradient_stats,
     optimizer_index,
 )
-from lightning_gradstab.callbacks.init_audit import first_batch_measurement
 from lightning_gradstab.diagnosis import ModelGraph
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
 from lightning_gradstab.guard_events import collect_guard_events

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradstab.callbacks._first_batch import probe_report
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
     ReportingCallback,
-    eager,
-    probing,
     publish_report,
 )
 from lightning_gradstab.callbacks._shared import STATE_VERSION, check_state_version, validate_flag
 from lightning_gradstab.diagnosis import (
     InitScheme,
-    ModelGraph,
-    build_report,
-    probe_failed_report,
     reinitialize,
-    run_probe,
 )
-from lightning_gradstab.report import Finding, Report
+from lightning_gradstab.report import Report
 
 INIT_AUDIT_FILENAME = "gradstab_init_audit.json"
 
@@ -131,58 +123,3 @@ def _short(names: list[str]) -> str:
     if len(names) <= 3:
         return ", ".join(names)
     return f"{len(names)} layers ({names[0]}, {names[1]}, …, {names[-1]})"
-
-
-def probe_report(
-    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
-) -> Report:
-    """Probe ``pl_module`` on ``batch`` and build its report; a failure becomes an info finding, never a crash."""
-    return first_batch_measurement(pl_module, batch, batch_idx, forward_fn, source=source)[0]
-
-
-def first_batch_measurement(
-    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
-) -> tuple[Report, ModelGraph | None]:
-    """The first-batch measurement shared by ``InitAudit`` and ``ArchitectureAdvisor``: the report and the traced
-    graph (None when the model could not be probed).
-
-    ``training_step`` runs once under the probe and the random direction of ``diagnose`` is applied to the output
-    of the (last, outermost) parameterised module call it makes, so the verdict is ``diagnose(model, batch)``'s.
-    Without such a call (an all-functional step) the step's loss is backpropagated instead.
-    """
-    model = type(pl_module).__name__
-    if forward_fn is None and not pl_module.automatic_optimization:
-        return Report([_untraced("manual optimization: training_step steps the optimizers itself; "
-                                 "pass forward_fn to probe the model")], model=model, source=source), None
-    step = eager(pl_module, "training_step")
-
-    def forward(inputs: Any) -> Any:
-        with probing(pl_module):
-            if forward_fn is not None:
-                return forward_fn(pl_module, inputs)
-            output = step(inputs, batch_idx)
-        return output["loss"] if isinstance(output, Mapping) else output
-
-    def training_loss(loss: Any) -> Tensor:
-        return loss
-
-    loss_fn = training_loss if forward_fn is None else None  # forward_fn: random output direction
-
-    try:
-        result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn,
-                           direction_at_model_output=forward_fn is None)
-    except Exception as error:  # the audit is advice: it must never stop training
-        cause = error.__cause__ or error
-        rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {cause!r} (training continues)")
-        return probe_failed_report(model, source, f"{type(cause).__name__}: {cause}"), None
-    return build_report(result, model=model, source=source), result.graph
-
-
-def _untraced(reason: str) -> Finding:
-    return Finding(
-        "trace.incomplete",
-        "info",
-        (),
-        {"problem": reason},
-        f"Could not diagnose the model ({reason}); call `diagnose(model, batch)` on the eager module instead.",
-    )

@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lightning_gradstab.diagnosis.ops import _JOINS
+from lightning_gradstab.diagnosis.ops import JOINS
 
 
 @dataclass
@@ -426,6 +426,6 @@ def _pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]]) 
             elif consumer.kind == "join":
                 residual |= any(has_norm[i] for i in consumer.inputs if i != index)
                 frontier.append(consumer_index)
-            elif (consumer.kind == "pass" and index in consumer.inputs) or consumer.op in _JOINS:
+            elif (consumer.kind == "pass" and index in consumer.inputs) or consumer.op in JOINS:
                 frontier.append(consumer_index)
     return feeds_norm and residual

@@ -74,7 +74,7 @@ ACTIVATION_FAMILY: dict[str, str] = {
 }
 """Activation name -> family whose init rule applies (He for ``relu``, Xavier for ``tanh``/``sigmoid``...)."""
 
-_FUNCTIONAL_LAYERS = {
+FUNCTIONAL_LAYERS = {
     "linear": "linear",
     "bilinear": "linear",
     "matmul": "linear",
@@ -98,12 +98,12 @@ _FUNCTIONAL_LAYERS = {
     "multi_head_attention_forward": "attention",  # attention over q/k/v/out weights passed in (WavLM)
 }
 """Ops that apply a weight: with a parameter (or a slice of one) as an operand, each call is one layer."""
-_JOINS = frozenset({"add", "cat", "concat", "concatenate"})
+JOINS = frozenset({"add", "cat", "concat", "concatenate"})
 # a difference of two traced paths (``pred - target``, ``x - mean``) is arithmetic, never a skip connection
-_DIFFERENCES = frozenset({"sub"})
-_SCALINGS = frozenset({"mul", "div", "truediv"})
+DIFFERENCES = frozenset({"sub"})
+SCALINGS = frozenset({"mul", "div", "truediv"})
 # ops that move, select or rescale values without changing which layer they come from
-_PASS_THROUGH = frozenset({
+PASS_THROUGH = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
     "getitem", "squeeze", "unsqueeze", "expand", "expand_as", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
@@ -116,7 +116,7 @@ _RENAMES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "rmul": 
             "itruediv": "truediv", "rtruediv": "truediv", "rmatmul": "matmul", "concat": "cat"}
 
 
-def _leaves(value: Any) -> list[Any]:
+def leaf_modules(value: Any) -> list[Any]:
     """``tree_leaves`` with fast paths for a tensor and a flat tuple/list (most calls: the tracer's hot path)."""
     if isinstance(value, Tensor):
         return [value]
@@ -138,14 +138,14 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _activation_module_name(module: nn.Module) -> str | None:
+def activation_module_name(module: nn.Module) -> str | None:
     for cls in type(module).__mro__:
         if cls in ACTIVATION_MODULES:
             return ACTIVATION_MODULES[cls]
     return None
 
 
-def _op_name(func: Callable) -> str:
+def op_name(func: Callable) -> str:
     name = getattr(func, "__name__", type(func).__name__).strip("_")
     return _RENAMES.get(name, name)
 _GRID_HALF_WIDTH = 8.0
@@ -272,7 +272,7 @@ def affine_gain(module: nn.Module, args: tuple) -> float | None:
     return float(linear.square().mean().sqrt() / reference) if bool(reference > 0) else None
 
 
-def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
+def op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
     """``(fan_in, fan_out)`` of ``weight`` as ``op`` applies it; None where ``torch.nn.init``'s convention holds
     (``F.linear``'s ``(out, in)``, convolutions).
 
@@ -307,7 +307,7 @@ def _op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:
     return None
 
 
-def _pools_positions(source: Tensor, output: Tensor) -> bool:
+def pools_positions(source: Tensor, output: Tensor) -> bool:
     """Whether an op pools or selects away every position of a (B, C, ...) or (B, T, D) signal, leaving one
     vector of features per sample: a global pool, ``x.mean(1)``, the class token ``x[:, 0]``. Deltas on the two
     sides of it are not comparable (the pool divides the per-position gradient by the number of positions)."""
@@ -317,7 +317,7 @@ def _pools_positions(source: Tensor, output: Tensor) -> bool:
     return output.numel() % max(int(source.shape[0]), 1) == 0 and per_sample in (source.shape[1], source.shape[-1])
 
 
-def _constant_factor(op: str, args: tuple, traced: dict[int, int], is_weight: Callable[[Tensor], bool]) -> float:
+def constant_factor(op: str, args: tuple, traced: dict[int, int], is_weight: Callable[[Tensor], bool]) -> float:
     numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     # an untraced tensor factor is a constant at init: a 0-d normalizer (Gemma's sqrt(d)) or a parameter vector
     # (LayerScale's gamma, 1e-6 in ConvNeXt), counted by its root-mean-square

@@ -28,25 +28,25 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_gradstab.diagnosis.graph import ModelGraph, Node, build_graph
 from lightning_gradstab.diagnosis.ops import (
-    _DIFFERENCES,
-    _FUNCTIONAL_LAYERS,
-    _JOINS,
-    _PASS_THROUGH,
-    _SCALINGS,
     ACTIVATION_FAMILY,
+    DIFFERENCES,
+    FUNCTIONAL_LAYERS,
+    JOINS,
     NORM_FUNCTIONS,
     NORM_TYPES,
-    _activation_module_name,
-    _constant_factor,
-    _leaves,
-    _op_fans,
-    _op_name,
-    _pools_positions,
+    PASS_THROUGH,
+    SCALINGS,
     activation_family,
+    activation_module_name,
     affine_gain,
     classify_elementwise,
+    constant_factor,
     layer_kind,
+    leaf_modules,
     norm_gain,
+    op_fans,
+    op_name,
+    pools_positions,
 )
 
 
@@ -62,7 +62,7 @@ class _Recorder(TorchFunctionMode):
             try:
                 self.tracer.record_function(func, args, kwargs, output)
             except Exception as error:  # tracing must never break the user's forward
-                self.tracer.problem = f"recording {_op_name(func)} failed: {error!r}"
+                self.tracer.problem = f"recording {op_name(func)} failed: {error!r}"
         return output
 
 
@@ -135,7 +135,7 @@ class GraphTracer:
         self._handles.clear()
 
     def _may_record(self, module: nn.Module) -> bool:
-        if layer_kind(module) or isinstance(module, NORM_TYPES) or _activation_module_name(module):
+        if layer_kind(module) or isinstance(module, NORM_TYPES) or activation_module_name(module):
             return True
         if isinstance(module, (nn.modules.dropout._DropoutNd, nn.Identity)) or module is self.model:
             return False  # the model itself is never one opaque layer: its forward is what we trace
@@ -145,7 +145,7 @@ class GraphTracer:
         """How a module is recorded: ``("layer"|"norm"|"activation"|..., slope)``, None to trace its internals."""
         if id(module) in self._roles:
             return self._roles[id(module)]
-        activation = _activation_module_name(module)
+        activation = activation_module_name(module)
         if layer_kind(module):
             role: tuple[str, float] | None = ("layer", 0.0)
         elif isinstance(module, NORM_TYPES):
@@ -218,7 +218,7 @@ class GraphTracer:
         role, slope = self._roles[id(module)] or ("layer", 0.0)
         inputs = self._traced_inputs(args)
         if role.startswith("activation"):
-            op = role.split(":", 1)[1] if ":" in role else _activation_module_name(module) or "relu"
+            op = role.split(":", 1)[1] if ":" in role else activation_module_name(module) or "relu"
             node = self._new_node("activation", name, op, self._signal_only(inputs))
             node.negative_slope = slope
         elif role == "norm":
@@ -234,7 +234,7 @@ class GraphTracer:
             node.layer_kind = kind
             node.adds_depth = name not in self._called or kind != "recurrent"
             self._called.add(name)
-        first_input = next((t for t in _leaves(args) if isinstance(t, Tensor)), None)
+        first_input = next((t for t in leaf_modules(args) if isinstance(t, Tensor)), None)
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output)
 
@@ -278,12 +278,12 @@ class GraphTracer:
 
     def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
         """Record one functional call seen outside the recorded modules."""
-        leaves = [leaf for leaf in _leaves(args) if isinstance(leaf, Tensor)]
+        leaves = [leaf for leaf in leaf_modules(args) if isinstance(leaf, Tensor)]
         if kwargs:
             leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
-        if not any(isinstance(leaf, Tensor) for leaf in _leaves(output)):
+        if not any(isinstance(leaf, Tensor) for leaf in leaf_modules(output)):
             return
-        op = _op_name(func)
+        op = op_name(func)
         owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
         self.used_parameters.update(id(p) for p in owned)
         weights = [(leaf, name) for leaf in leaves if (name := self._weight_name(leaf)) is not None]
@@ -292,7 +292,7 @@ class GraphTracer:
             # the weights taken apart or combined before use (W[i], W.T, torch.stack): still weights
             self._derive_weights(op, args, [name for _, name in weights], output)
             return
-        if weights and op in _FUNCTIONAL_LAYERS:
+        if weights and op in FUNCTIONAL_LAYERS:
             self._record_functional_layer(op, args, weights, traced, leaves, output)
             return
         inputs = self._signal_only(traced)
@@ -308,12 +308,12 @@ class GraphTracer:
             main, gates = gated
             node = self._new_node("pass", op, op, main)
             node.side_inputs = gates
-        elif op in _JOINS and len(inputs) >= 2:
+        elif op in JOINS and len(inputs) >= 2:
             node = self._new_node("join", op, op, inputs)
-        elif op in _PASS_THROUGH or (op in _JOINS | _SCALINGS | _DIFFERENCES and len(inputs) == 1):
+        elif op in PASS_THROUGH or (op in JOINS | SCALINGS | DIFFERENCES and len(inputs) == 1):
             node = self._new_node("pass", op, op, inputs)
-            if op in _SCALINGS:
-                node.scale = _constant_factor(op, args, self.producers, self._is_weight)
+            if op in SCALINGS:
+                node.scale = constant_factor(op, args, self.producers, self._is_weight)
         elif op == "addcmul" and len(inputs) == 1:  # beta + alpha * x (ResMLP's Affine written inline)
             node = self._new_node("pass", op, op, inputs)
             factors = [a for a in args[1:3] if isinstance(a, Tensor) and id(a) not in self.producers]
@@ -331,7 +331,7 @@ class GraphTracer:
                     self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
         first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
         if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
-            node.global_reduction = _pools_positions(first, output)
+            node.global_reduction = pools_positions(first, output)
         self._register_outputs(node, output)
 
     def _is_weight(self, tensor: Tensor) -> bool:
@@ -344,7 +344,7 @@ class GraphTracer:
         """One application of a weight by a functional op: a layer node named after the weight, with the
         fan-in/fan-out read from the op (``x @ W`` contracts ``W``'s first axis, ``F.linear`` its last)."""
         weight, name = next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])  # addmm's bias comes first
-        kind = _FUNCTIONAL_LAYERS[op]
+        kind = FUNCTIONAL_LAYERS[op]
         if kind == "attention":  # one attention layer over its projections: named after their common owner
             owners = [n.split(".") for _, n in weights]
             common = [parts[0] for parts in zip(*owners, strict=False) if len(set(parts)) == 1]
@@ -356,7 +356,7 @@ class GraphTracer:
         node.input_shape = tuple(signal_leaf.shape)
         node.adds_depth = name not in self._called or kind != "recurrent"
         node.weight = weight
-        node.fans = _op_fans(op, args, weight)
+        node.fans = op_fans(op, args, weight)
         self._called.add(name)
         self._register_outputs(node, output)
 
@@ -389,7 +389,7 @@ class GraphTracer:
 
     def _traced_inputs(self, values: Any) -> list[int]:
         inputs: list[int] = []
-        for leaf in _leaves(values):
+        for leaf in leaf_modules(values):
             if isinstance(leaf, Tensor) and id(leaf) in self.producers:
                 producer = self.producers[id(leaf)]
                 if producer not in inputs:
@@ -404,7 +404,7 @@ class GraphTracer:
         return node
 
     def _register_outputs(self, node: Node, output: Any) -> None:
-        tensors = [t for t in _leaves(output) if isinstance(t, Tensor)]
+        tensors = [t for t in leaf_modules(output) if isinstance(t, Tensor)]
         for tensor in tensors:
             self.producers[id(tensor)] = node.index
             self._alive.append(tensor)
