@@ -171,9 +171,8 @@ class PolicyConfig:
         loss_scale_floor: fp16 loss scale below which the scaler has collapsed, > 0.
         loss_zscore_threshold: loss z-score above which the step's batch is skipped, > 0 (OLMo: 6); ``None``
             turns loss spikes off.
-        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of the loss's scale
-            (the larger of that value and the progress made from the first loss), that makes a divergence, > 0;
-            ``None`` turns divergence detection off.
+        loss_rise_tolerance: rise of the smoothed loss above its lowest value, as a fraction of that value,
+            that makes a divergence, > 0; ``None`` turns divergence detection off.
         loss_rules: whether the loss rules (loss spikes, divergence) judge this run: ``True``, ``False`` or
             ``"auto"`` (the default: on, until the loss shows it is not an objective that should fall: a
             negative loss, or the adapter reports competing losses such as a GAN's). Adversarial,
@@ -737,8 +736,8 @@ class ExplosionPolicy:
             self.loss_statistics.update(learned)
             if learned > 0:
                 self.log_loss_statistics.update(learned)
-            # the per-step noise, exact from the second loss on (Welford), so a divergence is never judged
-            # against a zero spread
+            # the per-step noise once it is measured (the warm-up's exact Welford estimate); before, the margin is
+            # the relative tolerance alone, which the early divergences of a run unstable from its start need
             noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
             self.loss_trend.update(learned, healthy=anomaly is None, noise=noise)
 
