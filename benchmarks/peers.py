@@ -18,6 +18,9 @@ Peers and the exact settings used:
 - ``agc``: :class:`AdaptiveGradientClipping`, NFNet's adaptive gradient clipping (Brock et al. 2021) re-implemented
   as a callback, with the defaults of timm's ``timm.utils.agc.adaptive_clip_grad`` (``clip_factor=0.01,
   eps=1e-3``) and, as the paper does, not on the final linear layer (of each optimizer's parameters).
+- ``adagc``: :class:`AdaGCClipping`, AdaGC's per-tensor adaptive clipping (Wang et al., arXiv 2502.11034, ICML
+  2026) with the paper's defaults (``beta=0.98, lambda_rel=1.05``, global clipping at 1.0 for the first 100
+  steps), through the pure core :class:`lightning_gradstab.per_tensor_clip.AdaptiveTensorClip`.
 - ``olmo_skip``: :class:`OlmoSkipStep`, OLMo-core's skip-step rule re-implemented as a callback.
 - ``spike``: Lightning's ``lightning.pytorch.callbacks.SpikeDetection()`` with its defaults (``window=10,
   warmup=1, rtol=2.0, atol=None, finite_only=True``). It looks at the loss in ``on_train_batch_end`` (after the
@@ -222,6 +225,68 @@ class AdaptiveGradientClipping(Callback):
         return {"counts": {"clip": self.clipped_steps}}
 
 
+class AdaGCClipping(Callback):
+    """AdaGC (Wang et al., "AdaGC: Improving Training Stability for Large Language Model Pretraining", arXiv
+    2502.11034, ICML 2026) as a Lightning callback: every parameter tensor's gradient is clipped against
+    ``lambda_rel`` times the EMA of its own past clipped norms, after a warm-up of global clipping.
+
+    A thin adapter: one :class:`~lightning_gradstab.per_tensor_clip.AdaptiveTensorClip` per optimizer (the rule,
+    its defaults and its distributed guarantees are documented there), called in ``on_before_optimizer_step``
+    (gradients unscaled, before Lightning's own clipping and the optimizer's moments), over the optimizer's
+    parameters in ``param_groups`` order. Its state travels in the checkpoint.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaGCClipping()])
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.98,
+        relative_threshold: float = 1.05,
+        absolute_threshold: float = 1.0,
+        warmup_steps: int = 100,
+    ) -> None:
+        from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
+
+        self.settings = {
+            "beta": beta,
+            "relative_threshold": relative_threshold,
+            "absolute_threshold": absolute_threshold,
+            "warmup_steps": warmup_steps,
+        }
+        AdaptiveTensorClip(**self.settings)  # validate now, not at the first step
+        self.clippers: dict[int, Any] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
+        self.clipped_steps = 0
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
+
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        if index not in self.clippers:
+            self.clippers[index] = AdaptiveTensorClip(**self.settings)
+            if index in self._pending:
+                self.clippers[index].load_state_dict(self._pending.pop(index))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        if all(g is None for g in grads):
+            return
+        factors = self.clippers[index].clip_(grads)
+        self.clipped_steps += int((factors < 1).any())  # one host sync per step; a benchmark peer, not the guard
+
+    def state_dict(self) -> dict[str, Any]:
+        return {index: clipper.state_dict() for index, clipper in self.clippers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = {int(index): state for index, state in state_dict.items()}
+        self.clippers = {}
+
+    def summary(self) -> dict[str, Any]:
+        return {"counts": {"clip": self.clipped_steps}}
+
+
 def _none() -> Method:
     return Method()
 
@@ -238,6 +303,10 @@ def _zclip() -> Method:
 
 def _agc() -> Method:
     return Method(callbacks=[AdaptiveGradientClipping(**AGC_SETTINGS)])
+
+
+def _adagc() -> Method:
+    return Method(callbacks=[AdaGCClipping()])
 
 
 def _olmo_skip() -> Method:
@@ -262,12 +331,28 @@ METHODS: dict[str, Callable[[], Method]] = {
     "clip1": _clip1,
     "zclip": _zclip,
     "agc": _agc,
+    "adagc": _adagc,
     "olmo_skip": _olmo_skip,
     "spike": _spike,
     "clean": _none,  # the harness swaps the injected batches back for it
     "guard": guard,
 }
 PEERS = ("none", "clip1", "zclip", "agc", "olmo_skip", "spike")
+
+
+def peer_callback(name: str) -> Callback:
+    """The one callback of peer ``name`` with exactly the settings the benchmark uses, for configs that build
+    callbacks one by one (``conf/variant/wortsman2023/*.yaml``: ``_target_: benchmarks.peers.peer_callback``).
+
+    Example::
+
+        trainer = Trainer(callbacks=[peer_callback("adagc")])
+    """
+    method = resolve_method(name)()
+    if len(method.callbacks) != 1 or method.trainer_kwargs:
+        raise ValueError(f"peer {name!r} is not one callback (it sets {method.trainer_kwargs or 'no callback'}); "
+                         "choose one of 'zclip', 'agc', 'adagc', 'olmo_skip', 'spike', 'guard'")
+    return method.callbacks[0]
 
 
 def resolve_method(name: str) -> Callable[[], Method]:
