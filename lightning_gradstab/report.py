@@ -38,6 +38,8 @@ CODES: dict[str, str] = {
     "arch.activation": "hidden sigmoid activations: non-zero-mean outputs and slope <= 1/4 starve gradients",
     "arch.recurrent": "a vanilla RNN whose recurrent weights explode or vanish over the sequence",
     "embedding.scale": "tiny embeddings feeding a pre-normalization residual stream",
+    "attention.logit_growth": "attention logits keep growing far past a one-hot softmax (add qk-layernorm)",
+    "output.logit_divergence": "the output logits' log-partition drifts away and keeps moving (add z-loss)",
     "trace.incomplete": "part of the model could not be traced; rules that need the graph skipped it",
 }
 """Every finding code with a one-line meaning (the reference table in ``docs/diagnosis.md`` mirrors it)."""

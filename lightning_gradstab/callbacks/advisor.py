@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +27,7 @@ from lightning_gradstab.callbacks._shared import (
 from lightning_gradstab.diagnosis import ModelGraph
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
 from lightning_gradstab.guard_events import collect_guard_events
+from lightning_gradstab.logit_watch import LogitWatch
 from lightning_gradstab.report import Finding, Report
 
 ADVISOR_FILENAME = "gradstab_advisor.json"
@@ -52,7 +53,15 @@ class ArchitectureAdvisor(ReportingCallback):
       during the window (read through the :class:`~lightning_gradstab.guard_events.GuardEventSource`
       protocol; optional), plus ``arch.recurrent`` for vanilla RNNs.
 
-    The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules`.
+    - ``attention.logit_growth`` / ``output.logit_divergence`` (Wortsman et al. 2023) from a
+      :class:`~lightning_gradstab.logit_watch.LogitWatch` that measures, every ``logit_every_n_steps`` steps of
+      the window, the max attention logit ``q . k / sqrt(d)`` per attention layer and the output layer's mean
+      log-partition (on rank 0's batch); the fixes named are qk-layernorm and z-loss 1e-4. Layers that already
+      have a qk-norm are never named. Attention layers are found by their shape (see the module docstring of
+      :mod:`lightning_gradstab.logit_watch`); ``attention_modules`` and ``output_module`` name others.
+
+    The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules` and
+    :mod:`lightning_gradstab.logit_watch`.
 
     Global rank 0 publishes the report like ``InitAudit`` (console, TensorBoard ``gradstab/findings``,
     ``<log_dir>/gradstab_advisor.json``). It changes nothing in training.
@@ -62,6 +71,11 @@ class ArchitectureAdvisor(ReportingCallback):
         stall_improvement: relative loss decrease below which the loss counts as stalled.
         forward_fn: ``forward_fn(pl_module, batch) -> output`` used for the graph trace instead of
             ``training_step`` (needed under manual optimization).
+        watch_logits: measure attention and output logits (hooks, only on the measured steps).
+        logit_every_n_steps: measure on every this many optimizer steps of the window.
+        attention_modules: attention module names to watch (or a mapping to their ``(query, key)`` Linear
+            children); ``None`` finds them.
+        output_module: the name of the layer producing the logits; ``None`` finds it.
 
     Example::
 
@@ -69,13 +83,31 @@ class ArchitectureAdvisor(ReportingCallback):
     """
 
     def __init__(
-        self, observe_steps: int = 100, stall_improvement: float = 0.1, forward_fn: ForwardFn | None = None
+        self,
+        observe_steps: int = 100,
+        stall_improvement: float = 0.1,
+        forward_fn: ForwardFn | None = None,
+        watch_logits: bool = True,
+        logit_every_n_steps: int = 10,
+        attention_modules: Sequence[str] | Mapping[str, tuple[str, str]] | None = None,
+        output_module: str | None = None,
     ) -> None:
         if not isinstance(observe_steps, int) or isinstance(observe_steps, bool) or observe_steps < 10:
             raise ValueError(f"`observe_steps` must be an int >= 10 (a loss trend needs steps), got {observe_steps!r}")
         if not isinstance(stall_improvement, (int, float)) or not 0.0 < stall_improvement < 1.0:
             raise ValueError(f"`stall_improvement` must be a float in (0, 1), got {stall_improvement!r}")
+        if not isinstance(watch_logits, bool):
+            raise TypeError(f"`watch_logits` must be a bool, got {watch_logits!r}")
+        if isinstance(logit_every_n_steps, bool) or not isinstance(logit_every_n_steps, int) or logit_every_n_steps < 1:
+            raise ValueError(f"`logit_every_n_steps` must be an int >= 1, got {logit_every_n_steps!r}")
         super().__init__(forward_fn)
+        self.watch_logits = watch_logits
+        self.logit_every_n_steps = logit_every_n_steps
+        self.attention_modules = attention_modules
+        self.output_module = output_module
+        self.logit_watch: LogitWatch | None = None
+        self._logit_state: dict[str, Any] | None = None
+        self._logit_step: int | None = None
         self.observe_steps = observe_steps
         self.stall_improvement = float(stall_improvement)
         self.graph: ModelGraph | None = None
@@ -91,12 +123,24 @@ class ArchitectureAdvisor(ReportingCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._arm_logit_watch(trainer, pl_module)  # a probe forward below is overwritten by the step's own
         if self._traced or self._reported:
             return
         self._traced = True
         self.first_look, self.graph = first_batch_measurement(
             pl_module, batch, batch_idx, self.forward_fn, source="ArchitectureAdvisor"
         )
+
+    def _arm_logit_watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.watch_logits or not self._observing(trainer):
+            return
+        if self.logit_watch is None:
+            self.logit_watch = LogitWatch(pl_module, self.attention_modules, self.output_module)
+            if self._logit_state is not None:
+                self.logit_watch.load_state_dict(self._logit_state)
+        step = trainer.global_step
+        if step % self.logit_every_n_steps == 0 and step != self._logit_step:
+            self.logit_watch.active, self._logit_step = True, step
 
     def _observing(self, trainer: pl.Trainer) -> bool:
         return not self._reported and trainer.global_step < self.observe_steps
@@ -122,6 +166,8 @@ class ArchitectureAdvisor(ReportingCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.logit_watch is not None and self.logit_watch.active:
+            self.logit_watch.record(self._logit_step)
         if self._reported:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -143,10 +189,13 @@ class ArchitectureAdvisor(ReportingCallback):
 
     def _advise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, window_complete: bool) -> None:
         findings = self._loss_findings() + self._gradient_findings() + self._guard_findings(trainer)
+        findings += self.logit_watch.findings() if self.logit_watch is not None else []
         self.report = Report(findings, model=type(pl_module).__name__, source="ArchitectureAdvisor")
         if window_complete:
             self._reported = True
             self._losses, self._group_norms = [], {}
+            if self.logit_watch is not None:
+                self.logit_watch.remove()
         else:
             self.report.notes.append(
                 f"Partial window: training ended after {trainer.global_step} of {self.observe_steps} observed steps."
@@ -178,6 +227,7 @@ class ArchitectureAdvisor(ReportingCallback):
             "losses": _stacked(self._losses).tolist() if self._losses else [],
             "group_names": {index: list(names) for index, names in self._group_names.items()},
             "group_norms": {index: _stacked(norms).tolist() for index, norms in self._group_norms.items()},
+            "logit_watch": self.logit_watch.state_dict() if self.logit_watch is not None else self._logit_state,
         }
 
     @override
@@ -187,6 +237,10 @@ class ArchitectureAdvisor(ReportingCallback):
         self._losses = [torch.tensor(v) for v in state_dict["losses"]]
         self._group_names = {int(i): tuple(names) for i, names in state_dict["group_names"].items()}
         self._group_norms = {int(i): list(torch.tensor(rows)) for i, rows in state_dict["group_norms"].items()}
+        self._logit_state = state_dict.get("logit_watch")  # applied when the watch attaches at the next batch
+        if self.logit_watch is not None:
+            self.logit_watch.remove()
+        self.logit_watch = None
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
