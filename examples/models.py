@@ -230,24 +230,32 @@ class RecurrentNet(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (PyTorch's fused scaled-dot-product kernel).
 
+    ``qk_layernorm=True`` normalizes each head's queries and keys with a LayerNorm before the dot product
+    (Dehghani et al. 2023, "Scaling Vision Transformers to 22B parameters"; Wortsman et al. 2023 show it removes
+    attention-logit growth at high learning rates): the logits are then bounded by the LayerNorm gains.
+
     Example::
 
         attention = CausalSelfAttention(embed_dim=64, num_heads=4)
         out = attention(torch.randn(2, 16, 64))  # (2, 16, 64), position t sees positions <= t only
     """
 
-    def __init__(self, embed_dim: int, num_heads: int) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, qk_layernorm: bool = False) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads})")
         self.num_heads = num_heads
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
+        head_dim = embed_dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim) if qk_layernorm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if qk_layernorm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, channels = x.shape
         q, k, v = self.qkv(x).split(channels, dim=2)
-        q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(batch, length, self.num_heads, -1) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (self.q_norm(q), self.k_norm(k), v))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(attended.transpose(1, 2).reshape(batch, length, channels))
 
@@ -263,11 +271,11 @@ class TransformerBlock(nn.Module):
         block = TransformerBlock(embed_dim=64, num_heads=4, pre_ln=False)  # the original post-LN block
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, pre_ln: bool) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, pre_ln: bool, qk_layernorm: bool = False) -> None:
         super().__init__()
         self.pre_ln = pre_ln
         self.ln_attention, self.ln_mlp = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
-        self.attention = CausalSelfAttention(embed_dim, num_heads)
+        self.attention = CausalSelfAttention(embed_dim, num_heads, qk_layernorm)
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)
         )
@@ -286,6 +294,7 @@ class CharGPT(nn.Module):
     Example::
 
         net = CharGPT(vocab_size=96, block_size=64, num_layers=2, num_heads=2, embed_dim=64, pre_ln=True)
+        stable = CharGPT(vocab_size=96, block_size=64, qk_layernorm=True)  # Wortsman et al. 2023's first fix
         logits = net(torch.zeros(1, 64, dtype=torch.long))  # (1, 64, 96)
     """
 
@@ -297,6 +306,7 @@ class CharGPT(nn.Module):
         num_heads: int = 4,
         embed_dim: int = 128,
         pre_ln: bool = True,
+        qk_layernorm: bool = False,
     ) -> None:
         super().__init__()
         _positive(num_layers, "num_layers")
@@ -304,7 +314,9 @@ class CharGPT(nn.Module):
         _positive(embed_dim, "embed_dim")
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.position_embedding = nn.Embedding(block_size, embed_dim)
-        self.blocks = nn.Sequential(*(TransformerBlock(embed_dim, num_heads, pre_ln) for _ in range(num_layers)))
+        self.blocks = nn.Sequential(
+            *(TransformerBlock(embed_dim, num_heads, pre_ln, qk_layernorm) for _ in range(num_layers))
+        )
         # pre-LN stacks end un-normalized; post-LN blocks already end in a LayerNorm
         self.final_norm = nn.LayerNorm(embed_dim) if pre_ln else nn.Identity()
         self.head = nn.Linear(embed_dim, vocab_size, bias=False)

@@ -119,6 +119,7 @@ class RunSummary(Callback):
         self.next_steps = dict(next_steps or {})
         self.curves: dict[str, list[float | None]] = {name: [] for name in ("epoch", *FINAL_METRICS)}
         self.started_at = time.perf_counter()
+        self.initial_train_loss: float | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -128,6 +129,14 @@ class RunSummary(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started_at = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the loss of the first batch, before any update: the l0 of Wortsman et al.'s LR sensitivity
+        if self.initial_train_loss is None and isinstance(outputs, dict) and "loss" in outputs:
+            self.initial_train_loss = _finite_or_none(outputs["loss"].detach())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,6 +168,7 @@ class RunSummary(Callback):
             "diverged_at_step": stopper.diverged_at_step if stopper else None,
             "error": None if error is None else "".join(traceback.format_exception_only(error)).strip(),
             "final": final,
+            "initial_train_loss": self.initial_train_loss,
             "best_val_acc": max((v for v in self.curves["val/acc"] if v is not None), default=None),
             "epochs": len(self.curves["epoch"]),
             "global_step": trainer.global_step if trainer is not None else 0,

@@ -67,6 +67,8 @@ class CharLMTaskSchema:
         default_factory=lambda: ["textwrap", "argparse", "json.decoder", "string", "heapq", "bisect", "fractions"]
     )
     max_chars: int = 200_000
+    z_loss: float = 0.0
+    cosine_steps: int = 0
 
 
 @dataclass
@@ -106,6 +108,7 @@ class GPTSchema:
     num_heads: int = 4
     embed_dim: int = 128
     pre_ln: bool = True
+    qk_layernorm: bool = False
 
 
 @dataclass

@@ -93,6 +93,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "wall_time_s": summary.get("wall_time_s"),
                 "error": summary.get("error"),
                 "curves": summary.get("curves", {}),
+                "initial_train_loss": summary.get("initial_train_loss"),
             }
         )
     return rows
@@ -235,6 +236,36 @@ def comparison_figure(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def write_lr_sensitivity(rows: list[dict[str, Any]], sweep_dir: Path, command: str) -> str | None:
+    """For a sweep over ``optim.optimizer.lr``: each arm's LR sensitivity (Wortsman et al. 2023) as
+    ``lr_sensitivity.md`` (command, date, machine, code, table), ``lr_sensitivity.png`` (final loss against LR, one
+    line per arm) and TensorBoard (``<sweep>/tensorboard_lr_sensitivity``). Returns the table (None: no LR swept).
+
+    Example::
+
+        write_lr_sensitivity(rows, Path("multirun/wortsman2023/2026-12-05_15-30-00"), "python examples/train.py ...")
+    """
+    from examples.lr_sensitivity import lr_sensitivity, sensitivity_figure, sensitivity_table, sensitivity_tensorboard
+
+    arms = lr_sensitivity(rows)
+    if not arms:
+        return None
+    table = sensitivity_table(arms)
+    figure = sweep_dir / "lr_sensitivity.png"
+    notes = []
+    if not sensitivity_figure(arms, figure):
+        notes.append("matplotlib is not installed: no lr_sensitivity.png")
+        figure = None
+    if not sensitivity_tensorboard(arms, table, figure, sweep_dir / "tensorboard_lr_sensitivity"):
+        notes.append("tensorboard is not installed: no TensorBoard copy")
+    document = results_document([], command).split("| run |")[0]  # the header: command, date, machine, code
+    text = (document + "LR sensitivity (Wortsman et al. 2023): E_lr[min(final val loss, l0) - best], l0 = the first "
+            "batch's loss; 'worst vs clip1': max over LRs of loss - (1.01 * clip1's + 0.01), <= 0 never worse.\n\n"
+            + table + "".join(f"\n{note}\n" for note in notes))
+    (sweep_dir / "lr_sensitivity.md").write_text(text)
+    return table
+
+
 class SweepSummary(Callback):
     """Gather every job's ``summary.json`` at the end of a multirun into a table and a figure.
 
@@ -244,6 +275,13 @@ class SweepSummary(Callback):
 
         python examples/train.py -m model.init=xavier,he   # then read multirun/<name>/<time>/summary.md
     """
+
+    @staticmethod
+    def _lr_sensitivity(rows: list[dict[str, Any]], sweep_dir: Path, command: str) -> None:
+        table = write_lr_sensitivity(rows, sweep_dir, command)
+        if table is not None:
+            console_print("LR sensitivity per arm (Wortsman et al. 2023)\n" + table + f"written: "
+                          f"{sweep_dir / 'lr_sensitivity.md'}, lr_sensitivity.png, tensorboard_lr_sensitivity/")
 
     @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -256,6 +294,7 @@ class SweepSummary(Callback):
         command = " ".join(["python examples/train.py", *sys.argv[1:]])
         (sweep_dir / "results.md").write_text(results_document(rows, command))
         console_print(console_table(rows, f"sweep {sweep_dir}"))
+        self._lr_sensitivity(rows, sweep_dir, command)
         failed = [row for row in rows if row["status"] in FAILED]
         for row in failed:
             console_print(f"[bold red]job {row['job']} {row['status']}:[/] {row.get('overrides') or row['run']}\n"

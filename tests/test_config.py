@@ -108,8 +108,8 @@ def test_every_job_of_every_preset_sweep_composes_and_validates(preset):
         OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)
 
 
-def test_presets_cover_the_five_published_experiments():
-    assert PRESETS == ["glorot2010", "he2015", "lm_spike", "pascanu2013", "resnet2016"]
+def test_presets_cover_the_six_published_experiments():
+    assert PRESETS == ["glorot2010", "he2015", "lm_spike", "pascanu2013", "resnet2016", "wortsman2023"]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_a_typo_fails_in_one_line_naming_the_key_or_group_with_a_suggestion_befo
 def test_help_lists_the_groups_a_user_chooses_not_the_stored_schemas(tmp_path):
     completed = _run_without_torch(tmp_path, "--help")
     groups = completed.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "model: cnn, gpt, mlp, rnn" in groups and "gradstab: full, monitor, off" in groups
+    assert "model: cnn, gpt, mlp, rnn" in groups and "gradstab: advisor, full, monitor, off" in groups
     assert "schema/" not in completed.stdout
 
 

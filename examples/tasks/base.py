@@ -7,6 +7,7 @@ in every task, so sweep tables compare tasks column by column.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,14 +29,21 @@ class ExampleTask(pl.LightningModule):
         build_optimizer: called with the parameters (``conf/optim/*.yaml`` is a ``_partial_`` optimizer).
         warmup_steps: linear learning-rate warm-up over this many optimizer steps (0 = none).
         batch_size: samples per batch and per process.
+        cosine_steps: after the warm-up, decay the learning rate to zero along a cosine over this many optimizer
+            steps (Wortsman et al. 2023's schedule; 0 = constant after the warm-up).
 
     Example::
 
         task = DigitsTask(partial(build_mlp, depth=8), partial(torch.optim.SGD, lr=0.02), warmup_steps=0)
     """
 
-    def __init__(self, build_optimizer: OptimizerFactory, warmup_steps: int = 0, batch_size: int = 32) -> None:
+    def __init__(
+        self, build_optimizer: OptimizerFactory, warmup_steps: int = 0, batch_size: int = 32, cosine_steps: int = 0
+    ) -> None:
         super().__init__()
+        if isinstance(cosine_steps, bool) or not isinstance(cosine_steps, int) or cosine_steps < 0:
+            raise ValueError(f"`cosine_steps` must be an int >= 0, got {cosine_steps!r}")
+        self.cosine_steps = cosine_steps
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an int >= 0, got {warmup_steps!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -67,6 +75,7 @@ class ExampleTask(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, correct = self.loss_and_correct(batch)
+        self.latest_loss = loss.detach()  # read by loss-based skip rules (OLMo-core's, in benchmarks/peers.py)
         self.train_accuracy.update(correct.float())
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
@@ -82,12 +91,19 @@ class ExampleTask(pl.LightningModule):
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.build_optimizer(self.parameters())
-        if self.warmup_steps == 0:
+        if self.warmup_steps == 0 and self.cosine_steps == 0:
             return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / self.warmup_steps)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step ``step`` as a fraction of the configured one."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.cosine_steps == 0:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / self.cosine_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -54,6 +54,8 @@ class CharLMTask(ExampleTask):
         block_size: context length in characters.
         modules: standard-library modules whose source forms the corpus.
         max_chars: corpus length cap; the last 10% is the validation split.
+        z_loss: weight of PaLM's auxiliary loss ``z_loss * log(Z)^2`` on the output logits' log-partition
+            (Chowdhery et al. 2022; Wortsman et al. 2023 use 1e-4 against output-logit divergence); 0 = off.
 
     Example::
 
@@ -69,8 +71,13 @@ class CharLMTask(ExampleTask):
         block_size: int = 64,
         modules: Sequence[str] = DEFAULT_MODULES,
         max_chars: int = 200_000,
+        z_loss: float = 0.0,
+        cosine_steps: int = 0,
     ) -> None:
-        super().__init__(build_optimizer, warmup_steps, batch_size)
+        super().__init__(build_optimizer, warmup_steps, batch_size, cosine_steps)
+        if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0.0 <= z_loss < 1.0:
+            raise ValueError(f"`z_loss` must be a float in [0, 1), got {z_loss!r}")
+        self.z_loss = float(z_loss)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
             raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
         text = stdlib_corpus(list(modules), max_chars)
@@ -90,4 +97,6 @@ class CharLMTask(ExampleTask):
         inputs, targets = batch
         logits = self.network(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if self.z_loss and self.training:
+            loss = loss + self.z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
         return loss, (logits.argmax(dim=2) == targets).flatten()
