@@ -24,7 +24,7 @@ from lightning_gradstab.diagnosis.arch_rules import (
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, init_findings, layer_fans
 from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, preserved_state, run_probe
-from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings
+from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings_measured
 from lightning_gradstab.report import Finding, Report
 
 
@@ -179,7 +179,7 @@ def build_report(
     symmetric = [f for f in findings if f.code == "init.symmetric"]
     sigmoid = activation_finding(graph)
     cause, init_explains = _signal_cause(graph, scales, symmetric, activation_problems + sigmoid, measured)
-    signal = [_deliberate(f, graph) for f in signal_findings(result, cause)]
+    signal = [_deliberate(f, graph) for f in signal_findings_measured(result, cause, measured)]
     unexplained = [f for f in signal if not init_explains] + activation_problems + sigmoid
     findings += signal + activation_problems + sigmoid
     findings += normalization_finding(graph, [f for f in unexplained if f.code != "activation.dead"])

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_gradstab.diagnosis.ops import JOINS
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """One recorded step of the forward pass.
 

@@ -134,19 +134,9 @@ def init_findings(
     measured = [layer for layer in graph.layers if layer.weight is not None]
     if not measured:
         return [], {}, {}
-    weights = [layer.weight.detach().float() for layer in measured]
-    device = weights[0].device
-    stats = []
-    for weight in weights:
-        rows = weight.reshape(weight.shape[0], -1) if weight.dim() >= 2 else weight.reshape(1, -1)
-        # identical rows are identical on any subset of columns; a random init differs on the first few already
-        head = rows[:, :SPREAD_COLUMNS]
-        # E[w^2] - E[w]^2 from one norm and one mean: single passes, cheaper than var() on very large weights
-        second_moment = torch.linalg.vector_norm(weight).square() / weight.numel()
-        stats += [(second_moment - weight.mean().square()).clamp_min(0.0), (head.amax(0) - head.amin(0)).amax()]
-    numbers = torch.stack([s.to(device) for s in stats]).tolist()  # one host sync for all layers
-    variance = {layer.name: numbers[2 * i] for i, layer in enumerate(measured)}
-    row_spread = {layer.name: numbers[2 * i + 1] for i, layer in enumerate(measured)}
+    variances, spreads = _weight_moments([layer.weight for layer in measured])
+    variance = {layer.name: v for layer, v in zip(measured, variances, strict=True)}
+    row_spread = {layer.name: v for layer, v in zip(measured, spreads, strict=True)}
     weight_std = {name: math.sqrt(v) for name, v in variance.items()}
     accepted = {layer.name: a for layer in measured if (a := accepted_variance(layer)) is not None}
     schemes = {name: a[0] for name, a in accepted.items()}
@@ -154,6 +144,47 @@ def init_findings(
     findings += _symmetric_findings(measured, row_spread, weight_std, schemes)
     findings += _embedding_findings(measured, {**weight_std, **(output_std or {})})
     return findings, schemes, weight_std
+
+
+STACKED_WEIGHT_ELEMENTS = 1 << 16
+"""Weights up to this size that share a shape are measured together, stacked: a few kernels for the group
+instead of a few per weight (most of the cost on small layers is the call, not the arithmetic)."""
+
+
+def _weight_moments(weights: list[Tensor]) -> tuple[list[float], list[float]]:
+    """The variance of each weight and the spread of its rows (max - min over rows of its first columns; 0 for
+    identical rows), read back to the host at once.
+
+    Weights of one shape, dtype and device are stacked and reduced together when small; larger ones one by one
+    (stacking would copy them). The variance is E[w^2] - E[w]^2 from one norm and one mean: single passes,
+    cheaper than var() on very large weights.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, weight in enumerate(weights):
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        if weight.numel() > STACKED_WEIGHT_ELEMENTS:
+            key += (index,)  # alone
+        groups.setdefault(key, []).append(index)
+    device = weights[0].device
+    stats: list[Tensor] = []
+    for indices in groups.values():
+        members = [weights[i].detach().float() for i in indices]
+        stacked = members[0].unsqueeze(0) if len(members) == 1 else torch.stack(members)
+        flat = stacked.reshape(len(members), -1)
+        rows = stacked.reshape(len(members), stacked.shape[1] if stacked.dim() >= 3 else 1, -1)
+        # identical rows are identical on any subset of columns; a random init differs on the first few already
+        head = rows[:, :, :SPREAD_COLUMNS]
+        second_moment = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
+        stats.append((second_moment - flat.mean(dim=1).square()).clamp_min(0.0).to(device))
+        stats.append((head.amax(1) - head.amin(1)).amax(1).to(device))
+    numbers = iter(torch.cat(stats).tolist())  # one host sync for all layers
+    variances, spreads = [0.0] * len(weights), [0.0] * len(weights)
+    for indices in groups.values():
+        for index in indices:
+            variances[index] = next(numbers)
+        for index in indices:
+            spreads[index] = next(numbers)
+    return variances, spreads
 
 
 def _log_ratios(graph: ModelGraph, variance: dict[str, float], accepted: dict) -> dict[str, float]:

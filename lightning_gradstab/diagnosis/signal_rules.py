@@ -147,7 +147,14 @@ def delta_ratio(result: ProbeResult) -> tuple[float, list[MeasuredLayer]] | None
 
 def signal_findings(result: ProbeResult, cause: str) -> list[Finding]:
     """``signal.vanishing`` or ``signal.exploding`` from the probe, with ``cause`` as the recommendation."""
-    measured_ratio = delta_ratio(result)
+    return signal_findings_measured(result, cause, delta_ratio(result))
+
+
+def signal_findings_measured(
+    result: ProbeResult, cause: str, measured_ratio: tuple[float, list[MeasuredLayer]] | None
+) -> list[Finding]:
+    """:func:`signal_findings` from an already computed :func:`delta_ratio` of ``result`` (``diagnose`` needs the
+    ratio for the cause first; walking the graph for the measured points once is enough)."""
     if measured_ratio is None:
         return []
     ratio, measured = measured_ratio

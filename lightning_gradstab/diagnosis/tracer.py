@@ -88,17 +88,21 @@ class GraphTracer:
         self.depth = 0
         self.testing = False  # True while a module is evaluated on probe inputs (nothing is recorded)
         self.problem: str | None = None
-        self.module_names = {id(m): n for n, m in model.named_modules()}
-        self.parameter_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else n for n, p in model.named_parameters()}
+        # the model is walked once: named_modules/named_parameters recurse through generators on every call
+        self.modules: list[tuple[str, nn.Module]] = list(model.named_modules())
+        self.parameters: list[tuple[str, nn.Parameter]] = list(model.named_parameters())
+        self.module_names = {id(m): n for n, m in self.modules}
+        self.parameter_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else n for n, p in self.parameters}
         self.used_parameters: set[int] = set()
         self.recorded_modules: dict[str, nn.Module] = {}
         self.signal: list[bool] = []  # per node: carries the input signal (not a mask built from integer ids)
         self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
+        self._behaviours: dict[tuple, tuple[str, float] | None] = {}  # see _behaviour_key
         self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
         self._called: set[str] = set()
         self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
-        self.parameter_names = {id(p): n for n, p in model.named_parameters()}
+        self.parameter_names = {id(p): n for n, p in self.parameters}
         self.derived: dict[int, str] = {}  # tensors that are (a slice or a layout of) a weight -> the weight's name
         self.missed: dict[str, str] = {}  # weight -> the op that applied it to the signal unrecognised
 
@@ -113,7 +117,7 @@ class GraphTracer:
     def tracing(self) -> Iterator[GraphTracer]:
         """Install hooks and the function mode for the duration of the block."""
         try:
-            for module in self.model.modules():
+            for _, module in self.modules:
                 if self._may_record(module):
                     self._handles.append(module.register_forward_pre_hook(self._pre_hook))
                     self._handles.append(module.register_forward_hook(self._post_hook))
@@ -179,7 +183,13 @@ class GraphTracer:
             return None  # an unfamiliar layer class: its weights are read where its forward applies them
         torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
         if not torch_builtin and next(module.buffers(recurse=False), None) is None and len(args) == 1:
-            behaviour = classify_elementwise(module, first)
+            key = _behaviour_key(module, first)
+            if key is not None and key in self._behaviours:
+                behaviour = self._behaviours[key]
+            else:
+                behaviour = classify_elementwise(module, first)
+                if key is not None:
+                    self._behaviours[key] = behaviour
             if behaviour is not None:
                 return (f"activation:{behaviour[0]}", behaviour[1])
         return None
@@ -208,7 +218,8 @@ class GraphTracer:
         if self.depth != 0 or self.problem is not None:
             return
         try:
-            self._record_module(module, args, output)
+            with torch._C.DisableTorchFunction():  # its own tensor reads (shapes) are not the model's ops
+                self._record_module(module, args, output)
         except Exception as error:
             self.problem = f"recording module {type(module).__name__} failed: {error!r}"
 
@@ -278,11 +289,11 @@ class GraphTracer:
 
     def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
         """Record one functional call seen outside the recorded modules."""
+        if not isinstance(output, Tensor) and not any(isinstance(leaf, Tensor) for leaf in leaf_modules(output)):
+            return  # shapes, sizes, flags: read first, since most calls the model makes return no tensor
         leaves = [leaf for leaf in leaf_modules(args) if isinstance(leaf, Tensor)]
         if kwargs:
             leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
-        if not any(isinstance(leaf, Tensor) for leaf in leaf_modules(output)):
-            return
         op = op_name(func)
         owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
         self.used_parameters.update(id(p) for p in owned)
@@ -455,8 +466,8 @@ class GraphTracer:
 
     def _resolve_weights(self) -> dict[str, tuple[nn.Module | None, Tensor | None]]:
         resolved: dict[str, tuple[nn.Module | None, Tensor | None]] = {}
-        modules = dict(self.model.named_modules())
-        parameters = dict(self.model.named_parameters())
+        modules = dict(self.modules)
+        parameters = dict(self.parameters)
         for node in self.nodes:
             if node.kind != "layer" or node.name in resolved:
                 continue
@@ -485,6 +496,29 @@ class GraphTracer:
                     break
                 owner = owner.rsplit(".", 1)[0] if "." in owner else ""
         return list(dict.fromkeys(name for name, parameter in named if id(parameter) not in seen))
+
+
+def _behaviour_key(module: nn.Module, like: Tensor) -> tuple | None:
+    """What decides the behaviour of a parameter- and buffer-free leaf on the classification grid: its class,
+    its plain attributes (``approximate="tanh"``, a function it applies) and the grid's dtype and device. Two
+    instances with equal keys compute the same function there (every layer of a Transformer has its own GELU
+    module), so one classification serves them all. None when an attribute cannot be compared (a tensor, a
+    container): that module is classified on its own."""
+    attributes = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or name == "training":
+            continue
+        if isinstance(value, Tensor) or not isinstance(value, (int, float, str, bool, type(None), Callable)):
+            return None
+        if isinstance(value, nn.Module):
+            return None
+        attributes.append((name, value))
+    try:
+        key = (type(module), tuple(attributes), like.dtype, like.device.type)
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def trace(model: nn.Module, forward: Callable[[Any], Any], inputs: Any = None) -> tuple[ModelGraph, Any]:
