@@ -132,6 +132,8 @@ class ModelGraph:
     norm_gains: dict[str, float] = field(default_factory=dict)  # normalization -> its output RMS at init
     plain_applications: int = 0  # weight applications on the longest plain chain (a weight used twice counts 2)
     missed: dict[str, str] = field(default_factory=dict)  # weight -> the op that applied it, unread as a layer
+    # computed once by build_graph (the rules ask for it several times; the nodes do not change afterwards)
+    _chain_parent: list[int | None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def plain_depth(self) -> int:
@@ -144,7 +146,9 @@ class ModelGraph:
 
     def chain_parent(self) -> list[int | None]:
         """For every node, the input along which its plain-chain depth was reached (None for sources)."""
-        return _plain_chain_dp(self.nodes)[1]
+        if self._chain_parent is None or len(self._chain_parent) != len(self.nodes):
+            self._chain_parent = _plain_chain_dp(self.nodes)[1]
+        return self._chain_parent
 
     def consumers(self) -> list[list[int]]:
         """For every node, the nodes that read its output (main and side inputs)."""
@@ -195,7 +199,8 @@ def build_graph(
     # the path questions below walk to the output from every layer: asked only where their answer can be yes
     attends = any(n.op in ("softmax", "log_softmax", "scaled_dot_product_attention") for n in nodes)
     joins = any(n.kind == "join" for n in nodes)
-    parent = _plain_chain_dp(nodes)[1]
+    depth, parent = _plain_chain_dp(nodes)  # once: the joins are final now
+    in_branch = _in_branch_all(nodes, consumers, parent, output_nodes) if joins else []
     layers: dict[str, LayerInfo] = {}
     for node in nodes:
         if node.kind != "layer":
@@ -213,13 +218,13 @@ def build_graph(
             info.attention_logits = attends and not info.is_output and _only_reaches(
                 node.index, nodes, consumers, gated, "logits", output_nodes
             )
-            info.in_branch = joins and _in_branch(node.index, nodes, consumers, parent, output_nodes)
+            info.in_branch = joins and in_branch[node.index]
             if info.kind == "embedding":
                 info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
     for node in nodes:
         if node.kind == "join":
-            node.in_branch = _in_branch(node.index, nodes, consumers, parent, output_nodes)
-    chain, normalized, activations, applications = _longest_plain_chain(nodes)
+            node.in_branch = in_branch[node.index]
+    chain, normalized, activations, applications = _longest_plain_chain(nodes, depth, parent)
     norms = list(dict.fromkeys(n.name for n in nodes if n.kind == "norm"))
     return ModelGraph(
         nodes=nodes,
@@ -233,6 +238,7 @@ def build_graph(
         problems=[],
         outputs=sorted(output_nodes),
         plain_applications=applications,
+        _chain_parent=parent,
     )
 
 
@@ -248,10 +254,12 @@ def _demote_arithmetic_joins(nodes: list[Node]) -> None:
             node.kind = "op"
 
 
-def _longest_plain_chain(nodes: list[Node]) -> tuple[list[str], bool, list[str], int]:
-    """Walk back from the deepest node along the plain-chain parents: the distinct layers crossed (input first),
-    whether a normalization lies on the way, the activations met (input first) and the weight applications."""
-    depth, parent = _plain_chain_dp(nodes)
+def _longest_plain_chain(
+    nodes: list[Node], depth: list[int], parent: list[int | None]
+) -> tuple[list[str], bool, list[str], int]:
+    """Walk back from the deepest node along the plain-chain parents (``_plain_chain_dp``'s): the distinct layers
+    crossed (input first), whether a normalization lies on the way, the activations met (input first) and the
+    weight applications."""
     chain: list[str] = []
     applications = max(depth, default=0)
     normalized = False
@@ -369,20 +377,32 @@ def _every_path_ends(
     return found
 
 
-def _in_branch(
-    start: int, nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
-) -> bool:
-    """Whether every path from ``start`` enters some join as a branch before it reaches the output: the layer (or
-    join) sits inside a residual branch. A join entered as its stream is walked through, so the running sum of
-    a branch's own accumulation (FocalNet's focal levels) is inside the branch that finally joins the stream."""
+def _in_branch_all(
+    nodes: list[Node], consumers: list[list[int]], parent: list[int | None], outputs: set[int]
+) -> list[bool]:
+    """For every node: whether every path from it enters some join as a branch before it reaches the output (the
+    layer or join sits inside a residual branch). A join entered as its stream is walked through, so the running
+    sum of a branch's own accumulation (FocalNet's focal levels) is inside the branch that finally joins the
+    stream.
 
-    def step(index: int, consumer_index: int) -> _PathStep:
-        consumer = nodes[consumer_index]
-        if consumer.kind == "join":
-            return "follow" if parent[consumer_index] == index else "found"
-        return "follow" if index in consumer.inputs else "stop"
-
-    return _every_path_ends(start, consumers, outputs, step)
+    The answer for all nodes in one backward sweep (consumers come later in execution order): a node is in a
+    branch when what it reaches by walking (through non-join consumers of its output, and joins it enters as the
+    stream) holds no model output and at least one edge into a join as its branch; the same answer as walking
+    from each node, without one walk per layer.
+    """
+    reaches_output = [False] * len(nodes)
+    enters_branch = [False] * len(nodes)
+    for index in range(len(nodes) - 1, -1, -1):
+        output, branch = index in outputs, False
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "join" and parent[consumer_index] != index:
+                branch = True
+            elif consumer.kind == "join" or index in consumer.inputs:
+                output |= reaches_output[consumer_index]
+                branch |= enters_branch[consumer_index]
+        reaches_output[index], enters_branch[index] = output, branch
+    return [branch and not output for output, branch in zip(reaches_output, enters_branch, strict=True)]
 
 
 def _only_reaches(
