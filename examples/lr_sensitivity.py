@@ -46,7 +46,8 @@ def lr_sensitivity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if LR_KEY not in items:
             continue
         lr = float(items.pop(LR_KEY))
-        method = items.pop(ARM_KEY, "").rpartition("/")[2]
+        every = dict(item.split("=", 1) for item in row.get("overrides", "").split() if "=" in item)
+        method = items.pop(ARM_KEY, every.get(ARM_KEY, "")).rpartition("/")[2]  # also when every job shares it
         group = " ".join(f"{k}={v}" for k, v in sorted(items.items()))
         label = " ".join(part for part in (method, group) if part) or "all"
         arm = arms.setdefault(label, {"arm": label, "group": group, "method": method, "losses": {}, "l0": []})

@@ -22,11 +22,14 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
     from lightning_gradstab.diagnosis import diagnose
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
+    from lightning_gradstab.logit_watch import LogitWatch
+    from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
     from lightning_gradstab.report import Finding, Report, get_verbosity, set_verbosity
     from lightning_gradstab.snapshot import RollbackSnapshot
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 _EXPORTS = {
+    "AdaptiveTensorClip": "lightning_gradstab.per_tensor_clip",
     "ArchitectureAdvisor": "lightning_gradstab.callbacks.advisor",
     "ExplosionGuard": "lightning_gradstab.callbacks.guard",
     "Finding": "lightning_gradstab.report",
@@ -36,6 +39,7 @@ _EXPORTS = {
     "GuardEvent": "lightning_gradstab.guard_events",
     "GuardEventSource": "lightning_gradstab.guard_events",
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
+    "LogitWatch": "lightning_gradstab.logit_watch",
     "ParameterLayout": "lightning_gradstab.stats",
     "Report": "lightning_gradstab.report",
     "RollbackSnapshot": "lightning_gradstab.snapshot",
@@ -46,6 +50,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdaptiveTensorClip",
     "ArchitectureAdvisor",
     "ExplosionGuard",
     "Finding",
@@ -55,6 +60,7 @@ __all__ = [
     "GuardEvent",
     "GuardEventSource",
     "InitAudit",
+    "LogitWatch",
     "ParameterLayout",
     "Report",
     "RollbackSnapshot",

@@ -283,10 +283,10 @@ class LogitWatch:
 
     Example::
 
-        watch = LogitWatch(model, sample_positions=32)
-        watch.active = True
-        model(tokens)
-        watch.record(step=10)
+        watch = LogitWatch(model, sample_positions=32)  # finds attention layers and the output layer
+        watch.active = True                             # measure the next training forward
+        watch.record(step=0)                            # after it: keep what it saw
+        findings = watch.findings()
     """
 
     def __init__(
@@ -497,32 +497,33 @@ def _median(values: Sequence[float]) -> float:
 def output_logit_findings(
     steps: Sequence[int], log_partition: Sequence[float], drift: float = Z_LOSS_DRIFT
 ) -> list[Finding]:
-    """``output.logit_divergence`` when the output log-partition drifted far from where it started and kept going.
+    """``output.logit_divergence`` when the output log-partition drifted far from where it started and stayed there.
 
     The cross-entropy is invariant to adding a constant to every logit, so nothing pins ``log Z`` and at a high
     learning rate it can drift; Wortsman et al. 2023 show the loss then diverges, which PaLM's z-loss prevents by
-    pulling ``log Z`` to 0. Named when, at the last three measurements, ``|log Z - log Z_first|`` is at least
-    ``drift`` (20 nats) and the drift grew over the second half of the history. Why 20 nats: at that size the
-    logits are at least ~20 in magnitude, where bfloat16's 8-bit mantissa resolves them only to ~0.08, the size of
-    a late-training loss improvement; a run with z-loss keeps ``log Z`` within a few nats of 0.
+    pulling ``log Z`` to 0. Named when ``|log Z - log Z_first|`` is at least ``drift`` (20 nats) at each of the
+    last three measurements and in the median of the last third (sustained, not one batch). Why 20 nats: at that
+    size the logits are at least ~20 in magnitude, where bfloat16's 8-bit significand resolves them only to ~0.08,
+    the size of a late-training loss improvement, and ``softmax`` needs the max subtracted to stay finite in
+    half precision; a model with z-loss keeps ``log Z`` within a few nats of 0. Fewer than six finite
+    measurements name nothing.
 
     Example::
 
-        output_logit_findings([0, 10, 20, 30, 40], [4.5, -2.0, -10.0, -20.0, -30.0])
+        output_logit_findings(list(range(6)), [4.5, -2.0, -10.0, -20.0, -30.0, -40.0])
     """
     series = [(s, z) for s, z in zip(steps, log_partition, strict=True) if math.isfinite(z)]
-    if len(series) < 4:
+    if len(series) < 6:
         return []
     first = series[0][1]
     drifts = [abs(z - first) for _, z in series]
-    half = drifts[len(drifts) // 2]
-    if min(drifts[-3:]) < drift or drifts[-1] <= half:
+    if min(drifts[-3:]) < drift or _median(drifts[-(len(drifts) // 3):]) < drift:
         return []
     return [Finding(
         "output.logit_divergence", "warning", (),
         {"log_partition_first": round(first, 4), "log_partition_last": round(series[-1][1], 4),
          "drift_nats": round(drifts[-1], 4), "first_step": series[0][0], "last_step": series[-1][0]},
-        f"The output logits' log-partition drifted {drifts[-1]:.3g} nats from {first:.3g} and is still moving: add "
+        f"The output logits' log-partition drifted {drifts[-1]:.3g} nats from {first:.3g} and stayed away: add "
         "a z-loss, 1e-4 * logsumexp(logits)^2 (Chowdhery et al. 2022, PaLM; Wortsman et al. 2023), or use weight "
         "decay / a lower learning rate.",
     )]

@@ -81,10 +81,8 @@ class AdaptiveTensorClip:
 
     Example::
 
-        clip = AdaptiveTensorClip()
-        loss.backward()
-        clip.clip_([p.grad for p in model.parameters()])
-        optimizer.step()
+        clip = AdaptiveTensorClip()  # one per optimizer; call after backward, before optimizer.step()
+        factors = clip.clip_([p.grad for p in model.parameters()])  # global clip at 1.0 while warming up
     """
 
     def __init__(
