@@ -223,21 +223,8 @@ def norm_gain(module: nn.Module, args: tuple) -> float | None:
 
         norm_gain(transformers.models.gemma.modeling_gemma.GemmaRMSNorm(64), (x,))  # 1.0: (1 + weight), weight 0
     """
-    first = next((a for a in args if isinstance(a, Tensor)), None)
-    if first is None or not first.is_floating_point() or first.numel() < 2:
-        return None
-    rest = args[1:]
-    try:
-        with torch.no_grad():
-            small, large = module(first * 4.0, *rest), module(first * 16.0, *rest)
-    except Exception:
-        return None
-    if not isinstance(small, Tensor) or not isinstance(large, Tensor) or small.shape != first.shape:
-        return None
-    scale = small.float().norm()
-    if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
-        return None
-    return float(large.float().square().mean().sqrt())
+    behaviour = _scaled_outputs(module, args, (4.0, 16.0))
+    return _normalized_gain(*behaviour) if behaviour is not None else None
 
 
 def affine_gain(module: nn.Module, args: tuple) -> float | None:
@@ -245,30 +232,74 @@ def affine_gain(module: nn.Module, args: tuple) -> float | None:
 
     Such modules (LayerScale, ReZero/SkipInit gates, the per-channel affine blocks of ResMLP or of a frozen
     BatchNorm) are deliberate scalings, not layers: they mix no features, so they add no depth, and their factor
-    is measured through. Recognised by behaviour on the real input: the output minus the output at zero is
-    linear in the input (doubling the input doubles it) and keeps its shape. The gain is the RMS of that linear
-    part over the RMS of the input (``gamma``'s RMS for LayerScale).
+    is measured through. Recognised by behaviour on the real input scaled by 4 and by 16 (the inputs
+    :func:`norm_gain` tests) and by 0: the output minus the output at zero is linear in the input (four times the
+    input gives four times it) and keeps its shape. The gain is the RMS of that linear part over the RMS of the
+    input (``gamma``'s RMS for LayerScale).
 
     Example::
 
         affine_gain(LayerScale(64, init_values=1e-5), (x,))  # 1e-5
     """
+    behaviour = _scaled_outputs(module, args, (4.0, 16.0, 0.0))
+    return _linear_gain(*behaviour) if behaviour is not None else None
+
+
+def scaling_behaviour(module: nn.Module, args: tuple) -> tuple[str, float] | None:
+    """``("norm", gain)`` when ``module`` normalises its input (:func:`norm_gain`), ``("scale", gain)`` when it
+    computes ``scale * x + bias`` (:func:`affine_gain`), None otherwise.
+
+    Both tests read the same outputs at 4x and 16x the input, so a module is called three times at most (twice
+    when it normalises), not once per test per scale: these calls are most of what classifying an unfamiliar
+    parameterised leaf costs.
+
+    Example::
+
+        scaling_behaviour(LayerScale(64, init_values=1e-5), (x,))  # ("scale", 1e-5)
+    """
+    scaled = _scaled_outputs(module, args, (4.0, 16.0))
+    if scaled is None:
+        return None
+    gain = _normalized_gain(*scaled)
+    if gain is not None:
+        return ("norm", gain)
+    at_zero = _scaled_outputs(module, args, (0.0,))
+    gain = _linear_gain(*scaled, at_zero[1]) if at_zero is not None else None
+    return ("scale", gain) if gain is not None else None
+
+
+def _scaled_outputs(module: nn.Module, args: tuple, factors: tuple[float, ...]) -> tuple[Tensor, ...] | None:
+    """``(input, module(factor * input, *rest) for each factor)`` on the first tensor argument, without grad;
+    None when there is no floating-point input, the module raises, or an output is not a tensor of its shape."""
     first = next((a for a in args if isinstance(a, Tensor)), None)
     if first is None or not first.is_floating_point() or first.numel() < 2:
         return None
     rest = args[1:]
     try:
         with torch.no_grad():
-            once, twice, zero = module(first, *rest), module(first * 2.0, *rest), module(first * 0.0, *rest)
+            outputs = tuple(module(first * factor, *rest) for factor in factors)
     except Exception:
         return None
-    if not all(isinstance(t, Tensor) and t.shape == first.shape for t in (once, twice, zero)):
+    if not all(isinstance(t, Tensor) and t.shape == first.shape for t in outputs):
         return None
-    linear, doubled = (once - zero).double(), (twice - zero).double()
-    size = doubled.norm()
-    if not bool(torch.isfinite(size)) or bool((doubled - 2.0 * linear).norm() > 1e-4 * size + 1e-30):
+    return (first, *outputs)
+
+
+def _normalized_gain(first: Tensor, small: Tensor, large: Tensor) -> float | None:
+    """The output RMS when the outputs at 4x and 16x the input agree (a normalization), else None."""
+    scale = small.float().norm()
+    if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
         return None
-    reference = first.double().square().mean().sqrt()
+    return float(large.float().square().mean().sqrt())
+
+
+def _linear_gain(first: Tensor, small: Tensor, large: Tensor, zero: Tensor) -> float | None:
+    """RMS of ``f(4x) - f(0)`` over RMS of ``4x`` when ``f(16x) - f(0)`` is four times it (affine), else None."""
+    linear, quadrupled = (small - zero).double(), (large - zero).double()
+    size = quadrupled.norm()
+    if not bool(torch.isfinite(size)) or bool((quadrupled - 4.0 * linear).norm() > 1e-4 * size + 1e-30):
+        return None
+    reference = 4.0 * first.double().square().mean().sqrt()
     return float(linear.square().mean().sqrt() / reference) if bool(reference > 0) else None
 
 

@@ -38,15 +38,14 @@ from lightning_gradstab.diagnosis.ops import (
     SCALINGS,
     activation_family,
     activation_module_name,
-    affine_gain,
     classify_elementwise,
     constant_factor,
     layer_kind,
     leaf_modules,
-    norm_gain,
     op_fans,
     op_name,
     pools_positions,
+    scaling_behaviour,
 )
 
 
@@ -171,14 +170,10 @@ class GraphTracer:
         if first is None:
             return None
         parameters = list(module.parameters(recurse=False))
-        gain = norm_gain(module, args) if parameters and all(p.dim() <= 1 for p in parameters) else None
-        if gain is not None:
-            return ("norm", gain)  # norm classes carry per-feature gains; parameter-free ones call F.*_norm
         if parameters and all(p.dim() <= 1 for p in parameters):
-            scale = affine_gain(module, args)
-            if scale is not None:
-                return ("scale", scale)  # LayerScale, ReZero gates, per-channel affine blocks: measured through
-            return ("layer", 0.0)
+            # a normalization (norm classes carry per-feature gains; parameter-free ones call F.*_norm), or a
+            # LayerScale, ReZero gate, per-channel affine block: measured through; else a layer
+            return scaling_behaviour(module, args) or ("layer", 0.0)
         if parameters:
             return None  # an unfamiliar layer class: its weights are read where its forward applies them
         torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
