@@ -11,6 +11,11 @@ step of ``on_before_optimizer_step`` of each callback) and reported as a multipl
 ``torch._foreach_norm`` over all gradients. Both callbacks read the same shared statistics, so the guard's own
 share is its reduction, its single host read and the policy's few microseconds of Python.
 
+Two more configurations measure the Adam-state evidence (``lightning_gradstab.adam_state``): ``adam
+evidence`` (a callback computing it on every step beside the default monitor: its hook time is one evidence
+pass) and ``monitor+guard default +adam`` (``GradNormMonitor(adam_every_n_steps=ADAM_EVERY)`` with
+``ExplosionGuard()``: the evidence amortised as a user would run it).
+
 The rollback snapshot (model and Adam state copied to CPU) is timed separately, with its size; snapshots
 live in host memory, so peak accelerator memory is unchanged (checked when a GPU is present).
 
@@ -19,12 +24,19 @@ Usage::
     python benchmarks/guard_overhead.py                  # CPU, both workloads, markdown table
     python benchmarks/guard_overhead.py --repetitions 7 --steps 80
     python benchmarks/guard_overhead.py --device cuda --workloads mlp gpt-small
+    python benchmarks/guard_overhead.py --output benchmarks/results/guard-overhead-cpu-v4.md --note "..."
+
+``--output`` writes the tables into a markdown file headed by the command, the date, the machine and the commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +58,25 @@ from benchmarks.harness import (
     time_fit,
 )
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
+from lightning_gradstab.adam_state import AdamStateTracker
+from lightning_gradstab.callbacks._shared import gradient_stats
 from lightning_gradstab.callbacks.guard import snapshot_training_state
+
+ADAM_EVERY = 100
+"""The evidence interval of the ``monitor+guard default +adam`` configuration (``adam_every_n_steps``)."""
+
+
+class AdamEvidenceEveryStep(Callback):
+    """Computes the Adam-state evidence on every optimizer step (after the monitor's shared statistics), so its
+    hook time is the cost of one evidence pass."""
+
+    def __init__(self) -> None:
+        self.trackers: dict[int, AdamStateTracker] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        tracker = self.trackers.setdefault(id(raw), AdamStateTracker(raw))
+        tracker.compute(gradient_stats(trainer, pl_module, raw))
 
 
 class ClipGradNorm(Callback):
@@ -97,6 +127,21 @@ def measure(
         ceiling_fractions.append(guard.policy().counts.get("max_norm", 0) / max(1, guard.policy().steps))
         return timing
 
+    def monitor_and_default_guard_with_adam() -> StepTiming:
+        guard = ExplosionGuard(console_summary=False)
+        monitor = GradNormMonitor(adam_every_n_steps=ADAM_EVERY)
+        monitor_clock = HookClock(monitor, "on_before_optimizer_step")
+        timing = time_fit(workload, [monitor, guard], timed_callback=guard, steps=steps, accelerator=accelerator)
+        return StepTiming(
+            timing.step_seconds, timing.hook_seconds + monitor_clock.mean_seconds(skip=10), timing.peak_memory_bytes
+        )
+
+    def adam_evidence() -> StepTiming:
+        evidence = AdamEvidenceEveryStep()
+        return time_fit(
+            workload, [GradNormMonitor(), evidence], timed_callback=evidence, steps=steps, accelerator=accelerator
+        )
+
     def clip() -> StepTiming:
         callback = ClipGradNorm()
         return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
@@ -107,6 +152,8 @@ def measure(
             "monitor": monitor,
             "monitor+guard": monitor_and_guard,
             "monitor+guard default": monitor_and_default_guard,
+            "monitor+guard default +adam": monitor_and_default_guard_with_adam,
+            "adam evidence": adam_evidence,
             "clip_grad_norm_": clip,
         },
         repetitions,
@@ -156,7 +203,51 @@ def main(argv: list[str] | None = None) -> None:
         "--workloads", nargs="+", choices=sorted(WORKLOADS), default=["mlp", "gpt"], help="gpt-small: ~110M params"
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared box quiet)")
+    parser.add_argument("--output", type=Path, help="also write the tables into this markdown file")
+    parser.add_argument("--title", default="ExplosionGuard overhead", help="the --output file's heading")
+    parser.add_argument("--note", default="", help="a line about the run for the --output file (load, ...)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        run(args)
+        return
+    captured = _Tee()
+    with contextlib.redirect_stdout(captured):
+        run(args)
+    command = "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = [
+        f"# {args.title}",
+        "",
+        f"- command: `{command.strip()}`",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; code: git commit {_commit()}",
+    ]
+    if args.note:
+        header.append(f"- note: {args.note}")
+    args.output.write_text("\n".join(header) + "\n\n" + captured.getvalue())
+
+
+class _Tee(io.StringIO):
+    """Keeps what is printed and passes it on to the terminal."""
+
+    def write(self, text: str) -> int:
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
+def _commit() -> str:
+    """The checked-out commit, marked when the working tree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measure and print every table."""
     require_device(args.device)
     torch.set_num_threads(args.threads)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
@@ -173,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         timings, guard_seconds, ceiling_fraction = measure(workload, args.repetitions, args.steps, accelerator)
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
         default, clip = timings["monitor+guard default"], timings["clip_grad_norm_"]
-        acting.append((workload, floor, base, default, clip, ceiling_fraction))
+        evidence, with_adam = timings["adam evidence"], timings["monitor+guard default +adam"]
+        acting.append((workload, floor, base, default, clip, ceiling_fraction, evidence, with_adam))
         print(
             f"| {workload.name} | {workload.parameter_tensors()} | {workload.parameter_count() / 1e6:.1f}M "
             f"| {floor * 1e3:.3f} | {monitor.hook_seconds * 1e3:.3f} ({monitor.hook_seconds / floor:.2f}x) "
@@ -188,12 +280,23 @@ def main(argv: list[str] | None = None) -> None:
         "| clip_grad_norm_(1.0) hook (ms, x floor) | step ratio guard default / clip_grad_norm_ vs baseline |"
     )
     print("|---|---|---|---|---|")
-    for workload, floor, base, default, clip, fraction in acting:
+    for workload, floor, base, default, clip, fraction, *_ in acting:
         print(
             f"| {workload.name} | {fraction:.0%} "
             f"| {default.hook_seconds * 1e3:.3f} ({default.hook_seconds / floor:.2f}x) "
             f"| {clip.hook_seconds * 1e3:.3f} ({clip.hook_seconds / floor:.2f}x) "
             f"| {default.step_seconds / base.step_seconds:.3f} / {clip.step_seconds / base.step_seconds:.3f} |"
+        )
+    print(
+        f"\n| workload | one Adam-evidence pass (ms, x floor) | amortised at every {ADAM_EVERY} steps (x floor) "
+        f"| monitor(adam_every_n_steps={ADAM_EVERY}) + default guard hooks (ms, x floor) |"
+    )
+    print("|---|---|---|---|")
+    for workload, floor, *_, evidence, with_adam in acting:
+        print(
+            f"| {workload.name} | {evidence.hook_seconds * 1e3:.3f} ({evidence.hook_seconds / floor:.1f}x) "
+            f"| {evidence.hook_seconds / floor / ADAM_EVERY:.2f}x "
+            f"| {with_adam.hook_seconds * 1e3:.3f} ({with_adam.hook_seconds / floor:.2f}x) |"
         )
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
     print(

@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning_gradstab.adam_state import AdamEvidence, AdamStateTracker
     from lightning_gradstab.callbacks.advisor import ArchitectureAdvisor
     from lightning_gradstab.callbacks.guard import ExplosionGuard, GradientExplosionError
     from lightning_gradstab.callbacks.init_audit import InitAudit
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 _EXPORTS = {
+    "AdamEvidence": "lightning_gradstab.adam_state",
+    "AdamStateTracker": "lightning_gradstab.adam_state",
     "AdaptiveTensorClip": "lightning_gradstab.per_tensor_clip",
     "ArchitectureAdvisor": "lightning_gradstab.callbacks.advisor",
     "ExplosionGuard": "lightning_gradstab.callbacks.guard",
@@ -50,6 +53,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AdamEvidence",
+    "AdamStateTracker",
     "AdaptiveTensorClip",
     "ArchitectureAdvisor",
     "ExplosionGuard",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -279,6 +279,10 @@ class GradientStats:
         replica_counts: under ``sharded``, how many ranks hold each parameter's local values.
         self_check: ``(suite total norm, independently gathered total norm)`` when the self-check ran on this
             step (see :func:`lightning_gradstab.distributed.gathered_total_norm`), else ``None``.
+        adam: the step's Adam-state evidence (:class:`lightning_gradstab.adam_state.AdamEvidence`: per-parameter
+            ``update_rms``, ``outlier_fraction``, ``second_moment_change``, ``recent_grad_sq_ratio``, ``[P]``
+            device tensors) when a callback computed it this step (``GradNormMonitor`` every
+            ``adam_every_n_steps``), else ``None``; a reader takes it from here instead of recomputing it.
     """
 
     layout: ParameterLayout
@@ -289,6 +293,7 @@ class GradientStats:
     process_group: object | None = None
     replica_counts: ReplicaCounts | None = None
     self_check: tuple[float, float] | None = None
+    adam: Any = None  # AdamEvidence (adam_state imports this module, so it is not named in the annotation)
     _local_grads: tuple | None = field(default=None, repr=False)  # sharded: (locals, placements, meshes)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -310,6 +315,13 @@ class GradientStats:
                     counts = self._counts(placements, meshes)
                     self._cache[key] = sum_over_ranks(local.pow(ord), counts, self.process_group).pow(1 / ord)
         return self._cache[key]
+
+    def local_gradients(self) -> list[Tensor | None]:
+        """This rank's gradient values, one per parameter of the layout (``None`` where absent): the local
+        shard of a DTensor with ``Partial`` placements already reduced (as measured), else ``p.grad``."""
+        if self.sharded and self._local_grads is not None:
+            return list(self._local_grads[0])
+        return self.layout.gradients()
 
     def weight_norms(self) -> Tensor:
         """Per-parameter L2 norms of the weights (computed on first request, then cached)."""
@@ -407,7 +419,7 @@ def compute_gradient_stats(
     """
     if not sharded:
         sq_norms = per_parameter_norms(layout, 2.0).square()
-        return GradientStats(layout, sq_norms, sq_norms.sum().sqrt(), (~torch.isfinite(sq_norms)).sum().float())
+        return GradientStats(layout, sq_norms, sq_norms.sum().sqrt(), _nonfinite_count(sq_norms))
     counts, first_step = layout.replica_counts(process_group, plain_replicas)
     grads, placements, meshes = local_values([p.grad for p in layout.parameters])
     local_sq = layout_norms(layout, grads, "grad").square()
@@ -418,6 +430,13 @@ def compute_gradient_stats(
     grad_counts = counts.of(layout.parameters, placements, meshes, local_sq.device, local_sq.dtype)
     sq_norms = sum_over_ranks(local_sq, grad_counts, process_group)
     total_norm = sq_norms.sum().sqrt()
-    nonfinite_count = (~torch.isfinite(sq_norms)).sum().float()
+    nonfinite_count = _nonfinite_count(sq_norms)
     local_grads = (grads, placements, meshes)
-    return GradientStats(layout, sq_norms, total_norm, nonfinite_count, True, process_group, counts, None, local_grads)
+    return GradientStats(
+        layout, sq_norms, total_norm, nonfinite_count, True, process_group, counts, _local_grads=local_grads
+    )
+
+
+def _nonfinite_count(sq_norms: Tensor) -> Tensor:
+    """How many entries are NaN or Inf, a 0-d float32 tensor (two kernels: the step's hot path)."""
+    return len(sq_norms) - torch.isfinite(sq_norms).sum(dtype=torch.float32)

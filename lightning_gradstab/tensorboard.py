@@ -31,6 +31,13 @@ CHARTS: dict[str, list[str]] = {
     "update-to-weight ratios": [r"gradstab/update_to_weight/{opt}[^/]+$"],
     "max |grad|": [r"gradstab/grad_max/{opt}[^/]+$"],
     "non-finite gradients": [r"gradstab/nonfinite/{opt}count$", r"gradstab/{opt}amp_overflow$"],
+    "Adam log10 update RMS: smallest / median / largest layer": [r"gradstab/adam/{opt}log10_update_rms/[^/]+$"],
+    "Adam outlier coordinates (g^2 > 25 v_hat): share of all, largest layer": [
+        r"gradstab/adam/{opt}outlier_fraction/(total|layer_max)$"
+    ],
+    "Adam second moment: log10 recent g^2 / v_hat and log10 v_hat change": [
+        r"gradstab/adam/{opt}log10_(recent_grad_sq_ratio|second_moment_change)/[^/]+$"
+    ],
     "guard level (0 observe ... 6 stop)": [r"gradstab/{opt}level$"],
     "guard LR scale (1 = the scheduled learning rate)": [r"gradstab/{opt}lr_scale$"],
     "guard actions (1 = acted on that step; rollbacks: running count)": [
@@ -175,12 +182,20 @@ def gradient_heatmap_figure(
 
 
 class HeatmapBuffer:
-    """Per-layer gradient norms of every optimizer step, kept on their device for the heat map (bounded memory).
+    """Per-layer values of every optimizer step, kept on their device for the heat map (bounded memory).
 
-    :meth:`add` copies one step's norms into a preallocated device tensor (no host transfer); :meth:`columns`
-    moves them to the host once, when the figure is drawn. When the buffer is full, every other column is
+    :meth:`add` is one device copy into a preallocated ``[capacity + 1, width]`` tensor (no host transfer, no
+    allocation, a few lines of Python); :meth:`columns` moves the kept columns to the host once, when the
+    figure is drawn, after an optional device ``transform`` (e.g. per-parameter squared norms summed into
+    per-layer norms, so the step itself pays for no grouping). When the buffer is full, every other column is
     dropped (on the device), halving the time resolution, so a run of any length keeps at most ``capacity``
-    columns, spread over the whole run, and the newest step is always there.
+    columns, spread over the whole run, and the newest step is always there (a step the stride skips is
+    written into the spare last row).
+
+    Args:
+        names: one per row of the figure (per layer).
+        capacity: most columns kept (>= 2).
+        width: length of each added vector, when it is not one value per name (default ``len(names)``).
 
     Example::
 
@@ -189,37 +204,40 @@ class HeatmapBuffer:
         steps, columns = buffer.columns()  # when drawing
     """
 
-    def __init__(self, names: Sequence[str], capacity: int = 512) -> None:
+    def __init__(self, names: Sequence[str], capacity: int = 512, width: int | None = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
             raise ValueError(f"`capacity` must be an int >= 2, got {capacity!r}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 0):
+            raise ValueError(f"`width` must be a non-negative int or None, got {width!r}")
         self.names = tuple(names)
         self.capacity = capacity
+        self.width = len(self.names) if width is None else width
         self.stride = 1  # keep one step in ``stride``: doubles each time the buffer fills
         self.steps: list[int] = []
-        self._values: Any = None
-        self._latest: Any = None  # the newest step's norms, drawn even when the stride skipped that step
+        self._values: Any = None  # rows 0..capacity-1: kept columns; row ``capacity``: the newest, if not kept
         self._latest_step = -1
+        self._latest_kept = False
         self._seen = 0
 
     def add(self, step: int, norms: Any) -> None:
-        """Record the norms (a 1-d tensor, one per layer) of optimizer step ``step``."""
-        import torch
-
+        """Record the values (a 1-d tensor of ``width`` entries) of optimizer step ``step``."""
         if self._values is None:
-            self._values = torch.empty((self.capacity, len(self.names)), dtype=torch.float32, device=norms.device)
-            self._latest = torch.empty(len(self.names), dtype=torch.float32, device=norms.device)
-        self._latest.copy_(norms.detach().reshape(-1), non_blocking=True)
+            import torch
+
+            self._values = torch.empty((self.capacity + 1, self.width), dtype=torch.float32, device=norms.device)
         self._latest_step = step
         self._seen += 1
-        if (self._seen - 1) % self.stride:
+        self._latest_kept = not (self._seen - 1) % self.stride
+        if not self._latest_kept:
+            self._values[self.capacity].copy_(norms.reshape(-1), non_blocking=True)
             return
         if len(self.steps) == self.capacity:
-            kept = self._values[::2].clone()
+            kept = self._values[: self.capacity : 2].clone()
             self._values[: len(kept)] = kept
             self.steps = self.steps[::2]
             self.stride *= 2
             self._seen = 1
-        self._values[len(self.steps)].copy_(norms.detach().reshape(-1), non_blocking=True)
+        self._values[len(self.steps)].copy_(norms.reshape(-1), non_blocking=True)
         self.steps.append(step)
 
     @property
@@ -227,16 +245,21 @@ class HeatmapBuffer:
         """The newest step added (-1 before the first)."""
         return self._latest_step
 
-    def columns(self) -> tuple[list[int], list[list[float]]]:
-        """The recorded steps and their norms on the host (one transfer), oldest first."""
+    def columns(self, transform: Any = None) -> tuple[list[int], list[list[float]]]:
+        """The recorded steps and their values on the host (one transfer), oldest first; ``transform`` maps the
+        ``[columns, width]`` device tensor to ``[columns, len(names)]`` before the transfer."""
         if not self.steps:
             return [], []
-        if self.steps[-1] == self._latest_step:
-            return list(self.steps), self._values[: len(self.steps)].cpu().tolist()
-        import torch
+        values = self._values[: len(self.steps)]
+        steps = list(self.steps)
+        if not self._latest_kept:
+            import torch
 
-        values = torch.cat([self._values[: len(self.steps)], self._latest[None]])
-        return [*self.steps, self._latest_step], values.cpu().tolist()
+            values = torch.cat([values, self._values[self.capacity :]])
+            steps.append(self._latest_step)
+        if transform is not None:
+            values = transform(values)
+        return steps, values.cpu().tolist()
 
 
 _TOLD_ABOUT_PNG: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -24,6 +24,9 @@ ALLOWED_PRIVATE = {
     "_foreach_mul_",
     "_foreach_sub",
     "_foreach_copy_",
+    # the same kernels as torch.optim.Adam's foreach path, for adam_state's one fused pass over the moments
+    "_foreach_add", "_foreach_add_", "_foreach_sub_", "_foreach_div", "_foreach_div_", "_foreach_neg",
+    "_foreach_lerp", "_foreach_sqrt_", "_foreach_maximum_", "_foreach_clamp_min_",
     # a tensor's version counter (bumped by every in-place write): which buffers a forward wrote, with no sync
     "_version",
     # torch's C extension, for DisableTorchFunction: the diagnosis tracer's own probes must not be recorded

@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradstab import tensorboard
+from lightning_gradstab.adam_state import AdamStateTracker
 from lightning_gradstab.callbacks._shared import (
     add_tensorboard_layout,
     forget_trainer,
@@ -89,6 +90,20 @@ class _HostCopy:
         return out
 
 
+@dataclass
+class _Plan:
+    """What the per-step hook needs for one optimizer, found once per fit (not rebuilt every step)."""
+
+    index: int
+    scope: str
+    step_tags: tuple[str, ...]
+    rank_zero: bool
+    heat: tensorboard.HeatmapBuffer | None  # per-parameter squared L2 norms of every step (rank 0)
+    heat_groups: tuple[tuple[str, ...], Tensor]  # group names, each parameter's group (drawing sums them)
+    heat_drawn_at: int = 0
+    adam: AdamStateTracker | None = None  # Adam-family optimizers, with adam_every_n_steps set
+
+
 class GradNormMonitor(Callback):
     r"""Log gradient norms, gradient-to-weight and update-to-weight ratios, histograms and a gradient-flow figure.
 
@@ -107,8 +122,13 @@ class GradNormMonitor(Callback):
     - ``grad_max/total`` (and ``grad_max/{group}``) with ``log_inf_norm=True``;
     - ``log10_update/{layer_min,layer_median,layer_max}`` (log10 of, and ``update_to_weight/{group}``), ‖Δw‖/‖w‖
       of the optimizer step, with ``update_to_weight=True``;
-    - TensorBoard images: ``gradient_flow_over_time`` (layer x step heat map of log10 gradient norms, drawn from
-      the values already copied to the host for logging) and ``gradient_flow``; histograms ``grad_hist/{group}``.
+    - every ``adam_every_n_steps`` steps, for Adam-family optimizers: ``adam/log10_update_rms/{layer_min,
+      layer_median,layer_max}``, ``adam/outlier_fraction/{total,layer_max}``,
+      ``adam/log10_recent_grad_sq_ratio/{layer_min,layer_median}`` and ``adam/log10_second_moment_change/
+      {layer_min,layer_median}`` (from the second evidence step on), and with per-layer scalars
+      ``adam/update_rms/{group}`` and ``adam/outlier_fraction/{group}``;
+    - TensorBoard images: ``gradient_flow_over_time`` (layer x step heat map of log10 L2 gradient norms, every
+      optimizer step) and ``gradient_flow``; histograms ``grad_hist/{group}``.
 
     With a ``TensorBoardLogger`` the "Gradient stability" custom-scalar layout is registered at fit start, with
     only the charts the suite's callbacks will fill.
@@ -128,8 +148,20 @@ class GradNormMonitor(Callback):
         heatmap_every_n_steps: interval at which the layer x step heat map is redrawn (also at the end of
             training, so the last step is in it). Its columns are every optimizer step (at most
             :data:`HEATMAP_MAX_COLUMNS`, kept on the device: one host transfer per drawing), whatever
-            ``log_every_n_steps``. Without a TensorBoard logger it is written as a PNG into the log directory
-            (said once). ``None`` disables it.
+            ``log_every_n_steps``. It shows L2 norms whatever ``norm_type``: they come free from the shared pass
+            and need no collective, so under sharded strategies rank 0 can keep the map alone (another order
+            would cost a pass and a collective every step, on every rank). Each step costs one device copy of
+            the per-parameter squared norms; they are summed into layers when the map is drawn. Without a
+            TensorBoard logger it is written as a PNG into the log directory (said once). ``None`` disables it.
+        adam_every_n_steps: interval of the Adam-state evidence (:mod:`lightning_gradstab.adam_state`), for
+            ``torch.optim.Adam``/``AdamW`` optimizers (others get none, silently): the RMS of the update Adam is
+            about to apply, the share of coordinates with ``g^2 > 25 v_hat`` and the second moment's decay, from
+            one fused pass over the gradients and both moments on those steps only. Logged under
+            ``gradstab/adam/`` and left on the step's statistics (``GradientStats.adam``) for the guard.
+            ``None`` (default) disables it: one evidence pass costs 20-80x the foreach-norm floor on CPU (about
+            14 elementwise passes over gradients and moments against one read-only norm pass; see
+            benchmarks/results/guard-overhead-cpu-v4.md), so an interval of 100-200 keeps it near 0.2-0.5x
+            the floor per step.
         per_layer_scalars: log one scalar per group and statistic. ``None`` (default): only for models with
             at most :data:`PER_LAYER_SCALARS_MAX_GROUPS` groups per optimizer, so the Scalars tab of a deep model
             stays navigable (the heat map and the log10 layer range carry the per-layer picture).
@@ -154,6 +186,7 @@ class GradNormMonitor(Callback):
         histogram_every_n_steps: int | None = None,
         figure_every_n_steps: int | None = None,
         heatmap_every_n_steps: int | None = 100,
+        adam_every_n_steps: int | None = None,
         per_layer_scalars: bool | None = None,
         self_check: bool = False,
     ) -> None:
@@ -166,6 +199,7 @@ class GradNormMonitor(Callback):
         self.histogram_every_n_steps = validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
         self.figure_every_n_steps = validate_interval(figure_every_n_steps, "figure_every_n_steps")
         self.heatmap_every_n_steps = validate_interval(heatmap_every_n_steps, "heatmap_every_n_steps")
+        self.adam_every_n_steps = validate_interval(adam_every_n_steps, "adam_every_n_steps")
         if per_layer_scalars is not None:
             validate_flag(per_layer_scalars, "per_layer_scalars")
         self.per_layer_scalars = per_layer_scalars
@@ -173,8 +207,7 @@ class GradNormMonitor(Callback):
         self.self_check_results: dict[int, tuple[float, float]] = {}  # optimizer index -> (suite, gathered)
         self._per_layer = True
         self._layer_tags: set[str] = set()
-        self._heat: dict[str, tensorboard.HeatmapBuffer] = {}
-        self._heat_drawn_at: dict[str, int | None] = {}
+        self._plans: dict[int, _Plan] = {}  # id(optimizer as the hook receives it) -> what its steps need
         self._interval = 50
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
@@ -206,6 +239,8 @@ class GradNormMonitor(Callback):
             charts.append("log10 update-to-weight ratio: smallest / median / largest layer")
         if self.log_inf_norm:
             charts.append("max |grad|")
+        if self.adam_every_n_steps and any(AdamStateTracker.supports(o) for o in trainer.optimizers):
+            charts += [title for title in tensorboard.CHARTS if title.startswith("Adam ")]
         if self._per_layer:
             charts.append("per-layer gradient norms")
             charts += ["gradient-to-weight ratios"] if self.log_grad_to_weight else []
@@ -217,7 +252,7 @@ class GradNormMonitor(Callback):
         self.tensorboard_charts(trainer, pl_module)  # decides per-layer scalars from the model's group count
         add_tensorboard_layout(trainer, pl_module)
         self._trainer = trainer
-        self._heat, self._heat_drawn_at = {}, {}
+        self._plans = {}
         if self.update_to_weight:
             for optimizer in trainer.optimizers:
                 self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -226,27 +261,94 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # the hot path: everything that does not change between steps (the optimizer's index and scope, the
+        # per-step tags, the heat map's buffer) is looked up once per fit in _plan; each step adds one small
+        # stack and one device copy to the shared statistics, and reads nothing back
         stats = gradient_stats(trainer, pl_module, optimizer)
+        plan = self._plans.get(id(optimizer)) or self._plan(trainer, optimizer, stats)
         if stats.self_check is not None:
-            self.self_check_results[optimizer_index(trainer, optimizer)] = stats.self_check
+            self.self_check_results[plan.index] = stats.self_check
         step = logging_step(trainer)
-        scope = f"opt{optimizer_index(trainer, optimizer)}/" if len(trainer.optimizers) > 1 else ""
-        names = [f"gradstab/grad_norm/{scope}total", f"gradstab/nonfinite/{scope}count"]
         values = [torch.stack([stats.total(self.norm_type), stats.nonfinite_count])]
+        names = plan.step_tags
         if step % self._interval == 0:
-            for group_names, group_values in self._group_scalars(stats, scope):
+            names = list(names)
+            for group_names, group_values in self._group_scalars(stats, plan.scope):
                 names += group_names
                 values.append(group_values)
             if self.update_to_weight:
                 raw = getattr(optimizer, "_optimizer", optimizer)
-                self._weights_before[id(raw)] = (step, scope, stats, torch._foreach_mul(stats.layout.weights(), 1.0))
-        if self.heatmap_every_n_steps and trainer.global_rank == 0:
-            self._add_heatmap_column(trainer, stats, scope, step)
+                self._weights_before[id(raw)] = (
+                    step, plan.scope, stats, torch._foreach_mul(stats.layout.weights(), 1.0)
+                )
+        if plan.adam is not None and step % self.adam_every_n_steps == 0:  # type: ignore[operator]
+            names, values = self._adam_scalars(trainer, optimizer, stats, plan, names, values)
+        if plan.heat is not None:  # rank 0 only; L2 from the shared pass: no collective, so no rank can hang
+            plan.heat.add(step, stats.param_sq_norms)
+            if step - plan.heat_drawn_at >= self.heatmap_every_n_steps:  # type: ignore[operator]
+                self._draw_heatmap(trainer, plan)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._add_histograms(trainer, stats, scope, step)
+            self._add_histograms(trainer, stats, plan.scope, step)
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
-            self._add_gradient_flow_figure(trainer, stats, scope, step)
-        self._record(trainer, step, names, values)
+            self._add_gradient_flow_figure(trainer, stats, plan.scope, step)
+        if plan.rank_zero:
+            self._pending.append((step, names, values))
+            if step % self._interval == 0:
+                self._start_host_copy()
+            if self._in_flight:
+                self._emit(trainer, wait=False)
+
+    def _plan(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, stats: GradientStats) -> _Plan:
+        """What the per-step hook needs for ``optimizer``, looked up once per fit."""
+        index = optimizer_index(trainer, optimizer)
+        scope = f"opt{index}/" if len(trainer.optimizers) > 1 else ""
+        rank_zero = trainer.global_rank == 0
+        groups = stats.layout.group_index(self.group_by)
+        heat = None
+        if self.heatmap_every_n_steps and rank_zero:
+            heat = tensorboard.HeatmapBuffer(groups[0], HEATMAP_MAX_COLUMNS, width=len(stats.layout))
+        tags = (f"gradstab/grad_norm/{scope}total", f"gradstab/nonfinite/{scope}count")
+        adam = None
+        if self.adam_every_n_steps and AdamStateTracker.supports(optimizer):
+            adam = AdamStateTracker(getattr(optimizer, "_optimizer", optimizer))
+        plan = _Plan(index, scope, tags, rank_zero, heat, groups, adam=adam)
+        self._plans[id(optimizer)] = plan
+        return plan
+
+    def _adam_scalars(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, stats: GradientStats, plan: _Plan,
+        names: Any, values: list[Tensor],
+    ) -> tuple[Any, list[Tensor]]:
+        """Compute (every rank: a collective when sharded) or reuse the step's Adam-state evidence, leave it on
+        ``stats.adam`` and queue its scalars."""
+        assert plan.adam is not None
+        if stats.adam is None:
+            raw = getattr(optimizer, "_optimizer", optimizer)
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            fused = any(group.get("fused") for group in raw.param_groups)  # unscales inside step(): still scaled
+            grad_scale = scaler._scale if scaler is not None and fused and scaler._scale is not None else None
+            stats.adam = plan.adam.compute(stats, grad_scale)
+        if stats.adam is None or not plan.rank_zero:
+            return names, values
+        prefix = f"gradstab/adam/{plan.scope}"
+        groups, per_group = stats.adam.group(self.group_by)
+        names = list(names)
+        names += [f"{prefix}log10_update_rms/{kind}" for kind in _SPREAD]
+        values.append(_log10_spread(per_group["update_rms"]))
+        names += [f"{prefix}outlier_fraction/total", f"{prefix}outlier_fraction/layer_max"]
+        outliers = per_group["outlier_fraction"]
+        values.append(torch.stack([stats.adam.total_outlier_fraction(), outliers.nan_to_num(nan=0.0).max()]))
+        if plan.adam.calls > 1:
+            for statistic in ("recent_grad_sq_ratio", "second_moment_change"):
+                names += [f"{prefix}log10_{statistic}/{kind}" for kind in _SPREAD[:2]]
+                values.append(_log10_spread(per_group[statistic])[:2])
+        if self._per_layer:
+            for statistic in ("update_rms", "outlier_fraction"):
+                tags = [f"{prefix}{statistic}/{group}" for group in groups]
+                self._layer_tags.update(tags)
+                names += tags
+                values.append(per_group[statistic])
+        return names, values
 
     def _group_scalars(self, stats: GradientStats, scope: str) -> list[tuple[list[str], Tensor]]:
         """``(tag names, values)`` of the per-group statistics, one vector per kind.
@@ -325,21 +427,20 @@ class GradNormMonitor(Callback):
                     metrics = {tag: value for tag, value in metrics.items() if tag not in self._layer_tags}
                 log_metrics(trainer, metrics, step)
 
-    def _add_heatmap_column(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
-        """Every optimizer step's per-group norms into the device buffer; redraw every heatmap_every_n_steps."""
-        names, norms = stats.group_norms(self.group_by, self.norm_type)
-        if scope not in self._heat:
-            self._heat[scope] = tensorboard.HeatmapBuffer(names, HEATMAP_MAX_COLUMNS)
-            self._heat_drawn_at[scope] = None
-        self._heat[scope].add(step, norms)
-        if step - (self._heat_drawn_at[scope] or 0) >= self.heatmap_every_n_steps:
-            self._draw_heatmap(trainer, scope)
+    def _draw_heatmap(self, trainer: pl.Trainer, plan: _Plan) -> None:
+        heat = plan.heat
+        assert heat is not None
+        names, index = plan.heat_groups
 
-    def _draw_heatmap(self, trainer: pl.Trainer, scope: str) -> None:
-        steps, norms = self._heat[scope].columns()  # the one host transfer of this drawing
-        self._heat_drawn_at[scope] = steps[-1]
-        title = f"Gradient flow over time {scope}(log10 gradient norm per layer, steps {steps[0]}-{steps[-1]})"
-        figure = tensorboard.gradient_heatmap_figure(steps, self._heat[scope].names, norms, title=title)
+        def layer_norms(squares: Tensor) -> Tensor:  # [columns, parameters] squared norms -> [columns, layers]
+            sums = torch.zeros((squares.shape[0], len(names)), dtype=squares.dtype, device=squares.device)
+            return sums.index_add_(1, index, squares).sqrt()
+
+        steps, norms = heat.columns(layer_norms)  # the one host transfer of this drawing
+        plan.heat_drawn_at = steps[-1]
+        scope = plan.scope
+        title = f"Gradient flow over time {scope}(log10 L2 gradient norm per layer, steps {steps[0]}-{steps[-1]})"
+        figure = tensorboard.gradient_heatmap_figure(steps, heat.names, norms, title=title)
         writers = tensorboard_writers(trainer)
         if writers:
             tag = tensorboard.HEATMAP_TAG + (f"/{scope.rstrip('/')}" if scope else "")
@@ -351,10 +452,9 @@ class GradNormMonitor(Callback):
     def _flush(self, trainer: pl.Trainer) -> None:
         self._start_host_copy()
         self._emit(trainer, wait=True)
-        if self.heatmap_every_n_steps:
-            for scope, heat in self._heat.items():
-                if heat.steps and self._heat_drawn_at[scope] != heat.latest_step:
-                    self._draw_heatmap(trainer, scope)
+        for plan in self._plans.values():
+            if plan.heat is not None and plan.heat.steps and plan.heat_drawn_at != plan.heat.latest_step:
+                self._draw_heatmap(trainer, plan)
 
     def _add_histograms(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
         writers = tensorboard_writers(trainer)
