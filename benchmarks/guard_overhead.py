@@ -8,7 +8,8 @@ every step of a workload whose healthy norm is above 1: the cost of acting) and 
 calling ``torch.nn.utils.clip_grad_norm_(parameters, 1.0)``, what ``gradient_clip_val=1.0`` does: the reference
 for the cost of a clip). The added time is measured inside the hooks that do the work (the mean per optimizer
 step of ``on_before_optimizer_step`` of each callback) and reported as a multiple of the *floor*: one bare
-``torch._foreach_norm`` over all gradients. Both callbacks read the same shared statistics, so the guard's own
+``torch._foreach_norm`` over all gradients, measured in the same round-robin as the configurations. Both
+callbacks read the same shared statistics, so the guard's own
 share is its reduction, its single host read and the policy's few microseconds of Python.
 
 Two more configurations measure the Adam-state evidence (``lightning_gradstab.adam_state``): ``adam
@@ -48,10 +49,10 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks.harness import (
     WORKLOADS,
+    ForeachNormFloor,
     HookClock,
     StepTiming,
     Workload,
-    foreach_norm_floor,
     interleaved_medians,
     machine_description,
     require_device,
@@ -146,8 +147,13 @@ def measure(
         callback = ClipGradNorm()
         return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
 
+    def floor() -> StepTiming:  # interleaved with the others, so the machine's load hits it alike
+        callback = ForeachNormFloor()
+        return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
+
     timings = interleaved_medians(
         {
+            "floor": floor,
             "baseline": baseline,
             "monitor": monitor,
             "monitor+guard": monitor_and_guard,
@@ -260,8 +266,8 @@ def run(args: argparse.Namespace) -> None:
     acting = []
     snapshots, peaks = [], []
     for workload in (WORKLOADS[key]() for key in args.workloads):
-        floor = foreach_norm_floor(workload, steps=args.steps, accelerator=accelerator)
         timings, guard_seconds, ceiling_fraction = measure(workload, args.repetitions, args.steps, accelerator)
+        floor = timings["floor"].hook_seconds
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
         default, clip = timings["monitor+guard default"], timings["clip_grad_norm_"]
         evidence, with_adam = timings["adam evidence"], timings["monitor+guard default +adam"]
