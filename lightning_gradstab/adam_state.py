@@ -167,10 +167,11 @@ class AdamStateTracker:
         steps = torch.ones(len(layout), dtype=dtype, device=device)
         beta2 = torch.full((len(layout),), 0.5, dtype=dtype, device=device)
         measured = False
+        state = self.optimizer.state  # a defaultdict: read with .get, so looking creates no entry
         for group in self.optimizer.param_groups:
             members = [
                 (position[id(p)], p) for p in group["params"]
-                if id(p) in position and grads[position[id(p)]] is not None and "exp_avg_sq" in self.optimizer.state[p]
+                if id(p) in position and grads[position[id(p)]] is not None and "exp_avg_sq" in state.get(p, {})
             ]
             if members:
                 measured = True

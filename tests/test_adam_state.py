@@ -47,6 +47,7 @@ def test_update_rms_equals_the_parameter_change_of_the_step_that_follows(name):
         _backward(model, step)
         evidence = tracker.compute(compute_gradient_stats(layout))
         assert (evidence is None) == (step == 0)  # no state before Adam's first step
+        assert step > 0 or len(optimizer.state) == 0  # and looking created none
         before = [p.detach().clone() for p in layout.parameters]
         optimizer.step()
         if evidence is None:
@@ -193,3 +194,16 @@ def test_the_module_example_runs():
     _backward(model, 1)
     evidence = tracker.compute(compute_gradient_stats(copy.copy(layout)))
     assert evidence.update_rms.shape == (len(layout),)
+
+
+def test_the_sharded_path_gives_the_replicated_answer_on_one_rank():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    layout = ParameterLayout.from_module(model, optimizer)
+    _backward(model, 0)
+    optimizer.step()
+    _backward(model, 1)
+    replicated = AdamStateTracker(optimizer).compute(compute_gradient_stats(layout))
+    sharded = AdamStateTracker(optimizer).compute(compute_gradient_stats(layout, sharded=True))
+    torch.testing.assert_close(sharded.update_rms, replicated.update_rms)
+    torch.testing.assert_close(sharded.sums, replicated.sums)
