@@ -46,6 +46,7 @@ an exactly zero gradient carries no information and is not learned.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -130,6 +131,32 @@ a scale-invariant optimizer is a change of weighting, not of step size."""
 
 SNAPSHOT_HEALTHY_STREAK = 10
 """Consecutive healthy steps before a refreshed snapshot is taken: a state the guard is acting on is not one."""
+
+ROLLBACK_CHECK_STEPS = 4
+"""Batches the snapshot's weights are scored on after a divergence's rollback, before the rollback is trusted.
+
+A divergence says the smoothed loss rose; it cannot say whether the weights got worse or the objective got harder
+(a curriculum's next stage, a loss term whose weight is scheduled up, a policy whose returns changed). The snapshot
+answers it, on new batches: if the weights were the damage, the snapshot's weights score what they scored when
+it was taken (``l_s``); if the objective moved, every weights' loss rose with it, the snapshot's by about as much
+as the diverged weights' rose above their lowest smoothed loss (the rise ``r`` that made the verdict), or more.
+The guard rolls back, skips the next ``ROLLBACK_CHECK_STEPS`` steps while their losses score the snapshot, and
+keeps the rollback unless the mean lies above the midpoint ``l_s + r / 2`` (the likelihood-ratio test between two
+equal-variance means). The divergence margin is at least :data:`LOSS_NOISE_SIGMAS` (3) per-step loss standard
+deviations ``s``, so the midpoint lies >= 1.5 ``s`` from either mean; the mean of 4 batches has a standard
+deviation of ``s / 2``: the midpoint is >= 3 standard errors from either hypothesis, a wrong verdict about once
+in 700 checks. A divergence judged before the loss noise was measured (a margin that is a fraction of a loss near
+zero can lie inside its noise) whose rise lies within 3 standard deviations of the scored losses is no evidence
+either way: it is undone too. An objective that moved undoes the rollback (the
+weights of the divergence step come back), the back-off and the level, and the loss is judged from its new level."""
+
+OBJECTIVE_SHIFTS_TO_TRUST = 3
+"""Rollback checks that found a moved objective after which divergence is no longer judged in this run.
+
+Three independent paired checks (each wrong about once in 700) that found the loss rising with the objective, not
+with the weights, say the loss's level follows a schedule or a curriculum by design: its rises are not evidence of
+damage, and each further check would skip :data:`ROLLBACK_CHECK_STEPS` batches for nothing. Loss spikes (one batch
+far outside the running loss) are still judged."""
 
 _RUNG_OPTIONS: dict[str, str] = {
     "tight_clip_ratio": "tight_clip",
@@ -352,6 +379,10 @@ class Decision:
         loss_zscore: z-score of the step's loss (0 without a loss or in warm-up).
         reset_loss_scale: the fp16 loss scale collapsed: set it back to the scaler's initial scale (its own
             growth, one doubling per 2000 clean steps, would take tens of thousands of steps).
+        rollback_check: the rollback check (:data:`ROLLBACK_CHECK_STEPS`): ``"start"`` (keep the current state
+            aside, then roll back), ``"score"`` (a skipped step whose loss scores the snapshot), ``"undo"`` (the
+            objective moved: put the state kept aside back) or ``"keep"`` (the rollback stands: drop it);
+            ``None`` outside a check.
     """
 
     step: int
@@ -367,6 +398,7 @@ class Decision:
     snapshot: bool = False
     loss_zscore: float = 0.0
     reset_loss_scale: bool = False
+    rollback_check: str | None = None
 
     @property
     def rung(self) -> str:
@@ -387,6 +419,8 @@ class Decision:
         for name in ("rollback", "stop", "skip"):
             if getattr(self, name):
                 names.append(name)
+        if self.rollback_check == "undo":
+            names.append("undo_rollback")
         return names
 
 
@@ -406,6 +440,16 @@ class _Counters:
     gradient_anomaly_streak: int = 0  # consecutive gradient-only anomalies while the loss was not rising
     recent_skips: float = 0.0  # loss-spike skips, a leaky count over a healthy_steps_to_deescalate horizon
     loss_rules_off: str | None = None  # why the loss rules stopped judging this run (None: they judge)
+    check_steps_left: int = 0  # steps still scoring the snapshot after a divergence's rollback
+    check_loss_total: float = 0.0  # the losses of those steps, summed ...
+    check_loss_squares: float = 0.0  # ... their squares summed ...
+    check_losses: int = 0  # ... and counted
+    check_snapshot_loss: float = 0.0  # the smoothed loss when the snapshot was taken (l_s)
+    check_diverged_loss: float = 0.0  # the smoothed loss at the divergence verdict (l_d)
+    check_rise: float = 0.0  # how far l_d lay above the lowest smoothed loss: the rise that made the verdict
+    check_margin_had_noise: bool = True  # whether the verdict's margin included a measured loss noise
+    objective_shifts: int = 0  # rollback checks that found the objective, not the weights, had moved
+    divergence_off: str | None = None  # why divergence is no longer judged (None: it is)
     counts: dict[str, int] = field(default_factory=dict)
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
@@ -467,6 +511,13 @@ class ExplosionPolicy:
         self.reference = None if horizon is None else LogNormStatistics(1.0 - 1.0 / horizon, horizon, 0.0)
         self._statistics_at_snapshot: dict[str, Any] | None = None
         self._trend_at_snapshot: dict[str, Any] | None = None
+        self._before_divergence: dict[str, Any] | None = None  # what an undone rollback check puts back
+        self._check_level = self.base_level
+        self.last_rollback_check: dict[str, Any] | None = None
+        """The last rollback check's numbers: ``snapshot_loss``, ``diverged_loss``, ``scored_loss``,
+        ``scored_spread`` (their sample standard deviation), ``batches`` and ``verdict`` (``"weights"``: the
+        rollback stood; ``"objective"``: the objective moved, ``"noise"``: the rise lay within the loss's noise,
+        and it was undone)."""
         self.state = _Counters(level=self.base_level)
         self._events: list[dict[str, Any]] = []
         self.worst_spikes: list[dict[str, Any]] = []
@@ -497,7 +548,8 @@ class ExplosionPolicy:
 
         Each event has ``step``, ``total_norm`` (``None`` if not finite), ``zscore``, ``loss``,
         ``loss_zscore``, ``clip_threshold``, ``level``, ``previous_level``, ``rung``, ``anomaly``,
-        ``evidence``, ``actions`` and ``lr_scale``.
+        ``evidence``, ``actions``, ``lr_scale`` and ``rollback_check`` (``None``, or at the end of a rollback
+        check its numbers and verdict: see :attr:`last_rollback_check`).
         """
         return [dict(event) for event in self._events]
 
@@ -521,12 +573,15 @@ class ExplosionPolicy:
         """Judge one optimizer step and decide what to do with it."""
         state = self.state
         state.steps += 1
+        if state.check_steps_left > 0:
+            return self._score_snapshot(observation)
         unjudged = self._unjudged(observation)
         if unjudged is not None:
             return unjudged
         judgement = self._judge(observation)
         anomaly = judgement.anomaly
         previous_level, previous_lr_scale = state.level, state.lr_scale
+        before_divergence = self._ladder_state() if anomaly == "divergence" else None
         lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
         self._move_on_the_ladder(anomaly, lr)
         adaptive_threshold, threshold, ceiling = self._clip_thresholds(judgement, observation)
@@ -534,6 +589,9 @@ class ExplosionPolicy:
         if not judgement.nonfinite and math.isfinite(threshold) and judgement.norm > threshold:
             coefficient = threshold / judgement.norm
         skip, rollback, stop = self._interventions(anomaly, previous_level, lr)
+        check = None
+        if rollback and not stop and before_divergence is not None and judgement.learned_loss is not None:
+            check = self._start_rollback_check(before_divergence, judgement.learned_loss)
         snapshot = self._snapshot_due(anomaly)
         if not judgement.nonfinite and not rollback:
             self._learn(judgement, adaptive_threshold, skipped=skip)
@@ -553,6 +611,7 @@ class ExplosionPolicy:
             snapshot=snapshot,
             loss_zscore=judgement.loss_zscore,
             reset_loss_scale=judgement.collapsed and self.config.allows("skip"),
+            rollback_check=check,
         )
         for action in decision.actions:
             self._count(action)
@@ -564,6 +623,125 @@ class ExplosionPolicy:
         if anomaly is not None or decision.skip or state.level != previous_level or state.lr_scale != previous_lr_scale:
             self._record(decision, judgement.norm, previous_level, judgement.loss)
         return decision
+
+    def _start_rollback_check(self, before: dict[str, Any], loss: float) -> str | None:
+        """Begin the check of a divergence's rollback (see :data:`ROLLBACK_CHECK_STEPS`); ``"start"``, or
+        ``None`` when the snapshot has no loss to compare with."""
+        state = self.state
+        snapshot_loss = self.loss_trend.smoothed  # the rollback restored the trend the snapshot was taken with
+        if not math.isfinite(snapshot_loss):
+            return None
+        trend = LossTrend(LOSS_HORIZON_STEPS)
+        trend.load_state_dict(before["loss_trend"])
+        state.check_snapshot_loss, state.check_diverged_loss = snapshot_loss, trend.smoothed_with(loss)
+        state.check_rise = state.check_diverged_loss - trend.lowest
+        state.check_margin_had_noise = trend.noise_at_lowest > 0.0
+        state.check_steps_left, state.check_losses = ROLLBACK_CHECK_STEPS, 0
+        state.check_loss_total = state.check_loss_squares = 0.0
+        self._before_divergence = before
+        return "start"
+
+    def abandon_rollback_check(self) -> None:
+        """The adapter could not keep the current state aside (no room, a failed write on some rank): the
+        rollback stands as rollbacks did before the check existed, with its back-off."""
+        if self.state.check_steps_left > 0:
+            self.state.check_steps_left = 0
+            self._before_divergence = None
+            self._count("rollback_check_unavailable")
+
+    def _score_snapshot(self, observation: Observation) -> Decision:
+        """One step of a rollback check: skipped, its loss scoring the snapshot's weights on a new batch."""
+        state = self.state
+        loss = observation.loss
+        if loss is not None and math.isfinite(loss) and not observation.nonfinite:
+            state.check_loss_total += loss
+            state.check_loss_squares += loss * loss
+            state.check_losses += 1
+        state.check_steps_left -= 1
+        self._count("rollback_check")
+        check = "score" if state.check_steps_left else self._conclude_rollback_check()
+        decision = Decision(
+            state.steps, state.level, None, 0.0, math.inf, skip=True, lr_scale=1.0, rollback_check=check
+        )
+        if check != "score":
+            norm = observation.total_norm if not observation.nonfinite else math.inf
+            self._record(decision, norm, self._check_level, loss)
+        return decision
+
+    def _conclude_rollback_check(self) -> str:
+        """``"undo"`` or ``"keep"``: see :data:`ROLLBACK_CHECK_STEPS` and :data:`LOSS_NOISE_SIGMAS`.
+
+        The rollback is undone when the divergence was judged before the loss noise was measured and its rise lies
+        within :data:`LOSS_NOISE_SIGMAS` standard deviations of the scored losses (on a loss near zero the margin
+        was smaller than the loss's own noise), or else when the snapshot scored the new
+        batches more than half that rise above its own smoothed loss (the objective moved). An undo
+        restores the ladder and the statistics from before the divergence and judges the loss from its new level.
+        """
+        state = self.state
+        before, self._before_divergence = self._before_divergence, None
+        self._check_level = state.level
+        count = state.check_losses
+        scored = state.check_loss_total / count if count else math.nan
+        spread = 0.0
+        if count >= 2:  # the unbiased sample standard deviation of the scored losses
+            spread = math.sqrt(max(0.0, (state.check_loss_squares - count * scored * scored) / (count - 1)))
+        rise = state.check_rise
+        midpoint = state.check_snapshot_loss + 0.5 * rise
+        verdict = "weights"
+        if before is not None and count:
+            # a margin judged without a measured noise: the scored losses measure it now, and a rise within it is
+            # no evidence either way
+            if not state.check_margin_had_noise and count >= 2 and rise <= LOSS_NOISE_SIGMAS * spread:
+                verdict = "noise"
+            elif scored > midpoint:
+                verdict = "objective"
+        self.last_rollback_check = {
+            "snapshot_loss": state.check_snapshot_loss,
+            "diverged_loss": state.check_diverged_loss,
+            "rise": rise,
+            "scored_loss": scored if math.isfinite(scored) else None,
+            "scored_spread": spread,
+            "batches": count,
+            "verdict": verdict,
+        }
+        if verdict == "weights" or before is None:
+            return "keep"
+        self._load_ladder_state(before)
+        # the objective's level (or the noise around it) is the reference from now on: the trend starts afresh
+        # (its smoothed value still lags, and a reference taken from it would call the rest of a step a rise)
+        self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
+        if verdict == "noise":
+            self._count("divergence_within_noise")
+            return "undo"
+        state.objective_shifts += 1
+        self._count("objective_shift")
+        if state.objective_shifts >= OBJECTIVE_SHIFTS_TO_TRUST and state.divergence_off is None:
+            state.divergence_off = (
+                f"{state.objective_shifts} rollback checks found the loss rising with its objective (a schedule or "
+                "a curriculum), not with the weights"
+            )
+            self._count("divergence_off")
+        return "undo"
+
+    def _ladder_state(self) -> dict[str, Any]:
+        """What a rollback check that finds a moved objective puts back: the level, the back-off, the ceilings
+        and every statistic as they were before the divergence verdict."""
+        state = self.state
+        return copy.deepcopy(
+            {
+                "counters": {name: getattr(state, name) for name in _LADDER_COUNTERS},
+                "statistics": self._statistics_state(),
+                "loss_trend": self.loss_trend.state_dict(),
+                "growth": self.growth.state_dict(),
+            }
+        )
+
+    def _load_ladder_state(self, saved: dict[str, Any]) -> None:
+        for name, value in saved["counters"].items():
+            setattr(self.state, name, value)
+        self._load_statistics(saved["statistics"])
+        self.loss_trend.load_state_dict(saved["loss_trend"])
+        self.growth.load_state_dict(saved["growth"])
 
     def _unjudged(self, observation: Observation) -> Decision | None:
         """The decision for a step there is nothing to judge on (an fp16 overflow, an exactly zero gradient)."""
@@ -829,9 +1007,9 @@ class ExplosionPolicy:
         trend = self.loss_trend
         if self.config.loss_rise_tolerance is None or trend.count < 2 or not math.isfinite(trend.lowest):
             return False
-        average = trend.decay * trend.average + (1.0 - trend.decay) * loss
-        smoothed = average / (1.0 - trend.decay ** (trend.count + 1))
-        return smoothed - trend.lowest > self._rise_margin()
+        if self.state.divergence_off is not None:
+            return False
+        return trend.smoothed_with(loss) - trend.lowest > self._rise_margin()
 
     @property
     def loss_rules_active(self) -> bool:
@@ -894,12 +1072,15 @@ class ExplosionPolicy:
         if self._trend_at_snapshot is not None:
             self.loss_trend.load_state_dict(self._trend_at_snapshot)
         if self._statistics_at_snapshot is not None:
-            self.statistics.load_state_dict(self._statistics_at_snapshot["statistics"])
-            self.loss_statistics.load_state_dict(self._statistics_at_snapshot["loss_statistics"])
-            if "log_loss_statistics" in self._statistics_at_snapshot:
-                self.log_loss_statistics.load_state_dict(self._statistics_at_snapshot["log_loss_statistics"])
-            if self.reference is not None and self._statistics_at_snapshot["reference"] is not None:
-                self.reference.load_state_dict(self._statistics_at_snapshot["reference"])
+            self._load_statistics(self._statistics_at_snapshot)
+
+    def _load_statistics(self, saved: dict[str, Any]) -> None:
+        self.statistics.load_state_dict(saved["statistics"])
+        self.loss_statistics.load_state_dict(saved["loss_statistics"])
+        if "log_loss_statistics" in saved:
+            self.log_loss_statistics.load_state_dict(saved["log_loss_statistics"])
+        if self.reference is not None and saved["reference"] is not None:
+            self.reference.load_state_dict(saved["reference"])
 
     def lr_ceiling(self, lr: float | None = None) -> float:
         """The largest learning-rate multiplier the evidence supports for a scheduled learning rate ``lr``."""
@@ -987,6 +1168,9 @@ class ExplosionPolicy:
             "evidence": decision.evidence,
             "actions": decision.actions,
             "lr_scale": decision.lr_scale,
+            "rollback_check": (
+                dict(self.last_rollback_check or {}) if decision.rollback_check in ("undo", "keep") else None
+            ),
         }
         self._events.append(event)
         self.state.events_recorded += 1
@@ -1017,12 +1201,14 @@ class ExplosionPolicy:
         starts afresh."""
         from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 
-        if not isinstance(state, dict) or state.get("version") not in (3, STATE_VERSION):
+        if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
             version = state.get("version") if isinstance(state, dict) else state
-            raise ValueError(f"ExplosionPolicy state has version {version!r}; this code reads 3 and {STATE_VERSION}")
+            raise ValueError(
+                f"ExplosionPolicy state has version {version!r}; this code reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
         template = ExplosionPolicy(self.config, self.max_events).state_dict()
-        if state["version"] == 3:
-            state = _upgraded_from_version_3(state, template)
+        state = upgraded_policy_state(state, template)
         check_state(state, template, "ExplosionPolicy state", policy_rules(len(RUNGS)), POLICY_OPTIONAL)
         self.statistics.load_state_dict(state["statistics"])
         self.loss_statistics.load_state_dict(state["loss_statistics"])
@@ -1044,12 +1230,22 @@ class ExplosionPolicy:
         )
         self._events = [dict(e) for e in state["events"]]
         self.worst_spikes = [dict(e) for e in state["worst_spikes"]]
+        # the state a rollback check kept aside is not in a checkpoint: a check cut short lets the rollback stand
+        self.state.check_steps_left = 0
+        self._before_divergence = None
 
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 """Layout version of :meth:`ExplosionPolicy.state_dict` (3: loss statistics and trend, snapshot step; 4: log-space
-loss statistics, the regime and skip-bound counters, why the loss rules are off)."""
+loss statistics, the regime and skip-bound counters, why the loss rules are off; 5: the rollback check's counters
+and why divergence is off)."""
 
+READABLE_VERSIONS = (3, 4, STATE_VERSION)
+"""State versions :meth:`ExplosionPolicy.load_state_dict` resumes from (older ones gain what they lack, fresh)."""
+
+
+_LADDER_COUNTERS = ("level", "anomalies_at_level", "healthy_streak", "lr_scale", "lr_ceiling", "lr_ceiling_absolute")
+"""The counters a divergence verdict changes and an undone rollback check puts back."""
 
 _GRADIENT_ONLY = frozenset(name for name, source in EVIDENCE.items() if source in ("gradient", "update"))
 _GRADIENT_ONLY -= DAMAGE_EVIDENCE
@@ -1067,8 +1263,11 @@ def _highest_rung(anomaly: str) -> int:
     return RUNGS.index("stop")
 
 
-def _upgraded_from_version_3(state: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
-    """A version-3 state with the parts version 4 added taken from a fresh policy's ``template``."""
+def upgraded_policy_state(state: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """``state`` of an older readable version with the parts added since taken from a fresh policy's
+    ``template`` (the current version's state comes back as it is)."""
+    if state.get("version") == STATE_VERSION:
+        return state
     counters = state.get("counters")
     if isinstance(counters, dict):
         counters = {**template["counters"], **counters}

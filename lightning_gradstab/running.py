@@ -175,6 +175,11 @@ class LossTrend:
         if (healthy or not math.isfinite(self.lowest)) and self.smoothed <= self.lowest:
             self.lowest, self.noise_at_lowest = self.smoothed, noise
 
+    def smoothed_with(self, loss: float) -> float:
+        """The smoothed loss :meth:`update` with ``loss`` would give, without changing anything."""
+        average = self.decay * self.average + (1.0 - self.decay) * loss
+        return average / (1.0 - self.decay ** (self.count + 1)) if self.decay > 0 else average
+
     def rise(self) -> float:
         """How far the smoothed loss lies above the lowest value it reached (0 before there is one)."""
         return self.smoothed - self.lowest if self.count and math.isfinite(self.lowest) else 0.0

@@ -57,7 +57,10 @@ def policy_rules(levels: int) -> dict[str, Rule]:
             lambda v: isinstance(v, (list, tuple)) and all(_finite(x) for x in v), "a list of finite numbers"
         ),
     }
-    for name in ("steps", "healthy_streak", "steps_since_snapshot", "snapshot_step", "events_recorded"):
+    for name in (
+        "steps", "healthy_streak", "steps_since_snapshot", "snapshot_step", "events_recorded", "check_steps_left",
+        "check_losses", "objective_shifts",
+    ):
         rules[f"counters.{name}"] = (_count, "an int >= 0")
     for part in ("statistics", "loss_statistics", "reference"):
         for key, rule in statistics.items():
@@ -69,7 +72,7 @@ def policy_rules(levels: int) -> dict[str, Rule]:
 POLICY_OPTIONAL = frozenset(
     {
         "reference", "statistics_at_snapshot", "trend_at_snapshot", "statistics_at_snapshot.reference",
-        "counters.loss_rules_off",
+        "counters.loss_rules_off", "counters.divergence_off",
     }
 )
 """Parts of a policy's state that may be ``None`` whatever a fresh policy saves (drift detection off when the

@@ -11,7 +11,10 @@ import torch
 
 from lightning_gradstab.policy import (
     MIN_LR_SCALE,
+    OBJECTIVE_SHIFTS_TO_TRUST,
+    ROLLBACK_CHECK_STEPS,
     RUNGS,
+    Decision,
     ExplosionPolicy,
     Observation,
     PolicyConfig,
@@ -428,16 +431,123 @@ def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_ro
     assert policy.loss_trend.rise() == pytest.approx(0.0, abs=0.05)  # the trend is the snapshot's again
 
 
+class _LossOfTheWeights:
+    """A run whose loss belongs to its weights, as the guard's adapter carries decisions out: an update multiplies
+    it by ``growth`` (times ``objective``, the data's difficulty, which no rollback changes); a skip leaves it; a
+    rollback returns to the snapshot's weights; an undone rollback check to the weights kept aside."""
+
+    def __init__(self, growth: float, loss: float = 1.0) -> None:
+        self.growth, self.weights_loss, self.objective = growth, loss, 1.0
+        self.snapshot = self.aside = loss
+
+    def step(self, policy: ExplosionPolicy, norm: float = 1.0) -> Decision:
+        decision = policy.step(Observation(norm, loss=self.weights_loss * self.objective))
+        if decision.snapshot:  # the state before this step
+            self.snapshot = self.weights_loss
+        if decision.rollback_check == "start":
+            self.aside = self.weights_loss
+        if decision.rollback:
+            self.weights_loss = self.snapshot
+        elif decision.rollback_check == "undo":
+            self.weights_loss = self.aside
+        elif not decision.skip:
+            self.weights_loss *= self.growth
+        return decision
+
+
 def test_divergence_that_persists_below_a_thousandth_of_the_lr_stops_the_run() -> None:
-    policy = ExplosionPolicy()
-    decision, loss = policy.step(Observation(1.0, loss=1.0)), 1.0
-    for _ in range(500):
-        loss *= 2.0
-        decision = policy.step(Observation(1.0, loss=loss))
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=2.0)
+    for _ in range(1000):
+        decision = run.step(policy)
         if decision.stop:
             break
     assert decision.stop and decision.anomaly == "divergence"
     assert policy.counts["divergence"] == 11 and policy.state.lr_scale < 2.0**-10
+    assert "objective_shift" not in policy.counts  # every check found the snapshot's loss back where it was
+
+
+def test_a_rollback_stands_when_the_snapshot_scores_new_batches_as_low_as_it_did() -> None:
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    for _ in range(60):
+        run.step(policy)
+    run.growth = 1.15  # the step size became too large: the loss of the weights climbs
+    decisions = [run.step(policy)]
+    while decisions[-1].rollback_check not in ("keep", "undo"):
+        decisions.append(run.step(policy))
+        assert len(decisions) < 40
+    start = next(i for i, d in enumerate(decisions) if d.rollback_check == "start")
+    checked = decisions[start + 1 :]
+    assert decisions[start].rollback and decisions[start].anomaly == "divergence"
+    assert all(d.skip and d.lr_scale == 1.0 for d in checked)  # the snapshot is scored, not trained
+    assert [d.rollback_check for d in checked] == ["score"] * (ROLLBACK_CHECK_STEPS - 1) + ["keep"]
+    check = policy.last_rollback_check
+    assert check["verdict"] == "weights" and policy.state.lr_scale == pytest.approx(0.5)
+    assert check["scored_loss"] == pytest.approx(check["snapshot_loss"], rel=0.05)
+
+
+def test_a_rise_of_the_objective_itself_undoes_the_rollback_back_off_and_level() -> None:
+    """A curriculum stage: the data gets 3x harder at step 80, for every weights alike (the snapshot's too)."""
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    for _ in range(80):
+        run.step(policy)
+    level, ceiling = policy.state.level, policy.state.lr_ceiling
+    run.objective = 3.0
+    decisions = [run.step(policy)]
+    while decisions[-1].rollback_check not in ("keep", "undo"):
+        decisions.append(run.step(policy))
+        assert len(decisions) < 40
+    aside_loss = run.aside
+    start = next(i for i, d in enumerate(decisions) if d.rollback_check == "start")
+    undo = decisions[-1]
+    assert len(decisions) == start + 1 + ROLLBACK_CHECK_STEPS
+    assert undo.rollback_check == "undo" and "undo_rollback" in undo.actions
+    check = policy.last_rollback_check
+    assert check["verdict"] == "objective"
+    assert check["scored_loss"] > check["snapshot_loss"] + check["rise"] / 2
+    assert policy.state.lr_scale == 1.0 and policy.state.lr_ceiling == ceiling and policy.state.level == level
+    assert run.weights_loss == aside_loss < run.snapshot  # the weights of the divergence step are back
+    later = [run.step(policy) for _ in range(40)]
+    assert not any(d.skip or d.rollback or d.anomaly == "divergence" for d in later)  # judged from the new level
+    assert policy.events[-1]["rollback_check"]["verdict"] == "objective"
+
+
+def test_after_three_objective_shifts_divergence_is_no_longer_judged_but_loss_spikes_are() -> None:
+    """A loss term whose weight is scheduled up: the objective climbs 1 % per step, whatever the weights."""
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    for _ in range(60):
+        run.step(policy)
+    for _ in range(600):
+        run.objective *= 1.01
+        run.step(policy)
+    assert policy.counts["objective_shift"] == OBJECTIVE_SHIFTS_TO_TRUST and policy.state.divergence_off
+    assert policy.state.lr_scale == 1.0 and "stop" not in policy.counts
+    assert policy.counts["rollback_check"] == OBJECTIVE_SHIFTS_TO_TRUST * ROLLBACK_CHECK_STEPS
+    run.objective *= 1e4  # one bad batch is still skipped
+    assert run.step(policy).anomaly == "loss_spike"
+
+
+def test_a_rollback_check_the_adapter_cannot_keep_aside_leaves_the_rollback_and_back_off() -> None:
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    for _ in range(80):
+        run.step(policy)
+    run.objective = 3.0
+    while run.step(policy).rollback_check != "start":
+        pass
+    policy.abandon_rollback_check()
+    assert policy.counts["rollback_check_unavailable"] == 1 and policy.state.lr_scale == pytest.approx(0.5)
+    assert run.step(policy).rollback_check is None
+
+
+def test_a_checkpoint_written_during_a_rollback_check_resumes_with_the_rollback_standing() -> None:
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    for _ in range(80):
+        run.step(policy)
+    run.objective = 3.0
+    while run.step(policy).rollback_check != "start":
+        pass
+    resumed = ExplosionPolicy()
+    resumed.load_state_dict(policy.state_dict())
+    assert resumed.state.check_steps_left == 0 and resumed.state.lr_scale == pytest.approx(0.5)
 
 
 def test_an_unstable_start_is_clipped_against_the_first_steps_during_the_warmup() -> None:
@@ -515,3 +625,19 @@ def test_persistent_fp16_overflow_with_a_collapsed_scale_climbs_to_stop() -> Non
 def test_infinite_or_nan_thresholds_are_rejected_naming_the_argument(argument: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"`{argument}` must be a finite number"):
         PolicyConfig(**{argument: value})
+
+
+def test_an_early_divergence_whose_rise_lies_within_the_scored_losses_noise_is_undone() -> None:
+    """A surrogate loss near zero (a policy gradient with a baseline): before its noise is measured, the divergence
+    margin is a fraction of a value that is nearly nothing, and a noisy climb reads as divergence."""
+    rng = random.Random(0)
+    policy = ExplosionPolicy(PolicyConfig(loss_rules=True))
+    decisions = []
+    for _ in range(60):
+        decisions.append(policy.step(Observation(1.0, loss=0.01 + abs(rng.gauss(0.0, 0.05)))))
+        if decisions[-1].rollback_check in ("keep", "undo"):
+            break
+    assert any(d.anomaly == "divergence" for d in decisions)
+    assert decisions[-1].rollback_check == "undo" and policy.last_rollback_check["verdict"] == "noise"
+    assert policy.state.lr_scale == 1.0 and policy.counts["divergence_within_noise"] == 1
+    assert "objective_shift" not in policy.counts  # noise is not a schedule: it does not count toward trusting one

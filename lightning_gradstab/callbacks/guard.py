@@ -38,7 +38,16 @@ from lightning_gradstab.callbacks._shared import (
     validate_interval,
 )
 from lightning_gradstab.distributed import refuse_unsupported_strategy
-from lightning_gradstab.policy import EVIDENCE, RUNGS, Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.policy import (
+    EVIDENCE,
+    READABLE_VERSIONS,
+    RUNGS,
+    Decision,
+    ExplosionPolicy,
+    Observation,
+    PolicyConfig,
+    upgraded_policy_state,
+)
 from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
@@ -63,7 +72,8 @@ _FIELDS: list[tuple[str, ReduceKind]] = [
 ]
 _WITHOUT_SCALER = RankReduction(_FIELDS)
 _WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
-_SNAPSHOT_AGREEMENT = RankReduction([("usable", "min")])  # on rollback steps: every rank's snapshot verified
+# on rollback steps: every rank's snapshot verified, and the state of a checked rollback kept aside
+_SNAPSHOT_AGREEMENT = RankReduction([("usable", "min"), ("set_aside", "min")])
 _NO_LOSS = -FLOAT32_MAX  # stands for "this rank had no loss this step" in the max over ranks
 
 WEIGHT_NORM_EVERY = 10
@@ -241,6 +251,9 @@ class ExplosionGuard(Callback):
                     )
         self._snapshot_dir_given = snapshot_dir is not None
         self._rollback = RollbackSnapshot(snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir)
+        # the state of a divergence step, kept aside while its rollback is checked (policy.ROLLBACK_CHECK_STEPS):
+        # put back when the check finds that the objective moved, not the weights
+        self._set_aside = RollbackSnapshot(snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir)
         self._warned_unavailable = False
         self.raise_on_stop = validate_flag(raise_on_stop, "raise_on_stop")
         self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
@@ -320,6 +333,7 @@ class ExplosionGuard(Callback):
         self._step_buffers.clear()
         self._warned_unavailable = False
         self._rollback.new_run()
+        self._set_aside.new_run()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,8 +343,9 @@ class ExplosionGuard(Callback):
         self._log_dir = Path(directory)
         self._unwritable_log_dir = False
         if not self._snapshot_dir_given:
-            self._rollback.directory = self._log_dir / SNAPSHOT_DIRNAME
-        self._rollback.local_processes = trainer.num_devices  # ranks on this host share the "auto" bound
+            self._rollback.directory = self._set_aside.directory = self._log_dir / SNAPSHOT_DIRNAME
+        # ranks on this host share the "auto" bound
+        self._rollback.local_processes = self._set_aside.local_processes = trainer.num_devices
         if self._rollback.requested_location == "disk" or self._rollback.max_bytes is not None:
             leftover = self._rollback.leftover_files()
             if leftover:  # never deleted here: only the run that wrote a file deletes it
@@ -466,14 +481,27 @@ class ExplosionGuard(Callback):
             self._rollback.take(pl_module, trainer.optimizers, scaler, step=decision.step)
         rolled_back = False
         if decision.rollback:
+            checked = decision.rollback_check == "start"
+            if checked and snapshot_everywhere:  # the divergence step's own state, in case the check undoes it
+                self._set_aside.take(pl_module, trainer.optimizers, scaler, step=decision.step)
             # every rank restores or none does: one rank without a usable snapshot (a failed or unfinished disk
             # write, a file removed or corrupted) makes all of them skip the step instead, so the replicas stay
             # identical. The file's checksum and the model's structure are checked first, agreed on in one
             # more collective on rollback steps only (a decision every rank took alike)
             problem = self._rollback.problem(pl_module, trainer.optimizers) if snapshot_everywhere else None
+            set_aside = checked and snapshot_everywhere and self._set_aside.available
             if snapshot_everywhere and trainer.world_size > 1:
-                usable = torch.tensor(0.0 if problem else 1.0, device=pl_module.device)
-                snapshot_everywhere = _SNAPSHOT_AGREEMENT.reduce({"usable": usable}, distributed=True)["usable"] > 0
+                agreed = _SNAPSHOT_AGREEMENT.reduce(
+                    {
+                        "usable": torch.tensor(0.0 if problem else 1.0, device=pl_module.device),
+                        "set_aside": torch.tensor(float(set_aside), device=pl_module.device),
+                    },
+                    distributed=True,
+                )
+                snapshot_everywhere, set_aside = agreed["usable"] > 0, agreed["set_aside"] > 0
+            if checked and not (set_aside and snapshot_everywhere and problem is None):
+                self.policy(optimizer_index(trainer, optimizer)).abandon_rollback_check()
+                self._set_aside.close()
             if snapshot_everywhere and problem is None:
                 self._rollback.restore(pl_module, trainer.optimizers, scaler)
                 self._step_buffers.resync()
@@ -490,6 +518,9 @@ class ExplosionGuard(Callback):
                     )
                 for each in self.policies.values():  # the next healthy step takes a new snapshot
                     each.forget_snapshot()
+        if decision.rollback_check in ("undo", "keep"):
+            self._end_rollback_check(trainer, pl_module, decision, scaler)
+            rolled_back = decision.rollback_check == "undo"
         if decision.reset_loss_scale and scaler is not None and scaler._scale is not None:
             scaler._scale.fill_(scaler._init_scale)  # a device write on every rank alike: no sync
             scaler._growth_tracker.zero_()
@@ -520,6 +551,29 @@ class ExplosionGuard(Callback):
                 raise GradientExplosionError(
                     f"ExplosionGuard stopped training at {self.stop_reason}; summary: {self._summary_path()}"
                 )
+
+    def _end_rollback_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, scaler: Any
+    ) -> None:
+        """Put the divergence step's state back when the check found that the objective moved (every rank or
+        none, as a rollback), then drop it."""
+        if decision.rollback_check == "undo":
+            problem = self._set_aside.problem(pl_module, trainer.optimizers) if self._set_aside.usable else "gone"
+            if trainer.world_size > 1:
+                usable = torch.tensor(0.0 if problem else 1.0, device=pl_module.device)
+                agreed = _SNAPSHOT_AGREEMENT.reduce(
+                    {"usable": usable, "set_aside": usable}, distributed=True
+                )["usable"] > 0
+                problem = problem or (None if agreed else "not usable on every rank")
+            if problem is None:
+                self._set_aside.restore(pl_module, trainer.optimizers, scaler)
+                self._step_buffers.resync()
+            else:
+                rank_zero_warn(
+                    f"ExplosionGuard: step {decision.step}: the rollback check found that the objective moved, but "
+                    f"the state kept aside cannot be put back ({problem}); training goes on from the snapshot."
+                )
+        self._set_aside.close()
 
     def _snapshot_ready(self) -> bool:
         """Whether this rank holds a snapshot a restore can load now (a host-side check: no device sync).
@@ -685,6 +739,8 @@ class ExplosionGuard(Callback):
         if stage == "fit" and self._rollback.location == "disk":
             self._rollback.close()
         if stage == "fit":
+            self._set_aside.close()
+        if stage == "fit":
             self._step_buffers.clear()
             self._buffers_saved = False
 
@@ -695,6 +751,7 @@ class ExplosionGuard(Callback):
         # a checkpoint written after the error. A SIGKILL runs nothing: the next run names the file left over
         if self._rollback.location != "memory":  # on disk, or none (a write that failed or was cut short)
             self._rollback.close()
+        self._set_aside.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -738,6 +795,8 @@ class ExplosionGuard(Callback):
         for index, policy_state in state_dict["policies"].items():
             if not str(index).isdigit():
                 raise ValueError(f"{owner}: `policies` keys must be optimizer indices, got {index!r}")
+            if isinstance(policy_state, dict) and policy_state.get("version") in READABLE_VERSIONS:
+                policy_state = upgraded_policy_state(policy_state, template)  # what an older layout lacks, fresh
             check_state(policy_state, template, owner, policy_rules(len(RUNGS)), POLICY_OPTIONAL, f"policies.{index}.")
         if state_dict["stop_reason"] is not None and not isinstance(state_dict["stop_reason"], str):
             raise ValueError(f"{owner}: `stop_reason` must be None or a str, got {state_dict['stop_reason']!r}")
@@ -755,6 +814,22 @@ SKIP_LINES = 5
 def _move_line(index: int, event: dict[str, Any]) -> str | None:
     """The one console line for an event that acts above clipping (skip, back-off, rollback, stop, a rung above
     ``clip``), ``None`` for clips and for the quiet steps of recovery."""
+    check = event.get("rollback_check")
+    if check is not None:
+        scored = "nothing" if check["scored_loss"] is None else f"{check['scored_loss']:.4g}"
+        verdict = {
+            "objective": "the objective moved, not the weights: rollback, back-off and level undone",
+            "noise": (
+                f"the rise lay within the loss's own noise (spread {check['scored_spread']:.3g}): rollback, back-off "
+                "and level undone"
+            ),
+        }.get(check["verdict"], "the weights diverged: the rollback stands")
+        where = "" if index == 0 else f" optimizer {index}:"
+        return (
+            f"ExplosionGuard step {event['step']}:{where} rollback check: the snapshot scored {scored} on "
+            f"{check['batches']} new batches (its loss {check['snapshot_loss']:.4g}, diverged "
+            f"{check['diverged_loss']:.4g}): {verdict}"
+        )
     actions = [a for a in event["actions"] if a != "clip"]
     backed_off = event["anomaly"] is not None and event["lr_scale"] < 1.0 and (
         event["level"] >= RUNGS.index("lr_backoff") or event["anomaly"] == "divergence"
