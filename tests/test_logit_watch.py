@@ -188,7 +188,7 @@ class _Task(pl.LightningModule):
 
 def test_the_advisor_names_attention_logit_growth_with_evidence_and_resumes_its_watch(tmp_path):
     torch.manual_seed(0)
-    advisor = ArchitectureAdvisor(observe_steps=40, logit_every_n_steps=5)
+    advisor = ArchitectureAdvisor(observe_steps=50, logit_every_n_steps=5)  # still open: its state has the watch
     trainer = pl.Trainer(max_steps=40, callbacks=[advisor], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(_Task(lr=0.3))
@@ -197,6 +197,6 @@ def test_the_advisor_names_attention_logit_growth_with_evidence_and_resumes_its_
     assert growth[0].evidence["max_attention_logit"] > 256
     state = advisor.state_dict()["logit_watch"]
     assert state["steps"] == list(range(0, 40, 5))
-    fresh = ArchitectureAdvisor(observe_steps=40)
+    fresh = ArchitectureAdvisor(observe_steps=50)
     fresh.load_state_dict(advisor.state_dict())
     assert fresh.state_dict()["logit_watch"] == state

@@ -227,8 +227,14 @@ class ArchitectureAdvisor(ReportingCallback):
             "losses": _stacked(self._losses).tolist() if self._losses else [],
             "group_names": {index: list(names) for index, names in self._group_names.items()},
             "group_norms": {index: _stacked(norms).tolist() for index, norms in self._group_norms.items()},
-            "logit_watch": self.logit_watch.state_dict() if self.logit_watch is not None else self._logit_state,
-        }
+        } | self._logit_watch_state()
+
+    def _logit_watch_state(self) -> dict[str, Any]:
+        """The logit watch's history while the window is open (a reported window needs none to resume)."""
+        if self._reported:
+            return {}
+        state = self.logit_watch.state_dict() if self.logit_watch is not None else self._logit_state
+        return {"logit_watch": state} if state is not None else {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
