@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import shlex
 import statistics
 import subprocess
 import sys
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     captured = _Tee()
     with contextlib.redirect_stdout(captured):
         run(args)
-    command = "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/guard_overhead.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = [
         f"# {args.title}",
         "",

@@ -158,10 +158,10 @@ class GradNormMonitor(Callback):
             about to apply, the share of coordinates with ``g^2 > 25 v_hat`` and the second moment's decay, from
             one fused pass over the gradients and both moments on those steps only. Logged under
             ``gradstab/adam/`` and left on the step's statistics (``GradientStats.adam``) for the guard.
-            ``None`` (default) disables it: one evidence pass costs 20-80x the foreach-norm floor on CPU (about
+            ``None`` (default) disables it: one evidence pass costs 13-30x the foreach-norm floor on CPU (about
             14 elementwise passes over gradients and moments against one read-only norm pass; see
-            benchmarks/results/guard-overhead-cpu-v4.md), so an interval of 100-200 keeps it near 0.2-0.5x
-            the floor per step.
+            benchmarks/results/guard-overhead-cpu-v4.md), so an interval of 100 adds 0.1-0.3x the floor per
+            step.
         per_layer_scalars: log one scalar per group and statistic. ``None`` (default): only for models with
             at most :data:`PER_LAYER_SCALARS_MAX_GROUPS` groups per optimizer, so the Scalars tab of a deep model
             stays navigable (the heat map and the log10 layer range carry the per-layer picture).
