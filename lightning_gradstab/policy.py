@@ -145,9 +145,7 @@ keeps the rollback unless the mean lies above the midpoint ``l_s + r / 2`` (the 
 equal-variance means). The divergence margin is at least :data:`LOSS_NOISE_SIGMAS` (3) per-step loss standard
 deviations ``s``, so the midpoint lies >= 1.5 ``s`` from either mean; the mean of 4 batches has a standard
 deviation of ``s / 2``: the midpoint is >= 3 standard errors from either hypothesis, a wrong verdict about once
-in 700 checks. A divergence judged before the loss noise was measured (a margin that is a fraction of a loss near
-zero can lie inside its noise) whose rise lies within 3 standard deviations of the scored losses is no evidence
-either way: it is undone too. An objective that moved undoes the rollback (the
+in 700 checks. An objective that moved undoes the rollback (the
 weights of the divergence step come back), the back-off and the level, and the loss is judged from its new level."""
 
 OBJECTIVE_SHIFTS_TO_TRUST = 3
@@ -447,7 +445,6 @@ class _Counters:
     check_snapshot_loss: float = 0.0  # the smoothed loss when the snapshot was taken (l_s)
     check_diverged_loss: float = 0.0  # the smoothed loss at the divergence verdict (l_d)
     check_rise: float = 0.0  # how far l_d lay above the lowest smoothed loss: the rise that made the verdict
-    check_margin_had_noise: bool = True  # whether the verdict's margin included a measured loss noise
     objective_shifts: int = 0  # rollback checks that found the objective, not the weights, had moved
     divergence_off: str | None = None  # why divergence is no longer judged (None: it is)
     counts: dict[str, int] = field(default_factory=dict)
@@ -516,8 +513,7 @@ class ExplosionPolicy:
         self.last_rollback_check: dict[str, Any] | None = None
         """The last rollback check's numbers: ``snapshot_loss``, ``diverged_loss``, ``scored_loss``,
         ``scored_spread`` (their sample standard deviation), ``batches`` and ``verdict`` (``"weights"``: the
-        rollback stood; ``"objective"``: the objective moved, ``"noise"``: the rise lay within the loss's noise,
-        and it was undone)."""
+        rollback stood; ``"objective"``: the objective moved, and it was undone)."""
         self.state = _Counters(level=self.base_level)
         self._events: list[dict[str, Any]] = []
         self.worst_spikes: list[dict[str, Any]] = []
@@ -635,7 +631,6 @@ class ExplosionPolicy:
         trend.load_state_dict(before["loss_trend"])
         state.check_snapshot_loss, state.check_diverged_loss = snapshot_loss, trend.smoothed_with(loss)
         state.check_rise = state.check_diverged_loss - trend.lowest
-        state.check_margin_had_noise = trend.noise_at_lowest > 0.0
         state.check_steps_left, state.check_losses = ROLLBACK_CHECK_STEPS, 0
         state.check_loss_total = state.check_loss_squares = 0.0
         self._before_divergence = before
@@ -671,10 +666,8 @@ class ExplosionPolicy:
     def _conclude_rollback_check(self) -> str:
         """``"undo"`` or ``"keep"``: see :data:`ROLLBACK_CHECK_STEPS` and :data:`LOSS_NOISE_SIGMAS`.
 
-        The rollback is undone when the divergence was judged before the loss noise was measured and its rise lies
-        within :data:`LOSS_NOISE_SIGMAS` standard deviations of the scored losses (on a loss near zero the margin
-        was smaller than the loss's own noise), or else when the snapshot scored the new
-        batches more than half that rise above its own smoothed loss (the objective moved). An undo
+        The rollback is undone when the snapshot scored the new batches more than half the rise that made the
+        divergence above its own smoothed loss (the objective moved). An undo
         restores the ladder and the statistics from before the divergence and judges the loss from its new level.
         """
         state = self.state
@@ -688,13 +681,8 @@ class ExplosionPolicy:
         rise = state.check_rise
         midpoint = state.check_snapshot_loss + 0.5 * rise
         verdict = "weights"
-        if before is not None and count:
-            # a margin judged without a measured noise: the scored losses measure it now, and a rise within it is
-            # no evidence either way
-            if not state.check_margin_had_noise and count >= 2 and rise <= LOSS_NOISE_SIGMAS * spread:
-                verdict = "noise"
-            elif scored > midpoint:
-                verdict = "objective"
+        if before is not None and count and scored > midpoint:
+            verdict = "objective"
         self.last_rollback_check = {
             "snapshot_loss": state.check_snapshot_loss,
             "diverged_loss": state.check_diverged_loss,
@@ -707,12 +695,9 @@ class ExplosionPolicy:
         if verdict == "weights" or before is None:
             return "keep"
         self._load_ladder_state(before)
-        # the objective's level (or the noise around it) is the reference from now on: the trend starts afresh
+        # the objective's new level is the reference from now on: the trend starts afresh
         # (its smoothed value still lags, and a reference taken from it would call the rest of a step a rise)
         self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
-        if verdict == "noise":
-            self._count("divergence_within_noise")
-            return "undo"
         state.objective_shifts += 1
         self._count("objective_shift")
         if state.objective_shifts >= OBJECTIVE_SHIFTS_TO_TRUST and state.divergence_off is None:

@@ -817,13 +817,11 @@ def _move_line(index: int, event: dict[str, Any]) -> str | None:
     check = event.get("rollback_check")
     if check is not None:
         scored = "nothing" if check["scored_loss"] is None else f"{check['scored_loss']:.4g}"
-        verdict = {
-            "objective": "the objective moved, not the weights: rollback, back-off and level undone",
-            "noise": (
-                f"the rise lay within the loss's own noise (spread {check['scored_spread']:.3g}): rollback, back-off "
-                "and level undone"
-            ),
-        }.get(check["verdict"], "the weights diverged: the rollback stands")
+        verdict = (
+            "the objective moved, not the weights: rollback, back-off and level undone"
+            if check["verdict"] == "objective"
+            else "the weights diverged: the rollback stands"
+        )
         where = "" if index == 0 else f" optimizer {index}:"
         return (
             f"ExplosionGuard step {event['step']}:{where} rollback check: the snapshot scored {scored} on "
