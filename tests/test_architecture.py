@@ -8,7 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
 CALLBACKS = PACKAGE / "callbacks"
-CORE = ("stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events")
+CORE = (
+    "stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events", "adam_state",
+    "per_tensor_clip", "logit_watch", "distributed", "state_checks",
+)
 
 # Private attributes of third-party objects that have no public equivalent, each with the reason.
 ALLOWED_PRIVATE = {
