@@ -347,7 +347,7 @@ class LogitWatch:
         with torch.no_grad():
             q = _apply_norm(site.q_norm, q[: self.sample_rows].detach(), site.num_heads)
             k = _apply_norm(site.k_norm, k[: self.sample_rows].detach(), site.num_kv_heads)
-            self.seq_len = int(q.shape[1])
+            self.seq_len = int(k.shape[1])  # the attended length: the keys a query's softmax spreads over
             self._current[index] = max_attention_logit(q, k, self.sample_positions)
 
     def _on_fused(self, index: int, site: AttentionSite, module: nn.Module, out: Tensor) -> None:
@@ -418,7 +418,11 @@ class LogitWatch:
         """Both rules on the history so far (``seq_len``: the attended length; by default the measured one)."""
         steps, logits, partition = self.history()
         length = seq_len or self.seq_len or 2
-        return attention_logit_findings(self.layer_names, self.qk_normalized, steps, logits, length) + (
+        # a softmax over one key is constant: its logits cannot collapse it, whatever their size
+        attention = []
+        if length >= 2:
+            attention = attention_logit_findings(self.layer_names, self.qk_normalized, steps, logits, length)
+        return attention + (
             output_logit_findings(steps, partition) if self.output is not None else []
         )
 
