@@ -526,25 +526,26 @@ def test_after_three_objective_shifts_divergence_is_no_longer_judged_but_loss_sp
     assert run.step(policy).anomaly == "loss_spike"
 
 
-def test_a_rollback_check_the_adapter_cannot_keep_aside_leaves_the_rollback_and_back_off() -> None:
+def _in_a_rollback_check() -> tuple[ExplosionPolicy, _LossOfTheWeights]:
+    """A policy just past the divergence step of a curriculum stage (the objective 3x harder at step 80)."""
     policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
     for _ in range(80):
         run.step(policy)
     run.objective = 3.0
     while run.step(policy).rollback_check != "start":
         pass
+    return policy, run
+
+
+def test_a_rollback_check_the_adapter_cannot_keep_aside_leaves_the_rollback_and_back_off() -> None:
+    policy, run = _in_a_rollback_check()
     policy.abandon_rollback_check()
     assert policy.counts["rollback_check_unavailable"] == 1 and policy.state.lr_scale == pytest.approx(0.5)
     assert run.step(policy).rollback_check is None
 
 
 def test_a_checkpoint_written_during_a_rollback_check_resumes_with_the_rollback_standing() -> None:
-    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
-    for _ in range(80):
-        run.step(policy)
-    run.objective = 3.0
-    while run.step(policy).rollback_check != "start":
-        pass
+    policy, _ = _in_a_rollback_check()
     resumed = ExplosionPolicy()
     resumed.load_state_dict(policy.state_dict())
     assert resumed.state.check_steps_left == 0 and resumed.state.lr_scale == pytest.approx(0.5)
