@@ -579,12 +579,15 @@ class ExplosionPolicy:
         previous_level, previous_lr_scale = state.level, state.lr_scale
         before_divergence = self._ladder_state() if anomaly == "divergence" else None
         lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
-        self._move_on_the_ladder(anomaly, lr)
+        self._move_on_the_ladder(anomaly, lr, judgement.benign)
         adaptive_threshold, threshold, ceiling = self._clip_thresholds(judgement, observation)
         coefficient = 1.0
         if not judgement.nonfinite and math.isfinite(threshold) and judgement.norm > threshold:
             coefficient = threshold / judgement.norm
-        skip, rollback, stop = self._interventions(anomaly, previous_level, lr)
+        diverged_loss = None
+        if anomaly == "divergence" and judgement.learned_loss is not None:
+            diverged_loss = self.loss_trend.smoothed_with(judgement.learned_loss)
+        skip, rollback, stop = self._interventions(anomaly, previous_level, lr, diverged_loss)
         check = None
         if rollback and not stop and before_divergence is not None and judgement.learned_loss is not None:
             check = self._start_rollback_check(before_divergence, judgement.learned_loss)
@@ -679,10 +682,14 @@ class ExplosionPolicy:
         if count >= 2:  # the unbiased sample standard deviation of the scored losses
             spread = math.sqrt(max(0.0, (state.check_loss_squares - count * scored * scored) / (count - 1)))
         rise = state.check_rise
-        midpoint = state.check_snapshot_loss + 0.5 * rise
+        # the rollback pays only if the snapshot scores closer to its own loss than to the diverged weights' loss:
+        # with l_s at the lowest loss the two coincide; a snapshot taken above the lowest must beat a nearer mark
+        gain = min(rise, state.check_diverged_loss - state.check_snapshot_loss)
         verdict = "weights"
-        if before is not None and count and scored > midpoint:
+        if before is not None and count and scored > state.check_snapshot_loss + 0.5 * rise:
             verdict = "objective"
+        elif before is not None and count and scored > state.check_snapshot_loss + 0.5 * gain:
+            verdict = "no_better"
         self.last_rollback_check = {
             "snapshot_loss": state.check_snapshot_loss,
             "diverged_loss": state.check_diverged_loss,
@@ -694,6 +701,16 @@ class ExplosionPolicy:
         }
         if verdict == "weights" or before is None:
             return "keep"
+        if verdict == "no_better":
+            # the snapshot cannot be told from the diverged weights: they come back with their statistics, the
+            # divergence's back-off stays (the rise is still unexplained), and the loss is judged from its level
+            counters = {name: getattr(state, name) for name in _LADDER_COUNTERS}
+            self._load_ladder_state(before)
+            for name, value in counters.items():
+                setattr(state, name, value)
+            self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
+            self._count("rollback_no_better")
+            return "undo"
         self._load_ladder_state(before)
         # the objective's new level is the reference from now on: the trend starts afresh
         # (its smoothed value still lags, and a reference taken from it would call the rest of a step a rise)
@@ -800,19 +817,27 @@ class ExplosionPolicy:
         """The fp16 loss scale fell below ``loss_scale_floor``: the gradients overflow even unscaled."""
         return observation.loss_scale is not None and observation.loss_scale < self.config.loss_scale_floor
 
-    def _move_on_the_ladder(self, anomaly: str | None, lr: float | None) -> None:
+    def _move_on_the_ladder(self, anomaly: str | None, lr: float | None, benign: bool = False) -> None:
         """Escalate on an anomaly as far as its evidence allows, de-escalate after a healthy stretch, back off at
         once on a divergence.
 
         Gradient evidence climbs to ``tight_clip`` at most and a loss spike to ``skip`` at most (see
         :data:`DAMAGE_EVIDENCE`): an anomaly at its ceiling keeps the level where it is, so repeats of the same
-        kind of evidence never reach a rung that costs more than the evidence justifies.
+        kind of evidence never reach a rung that costs more than the evidence justifies. A norm that is only
+        unusual for its history (a spike, growth, drift) while the loss is ``benign`` (falling, or not an objective
+        the rules judge) stays at ``clip``: the adaptive clip already caps each unusual step, and clipping *every*
+        step to the typical norm changes the training of a run that shows no damage (a GAN's players, a model
+        leaving a plateau). An oversized SGD step is measured against the weights, not the history: it may still
+        tighten.
         """
+        highest = _highest_rung(anomaly) if anomaly is not None else 0
+        if anomaly in _SCALE_EVIDENCE and benign:
+            highest = RUNGS.index("clip")
         if anomaly is None:
             self._on_healthy_step(lr)
         elif anomaly == "divergence":
             self._on_divergence(lr)
-        elif self.state.level < min(_highest_rung(anomaly), self.config.max_level):
+        elif self.state.level < min(highest, self.config.max_level):
             self._escalate(anomaly)
         else:
             self.state.healthy_streak = 0
@@ -833,9 +858,11 @@ class ExplosionPolicy:
             threshold = min(threshold, config.resolved("tight_clip_ratio") * typical)
         return adaptive_threshold, threshold, ceiling
 
-    def _interventions(self, anomaly: str | None, previous_level: int, lr: float | None) -> tuple[bool, bool, bool]:
+    def _interventions(
+        self, anomaly: str | None, previous_level: int, lr: float | None, diverged_loss: float | None = None
+    ) -> tuple[bool, bool, bool]:
         """``(skip, rollback, stop)`` for this step; applies the level's learning-rate back-off and, on a rollback,
-        the snapshot's statistics."""
+        the snapshot's statistics (``diverged_loss``: the smoothed loss with this step's, on a divergence)."""
         state, config = self.state, self.config
         # only evidence of damage acts above clipping, and a loss spike only on its own batch
         laddered = anomaly in DAMAGE_EVIDENCE and anomaly not in SKIP_ONLY_EVIDENCE
@@ -850,9 +877,10 @@ class ExplosionPolicy:
         skip = anomalous_level >= RUNGS.index("skip") or spike_skip or (divergence and config.allows("skip"))
         if spike_skip:
             state.recent_skips += 1.0
-        rollback = state.has_snapshot and (
-            anomalous_level == RUNGS.index("rollback") or (divergence and config.allows("rollback"))
-        )
+        if divergence:  # only to a snapshot whose own loss lies below the diverged one: else it cannot help
+            rollback = state.has_snapshot and config.allows("rollback") and self._snapshot_below(diverged_loss)
+        else:
+            rollback = state.has_snapshot and anomalous_level == RUNGS.index("rollback")
         stop = anomalous_level == RUNGS.index("stop") or (divergence and state.lr_scale < MIN_LR_SCALE)
         if anomalous_level == RUNGS.index("lr_backoff") and not divergence:
             backed_off = state.lr_scale * config.resolved("backoff_factor")
@@ -870,20 +898,44 @@ class ExplosionPolicy:
 
     def _snapshot_due(self, anomaly: str | None) -> bool:
         """Whether the state before this step is a snapshot worth keeping: the initial state at least, then a
-        healthy one every ``snapshot_every`` steps, never while the guard is acting or the loss is rising."""
+        healthy one every :meth:`_snapshot_interval` steps, never while the guard is acting or the loss is rising."""
         state, config = self.state, self.config
         return config.allows("rollback") and (
             (not state.has_snapshot and (anomaly is None or state.steps == 1))
             or (
                 anomaly is None
                 and (
-                    state.steps_since_snapshot >= config.resolved("snapshot_every")
+                    state.steps_since_snapshot >= self._snapshot_interval()
                     and state.healthy_streak >= SNAPSHOT_HEALTHY_STREAK
                     and state.level < RUNGS.index("rollback")
-                    and not self._loss_rising()
+                    and self._loss_near_lowest()
                 )
             )
         )
+
+    def _snapshot_interval(self) -> int:
+        """Healthy steps between snapshots: ``snapshot_every``, and early in a run half the steps so far
+        (see :data:`SNAPSHOT_HEALTHY_STREAK`): a rollback discards at most about half of the run's progress."""
+        every = self.config.resolved("snapshot_every")
+        return min(every, max(SNAPSHOT_HEALTHY_STREAK, self.state.steps // 2))
+
+    def _snapshot_loss(self) -> float:
+        """The smoothed loss the snapshot was taken at (``l_s``; nan when it has none)."""
+        if self._trend_at_snapshot is None:
+            return math.nan
+        trend = LossTrend(LOSS_HORIZON_STEPS)
+        trend.load_state_dict(self._trend_at_snapshot)
+        return trend.smoothed
+
+    def _snapshot_below(self, diverged_loss: float | None) -> bool:
+        """Whether rolling back can lower the loss: the snapshot was taken at a smoothed loss below the diverged
+        one. A snapshot older than the run's progress (the initial weights of a run that has since learned and then
+        met harder data) scores at least what it scored then: restoring it would discard the progress and raise
+        the loss. Without a loss to compare, a rollback is allowed as before."""
+        snapshot_loss = self._snapshot_loss()
+        if diverged_loss is None or not math.isfinite(snapshot_loss) or not math.isfinite(diverged_loss):
+            return True
+        return snapshot_loss < diverged_loss
 
     def _learn(self, judgement: _Judgement, adaptive_threshold: float, skipped: bool) -> None:
         """Fold this step into the statistics: the spike-clipped norm (not the tight clip's), healthy norms at
@@ -1016,10 +1068,40 @@ class ExplosionPolicy:
         if self.config.loss_rules == "auto" and self.state.loss_rules_off is None:
             self.state.loss_rules_off = reason
             self._count("loss_rules_off")
+            self._withdraw_loss_verdicts()
+
+    def _withdraw_loss_verdicts(self) -> None:
+        """Take back what divergence verdicts did to the ladder once the loss turns out not to be an objective.
+
+        A loss that can be negative (a policy gradient with a baseline, a log-ratio) was judged as one bounded
+        below by zero until it showed its sign; a rise it made before that is no evidence of damage, so the
+        back-off, the lowered ceiling and the level it caused are withdrawn. Only when the loss was the sole
+        evidence that ever acted above clipping: a non-finite step or a collapsed loss scale keeps the ladder.
+        """
+        state = self.state
+        counts = state.counts
+        if not counts.get("divergence") or counts.get("nonfinite") or counts.get("loss_scale_collapse"):
+            return
+        state.level, state.anomalies_at_level = self.base_level, 0.0
+        state.lr_scale, state.lr_ceiling, state.lr_ceiling_absolute = 1.0, 1.0, None
+        self._count("loss_verdicts_withdrawn")
 
     def _loss_rising(self) -> bool:
         """Whether the smoothed loss is more than half the divergence margin above its lowest value."""
         return self.loss_trend.rise() > 0.5 * self._rise_margin()
+
+    def _loss_near_lowest(self) -> bool:
+        """Whether the smoothed loss lies within half the divergence margin of its lowest value, and within half
+        its noise part (``LOSS_NOISE_SIGMAS / 2`` per-step loss standard deviations) when the relative tolerance is
+        the wider: weights as good as the run has had, a state worth going back to. A climb the margin has not
+        yet called (a divergence's first steps, which a tolerance of half the loss hides) is not."""
+        rise = self.loss_trend.rise()
+        # the noise when the lowest was reached (a climb inflates the running one); the running one when the lowest
+        # dates from before the noise was measured
+        noise = self.loss_trend.noise_at_lowest
+        if noise <= 0.0 and self.loss_statistics.warmed_up:
+            noise = self.loss_statistics.std
+        return rise <= 0.0 or rise <= 0.5 * min(self._rise_margin(), LOSS_NOISE_SIGMAS * noise)
 
     def _warmup_threshold(self) -> float:
         """During the warm-up: ``growth_factor`` x the geometric mean of the (clipped) norms so far."""

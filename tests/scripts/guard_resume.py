@@ -27,8 +27,9 @@ BUDGETS = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
 
 
 def guard() -> ExplosionGuard:
-    # snapshot_every=40: the last snapshot before the rollback at step 65 is taken before the crash at 52
-    return ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=40)
+    # snapshot_every=20: snapshots at steps 26 and 47 (the first refreshes come once half the run so far has passed,
+    # then every 20 healthy steps), so the last one before the rollback at step 65 is taken before the crash at 52
+    return ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=20)
 
 
 def checkpointing(directory: Path) -> ModelCheckpoint:
