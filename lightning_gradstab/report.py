@@ -40,6 +40,8 @@ CODES: dict[str, str] = {
     "embedding.scale": "tiny embeddings feeding a pre-normalization residual stream",
     "attention.logit_growth": "attention logits keep growing far past a one-hot softmax (add qk-layernorm)",
     "output.logit_divergence": "the output logits' log-partition drifts away and keeps moving (add z-loss)",
+    "optimizer.adaptive": "under plain SGD one learning rate cannot move every layer and the loss stalls (use Adam)",
+    "optimizer.weight_decay": "without weight decay the weights grow with their gradients while the loss stalls",
     "trace.incomplete": "part of the model could not be traced; rules that need the graph skipped it",
 }
 """Every finding code with a one-line meaning (the reference table in ``docs/diagnosis.md`` mirrors it)."""

@@ -18,10 +18,12 @@ from torch import nn
 from lightning_gradstab.diagnosis.optimizer_rules import (
     GRAD_TO_WEIGHT_SPREAD,
     adaptive_optimizer_evidence,
+    adaptive_optimizer_findings,
     adaptive_optimizer_recommendation,
     grad_to_weight_ratios,
     is_plain_sgd,
 )
+from lightning_gradstab.report import Finding
 
 STEPS = 40
 STALL = 0.1  # ArchitectureAdvisor's default stall_improvement
@@ -129,3 +131,15 @@ def test_bad_arguments_name_themselves():
         adaptive_optimizer_evidence(sgd, {}, [], 1.5)
     with pytest.raises(TypeError, match="`named_parameters`"):
         grad_to_weight_ratios([torch.zeros(2)])
+
+
+def test_the_finding_names_the_modules_and_gives_way_to_a_vanishing_gradient_finding_that_explains_the_spread():
+    model = _model(multiplier=100.0)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-4)
+    ratios, losses = _train(model, sgd)
+    (finding,) = adaptive_optimizer_findings(sgd, ratios, losses, STALL)
+    assert finding.code == "optimizer.adaptive" and finding.severity == "warning" and finding.modules[0] == "4"
+    for cited in ("You et al. 2017", "Kingma & Ba 2015", "RMSProp", "AdamW", "LARS"):
+        assert cited in finding.recommendation
+    vanishing = Finding("signal.vanishing", "warning", ("0", "2"), {}, "see arch.normalization")
+    assert adaptive_optimizer_findings(sgd, ratios, losses, STALL, [vanishing]) == []

@@ -23,12 +23,16 @@ from lightning_gradstab.callbacks._shared import (
     forget_trainer,
     gradient_stats,
     optimizer_index,
+    parameter_layout,
 )
 from lightning_gradstab.diagnosis import ModelGraph
+from lightning_gradstab.diagnosis.optimizer_rules import adaptive_optimizer_findings
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
+from lightning_gradstab.diagnosis.weight_decay_rules import parameter_weight_decay, weight_decay_findings
 from lightning_gradstab.guard_events import collect_guard_events
 from lightning_gradstab.logit_watch import LogitWatch
 from lightning_gradstab.report import Finding, Report
+from lightning_gradstab.stats import GradientStats
 
 ADVISOR_FILENAME = "gradstab_advisor.json"
 
@@ -60,8 +64,23 @@ class ArchitectureAdvisor(ReportingCallback):
       have a qk-norm are never named. Attention layers are found by their shape (see the module docstring of
       :mod:`lightning_gradstab.logit_watch`); ``attention_modules`` and ``output_module`` name others.
 
-    The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules` and
-    :mod:`lightning_gradstab.logit_watch`.
+    - ``optimizer.adaptive`` (warning) under plain SGD when the per-layer medians of ``||g|| / ||w||`` (weight
+      matrices and kernels) span >= 100x and the loss stalls: one learning rate cannot move every layer; the fix
+      named is Adam/AdamW or RMSProp (Kingma & Ba 2015), or LARS-style per-layer rates (You et al. 2017). Not
+      when the window's ``signal.vanishing``/``signal.exploding`` explains the spread (the model's fix comes first).
+    - ``optimizer.weight_decay`` (warning) when the weight matrices whose param group has ``weight_decay == 0``
+      grew >= 2x over the window (robust log-norm trend), their gradient norm did not fall, and the loss stalls;
+      the fix named is decoupled weight decay (Loshchilov & Hutter 2019) or SGD's, or a lower learning rate.
+
+    Both read the per-parameter gradient norms and weight norms of the suite's shared statistics (the weight
+    norms are one fused ``_foreach_norm`` over the weights, cached per step, so shared with a guard or monitor
+    that measures them on the same step) every ``optimizer_every_n_steps`` optimizer steps of the window; the
+    samples stay on the device (2 floats per weight matrix per sample) until the window ends, then one host
+    transfer per optimizer. Flattened parameters (FSDP1 without ``use_orig_params``) hold no matrices: no advice.
+
+    The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules`,
+    :mod:`lightning_gradstab.diagnosis.optimizer_rules`, :mod:`lightning_gradstab.diagnosis.weight_decay_rules`
+    and :mod:`lightning_gradstab.logit_watch`.
 
     Global rank 0 publishes the report like ``InitAudit`` (console, TensorBoard ``gradstab/findings``,
     ``<log_dir>/gradstab_advisor.json``). It changes nothing in training.
@@ -76,6 +95,9 @@ class ArchitectureAdvisor(ReportingCallback):
         attention_modules: attention module names to watch (or a mapping to their ``(query, key)`` Linear
             children); ``None`` finds them.
         output_module: the name of the layer producing the logits; ``None`` finds it.
+        advise_optimizer: gather the optimizer evidence (``optimizer.adaptive``, ``optimizer.weight_decay``).
+        optimizer_every_n_steps: sample the weight and gradient norms of the weight matrices on every this many
+            optimizer steps of the window.
 
     Example::
 
@@ -91,6 +113,8 @@ class ArchitectureAdvisor(ReportingCallback):
         logit_every_n_steps: int = 10,
         attention_modules: Sequence[str] | Mapping[str, tuple[str, str]] | None = None,
         output_module: str | None = None,
+        advise_optimizer: bool = True,
+        optimizer_every_n_steps: int = 5,
     ) -> None:
         if not isinstance(observe_steps, int) or isinstance(observe_steps, bool) or observe_steps < 10:
             raise ValueError(f"`observe_steps` must be an int >= 10 (a loss trend needs steps), got {observe_steps!r}")
@@ -100,6 +124,14 @@ class ArchitectureAdvisor(ReportingCallback):
             raise TypeError(f"`watch_logits` must be a bool, got {watch_logits!r}")
         if isinstance(logit_every_n_steps, bool) or not isinstance(logit_every_n_steps, int) or logit_every_n_steps < 1:
             raise ValueError(f"`logit_every_n_steps` must be an int >= 1, got {logit_every_n_steps!r}")
+        if not isinstance(advise_optimizer, bool):
+            raise TypeError(f"`advise_optimizer` must be a bool, got {advise_optimizer!r}")
+        if (
+            isinstance(optimizer_every_n_steps, bool)
+            or not isinstance(optimizer_every_n_steps, int)
+            or optimizer_every_n_steps < 1
+        ):
+            raise ValueError(f"`optimizer_every_n_steps` must be an int >= 1, got {optimizer_every_n_steps!r}")
         super().__init__(forward_fn)
         self.watch_logits = watch_logits
         self.logit_every_n_steps = logit_every_n_steps
@@ -118,6 +150,11 @@ class ArchitectureAdvisor(ReportingCallback):
         self._reported = False
         self._traced = False
         self._sizes: dict[str, int] = {}
+        self.advise_optimizer = advise_optimizer
+        self.optimizer_every_n_steps = optimizer_every_n_steps
+        self._matrix_names: dict[int, tuple[str, ...]] = {}  # weight matrices of each optimizer, in layout order
+        self._matrix_index: dict[int, Tensor] = {}  # their positions in the layout (device, built once)
+        self._matrix_norms: dict[int, list[Tensor]] = {}  # per sample: [2, M] (gradient norms, weight norms)
 
     @override
     def on_train_batch_start(
@@ -152,15 +189,37 @@ class ArchitectureAdvisor(ReportingCallback):
         if not self._observing(trainer):
             return
         index = optimizer_index(trainer, optimizer)
-        names, norms = gradient_stats(trainer, pl_module, optimizer).group_norms("module")
+        stats = gradient_stats(trainer, pl_module, optimizer)
+        names, norms = stats.group_norms("module")
         if index not in self._group_names:  # parameters per group, for per-element comparisons
             modules = dict(pl_module.named_modules())
-            self._sizes.update({
-                name: sum(p.numel() for p in modules[name].parameters(recurse=False)) for name in names
-                if name in modules
-            })
+            self._sizes.update(
+                {
+                    name: sum(p.numel() for p in modules[name].parameters(recurse=False))
+                    for name in names
+                    if name in modules
+                }
+            )
         self._group_names[index] = names
         self._group_norms.setdefault(index, []).append(norms.detach())
+        if self.advise_optimizer and trainer.global_step % self.optimizer_every_n_steps == 0:
+            self._sample_matrices(index, stats)
+
+    def _sample_matrices(self, index: int, stats: GradientStats) -> None:
+        """Keep the gradient and weight norms of the weight matrices (2+ dimensions) of this step, on the device."""
+        if index not in self._matrix_index:
+            positions = [i for i, p in enumerate(stats.layout.parameters) if p.dim() >= 2]
+            names = tuple(stats.layout.names[i] for i in positions)
+            if self._matrix_names.get(index, names) != names:  # resumed with another model: start over
+                self._matrix_norms.pop(index, None)
+            self._matrix_names[index] = names
+            self._matrix_index[index] = torch.tensor(positions, dtype=torch.long, device=stats.param_sq_norms.device)
+        positions = self._matrix_index[index]
+        if positions.numel():
+            sample = torch.stack(
+                [stats.param_norms().index_select(0, positions), stats.weight_norms().index_select(0, positions)]
+            )
+            self._matrix_norms.setdefault(index, []).append(sample.detach())
 
     @override
     def on_train_batch_end(
@@ -179,7 +238,7 @@ class ArchitectureAdvisor(ReportingCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run shorter than the window still gets advice; the observations stay, so a resume continues them
-        if not self._reported and (self._losses or self._group_norms):
+        if not self._reported and (self._losses or self._group_norms or self._matrix_norms):
             self._advise(trainer, pl_module, window_complete=False)
 
     @override
@@ -188,12 +247,15 @@ class ArchitectureAdvisor(ReportingCallback):
         forget_trainer(trainer)
 
     def _advise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, window_complete: bool) -> None:
-        findings = self._loss_findings() + self._gradient_findings() + self._guard_findings(trainer)
+        losses = _stacked(self._losses).tolist() if self._losses else []  # one host sync
+        findings = loss_findings(self.graph, losses, self.stall_improvement) + self._gradient_findings()
+        findings += self._guard_findings(trainer)
+        findings += self._optimizer_findings(trainer, pl_module, losses, findings)
         findings += self.logit_watch.findings() if self.logit_watch is not None else []
         self.report = Report(findings, model=type(pl_module).__name__, source="ArchitectureAdvisor")
         if window_complete:
             self._reported = True
-            self._losses, self._group_norms = [], {}
+            self._losses, self._group_norms, self._matrix_norms = [], {}, {}
             if self.logit_watch is not None:
                 self.logit_watch.remove()
         else:
@@ -201,10 +263,6 @@ class ArchitectureAdvisor(ReportingCallback):
                 f"Partial window: training ended after {trainer.global_step} of {self.observe_steps} observed steps."
             )
         publish_report(trainer, self.report, self._log_dir, ADVISOR_FILENAME)
-
-    def _loss_findings(self) -> list[Finding]:
-        losses = _stacked(self._losses).tolist() if self._losses else []  # one host sync
-        return loss_findings(self.graph, losses, self.stall_improvement)
 
     def _gradient_findings(self) -> list[Finding]:
         medians: dict[str, float] = {}
@@ -219,15 +277,50 @@ class ArchitectureAdvisor(ReportingCallback):
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
         return guard_findings(self.graph, collect_guard_events(trainer.callbacks), self.observe_steps)
 
+    def _optimizer_findings(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: list[float], other: list[Finding]
+    ) -> list[Finding]:
+        findings: list[Finding] = []
+        for index, samples in self._matrix_norms.items():
+            if index >= len(trainer.optimizers) or not samples:
+                continue
+            optimizer = trainer.optimizers[index]
+            names = self._matrix_names[index]
+            rows = _stacked(samples).tolist()  # [samples][grad/weight][matrix]: one host sync per optimizer
+            grads = {name: [row[0][i] for row in rows] for i, name in enumerate(names)}
+            weights = {name: [row[1][i] for row in rows] for i, name in enumerate(names)}
+            ratios = {
+                name: [g / w if w > 0 else math.nan for g, w in zip(grads[name], weights[name], strict=True)]
+                for name in names
+            }
+            layout = parameter_layout(trainer, pl_module, optimizer)
+            decay = parameter_weight_decay(optimizer, zip(layout.names, layout.parameters, strict=True))
+            findings += adaptive_optimizer_findings(optimizer, ratios, losses, self.stall_improvement, other)
+            findings += weight_decay_findings(weights, grads, losses, self.stall_improvement, decay)
+        return findings
+
     @override
     def state_dict(self) -> dict[str, Any]:
+        return (
+            {
+                "version": STATE_VERSION,
+                "reported": self._reported,
+                "losses": _stacked(self._losses).tolist() if self._losses else [],
+                "group_names": {index: list(names) for index, names in self._group_names.items()},
+                "group_norms": {index: _stacked(norms).tolist() for index, norms in self._group_norms.items()},
+            }
+            | self._matrix_state()
+            | self._logit_watch_state()
+        )
+
+    def _matrix_state(self) -> dict[str, Any]:
+        """The optimizer evidence's samples while the window is open (a reported window needs none to resume)."""
+        if self._reported or not self._matrix_norms:
+            return {}
         return {
-            "version": STATE_VERSION,
-            "reported": self._reported,
-            "losses": _stacked(self._losses).tolist() if self._losses else [],
-            "group_names": {index: list(names) for index, names in self._group_names.items()},
-            "group_norms": {index: _stacked(norms).tolist() for index, norms in self._group_norms.items()},
-        } | self._logit_watch_state()
+            "matrix_names": {index: list(names) for index, names in self._matrix_names.items()},
+            "matrix_norms": {index: _stacked(norms).tolist() for index, norms in self._matrix_norms.items() if norms},
+        }
 
     def _logit_watch_state(self) -> dict[str, Any]:
         """The logit watch's history while the window is open (a reported window needs none to resume)."""
@@ -243,6 +336,12 @@ class ArchitectureAdvisor(ReportingCallback):
         self._losses = [torch.tensor(v) for v in state_dict["losses"]]
         self._group_names = {int(i): tuple(names) for i, names in state_dict["group_names"].items()}
         self._group_norms = {int(i): list(torch.tensor(rows)) for i, rows in state_dict["group_norms"].items()}
+        # absent from checkpoints written before the optimizer advice: the window's optimizer samples start empty
+        self._matrix_names = {int(i): tuple(names) for i, names in state_dict.get("matrix_names", {}).items()}
+        self._matrix_norms = {
+            int(i): list(torch.tensor(rows)) for i, rows in state_dict.get("matrix_norms", {}).items()
+        }
+        self._matrix_index = {}
         self._logit_state = state_dict.get("logit_watch")  # applied when the watch attaches at the next batch
         if self.logit_watch is not None:
             self.logit_watch.remove()

@@ -2,7 +2,9 @@
 
 ``tracer`` records the dataflow of one forward pass (``ops`` is its vocabulary), ``graph`` analyses its paths,
 ``probe`` measures activations and backpropagated deltas, ``init_rules``, ``signal_rules`` and ``arch_rules``
-turn them into findings, and ``diagnose`` ties them together.
+turn them into findings, and ``diagnose`` ties them together. ``training_rules``, ``optimizer_rules`` and
+``weight_decay_rules`` judge what training shows (``ArchitectureAdvisor`` gathers it): the loss trend, per-layer
+gradient norms, and whether the optimizer (one learning rate for every layer, no weight decay) holds it back.
 
 Example::
 
@@ -15,8 +17,10 @@ Example::
 from lightning_gradstab.diagnosis.diagnose import build_report, diagnose, probe_failed_report
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, recommended_scheme, reinitialize
+from lightning_gradstab.diagnosis.optimizer_rules import adaptive_optimizer_evidence, adaptive_optimizer_findings
 from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, could_not_probe, preserved_state, run_probe
 from lightning_gradstab.diagnosis.tracer import trace
+from lightning_gradstab.diagnosis.weight_decay_rules import weight_decay_evidence, weight_decay_findings
 
 __all__ = [
     "InitScheme",
@@ -24,6 +28,8 @@ __all__ = [
     "ModelGraph",
     "ProbeError",
     "ProbeResult",
+    "adaptive_optimizer_evidence",
+    "adaptive_optimizer_findings",
     "build_report",
     "could_not_probe",
     "diagnose",
@@ -33,4 +39,6 @@ __all__ = [
     "reinitialize",
     "run_probe",
     "trace",
+    "weight_decay_evidence",
+    "weight_decay_findings",
 ]

@@ -9,12 +9,15 @@ adaptive optimizer (Adam, Kingma & Ba 2015; RMSProp, Tieleman & Hinton 2012) div
 the running RMS of its own gradient, which removes the spread without a per-layer rate. A spread alone is no
 problem (a healthy run can train with it), so the advice also needs the loss to stall.
 
-Pure functions over plain inputs (an optimizer, per-layer ratios over steps, losses), tested without a Trainer.
+Pure functions over plain inputs (an optimizer, per-layer ratios over steps, losses), tested without a Trainer;
+``ArchitectureAdvisor`` gathers the ratios from the suite's shared per-step statistics and publishes
+:func:`adaptive_optimizer_findings`.
 
 Example::
 
-    ratios = grad_to_weight_ratios(model.named_parameters())  # after backward, before the step
-    evidence = adaptive_optimizer_evidence(optimizer, {"fc1": [1e-5] * 20, "fc2": [1e-2] * 20}, losses, 0.1)
+    ratios = {"net.0.weight": [1e-5] * 20, "net.2.weight": [1e-4] * 20, "net.4.weight": [1e-2] * 20}
+    evidence = adaptive_optimizer_evidence(optimizer, ratios, [2.3] * 20, stall_improvement=0.1)
+    assert evidence is not None and evidence["fastest_layer"] == "net.4.weight"
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ import torch
 from torch import Tensor
 
 from lightning_gradstab.diagnosis.training_rules import MIN_GRADIENT_LAYERS, loss_stall
+from lightning_gradstab.report import Finding
 
 GRAD_TO_WEIGHT_SPREAD = 100.0
 """Largest over smallest per-layer median ``||g|| / ||w||`` from which one learning rate cannot serve every layer:
 two orders of magnitude, so the slowest layer's relative step is at most 1 % of the fastest one's (a learning rate
 the fastest layer tolerates moves the slowest by 100x less)."""
+
+
+SPREAD_EXPLAINED_BY = ("signal.vanishing", "signal.exploding")
+"""Findings that explain a gradient-to-weight spread by the model, not the optimizer: gradients that vanish or
+explode through depth (or a guard that met explosions) spread the layers' ratios too, and have their own fix."""
 
 
 def grad_to_weight_ratios(named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
@@ -46,8 +55,8 @@ def grad_to_weight_ratios(named_parameters: Iterable[tuple[str, Tensor]]) -> dic
 
     Example::
 
-        loss.backward()
-        ratios = grad_to_weight_ratios(model.named_parameters())  # {"0.weight": 0.03, ...}
+        ratios = grad_to_weight_ratios(model.named_parameters())  # after backward: {"net.0.weight": 0.03, ...}
+        assert set(ratios) == {"net.0.weight", "net.2.weight"}
     """
     names: list[str] = []
     norms: list[Tensor] = []
@@ -72,7 +81,13 @@ def grad_to_weight_ratios(named_parameters: Iterable[tuple[str, Tensor]]) -> dic
 
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` takes one global step size for every coordinate: ``torch.optim.SGD``, with or
-    without momentum or Nesterov (momentum averages gradients; it does not rescale them per coordinate)."""
+    without momentum or Nesterov (momentum averages gradients; it does not rescale them per coordinate).
+
+    Example::
+
+        assert is_plain_sgd(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        assert not is_plain_sgd(torch.optim.Adam(model.parameters()))
+    """
     return type(optimizer) is torch.optim.SGD
 
 
@@ -96,7 +111,7 @@ def adaptive_optimizer_evidence(
 
     Example::
 
-        evidence = adaptive_optimizer_evidence(sgd, {"a": [1e-5], "b": [1e-3], "c": [1e-2]}, [1.0] * 20, 0.1)
+        evidence = adaptive_optimizer_evidence(optimizer, {"a": [1e-5], "b": [1e-3], "c": [1e-2]}, [1.0] * 20, 0.1)
         assert round(evidence["grad_to_weight_spread"]) == 1000
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -136,19 +151,64 @@ def adaptive_optimizer_evidence(
 
 
 def adaptive_optimizer_recommendation(evidence: Mapping[str, Any]) -> str:
-    """The one-sentence advice for :func:`adaptive_optimizer_evidence`'s evidence, naming the two layers.
+    """The advice for :func:`adaptive_optimizer_evidence`'s evidence: the two layers, the spread, the stall, the fix.
 
     Example::
 
-        print(adaptive_optimizer_recommendation(evidence))
+        evidence = adaptive_optimizer_evidence(optimizer, {"a": [1e-5], "b": [1e-4], "c": [1e-2]}, [1.0] * 20, 0.1)
+        assert "Adam" in adaptive_optimizer_recommendation(evidence)
     """
     return (
-        f"Under plain SGD the gradient-to-weight ratio of {evidence['fastest_layer']} is "
-        f"{evidence['grad_to_weight_spread']:.0f}x that of {evidence['slowest_layer']} and the loss stalled: one "
-        "learning rate cannot move every layer (You et al. 2017 give each layer its own, LARS). Switch to an "
-        "adaptive optimizer (Adam, Kingma & Ba 2015, or RMSProp), which scales each coordinate's step by its own "
-        "gradient's running RMS."
+        f"Under plain SGD the gradient-to-weight ratio ||g||/||w|| of {evidence['fastest_layer']} is "
+        f"{evidence['grad_to_weight_spread']:.0f}x that of {evidence['slowest_layer']} (median over the window) and "
+        f"the loss moved {100 * evidence['relative_improvement']:.1f} % (stall below "
+        f"{100 * evidence['stall_threshold']:.0f} %): one learning rate cannot move every layer. Switch to an "
+        "adaptive optimizer, Adam/AdamW (Kingma & Ba 2015) or RMSProp, which scales each coordinate's step by its "
+        "own gradient's running RMS, or give each layer its own rate proportional to ||w||/||g|| "
+        "(LARS, You et al. 2017)."
     )
+
+
+def adaptive_optimizer_findings(
+    optimizer: torch.optim.Optimizer,
+    grad_to_weight: Mapping[str, Sequence[float]],
+    losses: Sequence[float],
+    stall_improvement: float,
+    other_findings: Sequence[Finding] = (),
+) -> list[Finding]:
+    """``optimizer.adaptive`` (warning) when :func:`adaptive_optimizer_evidence` holds, naming the modules of the
+    fastest and the slowest layer (parameter names without their last part); else no finding.
+
+    A spread that gradients vanishing or exploding through depth explain is no optimizer finding: when
+    ``other_findings`` (the same window's) hold one of ``SPREAD_EXPLAINED_BY``, that finding names the structural
+    cause (init, normalization, skips), and an adaptive optimizer would only hide its symptom. A warning, like the
+    suite's other findings of a stalled loss that does not block training outright.
+
+    Raises:
+        TypeError, ValueError: as :func:`adaptive_optimizer_evidence`.
+
+    Example::
+
+        ratios = {"net.0.weight": [1e-5] * 20, "net.2.weight": [1e-4] * 20, "net.4.weight": [1e-2] * 20}
+        [finding] = adaptive_optimizer_findings(optimizer, ratios, [2.3] * 20, stall_improvement=0.1)
+        assert finding.code == "optimizer.adaptive" and finding.modules == ("net.4", "net.0")
+    """
+    evidence = adaptive_optimizer_evidence(optimizer, grad_to_weight, losses, stall_improvement)
+    if evidence is None or any(f.code in SPREAD_EXPLAINED_BY for f in other_findings):
+        return []
+    modules = tuple(dict.fromkeys(module_of(evidence[key]) for key in ("fastest_layer", "slowest_layer")))
+    return [Finding("optimizer.adaptive", "warning", modules, evidence, adaptive_optimizer_recommendation(evidence))]
+
+
+def module_of(parameter_name: str) -> str:
+    """The module that owns a parameter: its qualified name without the last part (``"net.0"`` for
+    ``"net.0.weight"``; a top-level parameter is its own name).
+
+    Example::
+
+        assert module_of("encoder.layers.0.linear1.weight") == "encoder.layers.0.linear1"
+    """
+    return parameter_name.rpartition(".")[0] or parameter_name
 
 
 def _median(values: Sequence[float]) -> float:
