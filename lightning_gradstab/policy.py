@@ -145,8 +145,13 @@ keeps the rollback unless the mean lies above the midpoint ``l_s + r / 2`` (the 
 equal-variance means). The divergence margin is at least :data:`LOSS_NOISE_SIGMAS` (3) per-step loss standard
 deviations ``s``, so the midpoint lies >= 1.5 ``s`` from either mean; the mean of 4 batches has a standard
 deviation of ``s / 2``: the midpoint is >= 3 standard errors from either hypothesis, a wrong verdict about once
-in 700 checks. An objective that moved undoes the rollback (the
-weights of the divergence step come back), the back-off and the level, and the loss is judged from its new level."""
+in 700 checks. An objective that moved undoes the rollback (the weights of the divergence step come back), the
+back-off and the level, and the loss is judged from its new level.
+
+A snapshot taken above the lowest loss (``l_s`` closer to the diverged ``l_d`` than ``r``) must also score below
+``(l_s + l_d) / 2``: one that scores no better than the diverged weights is no rescue, and its rollback is undone
+while the back-off stays (``no_better``). A divergence never rolls back to a snapshot whose own ``l_s`` is not
+below ``l_d`` (the initial weights of a run that learned, then met harder data)."""
 
 OBJECTIVE_SHIFTS_TO_TRUST = 3
 """Rollback checks that found a moved objective after which divergence is no longer judged in this run.
@@ -212,7 +217,8 @@ class PolicyConfig:
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm, > 0 (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
         lr_recovery_steps: healthy steps to undo one back-off, >= 1 (default 25).
-        snapshot_every: healthy steps between rollback snapshots, >= 1 (default 100: PaLM rolled back ~100 steps).
+        snapshot_every: healthy steps between rollback snapshots, >= 1 (default 100: PaLM rolled back ~100 steps);
+            earlier in a run, a snapshot is refreshed once half the steps so far have passed since it.
 
     Example::
 
@@ -670,8 +676,9 @@ class ExplosionPolicy:
         """``"undo"`` or ``"keep"``: see :data:`ROLLBACK_CHECK_STEPS` and :data:`LOSS_NOISE_SIGMAS`.
 
         The rollback is undone when the snapshot scored the new batches more than half the rise that made the
-        divergence above its own smoothed loss (the objective moved). An undo
-        restores the ladder and the statistics from before the divergence and judges the loss from its new level.
+        divergence above its own smoothed loss (the objective moved): the undo restores the ladder and the
+        statistics from before the divergence and judges the loss from its new level. It is also undone, with
+        the back-off kept, when the snapshot scored closer to the diverged loss than to its own (``no_better``).
         """
         state = self.state
         before, self._before_divergence = self._before_divergence, None

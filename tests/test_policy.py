@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -10,16 +11,18 @@ import pytest
 import torch
 
 from lightning_gradstab.policy import (
+    DEFAULT_BUDGETS,
     MIN_LR_SCALE,
     OBJECTIVE_SHIFTS_TO_TRUST,
     ROLLBACK_CHECK_STEPS,
     RUNGS,
+    SNAPSHOT_HEALTHY_STREAK,
     Decision,
     ExplosionPolicy,
     Observation,
     PolicyConfig,
 )
-from lightning_gradstab.running import GrowthWindow, LogNormStatistics, RankReduction
+from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RankReduction
 
 
 def _healthy_norms(count: int, seed: int = 0) -> list[float]:
@@ -550,6 +553,73 @@ def test_a_checkpoint_written_during_a_rollback_check_resumes_with_the_rollback_
     resumed = ExplosionPolicy()
     resumed.load_state_dict(policy.state_dict())
     assert resumed.state.check_steps_left == 0 and resumed.state.lr_scale == pytest.approx(0.5)
+
+
+def test_snapshots_are_refreshed_early_so_a_rollback_never_discards_most_of_a_young_run() -> None:
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.999)
+    snapshots = [d.step for d in (run.step(policy) for _ in range(300)) if d.snapshot]
+    assert snapshots[0] == 1 and snapshots[1] <= 2 * SNAPSHOT_HEALTHY_STREAK  # not the initial weights for long
+    assert len([step for step in snapshots if step <= 100]) >= 4  # a doubling schedule, not one per 100 steps
+    assert all(b - a <= 100 + SNAPSHOT_HEALTHY_STREAK for a, b in itertools.pairwise(snapshots))
+
+
+def test_a_divergence_never_rolls_back_to_a_snapshot_whose_own_loss_was_higher() -> None:
+    """A snapshot of weights that scored 5.0 (a run that learned since, then met harder data): restoring them
+    cannot lower a loss that diverged to about 2."""
+    policy = _warmed_with_loss()
+    stale = LossTrend(10)
+    stale.update(5.0)
+    loss, decisions = 1.5, []
+    while not decisions or decisions[-1].anomaly != "divergence":
+        loss *= 1.15
+        policy._trend_at_snapshot = stale.state_dict()  # no refresh: the snapshot stays the old weights
+        decisions.append(policy.step(Observation(1.0, loss=loss)))
+        assert len(decisions) < 20
+    divergence = decisions[-1]
+    assert not divergence.rollback and divergence.rollback_check is None
+    assert divergence.skip and policy.state.lr_scale == pytest.approx(0.5)  # the rise is still evidence
+
+
+def test_a_snapshot_that_scores_no_better_than_the_diverged_weights_is_undone_but_the_back_off_stays() -> None:
+    policy, _ = _in_a_rollback_check()
+    state = policy.state
+    # a snapshot taken above the lowest loss (1.0): l_s = 1.8, the diverged loss 2.0, the rise 1.0
+    state.check_snapshot_loss, state.check_diverged_loss, state.check_rise = 1.8, 2.0, 1.0
+    decisions = [policy.step(Observation(1.0, loss=1.95)) for _ in range(ROLLBACK_CHECK_STEPS)]
+    assert decisions[-1].rollback_check == "undo" and "undo_rollback" in decisions[-1].actions
+    assert policy.last_rollback_check["verdict"] == "no_better"  # 1.95 > (1.8 + 2.0) / 2, < 1.8 + 1.0 / 2
+    assert policy.state.lr_scale == pytest.approx(0.5) and "objective_shift" not in policy.counts
+
+
+def test_gradient_spikes_while_the_loss_falls_are_clipped_but_never_tighten_the_clip() -> None:
+    """A GAN's players or a model leaving a plateau: unusual norms, no damage; only a loss that rises tightens."""
+    policy = _warmed_with_loss()
+    losses = _losses(100, start=1.8, seed=1)
+    decisions = [policy.step(Observation(10.0 if i % 2 else 1.0, loss=loss)) for i, loss in enumerate(losses)]
+    spikes = [d for d in decisions if d.anomaly == "spike"]
+    assert len(spikes) > DEFAULT_BUDGETS["clip"] and all("clip" in d.actions for d in spikes)
+    assert max(d.level for d in decisions) == RUNGS.index("clip")
+    unjudged = ExplosionPolicy()
+    for norm in _healthy_norms(60):
+        unjudged.step(Observation(norm))  # no loss at all: no evidence that the norms are harmless
+    climbed = [unjudged.step(Observation(10.0 if i % 2 else 1.0)) for i in range(40)]
+    assert max(d.level for d in climbed) == RUNGS.index("tight_clip")
+
+
+def test_a_negative_loss_withdraws_the_back_off_that_divergence_verdicts_on_it_set() -> None:
+    """A policy-gradient loss judged as a positive objective until its first negative value."""
+    policy = _warmed_with_loss()
+    loss = 1.5
+    while policy.counts.get("divergence", 0) == 0:
+        loss *= 1.15
+        policy.step(Observation(1.0, loss=loss))
+    while policy.state.check_steps_left:  # the snapshot scores what it scored: the rollback stands
+        policy.step(Observation(1.0, loss=1.8))
+    assert policy.last_rollback_check["verdict"] == "weights"
+    assert policy.state.lr_scale == pytest.approx(0.5) and policy.state.level > RUNGS.index("clip")
+    policy.step(Observation(1.0, loss=-0.2))
+    assert policy.loss_rules_off_reason is not None and policy.counts["loss_verdicts_withdrawn"] == 1
+    assert policy.state.lr_scale == 1.0 and policy.lr_ceiling() == 1.0 and policy.state.level == RUNGS.index("clip")
 
 
 def test_an_unstable_start_is_clipped_against_the_first_steps_during_the_warmup() -> None:

@@ -159,7 +159,8 @@ class ExplosionGuard(Callback):
         tight_clip_ratio: ``tight_clip`` threshold as a multiple of the typical norm (default 1.0).
         backoff_factor: learning-rate multiplier per back-off, in (0, 1) (default 0.5).
         lr_recovery_steps: healthy steps to undo one back-off (default 25).
-        snapshot_every: healthy steps between rollback snapshots (default 100).
+        snapshot_every: healthy steps between rollback snapshots (default 100; earlier in a run, every time half
+            the steps so far have passed, so a rollback never discards more than about half the progress).
         snapshot_keep: what a snapshot holds: ``"weights+optimizer"`` (default: an exact rollback, Adam's
             moments included) or ``"weights"`` (parameters, buffers and the fp16 loss scale, a third of the bytes
             with Adam; a rollback then leaves the optimizer state as it is).
@@ -817,11 +818,10 @@ def _move_line(index: int, event: dict[str, Any]) -> str | None:
     check = event.get("rollback_check")
     if check is not None:
         scored = "nothing" if check["scored_loss"] is None else f"{check['scored_loss']:.4g}"
-        verdict = (
-            "the objective moved, not the weights: rollback, back-off and level undone"
-            if check["verdict"] == "objective"
-            else "the weights diverged: the rollback stands"
-        )
+        verdict = {
+            "objective": "the objective moved, not the weights: rollback, back-off and level undone",
+            "no_better": "the snapshot is no better than the diverged weights: they come back, the back-off stays",
+        }.get(check["verdict"], "the weights diverged: the rollback stands")
         where = "" if index == 0 else f" optimizer {index}:"
         return (
             f"ExplosionGuard step {event['step']}:{where} rollback check: the snapshot scored {scored} on "
