@@ -8,7 +8,7 @@ from torch import nn
 import lightning_gradstab.diagnosis.tracer as tracer_module
 from lightning_gradstab import diagnose
 from lightning_gradstab.diagnosis.ops import affine_gain, norm_gain, scaling_behaviour
-from lightning_gradstab.diagnosis.probe import _alive_units
+from lightning_gradstab.diagnosis.probe import _alive_units, run_probe
 
 
 class Leaky(nn.Module):
@@ -80,7 +80,75 @@ def test_scaling_behaviour_agrees_with_the_norm_and_affine_tests():
 def test_live_units_read_nan_as_not_positive_like_a_comparison_does():
     output = torch.tensor([[0.0, 1.0, float("nan")], [0.0, float("nan"), 0.0]]).relu()
     expected = (output > 0).any(dim=0).sum()
-    assert _alive_units(output, -1) == expected == 1
+    assert _alive_units(output[None], -1).tolist() == [expected] == [1]
     feature_maps = torch.zeros(2, 3, 4, 4)
     feature_maps[1, 2, 3, 3] = 0.5
-    assert _alive_units(feature_maps, 1) == 1
+    assert _alive_units(torch.stack([feature_maps, feature_maps.relu() * 0]), 1).tolist() == [1, 0]
+
+
+class _InPlace(nn.Module):
+    """Layers whose outputs are overwritten in place after they are recorded: the statistics must be those of
+    the output when the layer produced it, as if read right away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))  # nn.ReLU(inplace=True): F.relu(..., inplace=True)
+        g = self.fc2(h)
+        g += 1.0  # Tensor.__iadd__
+        g.mul_(0.5)
+        return self.fc3(torch.tanh(g))
+
+
+def _per_tensor(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float, float]]:
+    """Each layer's output mean and std and the RMS of the gradient at its output, read one tensor at a time
+    (the long way round: a copy of the output when produced, a hook on it)."""
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            copy = output.detach().clone()
+            seen[name] = [copy.mean().item(), torch.std(copy).item(), None]
+            output.register_hook(lambda grad: seen[name].__setitem__(2, grad.square().mean().sqrt().item()))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    torch.manual_seed(0)
+    output = model(x)
+    direction = torch.randn(output.shape, generator=torch.Generator().manual_seed(0))
+    (output * direction).sum().backward()
+    for handle in handles:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    return {name: tuple(values) for name, values in seen.items()}
+
+
+def test_batched_statistics_equal_per_tensor_reads_even_when_outputs_are_overwritten_in_place():
+    model, x = _InPlace(), torch.randn(32, 16)
+    result = run_probe(model, lambda batch: model(batch), inputs=x)
+    expected = _per_tensor(model, x)
+    measured = {p.name: (p.output_mean, p.output_std, p.grad_rms) for p in result.layers}
+    assert set(measured) == set(expected) == {"fc1", "fc2", "fc3"}
+    for name, values in expected.items():
+        assert measured[name] == values, name  # bit for bit: the same reductions, stacked or not
+    (relu,) = [a for a in result.activations if a.op == "relu"]
+    h = torch.relu(model.fc1(x))
+    assert relu.dead_fraction == 1.0 - float((h > 0).any(dim=0).sum()) / 16
+
+
+def test_stacked_reductions_equal_one_call_per_tensor():
+    from lightning_gradstab.diagnosis.probe import _Measurements
+
+    measurements = _Measurements(nn.Linear(1, 1))
+    tensors = [torch.randn(4, 8, 5) * (i + 1) + i for i in range(6)] + [torch.randn(300, 200), torch.randn(3)]
+    for slot, tensor in enumerate(tensors):
+        measurements._pending_layers.append((slot, tensor))
+    measurements.flush()
+    numbers = torch.cat(measurements._parts).tolist()
+    for slot, tensor in enumerate(tensors):
+        position = measurements.layer_positions[slot]
+        assert numbers[position : position + 2] == [tensor.mean().item(), torch.std(tensor).item()]

@@ -7,6 +7,7 @@ applies it, whether it pools every position away, the constant factor it multipl
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -130,24 +131,71 @@ def activation_family(name: str | None) -> str | None:
     return ACTIVATION_FAMILY.get(name) if name else None
 
 
+_LAYER_KINDS: dict[type, str | None] = {}
+_ACTIVATION_NAMES: dict[type, str | None] = {}
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """The kind of parameterised layer ``module`` is (``"linear"``, ``"conv"``...), None if not a known layer."""
-    for layer_type, kind in LAYER_TYPES:
-        if isinstance(module, layer_type):
-            return kind
-    return None
+    """The kind of parameterised layer ``module`` is (``"linear"``, ``"conv"``...), None if not a known layer
+    (decided once per class)."""
+    cls = type(module)
+    if cls not in _LAYER_KINDS:
+        _LAYER_KINDS[cls] = next((kind for layer_type, kind in LAYER_TYPES if issubclass(cls, layer_type)), None)
+    return _LAYER_KINDS[cls]
 
 
 def activation_module_name(module: nn.Module) -> str | None:
-    for cls in type(module).__mro__:
-        if cls in ACTIVATION_MODULES:
-            return ACTIVATION_MODULES[cls]
-    return None
+    """The activation a module class computes (``nn.GELU`` -> ``"gelu"``), None if not one (once per class)."""
+    cls = type(module)
+    if cls not in _ACTIVATION_NAMES:
+        _ACTIVATION_NAMES[cls] = next((ACTIVATION_MODULES[c] for c in cls.__mro__ if c in ACTIVATION_MODULES), None)
+    return _ACTIVATION_NAMES[cls]
+
+
+_OP_NAMES: dict[Any, str] = {}
 
 
 def op_name(func: Callable) -> str:
+    """The op's name without underscores, in-place and reflected variants renamed (``__radd__`` -> ``add``),
+    remembered per function: the tracer asks for every call the model makes."""
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):
+        pass
     name = getattr(func, "__name__", type(func).__name__).strip("_")
-    return _RENAMES.get(name, name)
+    name = _RENAMES.get(name, name)
+    with contextlib.suppress(TypeError):  # an unhashable callable: named again next time
+        _OP_NAMES[func] = name
+    return name
+_IN_PLACE_DUNDERS = frozenset({
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__", "__set__",
+})
+_WRITES_IN_PLACE: dict[Any, int] = {}  # function -> 1: by its name, 2: a torch.nn.functional op, 0: neither
+
+
+def writes_in_place(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether a call may overwrite one of its tensor arguments: a trailing-underscore op (``relu_``,
+    ``copy_``, ``masked_fill_``), an augmented or item assignment (``x += y``, ``x[i] = v``), an ``out=`` or
+    ``inplace=True`` argument, or a ``torch.nn.functional`` op given a positional ``True`` (its ``inplace``
+    flag, ``F.relu(x, True)``; read conservatively: a spurious yes only costs an early read of the pending
+    statistics). The name is looked at once per function."""
+    kind = _WRITES_IN_PLACE.get(func)
+    if kind is None:
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS:
+            kind = 1
+        else:
+            kind = 2 if getattr(func, "__module__", None) == "torch.nn.functional" else 0
+        with contextlib.suppress(TypeError):  # an unhashable callable: decided again next time
+            _WRITES_IN_PLACE[func] = kind
+    if kind == 1:
+        return True
+    if kwargs and (kwargs.get("inplace") is True or kwargs.get("out") is not None):
+        return True
+    return kind == 2 and any(a is True for a in args)
+
+
 _GRID_HALF_WIDTH = 8.0
 """Elementwise modules are classified on the grid [-8, 8]: far enough into the tails that sigmoid/tanh-like
 functions are within 1e-3 of their bounds and ReLU-like ones within 1e-3 of the identity or of zero."""
@@ -286,21 +334,29 @@ def _scaled_outputs(module: nn.Module, args: tuple, factors: tuple[float, ...]) 
 
 
 def _normalized_gain(first: Tensor, small: Tensor, large: Tensor) -> float | None:
-    """The output RMS when the outputs at 4x and 16x the input agree (a normalization), else None."""
-    scale = small.float().norm()
-    if not (bool(scale > 0) and bool((large.float() - small.float()).norm() <= 1e-3 * scale)):
-        return None
-    return float(large.float().square().mean().sqrt())
+    """The output RMS when the outputs at 4x and 16x the input agree (a normalization), else None. The float32
+    norms and their threshold are read back at once (the same comparisons as on the tensors)."""
+    with torch.no_grad():
+        scale = small.float().norm()
+        scale, difference, threshold, gain = torch.stack([
+            scale, (large.float() - small.float()).norm(), 1e-3 * scale, large.float().square().mean().sqrt()
+        ]).tolist()
+    return gain if scale > 0 and difference <= threshold else None
 
 
 def _linear_gain(first: Tensor, small: Tensor, large: Tensor, zero: Tensor) -> float | None:
-    """RMS of ``f(4x) - f(0)`` over RMS of ``4x`` when ``f(16x) - f(0)`` is four times it (affine), else None."""
-    linear, quadrupled = (small - zero).double(), (large - zero).double()
-    size = quadrupled.norm()
-    if not bool(torch.isfinite(size)) or bool((quadrupled - 4.0 * linear).norm() > 1e-4 * size + 1e-30):
+    """RMS of ``f(4x) - f(0)`` over RMS of ``4x`` when ``f(16x) - f(0)`` is four times it (affine), else None.
+    The float64 norms are read back at once (a Python float is a float64: the same arithmetic)."""
+    with torch.no_grad():
+        linear, quadrupled = (small - zero).double(), (large - zero).double()
+        size, residual, first_rms, linear_rms = torch.stack([
+            quadrupled.norm(), (quadrupled - 4.0 * linear).norm(), first.double().square().mean().sqrt(),
+            linear.square().mean().sqrt(),
+        ]).tolist()
+    if not math.isfinite(size) or residual > 1e-4 * size + 1e-30:
         return None
-    reference = 4.0 * first.double().square().mean().sqrt()
-    return float(linear.square().mean().sqrt() / reference) if bool(reference > 0) else None
+    reference = 4.0 * first_rms
+    return linear_rms / reference if reference > 0 else None
 
 
 def op_fans(op: str, args: tuple, weight: Tensor) -> tuple[int, int] | None:

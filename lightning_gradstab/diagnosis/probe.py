@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from lightning_gradstab.diagnosis.graph import ModelGraph, Node
@@ -222,10 +223,12 @@ def run_probe(
         result = ProbeResult(graph)
         loss = _factor_out_zero_heads(result, loss, seed)
         try:
-            weight_grads = _backward(measurements.tracer.parameters, result, loss, inputs)
+            weight_grads, edge_grads = _backward(
+                measurements.tracer.parameters, result, loss, inputs, measurements.edges
+            )
         except RuntimeError as error:
             raise ProbeError(f"the backward raised {type(error).__name__}: {error}") from error
-    measurements.read_back(result, weight_grads, loss)
+    measurements.read_back(result, weight_grads, edge_grads, loss)
     return result
 
 
@@ -266,95 +269,179 @@ def _top_level_outputs(model: nn.Module, outputs: list[Any], enabled: bool) -> I
 
 
 class _Measurements:
-    """The tracer's hooks for :func:`run_probe` and the device tensors they gather until one final transfer.
+    """The tracer's hooks for :func:`run_probe`: what each layer, join and activation output is, kept until the
+    statistics are taken in a few batched reductions, and one final transfer to the host.
 
-    Every statistic is appended as a 0-d device tensor to the flat list ``values``, and each probe remembers
-    its offset there, so :meth:`read_back` brings everything to the host with a single ``tolist()`` instead of
-    one sync per layer. Gradient statistics arrive later, from tensor hooks that fire during the backward.
+    Per-op statistics cost little on the device but a fixed few microseconds of dispatch each on the host, which
+    on small models is most of the probe; so the forward only remembers the output tensors and the gradient
+    edges of the layers (``get_gradient_edge``: the gradient that reaches the output as it was when recorded),
+    and :meth:`flush` reduces every pending output of one shape in one stacked call (the mean, the standard
+    deviation the way ``torch.std`` takes it, in float64 around a float32 mean, the live ReLU units, the
+    saturated fraction: the same values as per-tensor calls). An op that writes in place (``relu_``,
+    ``x += y``, ``inplace=True``) could change an output before it is read, so the tracer flushes before each
+    one. The backward asks ``autograd.grad`` for the gradients at those edges instead of running one Python
+    hook per layer. Every number lands in ``_parts`` and :meth:`read_back` brings them to the host with a single
+    ``tolist()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.values: list[Tensor] = []
-        self.layer_slots: list[tuple[LayerProbe, int]] = []  # (probe, offset of its mean and std in values)
-        self.grad_slots: dict[int, Tensor] = {}  # index into layer_slots -> RMS of the gradient at its output
-        self.activation_slots: list[tuple[ActivationProbe, int, str]] = []  # (probe, offset, "dead"/"saturated")
-        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation)
+        self.layer_probes: list[LayerProbe] = []
+        self.edges: list[tuple[int, Any]] = []  # (index into layer_probes, gradient edge of its output)
+        self.activation_probes: list[tuple[ActivationProbe, str]] = []  # (probe, "dead"/"saturated")
+        # pending outputs: (index of the probe, detached output, unit axis or family)
+        self._pending_layers: list[tuple[int, Tensor]] = []
+        self._pending_activations: list[tuple[int, Tensor, Any]] = []
+        self._parts: list[Tensor] = []  # 1-D float32 tensors, concatenated at read-back
+        self._size = 0
+        self.layer_positions: dict[int, int] = {}  # probe index -> position of its mean (its std follows)
+        self.activation_positions: dict[int, int] = {}
+        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.flush)
 
     def on_layer_output(self, node: Node, tensor: Tensor) -> None:
-        """Record a layer's (or a join's) output mean and std, and hook the gradient that will reach it."""
+        """Remember a layer's (or a join's) output for its mean and std, and the edge its gradient will reach."""
         if not tensor.is_floating_point():
             return
         kind = "join" if node.kind == "join" else node.layer_kind or "other"
-        probe = LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
-        detached = tensor.detach().float()
-        self.layer_slots.append((probe, len(self.values)))
-        # torch.std and mean as two reductions: the same values as torch.std_mean, which takes 3-6x longer on CPU
-        mean = detached.mean()
-        self.values.extend([mean, torch.std(detached) if detached.numel() > 1 else mean * 0])
+        slot = len(self.layer_probes)
+        self.layer_probes.append(LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind,
+                                            node.index))
+        self._pending_layers.append((slot, tensor.detach()))
         if tensor.requires_grad:
-            slot = len(self.layer_slots) - 1
-            grad_slots = self.grad_slots
-
-            def capture(grad: Tensor) -> None:
-                grad_slots[slot] = grad.detach().float().square().mean().sqrt()
-
-            tensor.register_hook(capture)
+            self.edges.append((slot, get_gradient_edge(tensor) if tensor.grad_fn is not None else tensor))
 
     def on_activation(self, node: Node, tensor: Tensor) -> None:
-        """Record the dead fraction of a ReLU/ReLU6 or the saturated fraction of a sigmoid/tanh; others are skipped."""
+        """Remember a ReLU/ReLU6 output for its dead fraction, a sigmoid/tanh output for its saturated fraction."""
         family = activation_family(node.op)
         units = 1
         if node.op in ("relu", "relu6"):
             axis = _unit_axis(node, self.tracer.nodes)
             units = int(tensor.shape[axis]) if tensor.dim() >= 2 else 1
-            measure, kind = _alive_units(tensor.detach(), axis), "dead"
+            how, kind = axis, "dead"
         elif family in ("tanh", "sigmoid") and node.op != "logsigmoid":
-            measure, kind = _saturated_fraction(tensor.detach(), family), "saturated"
+            how, kind = family, "saturated"
         else:
             return
         name = _activation_display_name(node, self.tracer.nodes)
-        probe = ActivationProbe(name, node.op, hidden=False, units=units)
-        self.activation_slots.append((probe, len(self.values), kind))
-        self.values.append(measure)
+        self._pending_activations.append((len(self.activation_probes), tensor.detach(), how))
+        self.activation_probes.append((ActivationProbe(name, node.op, hidden=False, units=units), kind))
 
-    def read_back(self, result: ProbeResult, weight_grads: dict[str, Tensor], loss: Tensor | None) -> None:
+    def flush(self) -> None:
+        """Take the statistics of every pending output, one stacked reduction per shape (see the class)."""
+        with torch.no_grad():
+            if self._pending_layers:
+                pending, self._pending_layers = self._pending_layers, []
+                for slots, stacked in _stacked(pending):
+                    flat = stacked.float().reshape(len(slots), -1)
+                    mean = flat.mean(1)
+                    if flat.shape[1] <= 1:
+                        std = mean * 0
+                    elif len(slots) == 1:
+                        std = torch.std(flat[0]).reshape(1)
+                    else:  # torch.std's two passes: float64 squares around the float32 mean
+                        std = (flat.double() - mean.double()[:, None]).square().sum(1).div(flat.shape[1] - 1)
+                        std = std.sqrt().float()
+                    position = self._push(torch.stack([mean, std], 1).reshape(-1))
+                    for offset, slot in enumerate(slots):
+                        self.layer_positions[slot] = position + 2 * offset
+            if self._pending_activations:
+                pending_activations, self._pending_activations = self._pending_activations, []
+                keyed = [((slot, how), tensor) for slot, tensor, how in pending_activations]
+                for slots, stacked in _stacked(keyed, key=lambda item: item[0][1]):
+                    how = slots[0][1]
+                    values = (
+                        _alive_units(stacked, how) if isinstance(how, int) else _saturated_fraction(stacked, how)
+                    )
+                    position = self._push(values.float().reshape(-1))
+                    for offset, (slot, _) in enumerate(slots):
+                        self.activation_positions[slot] = position + offset
+
+    def _push(self, values: Tensor) -> int:
+        position = self._size
+        self._parts.append(values)
+        self._size += values.numel()
+        return position
+
+    def read_back(
+        self, result: ProbeResult, weight_grads: dict[str, Tensor], edge_grads: list[tuple[int, Tensor]],
+        loss: Tensor | None,
+    ) -> None:
         """Bring every gathered statistic to the host in one transfer and fill ``result``'s probes and loss."""
-        extra = [self.grad_slots[i] for i in sorted(self.grad_slots)] + list(weight_grads.values())
+        self.flush()
+        grad_positions: dict[int, int] = {}
+        with torch.no_grad():
+            for slots, stacked in _stacked(edge_grads):  # the RMS of the gradient at each layer output
+                position = self._push(stacked.float().reshape(len(slots), -1).square().mean(1).sqrt())
+                grad_positions.update((slot, position + offset) for offset, slot in enumerate(slots))
+        weight_position = self._size
+        for norm in weight_grads.values():
+            self._push(norm.reshape(1))
         if loss is not None:
-            extra.append(loss.detach().float())
-        numbers = _to_host(self.values + extra)
-        offset = len(self.values)
-        grad_values = dict(zip(sorted(self.grad_slots), numbers[offset:], strict=False))
-        weight_values = dict(zip(weight_grads, numbers[offset + len(self.grad_slots) :], strict=False))
-        for slot, (probe, position) in enumerate(self.layer_slots):
+            self._push(loss.detach().float().reshape(1))
+        numbers = _to_host(self._parts)
+        weight_values = dict(zip(weight_grads, numbers[weight_position:], strict=False))
+        for slot, probe in enumerate(self.layer_probes):
+            position = self.layer_positions[slot]
             probe.output_mean, probe.output_std = numbers[position], numbers[position + 1]
-            probe.grad_rms = grad_values.get(slot)
+            probe.grad_rms = numbers[grad_positions[slot]] if slot in grad_positions else None
             probe.weight_grad_norm = weight_values.get(probe.name)
             (result.joins if probe.kind == "join" else result.layers).append(probe)
         hidden = _hidden_activations(result.graph)
-        for probe, position, kind in self.activation_slots:
+        for slot, (probe, kind) in enumerate(self.activation_probes):
+            value = numbers[self.activation_positions[slot]]
             # the dead fraction is gathered as the number of live units
-            value = 1.0 - numbers[position] / probe.units if kind == "dead" else numbers[position]
-            setattr(probe, f"{kind}_fraction", value)
+            setattr(probe, f"{kind}_fraction", 1.0 - value / probe.units if kind == "dead" else value)
             probe.hidden = probe.name in hidden
             result.activations.append(probe)
         if loss is not None:
             result.loss = numbers[-1]
 
 
+STACKED_NUMEL = 1 << 15
+"""Outputs of at most this many elements are reduced stacked with the others of their shape (the dispatch of
+one call per tensor is most of the cost there); larger ones one by one, without a copy (the reduction itself
+is the cost there, and a stacked float64 copy of large tensors only adds memory traffic)."""
+
+
+def _stacked(
+    items: list[tuple[Any, Tensor]], key: Callable[[tuple[Any, Tensor]], Any] | None = None,
+    limit: int = 1 << 22,
+) -> Iterator[tuple[list[Any], Tensor]]:
+    """``(ids, stacked tensors)`` for the items grouped by shape, dtype, device (and ``key``), at most ``limit``
+    elements per stack; a tensor of more than :data:`STACKED_NUMEL` elements comes alone, as a view."""
+    groups: dict[Any, list[tuple[Any, Tensor]]] = {}
+    for item in items:
+        tensor = item[1]
+        if tensor.numel() > STACKED_NUMEL:
+            yield [item[0]], tensor.unsqueeze(0)
+            continue
+        group = (tensor.shape, tensor.dtype, tensor.device, key(item) if key is not None else None)
+        groups.setdefault(group, []).append(item)
+    for members in groups.values():
+        if len(members) == 1:
+            yield [members[0][0]], members[0][1].unsqueeze(0)
+            continue
+        per_stack = max(1, limit // max(members[0][1].numel(), 1))
+        for start in range(0, len(members), per_stack):
+            chunk = members[start : start + per_stack]
+            yield [ident for ident, _ in chunk], torch.stack([tensor for _, tensor in chunk])
+
+
 def _to_host(tensors: list[Tensor]) -> list[float]:
-    """The single host sync of a probe: stack 0-d tensors on the first one's device and read them back at once."""
+    """The single host sync of a probe: concatenate the 1-D float32 parts on the first one's device and read
+    them back at once."""
     if not tensors:
         return []
     device = tensors[0].device
-    return torch.stack([t.to(device) for t in tensors]).tolist()
+    return torch.cat([t.to(device) for t in tensors]).tolist()
 
 
 def _backward(
-    parameters: list[tuple[str, Tensor]], result: ProbeResult, loss: Tensor | None, inputs: Any
-) -> dict[str, Tensor]:
+    parameters: list[tuple[str, Tensor]], result: ProbeResult, loss: Tensor | None, inputs: Any,
+    edges: list[tuple[int, Any]],
+) -> tuple[dict[str, Tensor], list[tuple[int, Tensor]]]:
     """Backpropagate ``loss`` once with ``torch.autograd.grad`` (no ``.grad`` is written) and return the weight
-    gradient norms of the requested layers, keyed by layer name; the layer-output hooks fire on the way.
+    gradient norms of the requested layers, keyed by layer name, and the gradients reached at the layer outputs'
+    ``edges`` (``(slot, gradient)``; an edge the backward never reaches is left out).
 
     A parameter whose gradient comes back None was never used by this forward (a mask token, a pooler left
     out), so it is dropped from ``graph.untraced``: it is not a tracing gap.
@@ -363,21 +450,24 @@ def _backward(
     weight_grads: dict[str, Tensor] = {}
     if loss is None:
         graph.problems.append("the output holds no floating-point tensor that requires grad: no backward")
-        return weight_grads
+        return weight_grads, []
     if not loss.requires_grad:
-        return weight_grads
+        return weight_grads, []
     targets = _anchors(graph, inputs)
     named = _gradient_parameters(parameters, graph, anchored=bool(targets))
-    grads = torch.autograd.grad(loss, targets + [p for _, p in named], allow_unused=True)
+    requested = targets + [edge for _, edge in edges] + [p for _, p in named]
+    grads = torch.autograd.grad(loss, requested, allow_unused=True)
+    at_edges = grads[len(targets) : len(targets) + len(edges)]
+    edge_grads = [(slot, grad.detach()) for (slot, _), grad in zip(edges, at_edges, strict=True) if grad is not None]
     unused = set()
-    for (name, _), grad in zip(named, grads[len(targets) :], strict=True):
+    for (name, _), grad in zip(named, grads[len(targets) + len(edges) :], strict=True):
         if grad is None:
             unused.add(name)
         elif name.endswith("weight"):
             weight_grads[name.rsplit(".", 1)[0] if "." in name else name] = grad.detach().float().norm()
     graph.untraced = [name for name in graph.untraced if name not in unused]
     result.gradients_reached = True
-    return weight_grads
+    return weight_grads, edge_grads
 
 
 def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Tensor | None:
@@ -466,25 +556,27 @@ def _unit_axis(node: Node, nodes: list[Node]) -> int:
     return 1 if cursor.layer_kind == "conv" else -1
 
 
-def _alive_units(output: Tensor, unit_axis: int) -> Tensor:
-    """The number of units of a ReLU-family output (never negative) with a positive output for some sample.
+def _alive_units(outputs: Tensor, unit_axis: int) -> Tensor:
+    """For each of the stacked ReLU-family outputs (dim 0; never negative), the number of units with a positive
+    output for some sample.
 
     A unit is alive when the maximum of its outputs is non-zero: one max-reduction over the other axes and a
     count, several times cheaper on CPU than a boolean ``(output > 0).any``; NaN is read as not positive first, as
     ``output > 0`` reads it. The dead fraction, 1 - alive / units, is taken on the host.
     """
-    finite = torch.nan_to_num(output, nan=0.0)
-    if output.dim() < 2:
-        return finite.amax().count_nonzero()
-    axis = unit_axis % output.dim()
-    return finite.amax(dim=tuple(d for d in range(output.dim()) if d != axis)).count_nonzero()
+    finite = torch.nan_to_num(outputs, nan=0.0)
+    if outputs.dim() < 3:  # outputs of fewer than 2 dimensions: one unit each
+        return finite.reshape(len(outputs), -1).amax(1) != 0
+    axis = unit_axis % (outputs.dim() - 1)
+    return finite.amax(dim=tuple(d + 1 for d in range(outputs.dim() - 1) if d != axis)).count_nonzero(dim=1)
 
 
-def _saturated_fraction(output: Tensor, family: str) -> Tensor:
-    values = output.float()
+def _saturated_fraction(outputs: Tensor, family: str) -> Tensor:
+    """For each of the stacked sigmoid/tanh outputs (dim 0), the fraction of values in the flat tails."""
+    values = outputs.float().reshape(len(outputs), -1)
     if family == "sigmoid":
-        return ((values < SATURATION_MARGIN) | (values > 1 - SATURATION_MARGIN)).float().mean()
-    return (values.abs() > 1 - SATURATION_MARGIN).float().mean()
+        return ((values < SATURATION_MARGIN) | (values > 1 - SATURATION_MARGIN)).float().mean(1)
+    return (values.abs() > 1 - SATURATION_MARGIN).float().mean(1)
 
 
 def _activation_display_name(node: Node, nodes: list[Node]) -> str:

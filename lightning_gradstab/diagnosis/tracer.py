@@ -46,7 +46,10 @@ from lightning_gradstab.diagnosis.ops import (
     op_name,
     pools_positions,
     scaling_behaviour,
+    writes_in_place,
 )
+
+_UNDECIDED = object()
 
 
 class _Recorder(TorchFunctionMode):
@@ -56,6 +59,9 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tracer = self.tracer
+        if tracer.on_mutation is not None and writes_in_place(func, args, kwargs):
+            tracer.on_mutation()  # the outputs recorded so far are read before this call can overwrite them
         output = func(*args, **kwargs)
         if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
             try:
@@ -68,8 +74,9 @@ class _Recorder(TorchFunctionMode):
 class GraphTracer:
     """Records a :class:`ModelGraph` while the wrapped forward runs (hooks removed on exit).
 
-    ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe attach statistics and
-    gradient hooks to the very tensors the graph sees.
+    ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe remember the very
+    tensors the graph sees; ``on_mutation()`` is called before any call that may write a tensor in place, so
+    statistics the probe defers are read before the values change.
     """
 
     def __init__(
@@ -77,10 +84,12 @@ class GraphTracer:
         model: nn.Module,
         on_layer_output: Callable[[Node, Tensor], None] | None = None,
         on_activation: Callable[[Node, Tensor], None] | None = None,
+        on_mutation: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.on_layer_output = on_layer_output
         self.on_activation = on_activation
+        self.on_mutation = on_mutation
         self.nodes: list[Node] = []
         self.producers: dict[int, int] = {}
         self._alive: list[Tensor] = []  # keeps traced tensors alive so ids are never reused
@@ -96,6 +105,7 @@ class GraphTracer:
         self.recorded_modules: dict[str, nn.Module] = {}
         self.signal: list[bool] = []  # per node: carries the input signal (not a mask built from integer ids)
         self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
+        self._plans: dict[int, tuple[str, str, str, str | None, float]] = {}  # module id -> see _plan
         self._behaviours: dict[tuple, tuple[str, float] | None] = {}  # see _behaviour_key
         self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
         self._called: set[str] = set()
@@ -192,16 +202,22 @@ class GraphTracer:
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if self.testing:
             return
-        entered = False
-        if self.depth == 0 and self.problem is None:
-            try:
-                entered = self._role(module, tuple(args) if isinstance(args, tuple) else (args,)) is not None
-            except Exception as error:
-                self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
-        elif self.depth > 0:
+        if self.depth == 0:
+            entered = False
+            if self.problem is None:
+                role = self._roles.get(id(module), _UNDECIDED)
+                if role is _UNDECIDED:
+                    try:
+                        role = self._role(module, args if isinstance(args, tuple) else (args,))
+                    except Exception as error:
+                        self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
+                        role = None
+                entered = role is not None
+        else:
             entered = True
         self._entered.append(entered)
-        self.depth += int(entered)
+        if entered:
+            self.depth += 1
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.testing:
@@ -218,31 +234,48 @@ class GraphTracer:
         except Exception as error:
             self.problem = f"recording module {type(module).__name__} failed: {error!r}"
 
-    def _record_module(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _plan(self, module: nn.Module) -> tuple[str, str, str, str | None, float]:
+        """How every call of a recorded module becomes a node, decided at its first call: ``(name, node kind, op,
+        layer kind, slope or gain)``. The per-call work is then a lookup: a model's forward calls hundreds of
+        modules, and each Python step per call adds to the probe's cost."""
         name = self.module_names.get(id(module), type(module).__name__)
-        self.recorded_modules[name] = module
         role, slope = self._roles[id(module)] or ("layer", 0.0)
-        inputs = self._traced_inputs(args)
+        self.recorded_modules[name] = module
+        plan: tuple[str, str, str, str | None, float]
         if role.startswith("activation"):
             op = role.split(":", 1)[1] if ":" in role else activation_module_name(module) or "relu"
-            node = self._new_node("activation", name, op, self._signal_only(inputs))
-            node.negative_slope = slope
+            plan = (name, "activation", op, None, slope)
         elif role == "norm":
-            node = self._new_node("norm", name, type(module).__name__, self._signal_only(inputs))
+            plan = (name, "norm", type(module).__name__, None, slope)
             if not isinstance(module, NORM_TYPES):
                 self.norm_gains.setdefault(name, slope)  # measured by behaviour at the first call
         elif role == "scale":
-            node = self._new_node("pass", name, "scale", self._signal_only(inputs))
-            node.scale = slope  # the gain measured at the first call
+            plan = (name, "pass", "scale", None, slope)  # the gain measured at the first call
         else:
-            kind = layer_kind(module) or "other"
-            node = self._new_node("layer", name, type(module).__name__, inputs, signal=self._layer_signal(kind, inputs))
-            node.layer_kind = kind
-            node.adds_depth = name not in self._called or kind != "recurrent"
+            plan = (name, "layer", type(module).__name__, layer_kind(module) or "other", slope)
+        self._plans[id(module)] = plan
+        return plan
+
+    def _record_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        name, kind, op, layer, slope = self._plans.get(id(module)) or self._plan(module)
+        inputs = self._traced_inputs(args)
+        signal = self.signal
+        if kind == "layer":
+            node = self._new_node("layer", name, op, inputs, signal=self._layer_signal(layer, inputs))
+            node.layer_kind = layer
+            node.adds_depth = name not in self._called or layer != "recurrent"
             self._called.add(name)
-        first_input = next((t for t in leaf_modules(args) if isinstance(t, Tensor)), None)
+        else:
+            node = self._new_node(kind, name, op, [i for i in inputs if signal[i]])
+            if kind == "activation":
+                node.negative_slope = slope
+            elif kind == "pass":
+                node.scale = slope
+        first_input = args[0] if args and isinstance(args[0], Tensor) else next(
+            (t for t in leaf_modules(args) if isinstance(t, Tensor)), None
+        )
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
-        self._register_outputs(node, output)
+        self._register_outputs(node, output, disabled=True)
 
     def _layer_signal(self, kind: str, inputs: list[int]) -> bool:
         """A layer carries the signal when one of its inputs does; an embedding starts it from integer ids. A
@@ -409,22 +442,34 @@ class GraphTracer:
         node.signal = self.signal[-1]
         return node
 
-    def _register_outputs(self, node: Node, output: Any) -> None:
-        tensors = [t for t in leaf_modules(output) if isinstance(t, Tensor)]
+    def _register_outputs(self, node: Node, output: Any, disabled: bool = False) -> None:
+        """Map the node's output tensors to it and hand the first to the probe (``disabled``: the caller has
+        already turned the function mode off)."""
+        tensors = [output] if isinstance(output, Tensor) else [t for t in leaf_modules(output) if isinstance(t, Tensor)]
+        if not tensors:
+            return
+        producers = self.producers
         for tensor in tensors:
-            self.producers[id(tensor)] = node.index
-            self._alive.append(tensor)
-        if tensors:
-            node.output = tensors[0]
-            self.testing = True  # the probe's statistics are not part of the model's graph
-            try:
+            producers[id(tensor)] = node.index
+        self._alive.extend(tensors)
+        node.output = tensors[0]
+        if node.kind in ("layer", "join"):
+            callback = self.on_layer_output
+        elif node.kind == "activation":
+            callback = self.on_activation
+        else:
+            return
+        if callback is None:
+            return
+        self.testing = True  # the probe's reads are not part of the model's graph
+        try:
+            if disabled:
+                callback(node, tensors[0])
+            else:
                 with torch._C.DisableTorchFunction():  # nor dispatched through the recorder
-                    if node.kind in ("layer", "join") and self.on_layer_output is not None:
-                        self.on_layer_output(node, tensors[0])
-                    if node.kind == "activation" and self.on_activation is not None:
-                        self.on_activation(node, tensors[0])
-            finally:
-                self.testing = False
+                    callback(node, tensors[0])
+        finally:
+            self.testing = False
 
     def build(self, output: Any) -> ModelGraph:
         """Summarise the recorded nodes into a :class:`ModelGraph` (call after the forward)."""
