@@ -114,6 +114,7 @@ def _per_tensor(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, flo
             copy = output.detach().clone()
             seen[name] = [copy.mean().item(), torch.std(copy).item(), None]
             output.register_hook(lambda grad: seen[name].__setitem__(2, grad.square().mean().sqrt().item()))
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -64,8 +64,20 @@ ACTIVATION_MODULES: dict[type[nn.Module], str] = {
 
 ACTIVATION_FAMILY: dict[str, str] = {
     **dict.fromkeys(
-        ("relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "softplus",
-         "hardswish"),
+        (
+            "relu",
+            "relu6",
+            "leaky_relu",
+            "prelu",
+            "rrelu",
+            "elu",
+            "celu",
+            "gelu",
+            "silu",
+            "mish",
+            "softplus",
+            "hardswish",
+        ),
         "relu",
     ),
     **dict.fromkeys(("tanh", "hardtanh", "softsign"), "tanh"),
@@ -104,24 +116,83 @@ JOINS = frozenset({"add", "cat", "concat", "concatenate"})
 DIFFERENCES = frozenset({"sub"})
 SCALINGS = frozenset({"mul", "div", "truediv"})
 # ops that move, select or rescale values without changing which layer they come from
-PASS_THROUGH = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
-    "getitem", "squeeze", "unsqueeze", "expand", "expand_as", "dropout", "dropout1d", "dropout2d", "dropout3d",
-    "alpha_dropout", "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
-    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool1d_with_indices", "max_pool2d_with_indices",
-    "pad", "chunk", "split", "unbind", "narrow", "select", "clone", "to", "float", "type_as", "repeat", "mean",
-    "get", "detach", "flip", "roll", "pixel_shuffle",
-})
-_RENAMES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "rmul": "mul", "imul": "mul",
-            "itruediv": "truediv", "rtruediv": "truediv", "rmatmul": "matmul", "concat": "cat"}
+PASS_THROUGH = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "getitem",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "expand_as",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "max_pool1d_with_indices",
+        "max_pool2d_with_indices",
+        "pad",
+        "chunk",
+        "split",
+        "unbind",
+        "narrow",
+        "select",
+        "clone",
+        "to",
+        "float",
+        "type_as",
+        "repeat",
+        "mean",
+        "get",
+        "detach",
+        "flip",
+        "roll",
+        "pixel_shuffle",
+    }
+)
+_RENAMES = {
+    "radd": "add",
+    "iadd": "add",
+    "rsub": "sub",
+    "isub": "sub",
+    "rmul": "mul",
+    "imul": "mul",
+    "itruediv": "truediv",
+    "rtruediv": "truediv",
+    "rmatmul": "matmul",
+    "concat": "cat",
+}
 
 
 def leaf_modules(value: Any) -> list[Any]:
     """``tree_leaves`` with fast paths for a tensor and a flat tuple/list (most calls: the tracer's hot path)."""
     if isinstance(value, Tensor):
         return [value]
-    if isinstance(value, (tuple, list)) and all(not isinstance(v, (tuple, list, dict)) for v in value):
+    if isinstance(value, (tuple, list)):
+        for item in value:  # a loop, not all(<generator>): this runs for every call the model makes
+            if isinstance(item, (tuple, list, dict)):
+                return tree_leaves(value)
         return list(value)
     return tree_leaves(value)
 
@@ -167,10 +238,27 @@ def op_name(func: Callable) -> str:
     with contextlib.suppress(TypeError):  # an unhashable callable: named again next time
         _OP_NAMES[func] = name
     return name
-_IN_PLACE_DUNDERS = frozenset({
-    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
-    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__", "__set__",
-})
+
+
+_IN_PLACE_DUNDERS = frozenset(
+    {
+        "__iadd__",
+        "__isub__",
+        "__imul__",
+        "__itruediv__",
+        "__ifloordiv__",
+        "__imod__",
+        "__ipow__",
+        "__imatmul__",
+        "__iand__",
+        "__ior__",
+        "__ixor__",
+        "__ilshift__",
+        "__irshift__",
+        "__setitem__",
+        "__set__",
+    }
+)
 _WRITES_IN_PLACE: dict[Any, int] = {}  # function -> 1: by its name, 2: a torch.nn.functional op, 0: neither
 
 
@@ -338,9 +426,9 @@ def _normalized_gain(first: Tensor, small: Tensor, large: Tensor) -> float | Non
     norms and their threshold are read back at once (the same comparisons as on the tensors)."""
     with torch.no_grad():
         scale = small.float().norm()
-        scale, difference, threshold, gain = torch.stack([
-            scale, (large.float() - small.float()).norm(), 1e-3 * scale, large.float().square().mean().sqrt()
-        ]).tolist()
+        scale, difference, threshold, gain = torch.stack(
+            [scale, (large.float() - small.float()).norm(), 1e-3 * scale, large.float().square().mean().sqrt()]
+        ).tolist()
     return gain if scale > 0 and difference <= threshold else None
 
 
@@ -349,10 +437,14 @@ def _linear_gain(first: Tensor, small: Tensor, large: Tensor, zero: Tensor) -> f
     The float64 norms are read back at once (a Python float is a float64: the same arithmetic)."""
     with torch.no_grad():
         linear, quadrupled = (small - zero).double(), (large - zero).double()
-        size, residual, first_rms, linear_rms = torch.stack([
-            quadrupled.norm(), (quadrupled - 4.0 * linear).norm(), first.double().square().mean().sqrt(),
-            linear.square().mean().sqrt(),
-        ]).tolist()
+        size, residual, first_rms, linear_rms = torch.stack(
+            [
+                quadrupled.norm(),
+                (quadrupled - 4.0 * linear).norm(),
+                first.double().square().mean().sqrt(),
+                linear.square().mean().sqrt(),
+            ]
+        ).tolist()
     if not math.isfinite(size) or residual > 1e-4 * size + 1e-30:
         return None
     reference = 4.0 * first_rms
@@ -409,9 +501,9 @@ def constant_factor(op: str, args: tuple, traced: dict[int, int], is_weight: Cal
     # an untraced tensor factor is a constant at init: a 0-d normalizer (Gemma's sqrt(d)) or a parameter vector
     # (LayerScale's gamma, 1e-6 in ConvNeXt), counted by its root-mean-square
     numbers += [
-        float(a.detach().float().square().mean().sqrt()) for a in args
-        if isinstance(a, Tensor) and id(a) not in traced and a.is_floating_point()
-        and (a.numel() == 1 or is_weight(a))
+        float(a.detach().float().square().mean().sqrt())
+        for a in args
+        if isinstance(a, Tensor) and id(a) not in traced and a.is_floating_point() and (a.numel() == 1 or is_weight(a))
     ]
     if not numbers:
         return 1.0

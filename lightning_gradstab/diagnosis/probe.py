@@ -120,7 +120,7 @@ def could_not_probe(report: Any) -> bool:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Restore buffers, train/eval flags and the RNG state of ``model`` bit for bit on exit.
 
     Example::
@@ -130,10 +130,19 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             model(x)  # BatchNorm running stats change here ...
         # ... and are back to their old values here
     """
-    modes = [(module, module.training) for module in model.modules()]
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    # ``modules``: ``model.modules()`` already listed (the probe's tracer walks the model once for everything)
+    modules = list(model.modules()) if modules is None else modules
+    modes = [(module, module.training) for module in modules]
+    buffers = [
+        (buffer, buffer.detach().clone())
+        for module in modules
+        for buffer in module._buffers.values()
+        if buffer is not None
+    ]
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model.parameters())):
+        with torch.random.fork_rng(
+            devices=_cuda_devices(p for m in modules for p in m._parameters.values() if p is not None)
+        ):
             yield
     finally:
         with torch.no_grad():
@@ -150,7 +159,7 @@ def _cuda_devices(parameters: Iterable[Tensor]) -> list[int]:
 
 
 @contextmanager
-def eager_compiled(model: nn.Module) -> Iterator[None]:
+def eager_compiled(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Run every ``torch.compile``d submodule eagerly for the duration of the block.
 
     Module hooks added after compiling are not called inside the compiled graph, and tracing through it would
@@ -163,8 +172,10 @@ def eager_compiled(model: nn.Module) -> Iterator[None]:
             model(x)                  # body runs eagerly here
     """
     swapped = []
-    for module in model.modules():
-        original = getattr(module, "_orig_mod", None)
+    for module in model.modules() if modules is None else modules:
+        # where nn.Module keeps it (getattr would raise and catch on every other module); TorchScript's
+        # module dict has no .get
+        original = module._modules.get("_orig_mod") if isinstance(module._modules, dict) else None
         if isinstance(original, nn.Module) and "forward" in module.__dict__:
             swapped.append((module, module.__dict__["forward"]))
             module.__dict__["forward"] = original.__call__
@@ -209,12 +220,13 @@ def run_probe(
     measurements = _Measurements(model)
     measurements.tracer.register_inputs(inputs)
     top_calls: list[Any] = []
-    with preserved_state(model), _top_level_outputs(model, top_calls, direction_at_model_output):
+    modules = [module for _, module in measurements.tracer.modules]  # the model walked once
+    with preserved_state(model, modules), _top_level_outputs(model, top_calls, direction_at_model_output):
         _seed_rng(seed, _cuda_devices(p for _, p in measurements.tracer.parameters))
-        if not all(module.training for _, module in measurements.tracer.modules):
+        if not all(module.training for module in modules):
             model.train()  # a no-op when every module already trains (train() walks and sets every flag)
         try:
-            with measurements.tracer.tracing(), eager_compiled(model):
+            with measurements.tracer.tracing(), eager_compiled(model, modules):
                 output = forward(inputs)
         except Exception as error:
             raise ProbeError(f"the forward raised {type(error).__name__}: {error}") from error
@@ -303,8 +315,9 @@ class _Measurements:
             return
         kind = "join" if node.kind == "join" else node.layer_kind or "other"
         slot = len(self.layer_probes)
-        self.layer_probes.append(LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind,
-                                            node.index))
+        self.layer_probes.append(
+            LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
+        )
         self._pending_layers.append((slot, tensor.detach()))
         if tensor.requires_grad:
             self.edges.append((slot, get_gradient_edge(tensor) if tensor.grad_fn is not None else tensor))
@@ -337,9 +350,10 @@ class _Measurements:
                         std = mean * 0
                     elif len(slots) == 1:
                         std = torch.std(flat[0]).reshape(1)
-                    else:  # torch.std's two passes: float64 squares around the float32 mean
-                        std = (flat.double() - mean.double()[:, None]).square().sum(1).div(flat.shape[1] - 1)
-                        std = std.sqrt().float()
+                    else:  # torch.std's two passes: float64 squares around the float32 mean, in one buffer
+                        deviations = flat.double()  # a copy: written in place (fresh pages cost more than the math)
+                        deviations.sub_(mean.double()[:, None]).square_()
+                        std = deviations.sum(1).div_(flat.shape[1] - 1).sqrt_().float()
                     position = self._push(torch.stack([mean, std], 1).reshape(-1))
                     for offset, slot in enumerate(slots):
                         self.layer_positions[slot] = position + 2 * offset
@@ -348,8 +362,9 @@ class _Measurements:
                 keyed = [((slot, how), tensor) for slot, tensor, how in pending_activations]
                 for slots, stacked in _stacked(keyed, key=lambda item: item[0][1]):
                     how = slots[0][1]
+                    fresh = len(slots) > 1  # a stacked copy, not a view of the model's tensor
                     values = (
-                        _alive_units(stacked, how) if isinstance(how, int) else _saturated_fraction(stacked, how)
+                        _alive_units(stacked, how, fresh) if isinstance(how, int) else _saturated_fraction(stacked, how)
                     )
                     position = self._push(values.float().reshape(-1))
                     for offset, (slot, _) in enumerate(slots):
@@ -362,7 +377,10 @@ class _Measurements:
         return position
 
     def read_back(
-        self, result: ProbeResult, weight_grads: dict[str, Tensor], edge_grads: list[tuple[int, Tensor]],
+        self,
+        result: ProbeResult,
+        weight_grads: dict[str, Tensor],
+        edge_grads: list[tuple[int, Tensor]],
         loss: Tensor | None,
     ) -> None:
         """Bring every gathered statistic to the host in one transfer and fill ``result``'s probes and loss."""
@@ -370,7 +388,9 @@ class _Measurements:
         grad_positions: dict[int, int] = {}
         with torch.no_grad():
             for slots, stacked in _stacked(edge_grads):  # the RMS of the gradient at each layer output
-                position = self._push(stacked.float().reshape(len(slots), -1).square().mean(1).sqrt())
+                flat = stacked.float().reshape(len(slots), -1)
+                copied = len(slots) > 1 or stacked.dtype != torch.float32  # else a view of the gradient itself
+                position = self._push((flat.square_() if copied else flat.square()).mean(1).sqrt_())
                 grad_positions.update((slot, position + offset) for offset, slot in enumerate(slots))
         weight_position = self._size
         for norm in weight_grads.values():
@@ -403,7 +423,8 @@ is the cost there, and a stacked float64 copy of large tensors only adds memory 
 
 
 def _stacked(
-    items: list[tuple[Any, Tensor]], key: Callable[[tuple[Any, Tensor]], Any] | None = None,
+    items: list[tuple[Any, Tensor]],
+    key: Callable[[tuple[Any, Tensor]], Any] | None = None,
     limit: int = 1 << 22,
 ) -> Iterator[tuple[list[Any], Tensor]]:
     """``(ids, stacked tensors)`` for the items grouped by shape, dtype, device (and ``key``), at most ``limit``
@@ -436,7 +457,10 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
 
 
 def _backward(
-    parameters: list[tuple[str, Tensor]], result: ProbeResult, loss: Tensor | None, inputs: Any,
+    parameters: list[tuple[str, Tensor]],
+    result: ProbeResult,
+    loss: Tensor | None,
+    inputs: Any,
     edges: list[tuple[int, Any]],
 ) -> tuple[dict[str, Tensor], list[tuple[int, Tensor]]]:
     """Backpropagate ``loss`` once with ``torch.autograd.grad`` (no ``.grad`` is written) and return the weight
@@ -524,7 +548,8 @@ def _factor_out_zero_heads(result: ProbeResult, loss: Tensor | None, seed: int) 
     heads): upstream of such a head the loss gradient is exactly zero, so the deltas would say nothing."""
     graph = result.graph
     heads = [
-        layer for layer in graph.layers
+        layer
+        for layer in graph.layers
         if layer.is_output and layer.weight is not None and layer.kind != "embedding" and layer.weight.dim() >= 2
     ]
     if not heads:
@@ -556,15 +581,16 @@ def _unit_axis(node: Node, nodes: list[Node]) -> int:
     return 1 if cursor.layer_kind == "conv" else -1
 
 
-def _alive_units(outputs: Tensor, unit_axis: int) -> Tensor:
+def _alive_units(outputs: Tensor, unit_axis: int, in_place: bool = False) -> Tensor:
     """For each of the stacked ReLU-family outputs (dim 0; never negative), the number of units with a positive
     output for some sample.
 
     A unit is alive when the maximum of its outputs is non-zero: one max-reduction over the other axes and a
     count, several times cheaper on CPU than a boolean ``(output > 0).any``; NaN is read as not positive first, as
-    ``output > 0`` reads it. The dead fraction, 1 - alive / units, is taken on the host.
+    ``output > 0`` reads it (in place when ``outputs`` is a stacked copy). The dead fraction, 1 - alive / units,
+    is taken on the host.
     """
-    finite = torch.nan_to_num(outputs, nan=0.0)
+    finite = torch.nan_to_num_(outputs, nan=0.0) if in_place else torch.nan_to_num(outputs, nan=0.0)
     if outputs.dim() < 3:  # outputs of fewer than 2 dimensions: one unit each
         return finite.reshape(len(outputs), -1).amax(1) != 0
     axis = unit_axis % (outputs.dim() - 1)

@@ -271,8 +271,10 @@ class GraphTracer:
                 node.negative_slope = slope
             elif kind == "pass":
                 node.scale = slope
-        first_input = args[0] if args and isinstance(args[0], Tensor) else next(
-            (t for t in leaf_modules(args) if isinstance(t, Tensor)), None
+        first_input = (
+            args[0]
+            if args and isinstance(args[0], Tensor)
+            else next((t for t in leaf_modules(args) if isinstance(t, Tensor)), None)
         )
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output, disabled=True)
@@ -310,8 +312,11 @@ class GraphTracer:
             index = index[0]
         tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
         for position, tensor in enumerate(tensors):
-            suffix = f"[{index}]" if isinstance(index, int) else (f"[{position}]" if op in ("unbind", "chunk", "split")
-                                                                   else "")
+            suffix = (
+                f"[{index}]"
+                if isinstance(index, int)
+                else (f"[{position}]" if op in ("unbind", "chunk", "split") else "")
+            )
             self.derived[id(tensor)] = name + suffix
             self._alive.append(tensor)
 
@@ -377,7 +382,12 @@ class GraphTracer:
         return self._weight_name(tensor) is not None
 
     def _record_functional_layer(
-        self, op: str, args: tuple, weights: list[tuple[Tensor, str]], traced: list[int], leaves: list[Tensor],
+        self,
+        op: str,
+        args: tuple,
+        weights: list[tuple[Tensor, str]],
+        traced: list[int],
+        leaves: list[Tensor],
         output: Any,
     ) -> None:
         """One application of a weight by a functional op: a layer node named after the weight, with the
@@ -495,7 +505,8 @@ class GraphTracer:
     def _affine_gains(self) -> dict[str, float]:
         """The gain of every recorded torch normalization: the RMS of its affine weight (1 without one)."""
         weighted = {
-            name: module.weight for name, module in self.recorded_modules.items()
+            name: module.weight
+            for name, module in self.recorded_modules.items()
             if isinstance(module, NORM_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
         }
         gains = {name: 1.0 for name, m in self.recorded_modules.items() if isinstance(m, NORM_TYPES)}
