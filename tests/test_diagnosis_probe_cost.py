@@ -151,5 +151,5 @@ def test_stacked_reductions_equal_one_call_per_tensor():
     measurements.flush()
     numbers = torch.cat(measurements._parts).tolist()
     for slot, tensor in enumerate(tensors):
-        position = measurements.layer_positions[slot]
-        assert numbers[position : position + 2] == [tensor.mean().item(), torch.std(tensor).item()]
+        mean_at, std_at = measurements.layer_positions[slot]
+        assert [numbers[mean_at], numbers[std_at]] == [tensor.mean().item(), torch.std(tensor).item()]

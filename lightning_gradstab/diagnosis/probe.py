@@ -305,7 +305,7 @@ class _Measurements:
         self._pending_activations: list[tuple[int, Tensor, Any]] = []
         self._parts: list[Tensor] = []  # 1-D float32 tensors, concatenated at read-back
         self._size = 0
-        self.layer_positions: dict[int, int] = {}  # probe index -> position of its mean (its std follows)
+        self.layer_positions: dict[int, tuple[int, int]] = {}  # probe index -> positions of its mean and std
         self.activation_positions: dict[int, int] = {}
         self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.flush)
 
@@ -354,9 +354,10 @@ class _Measurements:
                         deviations = flat.double()  # a copy: written in place (fresh pages cost more than the math)
                         deviations.sub_(mean.double()[:, None]).square_()
                         std = deviations.sum(1).div_(flat.shape[1] - 1).sqrt_().float()
-                    position = self._push(torch.stack([mean, std], 1).reshape(-1))
-                    for offset, slot in enumerate(slots):
-                        self.layer_positions[slot] = position + 2 * offset
+                    position = self._push(mean)
+                    self._push(std)
+                    for offset, slot in enumerate(slots):  # the std of each lies len(slots) after its mean
+                        self.layer_positions[slot] = (position + offset, position + len(slots) + offset)
             if self._pending_activations:
                 pending_activations, self._pending_activations = self._pending_activations, []
                 keyed = [((slot, how), tensor) for slot, tensor, how in pending_activations]
@@ -366,7 +367,7 @@ class _Measurements:
                     values = (
                         _alive_units(stacked, how, fresh) if isinstance(how, int) else _saturated_fraction(stacked, how)
                     )
-                    position = self._push(values.float().reshape(-1))
+                    position = self._push(values)  # counts or fractions, one per output (cat promotes them)
                     for offset, (slot, _) in enumerate(slots):
                         self.activation_positions[slot] = position + offset
 
@@ -393,15 +394,15 @@ class _Measurements:
                 position = self._push((flat.square_() if copied else flat.square()).mean(1).sqrt_())
                 grad_positions.update((slot, position + offset) for offset, slot in enumerate(slots))
         weight_position = self._size
-        for norm in weight_grads.values():
-            self._push(norm.reshape(1))
+        if weight_grads:
+            self._push(torch.stack(list(weight_grads.values())))
         if loss is not None:
             self._push(loss.detach().float().reshape(1))
         numbers = _to_host(self._parts)
         weight_values = dict(zip(weight_grads, numbers[weight_position:], strict=False))
         for slot, probe in enumerate(self.layer_probes):
-            position = self.layer_positions[slot]
-            probe.output_mean, probe.output_std = numbers[position], numbers[position + 1]
+            mean_at, std_at = self.layer_positions[slot]
+            probe.output_mean, probe.output_std = numbers[mean_at], numbers[std_at]
             probe.grad_rms = numbers[grad_positions[slot]] if slot in grad_positions else None
             probe.weight_grad_norm = weight_values.get(probe.name)
             (result.joins if probe.kind == "join" else result.layers).append(probe)
@@ -448,12 +449,15 @@ def _stacked(
 
 
 def _to_host(tensors: list[Tensor]) -> list[float]:
-    """The single host sync of a probe: concatenate the 1-D float32 parts on the first one's device and read
-    them back at once."""
+    """The single host sync of a probe: concatenate the 1-D parts (float32, and counts, which ``cat`` promotes
+    to it) on the first one's device and read them back at once."""
     if not tensors:
         return []
-    device = tensors[0].device
-    return torch.cat([t.to(device) for t in tensors]).tolist()
+    try:
+        return torch.cat(tensors).tolist()
+    except RuntimeError:  # parts on several devices (a model split across GPUs)
+        device = tensors[0].device
+        return torch.cat([t.to(device) for t in tensors]).tolist()
 
 
 def _backward(
@@ -554,7 +558,8 @@ def _factor_out_zero_heads(result: ProbeResult, loss: Tensor | None, seed: int) 
     ]
     if not heads:
         return loss
-    zero = torch.stack([layer.weight.detach().abs().amax() == 0 for layer in heads]).tolist()
+    # all zero: no non-zero entry (NaN counts as non-zero, as it fails abs().amax() == 0)
+    zero = [not nonzero for nonzero in torch.stack([layer.weight.detach().any() for layer in heads]).tolist()]
     generator = torch.Generator().manual_seed(seed + 1)
     terms = []
     for layer, is_zero in zip(heads, zero, strict=True):
