@@ -231,16 +231,54 @@ class GrowthWindow:
     def __init__(self, window_steps: int = 20) -> None:
         self.window_steps = window_steps
         self.log_norms: deque[float] = deque(maxlen=window_steps)
+        # exact Theil-Sen windows (<= GROWTH_FIT_POINTS steps) keep their pairwise slopes sorted, updated as the
+        # window slides: a slope depends on two values and their distance in steps, not on where the window
+        # starts, so a push drops the oldest point's slopes and adds the new one's (O(window) per step, not a
+        # sort of window^2 / 2 slopes); the median read from it is the one a full recomputation gives, bit for
+        # bit. ``None``: not kept (not built yet, a window above GROWTH_FIT_POINTS, or a non-finite value)
+        self._sorted_slopes: list[float] | None = None
+        self._cached: float | None = None  # growth_factor() of the current window
 
     def push(self, norm: float) -> None:
         """Add the raw norm of one finite step."""
-        self.log_norms.append(_safe_log(norm))
+        import bisect
+
+        value = _safe_log(norm)
+        self._cached = None
+        slopes = self._sorted_slopes
+        if slopes is not None:
+            if not math.isfinite(value):
+                self._sorted_slopes = None
+            else:
+                points = self.log_norms
+                n = len(points)
+                if n == self.window_steps:  # the oldest point leaves: its slopes to every later point go
+                    oldest = points[0]
+                    for distance, later in enumerate(itertools.islice(points, 1, None), start=1):
+                        del slopes[bisect.bisect_left(slopes, (later - oldest) / distance)]
+                    n -= 1
+                    start = 1
+                else:
+                    start = 0
+                for distance, earlier in zip(range(n, 0, -1), itertools.islice(points, start, None), strict=True):
+                    bisect.insort(slopes, (value - earlier) / distance)
+        self.log_norms.append(value)
 
     def growth_factor(self) -> float:
         """Fitted growth of the norm across the full window (1.0 until the window is full)."""
         n = len(self.log_norms)
         if n < self.window_steps:
             return 1.0
+        if self._cached is None:
+            self._cached = self._fit(n)
+        return self._cached
+
+    def _fit(self, n: int) -> float:
+        if n <= GROWTH_FIT_POINTS:
+            if self._sorted_slopes is None:
+                self._rebuild_slopes()
+            if self._sorted_slopes is not None:
+                return math.exp(min(_median_of_sorted(self._sorted_slopes) * (n - 1), 700.0))
         values = list(self.log_norms)
         if n <= GROWTH_FIT_POINTS:
             steps, levels = list(range(n)), values
@@ -254,9 +292,23 @@ class GrowthWindow:
         ])
         return math.exp(min(slope * (n - 1), 700.0))
 
+    def _rebuild_slopes(self) -> None:
+        """Sort every pairwise slope of the window (once; pushes keep it sorted), unless a value is not finite
+        (a NaN has no place in a sorted list: those windows are fitted from scratch)."""
+        values = list(self.log_norms)
+        if len(values) > GROWTH_FIT_POINTS or not all(math.isfinite(v) for v in values):
+            self._sorted_slopes = None
+            return
+        points = len(values)
+        self._sorted_slopes = sorted(
+            (values[j] - values[i]) / (j - i) for i in range(points) for j in range(i + 1, points)
+        )
+
     def clear(self) -> None:
         """Forget the history (after a rollback the old trend describes weights that no longer exist)."""
         self.log_norms.clear()
+        self._sorted_slopes = None
+        self._cached = None
 
     def state_dict(self) -> dict[str, Any]:
         """The recent log-norms."""
@@ -265,6 +317,8 @@ class GrowthWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict``."""
         self.log_norms = deque((float(v) for v in state["log_norms"]), maxlen=self.window_steps)
+        self._sorted_slopes = None
+        self._cached = None
 
 
 class RankReduction:
@@ -299,6 +353,10 @@ class RankReduction:
 
         Every rank must call this on the same steps when ``distributed`` is true: it enters a collective.
         """
+        if not (distributed and dist.is_available() and dist.is_initialized()):
+            local = self._read_locally(values)
+            if local is not None:
+                return local
         device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
         if device not in self._buffers:  # (staging vector, signs), reused every step: no allocation
             signs = torch.tensor(self._signs, dtype=torch.float32, device=device)
@@ -316,13 +374,55 @@ class RankReduction:
         host = packed.tolist()  # the single host sync of the step
         return {name: value * sign for (name, _), sign, value in zip(self.fields, self._signs, host, strict=True)}
 
+    def _read_locally(self, values: dict[str, Tensor | float]) -> dict[str, float] | None:
+        """Without a collective: the tensor values in one ``stack`` and one host read, the Python floats on the
+        host, each value as the packed float32 vector carries it (NaN 0, +-Inf +-``FLOAT32_MAX``), bit for bit
+        what :meth:`reduce` returns through the staging vector. ``None`` when the tensors live on several
+        devices (the staging vector copies across them)."""
+        tensors = [value for value in (values[name] for name, _ in self.fields) if isinstance(value, Tensor)]
+        host: list[float] = []
+        if tensors:
+            device = tensors[0].device
+            if any(t.device != device for t in tensors):
+                return None
+            packed = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in tensors])
+            host = packed.to(torch.float32).tolist()  # the single host sync of the step
+        reduced: dict[str, float] = {}
+        position = 0
+        for (name, _), sign in zip(self.fields, self._signs, strict=True):
+            value = values[name]
+            if isinstance(value, Tensor):
+                number = host[position]
+                position += 1
+            else:
+                number = _as_float32(float(value))
+            if math.isnan(number):
+                number = 0.0 * sign
+            elif math.isinf(number):
+                number = math.copysign(FLOAT32_MAX, number)
+            reduced[name] = number
+        return reduced
+
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """Stand-in for +Inf in a reduced vector."""
 
 
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32 as a float32 tensor stores it (+-Inf beyond the float32 range)."""
+    import struct
+
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def _median(values: list[float]) -> float:
-    ordered = sorted(values)
+    return _median_of_sorted(sorted(values))
+
+
+def _median_of_sorted(ordered: list[float]) -> float:
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 

@@ -233,7 +233,11 @@ def layout_norms(layout: ParameterLayout, tensors: list[Tensor | None], kind: st
     dtype = layout.stats_dtype
     buckets = layout.buckets(tensors, kind)
     if len(buckets) == 1 and buckets[0][0] is None:
-        return _dense_norms(buckets[0][1], ord).to(device=layout.device, dtype=dtype)
+        norms = _dense_norms(buckets[0][1], ord)
+        device = layout.device
+        if norms.dtype == dtype and norms.device == device:  # the common case: no call into .to on the hot path
+            return norms
+        return norms.to(device=device, dtype=dtype)
     norms = torch.zeros(len(layout), dtype=dtype, device=layout.device)
     for positions, members, is_sparse in buckets:
         if is_sparse:  # the norm of the coalesced values (duplicate indices summed first)
@@ -438,5 +442,7 @@ def compute_gradient_stats(
 
 
 def _nonfinite_count(sq_norms: Tensor) -> Tensor:
-    """How many entries are NaN or Inf, a 0-d float32 tensor (two kernels: the step's hot path)."""
-    return len(sq_norms) - torch.isfinite(sq_norms).sum(dtype=torch.float32)
+    """How many entries are NaN or Inf, a 0-d float32 tensor: ``x * 0`` is NaN exactly where ``x`` is not
+    finite. Three small kernels of the plainest kind on the step's hot path (``isfinite`` is a composite of
+    several, each paid with cold caches right after the pass over every gradient)."""
+    return (sq_norms * 0).isnan().sum(dtype=torch.float32)
