@@ -134,6 +134,7 @@ class ModelGraph:
     missed: dict[str, str] = field(default_factory=dict)  # weight -> the op that applied it, unread as a layer
     # computed once by build_graph (the rules ask for it several times; the nodes do not change afterwards)
     _chain_parent: list[int | None] | None = field(default=None, repr=False, compare=False)
+    _consumers: list[list[int]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def plain_depth(self) -> int:
@@ -151,8 +152,11 @@ class ModelGraph:
         return self._chain_parent
 
     def consumers(self) -> list[list[int]]:
-        """For every node, the nodes that read its output (main and side inputs)."""
-        return _consumers(self.nodes)
+        """For every node, the nodes that read its output (main and side inputs); computed once per graph (the
+        probe and the rules ask for it; the nodes' inputs do not change after the build). Do not modify it."""
+        if self._consumers is None or len(self._consumers) != len(self.nodes):
+            self._consumers = _consumers(self.nodes)
+        return self._consumers
 
 
 def _consumers(nodes: list[Node]) -> list[list[int]]:
@@ -201,6 +205,7 @@ def build_graph(
     joins = any(n.kind == "join" for n in nodes)
     depth, parent = _plain_chain_dp(nodes)  # once: the joins are final now
     in_branch = _in_branch_all(nodes, consumers, parent, output_nodes) if joins else []
+    has_norm: list[bool] | None = None  # a normalization upstream of each node (asked for embeddings only)
     layers: dict[str, LayerInfo] = {}
     for node in nodes:
         if node.kind != "layer":
@@ -215,12 +220,15 @@ def build_graph(
             _describe_consumers(info, node, nodes, consumers, output_nodes)
             info.is_output |= _reaches_output_directly(node.index, nodes, consumers, output_nodes)
             info.gate = bool(gated) and _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
-            info.attention_logits = attends and not info.is_output and _only_reaches(
-                node.index, nodes, consumers, gated, "logits", output_nodes
+            info.attention_logits = (
+                attends
+                and not info.is_output
+                and _only_reaches(node.index, nodes, consumers, gated, "logits", output_nodes)
             )
             info.in_branch = joins and in_branch[node.index]
             if info.kind == "embedding":
-                info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers)
+                has_norm = _has_norm_upstream(nodes) if has_norm is None else has_norm
+                info.pre_norm_stream = _pre_norm_stream(node.index, nodes, consumers, has_norm)
     for node in nodes:
         if node.kind == "join":
             node.in_branch = in_branch[node.index]
@@ -239,6 +247,7 @@ def build_graph(
         outputs=sorted(output_nodes),
         plain_applications=applications,
         _chain_parent=parent,
+        _consumers=consumers,
     )
 
 
@@ -426,12 +435,18 @@ def _only_reaches(
     return _every_path_ends(start, consumers, outputs, step)
 
 
-def _pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
-    """An embedding output that, summed with other embeddings at most, is both read through a normalization
-    and carried un-normalized into a residual join with a branch (the pre-LN residual stream)."""
+def _has_norm_upstream(nodes: list[Node]) -> list[bool]:
+    """For every node, whether it is or reads (transitively) a normalization's output."""
     has_norm = [False] * len(nodes)
     for node in nodes:
         has_norm[node.index] = node.kind == "norm" or any(has_norm[i] for i in node.inputs)
+    return has_norm
+
+
+def _pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], has_norm: list[bool]) -> bool:
+    """An embedding output that, summed with other embeddings at most, is both read through a normalization
+    and carried un-normalized into a residual join with a branch (the pre-LN residual stream); ``has_norm`` is
+    :func:`_has_norm_upstream` of the nodes."""
     frontier, seen = [start], set()
     feeds_norm = residual = False
     while frontier:

@@ -310,25 +310,54 @@ def classify_elementwise(module: nn.Module, like: Tensor) -> tuple[str, float] |
             flipped = module(grid.flip(0))
     except Exception:  # not callable on a 1-D tensor: not an elementwise activation
         return None
-    if not isinstance(values, Tensor) or values.shape != grid.shape or not torch.isfinite(values).all():
+    if not isinstance(values, Tensor) or values.shape != grid.shape or not isinstance(flipped, Tensor):
         return None
     x, y = grid.double().cpu(), values.double().cpu()
-    if not torch.allclose(flipped.double().cpu().flip(0), y, atol=1e-4) or torch.allclose(y, x, atol=1e-4):
-        return None
     negative, positive = x < -4, x > 4
-    low, high = float(y[0]), float(y[-1])
-    increasing = bool((y[1:] - y[:-1] >= -1e-6).all())
-    if increasing and y.min() >= -1e-6 and y.max() <= 1 + 1e-6 and low < 1e-3 and high > 1 - 1e-3:
-        return ("hardsigmoid" if low == 0.0 and high == 1.0 else "sigmoid"), 0.0
-    if increasing and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6 and low < -1 + 1e-3 and high > 1 - 1e-3:
-        return ("hardtanh" if low == -1.0 and high == 1.0 else "tanh"), 0.0
-    if not torch.allclose(y[positive], x[positive], rtol=1e-3, atol=1e-3):
+    tail, tail_x = y[negative], x[negative]
+    # every number the tests below read, in one host transfer (the same float64 values and comparisons as
+    # reading them one by one; allclose is isclose(...).all())
+    (
+        finite,
+        symmetric_ok,
+        identity,
+        low,
+        high,
+        increasing,
+        lowest,
+        highest,
+        positive_identity,
+        tail_zero,
+        rise,
+        run,
+    ) = torch.stack(
+        [
+            torch.isfinite(values).all(),
+            torch.isclose(flipped.double().cpu().flip(0), y, atol=1e-4).all(),
+            torch.isclose(y, x, atol=1e-4).all(),
+            y[0],
+            y[-1],
+            (y[1:] - y[:-1] >= -1e-6).all(),
+            y.min(),
+            y.max(),
+            torch.isclose(y[positive], x[positive], rtol=1e-3, atol=1e-3).all(),
+            (tail == 0).all(),
+            tail[-1] - tail[0],
+            tail_x[-1] - tail_x[0],
+        ]
+    ).tolist()
+    if not finite or not symmetric_ok or identity:
         return None
-    tail = y[negative]
-    if bool((tail == 0).all()):
+    if increasing and lowest >= -1e-6 and highest <= 1 + 1e-6 and low < 1e-3 and high > 1 - 1e-3:
+        return ("hardsigmoid" if low == 0.0 and high == 1.0 else "sigmoid"), 0.0
+    if increasing and lowest >= -1 - 1e-6 and highest <= 1 + 1e-6 and low < -1 + 1e-3 and high > 1 - 1e-3:
+        return ("hardtanh" if low == -1.0 and high == 1.0 else "tanh"), 0.0
+    if not positive_identity:
+        return None
+    if tail_zero:
         return "relu", 0.0
-    slope = float((tail[-1] - tail[0]) / (x[negative][-1] - x[negative][0]))
-    if 0.0 < slope < 1.0 and torch.allclose(tail, slope * x[negative], rtol=1e-3, atol=1e-4):
+    slope = rise / run
+    if 0.0 < slope < 1.0 and torch.allclose(tail, slope * tail_x, rtol=1e-3, atol=1e-4):
         return "leaky_relu", slope
     if abs(low + 1.0) < 1e-2:
         return "elu", 0.0
