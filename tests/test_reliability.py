@@ -321,13 +321,26 @@ def test_a_checkpoint_snapshot_that_no_longer_fits_the_model_is_dropped_at_load(
     assert guard.snapshot_step is not None and guard.snapshot_step > 25  # the new snapshot, of this model
 
 
+class _SnapshotAtTrainStart(Callback):
+    """The guard's snapshot step and keep as the resumed fit starts (later steps may refresh the snapshot)."""
+
+    def __init__(self, guard: ExplosionGuard) -> None:
+        self.guard = guard
+        self.seen: tuple[int | None, str] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.seen = (self.guard.snapshot_step, self.guard.rollback_snapshot.keep)
+
+
 def test_resuming_keeps_the_constructors_snapshot_keep(tmp_path: Path, checkpoint: Path) -> None:
     guard = _guard(snapshot_keep="weights")
-    _fit(tmp_path, guard, steps=26, ckpt_path=checkpoint)
-    snapshot = guard.rollback_snapshot
-    assert snapshot.keep == "weights" and snapshot.state_dict()["keep"] == "weights"
+    at_start = _SnapshotAtTrainStart(guard)
+    trainer = quiet_trainer(max_steps=26, callbacks=[guard, at_start], default_root_dir=str(tmp_path))
+    trainer.fit(TinyRegression(optimizer="adam", lr=0.01, faults=FAULTS), regression_loader(), ckpt_path=checkpoint)
     saved_step = torch.load(checkpoint, weights_only=False)[SNAPSHOT_CHECKPOINT_KEY]["step"]
-    assert saved_step is not None and guard.snapshot_step == saved_step  # kept, as weights only
+    assert saved_step is not None and at_start.seen == (saved_step, "weights")  # kept, as weights only
+    snapshot = guard.rollback_snapshot  # and every snapshot taken after it is weights only too
+    assert snapshot.keep == "weights" and snapshot.state_dict()["keep"] == "weights"
 
 
 def _corrupt(state: dict[str, Any], how: str) -> None:

@@ -136,12 +136,11 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
     buffers = [
         (buffer, buffer.detach().clone())
         for module in modules
-        for buffer in module._buffers.values()
-        if buffer is not None
+        for buffer in module.buffers(recurse=False)
     ]
     try:
         with torch.random.fork_rng(
-            devices=_cuda_devices(p for m in modules for p in m._parameters.values() if p is not None)
+            devices=_cuda_devices(p for m in modules for p in m.parameters(recurse=False))
         ):
             yield
     finally:
@@ -173,10 +172,12 @@ def eager_compiled(model: nn.Module, modules: list[nn.Module] | None = None) -> 
     """
     swapped = []
     for module in model.modules() if modules is None else modules:
-        # where nn.Module keeps it (getattr would raise and catch on every other module); TorchScript's
-        # module dict has no .get
-        original = module._modules.get("_orig_mod") if isinstance(module._modules, dict) else None
-        if isinstance(original, nn.Module) and "forward" in module.__dict__:
+        # an OptimizedModule's compiled forward is an instance attribute: asked first, so the eager module is
+        # looked up (getattr raises and catches where it is missing) only on the few modules that have one
+        if "forward" not in module.__dict__:
+            continue
+        original = getattr(module, "_orig_mod", None)
+        if isinstance(original, nn.Module):
             swapped.append((module, module.__dict__["forward"]))
             module.__dict__["forward"] = original.__call__
     try:
