@@ -96,8 +96,14 @@ REGIME_STEPS = 10
 """Consecutive gradient anomalies, with the loss not rising, after which the gradient statistics re-learn.
 
 Statistics that learn only clipped norms never accept a new, legitimate scale; once the norm has been unusual for
-this many steps in a row while the loss kept improving, the norms of those steps become the new reference (spikes,
-growth and drift only: an oversized SGD step is measured against the weights, not against the norm's history)."""
+this many steps in a row while the loss kept improving, the statistics move to the level of those steps (spikes,
+growth and drift only: an oversized SGD step is measured against the weights, not against the norm's history).
+
+What moves is the location, the mean of ``log(norm)``; the spread already learned is kept. A change of scale is a
+shift in log space and leaves the log-norm spread as it was, while the steps that reveal the new scale are a climb:
+their own spread measures the climb, not the noise (on a VGG without normalization a re-seed from them widened the
+clip threshold 25-fold, and the next, 8x step killed the ReLUs). Re-seeding also meant a new warm-up, during which
+only ``growth_factor`` x the typical norm is clipped."""
 
 MIN_LR_SCALE = 2.0**-10
 """The floor of the learning-rate multiplier (about 1/1000 of the configured LR): a back-off that would go below it
@@ -964,9 +970,9 @@ class ExplosionPolicy:
             self.loss_trend.update(learned, healthy=anomaly is None, noise=noise)
 
     def _follow_gradient_regime(self, anomaly: str | None, benign: bool) -> None:
-        """Re-learn the gradient statistics when the norm has been unusual for :data:`REGIME_STEPS` steps in a
-        row while the loss kept improving (or is not judged): a new scale, not an explosion. Without a loss there
-        is no such evidence, and the statistics keep the scale they know."""
+        """Move the gradient statistics to a new level when the norm has been unusual for :data:`REGIME_STEPS`
+        steps in a row while the loss kept improving (or is not judged): a new scale, not an explosion. Without a
+        loss there is no such evidence, and the statistics keep the scale they know."""
         state = self.state
         if anomaly not in _SCALE_EVIDENCE or not benign:
             state.gradient_anomaly_streak = 0
@@ -975,15 +981,11 @@ class ExplosionPolicy:
         if state.gradient_anomaly_streak < REGIME_STEPS:
             return
         state.gradient_anomaly_streak = 0
-        recent = [math.exp(v) for v in list(self.growth.log_norms)[-REGIME_STEPS:]]
-        config = self.config
-        self.statistics = LogNormStatistics(config.ema_decay, config.warmup_steps, config.log_std_floor)
-        for norm in recent:
-            self.statistics.update(norm)
+        recent = list(self.growth.log_norms)[-REGIME_STEPS:]
+        level = sum(recent) / len(recent)  # the new geometric-mean norm, in log space
+        self.statistics.move_to(level)
         if self.reference is not None:
-            self.reference = LogNormStatistics(self.reference.decay, self.reference.warmup_steps, 0.0)
-            for norm in recent:
-                self.reference.update(norm)
+            self.reference.move_to(level)
         self.growth.clear()
         self._count("regime_change")
 

@@ -132,6 +132,23 @@ class LogNormStatistics(RunningMoments):
         """The norm that sits ``zscore`` standard deviations above the running mean."""
         return math.exp(self.mean + zscore * self.std)
 
+    def move_to(self, log_level: float) -> None:
+        """Shift the running mean of ``log(norm)`` to ``log_level`` and keep the spread and the count: a new
+        scale of the same stream (the same noise, multiplied) is a shift in log space.
+
+        Example::
+
+            import math
+            statistics = LogNormStatistics(warmup_steps=3)
+            for norm in [1.0, 1.2, 0.8, 1.1]:
+                statistics.update(norm)
+            spread = statistics.std
+            statistics.move_to(math.log(10.0))
+            statistics.typical_norm, statistics.std == spread  # (about 10.0, True)
+        """
+        if self.count:
+            self.mean = log_level
+
 
 class LossTrend:
     """The smoothed training loss and the lowest value it has reached: the evidence of divergence.

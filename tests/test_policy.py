@@ -14,6 +14,7 @@ from lightning_gradstab.policy import (
     DEFAULT_BUDGETS,
     MIN_LR_SCALE,
     OBJECTIVE_SHIFTS_TO_TRUST,
+    REGIME_STEPS,
     ROLLBACK_CHECK_STEPS,
     RUNGS,
     SNAPSHOT_HEALTHY_STREAK,
@@ -178,6 +179,31 @@ def test_a_norm_climb_is_acted_on_above_clipping_only_once_the_loss_rises() -> N
     assert first_divergence.step > 400  # while the loss held, the 50x norm climb was a new scale, not damage
     assert not any(d.skip or d.rollback or d.lr_scale != 1.0 for d in decisions[:-1])
     assert first_divergence.rollback and policy.state.lr_scale == pytest.approx(0.5)
+
+
+def test_a_new_gradient_scale_moves_the_statistics_and_keeps_their_spread() -> None:
+    rng = random.Random(0)
+    policy = ExplosionPolicy()
+    losses = iter(2.3 - 0.002 * t for t in range(1000))  # falling: the norm's climb does no visible harm
+    for _ in range(40):
+        policy.step(Observation(0.1 * math.exp(rng.gauss(0.0, 0.2)), loss=next(losses)))
+    spread = policy.statistics.std
+    climb = [0.1 * 20.0 ** (t / 15) for t in range(1, 31)]  # leaving a plateau: the norm rises 20x in 15 steps
+    seen = []
+    for norm in climb:
+        policy.step(Observation(norm, loss=next(losses)))
+        seen.append(norm)
+        if policy.counts.get("regime_change"):
+            break
+    # the level is the last REGIME_STEPS norms' (geometric mean); the spread is the one learned (from clipped
+    # norms) before, not the climb's own, which measures the climb
+    logs = [math.log(n) for n in seen[-REGIME_STEPS:]]
+    assert policy.statistics.mean == pytest.approx(sum(logs) / REGIME_STEPS)
+    assert policy.statistics.std < min(1.25 * spread, 0.5 * float(np.std(logs)))
+    level = policy.statistics.mean
+    assert policy.statistics.warmed_up  # no second warm-up, whose only bound is growth_factor x the typical norm
+    spike = policy.step(Observation(8.0 * math.exp(level), loss=next(losses)))
+    assert spike.anomaly == "spike" and spike.clip_threshold < 2.0 * math.exp(level)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
