@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -183,7 +184,9 @@ class AdamStateTracker:
 
     def _measure_group(self, group: dict, members: list, grads: list, grad_scale: Tensor | None,
                        local: Tensor, steps: Tensor, beta2_out: Tensor) -> None:
-        beta1, beta2 = float(_number(group["betas"][0])), float(_number(group["betas"][1]))
+        # supports() admitted the optimizer only when every group's betas read as numbers (not None)
+        beta1 = float(cast(float, _number(group["betas"][0])))
+        beta2 = float(cast(float, _number(group["betas"][1])))
         eps, lr, weight_decay = group["eps"], group["lr"], group.get("weight_decay", 0.0)
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         state = self.optimizer.state
@@ -197,7 +200,7 @@ class AdamStateTracker:
         lr_over_bc1 = torch.as_tensor(lr, dtype=t.dtype).to(t.device) / (1 - beta1**t)
         update_sq, outliers, numel, v_sum = [], [], [], []
         for chunk in _chunks(members):
-            g = [_real(_local(grads[i])) for i, _ in chunk]
+            g: _TensorList = [_real(_local(grads[i])) for i, _ in chunk]
             m = [_real(_local(state[p]["exp_avg"])) for _, p in chunk]
             v = [_real(_local(state[p]["exp_avg_sq"])) for _, p in chunk]
             if grad_scale is not None:
@@ -225,11 +228,13 @@ class AdamStateTracker:
             torch._foreach_div_(m_new, v_new)
             update_sq += [n.square() for n in _norms(m_new, 2.0)]
             numel += [float(x.numel()) for x in g]
-        cast = {"dtype": local.dtype, "device": local.device}
-        local[_UPDATE_SQ].index_copy_(0, positions, torch.stack(update_sq).to(**cast) * (lr_over_bc1**2))
-        local[_OUTLIERS].index_copy_(0, positions, torch.stack(outliers).to(**cast))
-        local[_NUMEL].index_copy_(0, positions, torch.tensor(numel, **cast))
-        local[_V_SUM].index_copy_(0, positions, torch.stack(v_sum).to(**cast))
+        dtype, device = local.dtype, local.device
+        local[_UPDATE_SQ].index_copy_(
+            0, positions, torch.stack(update_sq).to(dtype=dtype, device=device) * (lr_over_bc1**2)
+        )
+        local[_OUTLIERS].index_copy_(0, positions, torch.stack(outliers).to(dtype=dtype, device=device))
+        local[_NUMEL].index_copy_(0, positions, torch.tensor(numel, dtype=dtype, device=device))
+        local[_V_SUM].index_copy_(0, positions, torch.stack(v_sum).to(dtype=dtype, device=device))
         local[_HAS_STATE].index_fill_(0, positions, 1.0)
 
     def _evidence(self, stats: GradientStats, sums: Tensor, steps: Tensor, beta2: Tensor) -> AdamEvidence:
@@ -259,6 +264,10 @@ class AdamStateTracker:
         return AdamEvidence(update_rms, outliers, change, recent, sums, stats, decay_sums)
 
 
+_TensorList = list[Tensor] | tuple[Tensor, ...]
+"""A list of tensors as built here, or as a ``torch._foreach_*`` op returns it (a tuple in torch's stubs)."""
+
+
 def _scalars(values: Tensor, chunk: list, members: list) -> list[Tensor]:
     """The 0-d entries of ``values`` (one per member of the group) for the members of ``chunk``."""
     start = next(i for i, member in enumerate(members) if member is chunk[0])
@@ -266,7 +275,9 @@ def _scalars(values: Tensor, chunk: list, members: list) -> list[Tensor]:
 
 
 def _chunks(members: list) -> list[list]:
-    chunks, current, size = [], [], 0
+    chunks: list[list] = []
+    current: list = []
+    size = 0
     for member in members:
         if current and size + member[1].numel() > CHUNK_ELEMENTS:
             chunks.append(current)
@@ -278,7 +289,7 @@ def _chunks(members: list) -> list[list]:
     return chunks
 
 
-def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
+def _norms(tensors: _TensorList, ord: float) -> list[Tensor]:
     """Per-tensor norms, accumulated in float32 at least (a count in bfloat16 is exact only up to 256)."""
     if tensors and tensors[0].dtype in (torch.float16, torch.bfloat16):
         return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))

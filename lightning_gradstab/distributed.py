@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,11 @@ DEEPSPEED_MESSAGE = (
 )
 
 
+_DTensor: type | None
 try:
-    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import DTensor
+
+    _DTensor = DTensor
 except ImportError:  # torch built without distributed support
     _DTensor = None
 
@@ -80,7 +84,7 @@ def refuse_unsupported_strategy(strategy: object, who: str) -> None:
 def world_size(group: object | None = None) -> int:
     """Ranks in ``group`` (the default group if ``None``); 1 when no process group is initialised."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group)
+        return dist.get_world_size(cast("dist.ProcessGroup | None", group))  # a process group, as documented
     return 1
 
 
@@ -100,13 +104,14 @@ def fsdp1_replica_counts(module: nn.Module, world: int) -> dict[int, int]:
         if fsdp_module.sharding_strategy == ShardingStrategy.NO_SHARD:
             replicas = world
         else:
-            replicas = max(1, world // fsdp_module.process_group.size())
+            # an FSDP module's shard group is set when it is wrapped (the default group at the least)
+            replicas = max(1, world // cast("dist.ProcessGroup", fsdp_module.process_group).size())
         for parameter in fsdp_module.parameters():
             counts[id(parameter)] = replicas
     return counts
 
 
-Placement = tuple[int, tuple] | bool | None
+Placement = tuple[int, tuple] | Literal[True] | None
 """What a local tensor holds: ``(mesh id, placements)`` for a DTensor's shard, ``True`` for a plain tensor,
 ``None`` for an absent gradient."""
 
@@ -133,7 +138,7 @@ class ReplicaCounts:
 
     def of(
         self,
-        parameters: Sequence[Tensor],
+        parameters: Sequence[Tensor | None],
         placements: Sequence[Placement],
         meshes: dict[int, object],
         device: torch.device,
@@ -225,8 +230,8 @@ def local_values(
         placements.append((id(mesh), tuple(own)))
     for (mesh_id, dims, reduce_op, _), indices in partial_groups.items():
         mesh = meshes[mesh_id]
-        pieces = [locals_[i] for i in indices]
-        flat = torch.cat([p.reshape(-1) for p in pieces])  # type: ignore[union-attr]
+        pieces = [cast(Tensor, locals_[i]) for i in indices]  # the local shards of Partial DTensors: not None
+        flat = torch.cat([p.reshape(-1) for p in pieces])
         for dim in dims:
             group = mesh.get_group(dim)  # type: ignore[attr-defined]
             dist.all_reduce(flat, op=getattr(dist.ReduceOp, _PARTIAL_OPS[reduce_op]), group=group)
@@ -234,7 +239,7 @@ def local_values(
                 flat /= mesh.size(dim)  # type: ignore[attr-defined]
         offset = 0
         for i, piece in zip(indices, pieces, strict=True):
-            numel = piece.numel()  # type: ignore[union-attr]
+            numel = piece.numel()
             locals_[i] = flat[offset : offset + numel].view_as(piece)
             offset += numel
     return locals_, placements, meshes

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -154,7 +154,10 @@ class AdaptiveTensorClip:
             ema = torch.where(usable, self.beta * ema + (1.0 - self.beta) * factors * norms_all, ema)
         self.ema_norms = ema
         self.last_norms = norms_all
-        targets = [grads[i].to_local() if is_dtensor(grads[i]) else grads[i] for i in present]  # type: ignore[union-attr]
+        targets = [  # present: the indices of the non-None gradients
+            cast(Tensor, grads[i].to_local() if is_dtensor(grads[i]) else grads[i])  # type: ignore[union-attr]
+            for i in present
+        ]
         torch._foreach_mul_(targets, [factors[i].to(t.dtype) for i, t in zip(present, targets, strict=True)])
         self.step += 1
         return factors

@@ -179,7 +179,7 @@ def rung_level(name: object, argument: str) -> int:
     """The level of rung ``name``; ``ValueError`` naming ``argument`` if it is not a rung."""
     if name not in RUNGS:
         raise ValueError(f"`{argument}` must be one of {list(RUNGS)}, got {name!r}")
-    return RUNGS.index(name)  # type: ignore[arg-type]
+    return RUNGS.index(name)
 
 
 @dataclass(frozen=True)
@@ -960,6 +960,8 @@ class ExplosionPolicy:
         self._follow_gradient_regime(anomaly, judgement.benign)
         if learned_loss is not None and (anomaly not in ("loss_spike", "divergence") or not skipped):
             # a loss spike that was not skipped (the skip bound) is part of the loss's distribution: learn it whole
+            # _judge derives learned_loss from a non-None loss: with learned_loss set, judgement.loss is too
+            assert judgement.loss is not None
             learned = judgement.loss if anomaly == "loss_spike" else learned_loss
             self.loss_statistics.update(learned)
             if learned > 0:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 Severity = Literal["info", "warning", "error"]
 """How bad a finding is: ``error`` blocks training in practice, ``warning`` slows it, ``info`` is context."""
@@ -455,7 +455,7 @@ def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> 
             console.print(renderable, width=max(1, min(natural, width or MAX_PLAIN_WIDTH)))
         else:
             console.print(renderable)
-    text = console.file.getvalue()
+    text = cast(io.StringIO, console.file).getvalue()  # the StringIO the console was given above
     return text if terminal else "".join(line.rstrip() + "\n" for line in text.splitlines())
 
 

@@ -297,6 +297,7 @@ class GrowthWindow:
             if self._sorted_slopes is not None:
                 return math.exp(min(_median_of_sorted(self._sorted_slopes) * (n - 1), 700.0))
         values = list(self.log_norms)
+        steps: list[float]
         if n <= GROWTH_FIT_POINTS:
             steps, levels = list(range(n)), values
         else:  # block medians: GROWTH_FIT_POINTS consecutive blocks of n // GROWTH_FIT_POINTS (+1) steps

@@ -160,7 +160,8 @@ def _local(tensor: Tensor) -> Tensor:
 def _flatten(value: Any, tensors: list[Tensor]) -> Any:
     """``value`` with every tensor replaced by a :class:`_Slot` into ``tensors`` (their local, detached data)."""
     if isinstance(value, Tensor):
-        spec = (value.device_mesh, value.placements) if hasattr(value, "to_local") else None
+        dtensor: Any = value  # a DTensor when it has to_local (duck-typed, as in _local): mesh and placements
+        spec = (dtensor.device_mesh, dtensor.placements) if hasattr(value, "to_local") else None
         local = _local(value.detach())
         tensors.append(local)
         return _Slot(len(tensors) - 1, local.device, spec)
@@ -256,7 +257,7 @@ class RollbackSnapshot:
         keep: SnapshotKeep = "weights+optimizer",
         location: SnapshotLocation = "memory",
         max_bytes: int | Literal["auto"] | None = "auto",
-        directory: str | Path | None = None,
+        directory: str | os.PathLike[str] | None = None,
         local_processes: int | None = None,
     ) -> None:
         validate_snapshot_options(keep, location, max_bytes, directory)
@@ -297,7 +298,7 @@ class RollbackSnapshot:
             if self._resolved_max_bytes is None:
                 self._resolved_max_bytes = default_max_bytes(self.local_processes)
             return self._resolved_max_bytes
-        return self._max_bytes_option  # type: ignore[return-value]
+        return self._max_bytes_option
 
     @property
     def nbytes(self) -> int:
@@ -685,8 +686,9 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor], parameter: Tensor
                 return current
         restored = source.to(saved.device, copy=True)
         spec = saved.dtensor_spec
-        if spec is None and hasattr(parameter, "to_local") and parameter.to_local().shape == source.shape:
-            spec = (parameter.device_mesh, parameter.placements)
+        shard: Any = parameter  # a DTensor when it has to_local (duck-typed, as in _local); None has no to_local
+        if spec is None and hasattr(shard, "to_local") and shard.to_local().shape == source.shape:
+            spec = (shard.device_mesh, shard.placements)
         if spec is not None:
             from torch.distributed.tensor import DTensor
 
@@ -696,8 +698,10 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor], parameter: Tensor
         old = current if isinstance(current, dict) else {}
         return {key: _restored(old.get(key), value, tensors, parameter) for key, value in saved.items()}
     if isinstance(saved, (list, tuple)):
-        old = current if isinstance(current, (list, tuple)) and len(current) == len(saved) else [None] * len(saved)
-        return type(saved)(_restored(c, s, tensors, parameter) for c, s in zip(old, saved, strict=True))
+        old_items = (
+            current if isinstance(current, (list, tuple)) and len(current) == len(saved) else [None] * len(saved)
+        )
+        return type(saved)(_restored(c, s, tensors, parameter) for c, s in zip(old_items, saved, strict=True))
     return copy.deepcopy(saved)
 
 
@@ -830,8 +834,10 @@ def _to_cpu(value: Any, previous: Any = None) -> Any:
         old = previous if isinstance(previous, dict) else {}
         return {key: _to_cpu(item, old.get(key)) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        old = previous if isinstance(previous, (list, tuple)) and len(previous) == len(value) else [None] * len(value)
-        return type(value)(_to_cpu(item, before) for item, before in zip(value, old, strict=True))
+        old_items = (
+            previous if isinstance(previous, (list, tuple)) and len(previous) == len(value) else [None] * len(value)
+        )
+        return type(value)(_to_cpu(item, before) for item, before in zip(value, old_items, strict=True))
     return value
 
 

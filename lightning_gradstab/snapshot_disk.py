@@ -175,7 +175,7 @@ class FileWriter:
                 while not (finished := (item := self._queue.get()) is None):
                     offset, buffer, nbytes = item
                     if nbytes:
-                        view = memoryview(buffer[:nbytes].numpy())
+                        view = buffer[:nbytes].numpy().data  # memoryview(array), typed as such in numpy
                         stream.seek(offset)
                         stream.write(view)
                         self.checksum = zlib.crc32(view, self.checksum)

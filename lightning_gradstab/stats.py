@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ _WRAPPER_PREFIXES = re.compile(r"(^|\.)(_fsdp_wrapped_module|_orig_mod|_checkpoi
 def validate_group_by(group_by: object, argument: str = "group_by") -> GroupBy:
     """Return ``group_by`` if it is a supported grouping, else raise ``ValueError`` naming ``argument``."""
     if group_by in ("module", "parameter"):
-        return group_by  # type: ignore[return-value]
+        return group_by
     if isinstance(group_by, int) and not isinstance(group_by, bool) and group_by >= 1:
         return group_by
     raise ValueError(
@@ -118,6 +119,7 @@ class ParameterLayout:
             names.append(clean_parameter_name(name))
             parameters.append(parameter)
         if in_optimizer is not None:  # parameters the optimizer updates that the module does not own
+            assert optimizer is not None  # in_optimizer is set above only when an optimizer is given
             extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in seen]
             for index, parameter in enumerate(extra):
                 if parameter.requires_grad and id(parameter) not in seen:
@@ -169,7 +171,7 @@ class ParameterLayout:
         """This rank's values of each parameter (the local shard of a DTensor), detached."""
         return [_local(p.detach()) for p in self.parameters]
 
-    def buckets(self, tensors: list[Tensor | None], kind: str) -> list[tuple[Tensor | None, list[Tensor], bool]]:
+    def buckets(self, tensors: Sequence[Tensor | None], kind: str) -> list[tuple[Tensor | None, list[Tensor], bool]]:
         """``tensors`` (one per parameter, ``None`` = absent) bucketed by (device, dtype, sparse layout).
 
         Returns ``(positions, members, is_sparse)`` per bucket; ``positions`` is a cached device tensor of
@@ -184,8 +186,9 @@ class ParameterLayout:
             keyed: dict[tuple, list[int]] = {}
             for i in present:
                 t = tensors[i]
+                assert t is not None  # present lists the indices of the non-None tensors
                 keyed.setdefault((t.device, t.dtype, t.is_sparse), []).append(i)
-            entries = [
+            entries: list[tuple[list[int], Tensor | None, bool]] = [
                 (indices, torch.tensor(indices, dtype=torch.long, device=self.device), is_sparse)
                 for (_, _, is_sparse), indices in keyed.items()
             ]
@@ -195,7 +198,11 @@ class ParameterLayout:
         entries = self._bucket_cache[key]
         if len(entries) == 1 and entries[0][1] is None:
             return [(None, tensors, False)]  # type: ignore[list-item]
-        return [(positions, [tensors[i] for i in indices], is_sparse) for indices, positions, is_sparse in entries]
+        # cast: the indices of a bucket are those of present (non-None) tensors
+        return [
+            (positions, cast("list[Tensor]", [tensors[i] for i in indices]), is_sparse)
+            for indices, positions, is_sparse in entries
+        ]
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -218,7 +225,7 @@ def per_parameter_norms(layout: ParameterLayout, ord: float = 2.0, *, weights: b
     return layout_norms(layout, tensors, "weight" if weights else "grad", ord)
 
 
-def layout_norms(layout: ParameterLayout, tensors: list[Tensor | None], kind: str, ord: float = 2.0) -> Tensor:
+def layout_norms(layout: ParameterLayout, tensors: Sequence[Tensor | None], kind: str, ord: float = 2.0) -> Tensor:
     """Per-parameter ``ord``-norms of ``tensors`` (one per parameter of ``layout``, ``None`` counts 0).
 
     Any floating or complex dtype, one ``torch._foreach_norm`` per (device, dtype) bucket; the result is a
@@ -244,6 +251,7 @@ def layout_norms(layout: ParameterLayout, tensors: list[Tensor | None], kind: st
             values = _dense_norms([g.coalesce().values() for g in members], ord)
         else:
             values = _dense_norms(members, ord)
+        assert positions is not None  # only the single dense bucket, returned above, has no positions
         norms.index_copy_(0, positions, values.to(device=layout.device, dtype=dtype))
     return norms
 
