@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.ops import activation_family
-from lightning_gradstab.report import Finding
+from lightning_gradstab.report import Finding, Severity
 
 PLAIN_DEPTH_RESIDUAL = 20
 """With a stalled loss as evidence (the advisor), plain chains this deep get ``arch.residual``: the plain BN MLP
@@ -70,7 +70,7 @@ def normalization_finding(graph: ModelGraph, problems: list[Finding]) -> list[Fi
     if graph.plain_chain_normalized or graph.plain_depth < PLAIN_DEPTH_NORMALIZATION or not problems:
         return []
     chain = graph.plain_chain
-    severity = "error" if any(p.severity == "error" for p in problems) else "warning"
+    severity: Severity = "error" if any(p.severity == "error" for p in problems) else "warning"
     return [
         Finding(
             "arch.normalization",

@@ -7,7 +7,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from lightning_gradstab.diagnosis.arch_rules import (
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, init_findings, layer_fans
-from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, preserved_state, run_probe
+from lightning_gradstab.diagnosis.probe import LayerProbe, ProbeError, ProbeResult, preserved_state, run_probe
 from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings_measured
 from lightning_gradstab.report import Finding, Report
 
@@ -327,13 +327,14 @@ def layer_rows(
     result: ProbeResult, schemes: dict[str, InitScheme], weight_std: dict[str, float]
 ) -> list[dict[str, Any]]:
     """One row per parameterised layer with the documented per-layer JSON fields."""
-    first_call = {}
-    for probe in result.layers:
-        first_call.setdefault(probe.name, probe)
+    first_call: dict[str, LayerProbe] = {}
+    for layer_probe in result.layers:
+        first_call.setdefault(layer_probe.name, layer_probe)
     # growth of the delta from one layer to the one before it (toward the input); > 1 means it grows
     ordered = [p for p in sorted(first_call.values(), key=lambda p: p.node) if p.grad_rms]
-    growth = {
-        earlier.name: earlier.grad_rms / later.grad_rms for earlier, later in pairwise(ordered)
+    growth = {  # cast: ordered keeps only probes with a (non-zero) grad_rms
+        earlier.name: cast(float, earlier.grad_rms) / cast(float, later.grad_rms)
+        for earlier, later in pairwise(ordered)
     }
     rows = []
     for layer in result.graph.layers:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.ops import activation_family
-from lightning_gradstab.report import Finding
+from lightning_gradstab.report import Finding, Severity
 
 SIGNAL_FACTOR_WARNING = 10.0
 SIGNAL_FACTOR_ERROR = 1e4
@@ -74,7 +75,8 @@ def fans(weight: Tensor) -> tuple[int, int]:
 def layer_fans(layer: LayerInfo) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a layer: read from the op that applied it (``x @ W``, an einsum) where the tracer
     derived them, else ``torch.nn.init``'s convention on its weight."""
-    return layer.fans if layer.fans is not None else fans(layer.weight)
+    # cast: a layer without traced fans is read from its weight; both callers check that it has one
+    return layer.fans if layer.fans is not None else fans(cast(Tensor, layer.weight))
 
 
 def recommended_scheme(layer: LayerInfo) -> InitScheme | None:
@@ -134,7 +136,7 @@ def init_findings(
     measured = [layer for layer in graph.layers if layer.weight is not None]
     if not measured:
         return [], {}, {}
-    variances, spreads = _weight_moments([layer.weight for layer in measured])
+    variances, spreads = _weight_moments([cast(Tensor, layer.weight) for layer in measured])  # none is None
     variance = {layer.name: v for layer, v in zip(measured, variances, strict=True)}
     row_spread = {layer.name: v for layer, v in zip(measured, spreads, strict=True)}
     weight_std = {name: math.sqrt(v) for name, v in variance.items()}
@@ -161,7 +163,7 @@ def _weight_moments(weights: list[Tensor]) -> tuple[list[float], list[float]]:
     """
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
-        key = (tuple(weight.shape), weight.dtype, weight.device)
+        key: tuple = (tuple(weight.shape), weight.dtype, weight.device)
         if weight.numel() > STACKED_WEIGHT_ELEMENTS:
             key += (index,)  # alone
         groups.setdefault(key, []).append(index)
@@ -257,7 +259,8 @@ def _scale_findings(graph: ModelGraph, variance: dict[str, float], accepted: dic
 
 
 def _chain_layers(nodes: list, parent: list[int | None], end: int, start: int | None) -> list[str]:
-    names, cursor = [], end
+    names: list[str] = []
+    cursor: int | None = end
     while cursor is not None and cursor != start:
         if nodes[cursor].kind == "layer":
             names.append(nodes[cursor].name)
@@ -269,7 +272,7 @@ def _scale_finding(chain: list[str], factor: float, log_ratio: dict[str, float],
     by_scheme: dict[str, list[str]] = {}
     for name in chain:
         by_scheme.setdefault(accepted[name][0].name, []).append(name)
-    severity = "error" if max(factor, 1 / factor) > SIGNAL_FACTOR_ERROR else "warning"
+    severity: Severity = "error" if max(factor, 1 / factor) > SIGNAL_FACTOR_ERROR else "warning"
     ratios = [math.exp(0.5 * log_ratio[name]) for name in chain]
     fixes = "; ".join(f"{_names(names)} with {scheme}" for scheme, names in by_scheme.items())
     return Finding(
@@ -297,7 +300,7 @@ def _symmetric_findings(
 ) -> list[Finding]:
     findings = []
     for layer in measured:
-        weight = layer.weight
+        weight = cast(Tensor, layer.weight)  # measured keeps only layers with a weight
         if layer.kind not in ("linear", "conv", "other") or weight.dim() < 2 or weight.shape[0] < 2:
             continue
         # identical rows make every unit compute the same function forever (the gradient keeps them equal);
@@ -374,8 +377,9 @@ def reinitialize(
         if isinstance(weight, Tensor) and weight.dim() == 1:  # a normalization's gain: back to the usual 1
             with torch.no_grad():
                 weight.fill_(1.0)
-                if isinstance(getattr(module, "bias", None), Tensor):
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, Tensor):
+                    bias.zero_()
             applied[name] = InitScheme("normalization gain 1", 1.0)
             continue
         if not isinstance(weight, Tensor) or weight.dim() < 2:

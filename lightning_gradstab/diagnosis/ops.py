@@ -429,7 +429,8 @@ def scaling_behaviour(module: nn.Module, args: tuple) -> tuple[str, float] | Non
     if gain is not None:
         return ("norm", gain)
     at_zero = _scaled_outputs(module, args, (0.0,))
-    gain = _linear_gain(*scaled, at_zero[1]) if at_zero is not None else None
+    first, small, large = scaled  # the input and its outputs at the two factors above
+    gain = _linear_gain(first, small, large, at_zero[1]) if at_zero is not None else None
     return ("scale", gain) if gain is not None else None
 
 

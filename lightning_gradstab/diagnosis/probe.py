@@ -16,10 +16,10 @@ stay on the device until one final transfer (a single host sync).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -327,6 +327,7 @@ class _Measurements:
         """Remember a ReLU/ReLU6 output for its dead fraction, a sigmoid/tanh output for its saturated fraction."""
         family = activation_family(node.op)
         units = 1
+        how: int | str  # the unit axis of a ReLU, the family of a saturating activation
         if node.op in ("relu", "relu6"):
             axis = _unit_axis(node, self.tracer.nodes)
             units = int(tensor.shape[axis]) if tensor.dim() >= 2 else 1
@@ -408,12 +409,16 @@ class _Measurements:
             probe.weight_grad_norm = weight_values.get(probe.name)
             (result.joins if probe.kind == "join" else result.layers).append(probe)
         hidden = _hidden_activations(result.graph)
-        for slot, (probe, kind) in enumerate(self.activation_probes):
+        for slot, (activation_probe, kind) in enumerate(self.activation_probes):
             value = numbers[self.activation_positions[slot]]
             # the dead fraction is gathered as the number of live units
-            setattr(probe, f"{kind}_fraction", 1.0 - value / probe.units if kind == "dead" else value)
-            probe.hidden = probe.name in hidden
-            result.activations.append(probe)
+            setattr(
+                activation_probe,
+                f"{kind}_fraction",
+                1.0 - value / activation_probe.units if kind == "dead" else value,
+            )
+            activation_probe.hidden = activation_probe.name in hidden
+            result.activations.append(activation_probe)
         if loss is not None:
             result.loss = numbers[-1]
 
@@ -462,7 +467,7 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
 
 
 def _backward(
-    parameters: list[tuple[str, Tensor]],
+    parameters: Sequence[tuple[str, Tensor]],
     result: ProbeResult,
     loss: Tensor | None,
     inputs: Any,
@@ -488,7 +493,7 @@ def _backward(
     grads = torch.autograd.grad(loss, requested, allow_unused=True)
     at_edges = grads[len(targets) : len(targets) + len(edges)]
     edge_grads = [(slot, grad.detach()) for (slot, _), grad in zip(edges, at_edges, strict=True) if grad is not None]
-    unused = set()
+    unused: set[str] = set()
     for (name, _), grad in zip(named, grads[len(targets) + len(edges) :], strict=True):
         if grad is None:
             unused.add(name)
@@ -535,7 +540,7 @@ def _anchors(graph: ModelGraph, inputs: Any) -> list[Tensor]:
 
 
 def _gradient_parameters(
-    parameters: list[tuple[str, Tensor]], graph: ModelGraph, anchored: bool
+    parameters: Sequence[tuple[str, Tensor]], graph: ModelGraph, anchored: bool
 ) -> list[tuple[str, Tensor]]:
     """The parameters whose gradients the rules read: the weights of the first and last layers (evidence that
     weight gradients stay flat while deltas vanish, Glorot & Bengio 2010) and parameters the tracer did not see
@@ -560,7 +565,11 @@ def _factor_out_zero_heads(result: ProbeResult, loss: Tensor | None, seed: int) 
     if not heads:
         return loss
     # all zero: no non-zero entry (NaN counts as non-zero, as it fails abs().amax() == 0)
-    zero = [not nonzero for nonzero in torch.stack([layer.weight.detach().any() for layer in heads]).tolist()]
+    # cast: heads keeps only layers whose weight is not None
+    zero = [
+        not nonzero
+        for nonzero in torch.stack([cast(Tensor, layer.weight).detach().any() for layer in heads]).tolist()
+    ]
     generator = torch.Generator().manual_seed(seed + 1)
     terms = []
     for layer, is_zero in zip(heads, zero, strict=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.probe import ActivationProbe, LayerProbe, ProbeResult
@@ -88,6 +89,7 @@ def _points(result: ProbeResult, probes: list[LayerProbe]) -> list[MeasuredLayer
             if layer is None or probe.kind == "embedding" or layer.attention_logits or layer.gate or layer.in_branch:
                 continue
             normalized, scale = layer.normalized, layer.downstream_scale
+        assert probe.grad_rms is not None  # both callers pass only probes with a grad_rms
         value = probe.grad_rms * (probe.output_std if normalized else 1.0)
         if 0.0 < scale < 1.0:
             value /= scale  # a deliberate down-scaling (LayerScale) is no vanishing
@@ -203,12 +205,15 @@ def activation_findings(activations: list[ActivationProbe]) -> list[Finding]:
         a for a in activations
         if a.hidden and a.saturated_fraction is not None and a.saturated_fraction >= SATURATED_WARNING
     ]
+    # cast: both lists keep only probes whose fraction was measured (not None)
+    dead_fractions = [cast(float, a.dead_fraction) for a in dead]
+    saturated_fractions = [cast(float, a.saturated_fraction) for a in saturated]
     return _fraction_finding(
-        "activation.dead", dead, [a.dead_fraction for a in dead], "max_dead_fraction", DEAD_WARNING, DEAD_ERROR,
+        "activation.dead", dead, dead_fractions, "max_dead_fraction", DEAD_WARNING, DEAD_ERROR,
         "Revive {first}: check the init and bias of the layer feeding it (He init, zero bias), "
         "lower the learning rate, or use LeakyReLU/GELU there.",
     ) + _fraction_finding(
-        "activation.saturated", saturated, [a.saturated_fraction for a in saturated], "max_saturated_fraction",
+        "activation.saturated", saturated, saturated_fractions, "max_saturated_fraction",
         SATURATED_WARNING, SATURATED_ERROR,
         "Shrink the pre-activations of {first} (Xavier init on the layer feeding it, or a "
         "normalization layer before it), or switch to ReLU with He init.",

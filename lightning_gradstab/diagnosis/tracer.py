@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -261,6 +261,7 @@ class GraphTracer:
         inputs = self._traced_inputs(args)
         signal = self.signal
         if kind == "layer":
+            assert layer is not None  # _plan gives every "layer" plan a layer kind ("other" at least)
             node = self._new_node("layer", name, op, inputs, signal=self._layer_signal(layer, inputs))
             node.layer_kind = layer
             node.adds_depth = name not in self._called or layer != "recurrent"
@@ -415,7 +416,8 @@ class GraphTracer:
         if not isinstance(output, Tensor):
             return None
         shape_of = {self.producers[id(t)]: tuple(t.shape) for t in leaves if id(t) in self.producers}
-        main, gates = [], []
+        main: list[int] = []
+        gates: list[int] = []
         for producer in inputs:
             full = shape_of.get(producer) == tuple(output.shape)
             (main if full and not self._is_gate(producer) else gates).append(producer)
@@ -505,7 +507,7 @@ class GraphTracer:
     def _affine_gains(self) -> dict[str, float]:
         """The gain of every recorded torch normalization: the RMS of its affine weight (1 without one)."""
         weighted = {
-            name: module.weight
+            name: cast(Tensor, module.weight)  # a Tensor: the condition below checks it
             for name, module in self.recorded_modules.items()
             if isinstance(module, NORM_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
         }
@@ -559,7 +561,8 @@ def _behaviour_key(module: nn.Module, like: Tensor) -> tuple | None:
     for name, value in vars(module).items():
         if name.startswith("_") or name == "training":
             continue
-        if isinstance(value, Tensor) or not isinstance(value, (int, float, str, bool, type(None), Callable)):
+        # collections.abc.Callable is a valid isinstance target at runtime; mypy sees only its special form
+        if isinstance(value, Tensor) or not isinstance(value, (int, float, str, bool, type(None), Callable)):  # type: ignore[arg-type]
             return None
         if isinstance(value, nn.Module):
             return None
