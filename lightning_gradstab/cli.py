@@ -14,7 +14,7 @@ import argparse
 import importlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_factory(target: str) -> object:
+def _load_factory(target: str) -> Callable[[], object]:
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"target must look like 'package.module:factory', got {target!r}")

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +142,7 @@ class AttentionSite:
 
 def _heads(module: nn.Module) -> tuple[int | None, int | None]:
     heads = next((getattr(module, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(module, a, None), int)), None)
-    config = getattr(module, "config", None)
+    config: Any = getattr(module, "config", None)  # a model config when present; None has no num_attention_heads
     if heads is None and isinstance(getattr(config, "num_attention_heads", None), int):
         heads = config.num_attention_heads
     kv = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None)
@@ -364,19 +364,19 @@ class LogitWatch:
             self._store(index, site, captured.pop("q"), captured.pop("k"))
 
     def _on_mha(self, index: int, site: AttentionSite, args: tuple, kwargs: dict) -> None:
-        module = site.module
+        module = cast(nn.MultiheadAttention, site.module)  # _site gives only an nn.MultiheadAttention kind "mha"
         if not self._measuring(module):
             return
         query = args[0] if args else kwargs["query"]
         key = args[1] if len(args) > 1 else kwargs["key"]
-        if not module.batch_first:  # type: ignore[union-attr]
+        if not module.batch_first:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
-        embed = module.embed_dim  # type: ignore[union-attr]
-        if module.in_proj_weight is not None:  # type: ignore[union-attr]
-            w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]  # type: ignore[index]
+        embed = module.embed_dim
+        if module.in_proj_weight is not None:
+            w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
         else:
-            w_q, w_k = module.q_proj_weight, module.k_proj_weight  # type: ignore[union-attr]
-        bias = module.in_proj_bias  # type: ignore[union-attr]
+            w_q, w_k = module.q_proj_weight, module.k_proj_weight
+        bias = module.in_proj_bias
         b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
         with torch.no_grad():
             self._store(index, site, F.linear(query[: self.sample_rows], w_q, b_q),

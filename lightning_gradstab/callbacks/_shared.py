@@ -11,7 +11,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -104,7 +104,11 @@ def gradient_stats(
         layout = parameter_layout(trainer, pl_module, raw)
         if state.sharding is None:  # once per fit: the strategy and its FSDP1 flat-shard counts do not change
             kind = strategy_kind(trainer.strategy)
-            plain = fsdp1_replica_counts(trainer.strategy.model, trainer.world_size) if kind == "fsdp" else None
+            # cast: under FSDP the strategy has wrapped the model by the time gradients exist
+            plain = (
+                fsdp1_replica_counts(cast(torch.nn.Module, trainer.strategy.model), trainer.world_size)
+                if kind == "fsdp" else None
+            )
             state.sharding = (kind, plain)
         kind, plain = state.sharding
         sharded = kind in ("fsdp", "model_parallel") or (layout.holds_dtensors and trainer.world_size > 1)
@@ -122,7 +126,8 @@ def _self_check(trainer: pl.Trainer, stats: GradientStats, kind: str) -> tuple[f
     if kind == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        roots = FullyShardedDataParallel.fsdp_modules(trainer.strategy.model, root_only=True)
+        # cast: under FSDP the strategy has wrapped the model by the time gradients exist
+        roots = FullyShardedDataParallel.fsdp_modules(cast(torch.nn.Module, trainer.strategy.model), root_only=True)
         root = roots[0] if roots else None
     gathered = gathered_total_norm(stats.layout.parameters, root)
     suite = float(stats.total_norm)
@@ -267,17 +272,19 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
     if state.summary_printed_at_step == trainer.global_step:
         return
     state.summary_printed_at_step = trainer.global_step
+    # Trainer.callbacks is set by Lightning's callback connector at init; the class does not declare it
+    callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]
     reports = [
-        c.report for c in trainer.callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
+        c.report for c in callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
     ]
     # a guard built with console_summary=False prints nothing at the end of fit, in its table or here
     guards = [
-        s for c in trainer.callbacks
+        s for c in callbacks
         if isinstance(c, ExplosionGuard) and c.console_summary and (s := c.summary())["optimizers"]
     ]
     if not reports and not guards:
         return
-    fixed = [name for c in trainer.callbacks if isinstance(c, InitAudit) for name in c.fixed_modules]
+    fixed = [name for c in callbacks if isinstance(c, InitAudit) for name in c.fixed_modules]
     logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here
     directory = getattr(logger, "log_dir", None) or trainer.default_root_dir
     files = [
@@ -310,7 +317,7 @@ def add_tensorboard_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
 
     charts: list[str] = []
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning at init, not declared
         if isinstance(callback, GradNormMonitor):
             charts += callback.tensorboard_charts(trainer, pl_module)
         elif isinstance(callback, ExplosionGuard):

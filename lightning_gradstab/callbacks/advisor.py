@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -214,11 +214,12 @@ class ArchitectureAdvisor(ReportingCallback):
                 self._matrix_norms.pop(index, None)
             self._matrix_names[index] = names
             self._matrix_index[index] = torch.tensor(positions, dtype=torch.long, device=stats.param_sq_norms.device)
-        positions = self._matrix_index[index]
-        if positions.numel():
-            sample = torch.stack(
-                [stats.param_norms().index_select(0, positions), stats.weight_norms().index_select(0, positions)]
-            )
+        matrix_positions = self._matrix_index[index]
+        if matrix_positions.numel():
+            sample = torch.stack([
+                stats.param_norms().index_select(0, matrix_positions),
+                stats.weight_norms().index_select(0, matrix_positions),
+            ])
             self._matrix_norms.setdefault(index, []).append(sample.detach())
 
     @override
@@ -226,7 +227,8 @@ class ArchitectureAdvisor(ReportingCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.logit_watch is not None and self.logit_watch.active:
-            self.logit_watch.record(self._logit_step)
+            # cast: the watch is armed only in _arm_logit_watch, which sets _logit_step with it
+            self.logit_watch.record(cast(int, self._logit_step))
         if self._reported:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -275,7 +277,9 @@ class ArchitectureAdvisor(ReportingCallback):
         return gradient_findings(self.graph, medians, steps, self._sizes)
 
     def _guard_findings(self, trainer: pl.Trainer) -> list[Finding]:
-        return guard_findings(self.graph, collect_guard_events(trainer.callbacks), self.observe_steps)
+        # Trainer.callbacks is set by Lightning's callback connector at init; the class does not declare it
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        return guard_findings(self.graph, collect_guard_events(callbacks), self.observe_steps)
 
     def _optimizer_findings(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, losses: list[float], other: list[Finding]

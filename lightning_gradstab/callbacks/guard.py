@@ -627,7 +627,8 @@ class ExplosionGuard(Callback):
 
     def _report(self, trainer: pl.Trainer, index: int, policy: ExplosionPolicy, decision: Decision) -> None:
         step = logging_step(trainer)
-        interval = self.log_every_n_steps or trainer.log_every_n_steps
+        # Trainer.log_every_n_steps is set by Lightning's logger connector at init; the class does not declare it
+        interval = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         new_events = policy.events_since(self._written_events.get(index, 0))
         self._written_events[index] = policy.events_recorded
         if not new_events and step % max(interval, 1) != 0:

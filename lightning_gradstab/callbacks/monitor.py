@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,7 @@ def _log10_spread(values: Tensor) -> Tensor:
 class _HostCopy:
     """Scalars of several steps on their way to the host, read once the copy has finished."""
 
-    rows: list[tuple[int, list[str]]]
+    rows: list[tuple[int, Sequence[str]]]
     values: Tensor
     done: torch.cuda.Event | None
 
@@ -209,15 +210,17 @@ class GradNormMonitor(Callback):
         self._layer_tags: set[str] = set()
         self._plans: dict[int, _Plan] = {}  # id(optimizer as the hook receives it) -> what its steps need
         self._interval = 50
-        self._pending: list[tuple[int, list[str], list[Tensor]]] = []
+        # (step, tags, values): the tags are a plan's tuple, or a list when a step adds to them
+        self._pending: list[tuple[int, Sequence[str], list[Tensor]]] = []
         self._in_flight: list[_HostCopy] = []
-        self._weights_before: dict[int, tuple[int, str, GradientStats, list[Tensor]]] = {}
+        self._weights_before: dict[int, tuple[int, str, GradientStats, list[Tensor] | tuple[Tensor, ...]]] = {}
         self._hook_handles: list[Any] = []
         self._trainer: pl.Trainer | None = None  # for the optimizer post-step hook, which gets no trainer
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._interval = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        # Trainer.log_every_n_steps is set by Lightning's logger connector at init; the class does not declare it
+        self._interval = self.log_every_n_steps or max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
         refuse_unsupported_strategy(trainer.strategy, "GradNormMonitor")
         if self.self_check:
             request_self_check(trainer)
@@ -270,7 +273,7 @@ class GradNormMonitor(Callback):
             self.self_check_results[plan.index] = stats.self_check
         step = logging_step(trainer)
         values = [torch.stack([stats.total(self.norm_type), stats.nonfinite_count])]
-        names = plan.step_tags
+        names: Sequence[str] = plan.step_tags
         if step % self._interval == 0:
             names = list(names)
             for group_names, group_values in self._group_scalars(stats, plan.scope):
