@@ -216,6 +216,10 @@ def check_command(command: str, tmp_path: Path) -> None:
             assert path.startswith("-") or (REPO / path.split("::")[0]).exists(), f"{path} does not exist"
     elif head == ["ruff", "check"]:
         assert arguments[2:] in ([], ["."])
+    elif arguments[0] == "mypy":
+        # the package it checks exists, and its settings live in pyproject.toml (what CI runs is what is documented)
+        assert arguments[1:] == ["lightning_gradstab"] and (REPO / "lightning_gradstab").is_dir()
+        assert "[tool.mypy]" in (REPO / "pyproject.toml").read_text()
     elif arguments[0] == "tensorboard":
         assert arguments[1] == "--logdir" and len(arguments) == 3, "tensorboard --logdir DIR"
     elif (arguments[0] == "python" and arguments[1].endswith(".py")) or arguments[0].startswith("scripts/"):
