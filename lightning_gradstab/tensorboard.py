@@ -184,13 +184,16 @@ def gradient_heatmap_figure(
 class HeatmapBuffer:
     """Per-layer values of every optimizer step, kept on their device for the heat map (bounded memory).
 
-    :meth:`add` is one device copy into a preallocated ``[capacity + 1, width]`` tensor (no host transfer, no
-    allocation, a few lines of Python); :meth:`columns` moves the kept columns to the host once, when the
-    figure is drawn, after an optional device ``transform`` (e.g. per-parameter squared norms summed into
-    per-layer norms, so the step itself pays for no grouping). When the buffer is full, every other column is
-    dropped (on the device), halving the time resolution, so a run of any length keeps at most ``capacity``
-    columns, spread over the whole run, and the newest step is always there (a step the stride skips is
-    written into the spare last row).
+    :meth:`add` keeps a reference to the step's tensor: no copy, no kernel, no host transfer (a list append;
+    a device copy into a preallocated buffer cost ~45 us per step on a CPU whose caches the gradient pass has
+    just flushed). :meth:`columns` stacks the kept columns and moves them to the host once, when the figure is
+    drawn, after an optional device ``transform`` (e.g. per-parameter squared norms summed into per-layer
+    norms, so the step itself pays for no grouping). When the buffer is full, every other column is dropped,
+    halving the time resolution, so a run of any length keeps at most ``capacity`` columns, spread over the
+    whole run, and the newest step is always there (a step the stride skips is kept aside until the next).
+
+    The tensors added must not be modified in place afterwards (the suite's statistics are new tensors every
+    step).
 
     Args:
         names: one per row of the figure (per layer).
@@ -214,30 +217,24 @@ class HeatmapBuffer:
         self.width = len(self.names) if width is None else width
         self.stride = 1  # keep one step in ``stride``: doubles each time the buffer fills
         self.steps: list[int] = []
-        self._values: Any = None  # rows 0..capacity-1: kept columns; row ``capacity``: the newest, if not kept
+        self._values: list[Any] = []  # the kept columns, one per entry of ``steps``
+        self._latest: Any = None  # the newest column when the stride did not keep it
         self._latest_step = -1
-        self._latest_kept = False
         self._seen = 0
 
     def add(self, step: int, norms: Any) -> None:
         """Record the values (a 1-d tensor of ``width`` entries) of optimizer step ``step``."""
-        if self._values is None:
-            import torch
-
-            self._values = torch.empty((self.capacity + 1, self.width), dtype=torch.float32, device=norms.device)
         self._latest_step = step
         self._seen += 1
-        self._latest_kept = not (self._seen - 1) % self.stride
-        if not self._latest_kept:
-            self._values[self.capacity].copy_(norms.reshape(-1), non_blocking=True)
+        if (self._seen - 1) % self.stride:
+            self._latest = norms
             return
+        self._latest = None
         if len(self.steps) == self.capacity:
-            kept = self._values[: self.capacity : 2].clone()
-            self._values[: len(kept)] = kept
-            self.steps = self.steps[::2]
+            del self._values[1::2], self.steps[1::2]
             self.stride *= 2
             self._seen = 1
-        self._values[len(self.steps)].copy_(norms.reshape(-1), non_blocking=True)
+        self._values.append(norms)
         self.steps.append(step)
 
     @property
@@ -246,17 +243,19 @@ class HeatmapBuffer:
         return self._latest_step
 
     def columns(self, transform: Any = None) -> tuple[list[int], list[list[float]]]:
-        """The recorded steps and their values on the host (one transfer), oldest first; ``transform`` maps the
-        ``[columns, width]`` device tensor to ``[columns, len(names)]`` before the transfer."""
+        """The recorded steps and their values on the host (one transfer), oldest first, as float32 values;
+        ``transform`` maps the ``[columns, width]`` device tensor to ``[columns, len(names)]`` before the
+        transfer."""
         if not self.steps:
             return [], []
-        values = self._values[: len(self.steps)]
-        steps = list(self.steps)
-        if not self._latest_kept:
-            import torch
+        import torch
 
-            values = torch.cat([values, self._values[self.capacity :]])
+        kept = list(self._values)
+        steps = list(self.steps)
+        if self._latest is not None:
+            kept.append(self._latest)
             steps.append(self._latest_step)
+        values = torch.stack([column.reshape(-1) for column in kept]).to(torch.float32)
         if transform is not None:
             values = transform(values)
         return steps, values.cpu().tolist()
