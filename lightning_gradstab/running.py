@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ReduceKind = Literal["max", "min"]
+ReduceKind = Literal["max", "min", "max_worst"]
 
 
 class RunningMoments:
@@ -343,13 +344,15 @@ class RankReduction:
     """Named per-rank values, reduced across ranks in ONE collective and read on the host in ONE sync.
 
     Each field declares how it combines across ranks, next to its name (as torchmetrics' ``dist_reduce_fx``):
-    ``"max"`` (any rank's fault, the largest norm) or ``"min"`` (the smallest loss scale). Both travel in a
-    single ``all_reduce(MAX)`` (a minimum is the negated maximum of negated values). MAX over NaN is
-    backend-dependent, so before the collective NaN becomes 0 and +-Inf becomes +-``FLOAT32_MAX``: carry
-    "not finite" in a field of its own (e.g. a count of non-finite gradients).
+    ``"max"`` (any rank's fault, the largest norm), ``"min"`` (the smallest loss scale) or ``"max_worst"`` (the
+    largest, a non-finite value counting as the largest of all: a loss, where NaN and -Inf are as bad as +Inf).
+    All travel in a single ``all_reduce(MAX)`` (a minimum is the negated maximum of negated values). MAX over NaN
+    is backend-dependent, so before the collective NaN becomes 0 (``"max_worst"``: any non-finite value becomes
+    ``FLOAT32_MAX``) and +-Inf becomes +-``FLOAT32_MAX``: carry "not finite" of a ``"max"``/``"min"`` value in a
+    field of its own (e.g. a count of non-finite gradients).
 
     Args:
-        fields: ``(name, "max" | "min")`` pairs, in packing order.
+        fields: ``(name, "max" | "min" | "max_worst")`` pairs, in packing order.
 
     Example::
 
@@ -360,11 +363,14 @@ class RankReduction:
 
     def __init__(self, fields: Sequence[tuple[str, ReduceKind]]) -> None:
         for name, kind in fields:
-            if kind not in ("max", "min"):
-                raise ValueError(f"`fields` entry {name!r} has reduce kind {kind!r}; accepted: 'max', 'min'")
+            if kind not in ("max", "min", "max_worst"):
+                raise ValueError(
+                    f"`fields` entry {name!r} has reduce kind {kind!r}; accepted: 'max', 'min', 'max_worst'"
+                )
         self.fields = tuple(fields)
-        self._signs = [1.0 if kind == "max" else -1.0 for _, kind in self.fields]
-        self._buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._signs = [-1.0 if kind == "min" else 1.0 for _, kind in self.fields]
+        self._worst = [kind == "max_worst" for _, kind in self.fields]
+        self._buffers: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def reduce(self, values: dict[str, Tensor | float], *, distributed: bool) -> dict[str, float]:
         """Pack, reduce across ranks when ``distributed`` (every rank must agree on it), read back once.
@@ -376,10 +382,11 @@ class RankReduction:
             if local is not None:
                 return local
         device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        if device not in self._buffers:  # (staging vector, signs), reused every step: no allocation
+        if device not in self._buffers:  # (staging vector, signs, worst mask), reused every step: no allocation
             signs = torch.tensor(self._signs, dtype=torch.float32, device=device)
-            self._buffers[device] = (torch.empty(len(self.fields), dtype=torch.float32, device=device), signs)
-        staging, signs = self._buffers[device]
+            worst = torch.tensor(self._worst, device=device) if any(self._worst) else None
+            self._buffers[device] = (torch.empty(len(self.fields), dtype=torch.float32, device=device), signs, worst)
+        staging, signs, worst = self._buffers[device]
         for position, (name, _) in enumerate(self.fields):
             value = values[name]
             if isinstance(value, Tensor):
@@ -387,6 +394,8 @@ class RankReduction:
             else:
                 staging[position].fill_(float(value))
         packed = torch.nan_to_num(staging * signs, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+        if worst is not None:
+            packed = torch.where(worst & ~staging.isfinite(), FLOAT32_MAX, packed)
         if distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         host = packed.tolist()  # the single host sync of the step
@@ -404,17 +413,21 @@ class RankReduction:
             if any(t.device != device for t in tensors):
                 return None
             packed = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in tensors])
-            host = packed.to(torch.float32).tolist()  # the single host sync of the step
+            if packed.dtype != torch.float32:
+                packed = packed.to(torch.float32)
+            host = packed.tolist()  # the single host sync of the step
         reduced: dict[str, float] = {}
         position = 0
-        for (name, _), sign in zip(self.fields, self._signs, strict=True):
+        for (name, _), sign, worst in zip(self.fields, self._signs, self._worst, strict=True):
             value = values[name]
             if isinstance(value, Tensor):
                 number = host[position]
                 position += 1
             else:
                 number = _as_float32(float(value))
-            if math.isnan(number):
+            if worst and not math.isfinite(number):
+                number = FLOAT32_MAX
+            elif math.isnan(number):
                 number = 0.0 * sign
             elif math.isinf(number):
                 number = math.copysign(FLOAT32_MAX, number)
@@ -426,12 +439,13 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """Stand-in for +Inf in a reduced vector."""
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _as_float32(value: float) -> float:
     """``value`` rounded to float32 as a float32 tensor stores it (+-Inf beyond the float32 range)."""
-    import struct
-
     try:
-        return struct.unpack("f", struct.pack("f", value))[0]
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
 

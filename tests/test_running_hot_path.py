@@ -79,7 +79,7 @@ _SPECIAL = [0.0, -0.0, 1.5, -2.25, 0.1, 1e-45, 3.5e38, -3.5e38, math.inf, -math.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rank_reduction_without_collective_matches_the_staging_vector(dtype: torch.dtype) -> None:
-    fields = [("a", "max"), ("b", "min"), ("c", "max"), ("d", "min")]
+    fields = [("a", "max"), ("b", "min"), ("c", "max"), ("d", "min"), ("e", "max_worst")]
     fast, staged = RankReduction(fields), RankReduction(fields)
     staged._read_locally = lambda values: None  # type: ignore[method-assign]
     rng = random.Random(0)
@@ -99,6 +99,22 @@ def test_rank_reduction_without_collective_matches_the_staging_vector(dtype: tor
         for name in got:  # bit for bit, the sign of a zero included
             assert math.copysign(1.0, got[name]) == math.copysign(1.0, expected[name])
             assert got[name] == expected[name], (name, values[name], got[name], expected[name])
+
+
+@pytest.mark.parametrize("distributed_path", [False, True])
+def test_max_worst_reads_any_non_finite_value_as_the_largest(distributed_path: bool) -> None:
+    """What the guard did to a loss before the reduction (NaN, +-Inf -> +Inf, then ``"max"``), in the reduction."""
+    worst, plain = RankReduction([("loss", "max_worst")]), RankReduction([("loss", "max")])
+    if distributed_path:  # the staging vector that a collective would carry
+        worst._read_locally = lambda values: None  # type: ignore[method-assign]
+    for number in [*_SPECIAL, 2.5, -2.5, -FLOAT32_MAX]:
+        loss = torch.tensor(number)
+        got = worst.reduce({"loss": loss}, distributed=False)["loss"]
+        expected = plain.reduce({"loss": loss.nan_to_num(nan=math.inf, posinf=math.inf, neginf=math.inf)},
+                                distributed=False)["loss"]
+        assert got == expected, (number, got, expected)
+    with pytest.raises(ValueError, match="'max_worst'"):
+        RankReduction([("loss", "sum")])  # type: ignore[list-item]
 
 
 def test_rank_reduction_of_floats_only_reads_nothing_from_a_device() -> None:

@@ -66,7 +66,7 @@ _FIELDS: list[tuple[str, ReduceKind]] = [
     ("total_norm", "max"),
     ("nonfinite_count", "max"),
     ("nonfinite_count_everywhere", "min"),
-    ("loss", "max"),
+    ("loss", "max_worst"),  # a non-finite loss (NaN, +-Inf) reads as FLOAT32_MAX: the worst
     ("weight_norm", "max"),
     ("snapshot_available", "min"),
 ]
@@ -432,8 +432,7 @@ class ExplosionGuard(Callback):
             "total_norm": stats.total_norm,
             "nonfinite_count": stats.nonfinite_count,
             "nonfinite_count_everywhere": stats.nonfinite_count,
-            # a non-finite loss becomes +Inf, which the reduction carries as FLOAT32_MAX
-            "loss": _NO_LOSS if loss is None else loss.nan_to_num(nan=math.inf, posinf=math.inf, neginf=math.inf),
+            "loss": _NO_LOSS if loss is None else loss,
             "weight_norm": weight_norm,
             "snapshot_available": float(self._snapshot_ready()),
         }
