@@ -624,9 +624,10 @@ class ExplosionPolicy:
             reset_loss_scale=judgement.collapsed and self.config.allows("skip"),
             rollback_check=check,
         )
-        for action in decision.actions:
+        actions = decision.actions
+        for action in actions:
             self._count(action)
-        if "clip" in decision.actions and threshold == ceiling:
+        if "clip" in actions and threshold == ceiling:
             self._count("max_norm")  # the ceiling, not an anomaly, set this clip
         if anomaly is not None:
             self._count(anomaly)

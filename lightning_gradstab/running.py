@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -259,8 +260,6 @@ class GrowthWindow:
 
     def push(self, norm: float) -> None:
         """Add the raw norm of one finite step."""
-        import bisect
-
         value = _safe_log(norm)
         self._cached = None
         slopes = self._sorted_slopes
@@ -273,13 +272,13 @@ class GrowthWindow:
                 if n == self.window_steps:  # the oldest point leaves: its slopes to every later point go
                     oldest = points[0]
                     for distance, later in enumerate(itertools.islice(points, 1, None), start=1):
-                        del slopes[bisect.bisect_left(slopes, (later - oldest) / distance)]
+                        del slopes[bisect_left(slopes, (later - oldest) / distance)]
                     n -= 1
                     start = 1
                 else:
                     start = 0
                 for distance, earlier in zip(range(n, 0, -1), itertools.islice(points, start, None), strict=True):
-                    bisect.insort(slopes, (value - earlier) / distance)
+                    insort(slopes, (value - earlier) / distance)
         self.log_norms.append(value)
 
     def growth_factor(self) -> float:
