@@ -81,10 +81,9 @@ def _is_callback_module(module: str) -> bool:
 
 
 def test_no_callback_module_imports_another_callback_module():
+    """Helper modules (``_shared``, ``_reporting``) included: they ask the callbacks through ``SuiteCallback``."""
     violations = []
     for path in _modules(CALLBACKS):
-        if path.name.startswith("_"):  # helper modules (_shared, _reporting) serve every callback
-            continue
         own = _name(path)
         violations += [
             f"{_where(path, line)} imports {module}"
@@ -171,3 +170,62 @@ def test_no_module_finds_the_guard_by_its_policies_attribute():
             if named or read:
                 found.append(_where(path, node.lineno))
     assert found == []
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the package modules it imports anywhere (functions included)."""
+    modules = {_name(path): path for path in _modules(PACKAGE)}
+
+    def module_of(imported: str) -> str | None:
+        parts = imported.split(".")
+        for end in range(len(parts), 0, -1):
+            if (candidate := ".".join(parts[:end])) in modules:
+                return candidate
+        return None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {module_of(imported) for _, imported in _imports(path)}
+        # a package's own __init__ is imported by any import of its modules: not an edge of a cycle
+        graph[name] = {t for t in targets if t is not None and t != name and not name.startswith(f"{t}.")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_cycles_helper_modules_included():
+    assert _cycles(_import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

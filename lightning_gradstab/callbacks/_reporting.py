@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gradstab.callbacks._shared import (
+    SuiteCallback,
+    SummaryContribution,
     logging_step,
     mark_fit_start,
     print_fit_summary,
@@ -25,7 +26,7 @@ ForwardFn = Callable[[pl.LightningModule, Any], Any]
 """``forward_fn(pl_module, batch) -> output``: how to run the model on a batch outside ``training_step``."""
 
 
-class ReportingCallback(Callback):
+class ReportingCallback(SuiteCallback):
     """What InitAudit and ArchitectureAdvisor share: an optional ``forward_fn`` to probe with, the latest
     ``report``, and the log directory the report is written to (resolved at fit start, on every rank)."""
 
@@ -45,6 +46,10 @@ class ReportingCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             print_fit_summary(trainer)
+
+    @override
+    def summary_contribution(self) -> SummaryContribution:
+        return SummaryContribution(reports=(self.report,) if self.report is not None else ())
 
 
 def report_directory(trainer: pl.Trainer) -> Path:

@@ -11,10 +11,11 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradstab.distributed import (
@@ -25,6 +26,33 @@ from lightning_gradstab.distributed import (
     strategy_kind,
 )
 from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+
+if TYPE_CHECKING:
+    from lightning_gradstab.report import Report
+
+
+@dataclass(frozen=True)
+class SummaryContribution:
+    """What one suite callback adds to the end-of-fit summary: its reports, its guard summaries (one per
+    ExplosionGuard that prints) and the modules it re-initialized."""
+
+    reports: tuple[Report, ...] = ()
+    guard_summaries: tuple[dict[str, Any], ...] = ()
+    fixed_modules: tuple[str, ...] = ()
+
+
+class SuiteCallback(Callback):
+    """A callback of the suite. The end-of-fit summary and the TensorBoard layout ask each one what it adds, so
+    the shared code needs neither the concrete classes nor their modules (no import cycle). The defaults add
+    nothing."""
+
+    def summary_contribution(self) -> SummaryContribution:
+        """What this callback adds to the end-of-fit summary."""
+        return SummaryContribution()
+
+    def tensorboard_charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Titles of the ``tensorboard`` layout's charts this callback fills on this run."""
+        return []
 
 
 @dataclass
@@ -263,9 +291,6 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
     """
     if trainer.global_rank != 0:
         return
-    from lightning_gradstab.callbacks.advisor import ArchitectureAdvisor
-    from lightning_gradstab.callbacks.guard import ExplosionGuard
-    from lightning_gradstab.callbacks.init_audit import InitAudit
     from lightning_gradstab.report import console_print, fit_summary
 
     state = _console_state(trainer)
@@ -274,17 +299,12 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
     state.summary_printed_at_step = trainer.global_step
     # Trainer.callbacks is set by Lightning's callback connector at init; the class does not declare it
     callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]
-    reports = [
-        c.report for c in callbacks if isinstance(c, (InitAudit, ArchitectureAdvisor)) and c.report is not None
-    ]
-    # a guard built with console_summary=False prints nothing at the end of fit, in its table or here
-    guards = [
-        s for c in callbacks
-        if isinstance(c, ExplosionGuard) and c.console_summary and (s := c.summary())["optimizers"]
-    ]
+    parts = [c.summary_contribution() for c in callbacks if isinstance(c, SuiteCallback)]
+    reports = [report for part in parts for report in part.reports]
+    guards = [summary for part in parts for summary in part.guard_summaries]
     if not reports and not guards:
         return
-    fixed = [name for c in callbacks if isinstance(c, InitAudit) for name in c.fixed_modules]
+    fixed = [name for part in parts for name in part.fixed_modules]
     logger = trainer.loggers[0] if trainer.loggers else None  # not trainer.log_dir: a collective, rank 0 only here
     directory = getattr(logger, "log_dir", None) or trainer.default_root_dir
     files = [
@@ -313,14 +333,10 @@ def add_tensorboard_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     if not writers:
         return
     from lightning_gradstab import tensorboard
-    from lightning_gradstab.callbacks.guard import ExplosionGuard
-    from lightning_gradstab.callbacks.monitor import GradNormMonitor
 
     charts: list[str] = []
     for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning at init, not declared
-        if isinstance(callback, GradNormMonitor):
+        if isinstance(callback, SuiteCallback):
             charts += callback.tensorboard_charts(trainer, pl_module)
-        elif isinstance(callback, ExplosionGuard):
-            charts += tensorboard.GUARD_CHARTS
     for writer in writers:
         tensorboard.add_layout(writer, charts, optimizers=max(1, len(trainer.optimizers)))

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.markup import escape
 from typing_extensions import override
@@ -26,6 +25,8 @@ from lightning_gradstab.callbacks._guard_summary import effective_lr_metric, gua
 from lightning_gradstab.callbacks._optimizers import is_scale_invariant, scheduled_lr, sgd_step_size
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
+    SuiteCallback,
+    SummaryContribution,
     add_tensorboard_layout,
     check_state_version,
     gradient_stats,
@@ -58,6 +59,7 @@ from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot fun
     validate_snapshot_options,
 )
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
+from lightning_gradstab.tensorboard import GUARD_CHARTS
 
 # what every decision needs, and how each value combines across ranks: the largest norm and loss, whether any
 # rank and whether every rank saw non-finite gradients, the weights' norm (identical on every rank) and the
@@ -108,7 +110,7 @@ class GradientExplosionError(RuntimeError):
     """
 
 
-class ExplosionGuard(Callback):
+class ExplosionGuard(SuiteCallback):
     r"""Detect exploding gradients before the optimizer step and escalate: clip, skip, back off, roll back, stop.
 
     Acts in ``on_before_optimizer_step`` (after AMP unscaling, once per optimizer step under gradient
@@ -663,6 +665,18 @@ class ExplosionGuard(Callback):
         if self._skip_lines == SKIP_LINES + 1:
             return False  # said once more, as the last one: see _move_line
         return self._skip_lines > SKIP_LINES
+
+    @override
+    def summary_contribution(self) -> SummaryContribution:
+        # a guard built with console_summary=False prints nothing at the end of fit, in its table or there
+        if not self.console_summary:
+            return SummaryContribution()
+        summary = self.summary()
+        return SummaryContribution(guard_summaries=(summary,) if summary["optimizers"] else ())
+
+    @override
+    def tensorboard_charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        return list(GUARD_CHARTS)
 
     def summary(self) -> dict[str, Any]:
         """What the guard did, per optimizer, as plain data (also written to ``gradstab_guard_summary.json``).

@@ -13,7 +13,12 @@ from lightning_gradstab.callbacks._reporting import (
     ReportingCallback,
     publish_report,
 )
-from lightning_gradstab.callbacks._shared import STATE_VERSION, check_state_version, validate_flag
+from lightning_gradstab.callbacks._shared import (
+    STATE_VERSION,
+    SummaryContribution,
+    check_state_version,
+    validate_flag,
+)
 from lightning_gradstab.diagnosis import (
     InitScheme,
     reinitialize,
@@ -89,6 +94,12 @@ class InitAudit(ReportingCallback):
                 )
         self.report = report
         publish_report(trainer, report, self._log_dir, INIT_AUDIT_FILENAME)
+
+    @override
+    def summary_contribution(self) -> SummaryContribution:
+        return SummaryContribution(
+            reports=(self.report,) if self.report is not None else (), fixed_modules=tuple(self.fixed_modules)
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

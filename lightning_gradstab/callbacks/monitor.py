@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -17,6 +16,7 @@ from typing_extensions import override
 from lightning_gradstab import tensorboard
 from lightning_gradstab.adam_state import AdamStateTracker
 from lightning_gradstab.callbacks._shared import (
+    SuiteCallback,
     add_tensorboard_layout,
     forget_trainer,
     gradient_stats,
@@ -105,7 +105,7 @@ class _Plan:
     adam: AdamStateTracker | None = None  # Adam-family optimizers, with adam_every_n_steps set
 
 
-class GradNormMonitor(Callback):
+class GradNormMonitor(SuiteCallback):
     r"""Log gradient norms, gradient-to-weight and update-to-weight ratios, histograms and a gradient-flow figure.
 
     Reads the suite's shared gradient statistics (one fused ``torch._foreach_norm`` pass per optimizer step,
@@ -227,6 +227,7 @@ class GradNormMonitor(Callback):
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("GradNormMonitor: the trainer has no logger, so nothing will be logged.")
 
+    @override
     def tensorboard_charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         """Titles of the ``tensorboard.CHARTS`` this monitor fills with its settings on this model."""
         groups = max(
