@@ -51,6 +51,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from lightning_gradstab.distributed import local_shard
 from lightning_gradstab.stats import GradientStats, GroupBy
 
 OUTLIER_THRESHOLD = 25.0
@@ -200,15 +201,15 @@ class AdamStateTracker:
         lr_over_bc1 = torch.as_tensor(lr, dtype=t.dtype).to(t.device) / (1 - beta1**t)
         update_sq, outliers, numel, v_sum = [], [], [], []
         for chunk in _chunks(members):
-            g: _TensorList = [_real(_local(grads[i])) for i, _ in chunk]
-            m = [_real(_local(state[p]["exp_avg"])) for _, p in chunk]
-            v = [_real(_local(state[p]["exp_avg_sq"])) for _, p in chunk]
+            g: _TensorList = [_real(local_shard(grads[i])) for i, _ in chunk]
+            m = [_real(local_shard(state[p]["exp_avg"])) for _, p in chunk]
+            v = [_real(local_shard(state[p]["exp_avg_sq"])) for _, p in chunk]
             if grad_scale is not None:
                 g = torch._foreach_div(g, grad_scale)
             if group.get("maximize", False):
                 g = torch._foreach_neg(g)
             if weight_decay and not decoupled:  # Adam's L2 decay: part of the gradient the moments see
-                g = torch._foreach_add(g, [_real(_local(p.detach())) for _, p in chunk], alpha=weight_decay)
+                g = torch._foreach_add(g, [_real(local_shard(p.detach())) for _, p in chunk], alpha=weight_decay)
             squares = torch._foreach_mul(g, g)
             # outlier: g^2 > k v_{t-1} / (1 - b2^{t-1})  <=>  (1 - b2^{t-1}) g^2 - k v_{t-1} > 0
             excess = torch._foreach_mul(squares, _scalars(before, chunk, members))
@@ -220,7 +221,7 @@ class AdamStateTracker:
             del squares
             v_sum += _norms(v_new, 1.0)  # v >= 0: its sum
             if group.get("amsgrad", False):
-                torch._foreach_maximum_(v_new, [_real(_local(state[p]["max_exp_avg_sq"])) for _, p in chunk])
+                torch._foreach_maximum_(v_new, [_real(local_shard(state[p]["max_exp_avg_sq"])) for _, p in chunk])
             torch._foreach_sqrt_(v_new)
             torch._foreach_mul_(v_new, _scalars(inv_sqrt_bc2, chunk, members))
             torch._foreach_add_(v_new, eps)
@@ -301,10 +302,6 @@ def _number(value: object) -> float | None:
     if isinstance(value, Tensor):
         return float(value) if value.device.type == "cpu" and value.numel() == 1 else None
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _real(tensor: Tensor) -> Tensor:

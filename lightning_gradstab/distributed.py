@@ -58,6 +58,12 @@ def is_dtensor(tensor: object) -> bool:
     return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's values of ``tensor``: a DTensor's local shard (``to_local()``, no communication), else the
+    tensor itself. The one place the suite unwraps a DTensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def strategy_kind(strategy: object) -> str:
     """How a Lightning strategy holds gradients: ``"deepspeed"``, ``"fsdp"`` (FSDP1), ``"model_parallel"``
     (FSDP2/HSDP/TP through DTensors) or ``"replicated"`` (single device, DDP: every rank holds the whole,

@@ -54,7 +54,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from lightning_gradstab.distributed import ReplicaCounts, is_dtensor, local_values, sum_over_ranks, world_size
+from lightning_gradstab.distributed import ReplicaCounts, local_shard, local_values, sum_over_ranks, world_size
 
 
 def _check_fraction(value: object, name: str, low: float, high: float) -> float:
@@ -155,7 +155,7 @@ class AdaptiveTensorClip:
         self.ema_norms = ema
         self.last_norms = norms_all
         targets = [  # present: the indices of the non-None gradients
-            cast(Tensor, grads[i].to_local() if is_dtensor(grads[i]) else grads[i])  # type: ignore[union-attr]
+            local_shard(cast(Tensor, grads[i]))
             for i in present
         ]
         torch._foreach_mul_(targets, [factors[i].to(t.dtype) for i, t in zip(present, targets, strict=True)])

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gradstab.distributed import local_shard
 from lightning_gradstab.snapshot_disk import (
     FileWriter,
     SnapshotUnusable,
@@ -153,16 +154,12 @@ class _Slot:
     dtensor_spec: tuple[Any, Any] | None  # (device_mesh, placements) of a DTensor value
 
 
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _flatten(value: Any, tensors: list[Tensor]) -> Any:
     """``value`` with every tensor replaced by a :class:`_Slot` into ``tensors`` (their local, detached data)."""
     if isinstance(value, Tensor):
         dtensor: Any = value  # a DTensor when it has to_local (duck-typed, as in _local): mesh and placements
         spec = (dtensor.device_mesh, dtensor.placements) if hasattr(value, "to_local") else None
-        local = _local(value.detach())
+        local = local_shard(value.detach())
         tensors.append(local)
         return _Slot(len(tensors) - 1, local.device, spec)
     if isinstance(value, dict):
@@ -435,7 +432,7 @@ class RollbackSnapshot:
         try:
             with torch.no_grad():
                 for tensor, slot in zip(_model_tensors(module), self._skeleton["model"], strict=True):
-                    _local(tensor.detach()).copy_(tensors[slot.index])
+                    local_shard(tensor.detach()).copy_(tensors[slot.index])
                 if self._skeleton["optimizers"] is not None:
                     self._restore_optimizers(optimizers, tensors)
                 if scaler is not None and self._skeleton["scaler"] is not None:
@@ -617,7 +614,7 @@ class RollbackSnapshot:
             )
         for (name, tensor), slot in zip(live, slots, strict=True):
             dtype, shape = shapes[slot.index]
-            local = _local(tensor)
+            local = local_shard(tensor)
             if local.shape != shape or local.dtype != dtype:
                 raise SnapshotUnusable(
                     f"{name!r} is {tuple(local.shape)} {local.dtype} in the module, {tuple(shape)} {dtype} in the "
@@ -680,14 +677,14 @@ def _restored(current: Any, saved: Any, tensors: list[Tensor], parameter: Tensor
     if isinstance(saved, _Slot):
         source = tensors[saved.index]
         if isinstance(current, Tensor):
-            target = _local(current)
+            target = local_shard(current)
             if target.shape == source.shape and target.dtype == source.dtype:
                 target.copy_(source)
                 return current
         restored = source.to(saved.device, copy=True)
         spec = saved.dtensor_spec
-        shard: Any = parameter  # a DTensor when it has to_local (duck-typed, as in _local); None has no to_local
-        if spec is None and hasattr(shard, "to_local") and shard.to_local().shape == source.shape:
+        shard: Any = parameter  # a DTensor when it has to_local (duck-typed, as in local_shard); None has none
+        if spec is None and hasattr(shard, "to_local") and local_shard(shard).shape == source.shape:
             spec = (shard.device_mesh, shard.placements)
         if spec is not None:
             from torch.distributed.tensor import DTensor

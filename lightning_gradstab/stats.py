@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_gradstab.distributed import (
     ReplicaCounts,
     check_same_parameters_everywhere,
+    local_shard,
     local_values,
     max_over_ranks,
     sum_over_ranks,
@@ -164,12 +165,12 @@ class ParameterLayout:
     def gradients(self) -> list[Tensor | None]:
         """This rank's gradient of each parameter (the local shard of a DTensor), ``None`` where absent."""
         if self._has_dtensors:
-            return [_local(p.grad) if p.grad is not None else None for p in self.parameters]
+            return [local_shard(p.grad) if p.grad is not None else None for p in self.parameters]
         return [p.grad for p in self.parameters]
 
     def weights(self) -> list[Tensor]:
         """This rank's values of each parameter (the local shard of a DTensor), detached."""
-        return [_local(p.detach()) for p in self.parameters]
+        return [local_shard(p.detach()) for p in self.parameters]
 
     def buckets(self, tensors: Sequence[Tensor | None], kind: str) -> list[tuple[Tensor | None, list[Tensor], bool]]:
         """``tensors`` (one per parameter, ``None`` = absent) bucketed by (device, dtype, sparse layout).
@@ -203,10 +204,6 @@ class ParameterLayout:
             (positions, cast("list[Tensor]", [tensors[i] for i in indices]), is_sparse)
             for indices, positions, is_sparse in entries
         ]
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -30,7 +30,7 @@ from lightning_gradstab.callbacks._shared import (
     validate_flag,
     validate_interval,
 )
-from lightning_gradstab.distributed import refuse_unsupported_strategy
+from lightning_gradstab.distributed import local_shard, refuse_unsupported_strategy
 from lightning_gradstab.stats import (
     GradientStats,
     GroupBy,
@@ -469,7 +469,7 @@ class GradNormMonitor(SuiteCallback):
         for position, group in enumerate(index.tolist()):
             grad = stats.layout.parameters[position].grad
             if grad is not None:
-                grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                grad = local_shard(grad)
                 members.setdefault(group, []).append(grad.detach().reshape(-1).float())
         for group, grads in members.items():
             values = torch.cat(grads).cpu()
