@@ -54,19 +54,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from lightning_gradstab.arguments import check_open_interval, check_positive
 from lightning_gradstab.distributed import ReplicaCounts, local_shard, local_values, sum_over_ranks, world_size
-
-
-def _check_fraction(value: object, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-        raise ValueError(f"`{name}` must be a float in ({low:g}, {high:g}), got {value!r}")
-    return float(value)
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"`{name}` must be a finite float > 0, got {value!r}")
-    return float(value)
 
 
 class AdaptiveTensorClip:
@@ -93,13 +82,13 @@ class AdaptiveTensorClip:
         warmup_steps: int = 100,
         eps: float = 1e-8,
     ) -> None:
-        self.beta = _check_fraction(beta, "beta", 0.0, 1.0)
-        self.relative_threshold = _check_positive(relative_threshold, "relative_threshold")
-        self.absolute_threshold = _check_positive(absolute_threshold, "absolute_threshold")
+        self.beta = check_open_interval(beta, "beta", 0.0, 1.0)
+        self.relative_threshold = check_positive(relative_threshold, "relative_threshold")
+        self.absolute_threshold = check_positive(absolute_threshold, "absolute_threshold")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"`warmup_steps` must be an int >= 1 (the warm-up seeds the EMA), got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        self.eps = _check_positive(eps, "eps")
+        self.eps = check_positive(eps, "eps")
         self.step = 0
         self.ema_norms: Tensor | None = None
         self.last_norms: Tensor | None = None

@@ -51,6 +51,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lightning_gradstab.arguments import check_int, require
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RunningMoments
 
 RUNGS: tuple[str, ...] = ("observe", "clip", "tight_clip", "skip", "lr_backoff", "rollback", "stop")
@@ -264,30 +265,30 @@ class PolicyConfig:
                 raise ValueError(f"`max_norm` must be a number > 0, 'auto' or None, got {value!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
-            _check(math.isfinite(value), name, value, "a finite number (inf and nan are not thresholds)")
+            require(math.isfinite(value), name, value, "a finite number (inf and nan are not thresholds)")
         if self.loss_rules not in (True, False, "auto"):
             raise ValueError(f"`loss_rules` must be True, False or 'auto', got {self.loss_rules!r}")
-        _check(self.zscore_threshold > 0, "zscore_threshold", self.zscore_threshold, "a number > 0")
-        _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
-        _check_int(self.warmup_steps, "warmup_steps", 1)
-        _check(self.log_std_floor >= 0, "log_std_floor", self.log_std_floor, "a number >= 0")
-        _check_int(self.growth_window, "growth_window", 3)
-        _check(self.growth_factor > 1, "growth_factor", self.growth_factor, "a number > 1")
+        require(self.zscore_threshold > 0, "zscore_threshold", self.zscore_threshold, "a number > 0")
+        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        check_int(self.warmup_steps, "warmup_steps", 1)
+        require(self.log_std_floor >= 0, "log_std_floor", self.log_std_floor, "a number >= 0")
+        check_int(self.growth_window, "growth_window", 3)
+        require(self.growth_factor > 1, "growth_factor", self.growth_factor, "a number > 1")
         if self.drift_horizon_steps is not None:
             fast_horizon = 1.0 / (1.0 - self.ema_decay)
-            _check_int(self.drift_horizon_steps, "drift_horizon_steps", 2)
-            _check(
+            check_int(self.drift_horizon_steps, "drift_horizon_steps", 2)
+            require(
                 self.drift_horizon_steps > fast_horizon,
                 "drift_horizon_steps",
                 self.drift_horizon_steps,
                 f"None or an int above the fast EMA's horizon 1 / (1 - ema_decay) = {fast_horizon:.3g}",
             )
-        _check_int(self.healthy_steps_to_deescalate, "healthy_steps_to_deescalate", 1)
-        _check(self.loss_scale_floor > 0, "loss_scale_floor", self.loss_scale_floor, "a number > 0")
+        check_int(self.healthy_steps_to_deescalate, "healthy_steps_to_deescalate", 1)
+        require(self.loss_scale_floor > 0, "loss_scale_floor", self.loss_scale_floor, "a number > 0")
         for name in ("loss_zscore_threshold", "loss_rise_tolerance", "max_update_ratio", "max_norm"):
             value = getattr(self, name)
             if value is not None and value != "auto":
-                _check(value > 0, name, value, "None or a number > 0")
+                require(value > 0, name, value, "None or a number > 0")
         for option, rung in _RUNG_OPTIONS.items():
             if getattr(self, option) is not None and RUNGS.index(rung) > max_level:
                 raise ValueError(
@@ -295,13 +296,13 @@ class PolicyConfig:
                     f"raise `max_rung` to at least {rung!r} or drop `{option}`"
                 )
         if self.tight_clip_ratio is not None:
-            _check(self.tight_clip_ratio > 0, "tight_clip_ratio", self.tight_clip_ratio, "a number > 0")
+            require(self.tight_clip_ratio > 0, "tight_clip_ratio", self.tight_clip_ratio, "a number > 0")
         if self.backoff_factor is not None:
-            _check(0 < self.backoff_factor < 1, "backoff_factor", self.backoff_factor, "a number in (0, 1)")
+            require(0 < self.backoff_factor < 1, "backoff_factor", self.backoff_factor, "a number in (0, 1)")
         if self.lr_recovery_steps is not None:
-            _check_int(self.lr_recovery_steps, "lr_recovery_steps", 1)
+            check_int(self.lr_recovery_steps, "lr_recovery_steps", 1)
         if self.snapshot_every is not None:
-            _check_int(self.snapshot_every, "snapshot_every", 1)
+            check_int(self.snapshot_every, "snapshot_every", 1)
         if self.budgets is not None:
             if not isinstance(self.budgets, dict):
                 raise TypeError(f"`budgets` must be a dict of rung name -> int, got {type(self.budgets).__name__}")
@@ -313,7 +314,7 @@ class PolicyConfig:
                         f"`budgets` sets rung {rung!r}, which is above `max_rung`={self.max_rung!r}; "
                         f"raise `max_rung` to at least {rung!r} or drop that budget"
                     )
-                _check_int(budget, f"budgets[{rung!r}]", 1)
+                check_int(budget, f"budgets[{rung!r}]", 1)
 
     @property
     def max_level(self) -> int:
@@ -1355,14 +1356,3 @@ def upgraded_policy_state(state: dict[str, Any], template: dict[str, Any]) -> di
 
 def _severity(event: dict[str, Any]) -> float:
     return math.inf if event["total_norm"] is None else event["zscore"]
-
-
-def _check(ok: bool, argument: str, value: object, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"`{argument}` must be {accepted}, got {value!r}")
-
-
-def _check_int(value: object, argument: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    _check(value >= minimum, argument, value, f"an int >= {minimum}")

@@ -224,22 +224,6 @@ def check_state_version(callback_name: str, state: dict[str, Any]) -> None:
         )
 
 
-def validate_interval(value: object, argument: str) -> int | None:
-    """Return a step interval (a positive int, or None for "off"), else raise naming ``argument``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int or None, got {value!r}")
-    return value
-
-
-def validate_flag(value: object, argument: str) -> bool:
-    """Return ``value`` if it is a bool (``"no"`` is not ``False``), else raise ``TypeError`` naming ``argument``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{argument}` must be a bool, got {value!r}")
-    return value
-
-
 @dataclass
 class _ConsoleState:
     next_steps: dict[str, str] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.markup import escape
 from typing_extensions import override
 
+from lightning_gradstab.arguments import check_flag, check_interval
 from lightning_gradstab.callbacks._guard_summary import effective_lr_metric, guard_advice, print_guard_summary
 from lightning_gradstab.callbacks._optimizers import is_scale_invariant, scheduled_lr, sgd_step_size
 from lightning_gradstab.callbacks._shared import (
@@ -35,8 +36,6 @@ from lightning_gradstab.callbacks._shared import (
     mark_fit_start,
     optimizer_index,
     print_fit_summary,
-    validate_flag,
-    validate_interval,
 )
 from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.policy import (
@@ -258,9 +257,9 @@ class ExplosionGuard(SuiteCallback):
         # put back when the check finds that the objective moved, not the weights
         self._set_aside = RollbackSnapshot(snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir)
         self._warned_unavailable = False
-        self.raise_on_stop = validate_flag(raise_on_stop, "raise_on_stop")
-        self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
-        self.console_summary = validate_flag(console_summary, "console_summary")
+        self.raise_on_stop = check_flag(raise_on_stop, "raise_on_stop")
+        self.log_every_n_steps = check_interval(log_every_n_steps, "log_every_n_steps")
+        self.console_summary = check_flag(console_summary, "console_summary")
         self.policies: dict[int, ExplosionPolicy] = {}
         self.stop_reason: str | None = None
         self._loaded_policies: dict[int, dict[str, Any]] = {}

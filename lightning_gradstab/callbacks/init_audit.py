@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning_gradstab.arguments import check_flag
 from lightning_gradstab.callbacks._first_batch import probe_report
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
@@ -17,7 +18,6 @@ from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
     SummaryContribution,
     check_state_version,
-    validate_flag,
 )
 from lightning_gradstab.diagnosis import (
     InitScheme,
@@ -61,7 +61,7 @@ class InitAudit(ReportingCallback):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
         super().__init__(forward_fn)
-        self.fix = validate_flag(fix, "fix")
+        self.fix = check_flag(fix, "fix")
         self.seed = seed
         self.fixed_modules: list[str] = []
         self._audited = False

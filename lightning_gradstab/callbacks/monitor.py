@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_gradstab import tensorboard
 from lightning_gradstab.adam_state import AdamStateTracker
+from lightning_gradstab.arguments import check_flag, check_interval
 from lightning_gradstab.callbacks._shared import (
     SuiteCallback,
     add_tensorboard_layout,
@@ -27,8 +28,6 @@ from lightning_gradstab.callbacks._shared import (
     print_fit_summary,
     request_self_check,
     tensorboard_writers,
-    validate_flag,
-    validate_interval,
 )
 from lightning_gradstab.distributed import local_shard, refuse_unsupported_strategy
 from lightning_gradstab.stats import (
@@ -192,19 +191,19 @@ class GradNormMonitor(SuiteCallback):
         self_check: bool = False,
     ) -> None:
         self.group_by = validate_group_by(group_by)
-        self.log_every_n_steps = validate_interval(log_every_n_steps, "log_every_n_steps")
+        self.log_every_n_steps = check_interval(log_every_n_steps, "log_every_n_steps")
         self.norm_type = _validate_norm_type(norm_type)
-        self.log_inf_norm = validate_flag(log_inf_norm, "log_inf_norm")
-        self.log_grad_to_weight = validate_flag(log_grad_to_weight, "log_grad_to_weight")
-        self.update_to_weight = validate_flag(update_to_weight, "update_to_weight")
-        self.histogram_every_n_steps = validate_interval(histogram_every_n_steps, "histogram_every_n_steps")
-        self.figure_every_n_steps = validate_interval(figure_every_n_steps, "figure_every_n_steps")
-        self.heatmap_every_n_steps = validate_interval(heatmap_every_n_steps, "heatmap_every_n_steps")
-        self.adam_every_n_steps = validate_interval(adam_every_n_steps, "adam_every_n_steps")
+        self.log_inf_norm = check_flag(log_inf_norm, "log_inf_norm")
+        self.log_grad_to_weight = check_flag(log_grad_to_weight, "log_grad_to_weight")
+        self.update_to_weight = check_flag(update_to_weight, "update_to_weight")
+        self.histogram_every_n_steps = check_interval(histogram_every_n_steps, "histogram_every_n_steps")
+        self.figure_every_n_steps = check_interval(figure_every_n_steps, "figure_every_n_steps")
+        self.heatmap_every_n_steps = check_interval(heatmap_every_n_steps, "heatmap_every_n_steps")
+        self.adam_every_n_steps = check_interval(adam_every_n_steps, "adam_every_n_steps")
         if per_layer_scalars is not None:
-            validate_flag(per_layer_scalars, "per_layer_scalars")
+            check_flag(per_layer_scalars, "per_layer_scalars")
         self.per_layer_scalars = per_layer_scalars
-        self.self_check = validate_flag(self_check, "self_check")
+        self.self_check = check_flag(self_check, "self_check")
         self.self_check_results: dict[int, tuple[float, float]] = {}  # optimizer index -> (suite, gathered)
         self._per_layer = True
         self._layer_tags: set[str] = set()
