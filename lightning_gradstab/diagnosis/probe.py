@@ -291,10 +291,11 @@ class _Measurements:
     and :meth:`flush` reduces every pending output of one shape in one stacked call (the mean, the standard
     deviation the way ``torch.std`` takes it, in float64 around a float32 mean, the live ReLU units, the
     saturated fraction: the same values as per-tensor calls). An op that writes in place (``relu_``,
-    ``x += y``, ``inplace=True``) could change an output before it is read, so the tracer flushes before each
-    one. The backward asks ``autograd.grad`` for the gradients at those edges instead of running one Python
-    hook per layer. Every number lands in ``_parts`` and :meth:`read_back` brings them to the host with a single
-    ``tolist()``.
+    ``x += y``, ``inplace=True``) could change an output before it is read, so the statistics are taken before
+    each one that writes into the storage of a pending output (a write elsewhere, such as BatchNorm's running
+    statistics, leaves them pending: flushing there would reduce one output per call). The backward asks
+    ``autograd.grad`` for the gradients at those edges instead of running one Python hook per layer. Every number
+    lands in ``_parts`` and :meth:`read_back` brings them to the host with a single ``tolist()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -308,7 +309,31 @@ class _Measurements:
         self._size = 0
         self.layer_positions: dict[int, tuple[int, int]] = {}  # probe index -> positions of its mean and std
         self.activation_positions: dict[int, int] = {}
-        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.flush)
+        # the storages the pending outputs live in: a write elsewhere (BatchNorm's running statistics, an in-place
+        # op on another tensor) leaves them as they are, so only a write into one of them reads them first
+        self._pending_storages: set[int] = set()
+        self._storage_unknown = False  # a pending output without a readable storage: read before any write
+        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.before_write)
+
+    def _remember_storage(self, tensor: Tensor) -> None:
+        try:
+            self._pending_storages.add(tensor.untyped_storage().data_ptr())
+        except Exception:  # a tensor subclass without storage
+            self._storage_unknown = True
+
+    def before_write(self, targets: list[Any] | None) -> None:
+        """Take the pending statistics before a call writes in place into the storage of a pending output
+        (``targets``: the tensors it may write, None when any may be written)."""
+        if not (self._pending_layers or self._pending_activations):
+            return
+        if targets is not None and not self._storage_unknown:
+            try:
+                storages = [t.untyped_storage().data_ptr() for t in targets if isinstance(t, Tensor)]
+            except Exception:  # a target without storage: read first
+                storages = None
+            if storages is not None and self._pending_storages.isdisjoint(storages):
+                return
+        self.flush()
 
     def on_layer_output(self, node: Node, tensor: Tensor) -> None:
         """Remember a layer's (or a join's) output for its mean and std, and the edge its gradient will reach."""
@@ -320,6 +345,7 @@ class _Measurements:
             LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         )
         self._pending_layers.append((slot, tensor.detach()))
+        self._remember_storage(tensor)
         if tensor.requires_grad:
             self.edges.append((slot, get_gradient_edge(tensor) if tensor.grad_fn is not None else tensor))
 
@@ -338,10 +364,13 @@ class _Measurements:
             return
         name = _activation_display_name(node, self.tracer.nodes)
         self._pending_activations.append((len(self.activation_probes), tensor.detach(), how))
+        self._remember_storage(tensor)
         self.activation_probes.append((ActivationProbe(name, node.op, hidden=False, units=units), kind))
 
     def flush(self) -> None:
         """Take the statistics of every pending output, one stacked reduction per shape (see the class)."""
+        self._pending_storages.clear()
+        self._storage_unknown = False
         with torch.no_grad():
             if self._pending_layers:
                 pending, self._pending_layers = self._pending_layers, []

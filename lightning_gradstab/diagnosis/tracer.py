@@ -47,6 +47,7 @@ from lightning_gradstab.diagnosis.ops import (
     pools_positions,
     scaling_behaviour,
     writes_in_place,
+    written_tensors,
 )
 
 _UNDECIDED = object()
@@ -61,7 +62,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         if tracer.on_mutation is not None and writes_in_place(func, args, kwargs):
-            tracer.on_mutation()  # the outputs recorded so far are read before this call can overwrite them
+            # the outputs recorded so far are read before this call can overwrite them
+            tracer.on_mutation(written_tensors(func, args, kwargs))
         output = func(*args, **kwargs)
         if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
             try:
@@ -75,8 +77,9 @@ class GraphTracer:
     """Records a :class:`ModelGraph` while the wrapped forward runs (hooks removed on exit).
 
     ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe remember the very
-    tensors the graph sees; ``on_mutation()`` is called before any call that may write a tensor in place, so
-    statistics the probe defers are read before the values change.
+    tensors the graph sees; ``on_mutation(tensors)`` is called before any call that may write a tensor in place
+    (with the tensors it may write, None when any argument may be), so statistics the probe defers are read
+    before the values change.
     """
 
     def __init__(
@@ -84,7 +87,7 @@ class GraphTracer:
         model: nn.Module,
         on_layer_output: Callable[[Node, Tensor], None] | None = None,
         on_activation: Callable[[Node, Tensor], None] | None = None,
-        on_mutation: Callable[[], None] | None = None,
+        on_mutation: Callable[[list[Any] | None], None] | None = None,
     ) -> None:
         self.model = model
         self.on_layer_output = on_layer_output
