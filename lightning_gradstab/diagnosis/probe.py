@@ -120,7 +120,9 @@ def could_not_probe(report: Any) -> bool:
 
 
 @contextmanager
-def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+def preserved_state(
+    model: nn.Module, modules: list[nn.Module] | None = None, devices: list[int] | None = None
+) -> Iterator[None]:
     """Restore buffers, train/eval flags and the RNG state of ``model`` bit for bit on exit.
 
     Example::
@@ -130,26 +132,35 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
             model(x)  # BatchNorm running stats change here ...
         # ... and are back to their old values here
     """
-    # ``modules``: ``model.modules()`` already listed (the probe's tracer walks the model once for everything)
+    # ``modules``: ``model.modules()`` already listed, ``devices``: the CUDA devices of its parameters (the probe's
+    # tracer walks the model once for everything)
     modules = list(model.modules()) if modules is None else modules
+    if devices is None:
+        devices = _cuda_devices(p for m in modules for p in m.parameters(recurse=False))
     modes = [(module, module.training) for module in modules]
-    buffers = [
-        (buffer, buffer.detach().clone())
-        for module in modules
-        for buffer in module.buffers(recurse=False)
-    ]
+    buffers = [buffer for module in modules for buffer in module.buffers(recurse=False)]
+    saved = [buffer.detach().clone() for buffer in buffers]
     try:
-        with torch.random.fork_rng(
-            devices=_cuda_devices(p for m in modules for p in m.parameters(recurse=False))
-        ):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            _copy_all(buffers, saved)
         for module, training in modes:
             if module.training != training:  # nn.Module.__setattr__ is slow: only the flags that changed
                 module.training = training
+
+
+def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``target.copy_(source)`` for each pair, in one multi-tensor call where torch takes them together."""
+    if len(targets) > 1:
+        try:
+            torch._foreach_copy_(targets, sources)
+            return
+        except (RuntimeError, TypeError):  # a tensor type the multi-tensor kernel does not take: one by one
+            pass
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
 
 
 def _cuda_devices(parameters: Iterable[Tensor]) -> list[int]:
@@ -222,8 +233,9 @@ def run_probe(
     measurements.tracer.register_inputs(inputs)
     top_calls: list[Any] = []
     modules = [module for _, module in measurements.tracer.modules]  # the model walked once
-    with preserved_state(model, modules), _top_level_outputs(model, top_calls, direction_at_model_output):
-        _seed_rng(seed, _cuda_devices(p for _, p in measurements.tracer.parameters))
+    devices = _cuda_devices(p for _, p in measurements.tracer.parameters)
+    with preserved_state(model, modules, devices), _top_level_outputs(model, top_calls, direction_at_model_output):
+        _seed_rng(seed, devices)
         if not all(module.training for module in modules):
             model.train()  # a no-op when every module already trains (train() walks and sets every flag)
         try:
@@ -375,7 +387,7 @@ class _Measurements:
             if self._pending_layers:
                 pending, self._pending_layers = self._pending_layers, []
                 for slots, stacked in _stacked(pending):
-                    flat = stacked.float().reshape(len(slots), -1)
+                    flat = (stacked if stacked.dtype == torch.float32 else stacked.float()).reshape(len(slots), -1)
                     mean = flat.mean(1)
                     if flat.shape[1] <= 1:
                         std = mean * 0
@@ -383,7 +395,7 @@ class _Measurements:
                         std = torch.std(flat[0]).reshape(1)
                     else:  # torch.std's two passes: float64 squares around the float32 mean, in one buffer
                         deviations = flat.double()  # a copy: written in place (fresh pages cost more than the math)
-                        deviations.sub_(mean.double()[:, None]).square_()
+                        deviations.sub_(mean[:, None]).square_()  # the float32 mean promoted exactly, in the call
                         std = deviations.sum(1).div_(flat.shape[1] - 1).sqrt_().float()
                     position = self._push(mean)
                     self._push(std)
@@ -420,7 +432,7 @@ class _Measurements:
         grad_positions: dict[int, int] = {}
         with torch.no_grad():
             for slots, stacked in _stacked(edge_grads):  # the RMS of the gradient at each layer output
-                flat = stacked.float().reshape(len(slots), -1)
+                flat = (stacked if stacked.dtype == torch.float32 else stacked.float()).reshape(len(slots), -1)
                 copied = len(slots) > 1 or stacked.dtype != torch.float32  # else a view of the gradient itself
                 position = self._push((flat.square_() if copied else flat.square()).mean(1).sqrt_())
                 grad_positions.update((slot, position + offset) for offset, slot in enumerate(slots))
@@ -547,7 +559,11 @@ def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Te
     for tensor in tree_leaves(output):
         if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.requires_grad:
             direction = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            terms.append((tensor.float() * direction.to(tensor.device)).sum())
+            if tensor.device != direction.device:
+                direction = direction.to(tensor.device)
+            terms.append(((tensor if tensor.dtype == torch.float32 else tensor.float()) * direction).sum())
+    if len(terms) == 1:
+        return terms[0]  # the same backward as a sum of one term
     return torch.stack(terms).sum() if terms else None
 
 

@@ -65,12 +65,17 @@ class _Recorder(TorchFunctionMode):
             # the outputs recorded so far are read before this call can overwrite them
             tracer.on_mutation(written_tensors(func, args, kwargs))
         output = func(*args, **kwargs)
-        if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
+        # shapes, sizes, dtypes, flags: most calls a model makes return no tensor, and are no node
+        if type(output) not in _NO_TENSOR and tracer.depth == 0 and tracer.problem is None and not tracer.testing:
             try:
-                self.tracer.record_function(func, args, kwargs, output)
+                tracer.record_function(func, args, kwargs, output)
             except Exception as error:  # tracing must never break the user's forward
-                self.tracer.problem = f"recording {op_name(func)} failed: {error!r}"
+                tracer.problem = f"recording {op_name(func)} failed: {error!r}"
         return output
+
+
+_NO_TENSOR = frozenset({int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device})
+"""Types of call results that hold no tensor (``x.shape``, ``x.size(0)``, ``x.dtype``, ``x.is_floating_point()``)."""
 
 
 class GraphTracer:
@@ -314,7 +319,7 @@ class GraphTracer:
             index = args[2]
         if isinstance(index, tuple) and index and isinstance(index[0], int):
             index = index[0]
-        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        tensors = [t for t in leaf_modules(output) if isinstance(t, Tensor)]
         for position, tensor in enumerate(tensors):
             suffix = (
                 f"[{index}]"
@@ -330,12 +335,26 @@ class GraphTracer:
             return  # shapes, sizes, flags: read first, since most calls the model makes return no tensor
         leaves = [leaf for leaf in leaf_modules(args) if isinstance(leaf, Tensor)]
         if kwargs:
-            leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
+            leaves += [leaf for leaf in leaf_modules(kwargs) if isinstance(leaf, Tensor)]
         op = op_name(func)
-        owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
-        self.used_parameters.update(id(p) for p in owned)
-        weights = [(leaf, name) for leaf in leaves if (name := self._weight_name(leaf)) is not None]
-        traced = self._traced_inputs(leaves)
+        # one pass over the tensor arguments: parameters used, weights (or slices of one) applied, traced inputs
+        owners, producers = self.parameter_owner, self.producers
+        weights: list[tuple[Tensor, str]] = []
+        traced: list[int] = []
+        first: Tensor | None = None  # the first argument a node produced
+        for leaf in leaves:
+            key = id(leaf)
+            if key in owners:
+                self.used_parameters.add(key)
+            name = self._weight_name(leaf)
+            if name is not None:
+                weights.append((leaf, name))
+            producer = producers.get(key)
+            if producer is not None:
+                if first is None:
+                    first = leaf
+                if producer not in traced:
+                    traced.append(producer)
         if weights and not traced:
             # the weights taken apart or combined before use (W[i], W.T, torch.stack): still weights
             self._derive_weights(op, args, [name for _, name in weights], output)
@@ -377,7 +396,6 @@ class GraphTracer:
             for leaf, name in weights:
                 if sum(size > 1 for size in leaf.shape) >= 2 and any(leaf is a for a in applied):
                     self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
-        first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
         if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
             node.global_reduction = pools_positions(first, output)
         self._register_outputs(node, output)
@@ -453,8 +471,15 @@ class GraphTracer:
     def _new_node(self, kind: str, name: str, op: str, inputs: list[int], signal: bool | None = None) -> Node:
         node = Node(len(self.nodes), kind, name, op, inputs)
         self.nodes.append(node)
-        self.signal.append(any(self.signal[i] for i in inputs) if signal is None else signal)
-        node.signal = self.signal[-1]
+        if signal is None:
+            flags = self.signal
+            signal = False
+            for i in inputs:  # a loop, not any(<generator>): one call per node of the model
+                if flags[i]:
+                    signal = True
+                    break
+        self.signal.append(signal)
+        node.signal = signal
         return node
 
     def _register_outputs(self, node: Node, output: Any, disabled: bool = False) -> None:
