@@ -115,7 +115,10 @@ class GraphTracer:
         self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
         self._plans: dict[int, tuple[str, str, str, str | None, float]] = {}  # module id -> see _plan
         self._behaviours: dict[tuple, tuple[str, float] | None] = {}  # see _behaviour_key
-        self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
+        # per active pre-hook: 0, or 1 when it suppressed the module's internals (2: with the function mode off)
+        self._entered: list[int] = []
+        self._disablers: list[Any] = []  # DisableTorchFunction contexts entered by pre-hooks, exited by post-hooks
+        self._builtin: dict[type, bool] = {}
         self._called: set[str] = set()
         self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -149,6 +152,10 @@ class GraphTracer:
                 yield self
         finally:
             self._remove_hooks()
+            while self._disablers:  # a forward that raised inside a module: its post-hook never ran
+                self._disablers.pop().__exit__(None, None, None)
+            self._entered.clear()
+            self.depth = 0
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -221,18 +228,40 @@ class GraphTracer:
                         self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
                         role = None
                 entered = role is not None
+            if entered and self._opaque_builtin(module):
+                # nothing inside is recorded, and torch's own module writes no input in place: its calls skip the
+                # function mode (an inplace=True activation or a module of other code keeps it, for its writes)
+                disabler = torch._C.DisableTorchFunction()
+                disabler.__enter__()
+                self._disablers.append(disabler)
+                self._entered.append(2)
+                self.depth += 1
+                return
         else:
             entered = True
-        self._entered.append(entered)
+        self._entered.append(1 if entered else 0)
         if entered:
             self.depth += 1
+
+    def _opaque_builtin(self, module: nn.Module) -> bool:
+        """Whether a module recorded as one node is torch's own and does not write its input in place (decided
+        once per class and flag)."""
+        if getattr(module, "inplace", False) is True:
+            return False
+        cls = type(module)
+        builtin = self._builtin.get(cls)
+        if builtin is None:
+            builtin = self._builtin[cls] = cls.__module__.startswith("torch.nn.")
+        return builtin
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.testing:
             return
-        entered = self._entered.pop() if self._entered else False
+        entered = self._entered.pop() if self._entered else 0
         if not entered:
             return
+        if entered == 2 and self._disablers:
+            self._disablers.pop().__exit__(None, None, None)
         self.depth -= 1
         if self.depth != 0 or self.problem is not None:
             return
