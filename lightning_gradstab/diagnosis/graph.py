@@ -223,6 +223,7 @@ def build_graph(
     in_branch = _in_branch_all(nodes, consumers, parent, output_nodes) if joins else []
     has_norm: list[bool] | None = None  # a normalization upstream of each node (asked for embeddings only)
     layers: dict[str, LayerInfo] = {}
+    direct_output, reaches_layer = _reaches_all(nodes, consumers, output_nodes)
     for node in nodes:
         if node.kind != "layer":
             continue
@@ -233,8 +234,8 @@ def build_graph(
             info.input_shape = node.input_shape
             info.fans = node.fans
             info.on_signal_path = node.signal
-            _describe_consumers(info, node, nodes, consumers, output_nodes)
-            info.is_output |= _reaches_output_directly(node.index, nodes, consumers, output_nodes)
+            _describe_consumers(info, node, nodes, consumers, output_nodes, reaches_layer)
+            info.is_output |= direct_output[node.index]
             info.gate = bool(gated) and _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
             info.attention_logits = (
                 attends
@@ -309,9 +310,17 @@ def _longest_plain_chain(
 
 
 def _describe_consumers(
-    info: LayerInfo, node: Node, nodes: list[Node], consumers: list[list[int]], output_nodes: set[int]
+    info: LayerInfo,
+    node: Node,
+    nodes: list[Node],
+    consumers: list[list[int]],
+    output_nodes: set[int],
+    reaches_layer: list[bool] | None = None,
 ) -> None:
-    """Walk from a layer's output through pass-through ops to what really consumes it."""
+    """Walk from a layer's output through pass-through ops to what really consumes it (``reaches_layer``: the
+    answers of :func:`_reaches_layer` for every node, when already swept)."""
+    if reaches_layer is None:
+        reaches_layer = [_reaches_layer(i, nodes, consumers) for i in range(len(nodes))]
     frontier: list[tuple[int, bool]] = [(node.index, False)]  # (node, a normalization lies behind us)
     seen: set[tuple[int, bool]] = set()
     while frontier:
@@ -329,20 +338,40 @@ def _describe_consumers(
                 if index in consumer.inputs:
                     frontier.append((consumer_index, past_norm))
                 else:  # the layer's output gates another path
-                    info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                    info.feeds_layer |= reaches_layer[consumer_index]
             elif consumer.kind == "norm" and not past_norm and info.activation is None:
                 info.normalized = True
                 frontier.append((consumer_index, True))
             elif consumer.kind == "activation" and info.activation is None:
                 info.activation = consumer.op
                 info.negative_slope = consumer.negative_slope
-                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                info.feeds_layer |= reaches_layer[consumer_index]
             elif consumer.kind == "join" and not past_norm:
                 info.feeds_join = True
             elif consumer.kind == "layer":
                 info.feeds_layer = True
             elif consumer.kind in ("op", "norm", "activation", "join"):
-                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                info.feeds_layer |= reaches_layer[consumer_index]
+
+
+def _reaches_all(nodes: list[Node], consumers: list[list[int]], outputs: set[int]) -> tuple[list[bool], list[bool]]:
+    """For every node, in one backward sweep (consumers come later in execution order): whether a path from it
+    reaches a model output through no layer or join (:func:`_reaches_output_directly`), and whether one
+    reaches a layer (:func:`_reaches_layer`); the answers of the walks from each node."""
+    output = [False] * len(nodes)
+    layer = [False] * len(nodes)
+    for index in range(len(nodes) - 1, -1, -1):
+        direct, reaches = index in outputs, False
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "layer":
+                reaches = True
+            else:
+                reaches = reaches or layer[consumer_index]
+                if not direct and consumer.kind != "join" and index in consumer.inputs:
+                    direct = output[consumer_index]
+        output[index], layer[index] = direct, reaches
+    return output, layer
 
 
 def _reaches_output_directly(start: int, nodes: list[Node], consumers: list[list[int]], outputs: set[int]) -> bool:
