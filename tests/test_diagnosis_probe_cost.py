@@ -153,3 +153,51 @@ def test_stacked_reductions_equal_one_call_per_tensor():
     for slot, tensor in enumerate(tensors):
         mean_at, std_at = measurements.layer_positions[slot]
         assert [numbers[mean_at], numbers[std_at]] == [tensor.mean().item(), torch.std(tensor).item()]
+
+
+def test_written_tensors_name_what_a_call_may_overwrite():
+    from torch.nn import functional as F
+
+    from lightning_gradstab.diagnosis.ops import written_tensors
+
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    mean, var = torch.zeros(3), torch.ones(3)
+    assert written_tensors(torch.Tensor.add_, (x, y), {}) == [x]
+    assert written_tensors(torch.Tensor.__setitem__, (x, 0, y), {}) == [x]
+    assert written_tensors(torch.add, (x, y), {"out": y}) == [y]
+    assert written_tensors(F.relu, (x, True), {}) == [x]
+    assert written_tensors(F.relu, (x,), {"inplace": True}) == [x]
+    assert written_tensors(F.dropout, (x, 0.5, True), {}) == []  # `training`, not `inplace`
+    written = written_tensors(F.batch_norm, (x, mean, var, None, None, True, 0.1, 1e-5), {})
+    assert written is not None and all(t is not x for t in written) and any(t is mean for t in written)
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU())])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_running_statistics_written_in_place_leave_the_pending_outputs_stacked(monkeypatch):
+    from lightning_gradstab.diagnosis.probe import _Measurements
+
+    flushes = []
+    flush = _Measurements.flush
+
+    def counting(self):
+        flushes.append(len(self._pending_layers))
+        return flush(self)
+
+    monkeypatch.setattr(_Measurements, "flush", counting)
+    model, x = _BatchNormNet(), torch.randn(32, 16)
+    result = run_probe(model, lambda batch: model(batch), inputs=x)
+    assert flushes == [5]  # BatchNorm's running statistics are no pending output: one stacked read at the end
+    monkeypatch.setattr(_Measurements, "flush", flush)
+    expected = _per_tensor(model, x)
+    measured = {p.name: (p.output_mean, p.output_std, p.grad_rms) for p in result.layers}
+    assert measured == expected

@@ -167,26 +167,43 @@ def _consumers(nodes: list[Node]) -> list[list[int]]:
     return consumers
 
 
-def _plain_chain_dp(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
+def _plain_chain_dp(
+    nodes: list[Node], start: int = 0, known: tuple[list[int], list[int | None]] | None = None
+) -> tuple[list[int], list[int | None]]:
     """Plain-chain depth of every node: distinct layers crossed on the shortest-cut path from the inputs.
 
     A join takes the *smallest* depth of its inputs (the skip offers that shorter path); every other node
     the largest of its main inputs (a gate's branch is off the main path). Embeddings are lookups, and a
     module called again (an RNN cell per time step, a layer shared across depth) is the same layer: neither
     adds depth.
+
+    ``known``: the depths and parents of an earlier pass, kept for the nodes before ``start`` (a node's entry
+    depends only on the nodes before it, which come first in execution order) and recomputed from there.
     """
-    depth: list[int] = []
-    parent: list[int | None] = []
-    for node in nodes:
-        if node.inputs:
-            choose = min if node.kind == "join" else max
-            main = node.value_inputs or [i for i in node.inputs if i not in node.mixing_inputs] or node.inputs
-            best = choose(main, key=lambda i: depth[i])
+    depth: list[int] = known[0][:start] if known is not None else []
+    parent: list[int | None] = known[1][:start] if known is not None else []
+    for node in nodes[len(depth) :]:
+        inputs = node.inputs
+        if inputs:
+            main = (
+                node.value_inputs
+                or ([i for i in inputs if i not in node.mixing_inputs] if node.mixing_inputs else inputs)
+                or inputs
+            )
+            best = main[0]
             base = depth[best]
+            if node.kind == "join":  # min over the inputs, the first of equal ones (as min(key=...) picks it)
+                for i in main:
+                    if depth[i] < base:
+                        best, base = i, depth[i]
+            else:
+                for i in main:
+                    if depth[i] > base:
+                        best, base = i, depth[i]
         else:
             best, base = None, 0
         adds = node.kind == "layer" and node.layer_kind != "embedding" and node.adds_depth and node.signal
-        depth.append(base + int(adds))
+        depth.append(base + 1 if adds else base)
         parent.append(best)
     return depth, parent
 
@@ -197,16 +214,16 @@ def build_graph(
     weights: dict[str, tuple[nn.Module | None, Tensor | None]],
 ) -> ModelGraph:
     """Derive per-layer summaries, skip connections and the longest plain chain from recorded nodes."""
-    _demote_arithmetic_joins(nodes)
+    depth, parent = _demote_arithmetic_joins(nodes)  # the plain-chain DP with the final joins
     consumers = _consumers(nodes)
     gated = {i for node in nodes for i in node.side_inputs}
     # the path questions below walk to the output from every layer: asked only where their answer can be yes
     attends = any(n.op in ("softmax", "log_softmax", "scaled_dot_product_attention") for n in nodes)
     joins = any(n.kind == "join" for n in nodes)
-    depth, parent = _plain_chain_dp(nodes)  # once: the joins are final now
     in_branch = _in_branch_all(nodes, consumers, parent, output_nodes) if joins else []
     has_norm: list[bool] | None = None  # a normalization upstream of each node (asked for embeddings only)
     layers: dict[str, LayerInfo] = {}
+    direct_output, reaches_layer = _reaches_all(nodes, consumers, output_nodes)
     for node in nodes:
         if node.kind != "layer":
             continue
@@ -217,8 +234,8 @@ def build_graph(
             info.input_shape = node.input_shape
             info.fans = node.fans
             info.on_signal_path = node.signal
-            _describe_consumers(info, node, nodes, consumers, output_nodes)
-            info.is_output |= _reaches_output_directly(node.index, nodes, consumers, output_nodes)
+            _describe_consumers(info, node, nodes, consumers, output_nodes, reaches_layer)
+            info.is_output |= direct_output[node.index]
             info.gate = bool(gated) and _only_reaches(node.index, nodes, consumers, gated, "gate", output_nodes)
             info.attention_logits = (
                 attends
@@ -251,16 +268,22 @@ def build_graph(
     )
 
 
-def _demote_arithmetic_joins(nodes: list[Node]) -> None:
-    """Turn every join whose inputs crossed the same number of layers into a plain op, in place.
+def _demote_arithmetic_joins(nodes: list[Node]) -> tuple[list[int], list[int | None]]:
+    """Turn every join whose inputs crossed the same number of layers into a plain op, in place, and return
+    the plain-chain DP (:func:`_plain_chain_dp`) of the nodes as they are then.
 
     An add/cat of such paths is arithmetic (rotary embeddings, x*cos + rot(x)*sin), not a skip connection: a
     skip bypasses at least one layer.
     """
-    depth_before, _ = _plain_chain_dp(nodes)
+    before = _plain_chain_dp(nodes)
+    depth_before = before[0]
+    first = None
     for node in nodes:
         if node.kind == "join" and len({depth_before[i] for i in node.inputs}) == 1:
             node.kind = "op"
+            first = node.index if first is None else first
+    # the nodes before the first demoted join keep their entries; from it on they are computed again
+    return before if first is None else _plain_chain_dp(nodes, first, before)
 
 
 def _longest_plain_chain(
@@ -287,9 +310,17 @@ def _longest_plain_chain(
 
 
 def _describe_consumers(
-    info: LayerInfo, node: Node, nodes: list[Node], consumers: list[list[int]], output_nodes: set[int]
+    info: LayerInfo,
+    node: Node,
+    nodes: list[Node],
+    consumers: list[list[int]],
+    output_nodes: set[int],
+    reaches_layer: list[bool] | None = None,
 ) -> None:
-    """Walk from a layer's output through pass-through ops to what really consumes it."""
+    """Walk from a layer's output through pass-through ops to what really consumes it (``reaches_layer``: the
+    answers of :func:`_reaches_layer` for every node, when already swept)."""
+    if reaches_layer is None:
+        reaches_layer = [_reaches_layer(i, nodes, consumers) for i in range(len(nodes))]
     frontier: list[tuple[int, bool]] = [(node.index, False)]  # (node, a normalization lies behind us)
     seen: set[tuple[int, bool]] = set()
     while frontier:
@@ -307,20 +338,40 @@ def _describe_consumers(
                 if index in consumer.inputs:
                     frontier.append((consumer_index, past_norm))
                 else:  # the layer's output gates another path
-                    info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                    info.feeds_layer |= reaches_layer[consumer_index]
             elif consumer.kind == "norm" and not past_norm and info.activation is None:
                 info.normalized = True
                 frontier.append((consumer_index, True))
             elif consumer.kind == "activation" and info.activation is None:
                 info.activation = consumer.op
                 info.negative_slope = consumer.negative_slope
-                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                info.feeds_layer |= reaches_layer[consumer_index]
             elif consumer.kind == "join" and not past_norm:
                 info.feeds_join = True
             elif consumer.kind == "layer":
                 info.feeds_layer = True
             elif consumer.kind in ("op", "norm", "activation", "join"):
-                info.feeds_layer |= _reaches_layer(consumer_index, nodes, consumers)
+                info.feeds_layer |= reaches_layer[consumer_index]
+
+
+def _reaches_all(nodes: list[Node], consumers: list[list[int]], outputs: set[int]) -> tuple[list[bool], list[bool]]:
+    """For every node, in one backward sweep (consumers come later in execution order): whether a path from it
+    reaches a model output through no layer or join (:func:`_reaches_output_directly`), and whether one
+    reaches a layer (:func:`_reaches_layer`); the answers of the walks from each node."""
+    output = [False] * len(nodes)
+    layer = [False] * len(nodes)
+    for index in range(len(nodes) - 1, -1, -1):
+        direct, reaches = index in outputs, False
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if consumer.kind == "layer":
+                reaches = True
+            else:
+                reaches = reaches or layer[consumer_index]
+                if not direct and consumer.kind != "join" and index in consumer.inputs:
+                    direct = output[consumer_index]
+        output[index], layer[index] = direct, reaches
+    return output, layer
 
 
 def _reaches_output_directly(start: int, nodes: list[Node], consumers: list[list[int]], outputs: set[int]) -> bool:

@@ -169,16 +169,23 @@ def _weight_moments(weights: list[Tensor]) -> tuple[list[float], list[float]]:
         groups.setdefault(key, []).append(index)
     device = weights[0].device
     stats: list[Tensor] = []
-    for indices in groups.values():
-        members = [weights[i].detach().float() for i in indices]
-        stacked = members[0].unsqueeze(0) if len(members) == 1 else torch.stack(members)
-        flat = stacked.reshape(len(members), -1)
-        rows = stacked.reshape(len(members), stacked.shape[1] if stacked.dim() >= 3 else 1, -1)
-        # identical rows are identical on any subset of columns; a random init differs on the first few already
-        head = rows[:, :, :SPREAD_COLUMNS]
-        second_moment = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
-        stats.append((second_moment - flat.mean(dim=1).square()).clamp_min(0.0).to(device))
-        stats.append((head.amax(1) - head.amin(1)).amax(1).to(device))
+    with torch.no_grad():  # no detach per weight; a float32 weight is read as it is (no conversion call)
+        for indices in groups.values():
+            members = [weights[i] if weights[i].dtype == torch.float32 else weights[i].float() for i in indices]
+            stacked = members[0].unsqueeze(0) if len(members) == 1 else torch.stack(members)
+            flat = stacked.reshape(len(members), -1)
+            if stacked.dim() == 3:  # (weights, rows, columns) already
+                rows = stacked
+            else:
+                rows = stacked.reshape(len(members), stacked.shape[1] if stacked.dim() > 3 else 1, -1)
+            # identical rows are identical on any subset of columns; a random init differs on the first few already
+            head = rows[:, :, :SPREAD_COLUMNS] if rows.shape[2] > SPREAD_COLUMNS else rows
+            second_moment = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
+            variance = (second_moment - flat.mean(dim=1).square()).clamp_min(0.0)
+            lowest, highest = torch.aminmax(head, dim=1)  # the same minima and maxima as amin and amax
+            spread = (highest - lowest).amax(1)
+            stats.append(variance if variance.device == device else variance.to(device))
+            stats.append(spread if spread.device == device else spread.to(device))
     numbers = iter(torch.cat(stats).tolist())  # one host sync for all layers
     variances, spreads = [0.0] * len(weights), [0.0] * len(weights)
     for indices in groups.values():

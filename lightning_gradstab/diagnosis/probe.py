@@ -120,7 +120,9 @@ def could_not_probe(report: Any) -> bool:
 
 
 @contextmanager
-def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+def preserved_state(
+    model: nn.Module, modules: list[nn.Module] | None = None, devices: list[int] | None = None
+) -> Iterator[None]:
     """Restore buffers, train/eval flags and the RNG state of ``model`` bit for bit on exit.
 
     Example::
@@ -130,26 +132,35 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
             model(x)  # BatchNorm running stats change here ...
         # ... and are back to their old values here
     """
-    # ``modules``: ``model.modules()`` already listed (the probe's tracer walks the model once for everything)
+    # ``modules``: ``model.modules()`` already listed, ``devices``: the CUDA devices of its parameters (the probe's
+    # tracer walks the model once for everything)
     modules = list(model.modules()) if modules is None else modules
+    if devices is None:
+        devices = _cuda_devices(p for m in modules for p in m.parameters(recurse=False))
     modes = [(module, module.training) for module in modules]
-    buffers = [
-        (buffer, buffer.detach().clone())
-        for module in modules
-        for buffer in module.buffers(recurse=False)
-    ]
+    buffers = [buffer for module in modules for buffer in module.buffers(recurse=False)]
+    saved = [buffer.detach().clone() for buffer in buffers]
     try:
-        with torch.random.fork_rng(
-            devices=_cuda_devices(p for m in modules for p in m.parameters(recurse=False))
-        ):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+            _copy_all(buffers, saved)
         for module, training in modes:
             if module.training != training:  # nn.Module.__setattr__ is slow: only the flags that changed
                 module.training = training
+
+
+def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``target.copy_(source)`` for each pair, in one multi-tensor call where torch takes them together."""
+    if len(targets) > 1:
+        try:
+            torch._foreach_copy_(targets, sources)
+            return
+        except (RuntimeError, TypeError):  # a tensor type the multi-tensor kernel does not take: one by one
+            pass
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
 
 
 def _cuda_devices(parameters: Iterable[Tensor]) -> list[int]:
@@ -222,8 +233,9 @@ def run_probe(
     measurements.tracer.register_inputs(inputs)
     top_calls: list[Any] = []
     modules = [module for _, module in measurements.tracer.modules]  # the model walked once
-    with preserved_state(model, modules), _top_level_outputs(model, top_calls, direction_at_model_output):
-        _seed_rng(seed, _cuda_devices(p for _, p in measurements.tracer.parameters))
+    devices = _cuda_devices(p for _, p in measurements.tracer.parameters)
+    with preserved_state(model, modules, devices), _top_level_outputs(model, top_calls, direction_at_model_output):
+        _seed_rng(seed, devices)
         if not all(module.training for module in modules):
             model.train()  # a no-op when every module already trains (train() walks and sets every flag)
         try:
@@ -291,10 +303,11 @@ class _Measurements:
     and :meth:`flush` reduces every pending output of one shape in one stacked call (the mean, the standard
     deviation the way ``torch.std`` takes it, in float64 around a float32 mean, the live ReLU units, the
     saturated fraction: the same values as per-tensor calls). An op that writes in place (``relu_``,
-    ``x += y``, ``inplace=True``) could change an output before it is read, so the tracer flushes before each
-    one. The backward asks ``autograd.grad`` for the gradients at those edges instead of running one Python
-    hook per layer. Every number lands in ``_parts`` and :meth:`read_back` brings them to the host with a single
-    ``tolist()``.
+    ``x += y``, ``inplace=True``) could change an output before it is read, so the statistics are taken before
+    each one that writes into the storage of a pending output (a write elsewhere, such as BatchNorm's running
+    statistics, leaves them pending: flushing there would reduce one output per call). The backward asks
+    ``autograd.grad`` for the gradients at those edges instead of running one Python hook per layer. Every number
+    lands in ``_parts`` and :meth:`read_back` brings them to the host with a single ``tolist()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -308,7 +321,31 @@ class _Measurements:
         self._size = 0
         self.layer_positions: dict[int, tuple[int, int]] = {}  # probe index -> positions of its mean and std
         self.activation_positions: dict[int, int] = {}
-        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.flush)
+        # the storages the pending outputs live in: a write elsewhere (BatchNorm's running statistics, an in-place
+        # op on another tensor) leaves them as they are, so only a write into one of them reads them first
+        self._pending_storages: set[int] = set()
+        self._storage_unknown = False  # a pending output without a readable storage: read before any write
+        self.tracer = GraphTracer(model, self.on_layer_output, self.on_activation, self.before_write)
+
+    def _remember_storage(self, tensor: Tensor) -> None:
+        try:
+            self._pending_storages.add(tensor.untyped_storage().data_ptr())
+        except Exception:  # a tensor subclass without storage
+            self._storage_unknown = True
+
+    def before_write(self, targets: list[Any] | None) -> None:
+        """Take the pending statistics before a call writes in place into the storage of a pending output
+        (``targets``: the tensors it may write, None when any may be written)."""
+        if not (self._pending_layers or self._pending_activations):
+            return
+        if targets is not None and not self._storage_unknown:
+            try:
+                storages = [t.untyped_storage().data_ptr() for t in targets if isinstance(t, Tensor)]
+            except Exception:  # a target without storage: read first
+                storages = None
+            if storages is not None and self._pending_storages.isdisjoint(storages):
+                return
+        self.flush()
 
     def on_layer_output(self, node: Node, tensor: Tensor) -> None:
         """Remember a layer's (or a join's) output for its mean and std, and the edge its gradient will reach."""
@@ -320,6 +357,7 @@ class _Measurements:
             LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         )
         self._pending_layers.append((slot, tensor.detach()))
+        self._remember_storage(tensor)
         if tensor.requires_grad:
             self.edges.append((slot, get_gradient_edge(tensor) if tensor.grad_fn is not None else tensor))
 
@@ -338,15 +376,18 @@ class _Measurements:
             return
         name = _activation_display_name(node, self.tracer.nodes)
         self._pending_activations.append((len(self.activation_probes), tensor.detach(), how))
+        self._remember_storage(tensor)
         self.activation_probes.append((ActivationProbe(name, node.op, hidden=False, units=units), kind))
 
     def flush(self) -> None:
         """Take the statistics of every pending output, one stacked reduction per shape (see the class)."""
+        self._pending_storages.clear()
+        self._storage_unknown = False
         with torch.no_grad():
             if self._pending_layers:
                 pending, self._pending_layers = self._pending_layers, []
                 for slots, stacked in _stacked(pending):
-                    flat = stacked.float().reshape(len(slots), -1)
+                    flat = (stacked if stacked.dtype == torch.float32 else stacked.float()).reshape(len(slots), -1)
                     mean = flat.mean(1)
                     if flat.shape[1] <= 1:
                         std = mean * 0
@@ -354,7 +395,7 @@ class _Measurements:
                         std = torch.std(flat[0]).reshape(1)
                     else:  # torch.std's two passes: float64 squares around the float32 mean, in one buffer
                         deviations = flat.double()  # a copy: written in place (fresh pages cost more than the math)
-                        deviations.sub_(mean.double()[:, None]).square_()
+                        deviations.sub_(mean[:, None]).square_()  # the float32 mean promoted exactly, in the call
                         std = deviations.sum(1).div_(flat.shape[1] - 1).sqrt_().float()
                     position = self._push(mean)
                     self._push(std)
@@ -391,7 +432,7 @@ class _Measurements:
         grad_positions: dict[int, int] = {}
         with torch.no_grad():
             for slots, stacked in _stacked(edge_grads):  # the RMS of the gradient at each layer output
-                flat = stacked.float().reshape(len(slots), -1)
+                flat = (stacked if stacked.dtype == torch.float32 else stacked.float()).reshape(len(slots), -1)
                 copied = len(slots) > 1 or stacked.dtype != torch.float32  # else a view of the gradient itself
                 position = self._push((flat.square_() if copied else flat.square()).mean(1).sqrt_())
                 grad_positions.update((slot, position + offset) for offset, slot in enumerate(slots))
@@ -518,7 +559,11 @@ def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Te
     for tensor in tree_leaves(output):
         if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.requires_grad:
             direction = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            terms.append((tensor.float() * direction.to(tensor.device)).sum())
+            if tensor.device != direction.device:
+                direction = direction.to(tensor.device)
+            terms.append(((tensor if tensor.dtype == torch.float32 else tensor.float()) * direction).sum())
+    if len(terms) == 1:
+        return terms[0]  # the same backward as a sum of one term
     return torch.stack(terms).sum() if terms else None
 
 

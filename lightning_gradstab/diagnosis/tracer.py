@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -47,6 +48,7 @@ from lightning_gradstab.diagnosis.ops import (
     pools_positions,
     scaling_behaviour,
     writes_in_place,
+    written_tensors,
 )
 
 _UNDECIDED = object()
@@ -61,22 +63,29 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         if tracer.on_mutation is not None and writes_in_place(func, args, kwargs):
-            tracer.on_mutation()  # the outputs recorded so far are read before this call can overwrite them
+            # the outputs recorded so far are read before this call can overwrite them
+            tracer.on_mutation(written_tensors(func, args, kwargs))
         output = func(*args, **kwargs)
-        if self.tracer.depth == 0 and self.tracer.problem is None and not self.tracer.testing:
+        # shapes, sizes, dtypes, flags: most calls a model makes return no tensor, and are no node
+        if type(output) not in _NO_TENSOR and tracer.depth == 0 and tracer.problem is None and not tracer.testing:
             try:
-                self.tracer.record_function(func, args, kwargs, output)
+                tracer.record_function(func, args, kwargs, output)
             except Exception as error:  # tracing must never break the user's forward
-                self.tracer.problem = f"recording {op_name(func)} failed: {error!r}"
+                tracer.problem = f"recording {op_name(func)} failed: {error!r}"
         return output
+
+
+_NO_TENSOR = frozenset({int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device})
+"""Types of call results that hold no tensor (``x.shape``, ``x.size(0)``, ``x.dtype``, ``x.is_floating_point()``)."""
 
 
 class GraphTracer:
     """Records a :class:`ModelGraph` while the wrapped forward runs (hooks removed on exit).
 
     ``on_layer_output(node, tensor)`` and ``on_activation(node, tensor)`` let the probe remember the very
-    tensors the graph sees; ``on_mutation()`` is called before any call that may write a tensor in place, so
-    statistics the probe defers are read before the values change.
+    tensors the graph sees; ``on_mutation(tensors)`` is called before any call that may write a tensor in place
+    (with the tensors it may write, None when any argument may be), so statistics the probe defers are read
+    before the values change.
     """
 
     def __init__(
@@ -84,7 +93,7 @@ class GraphTracer:
         model: nn.Module,
         on_layer_output: Callable[[Node, Tensor], None] | None = None,
         on_activation: Callable[[Node, Tensor], None] | None = None,
-        on_mutation: Callable[[], None] | None = None,
+        on_mutation: Callable[[list[Any] | None], None] | None = None,
     ) -> None:
         self.model = model
         self.on_layer_output = on_layer_output
@@ -107,7 +116,11 @@ class GraphTracer:
         self._roles: dict[int, tuple[str, float] | None] = {}  # module id -> behaviour, decided at first call
         self._plans: dict[int, tuple[str, str, str, str | None, float]] = {}  # module id -> see _plan
         self._behaviours: dict[tuple, tuple[str, float] | None] = {}  # see _behaviour_key
-        self._entered: list[bool] = []  # per active pre-hook: whether it suppressed the module's internals
+        # per active pre-hook: 0, or 1 when it suppressed the module's internals (2: with the function mode off)
+        self._entered: list[int] = []
+        self._disablers: list[Any] = []  # DisableTorchFunction contexts entered by pre-hooks, exited by post-hooks
+        self._builtin: dict[type, bool] = {}
+        self._recordable: dict[int, bool] = {}  # module id -> recorded by the hooks (asked at its first call)
         self._called: set[str] = set()
         self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -125,11 +138,16 @@ class GraphTracer:
     @contextmanager
     def tracing(self) -> Iterator[GraphTracer]:
         """Install hooks and the function mode for the duration of the block."""
+        # two global module hooks instead of two per module (registering and removing a hook per module costs more
+        # than the calls it sees); each module of the model is asked once, at its first call, whether it is one
+        # the tracer records (a module of other code, or not called, is never asked)
         try:
-            for _, module in self.modules:
-                if self._may_record(module):
-                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-                    self._handles.append(module.register_forward_hook(self._post_hook))
+            script = torch.jit.ScriptModule
+            if any(isinstance(module, script) and self._may_record(module) for _, module in self.modules):
+                # as registering a hook on it raises: TorchScript calls no Python hook, nor the function mode
+                raise RuntimeError("register_forward_pre_hook is not supported on ScriptModules")
+            self._handles.append(register_module_forward_pre_hook(self._global_pre_hook))
+            self._handles.append(register_module_forward_hook(self._global_post_hook))
         except Exception as error:  # e.g. TorchScript modules refuse Python hooks
             self.problem = f"module hooks unavailable ({type(self.model).__name__}): {error}"
             self._remove_hooks()
@@ -141,11 +159,30 @@ class GraphTracer:
                 yield self
         finally:
             self._remove_hooks()
+            while self._disablers:  # a forward that raised inside a module: its post-hook never ran
+                self._disablers.pop().__exit__(None, None, None)
+            self._entered.clear()
+            self.depth = 0
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _recorded(self, module: nn.Module) -> bool:
+        key = id(module)
+        flag = self._recordable.get(key)
+        if flag is None:
+            flag = self._recordable[key] = key in self.module_names and self._may_record(module)
+        return flag
+
+    def _global_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if self._recorded(module):
+            self._pre_hook(module, args)
+
+    def _global_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._recorded(module):
+            self._post_hook(module, args, output)
 
     def _may_record(self, module: nn.Module) -> bool:
         if layer_kind(module) or isinstance(module, NORM_TYPES) or activation_module_name(module):
@@ -213,18 +250,40 @@ class GraphTracer:
                         self.problem = f"classifying module {type(module).__name__} failed: {error!r}"
                         role = None
                 entered = role is not None
+            if entered and self._opaque_builtin(module):
+                # nothing inside is recorded, and torch's own module writes no input in place: its calls skip the
+                # function mode (an inplace=True activation or a module of other code keeps it, for its writes)
+                disabler = torch._C.DisableTorchFunction()
+                disabler.__enter__()
+                self._disablers.append(disabler)
+                self._entered.append(2)
+                self.depth += 1
+                return
         else:
             entered = True
-        self._entered.append(entered)
+        self._entered.append(1 if entered else 0)
         if entered:
             self.depth += 1
+
+    def _opaque_builtin(self, module: nn.Module) -> bool:
+        """Whether a module recorded as one node is torch's own and does not write its input in place (decided
+        once per class and flag)."""
+        if getattr(module, "inplace", False) is True:
+            return False
+        cls = type(module)
+        builtin = self._builtin.get(cls)
+        if builtin is None:
+            builtin = self._builtin[cls] = cls.__module__.startswith("torch.nn.")
+        return builtin
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.testing:
             return
-        entered = self._entered.pop() if self._entered else False
+        entered = self._entered.pop() if self._entered else 0
         if not entered:
             return
+        if entered == 2 and self._disablers:
+            self._disablers.pop().__exit__(None, None, None)
         self.depth -= 1
         if self.depth != 0 or self.problem is not None:
             return
@@ -311,7 +370,7 @@ class GraphTracer:
             index = args[2]
         if isinstance(index, tuple) and index and isinstance(index[0], int):
             index = index[0]
-        tensors = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        tensors = [t for t in leaf_modules(output) if isinstance(t, Tensor)]
         for position, tensor in enumerate(tensors):
             suffix = (
                 f"[{index}]"
@@ -327,12 +386,26 @@ class GraphTracer:
             return  # shapes, sizes, flags: read first, since most calls the model makes return no tensor
         leaves = [leaf for leaf in leaf_modules(args) if isinstance(leaf, Tensor)]
         if kwargs:
-            leaves += [leaf for leaf in tree_leaves(kwargs) if isinstance(leaf, Tensor)]
+            leaves += [leaf for leaf in leaf_modules(kwargs) if isinstance(leaf, Tensor)]
         op = op_name(func)
-        owned = [leaf for leaf in leaves if id(leaf) in self.parameter_owner]
-        self.used_parameters.update(id(p) for p in owned)
-        weights = [(leaf, name) for leaf in leaves if (name := self._weight_name(leaf)) is not None]
-        traced = self._traced_inputs(leaves)
+        # one pass over the tensor arguments: parameters used, weights (or slices of one) applied, traced inputs
+        owners, producers = self.parameter_owner, self.producers
+        weights: list[tuple[Tensor, str]] = []
+        traced: list[int] = []
+        first: Tensor | None = None  # the first argument a node produced
+        for leaf in leaves:
+            key = id(leaf)
+            if key in owners:
+                self.used_parameters.add(key)
+            name = self._weight_name(leaf)
+            if name is not None:
+                weights.append((leaf, name))
+            producer = producers.get(key)
+            if producer is not None:
+                if first is None:
+                    first = leaf
+                if producer not in traced:
+                    traced.append(producer)
         if weights and not traced:
             # the weights taken apart or combined before use (W[i], W.T, torch.stack): still weights
             self._derive_weights(op, args, [name for _, name in weights], output)
@@ -374,7 +447,6 @@ class GraphTracer:
             for leaf, name in weights:
                 if sum(size > 1 for size in leaf.shape) >= 2 and any(leaf is a for a in applied):
                     self.missed.setdefault(name, op)  # a weight applied by an op we do not read as a layer
-        first = next((leaf for leaf in leaves if id(leaf) in self.producers), None)
         if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
             node.global_reduction = pools_positions(first, output)
         self._register_outputs(node, output)
@@ -450,8 +522,15 @@ class GraphTracer:
     def _new_node(self, kind: str, name: str, op: str, inputs: list[int], signal: bool | None = None) -> Node:
         node = Node(len(self.nodes), kind, name, op, inputs)
         self.nodes.append(node)
-        self.signal.append(any(self.signal[i] for i in inputs) if signal is None else signal)
-        node.signal = self.signal[-1]
+        if signal is None:
+            flags = self.signal
+            signal = False
+            for i in inputs:  # a loop, not any(<generator>): one call per node of the model
+                if flags[i]:
+                    signal = True
+                    break
+        self.signal.append(signal)
+        node.signal = signal
         return node
 
     def _register_outputs(self, node: Node, output: Any, disabled: bool = False) -> None:
