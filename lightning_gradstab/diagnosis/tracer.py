@@ -23,7 +23,6 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -120,7 +119,6 @@ class GraphTracer:
         self._entered: list[int] = []
         self._disablers: list[Any] = []  # DisableTorchFunction contexts entered by pre-hooks, exited by post-hooks
         self._builtin: dict[type, bool] = {}
-        self._recordable: dict[int, bool] = {}  # module id -> recorded by the hooks (asked at its first call)
         self._called: set[str] = set()
         self.norm_gains: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -138,16 +136,11 @@ class GraphTracer:
     @contextmanager
     def tracing(self) -> Iterator[GraphTracer]:
         """Install hooks and the function mode for the duration of the block."""
-        # two global module hooks instead of two per module (registering and removing a hook per module costs more
-        # than the calls it sees); each module of the model is asked once, at its first call, whether it is one
-        # the tracer records (a module of other code, or not called, is never asked)
         try:
-            script = torch.jit.ScriptModule
-            if any(isinstance(module, script) and self._may_record(module) for _, module in self.modules):
-                # as registering a hook on it raises: TorchScript calls no Python hook, nor the function mode
-                raise RuntimeError("register_forward_pre_hook is not supported on ScriptModules")
-            self._handles.append(register_module_forward_pre_hook(self._global_pre_hook))
-            self._handles.append(register_module_forward_hook(self._global_post_hook))
+            for _, module in self.modules:
+                if self._may_record(module):
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(module.register_forward_hook(self._post_hook))
         except Exception as error:  # e.g. TorchScript modules refuse Python hooks
             self.problem = f"module hooks unavailable ({type(self.model).__name__}): {error}"
             self._remove_hooks()
@@ -168,21 +161,6 @@ class GraphTracer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _recorded(self, module: nn.Module) -> bool:
-        key = id(module)
-        flag = self._recordable.get(key)
-        if flag is None:
-            flag = self._recordable[key] = key in self.module_names and self._may_record(module)
-        return flag
-
-    def _global_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self._recorded(module):
-            self._pre_hook(module, args)
-
-    def _global_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._recorded(module):
-            self._post_hook(module, args, output)
 
     def _may_record(self, module: nn.Module) -> bool:
         if layer_kind(module) or isinstance(module, NORM_TYPES) or activation_module_name(module):
