@@ -28,6 +28,9 @@ ends every seed with LR multiplier >= 0.5 and a mean metric <= ``1.02 x none + 0
 
     python benchmarks/divergence.py --suite healthy --seeds 5 --perturb 1e-6 --check
 
+``--suite holdout`` does the same on the held-out healthy shapes of :mod:`benchmarks.healthy_holdout` (shapes the
+guard was not tuned on; same methods, table and bar; output ``benchmarks/results/healthy-holdout-cpu.{md,json}``).
+
 ``--perturb 1e-6`` reruns seed 0 (``--perturb-seeds N``: seeds 0..N-1) of every task and method with the initial
 weights multiplied by ``1 + 1e-6 N(0, 1)`` (a fixed generator per seed) and reports how far the result moves.
 
@@ -101,12 +104,27 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
     return out
 
 
-def all_tasks() -> dict[str, Any]:
-    """The divergence tasks and the healthy corpus (:mod:`benchmarks.healthy_tasks`), by name."""
-    from benchmarks.divergence_tasks import TASKS
+def healthy_tasks() -> dict[str, Any]:
+    """The healthy corpus (:mod:`benchmarks.healthy_tasks`) and its held-out set (:mod:`benchmarks.healthy_holdout`)."""
+    from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
 
-    return {**TASKS, **HEALTHY_TASKS}
+    return {**HEALTHY_TASKS, **HOLDOUT_TASKS}
+
+
+def healthy_metrics() -> dict[str, str]:
+    """What each healthy task's ``evaluate`` measures, for the corpus and the held-out set."""
+    from benchmarks.healthy_holdout import METRICS as HOLDOUT_METRICS
+    from benchmarks.healthy_tasks import METRICS
+
+    return {**METRICS, **HOLDOUT_METRICS}
+
+
+def all_tasks() -> dict[str, Any]:
+    """The divergence tasks, the healthy corpus and its held-out set, by name."""
+    from benchmarks.divergence_tasks import TASKS
+
+    return {**TASKS, **healthy_tasks()}
 
 
 def perturb_weights(module: Any, relative: float, seed: int) -> None:
@@ -530,15 +548,14 @@ def _perturbation_deltas(results: list[dict[str, Any]]) -> dict[tuple[str, str],
 
 
 def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
-    from benchmarks.healthy_tasks import METRICS
-
+    metrics = healthy_metrics()
     cells = healthy_cells(results)
     guards = [m for m in methods if m.startswith("guard")]
     header = ["task", "metric", "init", *[f"`{m}`" for m in methods], *[f"`{g}` bar" for g in guards]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in tasks:
         none = cells.get((task, "none")) or next((c for (t, _), c in cells.items() if t == task), None)
-        row = [task, METRICS.get(task, "loss"), _fmt(none["init_mean"]) if none else ""]
+        row = [task, metrics.get(task, "loss"), _fmt(none["init_mean"]) if none else ""]
         for m in methods:
             c = cells.get((task, m))
             if c is None:
@@ -562,15 +579,17 @@ def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list
 
 
 def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
-    from benchmarks.healthy_tasks import HEALTHY_TASKS, METRICS
+    from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
 
+    registry, metrics = healthy_tasks(), healthy_metrics()
+    holdout = bool(tasks) and all(t in HOLDOUT_TASKS for t in tasks)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = max((r["seed"] for r in results), default=-1) + 1
     perturbs = sorted({r["perturb"] for r in results if r.get("perturb")})
     out = [
-        "# Healthy-but-unusual corpus (CPU)",
+        "# Held-out healthy shapes (CPU)" if holdout else "# Healthy-but-unusual corpus (CPU)",
         "",
         f"- command: `{command}`",
         f"- date: {date}; wall time {wall / 60:.1f} min with {jobs} process(es), 1 thread each",
@@ -631,24 +650,25 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
             out.append("| " + " | ".join(row) + " |")
     out += ["", "Tasks:", ""]
     out += [
-        f"- `{t}` ({HEALTHY_TASKS[t].steps} steps; metric: {METRICS.get(t, 'loss')}): {HEALTHY_TASKS[t].summary}"
-        for t in tasks
+        f"- `{t}` ({registry[t].steps} steps; metric: {metrics.get(t, 'loss')}): {registry[t].summary}" for t in tasks
     ]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.divergence_tasks import TASKS
+    from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
     from benchmarks.peers import resolve_method
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        choices=("divergence", "healthy"),
+        choices=("divergence", "healthy", "holdout"),
         default="divergence",
         help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
-        "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar",
+        "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar; holdout: the held-out healthy "
+        "shapes (benchmarks/healthy_holdout.py), same metrics and bar",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the suite)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: the suite's)")
@@ -662,15 +682,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    healthy = args.suite == "healthy"
-    registry = HEALTHY_TASKS if healthy else TASKS
-    known = {**TASKS, **HEALTHY_TASKS}
+    healthy = args.suite in ("healthy", "holdout")
+    registry = {"healthy": HEALTHY_TASKS, "holdout": HOLDOUT_TASKS}.get(args.suite, TASKS)
+    known = all_tasks()
     tasks = [t for t in (args.tasks or ",".join(registry)).split(",") if t]
     unknown = [t for t in tasks if t not in known]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
-    if not healthy and any(t in HEALTHY_TASKS for t in tasks):
-        parser.error("the healthy corpus's tasks need --suite healthy (their evaluate() is a task metric)")
+    if not healthy and any(t in healthy_tasks() for t in tasks):
+        parser.error("the healthy tasks need --suite healthy or holdout (their evaluate() is a task metric)")
     methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
     for m in methods:
         try:
@@ -681,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds and --jobs must be >= 1")
     if args.perturb < 0 or args.perturb_seeds < 1:
         parser.error("--perturb must be >= 0 and --perturb-seeds >= 1")
-    out = Path(args.out or ("benchmarks/results/healthy-cpu" if healthy else "benchmarks/results/divergence-cpu"))
+    default_out = {"healthy": "healthy-cpu", "holdout": "healthy-holdout-cpu"}.get(args.suite, "divergence-cpu")
+    out = Path(args.out or f"benchmarks/results/{default_out}")
 
     code_hash = freeze_package()
     start = time.perf_counter()
@@ -704,9 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(text)
     payload = {"command": command.strip(), "machine": machine(), "label": label, "suite": args.suite, "runs": results}
     if healthy:
-        from benchmarks.healthy_tasks import METRICS
-
-        payload["metrics"] = {t: METRICS.get(t) for t in tasks}
+        metrics = healthy_metrics()
+        payload["metrics"] = {t: metrics.get(t) for t in tasks}
         payload["note"] = "initial_loss / final_loss hold the task metric (lower is better), not the loss"
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print(text)
