@@ -333,3 +333,31 @@ def test_the_advisors_gradient_trend_never_compares_a_query_projection_with_the_
     norms = {layer.name: 1.0 for layer in graph.layers if layer.kind != "embedding"}
     norms["bert.encoder.layer.0.attention.self.query"] = 3e-4  # a near-uniform softmax: small by construction
     assert gradient_findings(graph, norms, optimizer_steps=10) == []  # before: query over classifier, vanishing
+
+
+def test_a_forward_hook_that_replaces_an_output_is_traced_after_the_module_s_own_hooks():
+    """The trace records what the next layer receives: a user's hook that rescales one layer's output changes the
+    measured signal, not the init's predicted factor (global module hooks, which torch runs before a module's
+    own, recorded the output before the user's hook)."""
+
+    def build(hooked: bool) -> nn.Module:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(16):
+            linear = nn.Linear(64, 64)
+            nn.init.normal_(linear.weight, std=0.3 / 8)
+            layers += [linear, nn.Tanh()]
+        net = nn.Sequential(*layers, nn.Linear(64, 10))
+        if hooked:
+            net[6].register_forward_hook(lambda module, inputs, output: output * 10.0)
+        return net
+
+    batch = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    plain, hooked = (
+        {f.code: f for f in diagnose(build(h), batch).findings} for h in (False, True)
+    )
+    factor = "predicted_signal_factor"
+    assert hooked["init.scale"].evidence[factor] == plain["init.scale"].evidence[factor]
+    measured = "delta_rms_first_over_last"
+    ratio = hooked["signal.vanishing"].evidence[measured] / plain["signal.vanishing"].evidence[measured]
+    assert 5.0 < ratio < 20.0  # the x10 the next layer really receives
