@@ -320,15 +320,19 @@ class _Block(nn.Module):
 
 
 class CharGPT(nn.Module):
-    """A tiny causal transformer language model over characters."""
+    """A tiny causal transformer language model over characters (``vocab`` input tokens, ``outputs`` logits:
+    the same vocabulary unless a task predicts fewer symbols than it reads)."""
 
-    def __init__(self, dim: int = 48, layers: int = 2, heads: int = 4, context: int = 32, post_ln: bool = False):
+    def __init__(
+        self, dim: int = 48, layers: int = 2, heads: int = 4, context: int = 32, post_ln: bool = False,
+        vocab: int = VOCAB, outputs: int | None = None,
+    ):
         super().__init__()
-        self.token = nn.Embedding(VOCAB, dim)
+        self.token = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.randn(1, context, dim) * 0.02)
         self.blocks = nn.ModuleList([_Block(dim, heads, post_ln) for _ in range(layers)])
         self.ln = nn.Identity() if post_ln else nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, VOCAB)
+        self.head = nn.Linear(dim, vocab if outputs is None else outputs)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

@@ -36,22 +36,20 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.divergence_tasks import Batch, Task, _Block, _digit_batches, _digits, mlp, sgd, warmup_cosine
+from benchmarks.divergence_tasks import Batch, CharGPT, Task, _digit_batches, _digits, mlp, sgd, warmup_cosine
 from benchmarks.healthy_tasks import (
     HealthyBuilt,
     MetricModule,
+    TwoPlayerModule,
     _adam,
     _eval_digits,
-    _finite,
     _ring,
     _sample_batches,
     error_rate,
-    sliced_wasserstein,
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,28 +158,16 @@ def _distill_t4(seed: int, steps: int) -> HealthyBuilt:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class WganGpModule(pl.LightningModule):
+class WganGpModule(TwoPlayerModule):
     """WGAN-GP (Gulrajani et al. 2017, Algorithm 1): ``n_critic`` critic steps per generator step, gradient penalty
     ``lambda (|grad D(x_hat)| - 1)^2`` on random interpolates, Adam with betas (0.5, 0.9) for both networks (the
-    authors' toy code), manual optimization. The critic's loss ``D(fake) - D(real) + GP`` is negative while
-    training is healthy. ``manual_clip_val`` works as in :class:`~benchmarks.healthy_tasks.GanModule`."""
+    authors' toy code). The critic's loss ``D(fake) - D(real) + GP`` is negative while training is healthy."""
 
     def __init__(self, n_critic: int = 5, width: int = 128, lr: float = 1e-4, gp: float = 10.0) -> None:
         super().__init__()
-        self.automatic_optimization = False
         self.generator = mlp(width, 3, nn.ReLU, n_in=2, n_out=2)
         self.critic = mlp(width, 3, nn.ReLU, n_in=2, n_out=1)
         self.n_critic, self.lr, self.gp = n_critic, lr, gp
-        self.manual_clip_val: float | None = None
-        self.latest_loss: torch.Tensor | None = None
-
-    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
-        self.latest_loss = loss.detach()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if self.manual_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.manual_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         opt_c, opt_g = self.optimizers()
@@ -203,16 +189,6 @@ class WganGpModule(pl.LightningModule):
             torch.optim.Adam(self.critic.parameters(), lr=self.lr, betas=betas),
             torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=betas),
         ]
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        was_training = self.training
-        self.eval()
-        try:
-            values = [sliced_wasserstein(self.generator(b["z"]), b["x"]) for b in batches]
-        finally:
-            self.train(was_training)
-        return _finite(sum(values) / len(values))
 
 
 def _wgan_gp(seed: int, steps: int) -> HealthyBuilt:
@@ -372,25 +348,10 @@ def _batch_size_ramp(seed: int, steps: int) -> HealthyBuilt:
 _SORT_LEN, _SORT_VOCAB = 8, 16
 
 
-class SortTransformer(nn.Module):
-    """A causal pre-LN transformer (2 layers, width 64, 4 heads) over ``_SORT_VOCAB`` values and a separator."""
-
-    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4) -> None:
-        super().__init__()
-        context = 2 * _SORT_LEN
-        self.token = nn.Embedding(_SORT_VOCAB + 1, dim)
-        self.position = nn.Parameter(torch.randn(1, context, dim) * 0.02)
-        self.blocks = nn.ModuleList([_Block(dim, heads, post_ln=False) for _ in range(layers)])
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, _SORT_VOCAB)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
-        x = self.token(tokens) + self.position[:, :t]
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.ln(x))
+def sort_transformer() -> CharGPT:
+    """A causal pre-LN transformer (2 layers, width 64, 4 heads) reading ``_SORT_VOCAB`` values and a separator
+    and predicting the values (the benchmark's character GPT with its own vocabulary)."""
+    return CharGPT(dim=64, layers=2, heads=4, context=2 * _SORT_LEN, vocab=_SORT_VOCAB + 1, outputs=_SORT_VOCAB)
 
 
 def _sort_batch(n: int, g: torch.Generator) -> Batch:
@@ -424,7 +385,7 @@ def _transformer_sort(seed: int, steps: int) -> HealthyBuilt:
     ge = torch.Generator().manual_seed(26_999)
     schedule = warmup_cosine(max(1, steps // 8), steps)
     module = MetricModule(
-        SortTransformer(),
+        sort_transformer(),
         "ce",
         lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
         _token_error,

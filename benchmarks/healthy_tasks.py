@@ -170,19 +170,18 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 64) 
     return float((pa - pb).abs().mean())
 
 
-class GanModule(pl.LightningModule):
-    """A GAN (Goodfellow et al. 2014, non-saturating generator loss) with one Adam optimizer per network and
-    manual optimization, as Lightning's GAN examples do. ``manual_clip_val`` (set by the benchmark when a method
-    asks for ``Trainer(gradient_clip_val=...)``, which manual optimization refuses) clips each network's
-    gradient norm through ``self.clip_gradients``, the way Lightning documents clipping for manual optimization.
-    """
+class TwoPlayerModule(pl.LightningModule):
+    """What the adversarial tasks share: manual optimization with one optimizer per network, as Lightning's GAN
+    examples do, and a ``generator`` judged by its samples' sliced Wasserstein distance to held-out data.
+    ``manual_clip_val`` (set by the benchmark when a method asks for ``Trainer(gradient_clip_val=...)``, which
+    manual optimization refuses) clips each network's gradient norm through ``self.clip_gradients``, the way
+    Lightning documents clipping for manual optimization."""
 
-    def __init__(self, noise_dim: int = 8, width: int = 128, lr: float = 1e-3) -> None:
+    generator: nn.Module
+
+    def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.generator = mlp(width, 2, nn.ReLU, n_in=noise_dim, n_out=2)
-        self.discriminator = mlp(width, 2, lambda: nn.LeakyReLU(0.2), n_in=2, n_out=1)
-        self.lr = lr
         self.manual_clip_val: float | None = None
         self.latest_loss: torch.Tensor | None = None
 
@@ -193,6 +192,26 @@ class GanModule(pl.LightningModule):
         if self.manual_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.manual_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        was_training = self.training
+        self.eval()
+        try:
+            values = [sliced_wasserstein(self.generator(b["z"]), b["x"]) for b in batches]
+        finally:
+            self.train(was_training)
+        return _finite(sum(values) / len(values))
+
+
+class GanModule(TwoPlayerModule):
+    """A GAN (Goodfellow et al. 2014, non-saturating generator loss) with one Adam optimizer per network."""
+
+    def __init__(self, noise_dim: int = 8, width: int = 128, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.generator = mlp(width, 2, nn.ReLU, n_in=noise_dim, n_out=2)
+        self.discriminator = mlp(width, 2, lambda: nn.LeakyReLU(0.2), n_in=2, n_out=1)
+        self.lr = lr
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         opt_d, opt_g = self.optimizers()
@@ -211,16 +230,6 @@ class GanModule(pl.LightningModule):
             torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=betas),
             torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=betas),
         ]
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        was_training = self.training
-        self.eval()
-        try:
-            values = [sliced_wasserstein(self.generator(b["z"]), b["x"]) for b in batches]
-        finally:
-            self.train(was_training)
-        return _finite(sum(values) / len(values))
 
 
 def _gan_mixture(seed: int, steps: int) -> HealthyBuilt:
