@@ -116,6 +116,18 @@ LOSS_NOISE_SIGMAS = 3.0
 The smoothed loss (a ``loss_horizon_steps``-step EMA) of independent noise of standard deviation ``s`` has a
 standard deviation of ``s / sqrt(2 h - 1)`` (0.23 ``s`` at ``h = 10``): 3 ``s`` is 13 of those, never noise."""
 
+PROGRESS_SHARE = 0.01
+"""A divergence must also give back this share of the progress the run has made (its first loss minus the lowest
+smoothed loss), or more.
+
+The other two margins scale with the lowest loss and with its noise, and both vanish as a run approaches an exact
+fit: a regressor trained to interpolation (a loss of 1e-15, full batch, no noise) reads Adam's own excursions to
+1e-6..1e-4, which it recovers from by itself, as divergences, and each one backs the learning rate off for good
+(x 0.002 over 6000 steps). Measured on the run's own scale, its first loss, such a rise gives back a hundredth of
+a percent of what the run gained: no damage a rollback or a back-off would repair at their cost. A divergence of
+an unstable run gives back a large share (the loss climbs toward, or past, where it began); 1 % is the same
+resolution as the loss spread's floor (:data:`RELATIVE_LOSS_STD_FLOOR`)."""
+
 LOSS_HORIZON_STEPS = 10
 """Effective window of the smoothed loss that divergence is judged on."""
 
@@ -460,6 +472,7 @@ class _Counters:
     check_rise: float = 0.0  # how far l_d lay above the lowest smoothed loss: the rise that made the verdict
     objective_shifts: int = 0  # rollback checks that found the objective, not the weights, had moved
     divergence_off: str | None = None  # why divergence is no longer judged (None: it is)
+    first_loss: float | None = None  # the first loss learned: where the run began, the scale of its progress
     counts: dict[str, int] = field(default_factory=dict)
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
@@ -965,6 +978,8 @@ class ExplosionPolicy:
             # _judge derives learned_loss from a non-None loss: with learned_loss set, judgement.loss is too
             assert judgement.loss is not None
             learned = judgement.loss if anomaly == "loss_spike" else learned_loss
+            if state.first_loss is None:
+                state.first_loss = learned
             self.loss_statistics.update(learned)
             if learned > 0:
                 self.log_loss_statistics.update(learned)
@@ -1049,8 +1064,12 @@ class ExplosionPolicy:
             return math.inf
         # the noise measured when the lowest value was reached (a climb inflates the running variance itself),
         # exact from the second loss on: a loss near zero is judged against its own spread, not against a
-        # fraction of a value that is nearly nothing
-        return max(tolerance * abs(self.loss_trend.lowest), LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest)
+        # fraction of a value that is nearly nothing; and against the ground the run has covered (PROGRESS_SHARE)
+        lowest, first = self.loss_trend.lowest, self.state.first_loss
+        progress = first - lowest if first is not None and first > lowest else 0.0
+        return max(
+            tolerance * abs(lowest), LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest, PROGRESS_SHARE * progress
+        )
 
     def _diverging(self, loss: float) -> bool:
         """Whether adding ``loss`` would lift the smoothed loss above its lowest value by more than the margin."""
@@ -1315,12 +1334,12 @@ class ExplosionPolicy:
         self._before_divergence = None
 
 
-STATE_VERSION = 5
+STATE_VERSION = 6
 """Layout version of :meth:`ExplosionPolicy.state_dict` (3: loss statistics and trend, snapshot step; 4: log-space
 loss statistics, the regime and skip-bound counters, why the loss rules are off; 5: the rollback check's counters
-and why divergence is off)."""
+and why divergence is off; 6: the run's first loss)."""
 
-READABLE_VERSIONS = (3, 4, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, STATE_VERSION)
 """State versions :meth:`ExplosionPolicy.load_state_dict` resumes from (older ones gain what they lack, fresh)."""
 
 

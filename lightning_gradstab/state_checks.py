@@ -50,6 +50,7 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "counters.lr_scale": (_positive, "a finite number > 0"),
         "counters.lr_ceiling": (_positive, "a finite number > 0"),
         "counters.lr_ceiling_absolute": (lambda v: v is None or _positive(v), "None or a finite number > 0"),
+        "counters.first_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
         "counters.anomalies_at_level": (_non_negative, "a finite number >= 0"),
         "counters.counts.*": (_count, "an int >= 0"),
         "counters.first_anomaly_steps.*": (_count, "an int >= 0"),

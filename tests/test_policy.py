@@ -485,6 +485,51 @@ class _LossOfTheWeights:
         return decision
 
 
+def _fitted_to_zero(policy: ExplosionPolicy, steps: int = 300, at_rest: int = 500) -> None:
+    """A full-batch regression fitted to interpolation: the loss falls from 1 to 1e-15 without noise, then rests
+    there, varying by 10 % (its running statistics forget the fall: the spread is the rest's)."""
+    for step in range(steps):
+        policy.step(Observation(1.0, loss=10.0 ** (-15 * step / (steps - 1))))
+    rng = random.Random(0)
+    for _ in range(at_rest):
+        policy.step(Observation(1.0, loss=1e-15 * (1 + 0.1 * rng.uniform(-1.0, 1.0))))
+
+
+@pytest.mark.parametrize("excursion", [4e-3, 8e-3])
+def test_an_excursion_near_an_exact_fit_that_gives_back_under_1_percent_of_the_progress_is_not_divergence(
+    excursion: float,
+) -> None:
+    policy = ExplosionPolicy()
+    _fitted_to_zero(policy)
+    decisions = [policy.step(Observation(1.0, loss=excursion)) for _ in range(25)]
+    decisions += [policy.step(Observation(1.0, loss=1e-15)) for _ in range(10)]
+    assert all(d.anomaly != "divergence" and not d.rollback for d in decisions)
+    assert policy.state.lr_scale == 1.0 and policy.state.first_loss == 1.0
+
+
+def test_a_rise_near_an_exact_fit_that_gives_back_a_few_percent_of_the_progress_is_divergence() -> None:
+    policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=0.9)
+    for _ in range(330):  # from 1 to 1e-15
+        run.step(policy)
+    run.weights_loss, run.growth = 0.05, 1.0  # damage: the weights give back 5 % of the progress, and stay there
+    decisions = [run.step(policy) for _ in range(20)]
+    assert any(d.anomaly == "divergence" and d.rollback for d in decisions)
+    assert policy.last_rollback_check is not None and policy.last_rollback_check["verdict"] == "weights"
+    assert policy.state.lr_scale < 1.0 and run.weights_loss < 1e-12
+
+
+def test_a_state_written_before_the_first_loss_was_kept_resumes_and_learns_it_afresh() -> None:
+    original = _warmed_with_loss()
+    state = original.state_dict()
+    del state["counters"]["first_loss"]
+    state["version"] = 5
+    restored = ExplosionPolicy()
+    restored.load_state_dict(state)
+    assert restored.state.first_loss is None
+    restored.step(Observation(1.0, loss=1.7))
+    assert restored.state.first_loss == 1.7
+
+
 def test_divergence_that_persists_below_a_thousandth_of_the_lr_stops_the_run() -> None:
     policy, run = ExplosionPolicy(), _LossOfTheWeights(growth=2.0)
     for _ in range(1000):
