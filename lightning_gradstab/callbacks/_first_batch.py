@@ -1,4 +1,9 @@
-"""The first-batch measurement ``InitAudit`` and ``ArchitectureAdvisor`` share: one probe, one verdict."""
+"""The first-batch measurement ``InitAudit`` and ``ArchitectureAdvisor`` share: one probe, one verdict.
+
+The probe runs once per trainer, model state and batch: the second callback to ask on the same first batch gets
+the first one's measurement from the trainer's suite (a probe is a traced forward and backward, the suite's most
+expensive step). A re-initialisation (``InitAudit(fix=True)``) makes it stale: :func:`forget_first_batch`.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,37 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_gradstab.callbacks._reporting import ForwardFn, eager, probing
+from lightning_gradstab.callbacks._shared import suite_of
 from lightning_gradstab.diagnosis import ModelGraph, build_report, probe_failed_report, run_probe
 from lightning_gradstab.report import Finding, Report
 
 
 def probe_report(
-    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    batch: Any,
+    batch_idx: int,
+    forward_fn: ForwardFn | None,
+    *,
+    source: str,
 ) -> Report:
     """Probe ``pl_module`` on ``batch`` and build its report; a failure becomes an info finding, never a crash."""
-    return first_batch_measurement(pl_module, batch, batch_idx, forward_fn, source=source)[0]
+    return first_batch_measurement(trainer, pl_module, batch, batch_idx, forward_fn, source=source)[0]
+
+
+def forget_first_batch(trainer: pl.Trainer) -> None:
+    """The model changed since its first batch was probed (re-initialised): the next callback probes afresh."""
+    suite_of(trainer).first_batch = None
 
 
 def first_batch_measurement(
-    pl_module: pl.LightningModule, batch: Any, batch_idx: int, forward_fn: ForwardFn | None, *, source: str
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    batch: Any,
+    batch_idx: int,
+    forward_fn: ForwardFn | None,
+    *,
+    source: str,
 ) -> tuple[Report, ModelGraph | None]:
     """The first-batch measurement shared by ``InitAudit`` and ``ArchitectureAdvisor``: the report and the traced
     graph (None when the model could not be probed).
@@ -49,14 +72,21 @@ def first_batch_measurement(
 
     loss_fn = training_loss if forward_fn is None else None  # forward_fn: random output direction
 
-    try:
-        result = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn,
-                           direction_at_model_output=forward_fn is None)
-    except Exception as error:  # the audit is advice: it must never stop training
-        cause = error.__cause__ or error
-        rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {cause!r} (training continues)")
-        return probe_failed_report(model, source, f"{type(cause).__name__}: {cause}"), None
-    return build_report(result, model=model, source=source), result.graph
+    suite = suite_of(trainer)
+    probed = (id(pl_module), id(batch), batch_idx, trainer.global_step, forward_fn)
+    if suite.first_batch is not None and suite.first_batch[0] == probed:
+        outcome = suite.first_batch[1]  # another suite callback probed this model on this batch already
+    else:
+        try:
+            outcome = run_probe(pl_module, forward, inputs=batch, loss_fn=loss_fn,
+                                direction_at_model_output=forward_fn is None)
+        except Exception as error:  # the audit is advice: it must never stop training
+            outcome = error.__cause__ or error
+            rank_zero_warn(f"lightning_gradstab: {source} could not probe {model}: {outcome!r} (training continues)")
+        suite.first_batch = (probed, outcome)
+    if isinstance(outcome, BaseException):
+        return probe_failed_report(model, source, f"{type(outcome).__name__}: {outcome}"), None
+    return build_report(outcome, model=model, source=source), outcome.graph
 
 
 def _untraced(reason: str) -> Finding:

@@ -1,8 +1,11 @@
-"""Lightning glue shared by the callbacks: one statistics pass per optimizer step, rank-0 logging.
+"""Lightning glue shared by the callbacks: one statistics pass per optimizer step, rank-0 logging, the end-of-fit
+summary.
 
-Every callback asks :func:`gradient_stats` for the current step. The first caller of a step computes the
-statistics; the others get the same object. The cache lives beside the trainer (a weak reference), so two
-trainers in one process never share numbers and a finished trainer leaves nothing behind.
+The suite callbacks of one trainer share one :class:`TrainerSuite`: the first to ask creates it and every suite
+callback of that trainer holds it (:func:`suite_of`). It carries the per-step statistics cache (the first caller
+of a step computes the statistics, the others get the same object), the first-batch measurement, the loggers that
+failed and the console's state. It lives with the callbacks, not in a module-level table keyed by trainer: two
+trainers in one process never share numbers, and a finished trainer leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class SuiteCallback(Callback):
     the shared code needs neither the concrete classes nor their modules (no import cycle). The defaults add
     nothing."""
 
+    gradstab_suite: TrainerSuite | None = None
+    """The state this callback shares with the other suite callbacks of its trainer (set by :func:`suite_of`)."""
+
     def summary_contribution(self) -> SummaryContribution:
         """What this callback adds to the end-of-fit summary."""
         return SummaryContribution()
@@ -56,7 +62,10 @@ class SuiteCallback(Callback):
 
 
 @dataclass
-class _TrainerState:
+class TrainerSuite:
+    """What the suite callbacks of one trainer share (see the module docstring)."""
+
+    trainer: weakref.ReferenceType[pl.Trainer]
     layouts: dict[int, ParameterLayout] = field(default_factory=dict)
     step_key: tuple | None = None
     step_stats: dict[int, GradientStats] = field(default_factory=dict)
@@ -64,15 +73,34 @@ class _TrainerState:
     self_check: bool = False  # compare the first step's total norm with a gathered one (see request_self_check)
     self_checked: set[int] = field(default_factory=set)
     sharding: tuple[str, dict[int, int] | None] | None = None  # (strategy kind, FSDP1 replica counts by id)
+    first_batch: tuple[tuple, Any] | None = None  # (what was probed, the probe's result): see _first_batch
+    next_steps: dict[str, str] = field(default_factory=dict)
+    summary_printed_at_step: int | None = None
+    fit_started_at: float | None = None  # wall clock: report files older than this were left by an earlier run
+
+    def forget_fit(self) -> None:
+        """Drop what belongs to one fit (layouts, statistics, failed loggers, the self-check, the first batch);
+        the console's state stays (its summary is printed once per fit step, its advice set once)."""
+        self.layouts, self.step_key, self.step_stats, self.failed_loggers = {}, None, {}, set()
+        self.self_check, self.self_checked, self.sharding, self.first_batch = False, set(), None, None
 
 
-_STATE: weakref.WeakKeyDictionary[pl.Trainer, _TrainerState] = weakref.WeakKeyDictionary()
+def suite_of(trainer: pl.Trainer) -> TrainerSuite:
+    """The suite state of ``trainer``: the one its suite callbacks hold, else a new one they all take.
 
-
-def _state(trainer: pl.Trainer) -> _TrainerState:
-    if trainer not in _STATE:
-        _STATE[trainer] = _TrainerState()
-    return _STATE[trainer]
+    A trainer without suite callbacks (a bare stand-in) gets a fresh state on each call: nothing to share.
+    """
+    members = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, SuiteCallback)]
+    for member in members:
+        held = member.gradstab_suite
+        if held is not None and held.trainer() is trainer:
+            suite = held
+            break
+    else:
+        suite = TrainerSuite(weakref.ref(trainer))
+    for member in members:  # a callback moved to another trainer joins that trainer's suite
+        member.gradstab_suite = suite
+    return suite
 
 
 def is_sharded(trainer: pl.Trainer) -> bool:
@@ -84,7 +112,7 @@ def is_sharded(trainer: pl.Trainer) -> bool:
 def request_self_check(trainer: pl.Trainer) -> None:
     """Check the first optimizer step's total norm against an independent, gathered one (see
     :func:`gradient_stats`). Call it on every rank (a callback's ``setup`` does): the check is a collective."""
-    _state(trainer).self_check = True
+    suite_of(trainer).self_check = True
 
 
 def optimizer_step_key(trainer: pl.Trainer) -> tuple[int, int]:
@@ -106,7 +134,7 @@ def parameter_layout(
 ) -> ParameterLayout:
     """The cached parameter layout of ``optimizer`` (built on first use)."""
     raw = getattr(optimizer, "_optimizer", optimizer)
-    layouts = _state(trainer).layouts
+    layouts = suite_of(trainer).layouts
     if id(raw) not in layouts:
         refuse_unsupported_strategy(trainer.strategy, "lightning_gradstab")  # never a silent zero norm
         layouts[id(raw)] = ParameterLayout.from_module(pl_module, raw)
@@ -123,7 +151,7 @@ def gradient_stats(
     first step of each optimizer also computes the total norm independently (full gradients gathered) and
     warns with both numbers if they differ by more than ``SELF_CHECK_RTOL``; both land in ``stats.self_check``.
     """
-    state = _state(trainer)
+    state = suite_of(trainer)
     key = optimizer_step_key(trainer)
     if state.step_key != key:
         state.step_key, state.step_stats = key, {}
@@ -171,8 +199,8 @@ def _self_check(trainer: pl.Trainer, stats: GradientStats, kind: str) -> tuple[f
 
 
 def forget_trainer(trainer: pl.Trainer) -> None:
-    """Drop cached layouts and statistics (called at teardown, so multirun jobs start clean)."""
-    _STATE.pop(trainer, None)
+    """Drop cached layouts, statistics and the first batch (called at teardown, so the next fit starts clean)."""
+    suite_of(trainer).forget_fit()
 
 
 def logging_step(trainer: pl.Trainer) -> int:
@@ -187,7 +215,7 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
     """
     if trainer.global_rank != 0 or not metrics:
         return
-    state = _state(trainer)
+    state = suite_of(trainer)
     for logger in trainer.loggers:
         if id(logger) in state.failed_loggers:
             continue
@@ -224,26 +252,12 @@ def check_state_version(callback_name: str, state: dict[str, Any]) -> None:
         )
 
 
-@dataclass
-class _ConsoleState:
-    next_steps: dict[str, str] = field(default_factory=dict)
-    summary_printed_at_step: int | None = None
-    fit_started_at: float | None = None  # wall clock: report files older than this were left by an earlier run
-
-
-_CONSOLE: weakref.WeakKeyDictionary[pl.Trainer, _ConsoleState] = weakref.WeakKeyDictionary()
 _REPORT_FILES = (
     "gradstab_init_audit.json",
     "gradstab_advisor.json",
     "gradstab_guard_summary.json",
     "gradstab_guard_events.jsonl",
 )
-
-
-def _console_state(trainer: pl.Trainer) -> _ConsoleState:
-    if trainer not in _CONSOLE:
-        _CONSOLE[trainer] = _ConsoleState()
-    return _CONSOLE[trainer]
 
 
 def set_next_steps(trainer: pl.Trainer, next_steps: dict[str, str]) -> None:
@@ -257,12 +271,12 @@ def set_next_steps(trainer: pl.Trainer, next_steps: dict[str, str]) -> None:
 
         set_next_steps(trainer, {"init.scale": "rerun with `model.init=he`"})
     """
-    _console_state(trainer).next_steps = dict(next_steps)
+    suite_of(trainer).next_steps = dict(next_steps)
 
 
 def mark_fit_start(trainer: pl.Trainer) -> None:
     """Note when this fit started (first call wins), so the summary lists only report files this fit wrote."""
-    state = _console_state(trainer)
+    state = suite_of(trainer)
     if state.fit_started_at is None:
         state.fit_started_at = time.time()
 
@@ -277,7 +291,7 @@ def print_fit_summary(trainer: pl.Trainer) -> None:
         return
     from lightning_gradstab.report import console_print, fit_summary
 
-    state = _console_state(trainer)
+    state = suite_of(trainer)
     if state.summary_printed_at_step == trainer.global_step:
         return
     state.summary_printed_at_step = trainer.global_step

@@ -165,7 +165,7 @@ class ArchitectureAdvisor(ReportingCallback):
             return
         self._traced = True
         self.first_look, self.graph = first_batch_measurement(
-            pl_module, batch, batch_idx, self.forward_fn, source="ArchitectureAdvisor"
+            trainer, pl_module, batch, batch_idx, self.forward_fn, source="ArchitectureAdvisor"
         )
 
     def _arm_logit_watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

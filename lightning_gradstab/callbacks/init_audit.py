@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_gradstab.arguments import check_flag
-from lightning_gradstab.callbacks._first_batch import probe_report
+from lightning_gradstab.callbacks._first_batch import forget_first_batch, probe_report
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
     ReportingCallback,
@@ -73,7 +73,7 @@ class InitAudit(ReportingCallback):
         if self._audited:
             return
         self._audited = True  # once per fit, resumed runs included (see state_dict)
-        report = probe_report(pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
+        report = probe_report(trainer, pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
         if self.fix and trainer.global_step > 0:  # resumed (perhaps from a checkpoint written without us)
             report.notes.append(
                 f"InitAudit(fix=True) did not re-initialise anything: training resumed at step "
@@ -85,6 +85,7 @@ class InitAudit(ReportingCallback):
             applied = reinitialize(pl_module, schemes, [name for name, _ in plan], self.seed)
             self.fixed_modules = list(applied)
             if applied:
+                forget_first_batch(trainer)  # the measurement was of the weights just re-drawn
                 by_scheme: dict[str, list[str]] = {}
                 for name, scheme in applied.items():
                     by_scheme.setdefault(scheme.name, []).append(name)
