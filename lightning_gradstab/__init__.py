@@ -22,11 +22,11 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.init_audit import InitAudit
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
     from lightning_gradstab.diagnosis import diagnose
+    from lightning_gradstab.guard.snapshot import RollbackSnapshot
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
     from lightning_gradstab.logit_watch import LogitWatch
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
     from lightning_gradstab.report import Finding, Report, get_verbosity, set_verbosity
-    from lightning_gradstab.snapshot import RollbackSnapshot
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 _EXPORTS = {
@@ -45,7 +45,7 @@ _EXPORTS = {
     "LogitWatch": "lightning_gradstab.logit_watch",
     "ParameterLayout": "lightning_gradstab.stats",
     "Report": "lightning_gradstab.report",
-    "RollbackSnapshot": "lightning_gradstab.snapshot",
+    "RollbackSnapshot": "lightning_gradstab.guard.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
     "diagnose": "lightning_gradstab.diagnosis",
     "get_verbosity": "lightning_gradstab.report",

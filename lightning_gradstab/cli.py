@@ -111,7 +111,7 @@ def _load_factory(target: str) -> Callable[[], object]:
 def _random_batch(args: argparse.Namespace) -> torch.Tensor:
     if args.input_shape is None:
         raise ValueError("--input-shape is required when the factory returns only a model")
-    from lightning_gradstab.snapshot import format_bytes, host_memory_bytes
+    from lightning_gradstab.guard.snapshot_budget import format_bytes, host_memory_bytes
 
     element_bytes = 8 if args.vocab_size is not None else 4
     nbytes = math.prod(args.input_shape) * element_bytes

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
 CALLBACKS = PACKAGE / "callbacks"
 CORE = (
-    "stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events", "adam_state",
+    "stats", "running", "policy", "guard", "diagnosis", "report", "tensorboard", "guard_events", "adam_state",
     "per_tensor_clip", "logit_watch", "distributed", "state_checks", "arguments",
 )
 
