@@ -37,6 +37,7 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
     print_fit_summary,
 )
+from lightning_gradstab.console import console_print
 from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.guard.snapshot import RollbackSnapshot
 from lightning_gradstab.guard.snapshot_budget import validate_snapshot_options
@@ -51,7 +52,6 @@ from lightning_gradstab.policy import (
     PolicyConfig,
     upgraded_policy_state,
 )
-from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS
