@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.diagnosis import diagnose
     from lightning_gradstab.guard.snapshot import RollbackSnapshot
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
-    from lightning_gradstab.logit_watch import LogitWatch
+    from lightning_gradstab.logits.watch import LogitWatch
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
     from lightning_gradstab.report import Finding, Report
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
@@ -43,7 +43,7 @@ _EXPORTS = {
     "GuardEvent": "lightning_gradstab.guard_events",
     "GuardEventSource": "lightning_gradstab.guard_events",
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
-    "LogitWatch": "lightning_gradstab.logit_watch",
+    "LogitWatch": "lightning_gradstab.logits.watch",
     "ParameterLayout": "lightning_gradstab.stats",
     "Report": "lightning_gradstab.report",
     "RollbackSnapshot": "lightning_gradstab.guard.snapshot",
