@@ -66,7 +66,7 @@ from benchmarks.harness import (
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.adam_state import AdamStateTracker
 from lightning_gradstab.callbacks._shared import gradient_stats
-from lightning_gradstab.callbacks.guard import snapshot_training_state
+from lightning_gradstab.guard.tuple_snapshot import snapshot_training_state
 
 ADAM_EVERY = 100
 """The evidence interval of the ``monitor+guard default +adam`` configuration (``adam_every_n_steps``)."""

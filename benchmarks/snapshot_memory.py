@@ -74,7 +74,8 @@ def measure_one(size: str, mode: str, directory: str) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from lightning_gradstab.snapshot import RollbackSnapshot, restore_training_state, snapshot_training_state
+    from lightning_gradstab.guard.snapshot import RollbackSnapshot
+    from lightning_gradstab.guard.tuple_snapshot import restore_training_state, snapshot_training_state
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -160,7 +161,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from lightning_gradstab.snapshot import format_bytes, host_memory_bytes
+    from lightning_gradstab.guard.snapshot_budget import format_bytes, host_memory_bytes
 
     total, _ = host_memory_bytes()
     return (

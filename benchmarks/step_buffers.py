@@ -1,7 +1,7 @@
 """What does keeping the forward's buffers for a possible skip cost (``ExplosionGuard``, issue 19)?
 
 A skipped step must leave no trace in BatchNorm's running statistics, so before each optimizer step's first
-forward the guard copies the buffers a forward changes (``lightning_gradstab.snapshot.StepBuffers``). This
+forward the guard copies the buffers a forward changes (``lightning_gradstab.guard.step_buffers.StepBuffers``). This
 times, in one process and interleaved, a plain training step of a BatchNorm CNN (forward, backward, SGD step)
 and the copy (``StepBuffers.save``) before it, and reports the copy's bytes and its share of the step. After
 the first step only the buffers the forward wrote to are copied (running mean, variance and counter of each
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch import nn
 
-from lightning_gradstab.snapshot import StepBuffers
+from lightning_gradstab.guard.step_buffers import StepBuffers
 
 
 def bn_cnn(depth: int, channels: int) -> nn.Module:

@@ -25,7 +25,8 @@ from rich.table import Table
 
 from examples.divergence import StopWhenDiverged
 from examples.run_summary import RunSummary, write_summary
-from lightning_gradstab.report import GUARD_INTERVENED, GUARD_STOPPED, console_print
+from lightning_gradstab.console import console_print
+from lightning_gradstab.fit_summary import GUARD_INTERVENED, GUARD_STOPPED
 
 DEFAULT_EXAMPLE = (
     "[bold]What this run shows:[/] the default example is a 30-layer ReLU MLP with Xavier init on the 8x8 digits, "

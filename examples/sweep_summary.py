@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 from typing_extensions import override
 
-from lightning_gradstab.report import console_print
+from lightning_gradstab.console import console_print
 
 COLUMNS = (
     "job",

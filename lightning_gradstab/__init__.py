@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.guard import ExplosionGuard, GradientExplosionError
     from lightning_gradstab.callbacks.init_audit import InitAudit
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
+    from lightning_gradstab.console import get_verbosity, set_verbosity
     from lightning_gradstab.diagnosis import diagnose
+    from lightning_gradstab.guard.snapshot import RollbackSnapshot
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
-    from lightning_gradstab.logit_watch import LogitWatch
+    from lightning_gradstab.logits.watch import LogitWatch
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
-    from lightning_gradstab.report import Finding, Report, get_verbosity, set_verbosity
-    from lightning_gradstab.snapshot import RollbackSnapshot
+    from lightning_gradstab.report import Finding, Report
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 _EXPORTS = {
@@ -42,14 +43,14 @@ _EXPORTS = {
     "GuardEvent": "lightning_gradstab.guard_events",
     "GuardEventSource": "lightning_gradstab.guard_events",
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
-    "LogitWatch": "lightning_gradstab.logit_watch",
+    "LogitWatch": "lightning_gradstab.logits.watch",
     "ParameterLayout": "lightning_gradstab.stats",
     "Report": "lightning_gradstab.report",
-    "RollbackSnapshot": "lightning_gradstab.snapshot",
+    "RollbackSnapshot": "lightning_gradstab.guard.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
     "diagnose": "lightning_gradstab.diagnosis",
-    "get_verbosity": "lightning_gradstab.report",
-    "set_verbosity": "lightning_gradstab.report",
+    "get_verbosity": "lightning_gradstab.console",
+    "set_verbosity": "lightning_gradstab.console",
 }
 
 __all__ = [

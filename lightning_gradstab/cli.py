@@ -111,7 +111,7 @@ def _load_factory(target: str) -> Callable[[], object]:
 def _random_batch(args: argparse.Namespace) -> torch.Tensor:
     if args.input_shape is None:
         raise ValueError("--input-shape is required when the factory returns only a model")
-    from lightning_gradstab.snapshot import format_bytes, host_memory_bytes
+    from lightning_gradstab.guard.snapshot_budget import format_bytes, host_memory_bytes
 
     element_bytes = 8 if args.vocab_size is not None else 4
     nbytes = math.prod(args.input_shape) * element_bytes
@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gradstab audit mypackage.models:bert_and_batch    # factory returns (model, {"input_ids": ...})
     """
     args = build_parser().parse_args(argv)
+    from lightning_gradstab.console import set_verbosity
     from lightning_gradstab.diagnosis import diagnose
-    from lightning_gradstab.report import set_verbosity
 
     if not args.quiet:
         return _audit(args, diagnose)
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _audit(args: argparse.Namespace, diagnose: Any) -> int:
     """Build, diagnose, print (unless quiet) and write the report; the exit status."""
-    from lightning_gradstab.report import console_print
+    from lightning_gradstab.console import console_print
 
     if args.json.is_dir() or (args.json.parent.exists() and not args.json.parent.is_dir()):
         return _fail(f"--json {str(args.json)!r} is not a file path (a directory is there, or its folder is a file)")

@@ -1,22 +1,23 @@
-"""Findings of the diagnosis and their renderings: a rich console table, Markdown and JSON; the console helper.
+"""Findings of the diagnosis and their renderings: a rich console table, compact lines, Markdown and JSON.
 
 A :class:`Finding` names a cause of unstable gradients with a stable machine-readable ``code``, the modules
 involved, the measured evidence and one sentence saying what to change where. A :class:`Report` collects the
 findings of one diagnosis (``diagnose``, ``InitAudit`` or ``ArchitectureAdvisor``) together with the
 per-layer measurements they were derived from. The JSON fields are documented in ``docs/diagnosis.md``.
+Printing them (verbosity, terminal width, Lightning's progress bar) is :mod:`lightning_gradstab.console`'s job;
+the end-of-fit summary built from several reports is :mod:`lightning_gradstab.fit_summary`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
+
+from lightning_gradstab.console import console_print
 
 Severity = Literal["info", "warning", "error"]
 """How bad a finding is: ``error`` blocks training in practice, ``warning`` slows it, ``info`` is context."""
@@ -232,7 +233,7 @@ class Report:
         for f in self.findings:
             evidence = _short_evidence(f.evidence)
             table.add_row(
-                f"[{_COLOURS[f.severity]}]{f.severity}[/]\n{f.code}",
+                f"[{SEVERITY_COLOURS[f.severity]}]{f.severity}[/]\n{f.code}",
                 _short_modules(f.modules),
                 _escape(f.recommendation) + (f"\n[dim]{_escape(evidence)}[/]" if evidence != "-" else ""),
             )
@@ -245,7 +246,7 @@ class Report:
 
         shown: list[Any] = [Text(f"Gradient stability: {self.model or 'model'} ({self.source})", style="bold")]
         for f in self.findings:
-            heading = Text.assemble((f.severity, _COLOURS[f.severity]), " ", (f.code, "bold"), " ",
+            heading = Text.assemble((f.severity, SEVERITY_COLOURS[f.severity]), " ", (f.code, "bold"), " ",
                                     _short_modules(f.modules))
             shown += [heading, Padding(Text(f.recommendation), (0, 0, 0, 2), expand=False)]
             if f.evidence:
@@ -293,7 +294,8 @@ class Report:
         return [self]
 
     def print(self, console: Any = None, *, trainer: Any = None) -> None:
-        """Print the findings table (and notes) to ``console``, or through :func:`console_print` if None.
+        """Print the findings table (and notes) to ``console``, or through
+        :func:`~lightning_gradstab.console.console_print` if None.
 
         Pass ``trainer`` when printing during ``fit``, so that Lightning's progress bar does not draw over it.
         """
@@ -329,7 +331,8 @@ NARROW_WIDTH = 100
 """Below this many columns a terminal gets the findings stacked (heading, fix, evidence) instead of a table."""
 
 
-_COLOURS = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+SEVERITY_COLOURS = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+"""The Rich style of each severity, in the findings table and the end-of-fit summary."""
 
 
 def _format(value: Any) -> str:
@@ -346,258 +349,3 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     return value
-
-
-MAX_PLAIN_WIDTH = 160
-"""Widest line :func:`console_print` writes when the output is not a terminal (a CI log, a file): longer rows
-wrap inside their cells, findings take the compact one-line form of :meth:`Report.to_lines`."""
-
-Verbosity = Literal["normal", "quiet"]
-VERBOSITY_ENV = "GRADSTAB_VERBOSITY"
-"""Environment variable read when :func:`set_verbosity` was not called: ``quiet`` or ``normal`` (inherited by
-DDP ranks and Hydra jobs, so one setting covers every process of a run)."""
-
-_verbosity: Verbosity | None = None
-
-
-def set_verbosity(level: Verbosity) -> Verbosity:
-    """The one switch for what the suite prints; returns the previous level.
-
-    ``"quiet"``: the four callbacks and ``gradstab audit`` still log their scalars, images and text to the
-    loggers and write their report files, but print nothing (no tables, no end-of-fit summary). ``"normal"``
-    (the default) prints them. Without a call, the ``GRADSTAB_VERBOSITY`` environment variable decides;
-    ``gradstab audit --quiet`` sets it for the CLI.
-
-    Example::
-
-        from lightning_gradstab import set_verbosity
-
-        set_verbosity("quiet")  # e.g. in a sweep: everything goes to TensorBoard and the JSON files
-    """
-    global _verbosity
-    if level not in ("normal", "quiet"):
-        raise ValueError(f"`level` must be 'normal' or 'quiet', got {level!r}")
-    previous = get_verbosity()
-    _verbosity = level
-    return previous
-
-
-def get_verbosity() -> Verbosity:
-    """The level :func:`set_verbosity` set, else ``GRADSTAB_VERBOSITY`` (``quiet``/``normal``), else ``normal``."""
-    if _verbosity is not None:
-        return _verbosity
-    import os
-
-    value = os.environ.get(VERBOSITY_ENV, "normal").strip().lower() or "normal"
-    if value not in ("normal", "quiet"):
-        raise ValueError(f"environment variable {VERBOSITY_ENV} must be 'normal' or 'quiet', got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def console_print(*renderables: Any, trainer: Any = None, stream: Any = None) -> None:
-    """Print rich renderables (tables, strings with markup) so that Lightning's progress bar cannot draw over them.
-
-    Every table of the suite goes through here, and nothing is printed at verbosity ``quiet``
-    (:func:`set_verbosity`). On a terminal the output wraps to the terminal's width (cells wrap between
-    words); piped or redirected to a file, lines are at most :data:`MAX_PLAIN_WIDTH` characters, findings one
-    line each, with no colour codes. While ``trainer`` shows a progress bar:
-
-    - ``RichProgressBar``: printed through Rich's global console, the one the bar's live display draws on,
-      which keeps the bar below the printed lines instead of redrawing over them;
-    - ``TQDMProgressBar`` (or any tqdm bar): written with ``tqdm.write``, which clears the bars, writes the
-      lines and redraws the bars under them.
-
-    Example::
-
-        console_print(report.to_rich_table(), "[bold]next:[/] model.init=he", trainer=trainer)
-    """
-    if get_verbosity() == "quiet":
-        return
-    stream = stream or sys.stdout
-    bar = _progress_bar(trainer)
-    terminal = _is_terminal(stream)
-    if bar == "rich" and terminal and stream is sys.stdout:
-        from rich import get_console
-
-        for renderable in renderables:
-            get_console().print(renderable)
-        return
-    text = render_text(*renderables, terminal=terminal)
-    if bar == "tqdm":
-        from tqdm import tqdm
-
-        tqdm.write(text.rstrip("\n"), file=stream)
-    else:
-        stream.write(text)
-        stream.flush()
-
-
-def render_text(*renderables: Any, terminal: bool, width: int | None = None) -> str:
-    """Render to text: for a terminal with colours at ``width`` (default: the terminal's), else plain, as wide
-    as the widest row needs up to ``width`` (default :data:`MAX_PLAIN_WIDTH`), findings in their compact form."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
-    if terminal:
-        width = width or shutil.get_terminal_size(fallback=(120, 24)).columns
-    console = Console(
-        file=io.StringIO(),
-        width=width or MAX_PLAIN_WIDTH,
-        force_terminal=terminal,
-        color_system="auto" if terminal else None,
-        highlight=False,
-        soft_wrap=False,
-    )
-    for renderable in renderables:
-        if not terminal:
-            natural = Measurement.get(console, console.options, console.render_str(renderable)
-                                      if isinstance(renderable, str) else renderable).maximum
-            console.print(renderable, width=max(1, min(natural, width or MAX_PLAIN_WIDTH)))
-        else:
-            console.print(renderable)
-    text = cast(io.StringIO, console.file).getvalue()  # the StringIO the console was given above
-    return text if terminal else "".join(line.rstrip() + "\n" for line in text.splitlines())
-
-
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _progress_bar(trainer: Any) -> str | None:
-    """``"rich"`` or ``"tqdm"`` when ``trainer`` shows Lightning's Rich or TQDM progress bar, else None."""
-    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
-    if bar is None or not getattr(bar, "is_enabled", False):
-        return None
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-    if isinstance(bar, RichProgressBar):
-        return "rich"
-    if isinstance(bar, TQDMProgressBar):
-        return "tqdm"
-    return None
-
-
-GUARD_STOPPED = "guard.stopped"
-GUARD_INTERVENED = "guard.intervened"
-"""Keys of :func:`fit_summary`'s ``next_steps`` for the guard: it stopped the run / it skipped or rolled back."""
-
-_GUARD_NEXT_STEPS = {
-    GUARD_STOPPED: "The guard stopped the run: lower the learning rate or add a warm-up, then rerun; its events "
-    "are in gradstab_guard_events.jsonl.",
-    GUARD_INTERVENED: "The guard skipped, backed off or rolled back steps: a lower learning rate or a warm-up "
-    "avoids the spikes it caught.",
-}
-_INTERVENTIONS = ("skip", "lr_backoff", "rollback", "stop")
-
-
-def fit_summary(
-    reports: Sequence[Report],
-    guard_summaries: Sequence[Mapping[str, Any]] = (),
-    next_steps: Mapping[str, str] | None = None,
-    files: Sequence[str] = (),
-    max_steps_shown: int = 3,
-    *,
-    fixed_modules: Sequence[str] = (),
-) -> list[Any]:
-    """The one summary printed at the end of a fit: what the suite found, what the guard did, what to do next.
-
-    The advice follows what happened in the run: a finding that ``InitAudit(fix=True)`` already repaired is
-    reported as done, not as a suggestion; the guard's own advice (e.g. how to clip) comes from what it did;
-    each sentence appears once; a fit without ``InitAudit`` or ``ArchitectureAdvisor`` says that no diagnosis
-    ran rather than "no findings".
-
-    Args:
-        reports: the ``InitAudit`` / ``ArchitectureAdvisor`` reports of the fit (empty: no diagnosis ran).
-        guard_summaries: ``ExplosionGuard.summary()`` of each guard.
-        next_steps: advice by finding code (and :data:`GUARD_STOPPED`, :data:`GUARD_INTERVENED`) in the terms
-            of how the user runs, e.g. ``{"init.scale": "rerun with model.init=he"}`` from a Hydra example;
-            codes without an entry get the finding's own recommendation.
-        files: report files this fit wrote, listed so the user knows where the details are.
-        max_steps_shown: at most this many distinct suggestions, most severe first.
-        fixed_modules: the modules ``InitAudit(fix=True)`` re-initialised before the first update. Its
-            ``init.*`` findings on them are done, and its signal and activation findings were measured on the
-            weights the fix replaced, so neither is advised again.
-
-    Example::
-
-        console_print(*fit_summary([audit.report], [guard.summary()]), trainer=trainer)
-    """
-    from rich.table import Table
-
-    next_steps = dict(next_steps or {})
-    fixed = set(fixed_modules)
-    findings = sorted(
-        ((f, r.source) for r in reports for f in r.findings),
-        key=lambda pair: -SEVERITIES.index(pair[0].severity),
-    )
-    counts: dict[str, int] = {}
-    stopped = [g["stop_reason"] for g in guard_summaries if g.get("stopped")]
-    guard_advice: list[str] = []
-    for guard in guard_summaries:
-        for entry in guard.get("optimizers", {}).values():
-            for name, count in entry.get("counts", {}).items():
-                counts[name] = counts.get(name, 0) + int(count)
-            guard_advice += [line for line in entry.get("advice", ()) if line not in guard_advice]
-    if not findings and not counts and not stopped and not fixed:
-        if not reports:
-            return ["[green]Gradient stability:[/] the guard took no action (no init audit or advisor ran)."]
-        return ["[green]Gradient stability:[/] no findings, and the guard took no action."
-                if guard_summaries else "[green]Gradient stability:[/] no findings."]
-
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    by_source: dict[str, list[str]] = {}
-    for finding, source in findings:
-        done = " fixed" if _superseded_by_fix(finding, source, fixed) else ""
-        entry = f"[{_COLOURS[finding.severity]}]{finding.code}[/] ({finding.severity}{done})"
-        if entry not in by_source.setdefault(source, []):
-            by_source[source].append(entry)
-    found = "; ".join(f"{source}: {', '.join(entries)}" for source, entries in by_source.items())
-    grid.add_row("found", found or ("no findings" if reports else "not run (no InitAudit or ArchitectureAdvisor)"))
-    if fixed:
-        grid.add_row("done", f"InitAudit(fix=True) re-initialised {_count_layers(len(fixed))} before the first "
-                     "update; its findings on the replaced weights need no action")
-    if guard_summaries:
-        actions = " ".join(f"{name}={count}" for name, count in sorted(counts.items())) or "no action"
-        grid.add_row("guard", actions + (f"; [bold red]stopped:[/] {stopped[0]}" if stopped else ""))
-    suggestions: list[str] = []
-    if stopped:
-        suggestions.append(next_steps.get(GUARD_STOPPED, _GUARD_NEXT_STEPS[GUARD_STOPPED]))
-    elif any(counts.get(name) for name in _INTERVENTIONS):
-        suggestions.append(next_steps.get(GUARD_INTERVENED, _GUARD_NEXT_STEPS[GUARD_INTERVENED]))
-    advised: set[str] = set()
-    for finding, source in findings:
-        if finding.code in advised or (finding.severity == "info" and suggestions):
-            continue
-        if _superseded_by_fix(finding, source, fixed):
-            continue
-        advised.add(finding.code)
-        suggestions.append(next_steps.get(finding.code, f"{finding.code}: {finding.recommendation}"))
-    suggestions += guard_advice
-    suggestions = list(dict.fromkeys(suggestions))  # one line per sentence, first place kept
-    for index, suggestion in enumerate(suggestions[:max_steps_shown]):
-        grid.add_row("next" if index == 0 else "", f"- {suggestion}")
-    if files:
-        grid.add_row("details", ", ".join(files))
-    return ["[bold]Gradient stability: what this fit found[/]", grid]
-
-
-_MEASURED_BEFORE_FIX = ("signal.vanishing", "signal.exploding", "activation.dead", "activation.saturated")
-
-
-def _superseded_by_fix(finding: Finding, source: str, fixed: set[str]) -> bool:
-    """Whether ``InitAudit(fix=True)`` already acted on ``finding``: an init finding on re-drawn layers, or a
-    signal/activation finding the audit measured on the weights it then replaced."""
-    if not fixed or source != "InitAudit":
-        return False
-    if finding.code.startswith("init."):
-        return bool(finding.modules) and set(finding.modules) <= fixed
-    return finding.code in _MEASURED_BEFORE_FIX
-
-
-def _count_layers(count: int) -> str:
-    return f"{count} layer{'s' if count != 1 else ''}"

@@ -286,7 +286,7 @@ def save_heatmap_png(trainer: Any, figure: Any, scope: str = "") -> Any:
     except OSError as error:  # a picture must never stop training
         rank_zero_warn(f"lightning_gradstab: could not write the gradient heat map to {str(path)!r}: {error!r}")
         return None
-    from lightning_gradstab.report import get_verbosity
+    from lightning_gradstab.console import get_verbosity
 
     if trainer not in _TOLD_ABOUT_PNG and get_verbosity() != "quiet":
         _TOLD_ABOUT_PNG.add(trainer)

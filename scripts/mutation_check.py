@@ -138,7 +138,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "snapshot restore skips the optimizer state",
-        "lightning_gradstab/snapshot.py",
+        "lightning_gradstab/guard/snapshot.py",
         'if self._skeleton["optimizers"] is not None:',
         'if self._skeleton["optimizers"] is None:',
         ("tests/test_snapshot.py",),

@@ -51,11 +51,11 @@ def _run_in_a_temporary_directory(tmp_path, monkeypatch) -> None:
 @pytest.fixture(autouse=True)
 def _restore_the_verbosity():
     """``set_verbosity`` is process-wide (a docstring example sets "quiet"): no test leaks it into the next."""
-    from lightning_gradstab import report
+    from lightning_gradstab import console
 
-    saved = report._verbosity
+    saved = console._verbosity
     yield
-    report._verbosity = saved
+    console._verbosity = saved
 
 
 @pytest.fixture

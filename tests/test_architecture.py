@@ -9,8 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
 CALLBACKS = PACKAGE / "callbacks"
 CORE = (
-    "stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events", "adam_state",
-    "per_tensor_clip", "logit_watch", "distributed", "state_checks", "arguments",
+    "stats", "running", "policy", "guard", "diagnosis", "report", "console", "fit_summary", "tensorboard",
+    "guard_events", "adam_state", "per_tensor_clip", "logits", "distributed", "state_checks", "arguments",
 )
 
 # Private attributes of third-party objects that have no public equivalent, each with the reason.
@@ -102,6 +102,30 @@ def test_no_core_module_imports_the_callbacks():
                 f"{_where(path, line)} imports {module}"
                 for line, module in _imports(path)
                 if module.startswith("lightning_gradstab.callbacks")
+            ]
+    assert violations == []
+
+
+# Core modules that import Lightning, each inside the one function handed a Lightning object, never at the top:
+# importing the core (the data model, the guard's state, diagnose) does not import Lightning.
+LIGHTNING_INSIDE_A_FUNCTION = {
+    "console": "recognises a trainer's Rich or TQDM progress bar, to print around it",
+    "tensorboard": "warns on rank zero through Lightning's rank_zero_warn",
+    "distributed": "recognises Lightning's FSDP, DeepSpeed and model-parallel strategies",
+}
+
+
+def test_the_core_imports_lightning_only_inside_the_functions_handed_a_lightning_object():
+    violations = []
+    for core in CORE:
+        paths = _modules(PACKAGE / core) if (PACKAGE / core).is_dir() else [PACKAGE / f"{core}.py"]
+        for path in paths:
+            top_level = {node.lineno for node in ast.parse(path.read_text()).body}
+            violations += [
+                f"{_where(path, line)} imports {module}"
+                for line, module in _imports(path)
+                if module.split(".")[0] == "lightning"
+                and (core not in LIGHTNING_INSIDE_A_FUNCTION or line in top_level)
             ]
     assert violations == []
 

@@ -7,15 +7,9 @@ import re
 
 import pytest
 
-from lightning_gradstab.report import (
-    GUARD_STOPPED,
-    MAX_PLAIN_WIDTH,
-    NARROW_WIDTH,
-    Finding,
-    Report,
-    fit_summary,
-    render_text,
-)
+from lightning_gradstab.console import MAX_PLAIN_WIDTH, render_text
+from lightning_gradstab.fit_summary import GUARD_STOPPED, fit_summary
+from lightning_gradstab.report import NARROW_WIDTH, Finding, Report
 
 
 def _report() -> Report:

@@ -547,7 +547,7 @@ def test_tensorboard_logger_gets_the_gradient_stability_layout(tmp_path: Path) -
 
 
 def test_snapshot_survives_a_restore_and_further_training() -> None:
-    from lightning_gradstab.snapshot import restore_training_state, snapshot_training_state
+    from lightning_gradstab.guard.tuple_snapshot import restore_training_state, snapshot_training_state
 
     model = torch.nn.Linear(3, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)

@@ -1,4 +1,4 @@
-"""The logit watch (lightning_gradstab.logit_watch) and the advisor's two findings from it: attention logit growth
+"""The logit watch (lightning_gradstab.logits) and the advisor's two findings from it: attention logit growth
 (fix: qk-layernorm) and output logit divergence (fix: z-loss), Wortsman et al. 2023, on tiny models."""
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from torch.nn import functional as F
 
 from examples.models import CharGPT
 from lightning_gradstab import ArchitectureAdvisor
-from lightning_gradstab.logit_watch import (
-    LogitWatch,
-    attention_logit_findings,
-    collapse_logit,
-    find_attention_sites,
-    find_output_module,
-    output_logit_findings,
-)
+from lightning_gradstab.logits.rules import attention_logit_findings, collapse_logit, output_logit_findings
+from lightning_gradstab.logits.sites import find_attention_sites, find_output_module
+from lightning_gradstab.logits.watch import LogitWatch
 
 VOCAB, LENGTH = 16, 32
 

@@ -11,8 +11,10 @@ import re
 
 from lightning_gradstab import ExplosionGuard, InitAudit
 from lightning_gradstab.callbacks._guard_summary import guard_advice
+from lightning_gradstab.console import render_text
+from lightning_gradstab.fit_summary import fit_summary
 from lightning_gradstab.policy import ExplosionPolicy, Observation, PolicyConfig
-from lightning_gradstab.report import Finding, Report, fit_summary, render_text
+from lightning_gradstab.report import Finding, Report
 from tests.helpers.models import DigitsClassifier, digits_loader, mlp
 from tests.helpers.trainers import quiet_trainer
 

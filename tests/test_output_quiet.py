@@ -13,10 +13,10 @@ from lightning_gradstab import (
     ExplosionGuard,
     GradNormMonitor,
     InitAudit,
+    console,
     get_verbosity,
     set_verbosity,
 )
-from lightning_gradstab import report as report_module
 from lightning_gradstab.cli import main
 from tests.helpers.models import DigitsClassifier, digits_loader, mlp
 from tests.helpers.trainers import quiet_trainer
@@ -27,7 +27,7 @@ SUITE_WORDS = ("Gradient stability", "ExplosionGuard summary", "init.scale", "JS
 @pytest.fixture(autouse=True)
 def default_verbosity(monkeypatch):
     monkeypatch.delenv("GRADSTAB_VERBOSITY", raising=False)
-    monkeypatch.setattr(report_module, "_verbosity", None)
+    monkeypatch.setattr(console, "_verbosity", None)
 
 
 def _fit_whole_suite(tmp_path, guard: ExplosionGuard | None = None) -> CSVLogger:

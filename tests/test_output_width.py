@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_gradstab.report import MAX_PLAIN_WIDTH
+from lightning_gradstab.console import MAX_PLAIN_WIDTH
 from tests.helpers.subprocess_env import REPO, child_env
 
 pyte = pytest.importorskip("pyte")

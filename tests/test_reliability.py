@@ -29,8 +29,8 @@ from torch.utils.data import TensorDataset
 
 from lightning_gradstab import running
 from lightning_gradstab.callbacks.guard import SNAPSHOT_CHECKPOINT_KEY, ExplosionGuard
+from lightning_gradstab.guard.snapshot import RollbackSnapshot
 from lightning_gradstab.running import GrowthWindow
-from lightning_gradstab.snapshot import RollbackSnapshot
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 from tests.scripts.reliability_ddp import ROLLBACK_STEP as DDP_ROLLBACK_STEP

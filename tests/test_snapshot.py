@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradstab import snapshot as snapshot_module
-from lightning_gradstab.snapshot import RollbackSnapshot, default_max_bytes, validate_snapshot_options
+from lightning_gradstab.guard import snapshot_budget, snapshot_disk
+from lightning_gradstab.guard.snapshot import RollbackSnapshot
+from lightning_gradstab.guard.snapshot_budget import default_max_bytes, validate_snapshot_options
 
 torch.set_num_threads(1)
 
@@ -211,7 +212,7 @@ def test_a_snapshot_that_fits_neither_the_bound_nor_the_disk_is_not_kept_and_say
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(snapshot_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(snapshot_budget.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     model = nn.Linear(64, 64)  # 16.6 kB of weights, above half of the 1000 free bytes
     snapshot = RollbackSnapshot(keep="weights", max_bytes=100, directory=tmp_path, local_processes=1)
     with pytest.warns(UserWarning, match=r"above 500 B, this rank's half of the free space .* NO snapshot"):
@@ -225,14 +226,14 @@ def test_a_snapshot_that_fits_neither_the_bound_nor_the_disk_is_not_kept_and_say
 def test_disk_copies_in_flight_stay_under_max_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(6)])  # 16 KiB per weight
     seen: list[int] = []
-    original_staging = snapshot_module._FileWriter.staging
+    original_staging = snapshot_disk.FileWriter.staging
 
     def recording_staging(writer, nbytes):
         buffer = original_staging(writer, nbytes)
         seen.append(writer.pending_bytes)  # host bytes of staging buffers once this copy has one
         return buffer
 
-    monkeypatch.setattr(snapshot_module._FileWriter, "staging", recording_staging)
+    monkeypatch.setattr(snapshot_disk.FileWriter, "staging", recording_staging)
     bound = 2 * model[0].weight.nbytes
     snapshot = RollbackSnapshot(keep="weights", location="disk", max_bytes=bound, directory=tmp_path)
     snapshot.take(model)
@@ -295,19 +296,19 @@ def test_the_default_bound_keeps_a_7b_fsdp_shard_in_memory_and_sends_the_unshard
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tib = 2**40
-    monkeypatch.setattr(snapshot_module, "host_memory_bytes", lambda: (tib, int(0.9 * tib)))
+    monkeypatch.setattr(snapshot_budget, "host_memory_bytes", lambda: (tib, int(0.9 * tib)))
     bound = default_max_bytes(local_processes=8)
     assert bound == tib // 4 // 8  # 32 GiB per rank
     adam_fp32_7b = 7e9 * 4 + 2 * 7e9 * 4  # weights + two moments: 84 GB
     assert adam_fp32_7b > bound  # DDP: every rank holds it all -> disk
     assert adam_fp32_7b / 8 < bound  # FSDP over 8 ranks: each holds its 10.5 GB shard -> memory
-    monkeypatch.setattr(snapshot_module, "host_memory_bytes", lambda: (tib, tib // 4))
+    monkeypatch.setattr(snapshot_budget, "host_memory_bytes", lambda: (tib, tib // 4))
     assert default_max_bytes(local_processes=8) == tib // 8 // 8  # a busy host: half of what is available
 
 
 def test_the_default_bound_divides_the_host_among_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setattr(snapshot_module, "host_memory_bytes", lambda: (2**34, 2**34))
+    monkeypatch.setattr(snapshot_budget, "host_memory_bytes", lambda: (2**34, 2**34))
     assert RollbackSnapshot().max_bytes == 2**34 // 4 // 4
 
 

@@ -282,14 +282,15 @@ def mark_fit_start(trainer: pl.Trainer) -> None:
 
 
 def print_fit_summary(trainer: pl.Trainer) -> None:
-    """Print :func:`~lightning_gradstab.report.fit_summary` once per fit, on global rank 0.
+    """Print :func:`~lightning_gradstab.fit_summary.fit_summary` once per fit, on global rank 0.
 
     Every suite callback calls it from ``teardown``; the first call prints (after every callback's
     ``on_fit_end``, so after the guard's table), the others find it printed.
     """
     if trainer.global_rank != 0:
         return
-    from lightning_gradstab.report import console_print, fit_summary
+    from lightning_gradstab.console import console_print
+    from lightning_gradstab.fit_summary import fit_summary
 
     state = suite_of(trainer)
     if state.summary_printed_at_step == trainer.global_step:

@@ -30,7 +30,7 @@ from lightning_gradstab.diagnosis.optimizer_rules import adaptive_optimizer_find
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
 from lightning_gradstab.diagnosis.weight_decay_rules import parameter_weight_decay, weight_decay_findings
 from lightning_gradstab.guard_events import collect_guard_events
-from lightning_gradstab.logit_watch import LogitWatch
+from lightning_gradstab.logits.watch import LogitWatch
 from lightning_gradstab.report import Finding, Report
 from lightning_gradstab.stats import GradientStats
 
@@ -58,11 +58,11 @@ class ArchitectureAdvisor(ReportingCallback):
       protocol; optional), plus ``arch.recurrent`` for vanilla RNNs.
 
     - ``attention.logit_growth`` / ``output.logit_divergence`` (Wortsman et al. 2023) from a
-      :class:`~lightning_gradstab.logit_watch.LogitWatch` that measures, every ``logit_every_n_steps`` steps of
+      :class:`~lightning_gradstab.logits.watch.LogitWatch` that measures, every ``logit_every_n_steps`` steps of
       the window, the max attention logit ``q . k / sqrt(d)`` per attention layer and the output layer's mean
       log-partition (on rank 0's batch); the fixes named are qk-layernorm and z-loss 1e-4. Layers that already
       have a qk-norm are never named. Attention layers are found by their shape (see the module docstring of
-      :mod:`lightning_gradstab.logit_watch`); ``attention_modules`` and ``output_module`` name others.
+      :mod:`lightning_gradstab.logits.sites`); ``attention_modules`` and ``output_module`` name others.
 
     - ``optimizer.adaptive`` (warning) under plain SGD when the per-layer medians of ``||g|| / ||w||`` (weight
       matrices and kernels) span >= 100x and the loss stalls: one learning rate cannot move every layer; the fix
@@ -80,7 +80,7 @@ class ArchitectureAdvisor(ReportingCallback):
 
     The rules are the pure functions of :mod:`lightning_gradstab.diagnosis.training_rules`,
     :mod:`lightning_gradstab.diagnosis.optimizer_rules`, :mod:`lightning_gradstab.diagnosis.weight_decay_rules`
-    and :mod:`lightning_gradstab.logit_watch`.
+    and :mod:`lightning_gradstab.logits.rules`.
 
     Global rank 0 publishes the report like ``InitAudit`` (console, TensorBoard ``gradstab/findings``,
     ``<log_dir>/gradstab_advisor.json``). It changes nothing in training.

@@ -37,7 +37,11 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
     print_fit_summary,
 )
+from lightning_gradstab.console import console_print
 from lightning_gradstab.distributed import refuse_unsupported_strategy
+from lightning_gradstab.guard.snapshot import RollbackSnapshot
+from lightning_gradstab.guard.snapshot_budget import validate_snapshot_options
+from lightning_gradstab.guard.step_buffers import StepBuffers
 from lightning_gradstab.policy import (
     EVIDENCE,
     READABLE_VERSIONS,
@@ -48,15 +52,7 @@ from lightning_gradstab.policy import (
     PolicyConfig,
     upgraded_policy_state,
 )
-from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
-from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)
-    RollbackSnapshot,
-    StepBuffers,
-    restore_training_state,
-    snapshot_training_state,
-    validate_snapshot_options,
-)
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS
 
@@ -166,7 +162,7 @@ class ExplosionGuard(SuiteCallback):
             moments included) or ``"weights"`` (parameters, buffers and the fp16 loss scale, a third of the bytes
             with Adam; a rollback then leaves the optimizer state as it is).
         snapshot_location: ``"memory"`` (host RAM, default) or ``"disk"`` (a file written by a background
-            thread, see :class:`~lightning_gradstab.snapshot.RollbackSnapshot`).
+            thread, see :class:`~lightning_gradstab.guard.snapshot.RollbackSnapshot`).
         snapshot_max_bytes: most host RAM a snapshot may hold: ``"auto"`` (default: a share of this host's RAM
             per rank), a positive int, or ``None`` (no bound); a larger memory snapshot goes to disk (said once).
         snapshot_dir: folder of disk snapshots; ``None``: ``gradstab_rollback`` in the trainer's log directory.

@@ -43,6 +43,11 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXE
 FILE_MODE = 0o600
 """Snapshot files are readable and writable by their owner only: they hold the model's weights."""
 
+_ALIGNMENT = 64  # bytes: every tensor in a snapshot file starts on a boundary any dtype can be viewed from
+
+TensorPlace = tuple[int, torch.dtype, torch.Size]
+"""Where one tensor of a snapshot sits in its file: ``(offset, dtype, shape)``."""
+
 _OWN_FILES: set[Path] = set()  # files this process created and has not deleted yet
 _OWN_LOCK = threading.Lock()
 
@@ -254,6 +259,40 @@ def open_verified(writer: FileWriter, pieces: list[tuple[int, int]]) -> mmap.mma
     if checksum != writer.checksum:
         raise SnapshotUnusable(f"its file {str(writer.path)!r} does not hold what was written (CRC-32 mismatch)")
     return mapping
+
+
+def write_tensors(writer: FileWriter, tensors: list[Tensor], places: list[TensorPlace]) -> None:
+    """Queue ``tensors`` to ``writer`` one after the other, each at the next 64-byte aligned offset, appending
+    where each goes to ``places``, then finish the file. Each copy waits only for a staging buffer (see
+    :meth:`FileWriter.staging`); after a failed write the rest is not copied."""
+    offset = 0
+    for tensor in tensors:
+        offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
+        places.append((offset, tensor.dtype, tensor.shape))
+        if writer.error is not None:  # the file cannot be written: no point copying the rest
+            break
+        buffer = writer.staging(tensor.nbytes)
+        buffer[: tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        writer.put(offset, buffer, tensor.nbytes)
+        del buffer
+        offset += tensor.nbytes
+    writer.finish()
+
+
+def read_tensors(writer: FileWriter, places: list[TensorPlace]) -> tuple[list[Tensor], mmap.mmap | None]:
+    """The tensors :func:`write_tensors` wrote, as views of the verified file (:func:`open_verified`: a
+    copy-on-write mapping, read as the views are copied) and the mapping they view (keep it while they are used).
+    Raises :class:`SnapshotUnusable`."""
+    pieces = [(offset, torch.Size(shape).numel() * dtype.itemsize) for offset, dtype, shape in places]
+    mapping = open_verified(writer, pieces)
+    tensors = []
+    for (offset, dtype, shape), (_, size) in zip(places, pieces, strict=True):
+        if size == 0 or mapping is None:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        else:
+            tensors.append(torch.frombuffer(mapping, dtype=torch.uint8, count=size, offset=offset).view(dtype)
+                           .reshape(shape))
+    return tensors, mapping
 
 
 def return_freed_memory() -> None:
