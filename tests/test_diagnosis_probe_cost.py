@@ -7,7 +7,7 @@ from torch import nn
 
 import lightning_gradstab.diagnosis.tracer as tracer_module
 from lightning_gradstab import diagnose
-from lightning_gradstab.diagnosis.ops import affine_gain, norm_gain, scaling_behaviour
+from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
 from lightning_gradstab.diagnosis.probe import _alive_units, run_probe
 
 
@@ -158,7 +158,7 @@ def test_stacked_reductions_equal_one_call_per_tensor():
 def test_written_tensors_name_what_a_call_may_overwrite():
     from torch.nn import functional as F
 
-    from lightning_gradstab.diagnosis.ops import written_tensors
+    from lightning_gradstab.diagnosis.in_place import written_tensors
 
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     mean, var = torch.zeros(3), torch.ones(3)

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_gradstab.diagnosis.behaviour import classify_elementwise, scaling_behaviour
 from lightning_gradstab.diagnosis.graph import ModelGraph, Node, build_graph
+from lightning_gradstab.diagnosis.in_place import writes_in_place, written_tensors
 from lightning_gradstab.diagnosis.ops import (
     ACTIVATION_FAMILY,
     DIFFERENCES,
@@ -38,16 +40,12 @@ from lightning_gradstab.diagnosis.ops import (
     SCALINGS,
     activation_family,
     activation_module_name,
-    classify_elementwise,
     constant_factor,
     layer_kind,
-    leaf_modules,
     op_fans,
     op_name,
     pools_positions,
-    scaling_behaviour,
-    writes_in_place,
-    written_tensors,
+    pytree_leaves,
 )
 
 _UNDECIDED = object()
@@ -312,7 +310,7 @@ class GraphTracer:
         first_input = (
             args[0]
             if args and isinstance(args[0], Tensor)
-            else next((t for t in leaf_modules(args) if isinstance(t, Tensor)), None)
+            else next((t for t in pytree_leaves(args) if isinstance(t, Tensor)), None)
         )
         node.input_shape = tuple(first_input.shape) if first_input is not None else ()
         self._register_outputs(node, output, disabled=True)
@@ -348,7 +346,7 @@ class GraphTracer:
             index = args[2]
         if isinstance(index, tuple) and index and isinstance(index[0], int):
             index = index[0]
-        tensors = [t for t in leaf_modules(output) if isinstance(t, Tensor)]
+        tensors = [t for t in pytree_leaves(output) if isinstance(t, Tensor)]
         for position, tensor in enumerate(tensors):
             suffix = (
                 f"[{index}]"
@@ -360,11 +358,11 @@ class GraphTracer:
 
     def record_function(self, func: Callable, args: tuple, kwargs: dict, output: Any) -> None:
         """Record one functional call seen outside the recorded modules."""
-        if not isinstance(output, Tensor) and not any(isinstance(leaf, Tensor) for leaf in leaf_modules(output)):
+        if not isinstance(output, Tensor) and not any(isinstance(leaf, Tensor) for leaf in pytree_leaves(output)):
             return  # shapes, sizes, flags: read first, since most calls the model makes return no tensor
-        leaves = [leaf for leaf in leaf_modules(args) if isinstance(leaf, Tensor)]
+        leaves = [leaf for leaf in pytree_leaves(args) if isinstance(leaf, Tensor)]
         if kwargs:
-            leaves += [leaf for leaf in leaf_modules(kwargs) if isinstance(leaf, Tensor)]
+            leaves += [leaf for leaf in pytree_leaves(kwargs) if isinstance(leaf, Tensor)]
         op = op_name(func)
         # one pass over the tensor arguments: parameters used, weights (or slices of one) applied, traced inputs
         owners, producers = self.parameter_owner, self.producers
@@ -490,7 +488,7 @@ class GraphTracer:
 
     def _traced_inputs(self, values: Any) -> list[int]:
         inputs: list[int] = []
-        for leaf in leaf_modules(values):
+        for leaf in pytree_leaves(values):
             if isinstance(leaf, Tensor) and id(leaf) in self.producers:
                 producer = self.producers[id(leaf)]
                 if producer not in inputs:
@@ -514,7 +512,10 @@ class GraphTracer:
     def _register_outputs(self, node: Node, output: Any, disabled: bool = False) -> None:
         """Map the node's output tensors to it and hand the first to the probe (``disabled``: the caller has
         already turned the function mode off)."""
-        tensors = [output] if isinstance(output, Tensor) else [t for t in leaf_modules(output) if isinstance(t, Tensor)]
+        if isinstance(output, Tensor):
+            tensors = [output]
+        else:
+            tensors = [t for t in pytree_leaves(output) if isinstance(t, Tensor)]
         if not tensors:
             return
         producers = self.producers
