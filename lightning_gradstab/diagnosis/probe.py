@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
-from lightning_gradstab.diagnosis.graph import ModelGraph, Node
+from lightning_gradstab.diagnosis.graph import ModelGraph
+from lightning_gradstab.diagnosis.nodes import Node
 from lightning_gradstab.diagnosis.ops import activation_family
 from lightning_gradstab.diagnosis.tracer import GraphTracer
 

@@ -27,8 +27,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_gradstab.diagnosis.behaviour import classify_elementwise, scaling_behaviour
-from lightning_gradstab.diagnosis.graph import ModelGraph, Node, build_graph
+from lightning_gradstab.diagnosis.graph import ModelGraph, build_graph
 from lightning_gradstab.diagnosis.in_place import writes_in_place, written_tensors
+from lightning_gradstab.diagnosis.nodes import Node
 from lightning_gradstab.diagnosis.ops import (
     ACTIVATION_FAMILY,
     DIFFERENCES,
