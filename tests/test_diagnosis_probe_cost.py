@@ -8,7 +8,8 @@ from torch import nn
 import lightning_gradstab.diagnosis.tracer as tracer_module
 from lightning_gradstab import diagnose
 from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
-from lightning_gradstab.diagnosis.probe import _alive_units, run_probe
+from lightning_gradstab.diagnosis.measurements import _alive_units
+from lightning_gradstab.diagnosis.probe import run_probe
 
 
 class Leaky(nn.Module):
@@ -142,9 +143,9 @@ def test_batched_statistics_equal_per_tensor_reads_even_when_outputs_are_overwri
 
 
 def test_stacked_reductions_equal_one_call_per_tensor():
-    from lightning_gradstab.diagnosis.probe import _Measurements
+    from lightning_gradstab.diagnosis.measurements import Measurements
 
-    measurements = _Measurements(nn.Linear(1, 1))
+    measurements = Measurements(nn.Linear(1, 1))
     tensors = [torch.randn(4, 8, 5) * (i + 1) + i for i in range(6)] + [torch.randn(300, 200), torch.randn(3)]
     for slot, tensor in enumerate(tensors):
         measurements._pending_layers.append((slot, tensor))
@@ -184,20 +185,20 @@ class _BatchNormNet(nn.Module):
 
 
 def test_running_statistics_written_in_place_leave_the_pending_outputs_stacked(monkeypatch):
-    from lightning_gradstab.diagnosis.probe import _Measurements
+    from lightning_gradstab.diagnosis.measurements import Measurements
 
     flushes = []
-    flush = _Measurements.flush
+    flush = Measurements.flush
 
     def counting(self):
         flushes.append(len(self._pending_layers))
         return flush(self)
 
-    monkeypatch.setattr(_Measurements, "flush", counting)
+    monkeypatch.setattr(Measurements, "flush", counting)
     model, x = _BatchNormNet(), torch.randn(32, 16)
     result = run_probe(model, lambda batch: model(batch), inputs=x)
     assert flushes == [5]  # BatchNorm's running statistics are no pending output: one stacked read at the end
-    monkeypatch.setattr(_Measurements, "flush", flush)
+    monkeypatch.setattr(Measurements, "flush", flush)
     expected = _per_tensor(model, x)
     measured = {p.name: (p.output_mean, p.output_std, p.grad_rms) for p in result.layers}
     assert measured == expected

@@ -17,8 +17,10 @@ Example::
 from lightning_gradstab.diagnosis.diagnose import build_report, diagnose, probe_failed_report
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, recommended_scheme, reinitialize
+from lightning_gradstab.diagnosis.model_state import preserved_state
 from lightning_gradstab.diagnosis.optimizer_rules import adaptive_optimizer_evidence, adaptive_optimizer_findings
-from lightning_gradstab.diagnosis.probe import ProbeError, ProbeResult, could_not_probe, preserved_state, run_probe
+from lightning_gradstab.diagnosis.probe import run_probe
+from lightning_gradstab.diagnosis.probe_results import ProbeError, ProbeResult, could_not_probe
 from lightning_gradstab.diagnosis.tracer import trace
 from lightning_gradstab.diagnosis.weight_decay_rules import weight_decay_evidence, weight_decay_findings
 

@@ -23,7 +23,9 @@ from lightning_gradstab.diagnosis.arch_rules import (
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, init_findings, layer_fans
-from lightning_gradstab.diagnosis.probe import LayerProbe, ProbeError, ProbeResult, preserved_state, run_probe
+from lightning_gradstab.diagnosis.model_state import preserved_state
+from lightning_gradstab.diagnosis.probe import run_probe
+from lightning_gradstab.diagnosis.probe_results import LayerProbe, ProbeError, ProbeResult
 from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings_measured
 from lightning_gradstab.report import Finding, Report
 
