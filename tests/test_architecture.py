@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
 CALLBACKS = PACKAGE / "callbacks"
 CORE = (
     "stats", "running", "policy", "snapshot", "diagnosis", "report", "tensorboard", "guard_events", "adam_state",
-    "per_tensor_clip", "logit_watch", "distributed", "state_checks", "arguments",
+    "per_tensor_clip", "logit_watch", "distributed", "state_checks", "arguments", "compiled",
 )
 
 # Private attributes of third-party objects that have no public equivalent, each with the reason.

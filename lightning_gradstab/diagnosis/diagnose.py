@@ -12,6 +12,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_gradstab.compiled import eager_module
 from lightning_gradstab.diagnosis.arch_rules import (
     PLAIN_DEPTH_RESIDUAL,
     PLAIN_DEPTH_RESIDUAL_UNOBSERVED,
@@ -119,17 +120,6 @@ def probe_failed_report(model: str, source: str, cause: str) -> Report:
         "`diagnose(model, batch)` on the eager module, or report the model to lightning_gradstab.",
     )
     return Report([finding], model=model, source=source)
-
-
-def eager_module(model: nn.Module) -> nn.Module:
-    """The eager module behind ``torch.compile(model)`` (``_orig_mod``), else ``model`` itself.
-
-    Example::
-
-        assert eager_module(torch.compile(net)) is net
-    """
-    original = getattr(model, "_orig_mod", None)
-    return original if isinstance(original, nn.Module) else model
 
 
 def call_with_batch(model: nn.Module, batch: Any) -> Any:

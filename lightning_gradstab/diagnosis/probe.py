@@ -27,40 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_gradstab.compiled import eager_compiled
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.measurements import Measurements
 from lightning_gradstab.diagnosis.model_state import cuda_devices, preserved_state, seed_rng
 from lightning_gradstab.diagnosis.probe_results import ProbeError, ProbeResult
-
-
-@contextmanager
-def eager_compiled(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
-    """Run every ``torch.compile``d submodule eagerly for the duration of the block.
-
-    Module hooks added after compiling are not called inside the compiled graph, and tracing through it would
-    recompile; so each ``OptimizedModule``'s compiled ``forward`` is swapped for its eager module's call and put
-    back afterwards. Nothing is compiled, the compiled graphs stay as they were.
-
-    Example::
-
-        with eager_compiled(model):  # model.body = torch.compile(body)
-            model(x)                  # body runs eagerly here
-    """
-    swapped = []
-    for module in model.modules() if modules is None else modules:
-        # an OptimizedModule's compiled forward is an instance attribute: asked first, so the eager module is
-        # looked up (getattr raises and catches where it is missing) only on the few modules that have one
-        if "forward" not in module.__dict__:
-            continue
-        original = getattr(module, "_orig_mod", None)
-        if isinstance(original, nn.Module):
-            swapped.append((module, module.__dict__["forward"]))
-            module.__dict__["forward"] = original.__call__
-    try:
-        yield
-    finally:
-        for module, compiled in swapped:
-            module.__dict__["forward"] = compiled
 
 
 def run_probe(
