@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import lightning_gradstab.diagnosis.tracer as tracer_module
+import lightning_gradstab.diagnosis.module_roles as module_roles
 from lightning_gradstab import diagnose
 from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
 from lightning_gradstab.diagnosis.measurements import _alive_units
@@ -53,13 +53,13 @@ def _net(slopes: list[float]) -> nn.Sequential:
 
 def test_equal_elementwise_modules_are_classified_once_and_different_ones_each(monkeypatch):
     calls = []
-    classify = tracer_module.classify_elementwise
+    classify = module_roles.classify_elementwise
 
     def counting(module, like):
         calls.append(module.slope)
         return classify(module, like)
 
-    monkeypatch.setattr(tracer_module, "classify_elementwise", counting)
+    monkeypatch.setattr(module_roles, "classify_elementwise", counting)
     report = diagnose(_net([0.1, 0.1, 0.1, 0.0]), torch.randn(32, 16))
     assert sorted(calls) == [0.0, 0.1]
     activations = {row["name"]: row["activation"] for row in report.layers}
