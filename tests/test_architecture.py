@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_gradstab"
 CALLBACKS = PACKAGE / "callbacks"
 CORE = (
     "stats", "running", "policy", "guard", "diagnosis", "report", "console", "fit_summary", "tensorboard",
-    "guard_events", "adam_state", "per_tensor_clip", "logits", "distributed", "state_checks", "arguments",
+    "guard_events", "adam_state", "per_tensor_clip", "logits", "distributed", "state_checks", "arguments", "compiled",
 )
 
 # Private attributes of third-party objects that have no public equivalent, each with the reason.

@@ -334,7 +334,7 @@ def test_compiled_submodules_run_eagerly_in_the_probe_and_stay_compiled():
 
 
 def test_dead_units_are_a_warning_past_half_the_width_plus_its_sampling_noise_and_an_error_past_90_percent():
-    from lightning_gradstab.diagnosis.probe import ActivationProbe
+    from lightning_gradstab.diagnosis.probe_results import ActivationProbe
     from lightning_gradstab.diagnosis.signal_rules import activation_findings
 
     def dead(fraction: float, units: int = 100) -> list[tuple[str, str]]:

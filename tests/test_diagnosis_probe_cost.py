@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import lightning_gradstab.diagnosis.tracer as tracer_module
+import lightning_gradstab.diagnosis.module_roles as module_roles
 from lightning_gradstab import diagnose
-from lightning_gradstab.diagnosis.ops import affine_gain, norm_gain, scaling_behaviour
-from lightning_gradstab.diagnosis.probe import _alive_units, run_probe
+from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
+from lightning_gradstab.diagnosis.measurements import _alive_units
+from lightning_gradstab.diagnosis.probe import run_probe
 
 
 class Leaky(nn.Module):
@@ -52,13 +53,13 @@ def _net(slopes: list[float]) -> nn.Sequential:
 
 def test_equal_elementwise_modules_are_classified_once_and_different_ones_each(monkeypatch):
     calls = []
-    classify = tracer_module.classify_elementwise
+    classify = module_roles.classify_elementwise
 
     def counting(module, like):
         calls.append(module.slope)
         return classify(module, like)
 
-    monkeypatch.setattr(tracer_module, "classify_elementwise", counting)
+    monkeypatch.setattr(module_roles, "classify_elementwise", counting)
     report = diagnose(_net([0.1, 0.1, 0.1, 0.0]), torch.randn(32, 16))
     assert sorted(calls) == [0.0, 0.1]
     activations = {row["name"]: row["activation"] for row in report.layers}
@@ -142,9 +143,9 @@ def test_batched_statistics_equal_per_tensor_reads_even_when_outputs_are_overwri
 
 
 def test_stacked_reductions_equal_one_call_per_tensor():
-    from lightning_gradstab.diagnosis.probe import _Measurements
+    from lightning_gradstab.diagnosis.measurements import Measurements
 
-    measurements = _Measurements(nn.Linear(1, 1))
+    measurements = Measurements(nn.Linear(1, 1))
     tensors = [torch.randn(4, 8, 5) * (i + 1) + i for i in range(6)] + [torch.randn(300, 200), torch.randn(3)]
     for slot, tensor in enumerate(tensors):
         measurements._pending_layers.append((slot, tensor))
@@ -158,7 +159,7 @@ def test_stacked_reductions_equal_one_call_per_tensor():
 def test_written_tensors_name_what_a_call_may_overwrite():
     from torch.nn import functional as F
 
-    from lightning_gradstab.diagnosis.ops import written_tensors
+    from lightning_gradstab.diagnosis.in_place import written_tensors
 
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     mean, var = torch.zeros(3), torch.ones(3)
@@ -184,20 +185,20 @@ class _BatchNormNet(nn.Module):
 
 
 def test_running_statistics_written_in_place_leave_the_pending_outputs_stacked(monkeypatch):
-    from lightning_gradstab.diagnosis.probe import _Measurements
+    from lightning_gradstab.diagnosis.measurements import Measurements
 
     flushes = []
-    flush = _Measurements.flush
+    flush = Measurements.flush
 
     def counting(self):
         flushes.append(len(self._pending_layers))
         return flush(self)
 
-    monkeypatch.setattr(_Measurements, "flush", counting)
+    monkeypatch.setattr(Measurements, "flush", counting)
     model, x = _BatchNormNet(), torch.randn(32, 16)
     result = run_probe(model, lambda batch: model(batch), inputs=x)
     assert flushes == [5]  # BatchNorm's running statistics are no pending output: one stacked read at the end
-    monkeypatch.setattr(_Measurements, "flush", flush)
+    monkeypatch.setattr(Measurements, "flush", flush)
     expected = _per_tensor(model, x)
     measured = {p.name: (p.output_mean, p.output_std, p.grad_rms) for p in result.layers}
     assert measured == expected

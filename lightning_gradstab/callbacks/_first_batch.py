@@ -14,8 +14,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradstab.callbacks._reporting import ForwardFn, eager, probing
+from lightning_gradstab.callbacks._reporting import ForwardFn, probing
 from lightning_gradstab.callbacks._shared import suite_of
+from lightning_gradstab.compiled import uncompiled_method
 from lightning_gradstab.diagnosis import ModelGraph, build_report, probe_failed_report, run_probe
 from lightning_gradstab.report import Finding, Report
 
@@ -58,7 +59,8 @@ def first_batch_measurement(
     if forward_fn is None and not pl_module.automatic_optimization:
         return Report([_untraced("manual optimization: training_step steps the optimizers itself; "
                                  "pass forward_fn to probe the model")], model=model, source=source), None
-    step = eager(pl_module, "training_step")
+    # the eager step under torch.compile: module hooks do not fire inside compiled graphs
+    step = uncompiled_method(pl_module, "training_step") or pl_module.training_step
 
     def forward(inputs: Any) -> Any:
         with probing(pl_module):

@@ -20,6 +20,7 @@ from lightning_gradstab.callbacks._shared import (
     print_fit_summary,
     tensorboard_writers,
 )
+from lightning_gradstab.compiled import uncompiled_method
 from lightning_gradstab.report import Report
 
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
@@ -57,14 +58,6 @@ def report_directory(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def eager(pl_module: pl.LightningModule, method: str) -> Callable[..., Any]:
-    """The un-compiled ``method`` of a module passed through ``torch.compile`` (hooks do not fire in graphs)."""
-    context = getattr(pl_module, "_compiler_ctx", None)
-    if context and f"original_{method}" in context:
-        return context[f"original_{method}"]
-    return getattr(pl_module, method)
-
-
 @contextmanager
 def probing(pl_module: pl.LightningModule) -> Iterator[None]:
     """Run ``training_step`` outside the loop: ``self.log`` muted, ``forward`` eager under ``torch.compile``.
@@ -77,9 +70,9 @@ def probing(pl_module: pl.LightningModule) -> Iterator[None]:
         return None
 
     swapped = {"log": ignore, "log_dict": ignore}
-    context = getattr(pl_module, "_compiler_ctx", None)
-    if context and "original_forward" in context:
-        swapped["forward"] = context["original_forward"]
+    original_forward = uncompiled_method(pl_module, "forward")
+    if original_forward is not None:
+        swapped["forward"] = original_forward
     saved = {name: pl_module.__dict__[name] for name in swapped if name in pl_module.__dict__}
     for name, value in swapped.items():
         object.__setattr__(pl_module, name, value)

@@ -12,6 +12,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_gradstab.compiled import eager_module
 from lightning_gradstab.diagnosis.arch_rules import (
     PLAIN_DEPTH_RESIDUAL,
     PLAIN_DEPTH_RESIDUAL_UNOBSERVED,
@@ -23,7 +24,9 @@ from lightning_gradstab.diagnosis.arch_rules import (
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.init_rules import InitScheme, init_findings, layer_fans
-from lightning_gradstab.diagnosis.probe import LayerProbe, ProbeError, ProbeResult, preserved_state, run_probe
+from lightning_gradstab.diagnosis.model_state import preserved_state
+from lightning_gradstab.diagnosis.probe import run_probe
+from lightning_gradstab.diagnosis.probe_results import LayerProbe, ProbeError, ProbeResult
 from lightning_gradstab.diagnosis.signal_rules import activation_findings, delta_ratio, signal_findings_measured
 from lightning_gradstab.report import Finding, Report
 
@@ -117,17 +120,6 @@ def probe_failed_report(model: str, source: str, cause: str) -> Report:
         "`diagnose(model, batch)` on the eager module, or report the model to lightning_gradstab.",
     )
     return Report([finding], model=model, source=source)
-
-
-def eager_module(model: nn.Module) -> nn.Module:
-    """The eager module behind ``torch.compile(model)`` (``_orig_mod``), else ``model`` itself.
-
-    Example::
-
-        assert eager_module(torch.compile(net)) is net
-    """
-    original = getattr(model, "_orig_mod", None)
-    return original if isinstance(original, nn.Module) else model
 
 
 def call_with_batch(model: nn.Module, batch: Any) -> Any:

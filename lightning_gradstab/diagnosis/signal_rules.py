@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from lightning_gradstab.diagnosis.graph import ModelGraph
-from lightning_gradstab.diagnosis.probe import ActivationProbe, LayerProbe, ProbeResult
+from lightning_gradstab.diagnosis.probe_results import ActivationProbe, LayerProbe, ProbeResult
 from lightning_gradstab.report import Finding
 
 RATIO_WARNING = 1e2
