@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -24,6 +25,7 @@ from lightning_gradstab.policy import (
     PolicyConfig,
 )
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RankReduction
+from tests.helpers import policy_golden
 
 
 def _healthy_norms(count: int, seed: int = 0) -> list[float]:
@@ -769,3 +771,18 @@ def test_infinite_or_nan_thresholds_are_rejected_naming_the_argument(argument: s
     with pytest.raises(ValueError, match=rf"`{argument}` must be a finite number"):
         PolicyConfig(**{argument: value})
 
+
+def test_policy_decisions_are_identical_to_the_recorded_ones() -> None:
+    """Every decision of seeded streams under six configurations (spikes, non-finite steps, fp16 overflows and
+    collapses, loss spikes, divergences with rollback checks kept and undone, moved objectives, new gradient scales,
+    negative losses; checkpoint round trips and the adapter's calls at random steps) and the final state are what
+    the policy decided when ``tests/fixtures/policy_golden.json`` was recorded, bit for bit (see
+    ``tests/helpers/policy_golden.py``; the floats are plain Python arithmetic, exact on one platform)."""
+    recorded = json.loads(policy_golden.FIXTURE.read_text())
+    regenerated = json.loads(policy_golden.dumps(policy_golden.golden()))  # through JSON, as it was recorded
+    for key, stream in recorded["recorded"].items():
+        now = regenerated["recorded"][key]
+        for before, after in zip(stream["decisions"], now["decisions"], strict=True):
+            assert policy_golden.dumps(after) == policy_golden.dumps(before), f"{key}: the decision changed"
+        assert policy_golden.dumps(now) == policy_golden.dumps(stream), f"{key}: the final state changed"
+    assert regenerated["digested"] == recorded["digested"]
