@@ -11,19 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradstab.policy import (
-    DEFAULT_BUDGETS,
-    MIN_LR_SCALE,
-    OBJECTIVE_SHIFTS_TO_TRUST,
-    REGIME_STEPS,
-    ROLLBACK_CHECK_STEPS,
-    RUNGS,
-    SNAPSHOT_HEALTHY_STREAK,
-    Decision,
-    ExplosionPolicy,
-    Observation,
-    PolicyConfig,
-)
+from lightning_gradstab.guard.backoff import MIN_LR_SCALE
+from lightning_gradstab.guard.config import DEFAULT_BUDGETS, RUNGS, PolicyConfig
+from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard.detect import REGIME_STEPS, Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.rollback_check import OBJECTIVE_SHIFTS_TO_TRUST, ROLLBACK_CHECK_STEPS
+from lightning_gradstab.guard.snapshot_schedule import SNAPSHOT_HEALTHY_STREAK
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RankReduction
 from tests.helpers import policy_golden
 

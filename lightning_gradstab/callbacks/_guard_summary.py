@@ -7,7 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_gradstab.policy import SCALE_INVARIANT_MAX_NORM, ExplosionPolicy, PolicyConfig
+from lightning_gradstab.guard.config import SCALE_INVARIANT_MAX_NORM, PolicyConfig
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 from lightning_gradstab.report import console_print
 
 

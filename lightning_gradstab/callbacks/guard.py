@@ -38,16 +38,11 @@ from lightning_gradstab.callbacks._shared import (
     print_fit_summary,
 )
 from lightning_gradstab.distributed import refuse_unsupported_strategy
-from lightning_gradstab.policy import (
-    EVIDENCE,
-    READABLE_VERSIONS,
-    RUNGS,
-    Decision,
-    ExplosionPolicy,
-    Observation,
-    PolicyConfig,
-    upgraded_policy_state,
-)
+from lightning_gradstab.guard.config import EVIDENCE, RUNGS, PolicyConfig
+from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.policy_state import READABLE_VERSIONS, upgraded_policy_state
 from lightning_gradstab.report import console_print
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.snapshot import (  # noqa: F401  (the tuple snapshot functions are re-exported)

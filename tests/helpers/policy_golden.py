@@ -23,7 +23,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lightning_gradstab.policy import Decision, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.guard.config import PolicyConfig
+from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "policy_golden.json"
 

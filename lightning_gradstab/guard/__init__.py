@@ -1,0 +1,1 @@
+"""The guard's pure-PyTorch core, one concept per module (no Lightning, no callbacks)."""
