@@ -2,7 +2,7 @@
 
 A callback that acts on gradient explosions (``ExplosionGuard``) implements :class:`GuardEventSource`:
 ``guard_events()`` returns its kept events as plain mappings with the keys documented on
-:attr:`lightning_gradstab.policy.ExplosionPolicy.events`. Consumers (``ArchitectureAdvisor``) find sources with
+:attr:`lightning_gradstab.guard.event_log.EventLog.events`. Consumers (``ArchitectureAdvisor``) find sources with
 ``isinstance(callback, GuardEventSource)`` and read the events through :meth:`GuardEvent.from_mapping`; they
 never import a callback module nor read a callback's attributes.
 
@@ -28,7 +28,7 @@ class GuardEvent:
 
     Args:
         step: optimizer step the decision was about.
-        level: ladder level after the decision (an index into ``lightning_gradstab.policy.RUNGS``).
+        level: ladder level after the decision (an index into ``lightning_gradstab.guard.config.RUNGS``).
         previous_level: ladder level before it.
         anomaly: the anomaly detected (``"spike"``, ``"nonfinite"``, ``"growth"``, ...) or ``None``.
         total_norm: total gradient norm of the step (``None`` when it was not finite).

@@ -38,7 +38,7 @@ def _non_negative(value: Any) -> bool:
 
 
 def policy_rules(levels: int) -> dict[str, Rule]:
-    """The ranges of :class:`~lightning_gradstab.policy.ExplosionPolicy` state, keyed by dotted path (``*``: any
+    """The ranges of :class:`~lightning_gradstab.guard.ladder.ExplosionPolicy` state, keyed by dotted path (``*``: any
     key at that place); ``levels``: the number of rungs."""
     statistics = {"count": (_count, "an int >= 0"), "mean": (_finite, "a finite number"),
                   "variance": (_non_negative, "a finite number >= 0")}

@@ -86,7 +86,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "guard event key renamed (anomaly -> kind)",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/event_log.py",
         '"anomaly": decision.anomaly,',
         '"kind": decision.anomaly,',
         ("tests/test_training_rules.py", "tests/test_advisor.py"),
@@ -107,21 +107,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ZClip's reciprocal rule inverted (z / z_thr instead of z_thr / z)",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/detect.py",
         "z_threshold * min(1.0, z_threshold / zscore)",
         "z_threshold * min(1.0, zscore / z_threshold)",
         ("tests/test_policy.py",),
     ),
     Mutation(
         "loss-spike rule fires on a loss far below its mean",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/detect.py",
         "loss_zscore > config.loss_zscore_threshold:",
         "-loss_zscore > config.loss_zscore_threshold:",
         ("tests/test_policy.py",),
     ),
     Mutation(
         "fp16 overflow classification ignores rank-local faults",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/ladder.py",
         "observation.nonfinite and not observation.rank_local",
         "observation.nonfinite",
         ("tests/test_policy.py",),
@@ -187,7 +187,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "the automatic norm ceiling applied to SGD too",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/detect.py",
         "return SCALE_INVARIANT_MAX_NORM if observation.scale_invariant else math.inf",
         "return SCALE_INVARIANT_MAX_NORM",
         ("tests/test_guard_ceiling.py",),
@@ -201,7 +201,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "the ceiling compared with the clip threshold the wrong way (max instead of min)",
-        "lightning_gradstab/policy.py",
+        "lightning_gradstab/guard/detect.py",
         "threshold = min(threshold, judgement.update_threshold, ceiling)",
         "threshold = min(threshold, judgement.update_threshold, max(ceiling, judgement.norm))",
         ("tests/test_guard_ceiling.py",),

@@ -167,7 +167,7 @@ def test_constructor_validation(kwargs, error, message):
 
 
 def test_a_real_explosion_guard_escalation_reaches_the_advice_with_the_guards_own_levels(tmp_path):
-    from lightning_gradstab.policy import RUNGS
+    from lightning_gradstab.guard.config import RUNGS
     from tests.scripts.guard_models import TinyRegression, regression_loader
 
     guard, advisor = ExplosionGuard(console_summary=False), ArchitectureAdvisor(observe_steps=30)

@@ -13,7 +13,9 @@ from torch import nn
 
 from lightning_gradstab import ExplosionGuard
 from lightning_gradstab.callbacks._optimizers import is_scale_invariant
-from lightning_gradstab.policy import SCALE_INVARIANT_MAX_NORM, ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.guard.config import SCALE_INVARIANT_MAX_NORM, PolicyConfig
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 from tests.helpers.models import regression_data, tanh_mlp
 from tests.helpers.trainers import quiet_trainer
 

@@ -13,7 +13,9 @@ from lightning_gradstab import ExplosionGuard, InitAudit
 from lightning_gradstab.callbacks._guard_summary import guard_advice
 from lightning_gradstab.console import render_text
 from lightning_gradstab.fit_summary import fit_summary
-from lightning_gradstab.policy import ExplosionPolicy, Observation, PolicyConfig
+from lightning_gradstab.guard.config import PolicyConfig
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 from lightning_gradstab.report import Finding, Report
 from tests.helpers.models import DigitsClassifier, digits_loader, mlp
 from tests.helpers.trainers import quiet_trainer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -10,20 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradstab.policy import (
-    DEFAULT_BUDGETS,
-    MIN_LR_SCALE,
-    OBJECTIVE_SHIFTS_TO_TRUST,
-    REGIME_STEPS,
-    ROLLBACK_CHECK_STEPS,
-    RUNGS,
-    SNAPSHOT_HEALTHY_STREAK,
-    Decision,
-    ExplosionPolicy,
-    Observation,
-    PolicyConfig,
-)
+from lightning_gradstab.guard.backoff import MIN_LR_SCALE
+from lightning_gradstab.guard.config import DEFAULT_BUDGETS, RUNGS, PolicyConfig
+from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard.detect import REGIME_STEPS, Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.rollback_check import OBJECTIVE_SHIFTS_TO_TRUST, ROLLBACK_CHECK_STEPS
+from lightning_gradstab.guard.snapshot_schedule import SNAPSHOT_HEALTHY_STREAK
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RankReduction
+from tests.helpers import policy_golden
 
 
 def _healthy_norms(count: int, seed: int = 0) -> list[float]:
@@ -769,3 +765,18 @@ def test_infinite_or_nan_thresholds_are_rejected_naming_the_argument(argument: s
     with pytest.raises(ValueError, match=rf"`{argument}` must be a finite number"):
         PolicyConfig(**{argument: value})
 
+
+def test_policy_decisions_are_identical_to_the_recorded_ones() -> None:
+    """Every decision of seeded streams under six configurations (spikes, non-finite steps, fp16 overflows and
+    collapses, loss spikes, divergences with rollback checks kept and undone, moved objectives, new gradient scales,
+    negative losses; checkpoint round trips and the adapter's calls at random steps) and the final state are what
+    the policy decided when ``tests/fixtures/policy_golden.json`` was recorded, bit for bit (see
+    ``tests/helpers/policy_golden.py``; the floats are plain Python arithmetic, exact on one platform)."""
+    recorded = json.loads(policy_golden.FIXTURE.read_text())
+    regenerated = json.loads(policy_golden.dumps(policy_golden.golden()))  # through JSON, as it was recorded
+    for key, stream in recorded["recorded"].items():
+        now = regenerated["recorded"][key]
+        for before, after in zip(stream["decisions"], now["decisions"], strict=True):
+            assert policy_golden.dumps(after) == policy_golden.dumps(before), f"{key}: the decision changed"
+        assert policy_golden.dumps(now) == policy_golden.dumps(stream), f"{key}: the final state changed"
+    assert regenerated["digested"] == recorded["digested"]

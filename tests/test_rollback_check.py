@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradstab import ExplosionGuard
-from lightning_gradstab.policy import ROLLBACK_CHECK_STEPS
+from lightning_gradstab.guard.rollback_check import ROLLBACK_CHECK_STEPS
 
 
 class HarderTargets(pl.LightningModule):

@@ -14,8 +14,10 @@ from lightning_gradstab.diagnosis.training_rules import (
     loss_stall,
     means_explosion,
 )
+from lightning_gradstab.guard.config import RUNGS
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 from lightning_gradstab.guard_events import GuardEvent, GuardEventSource, collect_guard_events
-from lightning_gradstab.policy import RUNGS, ExplosionPolicy, Observation
 from tests.helpers.models import mlp, vanilla_rnn
 
 

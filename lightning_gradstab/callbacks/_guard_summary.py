@@ -8,7 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_gradstab.console import console_print
-from lightning_gradstab.policy import SCALE_INVARIANT_MAX_NORM, ExplosionPolicy, PolicyConfig
+from lightning_gradstab.guard.config import SCALE_INVARIANT_MAX_NORM, PolicyConfig
+from lightning_gradstab.guard.ladder import ExplosionPolicy
 
 
 def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:

@@ -39,19 +39,14 @@ from lightning_gradstab.callbacks._shared import (
 )
 from lightning_gradstab.console import console_print
 from lightning_gradstab.distributed import refuse_unsupported_strategy
+from lightning_gradstab.guard.config import EVIDENCE, RUNGS, PolicyConfig
+from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard.detect import Observation
+from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.policy_state import READABLE_VERSIONS, upgraded_policy_state
 from lightning_gradstab.guard.snapshot import RollbackSnapshot
 from lightning_gradstab.guard.snapshot_budget import validate_snapshot_options
 from lightning_gradstab.guard.step_buffers import StepBuffers
-from lightning_gradstab.policy import (
-    EVIDENCE,
-    READABLE_VERSIONS,
-    RUNGS,
-    Decision,
-    ExplosionPolicy,
-    Observation,
-    PolicyConfig,
-    upgraded_policy_state,
-)
 from lightning_gradstab.running import FLOAT32_MAX, RankReduction, ReduceKind
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS

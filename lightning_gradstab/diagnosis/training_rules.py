@@ -22,8 +22,8 @@ from lightning_gradstab.diagnosis.arch_rules import (
 )
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.signal_rules import RATIO_ERROR, RATIO_WARNING
+from lightning_gradstab.guard.config import RUNGS
 from lightning_gradstab.guard_events import GuardEvent
-from lightning_gradstab.policy import RUNGS
 from lightning_gradstab.report import Finding
 
 MIN_LOSSES = 10
