@@ -3,9 +3,10 @@
 Example::
 
     import lightning.pytorch as pl
-    from lightning_gradstab import ExplosionGuard, GradNormMonitor
+    from lightning_gradstab import ExplosionGuard, GradNormMonitor, PolicyConfig
 
     trainer = pl.Trainer(callbacks=[GradNormMonitor(), ExplosionGuard()])
+    tuned = ExplosionGuard(max_rung="skip", config=PolicyConfig(growth_factor=3.0))  # every other option
 
 Names are imported on first use, so ``diagnose`` and the ``gradstab`` CLI start without importing Lightning.
 """
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
     from lightning_gradstab.logit_watch import LogitWatch
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
+    from lightning_gradstab.policy import PolicyConfig
     from lightning_gradstab.report import Finding, Report, get_verbosity, set_verbosity
     from lightning_gradstab.snapshot import RollbackSnapshot
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
@@ -44,6 +46,7 @@ _EXPORTS = {
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
     "LogitWatch": "lightning_gradstab.logit_watch",
     "ParameterLayout": "lightning_gradstab.stats",
+    "PolicyConfig": "lightning_gradstab.policy",
     "Report": "lightning_gradstab.report",
     "RollbackSnapshot": "lightning_gradstab.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
@@ -67,6 +70,7 @@ __all__ = [
     "InitAudit",
     "LogitWatch",
     "ParameterLayout",
+    "PolicyConfig",
     "Report",
     "RollbackSnapshot",
     "compute_gradient_stats",

@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_gradstab import running
 from lightning_gradstab.callbacks.guard import SNAPSHOT_CHECKPOINT_KEY, ExplosionGuard
+from lightning_gradstab.policy import PolicyConfig
 from lightning_gradstab.running import GrowthWindow
 from lightning_gradstab.snapshot import RollbackSnapshot
 from tests.helpers.trainers import quiet_trainer
@@ -46,7 +47,7 @@ UNUSABLE = "asks for a rollback but a rank holds no usable rollback snapshot"
 
 
 def _guard(**options: Any) -> ExplosionGuard:
-    return ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=10, **options)
+    return ExplosionGuard(console_summary=False, config=PolicyConfig(budgets=BUDGETS, snapshot_every=10), **options)
 
 
 class _Weights(Callback):
