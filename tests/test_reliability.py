@@ -437,11 +437,11 @@ def test_the_hydra_example_accepts_a_budgets_override() -> None:
 
     register_schemas()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["+gradstab.guard.budgets={skip:2}"])
+        cfg = compose("config", overrides=["+gradstab.guard.config.budgets={skip:2}"])
     (guard,) = [c for c in build_gradstab_callbacks(cfg.gradstab) if isinstance(c, ExplosionGuard)]
     assert guard.config.budgets == {"skip": 2}
     # and a DictConfig handed over directly, as `instantiate` does by default
-    assert ExplosionGuard(budgets=OmegaConf.create({"skip": 2})).config.budgets == {"skip": 2}
+    assert ExplosionGuard(config=OmegaConf.create({"budgets": {"skip": 2}})).config.budgets == {"skip": 2}
 
 
 def test_snapshot_file_names_differ_per_run_and_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
