@@ -16,7 +16,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning, rank_zero_deprecation
+from lightning.pytorch.utilities import rank_zero_deprecation
+from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning
 
 from lightning_gradstab.policy import PolicyConfig
 
@@ -84,7 +85,7 @@ def guard_config(
         raise TypeError(f"ExplosionGuard.__init__() got an unexpected keyword argument {unknown[0]!r}")
     base = policy_config(config)
     direct: dict[str, Any] = {
-        name: value for name, value in (("max_rung", max_rung), ("max_norm", max_norm))
+        name: value for name, value in zip(NAMED, (max_rung, max_norm), strict=True)
         if value != getattr(_DEFAULTS, name)
     }
     for name, value in deprecated.items():

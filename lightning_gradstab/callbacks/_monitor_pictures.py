@@ -18,20 +18,6 @@ from lightning_gradstab.callbacks._shared import tensorboard_writers
 from lightning_gradstab.distributed import local_shard
 from lightning_gradstab.stats import GradientStats, GroupBy
 
-SPREAD = ("layer_min", "layer_median", "layer_max")
-"""The three per-layer statistics of :func:`log10_spread`, in its order (tag suffixes)."""
-
-
-def log10_spread(values: Tensor) -> Tensor:
-    """log10 of the smallest non-zero, the median and the largest finite value (device ops, no sync)."""
-    logs = values.float().log10()
-    if logs.numel() == 0:  # no group has parameters to measure
-        return torch.full((3,), math.nan, device=values.device)
-    finite = torch.isfinite(logs)
-    low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
-    high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
-    return torch.stack([low, torch.where(finite, logs, torch.full_like(logs, math.nan)).nanmedian(), high])
-
 
 def draw_heatmap(
     trainer: pl.Trainer, heat: tensorboard.HeatmapBuffer, groups: tuple[tuple[str, ...], Tensor], scope: str

@@ -16,13 +16,7 @@ from typing_extensions import override
 from lightning_gradstab import tensorboard
 from lightning_gradstab.adam_state import AdamStateTracker
 from lightning_gradstab.arguments import check_flag, check_interval
-from lightning_gradstab.callbacks._monitor_pictures import (
-    SPREAD,
-    add_gradient_flow_figure,
-    add_histograms,
-    draw_heatmap,
-    log10_spread,
-)
+from lightning_gradstab.callbacks._monitor_pictures import add_gradient_flow_figure, add_histograms, draw_heatmap
 from lightning_gradstab.callbacks._monitor_queue import ScalarQueue
 from lightning_gradstab.callbacks._shared import (
     SuiteCallback,
@@ -58,8 +52,22 @@ PER_LAYER_SCALARS_MAX_GROUPS = 16
 Four statistics per group make ~65 charts at this size; beyond it the Scalars tab is a wall of near-identical
 charts, and the heat map (one image) and the log10 layer range (four lines) show the same picture."""
 
+SPREAD = ("layer_min", "layer_median", "layer_max")
+"""The three per-layer statistics of :func:`log10_spread`, in its order (tag suffixes)."""
+
 HEATMAP_MAX_COLUMNS = 512
 """The heat map keeps at most this many optimizer steps (on the device): when full, every other one is dropped."""
+
+
+def log10_spread(values: Tensor) -> Tensor:
+    """log10 of the smallest non-zero, the median and the largest finite value (device ops, no sync)."""
+    logs = values.float().log10()
+    if logs.numel() == 0:  # no group has parameters to measure
+        return torch.full((3,), math.nan, device=values.device)
+    finite = torch.isfinite(logs)
+    low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
+    high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
+    return torch.stack([low, torch.where(finite, logs, torch.full_like(logs, math.nan)).nanmedian(), high])
 
 
 @dataclass
