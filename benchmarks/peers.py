@@ -4,7 +4,8 @@
 arguments) per run. ``resolve_method`` also accepts
 
 - ``guard+key=value+key=value``: ``ExplosionGuard(key=value, ...)`` (values parsed as Python literals), e.g.
-  ``guard+max_rung='skip'``;
+  ``guard+max_rung='skip'``; a key that is a :class:`~lightning_gradstab.PolicyConfig` field and not a guard
+  argument goes into its ``config`` (``guard+max_update_ratio=0.1``);
 - ``package.module:factory``: any importable zero-argument factory returning a :class:`Method`.
 
 Peers and the exact settings used:
@@ -320,10 +321,15 @@ def _spike() -> Method:
 
 
 def guard(**kwargs: Any) -> Method:
-    """``ExplosionGuard(**kwargs)``; the benchmark reads its actions from ``summary()``."""
+    """``ExplosionGuard(**kwargs)``, the keys that are not its arguments in its ``config``; the benchmark reads its
+    actions from ``summary()``."""
+    import inspect
+
     from lightning_gradstab import ExplosionGuard
 
-    return Method(callbacks=[ExplosionGuard(**kwargs)])
+    arguments = inspect.signature(ExplosionGuard).parameters
+    config = {key: kwargs.pop(key) for key in list(kwargs) if key not in arguments}
+    return Method(callbacks=[ExplosionGuard(**kwargs, config=config or None)])
 
 
 METHODS: dict[str, Callable[[], Method]] = {

@@ -4,13 +4,14 @@ A typo in a suite option (``+gradstab.guard.max_rng=skip``), a value outside a m
 (``model.init=hee``), an unknown group option (``task=mnsit``) or an unknown suite entry is answered in well
 under two seconds with one line naming the key or group, the accepted values and the closest one, instead of
 a traceback after torch and Lightning have loaded. The suite callbacks' options are read from their
-constructors' signatures in the source (``ast``, nothing imported), so they never go out of date.
+constructors' signatures in the source (``ast``, nothing imported), so they never go out of date; the options
+of a nested config object (``+gradstab.guard.config.growth_factor=3``) are read from its dataclass's fields.
 
 Example::
 
     problem = check_overrides(["+gradstab.guard.max_rng=skip"], Path("conf"))
     # "+gradstab.guard.max_rng=skip: gradstab.guard (ExplosionGuard) has no option 'max_rng'; did you mean
-    #  'max_rung'? (options: max_rung, zscore_threshold, ...)"
+    #  'max_rung'? (options: max_rung, max_norm, config, ...)"
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ def user_groups(conf: Path) -> list[str]:
     return sorted(groups)
 
 
-@cache
-def callback_options(target: str) -> tuple[str, ...] | None:
-    """The constructor arguments of ``lightning_gradstab.<Name>``, read from the source (None: not the suite's)."""
+def _class_source(target: str) -> ast.ClassDef | None:
+    """The class ``lightning_gradstab.<Name>`` as parsed from its source (None: not the suite's)."""
     package, _, name = target.rpartition(".")
     if package != "lightning_gradstab":
         return None
@@ -68,10 +68,39 @@ def callback_options(target: str) -> tuple[str, ...] | None:
     source = root.joinpath(*module.split(".")[1:]).with_suffix(".py")
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == name:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    arguments = item.args.args[1:] + item.args.kwonlyargs
-                    return tuple(argument.arg for argument in arguments)
+            return node
+    return None
+
+
+def _init(target: str) -> ast.FunctionDef | None:
+    node = _class_source(target)
+    items = [] if node is None else node.body
+    return next((item for item in items if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
+
+
+@cache
+def callback_options(target: str) -> tuple[str, ...] | None:
+    """The constructor arguments of ``lightning_gradstab.<Name>``, read from the source (None: not the suite's)."""
+    init = _init(target)
+    if init is None:
+        return None
+    return tuple(argument.arg for argument in init.args.args[1:] + init.args.kwonlyargs)
+
+
+@cache
+def config_options(target: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """``(argument, class, its fields)`` of the suite dataclass a constructor takes as ``config`` (its annotation
+    names it first, e.g. ``PolicyConfig | Mapping[str, Any] | None``); None when it takes none."""
+    init = _init(target)
+    arguments = [] if init is None else init.args.args[1:] + init.args.kwonlyargs
+    for argument in arguments:
+        if argument.arg == "config" and argument.annotation is not None:
+            name = ast.unparse(argument.annotation).split("|")[0].strip().strip("'\"")
+            node = _class_source(f"lightning_gradstab.{name}")
+            if node is not None:
+                fields = [item.target.id for item in node.body
+                          if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)]
+                return argument.arg, name, tuple(fields)
     return None
 
 
@@ -120,7 +149,16 @@ def check_overrides(overrides: Sequence[str], conf: Path) -> str | None:
             if parts[1] not in entries:
                 return _refusal(override, f"the suite has no entry '{parts[1]}'", parts[1], list(entries), "entries")
             options = callback_options(entries[parts[1]])
-            if len(parts) >= 3 and options is not None and parts[2] not in (*options, "_target_"):
+            nested = config_options(entries[parts[1]])
+            if nested is not None and len(parts) >= 4 and parts[2] == nested[0]:
+                argument, name, fields = nested
+                if parts[3] not in (*fields, "_target_"):
+                    return _refusal(override, f"gradstab.{parts[1]}.{argument} ({name}) has no option '{parts[3]}'",
+                                    parts[3], fields, "options")
+                continue
+            # a field of the nested config given directly: the constructor's deprecated spelling, which still works
+            moved = () if nested is None else nested[2]
+            if len(parts) >= 3 and options is not None and parts[2] not in (*options, *moved, "_target_"):
                 name = entries[parts[1]].rpartition(".")[2]
                 return _refusal(override, f"gradstab.{parts[1]} ({name}) has no option '{parts[2]}'", parts[2], options,
                                 "options")

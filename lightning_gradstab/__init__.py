@@ -3,9 +3,10 @@
 Example::
 
     import lightning.pytorch as pl
-    from lightning_gradstab import ExplosionGuard, GradNormMonitor
+    from lightning_gradstab import ExplosionGuard, GradNormMonitor, PolicyConfig
 
     trainer = pl.Trainer(callbacks=[GradNormMonitor(), ExplosionGuard()])
+    tuned = ExplosionGuard(max_rung="skip", config=PolicyConfig(growth_factor=3.0))  # every other option
 
 Names are imported on first use, so ``diagnose`` and the ``gradstab`` CLI start without importing Lightning.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.callbacks.monitor import GradNormMonitor
     from lightning_gradstab.console import get_verbosity, set_verbosity
     from lightning_gradstab.diagnosis import diagnose
+    from lightning_gradstab.guard.config import PolicyConfig
     from lightning_gradstab.guard.snapshot import RollbackSnapshot
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
     from lightning_gradstab.logits.watch import LogitWatch
@@ -45,6 +47,7 @@ _EXPORTS = {
     "InitAudit": "lightning_gradstab.callbacks.init_audit",
     "LogitWatch": "lightning_gradstab.logits.watch",
     "ParameterLayout": "lightning_gradstab.stats",
+    "PolicyConfig": "lightning_gradstab.guard.config",
     "Report": "lightning_gradstab.report",
     "RollbackSnapshot": "lightning_gradstab.guard.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
@@ -68,6 +71,7 @@ __all__ = [
     "InitAudit",
     "LogitWatch",
     "ParameterLayout",
+    "PolicyConfig",
     "Report",
     "RollbackSnapshot",
     "compute_gradient_stats",

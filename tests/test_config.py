@@ -238,7 +238,25 @@ def test_the_options_read_from_the_source_are_the_constructors_arguments(name):
     from examples.config_check import callback_options
 
     signature = inspect.signature(getattr(lightning_gradstab, name).__init__)
-    assert callback_options(f"lightning_gradstab.{name}") == tuple(signature.parameters)[1:]
+    named = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert callback_options(f"lightning_gradstab.{name}") == tuple(named)[1:]
+
+
+def test_the_guards_config_options_read_from_the_source_are_the_policy_config_fields():
+    import dataclasses
+
+    from examples.config_check import check_overrides, config_options
+    from lightning_gradstab import PolicyConfig
+
+    fields = tuple(field.name for field in dataclasses.fields(PolicyConfig))
+    assert config_options("lightning_gradstab.ExplosionGuard") == ("config", "PolicyConfig", fields)
+    assert check_overrides(["+gradstab.guard.config.growth_factor=3"], CONF) is None
+    assert check_overrides(["+gradstab.guard.growth_factor=3"], CONF) is None  # deprecated, still accepted
+    problem = check_overrides(["+gradstab.guard.config.growth_factr=3"], CONF)
+    assert problem is not None and problem.startswith(
+        "+gradstab.guard.config.growth_factr=3: gradstab.guard.config (PolicyConfig) has no option 'growth_factr'; "
+        "did you mean 'growth_factor'?"
+    )
 
 
 def test_the_model_choices_checked_up_front_are_the_ones_the_builders_accept():

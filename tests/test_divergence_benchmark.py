@@ -76,6 +76,7 @@ def test_every_task_builds_a_seeded_instance_with_its_batches():
 def test_method_names_resolve_and_bad_ones_are_refused():
     assert set(divergence.DEFAULT_METHODS) <= set(METHODS)
     assert resolve_method("guard+max_rung='skip'")().callbacks[0].config.max_rung == "skip"
+    assert resolve_method("guard+max_update_ratio=0.1")().callbacks[0].config.max_update_ratio == 0.1  # config
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         resolve_method("nope")
     with pytest.raises(ValueError, match="window"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 
-from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, InitAudit
+from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, InitAudit, PolicyConfig
 from lightning_gradstab.callbacks.guard import EVENTS_FILENAME, SUMMARY_FILENAME
 from tests.conftest import MemoryLogger
 from tests.matrix_support import (
@@ -217,8 +217,8 @@ def test_resuming_a_checkpoint_written_without_the_suite_is_bit_identical(tmp_pa
     checkpoint = tmp_path / "plain.ckpt"
     first.trainer.save_checkpoint(checkpoint)
     reference = run_cell(cell, tmp_path / "reference", [], ckpt_path=str(checkpoint))
-    suite = [ExplosionGuard(console_summary=False, loss_rise_tolerance=None) if isinstance(c, ExplosionGuard) else c
-             for c in full_suite()]
+    guard = ExplosionGuard(console_summary=False, config=PolicyConfig(loss_rise_tolerance=None))
+    suite = [guard if isinstance(c, ExplosionGuard) else c for c in full_suite()]
     run = run_cell(cell, tmp_path / "suite", suite, ckpt_path=str(checkpoint))
     assert run.trainer.global_step == 8
     assert_bit_identical(run.weights, reference.weights)

@@ -19,6 +19,7 @@ from lightning_gradstab.callbacks.guard import (
     ExplosionGuard,
     GradientExplosionError,
 )
+from lightning_gradstab.guard.config import PolicyConfig
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
@@ -205,7 +206,7 @@ class _WithScheduler(TinyRegression):
 
 def test_lr_backoff_scales_the_step_and_never_corrupts_the_scheduler(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
-    guard = _guard(budgets=budgets, backoff_factor=0.5, lr_recovery_steps=5)
+    guard = _guard(config=PolicyConfig(budgets=budgets, backoff_factor=0.5, lr_recovery_steps=5))
     probe = _LearningRates()
     faults = dict(CLIMB_FAULTS)  # clip, tight clip, skip, back off, back off again
     _fit(_WithScheduler(faults=faults), 60, tmp_path, [guard, probe])
@@ -223,7 +224,7 @@ def test_lr_backoff_scales_the_step_and_never_corrupts_the_scheduler(tmp_path: P
 
 def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
-    guard = _guard(budgets=budgets, snapshot_every=10)
+    guard = _guard(config=PolicyConfig(budgets=budgets, snapshot_every=10))
     probe = _WeightsEveryStep()
     faults = dict(CLIMB_FAULTS)
     _fit(TinyRegression(faults=faults), 45, tmp_path, [guard, probe])
@@ -237,7 +238,7 @@ def test_rollback_restores_the_last_healthy_snapshot(tmp_path: Path) -> None:
 
 def test_stop_rung_ends_the_run_gracefully_with_a_json_reason(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
-    guard = _guard(budgets=budgets)
+    guard = _guard(config=PolicyConfig(budgets=budgets))
     faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
     trainer = _fit(TinyRegression(faults=faults), 100, tmp_path, [guard])
     assert trainer.global_step == 36  # the sixth fault in a row (policy step 36) stops it
@@ -250,7 +251,8 @@ def test_stop_rung_can_raise_instead(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
     faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
     with pytest.raises(GradientExplosionError, match="step 36: nonfinite"):
-        _fit(TinyRegression(faults=faults), 100, tmp_path, [_guard(budgets=budgets, raise_on_stop=True)])
+        guard = _guard(config=PolicyConfig(budgets=budgets), raise_on_stop=True)
+        _fit(TinyRegression(faults=faults), 100, tmp_path, [guard])
 
 
 def test_interventions_are_logged_as_scalars_events_and_a_console_table(
@@ -274,7 +276,7 @@ def test_unwritable_log_directory_warns_once_and_the_stop_decision_still_stands(
     blocker = tmp_path / "a_file"  # the log dir's parent is a regular file: root ignores permission bits
     blocker.write_text("")
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1, "rollback": 1}
-    guard = _guard(budgets=budgets)
+    guard = _guard(config=PolicyConfig(budgets=budgets))
     faults = {**dict.fromkeys(range(30, 60), "nan_grad"), 30: "scale_grad", 31: "scale_grad"}
     with pytest.warns(UserWarning, match=r"lightning_gradstab: ExplosionGuard cannot write .*a_file") as warned:
         trainer = _fit(TinyRegression(faults=faults), 100, blocker / "logs", [guard], logger=memory_logger)
@@ -380,7 +382,7 @@ def test_persistent_nan_under_fp16_collapses_the_scale_again_and_again_and_reach
 
 def test_rollback_restores_the_grad_scaler_state_of_the_snapshot(tmp_path: Path) -> None:
     budgets = {"skip": 1, "lr_backoff": 1}
-    guard, scales = _guard(budgets=budgets, snapshot_every=10), _LossScales()
+    guard, scales = _guard(config=PolicyConfig(budgets=budgets, snapshot_every=10)), _LossScales()
     precision = MixedPrecision("16-mixed", "cpu")
     # the scale set to 4.0, then collapsed three times: skip, back off, roll back (policy steps 32-34)
     fake = _FakeLossScale({30: 4.0, 31: 0.5, 32: 0.5, 33: 0.5})
@@ -424,7 +426,7 @@ class _WithoutLr(TinyRegression):
 
 def test_optimizer_without_lr_is_named_at_fit_start_and_the_backoff_rung_still_works(tmp_path: Path) -> None:
     budgets = {"clip": 1, "tight_clip": 1, "skip": 1}
-    guard = _guard(budgets=budgets)
+    guard = _guard(config=PolicyConfig(budgets=budgets))
     faults = dict(CLIMB_FAULTS)  # reaches lr_backoff at the 4th fault
     with pytest.warns(UserWarning, match=r"optimizer 0 \(_NoLrOptimizer\) has param groups without a numeric 'lr'"):
         trainer = _fit(_WithoutLr(faults=faults), 60, tmp_path, [guard])
@@ -437,14 +439,14 @@ def test_optimizer_without_lr_is_named_at_fit_start_and_the_backoff_rung_still_w
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"zscore_threshold": 0}, r"`zscore_threshold` must be a number > 0, got 0"),
-        ({"warmup_steps": 0}, r"`warmup_steps` must be an int >= 1, got 0"),
+        ({"config": {"zscore_threshold": 0}}, r"`zscore_threshold` must be a number > 0, got 0"),
+        ({"config": {"warmup_steps": 0}}, r"`warmup_steps` must be an int >= 1, got 0"),
         ({"max_rung": "panic"}, r"`max_rung` must be one of \['observe', 'clip', 'tight_clip'"),
-        ({"backoff_factor": 1.5}, r"`backoff_factor` must be a number in \(0, 1\), got 1.5"),
-        ({"max_rung": "clip", "snapshot_every": 10}, r"`snapshot_every` configures rung 'rollback'"),
+        ({"config": {"backoff_factor": 1.5}}, r"`backoff_factor` must be a number in \(0, 1\), got 1.5"),
+        ({"max_rung": "clip", "config": {"snapshot_every": 10}}, r"`snapshot_every` configures rung 'rollback'"),
         ({"log_every_n_steps": 0}, r"`log_every_n_steps` must be a positive int or None, got 0"),
-        ({"loss_scale_floor": math.inf}, r"`loss_scale_floor` must be a finite number .*got inf"),
-        ({"zscore_threshold": math.nan}, r"`zscore_threshold` must be a finite number .*got nan"),
+        ({"config": {"loss_scale_floor": math.inf}}, r"`loss_scale_floor` must be a finite number .*got inf"),
+        ({"config": {"zscore_threshold": math.nan}}, r"`zscore_threshold` must be a finite number .*got nan"),
         ({"max_norm": math.inf}, r"`max_norm` must be a finite number .*got inf"),
     ],
 )

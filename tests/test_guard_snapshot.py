@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab.callbacks.guard import SNAPSHOT_DIRNAME, ExplosionGuard
+from lightning_gradstab.guard.config import PolicyConfig
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
@@ -50,7 +51,7 @@ class _Probe(Callback):
 
 
 def _train(tmp_path: Path, **options: Any) -> tuple[ExplosionGuard, _Probe]:
-    guard = ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=10, **options)
+    guard = ExplosionGuard(console_summary=False, config=PolicyConfig(budgets=BUDGETS, snapshot_every=10), **options)
     probe = _Probe(guard)
     trainer = quiet_trainer(
         max_steps=STEPS, callbacks=[guard, probe], default_root_dir=str(tmp_path), log_every_n_steps=1
@@ -160,7 +161,7 @@ class _SaveAt(Callback):
 @pytest.mark.parametrize("location", ["memory", "disk"])
 def test_a_checkpoint_carries_a_memory_snapshot_but_not_a_disk_one(tmp_path: Path, location: str) -> None:
     path = tmp_path / "step20.ckpt"
-    guard = ExplosionGuard(console_summary=False, snapshot_every=10, snapshot_location=location)
+    guard = ExplosionGuard(console_summary=False, config=PolicyConfig(snapshot_every=10), snapshot_location=location)
     trainer = quiet_trainer(max_steps=25, callbacks=[guard, _SaveAt(20, path)], default_root_dir=str(tmp_path))
     trainer.fit(TinyRegression(optimizer="adam", lr=0.01), regression_loader())
     saved = torch.load(path, weights_only=True)["gradstab_guard_snapshot"]

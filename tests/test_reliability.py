@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_gradstab import running
 from lightning_gradstab.callbacks.guard import SNAPSHOT_CHECKPOINT_KEY, ExplosionGuard
+from lightning_gradstab.guard.config import PolicyConfig
 from lightning_gradstab.guard.snapshot import RollbackSnapshot
 from lightning_gradstab.running import GrowthWindow
 from tests.helpers.trainers import quiet_trainer
@@ -46,7 +47,7 @@ UNUSABLE = "asks for a rollback but a rank holds no usable rollback snapshot"
 
 
 def _guard(**options: Any) -> ExplosionGuard:
-    return ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=10, **options)
+    return ExplosionGuard(console_summary=False, config=PolicyConfig(budgets=BUDGETS, snapshot_every=10), **options)
 
 
 class _Weights(Callback):
@@ -436,11 +437,11 @@ def test_the_hydra_example_accepts_a_budgets_override() -> None:
 
     register_schemas()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["+gradstab.guard.budgets={skip:2}"])
+        cfg = compose("config", overrides=["+gradstab.guard.config.budgets={skip:2}"])
     (guard,) = [c for c in build_gradstab_callbacks(cfg.gradstab) if isinstance(c, ExplosionGuard)]
     assert guard.config.budgets == {"skip": 2}
     # and a DictConfig handed over directly, as `instantiate` does by default
-    assert ExplosionGuard(budgets=OmegaConf.create({"skip": 2})).config.budgets == {"skip": 2}
+    assert ExplosionGuard(config=OmegaConf.create({"budgets": {"skip": 2}})).config.budgets == {"skip": 2}
 
 
 def test_snapshot_file_names_differ_per_run_and_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

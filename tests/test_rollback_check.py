@@ -75,4 +75,4 @@ def test_a_curriculum_stage_is_not_rolled_back_its_weights_come_back_and_the_lr_
 
 def test_the_suite_releases_the_state_it_kept_aside_when_the_check_ends(tmp_path) -> None:
     guard, _ = _fit(tmp_path, HarderTargets(), steps=120)
-    assert guard._set_aside.location is None and guard._set_aside.nbytes == 0
+    assert guard._snapshots.set_aside.location is None and guard._snapshots.set_aside.nbytes == 0

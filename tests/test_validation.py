@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, GradNormMonitor, InitAudit
+from lightning_gradstab import ArchitectureAdvisor, ExplosionGuard, GradNormMonitor, InitAudit, PolicyConfig
 from tests.matrix_support import Cell, build_model, trainer_for
 
 torch.set_num_threads(1)
@@ -23,6 +23,7 @@ CALLBACKS: dict[str, Any] = {
     "ExplosionGuard": ExplosionGuard,
     "InitAudit": InitAudit,
     "ArchitectureAdvisor": ArchitectureAdvisor,
+    "PolicyConfig": PolicyConfig,  # the guard's options besides its named ones (ExplosionGuard(config=...))
 }
 
 # (callback, keyword arguments, the argument the message must name)
@@ -44,27 +45,27 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("GradNormMonitor", {"update_to_weight": 1}, "update_to_weight"),
     ("ExplosionGuard", {"max_rung": "explode"}, "max_rung"),
     ("ExplosionGuard", {"max_rung": 3}, "max_rung"),
-    ("ExplosionGuard", {"zscore_threshold": 0.0}, "zscore_threshold"),
-    ("ExplosionGuard", {"zscore_threshold": math.nan}, "zscore_threshold"),
-    ("ExplosionGuard", {"zscore_threshold": "2.5"}, "zscore_threshold"),
-    ("ExplosionGuard", {"ema_decay": 1.0}, "ema_decay"),
-    ("ExplosionGuard", {"ema_decay": 0.0}, "ema_decay"),
-    ("ExplosionGuard", {"warmup_steps": 0}, "warmup_steps"),
-    ("ExplosionGuard", {"warmup_steps": 2.5}, "warmup_steps"),
-    ("ExplosionGuard", {"warmup_steps": True}, "warmup_steps"),
-    ("ExplosionGuard", {"log_std_floor": -0.1}, "log_std_floor"),
-    ("ExplosionGuard", {"growth_window": 2}, "growth_window"),
-    ("ExplosionGuard", {"growth_factor": 1.0}, "growth_factor"),
-    ("ExplosionGuard", {"healthy_steps_to_deescalate": 0}, "healthy_steps_to_deescalate"),
-    ("ExplosionGuard", {"loss_scale_floor": 0.0}, "loss_scale_floor"),
-    ("ExplosionGuard", {"budgets": {"clip": 0}}, "budgets['clip']"),
-    ("ExplosionGuard", {"budgets": {"clip": 1.5}}, "budgets['clip']"),
-    ("ExplosionGuard", {"budgets": {"explode": 1}}, "budgets"),
-    ("ExplosionGuard", {"budgets": 3}, "budgets"),
-    ("ExplosionGuard", {"tight_clip_ratio": 0.0}, "tight_clip_ratio"),
-    ("ExplosionGuard", {"backoff_factor": 1.0}, "backoff_factor"),
-    ("ExplosionGuard", {"lr_recovery_steps": 0}, "lr_recovery_steps"),
-    ("ExplosionGuard", {"snapshot_every": 0}, "snapshot_every"),
+    ("PolicyConfig", {"zscore_threshold": 0.0}, "zscore_threshold"),
+    ("PolicyConfig", {"zscore_threshold": math.nan}, "zscore_threshold"),
+    ("PolicyConfig", {"zscore_threshold": "2.5"}, "zscore_threshold"),
+    ("PolicyConfig", {"ema_decay": 1.0}, "ema_decay"),
+    ("PolicyConfig", {"ema_decay": 0.0}, "ema_decay"),
+    ("PolicyConfig", {"warmup_steps": 0}, "warmup_steps"),
+    ("PolicyConfig", {"warmup_steps": 2.5}, "warmup_steps"),
+    ("PolicyConfig", {"warmup_steps": True}, "warmup_steps"),
+    ("PolicyConfig", {"log_std_floor": -0.1}, "log_std_floor"),
+    ("PolicyConfig", {"growth_window": 2}, "growth_window"),
+    ("PolicyConfig", {"growth_factor": 1.0}, "growth_factor"),
+    ("PolicyConfig", {"healthy_steps_to_deescalate": 0}, "healthy_steps_to_deescalate"),
+    ("PolicyConfig", {"loss_scale_floor": 0.0}, "loss_scale_floor"),
+    ("PolicyConfig", {"budgets": {"clip": 0}}, "budgets['clip']"),
+    ("PolicyConfig", {"budgets": {"clip": 1.5}}, "budgets['clip']"),
+    ("PolicyConfig", {"budgets": {"explode": 1}}, "budgets"),
+    ("PolicyConfig", {"budgets": 3}, "budgets"),
+    ("PolicyConfig", {"tight_clip_ratio": 0.0}, "tight_clip_ratio"),
+    ("PolicyConfig", {"backoff_factor": 1.0}, "backoff_factor"),
+    ("PolicyConfig", {"lr_recovery_steps": 0}, "lr_recovery_steps"),
+    ("PolicyConfig", {"snapshot_every": 0}, "snapshot_every"),
     ("ExplosionGuard", {"log_every_n_steps": 0}, "log_every_n_steps"),
     ("ExplosionGuard", {"raise_on_stop": "yes"}, "raise_on_stop"),
     ("ExplosionGuard", {"console_summary": None}, "console_summary"),
@@ -114,17 +115,20 @@ CONTRADICTIONS: list[tuple[dict[str, Any], str]] = [
 def test_guard_option_for_a_rung_above_max_rung_is_a_contradiction_naming_both(
     kwargs: dict[str, Any], option: str
 ) -> None:
-    with pytest.raises(ValueError) as error:
-        ExplosionGuard(**kwargs)
-    message = str(error.value)
-    assert f"`{option}`" in message and "`max_rung`" in message and repr(kwargs["max_rung"]) in message
+    rest = {key: value for key, value in kwargs.items() if key != "max_rung"}
+    for build in (lambda: PolicyConfig(**kwargs), lambda: ExplosionGuard(max_rung=kwargs["max_rung"], config=rest)):
+        with pytest.raises(ValueError) as error:
+            build()
+        message = str(error.value)
+        assert f"`{option}`" in message and "`max_rung`" in message and repr(kwargs["max_rung"]) in message
 
 
 VALID: list[tuple[str, dict[str, Any]]] = [
     ("GradNormMonitor", {"group_by": 2, "norm_type": math.inf, "log_every_n_steps": 10, "update_to_weight": True}),
     ("GradNormMonitor", {"group_by": "parameter", "histogram_every_n_steps": 100, "figure_every_n_steps": 200}),
-    ("ExplosionGuard", {"max_rung": "clip", "budgets": {"clip": 2}}),
-    ("ExplosionGuard", {"max_rung": "rollback", "backoff_factor": 0.25, "snapshot_every": 5, "tight_clip_ratio": 3}),
+    ("ExplosionGuard", {"max_rung": "clip", "config": PolicyConfig(max_rung="clip", budgets={"clip": 2})}),
+    ("ExplosionGuard", {"max_rung": "rollback", "config": {"backoff_factor": 0.25, "snapshot_every": 5}}),
+    ("PolicyConfig", {"max_rung": "rollback", "backoff_factor": 0.25, "snapshot_every": 5, "tight_clip_ratio": 3}),
     ("InitAudit", {"fix": True, "seed": 7, "forward_fn": lambda module, batch: module(batch[0], batch[1])}),
     ("ArchitectureAdvisor", {"observe_steps": 10, "stall_improvement": 0.5}),
 ]
@@ -134,6 +138,10 @@ VALID: list[tuple[str, dict[str, Any]]] = [
 def test_valid_configuration_is_accepted_and_kept(name: str, kwargs: dict[str, Any]) -> None:
     callback = CALLBACKS[name](**kwargs)
     for key, value in kwargs.items():
+        if name == "ExplosionGuard" and key == "config":  # each of its options lands in the guard's config
+            options = vars(value) if isinstance(value, PolicyConfig) else value
+            assert all(getattr(callback.config, option) == setting for option, setting in options.items())
+            continue
         kept = getattr(callback.config, key) if name == "ExplosionGuard" else getattr(callback, key)
         assert kept == value
 

@@ -1,4 +1,5 @@
-"""The end-of-fit words of the guard: concrete configuration changes, and the console table of its actions."""
+"""The end-of-fit words of the guard: what it did as plain data, concrete configuration changes, and the console
+table of its actions."""
 
 from __future__ import annotations
 
@@ -8,8 +9,35 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_gradstab.console import console_print
-from lightning_gradstab.guard.config import SCALE_INVARIANT_MAX_NORM, PolicyConfig
+from lightning_gradstab.guard.config import EVIDENCE, RUNGS, SCALE_INVARIANT_MAX_NORM, PolicyConfig
 from lightning_gradstab.guard.ladder import ExplosionPolicy
+
+
+def guard_summary(
+    by_optimizer: dict[int, ExplosionPolicy], base_lrs: dict[int, float], config: PolicyConfig, stop_reason: str | None
+) -> dict[str, Any]:
+    """What the guard did, per optimizer, as plain data: see :meth:`~lightning_gradstab.ExplosionGuard.summary`."""
+    optimizers = {}
+    for index, policy in sorted(by_optimizer.items()):
+        counts = policy.counts
+        evidence: dict[str, int] = {}
+        for anomaly, kind in EVIDENCE.items():
+            if counts.get(anomaly):
+                evidence[kind] = evidence.get(kind, 0) + counts[anomaly]
+        base_lr = base_lrs.get(index)
+        final_lr = None if base_lr is None else base_lr * policy.lr_scale
+        optimizers[str(index)] = {
+            "final_level": policy.level,
+            "final_rung": RUNGS[policy.level],
+            "lr_scale": policy.lr_scale,
+            "final_lr": final_lr,
+            "counts": counts,
+            "evidence": evidence,
+            "first_anomaly_steps": policy.first_anomaly_steps,
+            "worst_spikes": policy.worst_spikes,
+            "advice": guard_advice(policy, base_lr, config),
+        }
+    return {"stopped": stop_reason is not None, "stop_reason": stop_reason, "optimizers": optimizers}
 
 
 def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:

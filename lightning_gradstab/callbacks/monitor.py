@@ -16,20 +16,20 @@ from typing_extensions import override
 from lightning_gradstab import tensorboard
 from lightning_gradstab.adam_state import AdamStateTracker
 from lightning_gradstab.arguments import check_flag, check_interval
+from lightning_gradstab.callbacks._monitor_pictures import add_gradient_flow_figure, add_histograms, draw_heatmap
+from lightning_gradstab.callbacks._monitor_queue import ScalarQueue
 from lightning_gradstab.callbacks._shared import (
     SuiteCallback,
     add_tensorboard_layout,
     forget_trainer,
     gradient_stats,
-    log_metrics,
     logging_step,
     optimizer_index,
     parameter_layout,
     print_fit_summary,
     request_self_check,
-    tensorboard_writers,
 )
-from lightning_gradstab.distributed import local_shard, refuse_unsupported_strategy
+from lightning_gradstab.distributed import refuse_unsupported_strategy
 from lightning_gradstab.stats import (
     GradientStats,
     GroupBy,
@@ -52,12 +52,14 @@ PER_LAYER_SCALARS_MAX_GROUPS = 16
 Four statistics per group make ~65 charts at this size; beyond it the Scalars tab is a wall of near-identical
 charts, and the heat map (one image) and the log10 layer range (four lines) show the same picture."""
 
-_SPREAD = ("layer_min", "layer_median", "layer_max")
+SPREAD = ("layer_min", "layer_median", "layer_max")
+"""The three per-layer statistics of :func:`log10_spread`, in its order (tag suffixes)."""
+
 HEATMAP_MAX_COLUMNS = 512
 """The heat map keeps at most this many optimizer steps (on the device): when full, every other one is dropped."""
 
 
-def _log10_spread(values: Tensor) -> Tensor:
+def log10_spread(values: Tensor) -> Tensor:
     """log10 of the smallest non-zero, the median and the largest finite value (device ops, no sync)."""
     logs = values.float().log10()
     if logs.numel() == 0:  # no group has parameters to measure
@@ -66,28 +68,6 @@ def _log10_spread(values: Tensor) -> Tensor:
     low = torch.where(finite, logs, torch.full_like(logs, math.inf)).min()
     high = torch.where(finite, logs, torch.full_like(logs, -math.inf)).max()
     return torch.stack([low, torch.where(finite, logs, torch.full_like(logs, math.nan)).nanmedian(), high])
-
-
-@dataclass
-class _HostCopy:
-    """Scalars of several steps on their way to the host, read once the copy has finished."""
-
-    rows: list[tuple[int, Sequence[str]]]
-    values: Tensor
-    done: torch.cuda.Event | None
-
-    def ready(self) -> bool:
-        return self.done is None or self.done.query()
-
-    def metrics(self) -> list[tuple[int, dict[str, float]]]:
-        if self.done is not None:
-            self.done.synchronize()
-        flat = self.values.tolist()
-        out, offset = [], 0
-        for step, names in self.rows:
-            out.append((step, dict(zip(names, flat[offset : offset + len(names)], strict=True))))
-            offset += len(names)
-        return out
 
 
 @dataclass
@@ -209,9 +189,7 @@ class GradNormMonitor(SuiteCallback):
         self._layer_tags: set[str] = set()
         self._plans: dict[int, _Plan] = {}  # id(optimizer as the hook receives it) -> what its steps need
         self._interval = 50
-        # (step, tags, values): the tags are a plan's tuple, or a list when a step adds to them
-        self._pending: list[tuple[int, Sequence[str], list[Tensor]]] = []
-        self._in_flight: list[_HostCopy] = []
+        self._queue = ScalarQueue()  # device scalars on their way to the loggers
         self._weights_before: dict[int, tuple[int, str, GradientStats, list[Tensor] | tuple[Tensor, ...]]] = {}
         self._hook_handles: list[Any] = []
         self._trainer: pl.Trainer | None = None  # for the optimizer post-step hook, which gets no trainer
@@ -291,14 +269,14 @@ class GradNormMonitor(SuiteCallback):
             if step - plan.heat_drawn_at >= self.heatmap_every_n_steps:  # type: ignore[operator]
                 self._draw_heatmap(trainer, plan)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._add_histograms(trainer, stats, plan.scope, step)
+            add_histograms(trainer, stats, self.group_by, plan.scope, step)
         if self.figure_every_n_steps and step % self.figure_every_n_steps == 0:
-            self._add_gradient_flow_figure(trainer, stats, plan.scope, step)
+            add_gradient_flow_figure(trainer, stats, self.group_by, plan.scope, step)
         if plan.rank_zero:
-            self._pending.append((step, names, values))
+            self._queue.add(step, names, values)
             if step % self._interval == 0:
-                self._start_host_copy()
-            if self._in_flight:
+                self._queue.start_copy()
+            if self._queue.in_flight:
                 self._emit(trainer, wait=False)
 
     def _plan(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, stats: GradientStats) -> _Plan:
@@ -336,15 +314,15 @@ class GradNormMonitor(SuiteCallback):
         prefix = f"gradstab/adam/{plan.scope}"
         groups, per_group = stats.adam.group(self.group_by)
         names = list(names)
-        names += [f"{prefix}log10_update_rms/{kind}" for kind in _SPREAD]
-        values.append(_log10_spread(per_group["update_rms"]))
+        names += [f"{prefix}log10_update_rms/{kind}" for kind in SPREAD]
+        values.append(log10_spread(per_group["update_rms"]))
         names += [f"{prefix}outlier_fraction/total", f"{prefix}outlier_fraction/layer_max"]
         outliers = per_group["outlier_fraction"]
         values.append(torch.stack([stats.adam.total_outlier_fraction(), outliers.nan_to_num(nan=0.0).max()]))
         if plan.adam.calls > 1:
             for statistic in ("recent_grad_sq_ratio", "second_moment_change"):
-                names += [f"{prefix}log10_{statistic}/{kind}" for kind in _SPREAD[:2]]
-                values.append(_log10_spread(per_group[statistic])[:2])
+                names += [f"{prefix}log10_{statistic}/{kind}" for kind in SPREAD[:2]]
+                values.append(log10_spread(per_group[statistic])[:2])
         if self._per_layer:
             for statistic in ("update_rms", "outlier_fraction"):
                 tags = [f"{prefix}{statistic}/{group}" for group in groups]
@@ -363,9 +341,9 @@ class GradNormMonitor(SuiteCallback):
         names, norms = stats.group_norms(self.group_by, self.norm_type)
         tags = [f"gradstab/grad_norm/{scope}{name}" for name in names]
         self._layer_tags.update(tags)
-        log_tags = [f"gradstab/log10_grad_norm/{scope}{kind}" for kind in ("total", *_SPREAD)]
+        log_tags = [f"gradstab/log10_grad_norm/{scope}{kind}" for kind in ("total", *SPREAD)]
         total = stats.total(self.norm_type).reshape(1)
-        scalars = [(tags, norms), (log_tags, torch.cat([total.log10(), _log10_spread(norms)]))]
+        scalars = [(tags, norms), (log_tags, torch.cat([total.log10(), log10_spread(norms)]))]
         if not self._per_layer:
             if self.log_inf_norm:
                 scalars.append(([f"gradstab/grad_max/{scope}total"], stats.total(math.inf).reshape(1)))
@@ -392,8 +370,8 @@ class GradNormMonitor(SuiteCallback):
         names, delta_norms = stats.group_sums(delta_sq.to(stats.param_sq_norms.device), self.group_by)
         _, weight_norms = stats.group_weight_norms(self.group_by)
         ratios = delta_norms.sqrt() / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        tags = [f"gradstab/log10_update/{scope}{kind}" for kind in _SPREAD]
-        vectors = [_log10_spread(ratios)]
+        tags = [f"gradstab/log10_update/{scope}{kind}" for kind in SPREAD]
+        vectors = [log10_spread(ratios)]
         if self._per_layer:
             tags += [f"gradstab/update_to_weight/{scope}{name}" for name in names]
             vectors.append(ratios)
@@ -403,93 +381,25 @@ class GradNormMonitor(SuiteCallback):
         """Queue device scalars; every ``log_every_n_steps`` steps start one asynchronous host copy of all."""
         if trainer.global_rank != 0:
             return
-        self._pending.append((step, names, values))
+        self._queue.add(step, names, values)
         if step % self._interval == 0:
-            self._start_host_copy()
+            self._queue.start_copy()
         self._emit(trainer, wait=False)
 
-    def _start_host_copy(self) -> None:
-        if not self._pending:
-            return
-        rows = [(step, names) for step, names, _ in self._pending]
-        values = torch.cat([v.detach().float().reshape(-1) for _, _, vectors in self._pending for v in vectors])
-        done = None
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, device="cpu", pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            values = host
-        self._in_flight.append(_HostCopy(rows, values, done))
-        self._pending = []
-
     def _emit(self, trainer: pl.Trainer, wait: bool) -> None:
-        while self._in_flight and (wait or self._in_flight[0].ready()):
-            for step, metrics in self._in_flight.pop(0).metrics():
-                if not self._per_layer:
-                    metrics = {tag: value for tag, value in metrics.items() if tag not in self._layer_tags}
-                log_metrics(trainer, metrics, step)
+        """Log the finished host copies; per-layer tags are left out when per-layer scalars are off."""
+        self._queue.emit(trainer, wait, leave_out=None if self._per_layer else self._layer_tags)
 
     def _draw_heatmap(self, trainer: pl.Trainer, plan: _Plan) -> None:
-        heat = plan.heat
-        assert heat is not None
-        names, index = plan.heat_groups
-
-        def layer_norms(squares: Tensor) -> Tensor:  # [columns, parameters] squared norms -> [columns, layers]
-            sums = torch.zeros((squares.shape[0], len(names)), dtype=squares.dtype, device=squares.device)
-            return sums.index_add_(1, index, squares).sqrt()
-
-        steps, norms = heat.columns(layer_norms)  # the one host transfer of this drawing
-        plan.heat_drawn_at = steps[-1]
-        scope = plan.scope
-        title = f"Gradient flow over time {scope}(log10 L2 gradient norm per layer, steps {steps[0]}-{steps[-1]})"
-        figure = tensorboard.gradient_heatmap_figure(steps, heat.names, norms, title=title)
-        writers = tensorboard_writers(trainer)
-        if writers:
-            tag = tensorboard.HEATMAP_TAG + (f"/{scope.rstrip('/')}" if scope else "")
-            for writer in writers:
-                writer.add_figure(tag, figure, steps[-1])
-        elif trainer.loggers:  # loggers that take no images (CSVLogger): a PNG beside their files
-            tensorboard.save_heatmap_png(trainer, figure, scope)
+        assert plan.heat is not None
+        plan.heat_drawn_at = draw_heatmap(trainer, plan.heat, plan.heat_groups, plan.scope)
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        self._start_host_copy()
+        self._queue.start_copy()
         self._emit(trainer, wait=True)
         for plan in self._plans.values():
             if plan.heat is not None and plan.heat.steps and plan.heat_drawn_at != plan.heat.latest_step:
                 self._draw_heatmap(trainer, plan)
-
-    def _add_histograms(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
-        writers = tensorboard_writers(trainer)
-        if not writers:
-            return
-        names, index = stats.layout.group_index(self.group_by)
-        members: dict[int, list[Tensor]] = {}
-        for position, group in enumerate(index.tolist()):
-            grad = stats.layout.parameters[position].grad
-            if grad is not None:
-                grad = local_shard(grad)
-                members.setdefault(group, []).append(grad.detach().reshape(-1).float())
-        for group, grads in members.items():
-            values = torch.cat(grads).cpu()
-            for writer in writers:
-                writer.add_histogram(f"gradstab/grad_hist/{scope}{names[group]}", values, step)
-
-    def _add_gradient_flow_figure(self, trainer: pl.Trainer, stats: GradientStats, scope: str, step: int) -> None:
-        # computed on every rank: under sharded strategies the extra norms are collectives
-        names, l1 = stats.group_norms(self.group_by, 1.0)
-        _, maxima = stats.group_norms(self.group_by, math.inf)
-        sizes = torch.tensor([float(p.numel()) for p in stats.layout.parameters], device=l1.device)
-        _, group_sizes = stats.group_sums(sizes, self.group_by)
-        writers = tensorboard_writers(trainer)
-        if not writers:
-            return
-        mean_abs = (l1 / group_sizes.clamp_min(1)).tolist()
-        figure = tensorboard.gradient_flow_figure(
-            names, mean_abs, maxima.tolist(), title=f"Gradient flow {scope}(step {step})"
-        )
-        for writer in writers:
-            writer.add_figure(f"gradstab/gradient_flow{'/' + scope.rstrip('/') if scope else ''}", figure, step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

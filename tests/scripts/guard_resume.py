@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
+from lightning_gradstab.guard.config import PolicyConfig
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
@@ -29,7 +30,7 @@ BUDGETS = {"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}
 def guard() -> ExplosionGuard:
     # snapshot_every=20: snapshots at steps 26 and 47 (the first refreshes come once half the run so far has passed,
     # then every 20 healthy steps), so the last one before the rollback at step 65 is taken before the crash at 52
-    return ExplosionGuard(console_summary=False, budgets=BUDGETS, snapshot_every=20)
+    return ExplosionGuard(console_summary=False, config=PolicyConfig(budgets=BUDGETS, snapshot_every=20))
 
 
 def checkpointing(directory: Path) -> ModelCheckpoint:

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
+from lightning_gradstab.guard.config import PolicyConfig
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
 
@@ -52,8 +53,7 @@ def main(out_dir: Path, mode: str) -> None:
     torch.set_num_threads(1)
     guard = ExplosionGuard(
         console_summary=False,
-        budgets={"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1},
-        snapshot_every=10,
+        config=PolicyConfig(budgets={"clip": 1, "tight_clip": 1, "skip": 1, "lr_backoff": 1}, snapshot_every=10),
         snapshot_location="disk",
         snapshot_dir=out_dir / "snapshots",
     )
