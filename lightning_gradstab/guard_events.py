@@ -1,17 +1,18 @@
-"""What the guard tells the rest of the suite: its event log as typed records, behind a small protocol.
+"""The guard's one event record, from the policy to the events file to the advisor, behind a small protocol.
 
-A callback that acts on gradient explosions (``ExplosionGuard``) implements :class:`GuardEventSource`:
-``guard_events()`` returns its kept events as plain mappings with the keys documented on
-:attr:`lightning_gradstab.guard.event_log.EventLog.events`. Consumers (``ArchitectureAdvisor``) find sources with
-``isinstance(callback, GuardEventSource)`` and read the events through :meth:`GuardEvent.from_mapping`; they
-never import a callback module nor read a callback's attributes.
+The policy records each step it acted on or found anomalous as a :class:`GuardEvent`; the record travels as a
+plain mapping (:meth:`GuardEvent.to_mapping`) wherever it must be serialised (checkpoints, the JSONL events
+file, ``guard_events()``), and is read back with :meth:`GuardEvent.from_mapping`. A callback that acts on gradient
+explosions (``ExplosionGuard``) implements :class:`GuardEventSource`; consumers (``ArchitectureAdvisor``) find
+sources with ``isinstance(callback, GuardEventSource)`` and read typed events through
+:func:`collect_guard_events`; they never import a callback module nor read a callback's attributes.
 
 Example::
 
     event = GuardEvent.from_mapping({"step": 3, "level": 2, "previous_level": 1, "anomaly": "spike"})
     assert event.escalated and event.anomaly == "spike"
+    assert GuardEvent.from_mapping(event.to_mapping()) == event
 """
-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ REQUIRED_KEYS: tuple[str, ...] = ("step", "level", "previous_level", "anomaly")
 
 @dataclass(frozen=True)
 class GuardEvent:
-    """One decision of the guard that it logged: the optimizer step, the ladder levels and the anomaly seen.
+    """One decision of the guard that it logged: the optimizer step, the evidence, the ladder and what it did.
 
     Args:
         step: optimizer step the decision was about.
@@ -34,6 +35,14 @@ class GuardEvent:
         total_norm: total gradient norm of the step (``None`` when it was not finite).
         clip_threshold: the clip threshold in force (``None`` when the step was not clipped).
         optimizer: index of the optimizer whose policy decided.
+        zscore: the norm's log-space z-score against the running statistics.
+        loss: the step's loss (``None`` when the step had none).
+        loss_zscore: the loss's z-score against its running statistics.
+        rung: the name of ``level``.
+        evidence: the kind of evidence the anomaly is (``"gradient"``, ``"loss"``, ...), or ``None``.
+        actions: what the guard did, lowest rung first (``"clip"``, ``"skip"``, ``"rollback"``, ...).
+        lr_scale: the learning-rate multiplier after the decision.
+        rollback_check: at the end of a rollback check, its numbers and verdict; else ``None``.
 
     Example::
 
@@ -47,6 +56,14 @@ class GuardEvent:
     total_norm: float | None = None
     clip_threshold: float | None = None
     optimizer: int = 0
+    zscore: float = 0.0
+    loss: float | None = None
+    loss_zscore: float = 0.0
+    rung: str | None = None
+    evidence: str | None = None
+    actions: tuple[str, ...] = ()
+    lr_scale: float = 1.0
+    rollback_check: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, event: Mapping[str, Any]) -> GuardEvent:
@@ -59,6 +76,7 @@ class GuardEvent:
         missing = [key for key in REQUIRED_KEYS if key not in event]
         if missing:
             raise KeyError(f"guard event {dict(event)!r} lacks the keys {missing} of the GuardEvent contract")
+        check = event.get("rollback_check")
         return cls(
             step=int(event["step"]),
             level=int(event["level"]),
@@ -67,7 +85,42 @@ class GuardEvent:
             total_norm=event.get("total_norm"),
             clip_threshold=event.get("clip_threshold"),
             optimizer=int(event.get("optimizer", 0)),
+            zscore=event.get("zscore", 0.0),
+            loss=event.get("loss"),
+            loss_zscore=event.get("loss_zscore", 0.0),
+            rung=event.get("rung"),
+            evidence=event.get("evidence"),
+            actions=tuple(event.get("actions", ())),
+            lr_scale=event.get("lr_scale", 1.0),
+            rollback_check=None if check is None else dict(check),
         )
+
+    def to_mapping(self, with_optimizer: bool = False) -> dict[str, Any]:
+        """The event as the plain dict that checkpoints, the events file and ``guard_events()`` carry (the keys of
+        :attr:`~lightning_gradstab.guard.event_log.EventLog.events`; ``optimizer`` first when asked).
+
+        Example::
+
+            GuardEvent(step=1, level=1, previous_level=1, anomaly=None).to_mapping()["rung"]  # None
+        """
+        mapping: dict[str, Any] = {"optimizer": self.optimizer} if with_optimizer else {}
+        mapping.update(
+            step=self.step,
+            total_norm=self.total_norm,
+            zscore=self.zscore,
+            loss=self.loss,
+            loss_zscore=self.loss_zscore,
+            clip_threshold=self.clip_threshold,
+            level=self.level,
+            previous_level=self.previous_level,
+            rung=self.rung,
+            anomaly=self.anomaly,
+            evidence=self.evidence,
+            actions=list(self.actions),
+            lr_scale=self.lr_scale,
+            rollback_check=None if self.rollback_check is None else dict(self.rollback_check),
+        )
+        return mapping
 
     @property
     def escalated(self) -> bool:

@@ -174,6 +174,24 @@ def test_the_real_policys_events_satisfy_the_guard_event_contract():
     assert events and events[-1].anomaly == "nonfinite" and means_explosion(events[-1])
 
 
+def test_the_policy_records_one_typed_event_whose_mapping_is_what_checkpoints_files_and_the_advisor_carry():
+    policy = ExplosionPolicy()
+    for step in range(30):
+        policy.step(Observation(total_norm=1.0 + 0.01 * (step % 3), loss=1.0))
+    policy.step(Observation(total_norm=1e6, loss=1.0))
+    policy.step(Observation(total_norm=float("nan"), nonfinite=True, loss=1.0))
+    records = policy.log.records
+    assert [record.to_mapping() for record in records] == policy.events
+    assert [GuardEvent.from_mapping(event) for event in policy.events] == records
+    spike, nonfinite = records[-2:]
+    assert spike.anomaly == "spike" and spike.actions == ("clip",) and spike.total_norm == 1e6
+    assert nonfinite.total_norm is None and "skip" in nonfinite.actions and nonfinite.rung == "skip"
+    assert list(policy.events[-1]) == [  # the key order of the JSONL file and of 0.1's checkpoints
+        "step", "total_norm", "zscore", "loss", "loss_zscore", "clip_threshold", "level", "previous_level", "rung",
+        "anomaly", "evidence", "actions", "lr_scale", "rollback_check",
+    ]
+
+
 def test_collect_guard_events_reads_every_source_and_ignores_other_callbacks():
     class Source:
         def guard_events(self):

@@ -1,8 +1,9 @@
 """The policy's event log: one record per step the guard acted on or found anomalous, the latest kept, and the
 five most severe anomalies of the run.
 
-An event is a plain dict (it travels in checkpoints and JSON logs); its keys are described in
-:attr:`EventLog.events`. :class:`~lightning_gradstab.guard_events.GuardEvent` is the typed view consumers read.
+An event is a :class:`~lightning_gradstab.guard_events.GuardEvent`, the one record the policy, the events file
+and the advisor share; it travels in checkpoints and JSON logs as the plain dict of
+:meth:`~lightning_gradstab.guard_events.GuardEvent.to_mapping`, whose keys :attr:`EventLog.events` describes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from lightning_gradstab.guard.config import EVIDENCE
 from lightning_gradstab.guard.decision import Decision
+from lightning_gradstab.guard_events import GuardEvent
 
 
 class EventLog:
@@ -23,8 +25,18 @@ class EventLog:
 
     def __init__(self, max_events: int) -> None:
         self.max_events = max_events
-        self._events: list[dict[str, Any]] = []
-        self.worst_spikes: list[dict[str, Any]] = []
+        self._events: list[GuardEvent] = []
+        self._worst: list[GuardEvent] = []
+
+    @property
+    def records(self) -> list[GuardEvent]:
+        """The kept events, oldest first, typed."""
+        return list(self._events)
+
+    @property
+    def worst_spikes(self) -> list[dict[str, Any]]:
+        """The five most severe anomalies' events (non-finite first, then by z-score), as plain dicts."""
+        return [event.to_mapping() for event in self._worst]
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -36,12 +48,12 @@ class EventLog:
         check its numbers and verdict: see
         :attr:`~lightning_gradstab.guard.rollback_check.RollbackCheck.last`).
         """
-        return [dict(event) for event in self._events]
+        return [event.to_mapping() for event in self._events]
 
     def latest(self, missing: int) -> list[dict[str, Any]]:
         """Copies of the last ``missing`` events, those still kept."""
         kept = self._events[len(self._events) - min(missing, len(self._events)) :] if missing > 0 else []
-        return [dict(event) for event in kept]
+        return [event.to_mapping() for event in kept]
 
     def record(
         self,
@@ -52,36 +64,34 @@ class EventLog:
         rollback_check: dict[str, Any] | None,
     ) -> None:
         """Add the event of ``decision`` (``rollback_check``: the numbers of the check it concludes, if any)."""
-        event = {
-            "step": decision.step,
-            "total_norm": norm if math.isfinite(norm) and decision.anomaly != "nonfinite" else None,
-            "zscore": round(decision.zscore, 4),
-            "loss": loss,
-            "loss_zscore": round(decision.loss_zscore, 4),
-            "clip_threshold": decision.clip_threshold if math.isfinite(decision.clip_threshold) else None,
-            "level": decision.level,
-            "previous_level": previous_level,
-            "rung": decision.rung,
-            "anomaly": decision.anomaly,
-            "evidence": decision.evidence,
-            "actions": decision.actions,
-            "lr_scale": decision.lr_scale,
-            "rollback_check": (
-                dict(rollback_check or {}) if decision.rollback_check in ("undo", "keep") else None
-            ),
-        }
+        event = GuardEvent(
+            step=decision.step,
+            total_norm=norm if math.isfinite(norm) and decision.anomaly != "nonfinite" else None,
+            zscore=round(decision.zscore, 4),
+            loss=loss,
+            loss_zscore=round(decision.loss_zscore, 4),
+            clip_threshold=decision.clip_threshold if math.isfinite(decision.clip_threshold) else None,
+            level=decision.level,
+            previous_level=previous_level,
+            rung=decision.rung,
+            anomaly=decision.anomaly,
+            evidence=decision.evidence,
+            actions=tuple(decision.actions),
+            lr_scale=decision.lr_scale,
+            rollback_check=dict(rollback_check or {}) if decision.rollback_check in ("undo", "keep") else None,
+        )
         self._events.append(event)
         del self._events[: -self.max_events]
         if decision.anomaly in EVIDENCE and decision.anomaly != "amp_overflow":
-            self.worst_spikes.append(event)
-            self.worst_spikes.sort(key=_severity, reverse=True)
-            del self.worst_spikes[5:]
+            self._worst.append(event)
+            self._worst.sort(key=_severity, reverse=True)
+            del self._worst[5:]
 
     def load(self, events: list[dict[str, Any]], worst_spikes: list[dict[str, Any]]) -> None:
         """Continue from the ``events`` and ``worst_spikes`` of a saved state."""
-        self._events = [dict(e) for e in events]
-        self.worst_spikes = [dict(e) for e in worst_spikes]
+        self._events = [GuardEvent.from_mapping(e) for e in events]
+        self._worst = [GuardEvent.from_mapping(e) for e in worst_spikes]
 
 
-def _severity(event: dict[str, Any]) -> float:
-    return math.inf if event["total_norm"] is None else event["zscore"]
+def _severity(event: GuardEvent) -> float:
+    return math.inf if event.total_norm is None else event.zscore
