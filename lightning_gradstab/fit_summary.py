@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_gradstab.guard.summary import GuardSummary
 from lightning_gradstab.report import SEVERITIES, SEVERITY_COLOURS, Finding, Report
 
 GUARD_STOPPED = "guard.stopped"
@@ -29,7 +30,7 @@ _INTERVENTIONS = ("skip", "lr_backoff", "rollback", "stop")
 
 def fit_summary(
     reports: Sequence[Report],
-    guard_summaries: Sequence[Mapping[str, Any]] = (),
+    guard_summaries: Sequence[GuardSummary | Mapping[str, Any]] = (),
     next_steps: Mapping[str, str] | None = None,
     files: Sequence[str] = (),
     max_steps_shown: int = 3,
@@ -45,7 +46,8 @@ def fit_summary(
 
     Args:
         reports: the ``InitAudit`` / ``ArchitectureAdvisor`` reports of the fit (empty: no diagnosis ran).
-        guard_summaries: ``ExplosionGuard.summary()`` of each guard.
+        guard_summaries: each guard's :class:`~lightning_gradstab.guard.summary.GuardSummary`, or its plain form
+            (``ExplosionGuard.summary()``, a summary file's contents).
         next_steps: advice by finding code (and :data:`GUARD_STOPPED`, :data:`GUARD_INTERVENED`) in the terms
             of how the user runs, e.g. ``{"init.scale": "rerun with model.init=he"}`` from a Hydra example;
             codes without an entry get the finding's own recommendation.
@@ -68,13 +70,14 @@ def fit_summary(
         key=lambda pair: -SEVERITIES.index(pair[0].severity),
     )
     counts: dict[str, int] = {}
-    stopped = [g["stop_reason"] for g in guard_summaries if g.get("stopped")]
+    guards = [g if isinstance(g, GuardSummary) else GuardSummary.from_mapping(g) for g in guard_summaries]
+    stopped = [g.stop_reason for g in guards if g.stopped]
     guard_advice: list[str] = []
-    for guard in guard_summaries:
-        for entry in guard.get("optimizers", {}).values():
-            for name, count in entry.get("counts", {}).items():
+    for guard in guards:
+        for account in guard.optimizers.values():
+            for name, count in account.counts.items():
                 counts[name] = counts.get(name, 0) + int(count)
-            guard_advice += [line for line in entry.get("advice", ()) if line not in guard_advice]
+            guard_advice += [line for line in account.advice if line not in guard_advice]
     if not findings and not counts and not stopped and not fixed:
         if not reports:
             return ["[green]Gradient stability:[/] the guard took no action (no init audit or advisor ran)."]

@@ -4,19 +4,19 @@ table of its actions."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning.pytorch as pl
 
 from lightning_gradstab.console import console_print
 from lightning_gradstab.guard.config import EVIDENCE, RUNGS, SCALE_INVARIANT_MAX_NORM, PolicyConfig
 from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.summary import GuardSummary, OptimizerSummary
 
 
 def guard_summary(
     by_optimizer: dict[int, ExplosionPolicy], base_lrs: dict[int, float], config: PolicyConfig, stop_reason: str | None
-) -> dict[str, Any]:
-    """What the guard did, per optimizer, as plain data: see :meth:`~lightning_gradstab.ExplosionGuard.summary`."""
+) -> GuardSummary:
+    """What the guard did, per optimizer: see :meth:`~lightning_gradstab.ExplosionGuard.summary`."""
     optimizers = {}
     for index, policy in sorted(by_optimizer.items()):
         counts = policy.counts
@@ -26,18 +26,18 @@ def guard_summary(
                 evidence[kind] = evidence.get(kind, 0) + counts[anomaly]
         base_lr = base_lrs.get(index)
         final_lr = None if base_lr is None else base_lr * policy.lr_scale
-        optimizers[str(index)] = {
-            "final_level": policy.level,
-            "final_rung": RUNGS[policy.level],
-            "lr_scale": policy.lr_scale,
-            "final_lr": final_lr,
-            "counts": counts,
-            "evidence": evidence,
-            "first_anomaly_steps": policy.first_anomaly_steps,
-            "worst_spikes": policy.worst_spikes,
-            "advice": guard_advice(policy, base_lr, config),
-        }
-    return {"stopped": stop_reason is not None, "stop_reason": stop_reason, "optimizers": optimizers}
+        optimizers[index] = OptimizerSummary(
+            final_level=policy.level,
+            final_rung=RUNGS[policy.level],
+            lr_scale=policy.lr_scale,
+            final_lr=final_lr,
+            counts=counts,
+            evidence=evidence,
+            first_anomaly_steps=policy.first_anomaly_steps,
+            worst_spikes=tuple(policy.log.worst_records),
+            advice=tuple(guard_advice(policy, base_lr, config)),
+        )
+    return GuardSummary(stopped=stop_reason is not None, stop_reason=stop_reason, optimizers=optimizers)
 
 
 def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyConfig) -> list[str]:
@@ -102,7 +102,7 @@ def _ceiling(config: PolicyConfig) -> float | None:
     return None if config.max_norm is None else float(config.max_norm)
 
 
-def print_guard_summary(summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:
+def print_guard_summary(summary: GuardSummary, trainer: pl.Trainer | None = None) -> None:
     """The table of what the guard did, per optimizer (cells wrap between words to the console's width)."""
     from rich.table import Table
 
@@ -112,15 +112,13 @@ def print_guard_summary(summary: dict[str, Any], trainer: pl.Trainer | None = No
     table.add_column("lr scale", no_wrap=True)
     table.add_column("actions", ratio=1, min_width=12)
     table.add_column("worst spikes (step: z / norm)", ratio=1, min_width=12)
-    for index, entry in summary["optimizers"].items():
-        actions = ", ".join(f"{name}={count}" for name, count in sorted(entry["counts"].items())) or "none"
+    for index, entry in sorted(summary.optimizers.items()):
+        actions = ", ".join(f"{name}={count}" for name, count in sorted(entry.counts.items())) or "none"
         spikes = "; ".join(
-            f"{s['step']}: {s['zscore']:.1f} / {s['total_norm']:.3g}"
-            if s["total_norm"] is not None
-            else f"{s['step']}: {s['zscore']:.1f} / nan"
-            for s in entry["worst_spikes"]
+            f"{s.step}: {s.zscore:.1f} / " + (f"{s.total_norm:.3g}" if s.total_norm is not None else "nan")
+            for s in entry.worst_spikes
         )
-        level = f"{entry['final_level']} ({entry['final_rung']})"
-        table.add_row(index, level, f"{entry['lr_scale']:.3g}", actions, spikes or "none")
-    stop = [f"[bold red]stopped:[/] {summary['stop_reason']}"] if summary["stopped"] else []
+        level = f"{entry.final_level} ({entry.final_rung})"
+        table.add_row(str(index), level, f"{entry.lr_scale:.3g}", actions, spikes or "none")
+    stop = [f"[bold red]stopped:[/] {summary.stop_reason}"] if summary.stopped else []
     console_print(table, *stop, trainer=trainer)  # through the progress bar, which would draw over it

@@ -31,6 +31,7 @@ from lightning_gradstab.distributed import (
 from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
 
 if TYPE_CHECKING:
+    from lightning_gradstab.guard.summary import GuardSummary
     from lightning_gradstab.report import Report
 
 
@@ -40,7 +41,7 @@ class SummaryContribution:
     ExplosionGuard that prints) and the modules it re-initialized."""
 
     reports: tuple[Report, ...] = ()
-    guard_summaries: tuple[dict[str, Any], ...] = ()
+    guard_summaries: tuple[GuardSummary, ...] = ()
     fixed_modules: tuple[str, ...] = ()
 
 

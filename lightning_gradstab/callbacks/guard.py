@@ -47,6 +47,7 @@ from lightning_gradstab.guard.detect import Observation
 from lightning_gradstab.guard.ladder import ExplosionPolicy
 from lightning_gradstab.guard.policy_state import READABLE_VERSIONS, upgraded_policy_state
 from lightning_gradstab.guard.snapshot import RollbackSnapshot
+from lightning_gradstab.guard.summary import GuardSummary
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS
 
@@ -355,8 +356,8 @@ class ExplosionGuard(SuiteCallback):
         # a guard built with console_summary=False prints nothing at the end of fit, in its table or there
         if not self.console_summary:
             return SummaryContribution()
-        summary = self.summary()
-        return SummaryContribution(guard_summaries=(summary,) if summary["optimizers"] else ())
+        summary = self._summary()
+        return SummaryContribution(guard_summaries=(summary,) if summary.optimizers else ())
 
     @override
     def tensorboard_charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
@@ -368,8 +369,13 @@ class ExplosionGuard(SuiteCallback):
         Per optimizer: final level and rung, ``lr_scale`` (the multiplier the run ended at after back-offs) and
         ``final_lr`` (its first param group's learning rate times that multiplier), counts per action and
         anomaly, ``evidence`` (anomaly counts by what they were seen in: gradient, loss, update, loss scale),
-        the first step of each anomaly, the worst spikes, and ``advice``: concrete configuration changes.
+        the first step of each anomaly, the worst spikes, and ``advice``: concrete configuration changes. It is
+        :meth:`GuardSummary.to_mapping <lightning_gradstab.guard.summary.GuardSummary.to_mapping>` of the typed
+        record the end-of-fit table and the suite's summary read.
         """
+        return self._summary().to_mapping()
+
+    def _summary(self) -> GuardSummary:
         return guard_summary(self.policies, self._base_lrs, self.config, self.stop_reason)
 
     @override
@@ -378,9 +384,10 @@ class ExplosionGuard(SuiteCallback):
             lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
             if isinstance(lr, (int, float)):
                 self._base_lrs[index] = float(lr)
-        self._records.write_summary(trainer, self.summary())
+        summary = self._summary()
+        self._records.write_summary(trainer, summary.to_mapping())
         if self.console_summary and trainer.global_rank == 0 and self.policies:
-            print_guard_summary(self.summary(), trainer)
+            print_guard_summary(summary, trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

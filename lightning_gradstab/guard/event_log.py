@@ -34,6 +34,11 @@ class EventLog:
         return list(self._events)
 
     @property
+    def worst_records(self) -> list[GuardEvent]:
+        """The five most severe anomalies' events (non-finite first, then by z-score), typed."""
+        return list(self._worst)
+
+    @property
     def worst_spikes(self) -> list[dict[str, Any]]:
         """The five most severe anomalies' events (non-finite first, then by z-score), as plain dicts."""
         return [event.to_mapping() for event in self._worst]
