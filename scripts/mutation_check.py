@@ -52,8 +52,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "per-parameter weight norms without the square root",
         "lightning_gradstab/stats.py",
-        'self._cache["weight"] = local.sqrt()',
-        'self._cache["weight"] = local',
+        'self._cache["weight"] = self.sum_like_weights(local).sqrt()',
+        'self._cache["weight"] = self.sum_like_weights(local)',
         ("tests/test_stats.py", "tests/test_monitor.py::test_ratios_and_inf_norm_are_logged_with_their_definitions"),
     ),
     Mutation(
@@ -86,9 +86,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "guard event key renamed (anomaly -> kind)",
-        "lightning_gradstab/guard/event_log.py",
-        '"anomaly": decision.anomaly,',
-        '"kind": decision.anomaly,',
+        "lightning_gradstab/guard_events.py",
+        "anomaly=self.anomaly,",
+        "kind=self.anomaly,",
         ("tests/test_training_rules.py", "tests/test_advisor.py"),
     ),
     Mutation(
@@ -115,8 +115,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "loss-spike rule fires on a loss far below its mean",
         "lightning_gradstab/guard/detect.py",
-        "loss_zscore > config.loss_zscore_threshold:",
-        "-loss_zscore > config.loss_zscore_threshold:",
+        "loss_zscore > config.loss_zscore_threshold or (",
+        "-loss_zscore > config.loss_zscore_threshold or (",
         ("tests/test_policy.py",),
     ),
     Mutation(
@@ -128,7 +128,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "non-finite count everywhere reduced by max instead of min",
-        "lightning_gradstab/callbacks/guard.py",
+        "lightning_gradstab/callbacks/_guard_step.py",
         '("nonfinite_count_everywhere", "min"),',
         '("nonfinite_count_everywhere", "max"),',
         (
@@ -212,6 +212,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if 1 / RATIO_WARNING <= ratio <= RATIO_WARNING:",
         "if 1 / RATIO_WARNING < ratio < RATIO_WARNING:",
         ("tests/test_training_rules.py",),
+    ),
+    Mutation(
+        "divergence margin without the share of the run's progress",
+        "lightning_gradstab/guard/detect.py",
+        "PROGRESS_SHARE * progress",
+        "0.0 * progress",
+        ("tests/test_policy.py",),
     ),
 )
 
