@@ -45,16 +45,30 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "total gradient norm without the square root",
         "lightning_gradstab/stats.py",
+        "sq_norms.sum().sqrt(), _nonfinite_count(sq_norms))",
+        "sq_norms.sum(), _nonfinite_count(sq_norms))",
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "total gradient norm without the square root, sharded path (FSDP2, HSDP, TP)",
+        "lightning_gradstab/stats.py",
         "total_norm = sq_norms.sum().sqrt()",
         "total_norm = sq_norms.sum()",
-        ("tests/test_stats.py",),
+        ("tests/test_sharded_stats.py",),
     ),
     Mutation(
         "per-parameter weight norms without the square root",
         "lightning_gradstab/stats.py",
+        'self._cache["weight"] = per_parameter_norms(self.layout, 2.0, weights=True)',
+        'self._cache["weight"] = per_parameter_norms(self.layout, 2.0, weights=True).square()',
+        ("tests/test_stats.py", "tests/test_monitor.py::test_ratios_and_inf_norm_are_logged_with_their_definitions"),
+    ),
+    Mutation(
+        "per-parameter weight norms without the square root, sharded path",
+        "lightning_gradstab/stats.py",
         'self._cache["weight"] = self.sum_like_weights(local).sqrt()',
         'self._cache["weight"] = self.sum_like_weights(local)',
-        ("tests/test_stats.py", "tests/test_monitor.py::test_ratios_and_inf_norm_are_logged_with_their_definitions"),
+        ("tests/test_sharded_stats.py", "tests/test_parallel_norms.py"),
     ),
     Mutation(
         "group sums added into the wrong groups (index reversed)",
