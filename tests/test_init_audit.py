@@ -141,7 +141,7 @@ def test_a_failing_probe_warns_and_training_continues():
     ("kwargs", "error", "message"),
     [
         ({"fix": "yes"}, TypeError, "`fix` must be a bool, got 'yes'"),
-        ({"seed": -1}, ValueError, "`seed` must be a non-negative int, got -1"),
+        ({"seed": -1}, ValueError, "`seed` must be an int >= 0, got -1"),
         ({"forward_fn": 3}, TypeError, "`forward_fn` must be callable or None, got int"),
     ],
 )

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradstab.arguments import check_flag, check_int, check_open_interval
 from lightning_gradstab.callbacks._first_batch import first_batch_measurement
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
@@ -116,22 +117,12 @@ class ArchitectureAdvisor(ReportingCallback):
         advise_optimizer: bool = True,
         optimizer_every_n_steps: int = 5,
     ) -> None:
-        if not isinstance(observe_steps, int) or isinstance(observe_steps, bool) or observe_steps < 10:
-            raise ValueError(f"`observe_steps` must be an int >= 10 (a loss trend needs steps), got {observe_steps!r}")
-        if not isinstance(stall_improvement, (int, float)) or not 0.0 < stall_improvement < 1.0:
-            raise ValueError(f"`stall_improvement` must be a float in (0, 1), got {stall_improvement!r}")
-        if not isinstance(watch_logits, bool):
-            raise TypeError(f"`watch_logits` must be a bool, got {watch_logits!r}")
-        if isinstance(logit_every_n_steps, bool) or not isinstance(logit_every_n_steps, int) or logit_every_n_steps < 1:
-            raise ValueError(f"`logit_every_n_steps` must be an int >= 1, got {logit_every_n_steps!r}")
-        if not isinstance(advise_optimizer, bool):
-            raise TypeError(f"`advise_optimizer` must be a bool, got {advise_optimizer!r}")
-        if (
-            isinstance(optimizer_every_n_steps, bool)
-            or not isinstance(optimizer_every_n_steps, int)
-            or optimizer_every_n_steps < 1
-        ):
-            raise ValueError(f"`optimizer_every_n_steps` must be an int >= 1, got {optimizer_every_n_steps!r}")
+        check_int(observe_steps, "observe_steps", 10)  # a loss trend needs steps
+        check_open_interval(stall_improvement, "stall_improvement", 0.0, 1.0)
+        check_flag(watch_logits, "watch_logits")
+        check_int(logit_every_n_steps, "logit_every_n_steps", 1)
+        check_flag(advise_optimizer, "advise_optimizer")
+        check_int(optimizer_every_n_steps, "optimizer_every_n_steps", 1)
         super().__init__(forward_fn)
         self.watch_logits = watch_logits
         self.logit_every_n_steps = logit_every_n_steps

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_gradstab.arguments import check_flag
+from lightning_gradstab.arguments import check_flag, check_int
 from lightning_gradstab.callbacks._first_batch import forget_first_batch, probe_report
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
@@ -58,8 +58,7 @@ class InitAudit(ReportingCallback):
     """
 
     def __init__(self, fix: bool = False, seed: int = 0, forward_fn: ForwardFn | None = None) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+        check_int(seed, "seed", 0)
         super().__init__(forward_fn)
         self.fix = check_flag(fix, "fix")
         self.seed = seed
