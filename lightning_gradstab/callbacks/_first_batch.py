@@ -21,19 +21,6 @@ from lightning_gradstab.diagnosis import ModelGraph, build_report, probe_failed_
 from lightning_gradstab.report import Finding, Report
 
 
-def probe_report(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    batch: Any,
-    batch_idx: int,
-    forward_fn: ForwardFn | None,
-    *,
-    source: str,
-) -> Report:
-    """Probe ``pl_module`` on ``batch`` and build its report; a failure becomes an info finding, never a crash."""
-    return first_batch_measurement(trainer, pl_module, batch, batch_idx, forward_fn, source=source)[0]
-
-
 def forget_first_batch(trainer: pl.Trainer) -> None:
     """The model changed since its first batch was probed (re-initialised): the next callback probes afresh."""
     suite_of(trainer).first_batch = None

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_gradstab.arguments import check_flag, check_int
-from lightning_gradstab.callbacks._first_batch import forget_first_batch, probe_report
+from lightning_gradstab.callbacks._first_batch import first_batch_measurement, forget_first_batch
 from lightning_gradstab.callbacks._reporting import (
     ForwardFn,
     ReportingCallback,
@@ -72,7 +72,7 @@ class InitAudit(ReportingCallback):
         if self._audited:
             return
         self._audited = True  # once per fit, resumed runs included (see state_dict)
-        report = probe_report(trainer, pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
+        report, _ = first_batch_measurement(trainer, pl_module, batch, batch_idx, self.forward_fn, source="InitAudit")
         if self.fix and trainer.global_step > 0:  # resumed (perhaps from a checkpoint written without us)
             report.notes.append(
                 f"InitAudit(fix=True) did not re-initialise anything: training resumed at step "
