@@ -194,6 +194,14 @@ class LossTrend:
         if (healthy or not math.isfinite(self.lowest)) and self.smoothed <= self.lowest:
             self.lowest, self.noise_at_lowest = self.smoothed, noise
 
+    def restart_at(self, loss: float) -> None:
+        """Judge the next rise from ``loss``: the smoothed loss and its lowest value become ``loss`` (the noise at
+        the lowest is kept: a climb inflates the running spread). A verdict already given on a level must not be
+        given again while the smoothed loss, which lags the raw losses by about its horizon, catches up with it."""
+        self.count = 1
+        self.average = (1.0 - self.decay) * loss if self.decay > 0 else loss
+        self.lowest = loss
+
     def smoothed_with(self, loss: float) -> float:
         """The smoothed loss :meth:`update` with ``loss`` would give, without changing anything."""
         average = self.decay * self.average + (1.0 - self.decay) * loss

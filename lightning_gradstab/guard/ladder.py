@@ -220,7 +220,9 @@ class ExplosionPolicy:
         diverged_loss = None
         if anomaly == "divergence" and judgement.learned_loss is not None:
             diverged_loss = self.detector.loss_trend.smoothed_with(judgement.learned_loss)
-        skip, rollback, stop = self._interventions(anomaly, previous_level, lr, diverged_loss)
+        skip, rollback, stop = self._interventions(
+            anomaly, previous_level, lr, diverged_loss, judgement.learned_loss if diverged_loss is not None else None
+        )
         check = None
         if rollback and not stop and before_divergence is not None and judgement.learned_loss is not None:
             check = self.rollback_check.start(before_divergence, judgement.learned_loss)
@@ -294,10 +296,16 @@ class ExplosionPolicy:
         return None
 
     def _interventions(
-        self, anomaly: str | None, previous_level: int, lr: float | None, diverged_loss: float | None = None
+        self,
+        anomaly: str | None,
+        previous_level: int,
+        lr: float | None,
+        diverged_loss: float | None = None,
+        diverged_raw_loss: float | None = None,
     ) -> tuple[bool, bool, bool]:
         """``(skip, rollback, stop)`` for this step; applies the level's learning-rate back-off and, on a rollback,
-        the snapshot's statistics (``diverged_loss``: the smoothed loss with this step's, on a divergence)."""
+        the snapshot's statistics (on a divergence, ``diverged_loss``: the smoothed loss with this step's, and
+        ``diverged_raw_loss``: this step's loss as the trend learns it)."""
         state, config = self.state, self.config
         # only evidence of damage acts above clipping, and a loss spike only on its own batch
         laddered = anomaly in DAMAGE_EVIDENCE and anomaly not in SKIP_ONLY_EVIDENCE
@@ -322,8 +330,10 @@ class ExplosionPolicy:
             stop = True
         if rollback:
             self.snapshots.restore_statistics()
-        elif divergence:  # nothing to go back to: judge the next rise from here
-            self.detector.loss_trend.lowest = self.detector.loss_trend.smoothed
+        elif divergence and diverged_raw_loss is not None:
+            # nothing to go back to: judge the next rise from the level this verdict was given on; the weights
+            # are the same on the next step (this one is skipped), so its loss is the same evidence, not new
+            self.detector.loss_trend.restart_at(diverged_raw_loss)
         return skip, rollback, stop
 
     @property
