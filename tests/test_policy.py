@@ -647,6 +647,33 @@ def test_a_divergence_never_rolls_back_to_a_snapshot_whose_own_loss_was_higher()
     assert divergence.skip and policy.state.lr_scale == pytest.approx(0.5)  # the rise is still evidence
 
 
+def test_a_divergence_with_nothing_to_roll_back_to_is_judged_once_per_level() -> None:
+    """The skipped step leaves the weights where they diverged, so the next batches score the same level: the same
+    evidence, not a new divergence each (which halved the LR on every step, 11 times in 11 steps). The next
+    verdict needs a rise of its own above the diverged level."""
+    policy = _warmed_with_loss()
+    stale = LossTrend(10)
+    stale.update(5.0)
+    loss, decision = 1.5, None
+    while decision is None or decision.anomaly != "divergence":
+        loss *= 1.15
+        policy._trend_at_snapshot = stale.state_dict()
+        decision = policy.step(Observation(1.0, loss=loss))
+    assert not decision.rollback and policy.state.lr_scale == pytest.approx(0.5)
+    rng = random.Random(1)
+    for _ in range(30):  # the diverged weights, unchanged: the same level, the per-batch noise of the run
+        policy._trend_at_snapshot = stale.state_dict()
+        same = policy.step(Observation(1.0, loss=loss * (1 + 0.02 * rng.gauss(0.0, 1.0))))
+        assert same.anomaly != "divergence" and not same.skip
+    assert policy.counts["divergence"] == 1 and policy.state.lr_scale >= 0.5
+    decisions = []
+    for _ in range(20):  # the loss climbs on from there: new evidence
+        loss *= 1.15
+        policy._trend_at_snapshot = stale.state_dict()
+        decisions.append(policy.step(Observation(1.0, loss=loss)))
+    assert any(d.anomaly == "divergence" for d in decisions) and policy.counts["divergence"] >= 2
+
+
 def test_a_snapshot_that_scores_no_better_than_the_diverged_weights_is_undone_but_the_back_off_stays() -> None:
     policy, _ = _in_a_rollback_check()
     state = policy.state
