@@ -294,6 +294,62 @@ def test_learning_rate_scale_recovers_gradually_up_to_below_the_scale_that_faile
     assert scales[9] == pytest.approx(0.5) and scales[-1] == pytest.approx(0.5)  # ceiling: 0.5 x the failed 1.0
 
 
+def _healthy_steps_until_the_ceiling_rises(policy: ExplosionPolicy, limit: int = 2000) -> int:
+    ceiling = policy.state.lr_ceiling
+    for count in range(1, limit + 1):
+        policy.step(Observation(policy.statistics.typical_norm))
+        if policy.state.lr_ceiling > ceiling:
+            return count
+    return limit + 1
+
+
+def _back_off_episode(policy: ExplosionPolicy) -> None:
+    for _ in range(3):  # the 2nd non-finite step starts a back-off episode, the 3rd backs off again
+        policy.step(Observation(math.nan, nonfinite=True))
+
+
+def test_a_ceiling_that_held_a_long_horizon_without_failing_again_is_raised_one_factor_at_a_time() -> None:
+    """A failed rate is evidence about the run as it was then: after ``drift_horizon_steps`` steps without another
+    failure it is tried again (one factor), and the scale recovers to the configured rate."""
+    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"skip": 1}, drift_horizon_steps=200)
+    _back_off_episode(policy)
+    lowered_at = policy.state.lr_ceiling_lowered_step
+    assert policy.state.lr_ceiling == pytest.approx(0.5) and policy.state.lr_ceiling_hold == 200
+    _healthy_steps_until_the_ceiling_rises(policy)
+    assert policy.state.steps - lowered_at == 200
+    assert policy.state.lr_ceiling == 1.0 and policy.counts["lr_ceiling_raised"] == 1
+    scales = [policy.step(Observation(policy.statistics.typical_norm)).lr_scale for _ in range(15)]
+    assert scales[-1] == 1.0  # 0.5 -> 1 in lr_recovery_steps healthy steps
+
+
+def test_a_rate_that_fails_again_within_its_stretch_is_held_twice_as_long() -> None:
+    """Exponential back-off in time: a rate that keeps failing is re-tried at most log2(steps / horizon) times."""
+    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"skip": 1}, drift_horizon_steps=200)
+    _back_off_episode(policy)
+    _healthy_steps_until_the_ceiling_rises(policy)
+    for _ in range(60):  # the level steps down one rung a healthy stretch, to where a new episode begins
+        policy.step(Observation(policy.statistics.typical_norm))
+    _back_off_episode(policy)  # the raised rate fails 60 steps into its 200-step stretch
+    assert policy.state.lr_ceiling == pytest.approx(0.5) and policy.state.lr_ceiling_hold == 400
+    lowered_at = policy.state.lr_ceiling_lowered_step
+    _healthy_steps_until_the_ceiling_rises(policy)
+    assert policy.state.steps - lowered_at == 400
+
+
+def test_a_state_saved_before_ceilings_held_a_stretch_starts_the_stretch_when_it_resumes() -> None:
+    policy = _warmed_policy(backoff_factor=0.5, lr_recovery_steps=10, budgets={"skip": 1}, drift_horizon_steps=200)
+    _back_off_episode(policy)
+    state = policy.state_dict()
+    state["version"] = 6
+    for name in ("lr_ceiling_hold", "lr_ceiling_lowered_step", "lr_ceiling_raised_step"):
+        del state["counters"][name]
+    restored = ExplosionPolicy(PolicyConfig(backoff_factor=0.5, lr_recovery_steps=10, drift_horizon_steps=200))
+    restored.load_state_dict(state)
+    resumed_at = restored.state.steps
+    _healthy_steps_until_the_ceiling_rises(restored)
+    assert restored.state.steps - resumed_at == 201  # the first healthy step starts the 200-step stretch
+
+
 def test_amp_overflow_is_counted_but_never_escalates() -> None:
     policy = _warmed_policy()
     decisions = [policy.step(Observation(math.inf, nonfinite=True, loss_scale=2.0**15)) for _ in range(20)]

@@ -28,6 +28,9 @@ class Counters:
     lr_scale: float = 1.0
     lr_ceiling: float = 1.0
     lr_ceiling_absolute: float | None = None  # the largest learning rate the evidence supports, when lr is known
+    lr_ceiling_hold: int = 0  # steps the lowered ceiling holds before its rate is tried again
+    lr_ceiling_lowered_step: int = 0  # the step the ceiling was last lowered at
+    lr_ceiling_raised_step: int | None = None  # the step it was last raised at (None: never)
     events_recorded: int = 0
     gradient_anomaly_streak: int = 0  # consecutive gradient-only anomalies while the loss was not rising
     recent_skips: float = 0.0  # loss-spike skips, a leaky count over a healthy_steps_to_deescalate horizon
@@ -56,12 +59,12 @@ class Counters:
             setattr(self, item.name, getattr(other, item.name))
 
 
-STATE_VERSION = 6
+STATE_VERSION = 7
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
-5: the rollback check's counters and why divergence is off; 6: the run's first loss)."""
+5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold)."""
 
-READABLE_VERSIONS = (3, 4, 5, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, 6, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones
 gain what they lack, fresh)."""
 

@@ -47,7 +47,10 @@ with the weights, say the loss's level follows a schedule or a curriculum by des
 damage, and each further check would skip :data:`ROLLBACK_CHECK_STEPS` batches for nothing. Loss spikes (one batch
 far outside the running loss) are still judged."""
 
-LADDER_COUNTERS = ("level", "anomalies_at_level", "healthy_streak", "lr_scale", "lr_ceiling", "lr_ceiling_absolute")
+LADDER_COUNTERS = (
+    "level", "anomalies_at_level", "healthy_streak", "lr_scale", "lr_ceiling", "lr_ceiling_absolute",
+    "lr_ceiling_hold", "lr_ceiling_lowered_step", "lr_ceiling_raised_step",
+)
 """The counters a divergence verdict changes and an undone rollback check puts back."""
 
 
