@@ -508,7 +508,7 @@ def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_ro
     divergence = decisions[-1]
     assert divergence.rollback and divergence.skip and divergence.evidence == "loss"
     assert divergence.rung == "lr_backoff" and policy.state.lr_scale == pytest.approx(0.5)
-    assert policy.state.lr_ceiling == pytest.approx(0.5)  # the scale that diverged is never trusted again
+    assert policy.state.lr_ceiling == pytest.approx(0.5)  # the scale that diverged is held off for a stretch
     assert policy.loss_trend.smoothed == policy._snapshot_loss()  # the trend is the snapshot's again
     assert policy.loss_trend.rise() < 0.5 * policy._rise_margin()  # taken near the lowest, before the climb
 

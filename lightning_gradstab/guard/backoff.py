@@ -1,5 +1,6 @@
 """The learning-rate back-off and its ceiling: the multiplier the guard applies to the scheduled learning rate, how
-it recovers, and the ceiling below the rate that failed that it never climbs past again.
+it recovers, and the ceiling below the rate that failed, which it climbs past only after a long stretch without
+another failure.
 
 A back-off multiplies the scale by ``backoff_factor``; each healthy step undoes a ``lr_recovery_steps``-th of one
 factor, up to the ceiling. The ceiling is the scale a back-off episode began at (a divergence's at once): that rate
@@ -109,7 +110,7 @@ class Backoff:
         state.count("lr_ceiling_raised")
 
     def at_once(self, lr: float | None) -> None:
-        """A divergence: the step size is too large; back off now, and never trust the diverging rate again."""
+        """A divergence: the step size is too large; back off now, and hold the diverging rate off for a stretch."""
         state, config = self.counters, self.config
         if config.allows("lr_backoff"):
             state.lr_scale *= config.resolved("backoff_factor")

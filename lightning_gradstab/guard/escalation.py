@@ -104,7 +104,7 @@ class Escalation:
                 state.count("deescalate")
 
     def _on_divergence(self, lr: float | None) -> None:
-        # the step size is too large: back off at once, and never trust the diverging rate again
+        # the step size is too large: back off at once, and hold the diverging rate off for a stretch
         state, config = self.counters, self.config
         state.healthy_streak = 0
         self.backoff.at_once(lr)
