@@ -388,6 +388,21 @@ def test_a_rate_that_rose_during_the_horizon_has_not_proved_itself() -> None:
     assert policy.state.lr_ceiling == pytest.approx(0.5) and "proven_rate_kept" not in policy.counts
 
 
+def test_competing_losses_clip_only_steps_growth_factor_above_the_typical_norm() -> None:
+    """A GAN player's gradient scale follows the other player: a z-score spike is no evidence there (the step is
+    left as it is), a step 10x (``growth_factor``) above the typical norm still is."""
+    single, game = _warmed_policy(), ExplosionPolicy(PolicyConfig())
+    for norm in _healthy_norms(40):
+        game.step(Observation(norm, competing=True))
+    typical = game.statistics.typical_norm
+    assert single.step(Observation(5.0 * typical)).clip_coefficient < 1.0
+    five = game.step(Observation(5.0 * typical, competing=True))
+    assert five.anomaly == "spike" and five.clip_coefficient == 1.0
+    bound = 10.0 * game.statistics.typical_norm
+    twenty = game.step(Observation(20.0 * typical, competing=True))
+    assert twenty.clip_coefficient * 20.0 * typical == pytest.approx(bound)
+
+
 def test_amp_overflow_is_counted_but_never_escalates() -> None:
     policy = _warmed_policy()
     decisions = [policy.step(Observation(math.inf, nonfinite=True, loss_scale=2.0**15)) for _ in range(20)]

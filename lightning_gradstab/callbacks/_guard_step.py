@@ -112,6 +112,7 @@ def observe(
         # max_norm="auto" is the ceiling of single-objective recipes (LMs, classifiers); adversarial games are
         # trained without one (DCGAN, StyleGAN), their gradient norm being part of the game's dynamics
         scale_invariant=is_scale_invariant(optimizer) and not competing,
+        competing=competing,
     )
     return observation, reduced["snapshot_available"] > 0
 

@@ -92,6 +92,8 @@ class Observation:
             rate that failed runs at its own rate again.
         scale_invariant: the optimizer's step does not change when every gradient is multiplied by a constant
             (Adam, AdamW, RMSprop, Adagrad, ...): ``max_norm="auto"`` gives it a ceiling.
+        competing: the fit's losses compete (several optimizers under manual optimization: a GAN); spikes are
+            clipped only ``growth_factor`` above the typical norm.
     """
 
     total_norm: float
@@ -103,6 +105,7 @@ class Observation:
     step_size: float | None = None
     lr: float | None = None
     scale_invariant: bool = False
+    competing: bool = False
 
 @dataclass(frozen=True)
 class Judgement:
@@ -241,7 +244,9 @@ class Detector:
         """``(adaptive, applied, ceiling)``: the spike threshold the statistics learn, the norm the step is
         clipped to at the current level, and the absolute ceiling among the bounds it is the minimum of."""
         state, config = self.counters, self.config
-        adaptive_threshold = min(self._adaptive_threshold(judgement.zscore), judgement.warmup_threshold)
+        adaptive_threshold = min(
+            self._adaptive_threshold(judgement.zscore, observation.competing), judgement.warmup_threshold
+        )
         threshold, ceiling = adaptive_threshold, math.inf
         if state.level >= RUNGS.index("clip"):
             ceiling = self._norm_ceiling(observation)
@@ -274,9 +279,14 @@ class Detector:
             return SCALE_INVARIANT_MAX_NORM if observation.scale_invariant else math.inf
         return math.inf if max_norm is None else float(max_norm)
 
-    def _adaptive_threshold(self, zscore: float) -> float:
+    def _adaptive_threshold(self, zscore: float, competing: bool = False) -> float:
         if self.counters.level < RUNGS.index("clip") or not self.statistics.warmed_up:
             return math.inf
+        if competing:
+            # a player's gradient scale follows the other player's state: its own history is no stationary
+            # reference, and adversarial recipes (DCGAN, StyleGAN, WGAN-GP) train unclipped; a step growth_factor
+            # above the typical norm, the bound the warm-up uses before any statistic exists, is still clipped
+            return self.config.growth_factor * self.statistics.typical_norm
         z_threshold = self.config.zscore_threshold
         # ZClip's reciprocal rule: a spike at z is clipped to z_thr^2 / z, closer to the mean the larger it is
         return self.statistics.norm_at(z_threshold * min(1.0, z_threshold / zscore) if zscore > 0 else z_threshold)
