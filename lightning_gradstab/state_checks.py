@@ -52,7 +52,6 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "counters.lr_ceiling_absolute": (lambda v: v is None or _positive(v), "None or a finite number > 0"),
         "counters.first_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
         "counters.lr_ceiling_raised_step": (lambda v: v is None or _count(v), "None or an int >= 0"),
-        "counters.previous_rate": (lambda v: v is None or _positive(v), "None or a finite number > 0"),
         "counters.anomalies_at_level": (_non_negative, "a finite number >= 0"),
         "counters.counts.*": (_count, "an int >= 0"),
         "counters.first_anomaly_steps.*": (_count, "an int >= 0"),
@@ -63,7 +62,6 @@ def policy_rules(levels: int) -> dict[str, Rule]:
     for name in (
         "steps", "healthy_streak", "steps_since_snapshot", "snapshot_step", "events_recorded", "check_steps_left",
         "check_losses", "objective_shifts", "lr_ceiling_hold", "lr_ceiling_lowered_step",
-        "rate_stretch_start",
     ):
         rules[f"counters.{name}"] = (_count, "an int >= 0")
     for part in ("statistics", "loss_statistics", "reference"):
@@ -77,7 +75,6 @@ POLICY_OPTIONAL = frozenset(
     {
         "reference", "statistics_at_snapshot", "trend_at_snapshot", "statistics_at_snapshot.reference",
         "counters.loss_rules_off", "counters.divergence_off", "counters.lr_ceiling_raised_step",
-        "counters.previous_rate",
     }
 )
 """Parts of a policy's state that may be ``None`` whatever a fresh policy saves (drift detection off when the

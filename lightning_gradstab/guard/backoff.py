@@ -15,13 +15,6 @@ it, the next stretch is twice as long (exponential back-off in time, as TCP retr
 keeps failing is re-tried at most ``log2(steps / horizon)`` times over a run, each try ending in one more back-off.
 Additive-increase / multiplicative-decrease on the same principle is what keeps TCP both safe and efficient (Chiu &
 Jain 1989); the bold-driver heuristic adapts a learning rate the same way (Battiti 1989).
-
-By the same measure, a rate that has *proven* itself is not shown too high by one divergence: when the effective
-rate (the multiplier times the scheduled rate) has not risen for a whole long horizon before the divergence, the
-run trained at that rate or higher for that long (a step size stable for a curvature is stable at any smaller
-size), so the divergence backs the multiplier off for the moment (it recovers in ``lr_recovery_steps`` per factor)
-but sets no ceiling (counted as ``proven_rate_kept``). A second divergence within the horizon finds the rate no
-longer proven and lowers the ceiling as before.
 """
 
 from __future__ import annotations
@@ -35,9 +28,6 @@ option's default, the guard's long horizon."""
 
 MAX_HOLD_FACTOR = 2**20
 """The longest hold, in long horizons: a rate that failed on every retry is, in effect, never tried again."""
-
-RATE_TOLERANCE = 1e-9
-"""Relative change of the effective rate below which it has not risen (float noise of the multiplier's products)."""
 
 MIN_LR_SCALE = 2.0**-10
 """The floor of the learning-rate multiplier (about 1/1000 of the configured LR): a back-off that would go below it
@@ -119,32 +109,12 @@ class Backoff:
         state.lr_ceiling_raised_step = state.steps
         state.count("lr_ceiling_raised")
 
-    def observe_rate(self, lr: float | None) -> None:
-        """Follow the effective rate of this step: the stretch over which it has not risen restarts when it rises."""
-        state = self.counters
-        rate = state.lr_scale * (lr if lr is not None else 1.0)
-        if state.previous_rate is None or rate > state.previous_rate * (1.0 + RATE_TOLERANCE):
-            state.rate_stretch_start = state.steps
-        state.previous_rate = rate
-
-    def rate_proven(self) -> bool:
-        """Whether the effective rate has not risen for a whole long horizon: the run trained at it or above."""
-        state = self.counters
-        horizon = self.config.drift_horizon_steps or CEILING_HOLD_STEPS
-        return state.previous_rate is not None and state.steps - state.rate_stretch_start >= horizon
-
     def at_once(self, lr: float | None) -> None:
-        """A divergence: the step size is too large; back off now, and hold the diverging rate off for a stretch
-        unless it had proven itself for one (see the module's docstring)."""
+        """A divergence: the step size is too large; back off now, and hold the diverging rate off for a stretch."""
         state, config = self.counters, self.config
         if config.allows("lr_backoff"):
-            proven = self.rate_proven()
             state.lr_scale *= config.resolved("backoff_factor")
-            if proven:
-                state.count("proven_rate_kept")
-            else:
-                self.lower_ceiling(state.lr_scale, lr)
-        state.rate_stretch_start = state.steps  # a failure: the rate must prove itself again
+            self.lower_ceiling(state.lr_scale, lr)
 
     def step_down(self, lr: float | None, new_episode: bool) -> bool:
         """One back-off of the ``lr_backoff`` rung (``new_episode``: the ladder just climbed to it, so the scale

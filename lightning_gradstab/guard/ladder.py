@@ -212,7 +212,6 @@ class ExplosionPolicy:
         previous_level, previous_lr_scale = state.level, state.lr_scale
         before_divergence = self.rollback_check.ladder_state() if anomaly == "divergence" else None
         lr = observation.lr if observation.lr is not None and observation.lr > 0 else None
-        self.backoff.observe_rate(lr)
         self.escalation.move(anomaly, lr, judgement.benign)
         adaptive_threshold, threshold, ceiling = self.detector.clip_thresholds(judgement, observation)
         coefficient = 1.0

@@ -31,8 +31,6 @@ class Counters:
     lr_ceiling_hold: int = 0  # steps the lowered ceiling holds before its rate is tried again
     lr_ceiling_lowered_step: int = 0  # the step the ceiling was last lowered at
     lr_ceiling_raised_step: int | None = None  # the step it was last raised at (None: never)
-    rate_stretch_start: int = 0  # the step since which the effective rate has not risen
-    previous_rate: float | None = None  # the effective rate of the last judged step (None: none yet)
     events_recorded: int = 0
     gradient_anomaly_streak: int = 0  # consecutive gradient-only anomalies while the loss was not rising
     recent_skips: float = 0.0  # loss-spike skips, a leaky count over a healthy_steps_to_deescalate horizon
@@ -64,8 +62,7 @@ class Counters:
 STATE_VERSION = 7
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
-5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold, the
-stretch the effective rate has not risen over)."""
+5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold)."""
 
 READABLE_VERSIONS = (3, 4, 5, 6, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones

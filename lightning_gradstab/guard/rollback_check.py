@@ -49,7 +49,7 @@ far outside the running loss) are still judged."""
 
 LADDER_COUNTERS = (
     "level", "anomalies_at_level", "healthy_streak", "lr_scale", "lr_ceiling", "lr_ceiling_absolute",
-    "lr_ceiling_hold", "lr_ceiling_lowered_step", "lr_ceiling_raised_step", "rate_stretch_start", "previous_rate",
+    "lr_ceiling_hold", "lr_ceiling_lowered_step", "lr_ceiling_raised_step",
 )
 """The counters a divergence verdict changes and an undone rollback check puts back."""
 
