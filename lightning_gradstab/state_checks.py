@@ -51,6 +51,7 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "counters.lr_ceiling": (_positive, "a finite number > 0"),
         "counters.lr_ceiling_absolute": (lambda v: v is None or _positive(v), "None or a finite number > 0"),
         "counters.first_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
+        "counters.skipped_spike_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
         "counters.lr_ceiling_raised_step": (lambda v: v is None or _count(v), "None or an int >= 0"),
         "counters.anomalies_at_level": (_non_negative, "a finite number >= 0"),
         "counters.counts.*": (_count, "an int >= 0"),

@@ -509,8 +509,50 @@ def test_a_loss_spike_is_skipped_before_it_lands_even_when_the_gradient_norm_loo
     assert decision.anomaly == "loss_spike" and decision.evidence == "loss"
     assert decision.skip and decision.actions == ["skip"] and decision.level == RUNGS.index("clip")
     before = policy.loss_statistics.state_dict()
-    assert policy.step(Observation(1.0, loss=6.0)).skip
+    assert policy.step(Observation(1.0, loss=6.5)).skip  # another corrupted batch
     assert policy.loss_statistics.state_dict() == before  # a skipped batch's loss is not learned
+
+
+def test_a_skipped_batch_that_comes_back_unchanged_is_learned_not_skipped_again() -> None:
+    # full-batch training or overfit_batches: a skip leaves the weights as they were, so the same batch gives the
+    # same loss again; skipping it again would only repeat the skip until the skip bound
+    policy = _warmed_with_loss()
+    first = policy.step(Observation(1.0, loss=6.0))
+    assert first.anomaly == "loss_spike" and first.skip
+    before = policy.loss_statistics.count
+    again = policy.step(Observation(1.0, loss=6.0 * (1 + 1e-7)))  # a non-deterministic reduction's last bits
+    assert again.anomaly is None and not again.skip
+    assert policy.loss_statistics.count == before + 1  # learned, whole
+    assert policy.state.counts["repeated_batch"] == 1 and policy.state.counts["skip"] == 1
+    # after a step that was not skipped the weights have moved: an outlier is judged anew
+    assert policy.step(Observation(1.0, loss=600.0)).skip
+
+
+def test_a_different_outlier_right_after_a_skipped_one_is_skipped_too() -> None:
+    policy = _warmed_with_loss()
+    assert policy.step(Observation(1.0, loss=6.0)).skip
+    assert policy.step(Observation(1.0, loss=6.01)).anomaly == "loss_spike"  # another batch, not the same one
+    assert "repeated_batch" not in policy.state.counts
+
+
+def test_the_loss_of_a_skipped_spike_survives_a_state_dict_round_trip() -> None:
+    policy = _warmed_with_loss()
+    policy.step(Observation(1.0, loss=6.0))
+    resumed = ExplosionPolicy()
+    resumed.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert not resumed.step(Observation(1.0, loss=6.0)).skip
+
+
+def test_a_state_saved_before_repeated_batches_were_recognised_resumes_judging_the_next_batch_anew() -> None:
+    policy = _warmed_with_loss()
+    policy.step(Observation(1.0, loss=6.0))
+    state = json.loads(json.dumps(policy.state_dict()))
+    state["version"] = 7
+    del state["counters"]["skipped_spike_loss"]
+    resumed = ExplosionPolicy()
+    resumed.load_state_dict(state)
+    assert resumed.state.skipped_spike_loss is None
+    assert resumed.step(Observation(1.0, loss=6.0)).skip  # nothing says it was skipped: judged as before
 
 
 def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_rolls_back_and_halves_the_lr() -> None:

@@ -54,6 +54,13 @@ LOSS_NOISE_SIGMAS = 3.0
 The smoothed loss (a ``loss_horizon_steps``-step EMA) of independent noise of standard deviation ``s`` has a
 standard deviation of ``s / sqrt(2 h - 1)`` (0.23 ``s`` at ``h = 10``): 3 ``s`` is 13 of those, never noise."""
 
+REPEAT_RTOL = 1e-6
+"""Relative tolerance within which a loss equals the loss of the step just skipped as a loss spike.
+
+A skipped step leaves the weights (and the buffers) as they were, so the same batch gives the same loss again, up to
+the last bits of a non-deterministic reduction (float32 rounding is ~6e-8 relative per operation); a different batch
+whose loss falls within one part in a million of an outlier's is not a case worth a rule."""
+
 PROGRESS_SHARE = 0.01
 """A divergence must also give back this share of the progress the run has made (its first loss minus the lowest
 smoothed loss), or more.
@@ -187,10 +194,16 @@ class Detector:
         """The fp16 loss scale fell below ``loss_scale_floor``: the gradients overflow even unscaled."""
         return observation.loss_scale is not None and observation.loss_scale < self.config.loss_scale_floor
 
-    def judge(self, observation: Observation) -> Judgement:
+    def judge(self, observation: Observation, skipped_spike_loss: float | None = None) -> Judgement:
         """What this step's evidence says, against the statistics of the steps before it (the most severe
         anomaly wins: a collapsed loss scale, non-finite values, a loss spike, divergence, a gradient spike, an
-        oversized SGD step, growth, drift)."""
+        oversized SGD step, growth, drift).
+
+        ``skipped_spike_loss``: the loss of the previous step when it was skipped as a loss spike. The same loss on
+        the weights that skip left unchanged is the same batch again (full-batch training, ``overfit_batches``, a
+        data loader that repeats): not a new outlier but the data the run trains on, so it is no loss spike and is
+        learned whole; the other rules judge the step as any other.
+        """
         config = self.config
         collapsed = self.scale_collapsed(observation)
         norm, nonfinite = observation.total_norm, observation.nonfinite
@@ -204,7 +217,12 @@ class Detector:
         loss_zscore = 0.0
         if loss is not None and loss > 0 and config.loss_zscore_threshold is not None:
             loss_zscore = self.log_loss_statistics.zscore(loss)
-        learned_loss = None if loss is None else min(loss, self._loss_threshold())
+        repeated = (
+            loss is not None
+            and skipped_spike_loss is not None
+            and math.isclose(loss, skipped_spike_loss, rel_tol=REPEAT_RTOL, abs_tol=0.0)
+        )
+        learned_loss = None if loss is None else loss if repeated else min(loss, self._loss_threshold())
         warmup_threshold = self._warmup_threshold()
         update_threshold = self._update_threshold(observation)
         # a norm that drifts up while the loss keeps falling is a run whose gradients legitimately grew (weights
@@ -221,9 +239,12 @@ class Detector:
             self.growth.push(norm)
             # a batch far outside the running loss is judged on its own first: it is skipped and never learned,
             # so it cannot make the smoothed loss look like a divergence
-            if config.loss_zscore_threshold is not None and (
+            outlier = config.loss_zscore_threshold is not None and (
                 loss_zscore > config.loss_zscore_threshold or (loss is not None and loss > self._loss_threshold())
-            ):
+            )
+            if outlier and repeated:
+                self.counters.count("repeated_batch")  # skipped once already, back unchanged: the run's own data
+            if outlier and not repeated:
                 anomaly = "loss_spike"
             elif learned_loss is not None and self._diverging(learned_loss):
                 anomaly = "divergence"

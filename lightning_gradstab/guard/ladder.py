@@ -202,12 +202,14 @@ class ExplosionPolicy:
         """Judge one optimizer step and decide what to do with it."""
         state = self.state
         state.steps += 1
+        # the loss of the previous step if it was skipped as a loss spike: this step runs on the same weights
+        skipped_spike_loss, state.skipped_spike_loss = state.skipped_spike_loss, None
         if state.check_steps_left > 0:
             return self._score_snapshot(observation)
         unjudged = self._unjudged(observation)
         if unjudged is not None:
             return unjudged
-        judgement = self.detector.judge(observation)
+        judgement = self.detector.judge(observation, skipped_spike_loss)
         anomaly = judgement.anomaly
         previous_level, previous_lr_scale = state.level, state.lr_scale
         before_divergence = self.rollback_check.ladder_state() if anomaly == "divergence" else None
@@ -247,6 +249,8 @@ class ExplosionPolicy:
             reset_loss_scale=judgement.collapsed and self.config.allows("skip"),
             rollback_check=check,
         )
+        if skip and anomaly == "loss_spike":
+            state.skipped_spike_loss = judgement.loss
         actions = decision.actions
         for action in actions:
             state.count(action)

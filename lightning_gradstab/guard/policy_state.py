@@ -45,6 +45,7 @@ class Counters:
     objective_shifts: int = 0  # rollback checks that found the objective, not the weights, had moved
     divergence_off: str | None = None  # why divergence is no longer judged (None: it is)
     first_loss: float | None = None  # the first loss learned: where the run began, the scale of its progress
+    skipped_spike_loss: float | None = None  # the loss of the step just skipped as a loss spike (None: it was not)
     counts: dict[str, int] = field(default_factory=dict)
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
@@ -59,12 +60,13 @@ class Counters:
             setattr(self, item.name, getattr(other, item.name))
 
 
-STATE_VERSION = 7
+STATE_VERSION = 8
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
-5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold)."""
+5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold; 8: the
+loss of a step just skipped as a loss spike)."""
 
-READABLE_VERSIONS = (3, 4, 5, 6, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, 6, 7, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones
 gain what they lack, fresh)."""
 
