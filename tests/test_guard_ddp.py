@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.scripts.guard_nan_ddp import NAN_GRAD_STEP, NAN_LOSS_STEP, STEPS
+from tests.scripts.guard_repeat_ddp import SPIKE_STEPS
+from tests.scripts.guard_repeat_ddp import STEPS as REPEAT_STEPS
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
@@ -40,3 +42,16 @@ def test_fp16_nan_on_one_rank_after_the_all_reduce_is_skipped_on_both_ranks_with
     assert rank0["loss_scales"] == rank1["loss_scales"]
     assert rank0["loss_scales"][str(NAN_GRAD_STEP + 1)] == rank0["loss_scales"][str(NAN_GRAD_STEP)]  # not halved
     assert all(math.isfinite(w) for w in rank0["weights"][str(STEPS)])
+
+
+def test_a_batch_that_comes_back_after_its_skip_is_judged_alike_on_every_rank(tmp_path: Path, ddp_runner) -> None:
+    """Rank 1's loss spikes on its repeated batch: both ranks skip the first step and learn the repeat."""
+    rank0, rank1 = ddp_runner("guard_repeat_ddp.py", tmp_path, timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == REPEAT_STEPS
+    for rank in (rank0, rank1):
+        assert rank["counts"]["loss_spike"] >= 1 and rank["counts"]["repeated_batch"] >= 1
+        first = SPIKE_STEPS[0] + 1  # the policy counts steps from 1
+        assert rank["weights"][str(first)] == rank["weights"][str(first - 1)]  # the spike's step was skipped
+        assert rank["weights"][str(first + 1)] != rank["weights"][str(first)]  # the repeat was trained on
+    assert rank0["events"] == rank1["events"] and rank0["counts"] == rank1["counts"]
+    assert rank0["weights"] == rank1["weights"]
