@@ -22,6 +22,7 @@ from lightning_gradstab.callbacks.guard import (
 from lightning_gradstab.guard.config import PolicyConfig
 from tests.helpers.trainers import quiet_trainer
 from tests.scripts.guard_models import CLIMB_FAULTS, TinyRegression, regression_loader
+from tests.scripts.guard_repeat_ddp import OverfitOneBatch
 
 torch.set_num_threads(1)
 
@@ -601,28 +602,11 @@ def test_a_run_sigkilled_and_resumed_rolls_back_to_the_same_weights_as_the_unint
     assert torch.equal(resumed_weights[rollback["step"]], weights[rollback["step"]])  # the same restored weights
 
 
-class _OverfitOneBatch(pl.LightningModule):
-    """A regressor trained on one batch again and again (``overfit_batches=1``) whose loss is 1e4 times larger on
-    three consecutive steps: the same batch on the same weights, as after a skipped loss spike."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        return loss * 1e4 if 40 <= self.global_step < 43 else loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 def test_a_skipped_batch_that_comes_back_on_the_same_weights_is_trained_on_not_skipped_until_the_bound() -> None:
     torch.manual_seed(0)
     guard = ExplosionGuard(console_summary=False)
     trainer = quiet_trainer(max_steps=60, overfit_batches=1, callbacks=[guard], log_every_n_steps=1000)
-    trainer.fit(_OverfitOneBatch(), train_dataloaders=regression_loader())
+    trainer.fit(OverfitOneBatch(), train_dataloaders=regression_loader())
     counts = guard.policies[0].state.counts
     # step 40 is skipped; step 41 sees the identical loss (the skip left the weights as they were): learned
     assert counts["loss_spike"] >= 1 and counts["repeated_batch"] >= 1

@@ -1,13 +1,16 @@
 """Tiny real trainings for the ExplosionGuard tests: a regression MLP with injectable faults.
 
-Shared by ``tests/test_guard.py`` and the DDP job ``tests/scripts/guard_nan_ddp.py`` so both train the
+Shared by ``tests/test_guard.py`` and the DDP jobs ``tests/scripts/guard_nan_ddp.py`` and ``guard_repeat_ddp.py``
+(with the per-step weight record and the rank result file they write) so they train the
 same model on the same data. Its network is ``tests.helpers.models.tanh_mlp`` (as ``TinyRegressor``'s), wider
 (32) and seeded here; the data (a sine of a projection, 512 samples) and the fault injection are its own.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -114,3 +117,31 @@ CLIMB_FAULTS: dict[int, str] = {30: "scale_grad", 31: "scale_grad", 32: "nan_gra
 """Faults that climb the ladder one rung per step from step 30 under budgets of 1: two gradient spikes (clip, then
 tight clip: all that gradient evidence may do) and then non-finite gradients, the evidence of damage that skips,
 backs off and rolls back."""
+
+
+class WeightsByStep(Callback):
+    """After every training step: all weights as one list (and the fp16 loss scale, when there is one), keyed by
+    the global step, for DDP jobs whose test checks that every rank ended each step with the same weights."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, list[float]] = {}
+        self.loss_scales: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.by_step[trainer.global_step] = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).tolist()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.loss_scales[trainer.global_step] = scaler.get_scale()
+
+
+def write_rank_result(out_dir: Path, trainer: pl.Trainer, guard: Any, weights: WeightsByStep) -> None:
+    """``out_dir/rank{N}.json``: what this rank's guard decided and counted, and the weights after every step."""
+    result = {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "events": guard.policy().events,
+        "counts": guard.policy().counts,
+        "weights": {str(step): values for step, values in weights.by_step.items()},
+        "loss_scales": {str(step): scale for step, scale in weights.loss_scales.items()},
+    }
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

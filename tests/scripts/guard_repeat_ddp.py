@@ -7,7 +7,6 @@ counts and the weights after every step, so the test can check that both ranks j
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import torch
 
 from lightning_gradstab.callbacks.guard import ExplosionGuard
 from tests.helpers.trainers import quiet_trainer
-from tests.scripts.guard_models import regression_loader
+from tests.scripts.guard_models import WeightsByStep, regression_loader, write_rank_result
 
 SPIKE_STEPS = range(40, 43)  # rank 1's loss x 1e4: the step is skipped, then the same batch on the same weights
 STEPS = 60
 
 
 class OverfitOneBatch(pl.LightningModule):
-    """8-16-1 tanh regressor under SGD whose loss on rank ``spike_rank`` is 1e4 times larger at ``SPIKE_STEPS``."""
+    """8-16-1 tanh regressor under SGD whose loss on rank ``spike_rank`` (every rank: ``None``) is 1e4 times larger at
+    ``SPIKE_STEPS``; also the single-process model of ``tests/test_guard.py``'s repeated-batch test."""
 
     def __init__(self, spike_rank: int | None = None) -> None:
         super().__init__()
@@ -45,26 +45,13 @@ def main(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = OverfitOneBatch(spike_rank=1)
     guard = ExplosionGuard(console_summary=False)
-    weights: dict[str, list[float]] = {}
-
-    class _Weights(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx) -> None:
-            flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
-            weights[str(trainer.global_step)] = flat.tolist()
-
+    weights = WeightsByStep()
     trainer = quiet_trainer(
-        devices=2, strategy="ddp", max_steps=STEPS, overfit_batches=1, callbacks=[guard, _Weights()],
+        devices=2, strategy="ddp", max_steps=STEPS, overfit_batches=1, callbacks=[guard, weights],
         default_root_dir=str(out_dir),
     )
     trainer.fit(model, regression_loader())
-    result = {
-        "rank": trainer.global_rank,
-        "global_step": trainer.global_step,
-        "events": guard.policy().events,
-        "counts": guard.policy().counts,
-        "weights": weights,
-    }
-    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    write_rank_result(out_dir, trainer, guard, weights)
 
 
 if __name__ == "__main__":
