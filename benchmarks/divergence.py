@@ -29,7 +29,9 @@ ends every seed with LR multiplier >= 0.5 and a mean metric <= ``1.02 x none + 0
     python benchmarks/divergence.py --suite healthy --seeds 5 --perturb 1e-6 --check
 
 ``--suite holdout`` does the same on the held-out healthy shapes of :mod:`benchmarks.healthy_holdout` (shapes the
-guard was not tuned on; same methods, table and bar; output ``benchmarks/results/healthy-holdout-cpu.{md,json}``).
+guard was not tuned on; same methods, table and bar; output ``benchmarks/results/healthy-holdout-cpu.{md,json}``);
+``--suite holdout2`` on the second held-out set, :mod:`benchmarks.healthy_holdout2`, written after the guard's rules
+were fixed (output ``benchmarks/results/healthy-holdout2-cpu.{md,json}``).
 
 ``--perturb 1e-6`` reruns seed 0 (``--perturb-seeds N``: seeds 0..N-1) of every task and method with the initial
 weights multiplied by ``1 + 1e-6 N(0, 1)`` (a fixed generator per seed) and reports how far the result moves.
@@ -105,23 +107,26 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
 
 
 def healthy_tasks() -> dict[str, Any]:
-    """The healthy corpus (:mod:`benchmarks.healthy_tasks`) and its held-out set (:mod:`benchmarks.healthy_holdout`)."""
+    """The healthy corpus (:mod:`benchmarks.healthy_tasks`) and its two held-out sets
+    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`)."""
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
+    from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
 
-    return {**HEALTHY_TASKS, **HOLDOUT_TASKS}
+    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS}
 
 
 def healthy_metrics() -> dict[str, str]:
-    """What each healthy task's ``evaluate`` measures, for the corpus and the held-out set."""
+    """What each healthy task's ``evaluate`` measures, for the corpus and the held-out sets."""
     from benchmarks.healthy_holdout import METRICS as HOLDOUT_METRICS
+    from benchmarks.healthy_holdout2 import METRICS as HOLDOUT2_METRICS
     from benchmarks.healthy_tasks import METRICS
 
-    return {**METRICS, **HOLDOUT_METRICS}
+    return {**METRICS, **HOLDOUT_METRICS, **HOLDOUT2_METRICS}
 
 
 def all_tasks() -> dict[str, Any]:
-    """The divergence tasks, the healthy corpus and its held-out set, by name."""
+    """The divergence tasks, the healthy corpus and its held-out sets, by name."""
     from benchmarks.divergence_tasks import TASKS
 
     return {**TASKS, **healthy_tasks()}
@@ -580,10 +585,11 @@ def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list
 
 def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
+    from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
 
     registry, metrics = healthy_tasks(), healthy_metrics()
-    holdout = bool(tasks) and all(t in HOLDOUT_TASKS for t in tasks)
+    holdout = bool(tasks) and all(t in HOLDOUT_TASKS or t in HOLDOUT2_TASKS for t in tasks)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = max((r["seed"] for r in results), default=-1) + 1
@@ -658,17 +664,19 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.divergence_tasks import TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
+    from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
     from benchmarks.peers import resolve_method
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        choices=("divergence", "healthy", "holdout"),
+        choices=("divergence", "healthy", "holdout", "holdout2"),
         default="divergence",
         help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
         "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar; holdout: the held-out healthy "
-        "shapes (benchmarks/healthy_holdout.py), same metrics and bar",
+        "shapes (benchmarks/healthy_holdout.py), same metrics and bar; holdout2: the second held-out set "
+        "(benchmarks/healthy_holdout2.py)",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the suite)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: the suite's)")
@@ -682,15 +690,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    healthy = args.suite in ("healthy", "holdout")
-    registry = {"healthy": HEALTHY_TASKS, "holdout": HOLDOUT_TASKS}.get(args.suite, TASKS)
+    healthy = args.suite in ("healthy", "holdout", "holdout2")
+    registry = {"healthy": HEALTHY_TASKS, "holdout": HOLDOUT_TASKS, "holdout2": HOLDOUT2_TASKS}.get(args.suite, TASKS)
     known = all_tasks()
     tasks = [t for t in (args.tasks or ",".join(registry)).split(",") if t]
     unknown = [t for t in tasks if t not in known]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
     if not healthy and any(t in healthy_tasks() for t in tasks):
-        parser.error("the healthy tasks need --suite healthy or holdout (their evaluate() is a task metric)")
+        parser.error("the healthy tasks need --suite healthy, holdout or holdout2 (their evaluate() is a task metric)")
     methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
     for m in methods:
         try:
@@ -701,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds and --jobs must be >= 1")
     if args.perturb < 0 or args.perturb_seeds < 1:
         parser.error("--perturb must be >= 0 and --perturb-seeds >= 1")
-    default_out = {"healthy": "healthy-cpu", "holdout": "healthy-holdout-cpu"}.get(args.suite, "divergence-cpu")
+    default_out = {"healthy": "healthy-cpu", "holdout": "healthy-holdout-cpu", "holdout2": "healthy-holdout2-cpu"}.get(
+        args.suite, "divergence-cpu"
+    )
     out = Path(args.out or f"benchmarks/results/{default_out}")
 
     code_hash = freeze_package()
