@@ -202,7 +202,7 @@ class FunctionCalls:
         """One application of a weight by a functional op: a layer node named after the weight, with the
         fan-in/fan-out read from the op (``x @ W`` contracts ``W``'s first axis, ``F.linear`` its last)."""
         recording = self.recording
-        weight, name = next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])  # addmm's bias comes first
+        weight, name = _applied_weight(op, args, weights)
         kind = FUNCTIONAL_LAYERS[op]
         if kind == "attention":  # one attention layer over its projections: named after their common owner
             owners = [n.split(".") for _, n in weights]
@@ -248,3 +248,15 @@ class FunctionCalls:
     def _is_gate(self, index: int) -> bool:
         node = self._source(index)
         return node.kind == "activation" and activation_family(node.op) == "sigmoid"
+
+
+_ADDED_FIRST = frozenset({"addmm", "baddbmm", "addbmm", "addmv", "addr"})
+"""Ops whose first argument is added to the product of the others (``torch.addmm(bias, x, W)``)."""
+
+
+def _applied_weight(op: str, args: tuple, weights: list[tuple[Tensor, str]]) -> tuple[Tensor, str]:
+    """The weight a functional layer applies: a matrix among the product's operands, never the term ``addmm``
+    and its kin add first, however many dimensions that term has (``baddbmm(bias[:, None, :], x, W)``)."""
+    operands = args[1:] if op in _ADDED_FIRST else args
+    applied = [(w, n) for w, n in weights if w.dim() >= 2 and any(w is a for a in operands)]
+    return next(iter(applied), None) or next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])

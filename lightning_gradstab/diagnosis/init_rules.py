@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradstab.diagnosis import symmetry
 from lightning_gradstab.diagnosis.graph import LayerInfo, ModelGraph
 from lightning_gradstab.diagnosis.ops import activation_family
 from lightning_gradstab.report import Finding, Severity
 
 SIGNAL_FACTOR_WARNING = 10.0
 SIGNAL_FACTOR_ERROR = 1e4
-SPREAD_COLUMNS = 256
-"""Row spread (``init.symmetric``) is measured on the first 256 input columns of each weight: enough to tell
-constant from random rows, and cheap on very wide layers."""
+SPREAD_COLUMNS = symmetry.SPREAD_COLUMNS
 LAYER_TOLERANCE = 1.25
 """Per-layer variance ratios within [1/1.25, 1.25] count as matching (sampling noise of small layers)."""
 
@@ -121,13 +120,33 @@ def accepted_variance(layer: LayerInfo) -> tuple[InitScheme, float, float] | Non
     return None
 
 
+def layer_weight_moments(graph: ModelGraph) -> dict[str, tuple[float, float]]:
+    """Per layer with a weight: ``(variance, row spread)`` of the weight (see :func:`_weight_moments`), read back
+    at once. The probe takes them before its backward, to ask the gradient of the layers with identical rows.
+
+    Example::
+
+        variance, row_spread = layer_weight_moments(graph)["net.0"]
+    """
+    measured = [layer for layer in graph.layers if layer.weight is not None]
+    if not measured:
+        return {}
+    variances, spreads = _weight_moments([cast(Tensor, layer.weight) for layer in measured])  # none is None
+    return {layer.name: (v, r) for layer, v, r in zip(measured, variances, spreads, strict=True)}
+
+
 def init_findings(
-    graph: ModelGraph, output_std: dict[str, float] | None = None
+    graph: ModelGraph,
+    output_std: dict[str, float] | None = None,
+    moments: dict[str, tuple[float, float]] | None = None,
+    gradient_rows: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[list[Finding], dict[str, InitScheme], dict[str, float]]:
     """``init.scale``, ``init.symmetric``, ``embedding.scale`` findings; the scheme and weight std per layer.
 
     ``output_std`` (measured by the probe) is what an embedding really puts into the stream, scalings inside
-    its own forward included; without it the weight std is used.
+    its own forward included; without it the weight std is used. ``moments``: :func:`layer_weight_moments`
+    when already taken. ``gradient_rows``: per layer with identical weight rows, the spread of its gradient's rows
+    and the gradient's largest entry (:mod:`.symmetry`), when the probe measured them.
 
     Example::
 
@@ -136,14 +155,14 @@ def init_findings(
     measured = [layer for layer in graph.layers if layer.weight is not None]
     if not measured:
         return [], {}, {}
-    variances, spreads = _weight_moments([cast(Tensor, layer.weight) for layer in measured])  # none is None
-    variance = {layer.name: v for layer, v in zip(measured, variances, strict=True)}
-    row_spread = {layer.name: v for layer, v in zip(measured, spreads, strict=True)}
+    moments = moments if moments is not None else layer_weight_moments(graph)
+    variance = {name: v for name, (v, _) in moments.items()}
+    row_spread = {name: r for name, (_, r) in moments.items()}
     weight_std = {name: math.sqrt(v) for name, v in variance.items()}
     accepted = {layer.name: a for layer in measured if (a := accepted_variance(layer)) is not None}
     schemes = {name: a[0] for name, a in accepted.items()}
     findings = _scale_findings(graph, variance, accepted)
-    findings += _symmetric_findings(measured, row_spread, weight_std, schemes)
+    findings += _symmetric_findings(measured, row_spread, weight_std, schemes, gradient_rows or {})
     findings += _embedding_findings(measured, {**weight_std, **(output_std or {})})
     return findings, schemes, weight_std
 
@@ -304,27 +323,41 @@ def _symmetric_findings(
     row_spread: dict[str, float],
     weight_std: dict[str, float],
     schemes: dict[str, InitScheme],
+    gradient_rows: dict[str, tuple[float, float]],
 ) -> list[Finding]:
+    """Layers whose units start identical (see :mod:`.symmetry`): an error when their gradient rows tie too (or
+    were not measured), so the units stay identical; a warning when only a constant, non-zero start is shared
+    and the gradient tells the units apart (a rank-one start that training must undo); nothing for a zero start
+    that the gradient separates (a router, gate or query zeroed on purpose)."""
     findings = []
+    reported: set[str] = set()
     for layer in measured:
+        if layer.name in reported or row_spread[layer.name] != 0.0 or not symmetry.may_be_symmetric(layer):
+            continue
+        reported.add(layer.name)
         weight = cast(Tensor, layer.weight)  # measured keeps only layers with a weight
-        if layer.kind not in ("linear", "conv", "other") or weight.dim() < 2 or weight.shape[0] < 2:
-            continue
-        # identical rows make every unit compute the same function forever (the gradient keeps them equal);
-        # zero on purpose is fine where the layer ends a residual branch or is the output head
-        if row_spread[layer.name] != 0.0 or layer.feeds_join or not layer.feeds_layer:
-            continue
+        evidence: dict[str, Any] = {
+            "weight_std": weight_std[layer.name], "row_spread": row_spread[layer.name], "units": int(weight.shape[0])
+        }
+        severity: Severity = "error"
+        why = "constant or identical rows keep its units identical under gradient descent"
+        if layer.name in gradient_rows:
+            spread, scale = gradient_rows[layer.name]
+            evidence["gradient_row_spread"] = spread
+            if not symmetry.gradient_ties(spread, scale):
+                if weight_std[layer.name] == 0.0 and not bool(weight.detach().any()):
+                    continue  # zero on purpose: the first step's gradient already tells the units apart
+                severity = "warning"
+                why = ("its units start identical and only their gradients tell them apart: a rank-one start that "
+                       "training must first undo")
         scheme = schemes.get(layer.name)
         findings.append(
             Finding(
                 "init.symmetric",
-                "error",
+                severity,
                 (layer.name,),
-                {"weight_std": weight_std[layer.name], "row_spread": row_spread[layer.name],
-                 "units": int(weight.shape[0])},
-                f"Re-initialise {layer.name} randomly "
-                f"({scheme.name if scheme else 'Xavier/Glorot normal'}): constant or identical rows keep "
-                "its units identical under gradient descent.",
+                evidence,
+                f"Re-initialise {layer.name} randomly ({scheme.name if scheme else 'Xavier/Glorot normal'}): {why}.",
             )
         )
     return findings

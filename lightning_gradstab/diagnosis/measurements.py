@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from lightning_gradstab.diagnosis import symmetry
 from lightning_gradstab.diagnosis.graph import ModelGraph
 from lightning_gradstab.diagnosis.nodes import Node
 from lightning_gradstab.diagnosis.ops import activation_family
@@ -158,8 +159,10 @@ class Measurements:
         weight_grads: dict[str, Tensor],
         edge_grads: list[tuple[int, Tensor]],
         loss: Tensor | None,
+        tied_grads: dict[str, Tensor] | None = None,
     ) -> None:
-        """Bring every gathered statistic to the host in one transfer and fill ``result``'s probes and loss."""
+        """Bring every gathered statistic to the host in one transfer and fill ``result``'s probes and loss
+        (``tied_grads``: gradients of layers whose weight rows are identical, read as their row statistics)."""
         self.flush()
         grad_positions: dict[int, int] = {}
         with torch.no_grad():
@@ -171,9 +174,16 @@ class Measurements:
         weight_position = self._size
         if weight_grads:
             self._push(torch.stack(list(weight_grads.values())))
+        tied_position = self._size
+        with torch.no_grad():
+            for gradient in (tied_grads or {}).values():  # rare: only layers whose rows start identical
+                self._push(symmetry.gradient_row_statistics(gradient))
         if loss is not None:
             self._push(loss.detach().float().reshape(1))
         numbers = _to_host(self._parts)
+        for offset, name in enumerate(tied_grads or {}):
+            at = tied_position + 2 * offset
+            result.gradient_rows[name] = (numbers[at], numbers[at + 1])
         weight_values = dict(zip(weight_grads, numbers[weight_position:], strict=False))
         for slot, probe in enumerate(self.layer_probes):
             mean_at, std_at = self.layer_positions[slot]
@@ -228,7 +238,7 @@ def _stacked(
 
 
 def _to_host(tensors: list[Tensor]) -> list[float]:
-    """The single host sync of a probe: concatenate the 1-D parts (float32, and counts, which ``cat`` promotes
+    """The probe's final host sync: concatenate the 1-D parts (float32, and counts, which ``cat`` promotes
     to it) on the first one's device and read them back at once."""
     if not tensors:
         return []

@@ -11,7 +11,8 @@ what it derives from them, as Hugging Face speech encoders do); the backward is 
 first layers instead. Buffers (BatchNorm running statistics), per-module train/eval flags and the RNG state
 are restored afterwards, so ``diagnose`` is invisible to the training that follows; the RNG is seeded for the
 probe, so dropout draws the same masks wherever the probe runs (``diagnose``, ``InitAudit``). All statistics
-stay on the device until one final transfer (a single host sync).
+stay on the device until one final transfer; the weights' moments are read once before the backward (the layers
+whose units start identical have their gradient asked too, :mod:`.symmetry`): two host syncs per probe.
 
 This module runs the probe and its backward; the statistics are taken in :mod:`.measurements`, the model's state
 is kept in :mod:`.model_state`, and what a probe returns is :mod:`.probe_results`.
@@ -28,7 +29,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from lightning_gradstab.compiled import eager_compiled
+from lightning_gradstab.diagnosis import symmetry
 from lightning_gradstab.diagnosis.graph import ModelGraph
+from lightning_gradstab.diagnosis.init_rules import layer_weight_moments
 from lightning_gradstab.diagnosis.measurements import Measurements
 from lightning_gradstab.diagnosis.model_state import cuda_devices, preserved_state, seed_rng
 from lightning_gradstab.diagnosis.probe_results import ProbeError, ProbeResult
@@ -83,13 +86,17 @@ def run_probe(
         loss = _loss(top_calls[-1] if top_calls else output, loss_fn if not top_calls else None, seed)
         result = ProbeResult(graph)
         loss = _factor_out_zero_heads(result, loss, seed)
+        # the weights' moments before the backward: the layers whose units start identical have their gradient
+        # asked too, to tell a tie that lasts from one the first step breaks (see .symmetry)
+        result.weight_moments = layer_weight_moments(graph)
+        tied = symmetry.candidates(graph, {name: spread for name, (_, spread) in result.weight_moments.items()})
         try:
-            weight_grads, edge_grads = _backward(
-                measurements.tracer.parameters, result, loss, inputs, measurements.edges
+            weight_grads, edge_grads, tied_grads = _backward(
+                measurements.tracer.parameters, result, loss, inputs, measurements.edges, tied
             )
         except RuntimeError as error:
             raise ProbeError(f"the backward raised {type(error).__name__}: {error}") from error
-    measurements.read_back(result, weight_grads, edge_grads, loss)
+    measurements.read_back(result, weight_grads, edge_grads, loss, tied_grads)
     return result
 
 
@@ -128,10 +135,12 @@ def _backward(
     loss: Tensor | None,
     inputs: Any,
     edges: list[tuple[int, Any]],
-) -> tuple[dict[str, Tensor], list[tuple[int, Tensor]]]:
+    tied: Sequence[tuple[str, Tensor]] = (),
+) -> tuple[dict[str, Tensor], list[tuple[int, Tensor]], dict[str, Tensor]]:
     """Backpropagate ``loss`` once with ``torch.autograd.grad`` (no ``.grad`` is written) and return the weight
-    gradient norms of the requested layers, keyed by layer name, and the gradients reached at the layer outputs'
-    ``edges`` (``(slot, gradient)``; an edge the backward never reaches is left out).
+    gradient norms of the requested layers, keyed by layer name, the gradients reached at the layer outputs'
+    ``edges`` (``(slot, gradient)``; an edge the backward never reaches is left out), and the gradients of the
+    ``tied`` weights (layers whose rows are identical, :func:`.symmetry.candidates`) by layer name.
 
     A parameter whose gradient comes back None was never used by this forward (a mask token, a pooler left
     out), so it is dropped from ``graph.untraced``: it is not a tracing gap.
@@ -140,24 +149,28 @@ def _backward(
     weight_grads: dict[str, Tensor] = {}
     if loss is None:
         graph.problems.append("the output holds no floating-point tensor that requires grad: no backward")
-        return weight_grads, []
+        return weight_grads, [], {}
     if not loss.requires_grad:
-        return weight_grads, []
+        return weight_grads, [], {}
     targets = _anchors(graph, inputs)
     named = _gradient_parameters(parameters, graph, anchored=bool(targets))
-    requested = targets + [edge for _, edge in edges] + [p for _, p in named]
+    requested = targets + [edge for _, edge in edges] + [p for _, p in named] + [w for _, w in tied]
     grads = torch.autograd.grad(loss, requested, allow_unused=True)
     at_edges = grads[len(targets) : len(targets) + len(edges)]
     edge_grads = [(slot, grad.detach()) for (slot, _), grad in zip(edges, at_edges, strict=True) if grad is not None]
+    start = len(targets) + len(edges)
     unused: set[str] = set()
-    for (name, _), grad in zip(named, grads[len(targets) + len(edges) :], strict=True):
+    for (name, _), grad in zip(named, grads[start : start + len(named)], strict=True):
         if grad is None:
             unused.add(name)
         elif name.endswith("weight"):
             weight_grads[name.rsplit(".", 1)[0] if "." in name else name] = grad.detach().float().norm()
     graph.untraced = [name for name in graph.untraced if name not in unused]
+    tied_grads = {
+        name: grad for (name, _), grad in zip(tied, grads[start + len(named) :], strict=True) if grad is not None
+    }
     result.gradients_reached = True
-    return weight_grads, edge_grads
+    return weight_grads, edge_grads, tied_grads
 
 
 def _loss(output: Any, loss_fn: Callable[[Any], Tensor] | None, seed: int) -> Tensor | None:

@@ -71,6 +71,11 @@ class ProbeResult:
     factored_out: list[str] = field(default_factory=list)
     """Zero-initialised output layers whose effect was factored out: the random direction is applied to their
     input, since every gradient upstream of an all-zero head is exactly 0 at step 0 by construction."""
+    weight_moments: dict[str, tuple[float, float]] | None = None
+    """Per layer with a weight: ``(variance, row spread)`` of the weight, taken before the backward."""
+    gradient_rows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per layer whose weight rows are identical: the spread of its gradient's rows and the gradient's largest
+    entry (:mod:`.symmetry`): whether the first step tells its units apart."""
 
 
 class ProbeError(ValueError):
