@@ -88,10 +88,11 @@ def normalization_finding(graph: ModelGraph, problems: list[Finding]) -> list[Fi
 
 
 def activation_finding(graph: ModelGraph) -> list[Finding]:
-    """``arch.activation`` when two or more un-normalized hidden layers feed a sigmoid."""
+    """``arch.activation`` when two or more un-normalized hidden layers feed a sigmoid whose output is the next
+    layer's input (a hidden activation; a sigmoid that gates, routes or scores another path is not one)."""
     layers = [
         layer for layer in graph.layers
-        if activation_family(layer.activation) == "sigmoid" and layer.feeds_layer and not layer.normalized
+        if activation_family(layer.activation) == "sigmoid" and layer.activation_feeds_layer and not layer.normalized
         and not layer.gate  # a Squeeze-Excitation gate: the sigmoid is its purpose, not the main path's
     ]
     if len(layers) < 2:

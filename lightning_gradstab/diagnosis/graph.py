@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_gradstab.diagnosis.nodes import Node
 from lightning_gradstab.diagnosis.paths import (
     demote_arithmetic_joins,
+    feeds_a_layer_directly,
     has_norm_upstream,
     in_branch_all,
     longest_plain_chain,
@@ -42,6 +43,8 @@ class LayerInfo:
         feeds_join: its output directly enters a skip connection (it ends a residual branch).
         is_output: its output is (part of) the model output.
         feeds_layer: its output reaches another parameterised layer (it is a hidden layer).
+        activation_feeds_layer: its activation's output is the input of another layer through reshapes, dropout
+            and normalizations only (a hidden activation), not only a gate, a router score or an index.
         gate: its output only reaches the main path through a multiplicative gate (Squeeze-Excitation).
         attention_logits: its output only reaches attention logits (query/key projections), whose gradient
             is small at init by construction: the softmax is near-uniform.
@@ -73,6 +76,7 @@ class LayerInfo:
     feeds_join: bool = False
     is_output: bool = False
     feeds_layer: bool = False
+    activation_feeds_layer: bool = False
     gate: bool = False
     attention_logits: bool = False
     in_branch: bool = False
@@ -231,6 +235,9 @@ def _describe_consumers(
                 info.activation = consumer.op
                 info.negative_slope = consumer.negative_slope
                 info.feeds_layer |= reaches_layer[consumer_index]
+                info.activation_feeds_layer = reaches_layer[consumer_index] and feeds_a_layer_directly(
+                    consumer_index, nodes, consumers
+                )
             elif consumer.kind == "join" and not past_norm:
                 info.feeds_join = True
             elif consumer.kind == "layer":

@@ -160,6 +160,27 @@ def reaches_a_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -
     return False
 
 
+def feeds_a_layer_directly(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
+    """Whether the output of node ``start`` is the input of a layer through reshapes, dropout and normalizations
+    only, as a hidden activation's output is; not when it only scales, selects or routes something else (a
+    sigmoid gate or router score multiplying another path, a top-k choice, an index)."""
+    frontier, seen = [start], set()
+    while frontier:
+        index = frontier.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        for consumer_index in consumers[index]:
+            consumer = nodes[consumer_index]
+            if index in consumer.side_inputs:
+                continue  # a gate of the consumer's main path
+            if consumer.kind == "layer":
+                return True
+            if consumer.kind in ("pass", "norm"):
+                frontier.append(consumer_index)
+    return False
+
+
 _PathStep = Literal["follow", "found", "fail", "stop"]
 """What one edge ``index -> consumer`` means to :func:`_every_path_ends`: walk on through the consumer, a path
 ends well here, the answer is False, or this path ends here without counting either way."""

@@ -1,0 +1,52 @@
+"""``arch.activation`` is about sigmoids *between* layers (a hidden activation, slope <= 1/4: Glorot & Bengio
+2010); a sigmoid whose output only scores, routes or gates another path (DeepSeek-V3-style sigmoid routers, a
+gated attention output) is no hidden activation, and a model full of them gets no finding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_gradstab import diagnose
+from tests.helpers.models import digits_batch, mlp
+
+torch.set_num_threads(1)
+
+
+class SigmoidRoutedExperts(nn.Module):
+    """A residual block of top-2-of-4 experts chosen by sigmoid router scores (plus a balancing bias, used for
+    the choice only), the chosen scores gathered and normalized, the tokens dispatched to their experts by
+    sorting the choices (as sigmoid-scored mixture-of-experts layers do): the scores reach the experts as
+    weights and, through the sorted choices, as indices; never as an expert's input."""
+
+    def __init__(self, width: int = 32, experts: int = 4) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.register_buffer("balance", torch.zeros(experts))
+        self.experts = nn.ModuleList([nn.Linear(width, width) for _ in range(experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.sigmoid(self.router(x))
+        chosen = (scores + self.balance).topk(2, dim=-1).indices
+        weights = scores.gather(-1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True)
+        flat_choice, order = chosen.reshape(-1).sort()
+        tokens = x[order // 2]
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            picked = flat_choice == index
+            out[picked] = torch.relu(expert(tokens[picked]))
+        combined = torch.zeros_like(x).index_add_(0, order // 2, out * weights.reshape(-1)[order, None])
+        return x + combined
+
+
+def test_sigmoid_routers_are_no_hidden_activation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), SigmoidRoutedExperts(), SigmoidRoutedExperts(), nn.Linear(32, 10))
+    assert "arch.activation" not in diagnose(model, digits_batch()).codes
+
+
+def test_sigmoids_between_layers_are_still_named():
+    report = diagnose(mlp(6, 32, init="xavier", activation=nn.Sigmoid), digits_batch())
+    (finding,) = report.by_code("arch.activation")
+    assert finding.evidence["hidden_sigmoid_layers"] >= 2
