@@ -31,13 +31,13 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.divergence_tasks import Batch, Task, _digit_batches, _digits, mlp
+from benchmarks.healthy_holdout import _task
 from benchmarks.healthy_tasks import (
     HealthyBuilt,
     MetricModule,
@@ -387,11 +387,6 @@ def _switch_moe(seed: int, steps: int) -> HealthyBuilt:
 # --------------------------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _task(name: str, steps: int, builder: Callable[[int, int], HealthyBuilt]) -> Task:
-    doc = (builder.__doc__ or "").strip().split("\n\n")[0]
-    return Task(name, "healthy", " ".join(doc.split()), steps, builder)
 
 
 HOLDOUT2_TASKS: dict[str, Task] = {

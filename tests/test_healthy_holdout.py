@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import divergence
 from benchmarks.healthy_holdout import HOLDOUT_TASKS, METRICS
+from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
 from benchmarks.healthy_tasks import HEALTHY_TASKS
 
 STEPS = 4
@@ -23,9 +24,10 @@ def test_the_holdout_set_has_eight_new_shapes_each_with_a_named_task_metric():
     assert set(METRICS.items()) <= set(divergence.healthy_metrics().items())
 
 
-@pytest.mark.parametrize("name", list(HOLDOUT_TASKS))
+@pytest.mark.parametrize("name", [*HOLDOUT_TASKS, *HOLDOUT2_TASKS])
 def test_task_builds_and_one_unguarded_fit_runs_to_a_finite_metric(name):
-    built = HOLDOUT_TASKS[name].build(seed=0, steps=STEPS)
+    """Both held-out sets (:mod:`benchmarks.healthy_holdout2` is the second)."""
+    built = divergence.healthy_tasks()[name].build(seed=0, steps=STEPS)
     assert built.steps == STEPS and built.max_steps >= STEPS
     record = divergence.run_one(name, "none", seed=0, steps=STEPS)
     assert record["status"] == "finished", record["error"]

@@ -146,24 +146,11 @@ def _reaches_output_directly(start: int, nodes: list[Node], consumers: list[list
     return False
 
 
-def reaches_a_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
-    frontier, seen = [start], set()
-    while frontier:
-        index = frontier.pop()
-        if index in seen:
-            continue
-        seen.add(index)
-        for consumer_index in consumers[index]:
-            if nodes[consumer_index].kind == "layer":
-                return True
-            frontier.append(consumer_index)
-    return False
-
-
-def feeds_a_layer_directly(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
-    """Whether the output of node ``start`` is the input of a layer through reshapes, dropout and normalizations
-    only, as a hidden activation's output is; not when it only scales, selects or routes something else (a
-    sigmoid gate or router score multiplying another path, a top-k choice, an index)."""
+def _layer_ahead(
+    start: int, nodes: list[Node], consumers: list[list[int]], through: Callable[[int, Node], bool]
+) -> bool:
+    """Whether a layer consumes the output of node ``start`` directly or through consumers that ``through(index,
+    consumer)`` lets the walk pass (``index``: the node whose output the consumer reads)."""
     frontier, seen = [start], set()
     while frontier:
         index = frontier.pop()
@@ -172,13 +159,30 @@ def feeds_a_layer_directly(start: int, nodes: list[Node], consumers: list[list[i
         seen.add(index)
         for consumer_index in consumers[index]:
             consumer = nodes[consumer_index]
-            if index in consumer.side_inputs:
-                continue  # a gate of the consumer's main path
             if consumer.kind == "layer":
                 return True
-            if consumer.kind in ("pass", "norm"):
+            if through(index, consumer):
                 frontier.append(consumer_index)
     return False
+
+
+def _anything(index: int, consumer: Node) -> bool:
+    return True
+
+
+def reaches_a_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
+    return _layer_ahead(start, nodes, consumers, _anything)
+
+
+def _carries_values(index: int, consumer: Node) -> bool:
+    return consumer.kind in ("pass", "norm") and index not in consumer.side_inputs
+
+
+def feeds_a_layer_directly(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
+    """Whether the output of node ``start`` is the input of a layer through reshapes, dropout and normalizations
+    only, as a hidden activation's output is; not when it only scales, selects or routes something else (a
+    sigmoid gate or router score multiplying another path, a top-k choice, an index)."""
+    return _layer_ahead(start, nodes, consumers, _carries_values)
 
 
 _PathStep = Literal["follow", "found", "fail", "stop"]
