@@ -258,5 +258,6 @@ def _applied_weight(op: str, args: tuple, weights: list[tuple[Tensor, str]]) -> 
     """The weight a functional layer applies: a matrix among the product's operands, never the term ``addmm``
     and its kin add first, however many dimensions that term has (``baddbmm(bias[:, None, :], x, W)``)."""
     operands = args[1:] if op in _ADDED_FIRST else args
-    applied = [(w, n) for w, n in weights if w.dim() >= 2 and any(w is a for a in operands)]
-    return next(iter(applied), None) or next(((w, n) for w, n in weights if w.dim() >= 2), weights[0])
+    matrices = [(w, n) for w, n in weights if w.dim() >= 2]
+    applied = [(w, n) for w, n in matrices if any(w is a for a in operands)]
+    return (applied or matrices or weights)[0]

@@ -166,12 +166,12 @@ def _layer_ahead(
     return False
 
 
-def _anything(index: int, consumer: Node) -> bool:
+def _any_consumer(index: int, consumer: Node) -> bool:
     return True
 
 
 def reaches_a_layer(start: int, nodes: list[Node], consumers: list[list[int]]) -> bool:
-    return _layer_ahead(start, nodes, consumers, _anything)
+    return _layer_ahead(start, nodes, consumers, _any_consumer)
 
 
 def _carries_values(index: int, consumer: Node) -> bool:
