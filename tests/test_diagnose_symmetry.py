@@ -110,3 +110,50 @@ def test_gradient_rows_tie_within_float_rounding_only():
     spread, scale = gradient_row_statistics(tied).tolist()
     assert spread == 0.0 and scale == 3.0 and gradient_ties(spread, scale)
     assert gradient_ties(GRADIENT_TIE * 3.0, 3.0) and not gradient_ties(10 * GRADIENT_TIE * 3.0, 3.0)
+
+
+class _PositionTable(nn.Module):
+    """A zero-initialised table of per-position vectors, indexed by position and applied to the signal (as the
+    relative-position tables of SAM-style attention are): a derived weight whose gradient is the table's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(64, 32)
+        self.table = nn.Parameter(torch.zeros(7, 8))
+        self.out = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x)).reshape(len(x), 4, 8)  # 4 positions of 8 features
+        positions = torch.tensor([0, 2, 4, 6])
+        scored = torch.einsum("bpd,pd->bp", h, self.table[positions])  # the rows of the table at those positions
+        return self.out(torch.cat([torch.tanh(scored), h.mean(1)], -1))
+
+
+class _RepeatedVector(nn.Module):
+    """A learned per-dimension vector repeated once per sample and applied per sample (a pooling query): the
+    repeated rows are copies of one vector, not units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(64, 16)
+        self.query = nn.Parameter(torch.zeros(16))
+        self.out = nn.Linear(17, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        score = torch.bmm(h[:, None, :], self.query.repeat(len(x), 1)[:, :, None]).reshape(len(x), 1)
+        return self.out(torch.cat([torch.tanh(score), h], -1))
+
+
+def test_a_zero_table_indexed_per_position_is_judged_by_the_table_gradient():
+    report = diagnose(_PositionTable(), digits_batch())
+    assert "table" in [row["name"] for row in report.layers]
+    assert "init.symmetric" not in report.codes
+
+
+def test_a_vector_repeated_per_sample_has_copies_for_rows_not_units():
+    report = diagnose(_RepeatedVector(), digits_batch())
+    assert "query" in [row["name"] for row in report.layers]
+    assert "init.symmetric" not in report.codes

@@ -164,7 +164,9 @@ def build_report(
     first_calls: dict[str, float] = {}
     for probe in sorted(result.layers, key=lambda p: p.node):
         first_calls.setdefault(probe.name, probe.output_std)
-    findings, schemes, weight_std = init_findings(graph, first_calls, result.weight_moments, result.gradient_rows)
+    findings, schemes, weight_std = init_findings(
+        graph, first_calls, result.weight_moments, result.gradient_rows, result.vector_weights
+    )
     scales = [f for f in findings if f.code == "init.scale"]
     activation_problems = activation_findings(result.activations)
     measured = delta_ratio(result)

@@ -140,13 +140,15 @@ def init_findings(
     output_std: dict[str, float] | None = None,
     moments: dict[str, tuple[float, float]] | None = None,
     gradient_rows: dict[str, tuple[float, float]] | None = None,
+    vector_weights: set[str] | None = None,
 ) -> tuple[list[Finding], dict[str, InitScheme], dict[str, float]]:
     """``init.scale``, ``init.symmetric``, ``embedding.scale`` findings; the scheme and weight std per layer.
 
     ``output_std`` (measured by the probe) is what an embedding really puts into the stream, scalings inside
     its own forward included; without it the weight std is used. ``moments``: :func:`layer_weight_moments`
     when already taken. ``gradient_rows``: per layer with identical weight rows, the spread of its gradient's rows
-    and the gradient's largest entry (:mod:`.symmetry`), when the probe measured them.
+    and the gradient's largest entry (:mod:`.symmetry`), when the probe measured them; ``vector_weights``: layers
+    whose weight is derived from a one-dimensional parameter (no units to be identical).
 
     Example::
 
@@ -162,7 +164,9 @@ def init_findings(
     accepted = {layer.name: a for layer in measured if (a := accepted_variance(layer)) is not None}
     schemes = {name: a[0] for name, a in accepted.items()}
     findings = _scale_findings(graph, variance, accepted)
-    findings += _symmetric_findings(measured, row_spread, weight_std, schemes, gradient_rows or {})
+    findings += _symmetric_findings(
+        measured, row_spread, weight_std, schemes, gradient_rows or {}, vector_weights or set()
+    )
     findings += _embedding_findings(measured, {**weight_std, **(output_std or {})})
     return findings, schemes, weight_std
 
@@ -324,6 +328,7 @@ def _symmetric_findings(
     weight_std: dict[str, float],
     schemes: dict[str, InitScheme],
     gradient_rows: dict[str, tuple[float, float]],
+    vector_weights: set[str],
 ) -> list[Finding]:
     """Layers whose units start identical (see :mod:`.symmetry`): an error when their gradient rows tie too (or
     were not measured), so the units stay identical; a warning when only a constant, non-zero start is shared
@@ -332,7 +337,9 @@ def _symmetric_findings(
     findings = []
     reported: set[str] = set()
     for layer in measured:
-        if layer.name in reported or row_spread[layer.name] != 0.0 or not symmetry.may_be_symmetric(layer):
+        if layer.name in reported or layer.name in vector_weights or row_spread[layer.name] != 0.0:
+            continue
+        if not symmetry.may_be_symmetric(layer):
             continue
         reported.add(layer.name)
         weight = cast(Tensor, layer.weight)  # measured keeps only layers with a weight

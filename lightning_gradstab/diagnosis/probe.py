@@ -89,7 +89,8 @@ def run_probe(
         # the weights' moments before the backward: the layers whose units start identical have their gradient
         # asked too, to tell a tie that lasts from one the first step breaks (see .symmetry)
         result.weight_moments = layer_weight_moments(graph)
-        tied = symmetry.candidates(graph, {name: spread for name, (_, spread) in result.weight_moments.items()})
+        spreads = {name: spread for name, (_, spread) in result.weight_moments.items()}
+        tied, result.vector_weights = symmetry.candidates(graph, spreads, dict(measurements.tracer.parameters))
         try:
             weight_grads, edge_grads, tied_grads = _backward(
                 measurements.tracer.parameters, result, loss, inputs, measurements.edges, tied

@@ -76,6 +76,8 @@ class ProbeResult:
     gradient_rows: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per layer whose weight rows are identical: the spread of its gradient's rows and the gradient's largest
     entry (:mod:`.symmetry`): whether the first step tells its units apart."""
+    vector_weights: set[str] = field(default_factory=set)
+    """Layers whose weight is derived from a one-dimensional parameter: rows that are copies, not units."""
 
 
 class ProbeError(ValueError):

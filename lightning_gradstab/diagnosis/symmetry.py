@@ -9,8 +9,10 @@ gate or query is a deliberate start (Fedus et al. 2022; Bachlechner et al. 2020,
 measures, for the layers whose rows are identical at init, whether the rows of their *gradient* are identical too:
 that, not the weights alone, is what keeps the units identical forever.
 
-Identical rows that are copies by construction (a weight broadcast with ``expand`` over the batch) are no
-evidence either: their memory is shared, nothing was initialised alike.
+Identical rows that are copies by construction are no evidence either: a weight broadcast with ``expand`` over
+the batch (its memory is shared), or a one-dimensional parameter repeated once per sample (a pooling query). A
+weight derived from a parameter (``W[i]``, a position table indexed per position) is judged by the gradient of
+that parameter.
 """
 
 from __future__ import annotations
@@ -56,17 +58,28 @@ def may_be_symmetric(layer: LayerInfo) -> bool:
     )
 
 
-def candidates(graph: ModelGraph, row_spread: dict[str, float]) -> list[tuple[str, Tensor]]:
-    """``(layer name, parameter)`` for each layer whose rows are identical and may matter, and whose weight is
-    a parameter the backward can differentiate (a derived view, ``W[i]``, is judged on its rows alone)."""
+def candidates(
+    graph: ModelGraph, row_spread: dict[str, float], parameters: dict[str, Tensor]
+) -> tuple[list[tuple[str, Tensor]], set[str]]:
+    """The layers whose rows are identical and may matter, as ``(layer name, parameter)`` for the backward to
+    differentiate, and the names of those whose weight is derived from a parameter of one dimension.
+
+    A functional layer's weight may be derived from its parameter (``W[i]``, a table indexed by positions, a
+    vector repeated per sample): its gradient is asked of the parameter it comes from (``parameters``: by name),
+    and a weight derived from a vector has copies for rows, not units (a learned per-dimension scale repeated per
+    sample), so it is no evidence either."""
     found: dict[str, Tensor] = {}
+    vectors: set[str] = set()
     for layer in graph.layers:
         weight = layer.weight
         if weight is None or layer.name in found or row_spread.get(layer.name) != 0.0 or not may_be_symmetric(layer):
             continue
-        if weight.is_leaf and weight.requires_grad:
-            found[layer.name] = weight
-    return list(found.items())
+        base = weight if weight.is_leaf else parameters.get(layer.name)
+        if base is not None and base.dim() < 2:
+            vectors.add(layer.name)
+        elif base is not None and base.requires_grad:
+            found[layer.name] = base
+    return list(found.items()), vectors
 
 
 def gradient_row_statistics(gradient: Tensor) -> Tensor:
