@@ -345,3 +345,41 @@ def test_dead_units_are_a_warning_past_half_the_width_plus_its_sampling_noise_an
     assert dead(0.59) == [] and dead(0.6) == [("activation.dead", "warning")]
     assert dead(0.9) == [("activation.dead", "error")]
     assert dead(0.55, units=10_000) == [("activation.dead", "warning")]  # 0.5 + 0.01
+
+
+class _NumpyMasked(nn.Module):
+    """A model that draws its training-time mask from NumPy's and Python's global generators (as Hugging Face
+    speech encoders draw their span masks from ``numpy.random``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(6, 32, init="he")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        keep = torch.from_numpy(np.random.rand(x.shape[1]) > 0.2 * random.random()).to(x.dtype)
+        return self.net(x * keep)
+
+
+def test_numpy_and_python_random_masks_are_seeded_for_the_probe_and_left_as_found():
+    import random
+
+    import numpy as np
+
+    model = _NumpyMasked()
+    np.random.seed(123)
+    random.seed(123)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    first = diagnose(model, digits_batch())
+    np.random.rand(5)  # the global generators move between the two calls: the probe's draws do not
+    random.random()
+    second = diagnose(model, digits_batch())
+    assert [row["grad_rms"] for row in first.layers] == [row["grad_rms"] for row in second.layers]
+    np.random.seed(123)
+    random.seed(123)
+    diagnose(model, digits_batch())
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1]) and random.getstate() == python_state

@@ -2,13 +2,19 @@
 
 The probe runs the model in training mode on a real batch (BatchNorm updates its running statistics, dropout
 draws masks); :func:`preserved_state` makes that invisible to the training that follows, and :func:`seed_rng`
-seeds the generators it forks so dropout draws the same masks wherever the probe runs.
+seeds the generators it forks so dropout draws the same masks wherever the probe runs. Python's and NumPy's
+global generators are forked and seeded too: models draw masks from them as well (the span masks of Hugging Face
+speech encoders come from ``numpy.random``); NumPy only when something has imported it, since a model that uses
+it has.
 """
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +41,15 @@ def preserved_state(
     modes = [(module, module.training) for module in modules]
     buffers = [buffer for module in modules for buffer in module.buffers(recurse=False)]
     saved = [buffer.detach().clone() for buffer in buffers]
+    python_rng, numpy_rng = random.getstate(), _numpy_random()
+    numpy_state = numpy_rng.get_state() if numpy_rng is not None else None
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        random.setstate(python_rng)
+        if numpy_rng is not None:
+            numpy_rng.set_state(numpy_state)
         with torch.no_grad():
             _copy_all(buffers, saved)
         for module, training in modes:
@@ -63,8 +74,19 @@ def cuda_devices(parameters: Iterable[Tensor]) -> list[int]:
     return sorted({p.device.index for p in parameters if p.is_cuda} - {None})
 
 
+def _numpy_random() -> Any:
+    """``numpy.random`` when NumPy is imported (a model that draws from it has imported it), else None."""
+    numpy = sys.modules.get("numpy")
+    return getattr(numpy, "random", None)
+
+
 def seed_rng(seed: int, devices: list[int]) -> None:
-    """Seed the CPU generator and those of the model's CUDA devices (``preserved_state`` restores them)."""
+    """Seed the CPU generator, those of the model's CUDA devices, and Python's and NumPy's global generators
+    (``preserved_state`` restores them all)."""
+    random.seed(seed)
+    numpy_rng = _numpy_random()
+    if numpy_rng is not None:
+        numpy_rng.seed(seed)
     torch.default_generator.manual_seed(seed)
     for index in devices:
         torch.cuda.default_generators[index].manual_seed(seed)
