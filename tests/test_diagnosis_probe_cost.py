@@ -10,6 +10,7 @@ from lightning_gradstab import diagnose
 from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
 from lightning_gradstab.diagnosis.measurements import _alive_units
 from lightning_gradstab.diagnosis.probe import run_probe
+from lightning_gradstab.diagnosis.tracer import GraphTracer
 
 
 class Leaky(nn.Module):
@@ -76,6 +77,55 @@ def test_scaling_behaviour_agrees_with_the_norm_and_affine_tests():
     assert kind == "scale" and abs(gain - 1e-3) < 1e-9 and gain == affine_gain(gate, (x,))
     assert scaling_behaviour(nn.Tanh(), (x,)) is None  # neither: a layer, or traced inside
     assert scaling_behaviour(Gate(), (x,)) == ("scale", 0.0)  # closed: measured through, not a normalization
+
+
+class _RMSNorm(nn.Module):
+    """An RMSNorm the tracer knows only by behaviour (Hugging Face's LlamaRMSNorm in a few lines)."""
+
+    def __init__(self, width: int, gain: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((width,), gain))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+
+class _NormedStack(nn.Module):
+    def __init__(self, gains: list[float]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in gains)
+        self.norms = nn.ModuleList(_RMSNorm(16, gain) for gain in gains)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, norm in zip(self.layers, self.norms, strict=True):
+            x = norm(torch.relu(layer(x)))
+        return x
+
+
+def test_equal_normalizations_are_tested_once_each_keeping_its_own_gain(monkeypatch):
+    tested = []
+    full_test = module_roles.scaling_behaviour
+
+    def counting(module, args):
+        tested.append(module.weight.detach()[0].item())
+        return full_test(module, args)
+
+    monkeypatch.setattr(module_roles, "scaling_behaviour", counting)
+    gains = [1.0, 0.5, 2.0, 0.0, 3.0]
+    model = _NormedStack(gains)
+    tracer = GraphTracer(model)
+    with tracer.tracing():
+        model(torch.randn(32, 16))
+    graph = tracer.build(None)
+    # the first instance is tested in full; a zero gain (output 0 at every scale) is left to the full test
+    assert tested == [1.0, 0.0]
+    measured = {name: gain for name, gain in graph.norm_gains.items()}
+    for index, gain in enumerate(gains):
+        if gain:  # the RMS of gain x a normalised input, measured per instance, as the full test reads it
+            assert abs(measured[f"norms.{index}"] - gain) < 1e-3 * gain
+    kinds = {node.name: node.kind for node in graph.nodes}
+    assert [kinds[f"norms.{i}"] for i in (0, 1, 2, 4)] == ["norm"] * 4
 
 
 def test_live_units_read_nan_as_not_positive_like_a_comparison_does():

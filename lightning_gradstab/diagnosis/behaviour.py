@@ -158,6 +158,21 @@ def scaling_behaviour(module: nn.Module, args: tuple) -> tuple[str, float] | Non
     return ("scale", gain) if gain is not None else None
 
 
+def scaled_output_rms(module: nn.Module, args: tuple, factor: float) -> float | None:
+    """The RMS of ``module``'s output at ``factor`` times its first input, in float32 as
+    :func:`scaling_behaviour` reads a normalization's gain; None where :func:`_scaled_outputs` gives nothing.
+
+    Example::
+
+        scaled_output_rms(LlamaRMSNorm(64), (x,), 16.0)  # ~1.0: the RMS of its weight of ones
+    """
+    scaled = _scaled_outputs(module, args, (factor,))
+    if scaled is None:
+        return None
+    with torch.no_grad():
+        return float(scaled[1].float().square().mean().sqrt())
+
+
 def _scaled_outputs(module: nn.Module, args: tuple, factors: tuple[float, ...]) -> tuple[Tensor, ...] | None:
     """``(input, module(factor * input, *rest) for each factor)`` on the first tensor argument, without grad;
     None when there is no floating-point input, the module raises, or an output is not a tensor of its shape."""

@@ -3,7 +3,8 @@ by tracing inside it, decided once per module at its first call.
 
 Known classes are decided by class. A leaf we do not know by class is decided by what it computes (see
 :mod:`.behaviour`): with only per-feature parameters it is a normalization (output invariant to the input's
-scale), a deliberate scaling (``scale * x + bias``: LayerScale, SkipInit gates, affine blocks) or else a layer;
+scale), a deliberate scaling (``scale * x + bias``: LayerScale, SkipInit gates, affine blocks) or else a layer
+(once a module normalises, an equal one, by class, attributes and parameter shapes, is only measured for its gain);
 with larger parameters it is traced inside (its weights are read where its forward applies them); without any,
 a parameter-free elementwise leaf is classified as a sigmoid-, tanh- or ReLU-like activation on a grid (so
 GELU-tanh's internal add and tanh are not read as structure), once per class and attributes.
@@ -11,12 +12,13 @@ GELU-tanh's internal add and tanh are not read as structure), once per class and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gradstab.diagnosis.behaviour import classify_elementwise, scaling_behaviour
+from lightning_gradstab.diagnosis.behaviour import classify_elementwise, scaled_output_rms, scaling_behaviour
 from lightning_gradstab.diagnosis.ops import NORM_TYPES, activation_module_name, layer_kind
 from lightning_gradstab.diagnosis.recording import Recording
 
@@ -37,6 +39,7 @@ class ModuleRoles:
         self.recording = recording
         self.decided: dict[int, Role | None] = {}  # module id -> its role (None: traced inside)
         self._behaviours: dict[tuple, Role | None] = {}  # see behaviour_key
+        self._normalizations: set[tuple] = set()  # keys of parameterised leaves found to normalise (see _leaf_role)
 
     def may_record(self, module: nn.Module) -> bool:
         """Whether ``module`` gets hooks: a known layer, normalization or activation class, or any other leaf
@@ -76,7 +79,21 @@ class ModuleRoles:
         if parameters and all(p.dim() <= 1 for p in parameters):
             # a normalization (norm classes carry per-feature gains; parameter-free ones call F.*_norm), or a
             # LayerScale, ReZero gate, per-channel affine block: measured through; else a layer
-            return scaling_behaviour(module, args) or ("layer", 0.0)
+            key = behaviour_key(module, first)
+            if key is not None:
+                key += tuple(tuple(p.shape) for p in parameters)
+            if key in self._normalizations:
+                # an equal module already normalised its input: every layer of a Transformer has its own RMSNorm
+                # instance, and scale invariance is what the class computes. Its own gain is still measured (the
+                # output RMS at 16x the input, as scaling_behaviour reads it), one call instead of two; a gain
+                # that is not positive (a zero weight) is left to the full test
+                gain = scaled_output_rms(module, args, 16.0)
+                if gain is not None and 0.0 < gain < math.inf:
+                    return ("norm", gain)
+            role = scaling_behaviour(module, args) or ("layer", 0.0)
+            if role[0] == "norm" and key is not None:
+                self._normalizations.add(key)
+            return role
         if parameters:
             return None  # an unfamiliar layer class: its weights are read where its forward applies them
         torch_builtin = type(module).__module__.startswith("torch.nn.")  # pooling, padding, ...: traced inside
