@@ -127,6 +127,9 @@ class Measurements:
                     elif len(slots) == 1:
                         std = torch.std(flat[0]).reshape(1)
                     else:  # torch.std's two passes: float64 squares around the float32 mean, in one buffer
+                        # float64, not float32: a float32 square underflows for a std below ~1e-19, which is
+                        # what the outputs of a vanishing signal measure (a 1e-10 init gives 1e-26); measured:
+                        # EfficientNet's broken default then names 5 more modules as vanishing, their std read as 0
                         deviations = flat.double()  # a copy: written in place (fresh pages cost more than the math)
                         deviations.sub_(mean[:, None]).square_()  # the float32 mean promoted exactly, in the call
                         std = deviations.sum(1).div_(flat.shape[1] - 1).sqrt_().float()
