@@ -201,6 +201,37 @@ def test_relu_units_silenced_by_a_negative_bias_get_activation_dead():
     assert dead.modules[0] == "3" and dead.evidence["max_dead_fraction"] == 1.0 and dead.severity == "error"
 
 
+class _ZeroGainBranch(nn.Module):
+    """An NFNet-style residual block (Brock et al. 2021): the branch's last convolution has a gain initialised to
+    zero, and a squeeze-excitation after it (pool, 1x1 conv, ReLU, 1x1 conv, sigmoid gate) sees exactly zero."""
+
+    def __init__(self, channels: int = 16, bias: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gain = nn.Parameter(torch.zeros(channels, 1, 1))  # zero-init last gain
+        self.fc1, self.fc2 = nn.Conv2d(channels, 4, 1), nn.Conv2d(4, channels, 1)
+        nn.init.constant_(self.fc1.bias, bias)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        branch = self.conv2(x) * self.gain
+        gate = torch.sigmoid(self.fc2(self.act(self.fc1(branch.mean((2, 3), keepdim=True)))))
+        return self.head((x + branch * gate).mean((2, 3)))
+
+
+def test_units_silent_only_because_no_signal_reaches_them_yet_are_not_dead():
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # the zero gain silences the excitation's ReLU (its input is exactly 0): the gain's own gradient starts it
+    assert "activation.dead" not in diagnose(_ZeroGainBranch(), images).codes
+    # the same units pushed below zero by a bias get no gradient on any step: dead, and named
+    (dead,) = diagnose(_ZeroGainBranch(bias=-1.0), images).by_code("activation.dead")
+    assert dead.modules == ("act",) and dead.severity == "error"
+
+
 def test_tanh_units_driven_into_their_tails_get_activation_saturated():
     report = diagnose(mlp(4, 64, init=1.0, activation=nn.Tanh), digits_batch())
     (saturated,) = report.by_code("activation.saturated")

@@ -54,6 +54,8 @@ class Measurements:
         self._size = 0
         self.layer_positions: dict[int, tuple[int, int]] = {}  # probe index -> positions of its mean and std
         self.activation_positions: dict[int, int] = {}
+        self._layer_slots: dict[int, int] = {}  # node index of a layer -> its slot in layer_probes
+        self._feeding_layers: dict[int, int] = {}  # activation slot -> slot of the layer feeding it
         # the storages the pending outputs live in: a write elsewhere (BatchNorm's running statistics, an in-place
         # op on another tensor) leaves them as they are, so only a write into one of them reads them first
         self._pending_storages: set[int] = set()
@@ -89,6 +91,7 @@ class Measurements:
         self.layer_probes.append(
             LayerProbe(f"join:{node.index}" if node.kind == "join" else node.name, kind, node.index)
         )
+        self._layer_slots[node.index] = slot
         self._pending_layers.append((slot, tensor.detach()))
         self._remember_storage(tensor)
         if tensor.requires_grad:
@@ -108,6 +111,10 @@ class Measurements:
         else:
             return
         name = _activation_display_name(node, self.tracer.nodes)
+        if kind == "dead":
+            feeding = _feeding_layer(node, self.tracer.nodes)
+            if feeding is not None and feeding in self._layer_slots:
+                self._feeding_layers[len(self.activation_probes)] = self._layer_slots[feeding]
         self._pending_activations.append((len(self.activation_probes), tensor.detach(), how))
         self._remember_storage(tensor)
         self.activation_probes.append((ActivationProbe(name, node.op, hidden=False, units=units), kind))
@@ -204,6 +211,9 @@ class Measurements:
                 1.0 - value / activation_probe.units if kind == "dead" else value,
             )
             activation_probe.hidden = activation_probe.name in hidden
+            if slot in self._feeding_layers:
+                feeding = self.layer_probes[self._feeding_layers[slot]]
+                activation_probe.input_zero = feeding.output_mean == 0.0 and feeding.output_std == 0.0
             result.activations.append(activation_probe)
         if loss is not None:
             result.loss = numbers[-1]
@@ -282,6 +292,15 @@ def _saturated_fraction(outputs: Tensor, family: str) -> Tensor:
     if family == "sigmoid":
         return ((values < SATURATION_MARGIN) | (values > 1 - SATURATION_MARGIN)).float().mean(1)
     return (values.abs() > 1 - SATURATION_MARGIN).float().mean(1)
+
+
+def _feeding_layer(node: Node, nodes: list[Node]) -> int | None:
+    """The node index of the layer whose output reaches activation ``node`` through reshapes, dropout and
+    normalizations only (a normalization of an all-zero input outputs its bias), None when another op is between."""
+    cursor = nodes[node.inputs[0]] if node.inputs else None
+    while cursor is not None and cursor.kind in ("pass", "norm") and cursor.inputs:
+        cursor = nodes[cursor.inputs[0]]
+    return cursor.index if cursor is not None and cursor.kind == "layer" else None
 
 
 def _activation_display_name(node: Node, nodes: list[Node]) -> str:

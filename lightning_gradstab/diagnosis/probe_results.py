@@ -41,6 +41,9 @@ class ActivationProbe:
         dead_fraction: fraction of units that output exactly zero for every sample (ReLU/ReLU6 only).
         saturated_fraction: fraction of outputs in the flat tails (sigmoid/tanh families only).
         units: number of units the dead fraction is taken over.
+        input_zero: the layer feeding it (through reshapes, dropout and normalizations) output exactly zero on the
+            whole batch: its units are silent because no signal reaches them yet, not because their
+            pre-activations are negative (see :func:`.signal_rules.activation_findings`).
     """
 
     name: str
@@ -49,6 +52,7 @@ class ActivationProbe:
     dead_fraction: float | None = None
     saturated_fraction: float | None = None
     units: int = 1
+    input_zero: bool = False
 
 
 @dataclass

@@ -196,10 +196,18 @@ def signal_findings_measured(
 
 
 def activation_findings(activations: list[ActivationProbe]) -> list[Finding]:
-    """``activation.dead`` (ReLU units silent on the whole batch) and ``activation.saturated`` findings."""
+    """``activation.dead`` (ReLU units silent on the whole batch) and ``activation.saturated`` findings.
+
+    A ReLU unit is dead when its pre-activation is negative on every sample: it gets no gradient, so no step
+    revives it (Lu et al. 2019, "Dying ReLU"). Units silent only because the layer feeding them outputs exactly
+    zero (``input_zero``: a branch behind a zero-initialised gain, as NFNet's squeeze-excitation after the
+    zero-gain last convolution, Brock et al. 2021) are not dead but not started: the gain upstream gets a gradient
+    and the first step brings their signal. A layer that outputs zero because its own weights are zero is
+    ``init.symmetric``'s finding."""
     dead = [
         a for a in activations
-        if a.dead_fraction is not None and a.dead_fraction >= min(DEAD_ERROR, DEAD_WARNING + a.units**-0.5)
+        if a.dead_fraction is not None and not a.input_zero
+        and a.dead_fraction >= min(DEAD_ERROR, DEAD_WARNING + a.units**-0.5)
     ]
     saturated = [
         a for a in activations
