@@ -21,16 +21,13 @@ import json
 import platform
 import shlex
 import sys
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from sweep_records import cpu_name, diagnose_into  # scripts/sweep_records.py: run as python scripts/<name>.py
 from torch.utils._pytree import tree_leaves
-
-from lightning_gradstab import diagnose
 
 DEFAULT_OUT = Path("benchmarks/results/diffusers-sweep.jsonl")
 
@@ -131,32 +128,11 @@ def run_one(name: str, build: Callable[[], tuple[torch.nn.Module, dict[str, Any]
     except Exception as error:
         row["build_error"] = f"{type(error).__name__}: {error}"[:300]
         return row
-    try:
-        start = time.perf_counter()
-        report = diagnose(model, batch)
-        row["diagnose_s"] = time.perf_counter() - start
+    report = diagnose_into(row, model, batch)
+    if report is not None:
         row["layers"] = len(report.layers)
         row["measured"] = sum(1 for layer in report.layers if layer.get("grad_rms") is not None)
-        row["findings"] = [
-            {"code": f.code, "severity": f.severity, "modules": list(f.modules),
-             "evidence": {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in f.evidence.items()},
-             "recommendation": f.recommendation}
-            for f in report.findings
-        ]
-    except Exception as error:
-        row["exception"] = f"{type(error).__name__}: {error}"[:300]
-        row["traceback"] = traceback.format_exc()[-2000:]
     return row
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         f"* Command: `{shlex.join(['python', *sys.argv])}`",
         f"* Results: `{args.out.name}` (one JSON line per model)",
         f"* Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"* Machine: {_cpu()}, one thread; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"* Machine: {cpu_name()}, one thread; Python {platform.python_version()}, torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}",
         "",
         "| model | parameters | layers traced (delta measured) | findings | diagnose s |",

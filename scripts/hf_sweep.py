@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard, TypeVar
 
+from sweep_records import cpu_name  # scripts/sweep_records.py: run as python scripts/<name>.py
+
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
@@ -701,16 +703,6 @@ def _drive(out: Path, cands: list[Candidate], budget: float, current: Path, log_
 # --------------------------------------------------------------------------------------------------- summary
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -740,7 +732,7 @@ def write_summary(out: Path, command: str, n_candidates: int | None = None) -> P
     w.append(f"* Command: `{command}`")
     w.append(f"* Results: `{out.name}` (one JSON line per model)")
     w.append(f"* Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    w.append(f"* Machine: {_cpu()}, {os.cpu_count()} cores (one thread per worker); Python "
+    w.append(f"* Machine: {cpu_name()}, {os.cpu_count()} cores (one thread per worker); Python "
              f"{platform.python_version()}, torch {metadata.version('torch')}, transformers "
              f"{metadata.version('transformers')}\n")
 

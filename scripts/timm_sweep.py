@@ -31,10 +31,11 @@ import re
 import shlex
 import sys
 import time
-import traceback
 import types
 from pathlib import Path
 from typing import Any
+
+from sweep_records import cpu_name, diagnose_into  # scripts/sweep_records.py: run as python scripts/<name>.py
 
 DEFAULT_OUT = Path("benchmarks/results/timm-sweep.jsonl")
 LARGEST_INPUT = 336 * 336
@@ -128,7 +129,6 @@ def run_one(timm: Any, module: str, name: str) -> dict[str, Any]:
     """Build one model, run it plainly, diagnose it: its JSON record."""
     import torch
 
-    from lightning_gradstab import diagnose
 
     row: dict[str, Any] = {"module": module, "model": name}
     try:
@@ -147,24 +147,8 @@ def run_one(timm: Any, module: str, name: str) -> dict[str, Any]:
     except Exception as error:
         row["build_error"] = f"{type(error).__name__}: {error}"[:300]
         return row
-    try:
-        start = time.perf_counter()
-        report = diagnose(model, images)
-        row["diagnose_s"] = time.perf_counter() - start
+    if diagnose_into(row, model, images) is not None:
         row["plain_s"] = _plain_step(model, images)
-        row["findings"] = [
-            {
-                "code": f.code,
-                "severity": f.severity,
-                "modules": list(f.modules),
-                "evidence": {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in f.evidence.items()},
-                "recommendation": f.recommendation,
-            }
-            for f in report.findings
-        ]
-    except Exception as error:
-        row["exception"] = f"{type(error).__name__}: {error}"[:300]
-        row["traceback"] = traceback.format_exc()[-2000:]
     return row
 
 
@@ -198,16 +182,6 @@ def run(out: Path, only: set[str] | None, models: list[str] | None) -> None:
     write_summary(out, shlex.join(["python", *sys.argv]))
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def write_summary(out: Path, command: str, code: str | None = None) -> Path:
     """Write ``out`` with the suffix ``.md``: counts, findings per code, every model with a warning or an error
     (``code``: a line saying which code ran, when not this checkout's)."""
@@ -232,7 +206,7 @@ def write_summary(out: Path, command: str, code: str | None = None) -> Path:
         f"* Results: `{out.name}` (one JSON line per model)",
         *([f"* Code: {code}"] if code else []),
         f"* Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"* Machine: {_cpu()}, one thread; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"* Machine: {cpu_name()}, one thread; Python {platform.python_version()}, torch {torch.__version__}, "
         f"timm {', '.join(sorted(versions))} (torchvision import stub: "
         f"{'yes' if any(r.get('torchvision_stub') for r in rows) else 'no'})",
         "",
