@@ -157,3 +157,35 @@ def test_a_vector_repeated_per_sample_has_copies_for_rows_not_units():
     report = diagnose(_RepeatedVector(), digits_batch())
     assert "query" in [row["name"] for row in report.layers]
     assert "init.symmetric" not in report.codes
+
+
+class _ZeroLogitAttention(nn.Module):
+    """Tokens -> one attention layer -> mean -> head. ``zero_key``: the key projection starts at zero too, so the
+    attention logits are exactly 0 and neither the query nor the key gets any gradient (uniform attention)."""
+
+    def __init__(self, zero_key: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 4)
+        nn.init.zeros_(self.q.weight)
+        nn.init.zeros_(self.q.bias)
+        if zero_key:
+            nn.init.zeros_(self.k.weight)
+            nn.init.zeros_(self.k.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attended = torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+        return self.head(self.mlp(x + attended).mean(1))
+
+
+def test_a_zero_query_is_no_finding_and_zero_logits_without_gradient_are_only_information():
+    tokens = torch.randn(8, 12, 16, generator=torch.Generator().manual_seed(1))
+    # a zero query (uniform attention at the start) against a random key: its gradient separates the rows
+    assert "init.symmetric" not in diagnose(_ZeroLogitAttention(zero_key=False), tokens).codes
+    # query and key both zero: the logits stay 0 and no gradient reaches either (SAM's zero relative-position
+    # tables behind a vanishing tower look the same); the attention is uniform, the values still train: no error
+    findings = diagnose(_ZeroLogitAttention(zero_key=True), tokens).by_code("init.symmetric")
+    assert {f.modules for f in findings} == {("q",), ("k",)}
+    assert all(f.severity == "info" and f.evidence["gradient_row_spread"] == 0.0 for f in findings)

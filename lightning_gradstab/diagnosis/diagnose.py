@@ -170,7 +170,7 @@ def build_report(
     scales = [f for f in findings if f.code == "init.scale"]
     activation_problems = activation_findings(result.activations)
     measured = delta_ratio(result)
-    symmetric = [f for f in findings if f.code == "init.symmetric"]
+    symmetric = [f for f in findings if f.code == "init.symmetric" and f.severity != "info"]
     sigmoid = activation_finding(graph)
     cause, init_explains = _signal_cause(graph, scales, symmetric, activation_problems + sigmoid, measured)
     signal = [_deliberate(f, graph) for f in signal_findings_measured(result, cause, measured)]

@@ -348,25 +348,29 @@ def _symmetric_findings(
         }
         severity: Severity = "error"
         why = "constant or identical rows keep its units identical under gradient descent"
+        zero = weight_std[layer.name] == 0.0 and not bool(weight.detach().any())
         if layer.name in gradient_rows:
             spread, scale = gradient_rows[layer.name]
             evidence["gradient_row_spread"] = spread
             if not symmetry.gradient_ties(spread, scale):
-                if weight_std[layer.name] == 0.0 and not bool(weight.detach().any()):
+                if zero:
                     continue  # zero on purpose: the first step's gradient already tells the units apart
                 severity = "warning"
                 why = ("its units start identical and only their gradients tell them apart: a rank-one start that "
                        "training must first undo")
+        if severity == "error" and zero and layer.attention_logits:
+            # a zero term of attention logits (a query, a relative-position table: SAM's start at zero) makes the
+            # attention uniform, not hidden units identical: the values still carry and train the signal
+            severity = "info"
+            why = ("its attention logits start at zero, so the attention starts uniform, and no gradient told its "
+                   "rows apart on this batch; the values still train")
         scheme = schemes.get(layer.name)
-        findings.append(
-            Finding(
-                "init.symmetric",
-                severity,
-                (layer.name,),
-                evidence,
-                f"Re-initialise {layer.name} randomly ({scheme.name if scheme else 'Xavier/Glorot normal'}): {why}.",
-            )
+        fix = (
+            f"Keep {layer.name} at zero if a uniform start is intended, else draw it randomly"
+            if severity == "info"
+            else f"Re-initialise {layer.name} randomly ({scheme.name if scheme else 'Xavier/Glorot normal'})"
         )
+        findings.append(Finding("init.symmetric", severity, (layer.name,), evidence, f"{fix}: {why}."))
     return findings
 
 
