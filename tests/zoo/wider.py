@@ -167,6 +167,14 @@ def dinov2_registers() -> tuple[nn.Module, dict]:
     return hf.Dinov2WithRegistersForImageClassification(config), {"pixel_values": image_batch()}
 
 
+def sam_vision() -> tuple[nn.Module, dict]:
+    # SAM's image encoder: relative-position tables initialised to zero, the library's initializer_range 1e-10
+    config = hf.SamVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
+                                image_size=32, patch_size=8, output_channels=32, window_size=2,
+                                global_attn_indexes=[1], use_rel_pos=True)
+    return hf.SamVisionModel(config), {"pixel_values": image_batch()}
+
+
 def vit_mae_pretraining() -> tuple[nn.Module, dict]:
     # the reconstruction loss is computed in forward (pred - target on the masked patches)
     config = hf.ViTMAEConfig(**SMALL, image_size=32, patch_size=8, decoder_hidden_size=32,
@@ -308,6 +316,8 @@ STOCK_WIDER: list[ZooEntry] = [
         "depths 2+2, embed 32, window 4, " + IMAGE),
     _hf("dinov2-registers", dinov2_registers, "Dinov2WithRegistersForImageClassification (LayerScale module)",
         "2 layers, width 64, 2 registers, layerscale 1e-5, " + IMAGE),
+    _hf("sam-vision", sam_vision, "SamVisionModel (relative-position tables at zero, initializer_range 1e-10)",
+        "2 layers (1 windowed, 1 global), width 64, patch 8, " + IMAGE),
     _hf("vit-mae-pretraining", vit_mae_pretraining, "ViTMAEForPreTraining (reconstruction loss in forward)",
         "2 + 1 decoder layers, width 64/32, mask 0.5, " + IMAGE, MAE_XAVIER),
     _hf("focalnet", focalnet, "FocalNetForImageClassification (LayerScale 1e-4)", "2 stages x 1 block, " + IMAGE),
