@@ -99,6 +99,34 @@ def test_orthogonal_gru_gets_no_recurrent_finding():
     assert "arch.recurrent" not in report.codes
 
 
+def _depthwise_separable(std: float | None) -> nn.Sequential:
+    """A stem and four depthwise-separable blocks (3x3 depthwise, 1x1 pointwise, ReLU) without normalization, as
+    an audio subsampler; every weight N(0, std), or He's per-group fan-in when ``std`` is None."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 32, 3, padding=1), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 32, 1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if std is None:
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # fan-in: per group for a grouped conv
+            else:
+                nn.init.normal_(module.weight, 0.0, std)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def test_a_depthwise_convolution_is_judged_by_its_fan_out_per_group():
+    # torch.nn.init counts a depthwise 3x3 conv's fan-out as 9 x 32 channels (pytorch/pytorch#23854): with that
+    # count the accepted variances span 1/288..1/9 and N(0, 0.06) passes, though each depthwise layer multiplies
+    # the signal by 3 x 0.06 = 0.18
+    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    (scale,) = diagnose(_depthwise_separable(0.06), images).by_code("init.scale")
+    assert {"2", "5", "8", "11"} <= set(scale.modules)  # every depthwise layer named
+    assert "init.scale" not in diagnose(_depthwise_separable(None), images).codes
+
+
 def test_zero_initialised_hidden_linear_gets_init_symmetric():
     model = mlp(4, 32, init="he")
     nn.init.zeros_(model[2].weight)

@@ -73,9 +73,21 @@ def fans(weight: Tensor) -> tuple[int, int]:
 
 def layer_fans(layer: LayerInfo) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a layer: read from the op that applied it (``x @ W``, an einsum) where the tracer
-    derived them, else ``torch.nn.init``'s convention on its weight."""
-    # cast: a layer without traced fans is read from its weight; both callers check that it has one
-    return layer.fans if layer.fans is not None else fans(cast(Tensor, layer.weight))
+    derived them, else ``torch.nn.init``'s convention on its weight, with a grouped convolution's fan-out per group.
+
+    ``torch.nn.init`` counts a grouped convolution's fan-out as all its output channels times the kernel, but each
+    input channel reaches only the outputs of its own group (pytorch/pytorch#23854, timm#84): a depthwise 3x3
+    convolution has fan-in 9 and fan-out 9, not 9 x channels. Counted the torch way, the accepted range of
+    variances (He et al. 2015's fan-in and fan-out forms) spans the channel count, and a depthwise stack drawn at
+    N(0, 0.02) passed as initialised well while its signal fell ~20x per layer.
+    """
+    if layer.fans is not None:
+        return layer.fans
+    fan_in, fan_out = fans(cast(Tensor, layer.weight))  # cast: both callers check that the layer has a weight
+    groups = getattr(layer.module, "groups", 1)
+    if isinstance(layer.module, nn.modules.conv._ConvNd) and isinstance(groups, int) and groups > 1:
+        fan_out //= groups
+    return fan_in, fan_out
 
 
 def recommended_scheme(layer: LayerInfo) -> InitScheme | None:
