@@ -188,6 +188,16 @@ def efficientnet() -> tuple[nn.Module, dict]:
     return _image(hf.EfficientNetForImageClassification, config)
 
 
+def nemotron_asr_encoder() -> tuple[nn.Module, dict]:
+    # NVIDIA's streaming FastConformer encoder: a depthwise-separable conv subsampler (three stride-2 stages, no
+    # normalization) in front of Conformer blocks; the library's _init_weights draws every conv N(0, 0.02)
+    config = hf.NemotronAsrStreamingEncoderConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                                  intermediate_size=128, sliding_window=8,
+                                                  max_position_embeddings=64, num_hidden_layers=2)
+    features = torch.randn(2, 64, 80, generator=torch.Generator().manual_seed(1))
+    return hf.NemotronAsrStreamingEncoder(config), {"input_features": features}
+
+
 def mobilenet_v1() -> tuple[nn.Module, dict]:
     # the config's classifier_dropout_prob=0.999 is TF-slim's keep probability (0.999) read as a drop probability:
     # with it the body receives ~0.1% of the gradient (diagnose reports signal.vanishing, rightly); use 0.001
@@ -357,6 +367,14 @@ BROKEN: list[ZooEntry] = [
               "library's _init_weights draws every BatchNorm weight (gain) N(0, 0.02) like a Linear's, so each "
               "normalization shrinks its output ~50x and the next one's input variance falls under eps=1e-3 "
               "(Ioffe & Szegedy 2015: BN rescales only when the variance dominates eps); gains of 1 fix it"}),
+    ZooEntry("nemotron-asr-encoder", nemotron_asr_encoder, "transformers NemotronAsrStreamingEncoder",
+             "2 Conformer layers, width 64, 64 frames x 80 mel bins, batch 2",
+             {"signal.vanishing": "right: in a plain backward the gradient reaching the first subsampling conv is "
+              "~4e-5 of the one reaching the subsampler's linear layer, and the forward signal falls from std 0.06 "
+              "to 1e-5 through it; N(0, 0.02) gives a depthwise 3x3 conv (fan-in 9) a gain of 0.06 (He et al. "
+              "2015: std sqrt(2 / fan_in)); He init on the subsampler's convs removes the finding",
+              "init.scale": "right: the depthwise and pointwise convs at N(0, 0.02) are 4-17x below He's std for "
+              "their fan-in (He et al. 2015), and nothing normalizes between them"}),
 ]
 """Stock models whose library default itself blocks training (checked with a plain backward): the diagnosis
 must find it."""
