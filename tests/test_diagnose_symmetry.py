@@ -189,3 +189,12 @@ def test_a_zero_query_is_no_finding_and_zero_logits_without_gradient_are_only_in
     findings = diagnose(_ZeroLogitAttention(zero_key=True), tokens).by_code("init.symmetric")
     assert {f.modules for f in findings} == {("q",), ("k",)}
     assert all(f.severity == "info" and f.evidence["gradient_row_spread"] == 0.0 for f in findings)
+
+
+def test_init_audit_fix_leaves_a_zero_attention_logit_term_alone_and_redraws_a_tied_hidden_layer():
+    from lightning_gradstab.callbacks.init_audit import _fix_plan
+
+    tokens = torch.randn(8, 12, 16, generator=torch.Generator().manual_seed(1))
+    assert _fix_plan(diagnose(_ZeroLogitAttention(zero_key=True), tokens)) == []  # information only
+    tied = _three_layers(middle=0.05, head=0.05)
+    assert [name for name, _ in _fix_plan(diagnose(tied, digits_batch()))] == ["2"]

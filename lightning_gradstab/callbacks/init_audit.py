@@ -114,14 +114,15 @@ class InitAudit(ReportingCallback):
 
 
 def _fix_plan(report: Report) -> list[tuple[str, tuple[str, float] | None]]:
-    """Modules of ``init.scale``/``init.symmetric`` findings with their recommended (scheme, variance).
+    """Modules of ``init.scale``/``init.symmetric`` warnings and errors with their recommended (scheme, variance);
+    an information (a zero attention-logit term, uniform attention on purpose) is left as it is.
 
     Plain values, so rank 0 can broadcast the plan; None leaves the choice to ``reinitialize`` (Xavier).
     """
     rows = {row["name"]: row for row in report.layers}
     plan: dict[str, tuple[str, float] | None] = {}
     for finding in report.findings:
-        if finding.code not in ("init.scale", "init.symmetric"):
+        if finding.code not in ("init.scale", "init.symmetric") or finding.severity == "info":
             continue
         for name in finding.modules:
             row = rows.get(name, {})
