@@ -7,8 +7,8 @@ through separate embeddings. Eleven classes, each at a small config of its const
 plainly and then through ``diagnose(model, batch)`` on a batch of 2. One JSON line per model goes to the results
 file (parameters, layers traced and measured, seconds, findings), and a Markdown summary next to it.
 
-Install diffusers without its dependencies (``pip install --no-deps diffusers requests``: it imports
-``requests``; the rest comes with ``transformers``):
+Install diffusers without its dependencies, and ``requests``, which it imports (``pip install requests && pip
+install --no-deps diffusers``; the rest comes with ``transformers``):
 
     OMP_NUM_THREADS=1 python scripts/diffusers_sweep.py [--out FILE.jsonl]
 """

@@ -6,8 +6,8 @@ none of them is in the test zoo, and no rule was written with them at hand. For 
 variant is built at random init (``pretrained=False``, 10 classes; nothing is downloaded), run once plainly on a
 batch of 2 images of its default input size, then through ``diagnose(model, images)``. One JSON line per model
 goes to the results file (module, model, parameters, input, seconds of diagnose and of one plain forward +
-backward, every finding with its modules and evidence, or the exception); ``--summary`` writes the Markdown
-summary next to it.
+backward, every finding with its modules and evidence, or the exception); ``run`` writes the Markdown summary
+next to it at the end (same stem, ``.md``) and ``summary`` rewrites it from the results file.
 
 timm's model code does not use torchvision, but ``import timm`` imports its data transforms, which import
 torchvision at import time; the torchvision wheel does not load beside the CPU build of torch used here. When
