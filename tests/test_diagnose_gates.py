@@ -50,3 +50,36 @@ def test_sigmoids_between_layers_are_still_named():
     report = diagnose(mlp(6, 32, init="xavier", activation=nn.Sigmoid), digits_batch())
     (finding,) = report.by_code("arch.activation")
     assert finding.evidence["hidden_sigmoid_layers"] >= 2
+
+
+class _PooledEncoder(nn.Module):
+    """Pre-LN MLP blocks over 512 tokens that return the tokens and an attention pooling of them: a learned query
+    attends over the sequence (SigLIP's and AIMv2's heads), so the key and value projections get ~1/512 of the
+    pooled output's gradient per token, while the stream also gets the tokens' own."""
+
+    def __init__(self, width: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) for _ in range(blocks)
+        )
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.k, self.v, self.out = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(x)
+        for norm, block in zip(self.norms, self.mlps, strict=True):
+            h = h + block(norm(h))
+        query = self.query.expand(x.shape[0], -1, -1)
+        pooled = torch.nn.functional.scaled_dot_product_attention(query, self.k(h), self.v(h))
+        return h, self.out(pooled)
+
+
+def test_the_key_and_value_of_an_attention_pooling_are_a_head_not_a_point_of_the_signal_path():
+    tokens = torch.randn(4, 512, 8, generator=torch.Generator().manual_seed(1))
+    report = diagnose(_PooledEncoder(), tokens)
+    assert not {"signal.exploding", "signal.vanishing"} & report.codes
+    rows = {row["name"]: row for row in report.layers}
+    assert rows["v"]["grad_rms"] < rows["mlps.1.2"]["grad_rms"] / 50  # the pooled gradient, ~1/512 per token

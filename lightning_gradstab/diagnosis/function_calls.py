@@ -182,6 +182,11 @@ class FunctionCalls:
         if op == "scaled_dot_product_attention":
             value = kwargs.get("value", args[2] if len(args) > 2 else None)
             node.value_inputs = self.recording.traced_inputs([value]) if isinstance(value, Tensor) else []
+            query = kwargs.get("query", args[0] if args else None)
+            signal = self.recording.signal
+            node.pooling_attention = isinstance(query, Tensor) and not any(
+                signal[i] for i in self.recording.traced_inputs([query])
+            )
         elif op in ("matmul", "bmm", "einsum") and len(inputs) >= 2:
             node.mixing_inputs = [i for i in inputs if self._from_softmax(i)]
         applied = args[:3] if op == "scaled_dot_product_attention" else leaves  # its mask is an additive bias

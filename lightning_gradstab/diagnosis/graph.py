@@ -48,6 +48,9 @@ class LayerInfo:
         gate: its output only reaches the main path through a multiplicative gate (Squeeze-Excitation).
         attention_logits: its output only reaches attention logits (query/key projections), whose gradient
             is small at init by construction: the softmax is near-uniform.
+        pooling_head: its output only reaches the key or value of an attention pooling (a learned query attending
+            over the positions): each position gets about 1/positions of the pooled output's gradient, as before
+            a global average pool, so it is part of a head, no point of the signal's path.
         in_branch: it lies inside a residual branch (its output joins a skip connection as the branch).
         pre_norm_stream: an embedding whose output enters a residual stream un-normalized while the branches
             read it through a normalization (pre-LN Transformers).
@@ -79,6 +82,7 @@ class LayerInfo:
     activation_feeds_layer: bool = False
     gate: bool = False
     attention_logits: bool = False
+    pooling_head: bool = False
     in_branch: bool = False
     pre_norm_stream: bool = False
     downstream_scale: float = 1.0
@@ -149,6 +153,7 @@ def build_graph(
     gated = {i for node in nodes for i in node.side_inputs}
     # the path questions below walk to the output from every layer: asked only where their answer can be yes
     attends = any(n.op in ("softmax", "log_softmax", "scaled_dot_product_attention") for n in nodes)
+    pools = any(n.pooling_attention for n in nodes)
     joins = any(n.kind == "join" for n in nodes)
     in_branch = in_branch_all(nodes, consumers, parent, output_nodes) if joins else []
     has_norm: list[bool] | None = None  # a normalization upstream of each node (asked for embeddings only)
@@ -171,6 +176,11 @@ def build_graph(
                 attends
                 and not info.is_output
                 and only_reaches(node.index, nodes, consumers, gated, "logits", output_nodes)
+            )
+            info.pooling_head = (
+                pools
+                and not info.is_output
+                and only_reaches(node.index, nodes, consumers, gated, "pooling", output_nodes)
             )
             info.in_branch = joins and in_branch[node.index]
             if info.kind == "embedding":

@@ -247,8 +247,9 @@ def only_reaches(
     start: int, nodes: list[Node], consumers: list[list[int]], gated: set[int], what: str, outputs: set[int]
 ) -> bool:
     """Whether every path from ``start`` (through non-layer nodes) ends in a gate (``what="gate"``: a side input
-    of a gated product) or in attention logits (``what="logits"``: a softmax, or the query/key of a fused
-    attention call), with at least one such path."""
+    of a gated product), in attention logits (``what="logits"``: a softmax, or the query/key of a fused
+    attention call) or in the key or value of an attention pooling (``what="pooling"``: a fused attention whose
+    query is learned, not computed from the signal), with at least one such path."""
 
     def step(index: int, consumer_index: int) -> _PathStep:
         consumer = nodes[consumer_index]
@@ -257,7 +258,9 @@ def only_reaches(
             return "found"
         if what == "logits" and consumer.op == "scaled_dot_product_attention":
             return "fail" if index in consumer.value_inputs else "found"
-        if consumer.kind == "layer" and what == "logits":
+        if what == "pooling" and consumer.op == "scaled_dot_product_attention":
+            return "found" if consumer.pooling_attention else "fail"
+        if consumer.kind == "layer" and what in ("logits", "pooling"):
             return "fail"
         return "follow"
 

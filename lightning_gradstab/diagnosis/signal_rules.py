@@ -86,7 +86,10 @@ def _points(result: ProbeResult, probes: list[LayerProbe]) -> list[MeasuredLayer
             scale = 1.0
         else:
             layer = info.get(probe.name)
-            if layer is None or probe.kind == "embedding" or layer.attention_logits or layer.gate or layer.in_branch:
+            if (
+                layer is None or probe.kind == "embedding" or layer.attention_logits or layer.pooling_head
+                or layer.gate or layer.in_branch
+            ):
                 continue
             normalized, scale = layer.normalized, layer.downstream_scale
         assert probe.grad_rms is not None  # both callers pass only probes with a grad_rms

@@ -127,7 +127,8 @@ def _comparable_layers(graph: ModelGraph, measured: Mapping[str, float]) -> list
     candidates = [
         layer for layer in graph.layers
         if layer.name in measured and layer.kind in ("linear", "conv", "recurrent", "other") and not layer.is_output
-        and not layer.attention_logits and not layer.gate and not layer.in_branch and layer.on_signal_path
+        and not layer.attention_logits and not layer.pooling_head and not layer.gate and not layer.in_branch
+        and layer.on_signal_path
     ]
     kinds = [layer.kind for layer in candidates]
     common = max(set(kinds), key=kinds.count) if kinds else None
