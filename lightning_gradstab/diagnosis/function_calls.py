@@ -182,10 +182,15 @@ class FunctionCalls:
         if op == "scaled_dot_product_attention":
             value = kwargs.get("value", args[2] if len(args) > 2 else None)
             node.value_inputs = self.recording.traced_inputs([value]) if isinstance(value, Tensor) else []
+            # a pooling: a query not computed from the signal, over fewer positions than the keys it reads (a
+            # self-attention whose query the tracer lost track of keeps every position and is no pooling)
             query = kwargs.get("query", args[0] if args else None)
+            key = kwargs.get("key", args[1] if len(args) > 1 else None)
             signal = self.recording.signal
-            node.pooling_attention = isinstance(query, Tensor) and not any(
-                signal[i] for i in self.recording.traced_inputs([query])
+            node.pooling_attention = (
+                isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 2 and key.dim() >= 2
+                and query.shape[-2] < key.shape[-2]
+                and not any(signal[i] for i in self.recording.traced_inputs([query]))
             )
         elif op in ("matmul", "bmm", "einsum") and len(inputs) >= 2:
             node.mixing_inputs = [i for i in inputs if self._from_softmax(i)]

@@ -37,8 +37,9 @@ class Node:
     """Attention probabilities multiplied with the values (``softmax(q k^T) @ v``): they mix positions of the
     main input, the value, which is the path the signal's depth is counted along."""
     pooling_attention: bool = False
-    """A fused attention call whose query does not come from the input signal (a learned query attending over the
-    sequence: attention pooling, as SigLIP's and AIMv2's heads or the Set Transformer's PMA do)."""
+    """A fused attention call whose query does not come from the input signal and has fewer positions than its keys
+    (a learned query attending over the sequence: attention pooling, as SigLIP's and AIMv2's heads or the Set
+    Transformer's PMA do)."""
     adds_depth: bool = True
     """Every application of a weight is one layer of depth (a module called again, a shared block, a weight
     applied in a loop); only a recurrent cell's calls after the first do not add depth: they are time steps,
