@@ -384,10 +384,20 @@ class RankReduction:
 
         Every rank must call this on the same steps when ``distributed`` is true: it enters a collective.
         """
-        if not (distributed and dist.is_available() and dist.is_initialized()):
+        return self.reduce_with_vector(values, None, distributed=distributed)[0]
+
+    def reduce_with_vector(
+        self, values: dict[str, Tensor | float], vector: Tensor | None, *, distributed: bool
+    ) -> tuple[dict[str, float], list[float]]:
+        """:meth:`reduce`, with a float32 vector of ``"max"`` values (per-head attention logits) carried in the same
+        collective and the same host read; every rank must pass a vector of the same length (or every rank
+        None). NaN reads as 0 and +Inf as ``FLOAT32_MAX``, as for the named ``"max"`` fields."""
+        if vector is not None and vector.numel() == 0:
+            vector = None
+        if not (distributed and dist.is_available() and dist.is_initialized()) and vector is None:
             local = self._read_locally(values)
             if local is not None:
-                return local
+                return local, []
         device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
         if device not in self._buffers:  # (staging vector, signs, worst mask), reused every step: no allocation
             signs = torch.tensor(self._signs, dtype=torch.float32, device=device)
@@ -403,10 +413,14 @@ class RankReduction:
         packed = torch.nan_to_num(staging * signs, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
         if worst is not None:
             packed = torch.where(worst & ~staging.isfinite(), FLOAT32_MAX, packed)
+        if vector is not None:
+            extra = vector.detach().reshape(-1).to(device=device, dtype=torch.float32)
+            packed = torch.cat([packed, torch.nan_to_num(extra, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)])
         if distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         host = packed.tolist()  # the single host sync of the step
-        return {name: value * sign for (name, _), sign, value in zip(self.fields, self._signs, host, strict=True)}
+        named = {name: value * sign for (name, _), sign, value in zip(self.fields, self._signs, host, strict=False)}
+        return named, host[len(self.fields) :]
 
     def _read_locally(self, values: dict[str, Tensor | float]) -> dict[str, float] | None:
         """Without a collective: the tensor values in one ``stack`` and one host read, the Python floats on the

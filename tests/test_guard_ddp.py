@@ -10,6 +10,7 @@ import pytest
 from tests.scripts.guard_nan_ddp import NAN_GRAD_STEP, NAN_LOSS_STEP, STEPS
 from tests.scripts.guard_repeat_ddp import SPIKE_STEPS
 from tests.scripts.guard_repeat_ddp import STEPS as REPEAT_STEPS
+from tests.scripts.qk_clip_ddp import STEPS as QK_STEPS
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
@@ -54,4 +55,14 @@ def test_a_batch_that_comes_back_after_its_skip_is_judged_alike_on_every_rank(tm
         assert rank["weights"][str(first)] == rank["weights"][str(first - 1)]  # the spike's step was skipped
         assert rank["weights"][str(first + 1)] != rank["weights"][str(first)]  # the repeat was trained on
     assert rank0["events"] == rank1["events"] and rank0["counts"] == rank1["counts"]
+    assert rank0["weights"] == rank1["weights"]
+
+
+def test_attention_logits_are_capped_alike_on_every_rank(tmp_path: Path, ddp_runner) -> None:
+    """Each rank measures its own batch's logits; the cap acts on their maximum over ranks, so the weights stay
+    bit-identical although the ranks' measurements differ."""
+    rank0, rank1 = ddp_runner("qk_clip_ddp.py", tmp_path, timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == QK_STEPS
+    assert rank0["counts"]["attention_logit_cap"] >= 3
+    assert rank0["counts"] == rank1["counts"]
     assert rank0["weights"] == rank1["weights"]

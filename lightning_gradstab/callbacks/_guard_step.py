@@ -79,12 +79,14 @@ def observe(
     distributed: bool,
     step_size: float | None,
     competing: bool,
-) -> tuple[Observation, bool]:
-    """The step's :class:`Observation` from the numbers of every rank (one collective, one host read), and
-    whether every rank holds a usable rollback snapshot.
+    attention_logits: torch.Tensor | None = None,
+) -> tuple[Observation, bool, list[float]]:
+    """The step's :class:`Observation` from the numbers of every rank (one collective, one host read), whether
+    every rank holds a usable rollback snapshot, and the per-head attention logits (the largest on any rank).
 
     ``step_size``: plain SGD's step per unit gradient when the update-ratio rule is on (the weights' norm is
-    then part of the observation); ``competing``: the fit's losses compete (a GAN), so no ceiling applies.
+    then part of the observation); ``competing``: the fit's losses compete (a GAN), so no ceiling applies;
+    ``attention_logits``: the QK-clip measurement of this step, if one is pending (every rank alike).
     """
     values: dict[str, Any] = {
         "total_norm": stats.total_norm,
@@ -97,7 +99,7 @@ def observe(
     if scaler is not None:
         values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
     reduction = _WITH_SCALER if scaler is not None else _WITHOUT_SCALER
-    reduced = reduction.reduce(values, distributed=distributed)
+    reduced, logits = reduction.reduce_with_vector(values, attention_logits, distributed=distributed)
     loss_value = reduced["loss"]
     observation = Observation(
         total_norm=reduced["total_norm"],
@@ -114,7 +116,7 @@ def observe(
         scale_invariant=is_scale_invariant(optimizer) and not competing,
         competing=competing,
     )
-    return observation, reduced["snapshot_available"] > 0
+    return observation, reduced["snapshot_available"] > 0, logits
 
 
 def clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -76,6 +76,11 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
         advice.append(f"non-finite gradients (first at step {first['nonfinite']}): check the inputs and the loss")
     if counts.get("loss_scale_collapse"):
         advice.append("the fp16 loss scale collapsed: use bf16, or find the layer whose activations overflow fp16")
+    if counts.get("attention_logit_cap"):
+        advice.append(
+            f"attention logits grew past the cap ({counts['attention_logit_cap']} layer-steps rescaled by QK-clip): "
+            "add qk-layernorm (Wortsman et al. 2023), or keep the cap on"
+        )
     return advice
 
 

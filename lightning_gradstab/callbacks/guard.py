@@ -11,6 +11,7 @@ measurement across ranks (``_guard_step``), the snapshots (``_guard_rollback``),
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,10 +49,12 @@ from lightning_gradstab.guard.ladder import ExplosionPolicy
 from lightning_gradstab.guard.policy_state import READABLE_VERSIONS, upgraded_policy_state
 from lightning_gradstab.guard.snapshot import RollbackSnapshot
 from lightning_gradstab.guard.summary import GuardSummary
+from lightning_gradstab.logits.qk_clip import DEFAULT_CAP, AttentionLogitCap
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS
 
 __all__ = [
+    "ATTENTION_LOGIT_EVERY",
     "EVENTS_FILENAME",
     "SNAPSHOT_CHECKPOINT_KEY",
     "SNAPSHOT_DIRNAME",
@@ -63,6 +66,11 @@ __all__ = [
 
 WEIGHT_NORM_EVERY = 10
 """Optimizer steps between measurements of the weight norm (plain SGD only; weights change slowly)."""
+
+ATTENTION_LOGIT_EVERY = 10
+"""Optimizer steps between measurements of the attention logits while no head is above the cap (every step after
+one was capped, until a measurement finds none): logit growth is a trend over hundreds of steps, and a
+measurement costs a few small matrix products per attention layer."""
 
 SNAPSHOT_CHECKPOINT_KEY = "gradstab_guard_snapshot"
 """Where :meth:`ExplosionGuard.on_save_checkpoint` keeps the rollback snapshot in a Lightning checkpoint."""
@@ -129,6 +137,13 @@ class ExplosionGuard(SuiteCallback):
             A disk snapshot is not carried in checkpoints (a memory one is): after a resume the next healthy
             snapshot step takes a new one. The four ``snapshot_*`` options need ``max_rung`` at ``"rollback"``
             or above.
+        attention_logit_cap: QK-clip's cap (Kimi K2's ``tau``, see :mod:`lightning_gradstab.logits.qk_clip`): an
+            attention head of a layer without qk-norm whose largest logit ``q . k / sqrt(d)`` exceeds it has its
+            query and key rows shrunk so that it is back at the cap (measured every
+            :data:`ATTENTION_LOGIT_EVERY` steps, every step while heads are capped). A number > 0 (default 100)
+            or ``None`` (off). Like clipping it acts from a measurement alone: a logit of 100 is far beyond
+            any attention pattern's needs, so a healthy head never reaches it. Needs ``max_rung`` at ``"clip"``
+            or above.
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -152,6 +167,7 @@ class ExplosionGuard(SuiteCallback):
         snapshot_location: Literal["memory", "disk"] = "memory",
         snapshot_max_bytes: int | Literal["auto"] | None = "auto",
         snapshot_dir: str | os.PathLike[str] | None = None,
+        attention_logit_cap: float | None = DEFAULT_CAP,
         raise_on_stop: bool = False,
         log_every_n_steps: int | None = None,
         console_summary: bool = True,
@@ -161,6 +177,7 @@ class ExplosionGuard(SuiteCallback):
         self._snapshots = GuardSnapshots(
             snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir, max_rung=self.config.max_rung
         )
+        self.attention_logit_cap = _check_cap(attention_logit_cap)
         self.raise_on_stop = check_flag(raise_on_stop, "raise_on_stop")
         self.log_every_n_steps = check_interval(log_every_n_steps, "log_every_n_steps")
         self.console_summary = check_flag(console_summary, "console_summary")
@@ -174,6 +191,8 @@ class ExplosionGuard(SuiteCallback):
         self._base_lrs: dict[int, float] = {}  # each optimizer's first param group lr, read at the end of fit
         self._warned_once: set[str] = set()
         self._competing_losses: str | None = None  # why the loss rules are off for every optimizer of this fit
+        self._logit_cap: AttentionLogitCap | None = None  # QK-clip on this fit's model (None: off or no layer)
+        self._logit_wait = 0  # optimizer steps until the attention logits are measured again
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -229,6 +248,7 @@ class ExplosionGuard(SuiteCallback):
         self._base_lrs.clear()
         self._step_loss.take()
         self._snapshots.new_run()
+        self._drop_logit_cap()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -255,10 +275,32 @@ class ExplosionGuard(SuiteCallback):
             self._forget_snapshots()
         if self.config.allows("lr_backoff"):
             warn_without_lr(trainer.optimizers)
+        self._attach_logit_cap(pl_module)
+
+    def _attach_logit_cap(self, pl_module: pl.LightningModule) -> None:
+        """QK-clip's hooks on the attention layers without qk-norm (none: nothing is hooked)."""
+        self._drop_logit_cap()
+        if self.attention_logit_cap is None or not self.config.allows("clip"):
+            return
+        cap = AttentionLogitCap(pl_module, self.attention_logit_cap)
+        if cap.skipped:
+            self._warn_once("qk-clip skipped", "ExplosionGuard: attention logits are not capped in " + "; ".join(
+                f"{name} ({why})" for name, why in cap.skipped.items()) + " (said once).")
+        if cap.heads:
+            self._logit_cap = cap
+        else:
+            cap.remove()
+
+    def _drop_logit_cap(self) -> None:
+        if self._logit_cap is not None:
+            self._logit_cap.remove()
+        self._logit_cap, self._logit_wait = None, 0
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._snapshots.save_buffers(pl_module)  # at the first forward of an optimizer step
+        if self._logit_cap is not None and self._logit_wait == 0 and not self._logit_cap.armed:
+            self._logit_cap.arm()  # the same step on every rank: the schedule follows reduced values only
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -286,10 +328,17 @@ class ExplosionGuard(SuiteCallback):
         weight_norm: torch.Tensor | float = self._weight_norms.get(index, 0.0)
         if step_size is not None and (policy.steps % WEIGHT_NORM_EVERY == 0 or index not in self._weight_norms):
             weight_norm = stats.weight_norms().square().sum().sqrt()
-        observation, snapshot_everywhere = observe(  # one optimizer step consumes the losses since the last
+        cap = self._logit_cap
+        # armed on every rank alike, so every rank carries the vector in the collective
+        logits = cap.take(stats.total_norm.device) if cap is not None and cap.armed else None
+        # one optimizer step consumes the losses since the last
+        observation, snapshot_everywhere, host_logits = observe(
             stats, raw, self._step_loss.take(), weight_norm, self._snapshots.ready, scaler,
             distributed=trainer.world_size > 1, step_size=step_size, competing=self._competing_losses is not None,
+            attention_logits=logits,
         )
+        if cap is not None:
+            self._cap_attention_logits(cap, policy, host_logits if logits is not None else None)
         if observation.weight_norm is not None:
             self._weight_norms[index] = observation.weight_norm
         decision = policy.step(observation)
@@ -331,6 +380,25 @@ class ExplosionGuard(SuiteCallback):
             self._lr_scale.apply(optimizer, decision.lr_scale)
         if decision.stop:
             self._stop(trainer, decision)
+
+    def _cap_attention_logits(
+        self, cap: AttentionLogitCap, policy: ExplosionPolicy, logits: list[float] | None
+    ) -> None:
+        """QK-clip on a measured step (the logits reduced across ranks: every rank rescales alike), and the
+        schedule of the next measurement: the next step while heads are capped, else in ATTENTION_LOGIT_EVERY."""
+        if logits is None:
+            self._logit_wait = max(self._logit_wait - 1, 0)
+            return
+        capped = cap.apply(logits)
+        for _ in capped:  # one per layer rescaled
+            policy.state.count("attention_logit_cap")
+        if capped:
+            largest = max(capped.values())
+            self._warn_once("qk-clip", (
+                f"ExplosionGuard: attention logits reached {largest:.3g} (cap {cap.cap:g}) in "
+                f"{', '.join(sorted(capped))}; their query/key heads are rescaled to the cap (QK-clip) whenever "
+                "they pass it. The architectural fix is qk-layernorm (Wortsman et al. 2023) (said once)."))
+        self._logit_wait = 0 if capped else ATTENTION_LOGIT_EVERY - 1
 
     def _stop(self, trainer: pl.Trainer, decision: Decision) -> None:
         self.stop_reason = stop_reason(decision)
@@ -396,6 +464,7 @@ class ExplosionGuard(SuiteCallback):
         self._lr_scale.close()
         if stage == "fit":
             self._snapshots.end_fit()
+            self._drop_logit_cap()  # the model runs on without the guard's hooks
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -448,3 +517,11 @@ class ExplosionGuard(SuiteCallback):
         self.stop_reason = state_dict["stop_reason"]
         for index in list(self._loaded_policies):
             self.policy(index)
+
+
+def _check_cap(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`attention_logit_cap` must be a finite number > 0 or None, got {value!r}")
+    return float(value)

@@ -53,6 +53,16 @@ def max_attention_logit(q: Tensor, k: Tensor, sample_positions: int) -> Tensor:
 
         max_attention_logit(torch.ones(1, 4, 1, 4), torch.ones(1, 4, 1, 4), 2)  # tensor(2.)
     """
+    return max_attention_logit_per_head(q, k, sample_positions).amax()
+
+
+def max_attention_logit_per_head(q: Tensor, k: Tensor, sample_positions: int) -> Tensor:
+    """:func:`max_attention_logit` for each query head: a float32 vector ``[H]`` on the device.
+
+    Example::
+
+        max_attention_logit_per_head(torch.ones(1, 4, 2, 4), torch.ones(1, 4, 1, 4), 2)  # tensor([2., 2.])
+    """
     length = q.shape[1]
     rows = torch.linspace(0, length - 1, min(sample_positions, length), device=q.device).round().long().unique()
     q = q[:, rows].float()
@@ -60,7 +70,7 @@ def max_attention_logit(q: Tensor, k: Tensor, sample_positions: int) -> Tensor:
     if k.shape[2] != q.shape[2]:
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    return logits.abs().amax()
+    return logits.abs().amax(dim=(0, 2, 3))
 
 
 class LogitWatch:
@@ -75,6 +85,11 @@ class LogitWatch:
         output_module: the name of the output layer (see :func:`find_output_module`).
         sample_rows: sequences of the batch measured.
         sample_positions: query positions measured per sequence.
+        per_head: keep each head's max logit (read with :meth:`take_per_head`, what
+            :class:`~lightning_gradstab.logits.qk_clip.AttentionLogitCap` acts on) instead of each layer's.
+        watch_output: measure the output layer's log-partition too.
+        sites: attention layers already found (their owner filtered :func:`find_attention_sites`'s answer);
+            ``attention_modules`` is then not read.
 
     Example::
 
@@ -91,12 +106,17 @@ class LogitWatch:
         output_module: str | None = None,
         sample_rows: int = 2,
         sample_positions: int = 64,
+        *,
+        per_head: bool = False,
+        watch_output: bool = True,
+        sites: Sequence[AttentionSite] | None = None,
     ) -> None:
         for value, argument in ((sample_rows, "sample_rows"), (sample_positions, "sample_positions")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{argument}` must be an int >= 1, got {value!r}")
-        self.sites = find_attention_sites(model, attention_modules)
-        self.output = find_output_module(model, output_module)
+        self.sites = list(sites) if sites is not None else find_attention_sites(model, attention_modules)
+        self.output = find_output_module(model, output_module) if watch_output else None
+        self.per_head = per_head
         self.sample_rows, self.sample_positions = sample_rows, sample_positions
         self.active = False
         self.steps: list[int] = []
@@ -143,7 +163,8 @@ class LogitWatch:
             q = _apply_norm(site.q_norm, q[: self.sample_rows].detach(), site.num_heads)
             k = _apply_norm(site.k_norm, k[: self.sample_rows].detach(), site.num_kv_heads)
             self.seq_len = int(k.shape[1])  # the attended length: the keys a query's softmax spreads over
-            self._current[index] = max_attention_logit(q, k, self.sample_positions)
+            measure = max_attention_logit_per_head if self.per_head else max_attention_logit
+            self._current[index] = measure(q, k, self.sample_positions)
 
     def _on_fused(self, index: int, site: AttentionSite, module: nn.Module, out: Tensor) -> None:
         if self._measuring(module) and out.ndim == 3:
@@ -194,6 +215,14 @@ class LogitWatch:
         self.max_logits.append(torch.stack(row) if row else torch.zeros(0, device=device))
         self.log_partition.append(self._partition if self._partition is not None else nan.to(device))
         self._current, self._captured, self._partition = {}, {}, None
+
+    def take_per_head(self) -> list[Tensor | None]:
+        """Per attention layer, the max logit of each head in the last measured forward (``None``: the layer did
+        not run), and switch the watch off until re-armed (``per_head=True`` watches only)."""
+        self.active = False
+        taken = [self._current.get(index) for index in range(len(self.sites))]
+        self._current, self._captured = {}, {}
+        return taken
 
     def remove(self) -> None:
         """Detach every hook (the model runs as if the watch never existed)."""

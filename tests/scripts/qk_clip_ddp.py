@@ -1,0 +1,51 @@
+"""2-process CPU DDP job: a char GPT at a high AdamW LR whose attention logits grow past the guard's cap, each rank
+on its own shard of the data, so each rank measures different logits; the guard must rescale alike on both.
+
+Usage: ``python qk_clip_ddp.py OUT_DIR``; each rank writes ``OUT_DIR/rank{N}.json`` with its guard's counts and a
+digest of the weights after every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_gradstab.callbacks.guard import ExplosionGuard
+from tests.helpers.trainers import quiet_trainer
+from tests.test_qk_clip import _CharLM, _text_loader
+
+STEPS = 30
+
+
+class WeightDigests(pl.Callback):
+    """A digest of every weight after each training step (bit-exact comparison across ranks, small files)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
+        self.by_step[trainer.global_step] = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    module = _CharLM(lr=0.3)
+    guard = ExplosionGuard(console_summary=False)
+    digests = WeightDigests()
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp", max_steps=STEPS, callbacks=[guard, digests], default_root_dir=str(out_dir),
+    )
+    trainer.fit(module, _text_loader())  # Lightning's DistributedSampler: each rank its own batches
+    result = {"global_step": trainer.global_step, "counts": guard.policy().counts, "weights": digests.by_step}
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
