@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.guard.config import PolicyConfig
     from lightning_gradstab.guard.snapshot import RollbackSnapshot
     from lightning_gradstab.guard_events import GuardEvent, GuardEventSource
+    from lightning_gradstab.logits.qk_clip import AttentionLogitCap
     from lightning_gradstab.logits.watch import LogitWatch
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
     from lightning_gradstab.report import Finding, Report
@@ -37,6 +38,7 @@ _EXPORTS = {
     "AdamStateTracker": "lightning_gradstab.adam_state",
     "AdaptiveTensorClip": "lightning_gradstab.per_tensor_clip",
     "ArchitectureAdvisor": "lightning_gradstab.callbacks.advisor",
+    "AttentionLogitCap": "lightning_gradstab.logits.qk_clip",
     "ExplosionGuard": "lightning_gradstab.callbacks.guard",
     "Finding": "lightning_gradstab.report",
     "GradNormMonitor": "lightning_gradstab.callbacks.monitor",
@@ -61,6 +63,7 @@ __all__ = [
     "AdamStateTracker",
     "AdaptiveTensorClip",
     "ArchitectureAdvisor",
+    "AttentionLogitCap",
     "ExplosionGuard",
     "Finding",
     "GradNormMonitor",

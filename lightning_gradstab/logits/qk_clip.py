@@ -23,11 +23,13 @@ a head are not all on this rank.
 
 Example::
 
-    cap = AttentionLogitCap(model)            # finds the attention layers without a qk-norm
+    attention = nn.MultiheadAttention(16, 4, batch_first=True)
+    cap = AttentionLogitCap(attention)        # finds the attention layers without a qk-norm
     cap.arm()                                 # measure the next training forward
-    loss = model(batch).loss; loss.backward()
-    logits = cap.take()                       # [heads of every capped layer], on the device
-    capped = cap.apply(logits.tolist())       # rescales the heads above the cap; {layer: largest logit}
+    x = torch.randn(2, 8, 16)
+    attention(x, x, x)
+    logits = cap.take()                       # [4]: each head's largest logit, on the device
+    capped = cap.apply(logits.tolist())       # rescales the heads above the cap: {} here
 """
 
 from __future__ import annotations
@@ -120,8 +122,12 @@ class AttentionLogitCap:
 
     Example::
 
-        cap = AttentionLogitCap(gpt, cap=100.0)
-        cap.heads  # 8 for two 4-head layers without qk-norm
+        attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        cap = AttentionLogitCap(attention, cap=100.0)
+        cap.arm()
+        x = torch.randn(2, 8, 16)
+        attention(x, x, x)
+        assert cap.apply(cap.take().tolist()) == {}  # no head of a fresh layer is near 100
     """
 
     def __init__(
