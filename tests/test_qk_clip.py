@@ -32,7 +32,8 @@ def _reference_head_maxima(q: torch.Tensor, k: torch.Tensor, heads: int) -> list
     """Every query against every key, per head: the plain definition, no sampling."""
     batch, length, _ = q.shape
     q = q.reshape(batch, length, heads, -1)
-    k = k.reshape(batch, length, k.shape[-1] // q.shape[-1], -1).repeat_interleave(heads * q.shape[-1] // k.shape[-1], 2)
+    key_heads = k.shape[-1] // q.shape[-1]
+    k = k.reshape(batch, length, key_heads, -1).repeat_interleave(heads // key_heads, 2)
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     return logits.abs().amax(dim=(0, 2, 3)).tolist()
 
@@ -143,7 +144,8 @@ def test_multihead_attention_in_projection_is_capped():
 
 def test_layers_with_a_qk_norm_are_not_capped_and_sharded_ones_are_named():
     torch.manual_seed(0)
-    assert AttentionLogitCap(CharGPT(VOCAB, LENGTH, num_layers=1, num_heads=2, embed_dim=32, qk_layernorm=True)).heads == 0
+    normalized = CharGPT(VOCAB, LENGTH, num_layers=1, num_heads=2, embed_dim=32, qk_layernorm=True)
+    assert AttentionLogitCap(normalized).heads == 0
     model = _fused_gpt(1.0)
     qkv = model.blocks[0].attention.qkv
     qkv.weight = nn.Parameter(qkv.weight.detach()[:48].clone())  # a view of part of the rows: not the matrix
@@ -234,3 +236,41 @@ def test_at_a_stable_lr_the_cap_never_acts_and_the_run_is_bit_identical(tmp_path
         assert "attention_logit_cap" not in guard.summary()["optimizers"]["0"]["counts"]
         weights[name] = [p.detach().clone() for p in module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(weights["capped"], weights["uncapped"], strict=True))
+
+
+def test_growth_the_guard_held_down_is_still_named_by_the_advisor(tmp_path):
+    """The watch sees no trend in capped logits; the guard's record of what it rescaled is the evidence."""
+    from lightning_gradstab import ArchitectureAdvisor
+
+    module = _CharLM(lr=0.3)
+    guard = ExplosionGuard(console_summary=False)
+    advisor = ArchitectureAdvisor(observe_steps=60)
+    quiet_trainer(max_steps=60, callbacks=[guard, advisor], default_root_dir=str(tmp_path)).fit(module, _text_loader())
+    caps = guard.attention_logit_caps()
+    assert caps["model.blocks.0.attention"]["capped_steps"] >= 5
+    growth = advisor.report.by_code("attention.logit_growth")
+    assert [f.modules for f in growth] == [("model.blocks.0.attention",)]
+    assert growth[0].evidence["capped_by_guard"] is True
+    assert growth[0].evidence["max_attention_logit"] == pytest.approx(caps["model.blocks.0.attention"]["max_logit"])
+
+
+def test_capped_growth_needs_the_growth_level_and_three_rescales():
+    from lightning_gradstab.logits.rules import capped_logit_findings, growth_logit_level
+
+    level = growth_logit_level(64)
+    assert capped_logit_findings({"a": {"capped_steps": 2, "max_logit": 10 * level}}, 64) == []  # not sustained
+    assert capped_logit_findings({"a": {"capped_steps": 30, "max_logit": 0.9 * level}}, 64) == []  # below the level
+    assert capped_logit_findings({"a": {"capped_steps": 3, "max_logit": level}}, 64, already_named=["a"]) == []
+    (finding,) = capped_logit_findings({"a": {"capped_steps": 3, "max_logit": level}}, 64)
+    assert finding.modules == ("a",) and "qk-layernorm" in finding.recommendation
+
+
+def test_under_a_sharded_strategy_the_cap_is_off_and_says_so():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    guard = ExplosionGuard(console_summary=False)
+    with pytest.warns(UserWarning, match="not capped under a sharded strategy"):
+        guard._attach_logit_cap(SimpleNamespace(strategy=FSDPStrategy()), _CharLM(lr=0.3))
+    assert guard._logit_cap is None

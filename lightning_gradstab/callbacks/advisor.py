@@ -31,6 +31,7 @@ from lightning_gradstab.diagnosis.optimizer_rules import adaptive_optimizer_find
 from lightning_gradstab.diagnosis.training_rules import gradient_findings, guard_findings, loss_findings
 from lightning_gradstab.diagnosis.weight_decay_rules import parameter_weight_decay, weight_decay_findings
 from lightning_gradstab.guard_events import collect_guard_events
+from lightning_gradstab.logits.rules import capped_logit_findings
 from lightning_gradstab.logits.watch import LogitWatch
 from lightning_gradstab.report import Finding, Report
 from lightning_gradstab.stats import GradientStats
@@ -244,7 +245,7 @@ class ArchitectureAdvisor(ReportingCallback):
         findings = loss_findings(self.graph, losses, self.stall_improvement) + self._gradient_findings()
         findings += self._guard_findings(trainer)
         findings += self._optimizer_findings(trainer, pl_module, losses, findings)
-        findings += self.logit_watch.findings() if self.logit_watch is not None else []
+        findings += self._logit_findings(trainer)
         self.report = Report(findings, model=type(pl_module).__name__, source="ArchitectureAdvisor")
         if window_complete:
             self._reported = True
@@ -256,6 +257,20 @@ class ArchitectureAdvisor(ReportingCallback):
                 f"Partial window: training ended after {trainer.global_step} of {self.observe_steps} observed steps."
             )
         publish_report(trainer, self.report, self._log_dir, ADVISOR_FILENAME)
+
+    def _logit_findings(self, trainer: pl.Trainer) -> list[Finding]:
+        """The logit watch's findings, and growth that a guard's QK-clip held down (the watch cannot see a trend
+        in capped logits; the guard's record of what it rescaled is the evidence)."""
+        findings = self.logit_watch.findings() if self.logit_watch is not None else []
+        if not self.watch_logits:
+            return findings
+        named = [m for f in findings if f.code == "attention.logit_growth" for m in f.modules]
+        seq_len = (self.logit_watch.seq_len if self.logit_watch is not None else None) or 2
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            caps = getattr(callback, "attention_logit_caps", None)
+            if callable(caps):
+                findings += capped_logit_findings(caps(), max(seq_len, 2), named)
+        return findings
 
     def _gradient_findings(self) -> list[Finding]:
         medians: dict[str, float] = {}

@@ -41,7 +41,7 @@ from lightning_gradstab.callbacks._shared import (
     optimizer_index,
     print_fit_summary,
 )
-from lightning_gradstab.distributed import refuse_unsupported_strategy
+from lightning_gradstab.distributed import refuse_unsupported_strategy, strategy_kind
 from lightning_gradstab.guard.config import RUNGS, PolicyConfig
 from lightning_gradstab.guard.decision import Decision
 from lightning_gradstab.guard.detect import Observation
@@ -143,7 +143,7 @@ class ExplosionGuard(SuiteCallback):
             :data:`ATTENTION_LOGIT_EVERY` steps, every step while heads are capped). A number > 0 (default 100)
             or ``None`` (off). Like clipping it acts from a measurement alone: a logit of 100 is far beyond
             any attention pattern's needs, so a healthy head never reaches it. Needs ``max_rung`` at ``"clip"``
-            or above.
+            or above; off under FSDP and ``ModelParallelStrategy`` (a head's rows are not whole on every rank).
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -193,6 +193,7 @@ class ExplosionGuard(SuiteCallback):
         self._competing_losses: str | None = None  # why the loss rules are off for every optimizer of this fit
         self._logit_cap: AttentionLogitCap | None = None  # QK-clip on this fit's model (None: off or no layer)
         self._logit_wait = 0  # optimizer steps until the attention logits are measured again
+        self._logit_caps: dict[str, dict[str, float]] = {}  # layer -> steps rescaled and the largest logit seen
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -249,6 +250,7 @@ class ExplosionGuard(SuiteCallback):
         self._step_loss.take()
         self._snapshots.new_run()
         self._drop_logit_cap()
+        self._logit_caps.clear()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -275,12 +277,20 @@ class ExplosionGuard(SuiteCallback):
             self._forget_snapshots()
         if self.config.allows("lr_backoff"):
             warn_without_lr(trainer.optimizers)
-        self._attach_logit_cap(pl_module)
+        self._attach_logit_cap(trainer, pl_module)
 
-    def _attach_logit_cap(self, pl_module: pl.LightningModule) -> None:
+    def _attach_logit_cap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """QK-clip's hooks on the attention layers without qk-norm (none: nothing is hooked)."""
         self._drop_logit_cap()
         if self.attention_logit_cap is None or not self.config.allows("clip"):
+            return
+        kind = strategy_kind(trainer.strategy)
+        if kind != "replicated":
+            # sharded weights: which rows of a head a rank holds differs by rank (FSDP1 flattens them), and the
+            # per-head vector every rank carries into the reduction must have one length everywhere
+            self._warn_once("qk-clip sharded", (
+                f"ExplosionGuard: attention logits are not capped under a sharded strategy ({kind}); QK-clip needs "
+                "each head's query and key rows whole on every rank (said once)."))
             return
         cap = AttentionLogitCap(pl_module, self.attention_logit_cap)
         if cap.skipped:
@@ -390,8 +400,11 @@ class ExplosionGuard(SuiteCallback):
             self._logit_wait = max(self._logit_wait - 1, 0)
             return
         capped = cap.apply(logits)
-        for _ in capped:  # one per layer rescaled
-            policy.state.count("attention_logit_cap")
+        for layer, logit in capped.items():  # one count per layer rescaled
+            policy.count_action("attention_logit_cap")
+            record = self._logit_caps.setdefault(layer, {"capped_steps": 0, "max_logit": 0.0})
+            record["capped_steps"] += 1
+            record["max_logit"] = max(record["max_logit"], logit)
         if capped:
             largest = max(capped.values())
             self._warn_once("qk-clip", (
@@ -399,6 +412,16 @@ class ExplosionGuard(SuiteCallback):
                 f"{', '.join(sorted(capped))}; their query/key heads are rescaled to the cap (QK-clip) whenever "
                 "they pass it. The architectural fix is qk-layernorm (Wortsman et al. 2023) (said once)."))
         self._logit_wait = 0 if capped else ATTENTION_LOGIT_EVERY - 1
+
+    def attention_logit_caps(self) -> dict[str, dict[str, float]]:
+        """Per attention layer QK-clip rescaled in this fit: ``{"capped_steps": n, "max_logit": x}``, the largest
+        logit it measured before a rescale (a copy; what ``ArchitectureAdvisor`` names growth from).
+
+        Example::
+
+            guard.attention_logit_caps()  # {} before any fit, and for a model whose logits stay below the cap
+        """
+        return {layer: dict(record) for layer, record in self._logit_caps.items()}
 
     def _stop(self, trainer: pl.Trainer, decision: Decision) -> None:
         self.stop_reason = stop_reason(decision)

@@ -133,6 +133,11 @@ class ExplosionPolicy:
         """How often each action and anomaly happened (``clip``, ``skip``, ``amp_overflow``, ...)."""
         return dict(self.state.counts)
 
+    def count_action(self, name: str) -> None:
+        """Count one action the guard took outside the ladder (QK-clip's ``attention_logit_cap``), so that the
+        summary, the advice and a checkpoint carry it with the ladder's own counts."""
+        self.state.count(name)
+
     @property
     def first_anomaly_steps(self) -> dict[str, int]:
         """The step at which each kind of anomaly was first seen."""

@@ -8,7 +8,7 @@ output log-partition) and find a sustained trend only, never one batch; their th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from lightning_gradstab.report import Finding
 
@@ -103,6 +103,41 @@ def attention_logit_findings(
         f"{worst['early_max_logit']:.3g} early on; a softmax is one-hot from {collapse_logit(seq_len):.3g}): add "
         "qk-layernorm, a LayerNorm on the queries and keys before their dot product (Dehghani et al. 2023; "
         "Wortsman et al. 2023), or lower the learning rate.",
+    )]
+
+
+def capped_logit_findings(
+    caps: Mapping[str, Mapping[str, float]], seq_len: int, already_named: Sequence[str] = ()
+) -> list[Finding]:
+    """``attention.logit_growth`` for the layers whose logits an ``ExplosionGuard`` kept capping (QK-clip).
+
+    A capped layer's logits cannot show the trend :func:`attention_logit_findings` reads (the cap holds them at
+    ~100), so the guard's own record is the evidence: a layer is named when its logits reached
+    :func:`growth_logit_level` before a rescale (the level from which the watch names growth) and were rescaled
+    on at least three measured steps (sustained, not one batch). ``caps``: ``{layer: {"capped_steps": n,
+    "max_logit": x}}`` (:meth:`~lightning_gradstab.ExplosionGuard.attention_logit_caps`); layers in
+    ``already_named`` are left to the watch's finding.
+
+    Example::
+
+        capped_logit_findings({"blocks.0.attention": {"capped_steps": 40, "max_logit": 373.0}}, seq_len=64)
+    """
+    level = growth_logit_level(seq_len)
+    named = {
+        layer: record for layer, record in caps.items()
+        if layer not in already_named and record["capped_steps"] >= 3 and record["max_logit"] >= level
+    }
+    if not named:
+        return []
+    worst = max(record["max_logit"] for record in named.values())
+    steps = sum(int(record["capped_steps"]) for record in named.values())
+    return [Finding(
+        "attention.logit_growth", "warning", tuple(named),
+        {"max_attention_logit": round(worst, 4), "level": level, "capped_by_guard": True,
+         "capped_layer_steps": steps, "layers": {layer: dict(record) for layer, record in named.items()}},
+        f"The max attention logit of {len(named)} layer(s) grew to {worst:.3g} and the guard's QK-clip had to "
+        f"rescale it back to its cap on {steps} layer-steps: add qk-layernorm, a LayerNorm on the queries and keys "
+        "before their dot product (Dehghani et al. 2023; Wortsman et al. 2023), or lower the learning rate.",
     )]
 
 
