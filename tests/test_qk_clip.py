@@ -274,3 +274,25 @@ def test_under_a_sharded_strategy_the_cap_is_off_and_says_so():
     with pytest.warns(UserWarning, match="not capped under a sharded strategy"):
         guard._attach_logit_cap(SimpleNamespace(strategy=FSDPStrategy()), _CharLM(lr=0.3))
     assert guard._logit_cap is None
+
+
+def test_the_record_of_rescaled_layers_survives_a_checkpoint_and_is_checked(tmp_path):
+    module = _CharLM(lr=0.3)
+    guard = ExplosionGuard(console_summary=False)
+    quiet_trainer(max_steps=30, callbacks=[guard], default_root_dir=str(tmp_path)).fit(module, _text_loader())
+    state = guard.state_dict()
+    assert state["attention_logit_caps"] == guard.attention_logit_caps() != {}
+    resumed = ExplosionGuard()
+    resumed.load_state_dict(state)
+    assert resumed.attention_logit_caps() == guard.attention_logit_caps()
+    older = {key: value for key, value in state.items() if key != "attention_logit_caps"}  # before guard v3.4
+    ExplosionGuard().load_state_dict(older)
+    bad_records = (
+        {"layer": {"capped_steps": -1, "max_logit": 1.0}},
+        {"layer": {"capped_steps": 1, "max_logit": math.nan}},
+        {"layer": 3},
+        [],
+    )
+    for bad in bad_records:
+        with pytest.raises(ValueError, match="attention_logit_caps"):
+            ExplosionGuard().load_state_dict({**state, "attention_logit_caps": bad})

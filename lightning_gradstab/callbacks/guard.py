@@ -501,6 +501,7 @@ class ExplosionGuard(SuiteCallback):
             "version": STATE_VERSION,
             "policies": {str(index): policy.state_dict() for index, policy in self.policies.items()},
             "stop_reason": self.stop_reason,
+            "attention_logit_caps": self.attention_logit_caps(),
         }
 
     @override
@@ -535,9 +536,11 @@ class ExplosionGuard(SuiteCallback):
             check_state(policy_state, template, owner, policy_rules(len(RUNGS)), POLICY_OPTIONAL, f"policies.{index}.")
         if state_dict["stop_reason"] is not None and not isinstance(state_dict["stop_reason"], str):
             raise ValueError(f"{owner}: `stop_reason` must be None or a str, got {state_dict['stop_reason']!r}")
+        caps = _checked_logit_caps(state_dict.get("attention_logit_caps", {}), owner)  # absent before guard v3.4
         self.policies.clear()
         self._loaded_policies = {int(index): state for index, state in state_dict["policies"].items()}
         self.stop_reason = state_dict["stop_reason"]
+        self._logit_caps = caps
         for index in list(self._loaded_policies):
             self.policy(index)
 
@@ -548,3 +551,25 @@ def _check_cap(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`attention_logit_cap` must be a finite number > 0 or None, got {value!r}")
     return float(value)
+
+
+def _checked_logit_caps(caps: Any, owner: str) -> dict[str, dict[str, float]]:
+    """A checkpoint's record of what QK-clip rescaled, checked: ``{layer: {"capped_steps": n >= 0, "max_logit":
+    a finite x >= 0}}``."""
+    if not isinstance(caps, Mapping):
+        raise ValueError(f"{owner}: `attention_logit_caps` must be a dict, got {caps!r}")
+    checked: dict[str, dict[str, float]] = {}
+    for layer, record in caps.items():
+        steps = record.get("capped_steps") if isinstance(record, Mapping) else None
+        logit = record.get("max_logit") if isinstance(record, Mapping) else None
+        if (
+            not isinstance(layer, str)
+            or not isinstance(steps, int) or isinstance(steps, bool) or steps < 0
+            or not isinstance(logit, (int, float)) or isinstance(logit, bool) or not math.isfinite(logit) or logit < 0
+        ):
+            raise ValueError(
+                f"{owner}: `attention_logit_caps.{layer}` must be {{'capped_steps': int >= 0, 'max_logit': "
+                f"finite float >= 0}}, got {record!r}"
+            )
+        checked[layer] = {"capped_steps": steps, "max_logit": float(logit)}
+    return checked
