@@ -296,3 +296,26 @@ def test_the_record_of_rescaled_layers_survives_a_checkpoint_and_is_checked(tmp_
     for bad in bad_records:
         with pytest.raises(ValueError, match="attention_logit_caps"):
             ExplosionGuard().load_state_dict({**state, "attention_logit_caps": bad})
+
+
+def test_a_layer_applied_twice_is_capped_by_its_larger_application():
+    """Shared weights (ALBERT's layers, a block run several times): the head's largest logit over every call."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            large = self.attention(10 * x, 10 * x, 10 * x)[0]  # the first call's logits are ~100x the second's
+            return self.attention(x, x, x)[0] + large
+
+    model, x = Twice(), torch.randn(2, 5, 8)
+    cap = AttentionLogitCap(model, cap=1e9, sample_positions=5)
+    both = _measure(cap, model, x)
+    cap.arm()
+    attention(x, x, x)
+    first = cap.take().tolist()
+    assert both == pytest.approx([100 * value for value in first], rel=1e-4)

@@ -164,7 +164,9 @@ class LogitWatch:
             k = _apply_norm(site.k_norm, k[: self.sample_rows].detach(), site.num_kv_heads)
             self.seq_len = int(k.shape[1])  # the attended length: the keys a query's softmax spreads over
             measure = max_attention_logit_per_head if self.per_head else max_attention_logit
-            self._current[index] = measure(q, k, self.sample_positions)
+            logit = measure(q, k, self.sample_positions)
+            earlier = self._current.get(index)  # a layer applied several times (shared weights): the largest
+            self._current[index] = logit if earlier is None else torch.maximum(earlier, logit)
 
     def _on_fused(self, index: int, site: AttentionSite, module: nn.Module, out: Tensor) -> None:
         if self._measuring(module) and out.ndim == 3:
