@@ -319,3 +319,43 @@ def test_a_layer_applied_twice_is_capped_by_its_larger_application():
     attention(x, x, x)
     first = cap.take().tolist()
     assert both == pytest.approx([100 * value for value in first], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hugging_face_attention_is_capped_head_by_head(family):
+    """GPT-2's fused projection is a Conv1D (its weight is [in, 3 x width]: a head's rows are columns); Llama has
+    separate projections with grouped keys and rotary embeddings (the cap measures before the rotation)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(  # no dropout: both forwards must see the same hidden states
+            n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0,
+            resid_pdrop=0.0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+        with torch.no_grad():
+            model.transformer.h[0].attn.c_attn.weight[:, :8].mul_(30.0)  # query head 0's columns
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        model = transformers.LlamaForCausalLM(config)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[:8].mul_(30.0)  # query head 0's rows
+    model.train()
+    tokens = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
+    cap = AttentionLogitCap(model, sample_positions=16)
+
+    def measure() -> list[float]:
+        cap.arm()
+        model(tokens)
+        return cap.take().tolist()
+
+    before = measure()
+    limit = (before[0] + max(before[1:])) / 2  # between head 0 and the others
+    cap.cap = limit
+    assert cap.apply(before)
+    after = measure()
+    assert after[0] == pytest.approx(limit, rel=1e-4)
+    assert after[1:] == before[1:]

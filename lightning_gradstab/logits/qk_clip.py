@@ -41,23 +41,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_gradstab.logits.sites import AttentionSite, find_attention_sites
+from lightning_gradstab.logits.sites import AttentionSite, find_attention_sites, fused_width
 from lightning_gradstab.logits.watch import LogitWatch
 
 DEFAULT_CAP = 100.0
 """Kimi K2's ``tau``: the largest attention logit QK-clip lets a head keep."""
 
 
+_Slice = tuple[Tensor, int, int, int]  # (parameter, dimension, first index, count)
+
+
 @dataclass(frozen=True)
 class _HeadRows:
-    """Where one head's query and key rows live: ``(parameter, first row, row count)`` for each side."""
+    """Where one head's query and key rows live: ``(parameter, dimension, first index, count)`` per parameter
+    (the output dimension: 0 for a Linear's weight and every bias, 1 for a GPT-2 ``Conv1D``'s weight)."""
 
-    query: tuple[tuple[Tensor, int, int], ...]
-    key: tuple[tuple[Tensor, int, int], ...]
+    query: tuple[_Slice, ...]
+    key: tuple[_Slice, ...]
 
 
-def _rows(parameters: Sequence[Tensor | None], start: int, count: int) -> tuple[tuple[Tensor, int, int], ...]:
-    return tuple((p, start, count) for p in parameters if p is not None)
+def _rows(parameters: Sequence[tuple[Tensor | None, int]], start: int, count: int) -> tuple[_Slice, ...]:
+    return tuple((p, dim, start, count) for p, dim in parameters if p is not None)
 
 
 def _is_local_tensor(parameter: Tensor | None) -> bool:
@@ -73,14 +77,20 @@ def _layout(site: AttentionSite) -> tuple[list[_HeadRows] | None, str]:
         parameters: tuple[Tensor | None, ...] = (query.weight, query.bias, key.weight, key.bias)
         d_q, d_k = query.out_features // heads, key.out_features // kv_heads
         shapes_fit = query.weight.shape[0] == query.out_features and key.weight.shape[0] == key.out_features
-        q_side, k_side = (query.weight, query.bias), (key.weight, key.bias)
+        q_side: tuple[tuple[Tensor | None, int], ...] = ((query.weight, 0), (query.bias, 0))
+        k_side: tuple[tuple[Tensor | None, int], ...] = ((key.weight, 0), (key.bias, 0))
         q_start = [h * d_q for h in range(heads)]
         k_start = [h * d_k for h in range(heads)] if kv_heads == heads else None  # shared keys: queries only
     else:
+        out_dim = 0
         if site.kind == "fused":
             fused = site.query
-            assert isinstance(fused, nn.Linear)  # _site builds fused sites so
-            weight, bias, embed = fused.weight, fused.bias, fused.out_features // 3
+            width = fused_width(fused)
+            assert fused is not None and width is not None  # _site builds fused sites so
+            weight, bias, embed = fused.weight, fused.bias, width // 3
+            out_dim = 0 if isinstance(fused, nn.Linear) else 1  # a Conv1D's weight is [in, out]
+            if not isinstance(weight, Tensor) or not isinstance(bias, (Tensor, type(None))):
+                return None, "its fused projection has no weight tensor"
         else:
             attention = site.module
             assert isinstance(attention, nn.MultiheadAttention)  # the "mha" kind
@@ -89,8 +99,8 @@ def _layout(site: AttentionSite) -> tuple[list[_HeadRows] | None, str]:
                 return None, "separate query/key weights of different input sizes (kdim/vdim) are not capped"
         parameters = (weight, bias)
         d_q = d_k = embed // heads
-        shapes_fit = weight.shape[0] == 3 * embed
-        q_side = k_side = (weight, bias)
+        shapes_fit = weight.dim() == 2 and weight.shape[out_dim] == 3 * embed
+        q_side = k_side = ((weight, out_dim), (bias, 0))
         q_start = [h * d_q for h in range(heads)]
         k_start = [embed + h * d_k for h in range(heads)]
     if not all(_is_local_tensor(p) for p in parameters):
@@ -214,8 +224,8 @@ class AttentionLogitCap:
         self.watch.remove()
 
 
-def _scale(rows: tuple[tuple[Tensor, int, int], ...], factor: float) -> None:
+def _scale(rows: tuple[_Slice, ...], factor: float) -> None:
     if factor == 1.0:
         return
-    for parameter, start, count in rows:
-        parameter.data[start : start + count].mul_(factor)
+    for parameter, dim, start, count in rows:
+        parameter.data.narrow(dim, start, count).mul_(factor)

@@ -7,8 +7,9 @@ What is recognised as an attention module (:func:`find_attention_sites`):
 - a module with separate query and key ``nn.Linear`` children named ``q_proj``/``k_proj`` (Hugging Face
   Llama, Mistral, Qwen, OPT, ...), ``query``/``key`` (BERT, ViT), ``wq``/``wk`` or ``to_q``/``to_k``;
   grouped-query attention is handled by repeating the key heads;
-- a module with one fused ``nn.Linear`` child named ``qkv``, ``c_attn``, ``Wqkv``, ``in_proj`` or
-  ``qkv_proj`` whose output is ``[q | k | v]`` concatenated along the last dimension (nanoGPT, GPT-2, MPT).
+- a module with one fused ``nn.Linear`` (or GPT-2's ``Conv1D``) child named ``qkv``, ``c_attn``, ``Wqkv``,
+  ``in_proj`` or ``qkv_proj`` whose output is ``[q | k | v]`` concatenated along the last dimension (nanoGPT,
+  Hugging Face GPT-2, MPT).
   (GPT-NeoX's ``query_key_value`` interleaves heads; name such modules explicitly, see below.)
 
 The number of heads is read from the module (``num_heads``, ``n_head``, ``n_heads``, ``num_attention_heads`` or
@@ -85,6 +86,15 @@ def _qk_norms(module: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     return None, None
 
 
+def fused_width(module: nn.Module | None) -> int | None:
+    """The output width of a fused ``[q | k | v]`` projection: an ``nn.Linear``'s ``out_features``, or the ``nf`` of
+    a GPT-2-style ``Conv1D`` (Hugging Face's, whose weight is ``[in, out]``: the transpose of a Linear's)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    width = getattr(module, "nf", None)
+    return width if type(module).__name__ == "Conv1D" and isinstance(width, int) else None
+
+
 def _site(name: str, module: nn.Module, qk_children: tuple[str, str] | None = None) -> AttentionSite | None:
     children = dict(module.named_children())
     q_norm, k_norm = _qk_norms(module)
@@ -103,7 +113,8 @@ def _site(name: str, module: nn.Module, qk_children: tuple[str, str] | None = No
     if qk_children is None:
         for fused_name in FUSED_QKV_NAMES:
             fused = children.get(fused_name)
-            if isinstance(fused, nn.Linear) and fused.out_features % 3 == 0 and heads is not None:
+            width = fused_width(fused)
+            if fused is not None and width is not None and width % 3 == 0 and heads is not None:
                 return AttentionSite(name, module, "fused", heads, heads, fused, None, q_norm, k_norm)
     return None
 
