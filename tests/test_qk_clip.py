@@ -359,3 +359,16 @@ def test_hugging_face_attention_is_capped_head_by_head(family):
     after = measure()
     assert after[0] == pytest.approx(limit, rel=1e-4)
     assert after[1:] == before[1:]
+
+
+def test_the_largest_measured_logit_is_logged_on_every_measured_step(tmp_path, memory_logger):
+    module = _CharLM(lr=0.3)
+    guard = ExplosionGuard(console_summary=False)
+    quiet_trainer(max_steps=30, callbacks=[guard], logger=memory_logger, default_root_dir=str(tmp_path)).fit(
+        module, _text_loader()
+    )
+    logged = dict(memory_logger.metrics["gradstab/attention_logit_max"])
+    assert 0 in logged and 10 in logged  # every 10 steps while no head is above the cap
+    assert max(logged.values()) > DEFAULT_CAP  # what the cap then rescaled, as measured before it acted
+    capped_from = min(step for step, value in logged.items() if value > DEFAULT_CAP)
+    assert all(step in logged for step in range(capped_from, capped_from + 3))  # then every step

@@ -37,6 +37,8 @@ from lightning_gradstab.callbacks._shared import (
     add_tensorboard_layout,
     check_state_version,
     gradient_stats,
+    log_metrics,
+    logging_step,
     mark_fit_start,
     optimizer_index,
     print_fit_summary,
@@ -108,7 +110,8 @@ class ExplosionGuard(SuiteCallback):
 
     Logged (rank 0, ``opt{i}/`` inserted for optimizers after the first) every ``log_every_n_steps`` and on
     every intervention: ``gradstab/level``, ``clip_threshold``, ``clipped``, ``skipped``, ``lr_scale``,
-    ``rollbacks``, ``zscore``, ``amp_overflow``. Events go to ``gradstab_guard_events.jsonl`` and the outcome to
+    ``rollbacks``, ``zscore``, ``amp_overflow``; and on every step the attention logits are measured (QK-clip),
+    ``gradstab/attention_logit_max``. Events go to ``gradstab_guard_events.jsonl`` and the outcome to
     ``gradstab_guard_summary.json`` in the log directory; a table is printed at the end of ``fit``.
 
     The two knobs most runs set are named; every other threshold and budget of the ladder (``zscore_threshold``,
@@ -348,7 +351,7 @@ class ExplosionGuard(SuiteCallback):
             attention_logits=logits,
         )
         if cap is not None:
-            self._cap_attention_logits(cap, policy, host_logits if logits is not None else None)
+            self._cap_attention_logits(trainer, cap, policy, host_logits if logits is not None else None)
         if observation.weight_norm is not None:
             self._weight_norms[index] = observation.weight_norm
         decision = policy.step(observation)
@@ -392,13 +395,16 @@ class ExplosionGuard(SuiteCallback):
             self._stop(trainer, decision)
 
     def _cap_attention_logits(
-        self, cap: AttentionLogitCap, policy: ExplosionPolicy, logits: list[float] | None
+        self, trainer: pl.Trainer, cap: AttentionLogitCap, policy: ExplosionPolicy, logits: list[float] | None
     ) -> None:
         """QK-clip on a measured step (the logits reduced across ranks: every rank rescales alike), and the
-        schedule of the next measurement: the next step while heads are capped, else in ATTENTION_LOGIT_EVERY."""
+        schedule of the next measurement: the next step while heads are capped, else in ATTENTION_LOGIT_EVERY.
+        The largest measured logit is logged as ``gradstab/attention_logit_max`` (a host value already)."""
         if logits is None:
             self._logit_wait = max(self._logit_wait - 1, 0)
             return
+        if logits:
+            log_metrics(trainer, {"gradstab/attention_logit_max": max(logits)}, logging_step(trainer))
         capped = cap.apply(logits)
         for layer, logit in capped.items():  # one count per layer rescaled
             policy.count_action("attention_logit_cap")
