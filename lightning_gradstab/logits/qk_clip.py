@@ -104,7 +104,7 @@ def _layout(site: AttentionSite) -> tuple[list[_HeadRows] | None, str]:
         q_start = [h * d_q for h in range(heads)]
         k_start = [embed + h * d_k for h in range(heads)]
     if not all(_is_local_tensor(p) for p in parameters):
-        return None, "its projections are sharded (DTensor): a head's rows are not all on this rank"
+        return None, "its projections are not plain tensors (a DTensor shard, a quantized weight)"
     if not shapes_fit:
         return None, "its projection weights are not the full matrices (a flattened or sharded view)"
     layout = [
