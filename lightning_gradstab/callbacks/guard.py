@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradstab.arguments import check_flag, check_interval
+from lightning_gradstab.arguments import check_flag, check_interval, check_positive
 from lightning_gradstab.callbacks._guard_config import guard_config
 from lightning_gradstab.callbacks._guard_lr import StepLrScale, warn_without_lr
 from lightning_gradstab.callbacks._guard_records import EVENTS_FILENAME, SUMMARY_FILENAME, GuardRecords, stop_reason
@@ -180,7 +180,9 @@ class ExplosionGuard(SuiteCallback):
         self._snapshots = GuardSnapshots(
             snapshot_keep, snapshot_location, snapshot_max_bytes, snapshot_dir, max_rung=self.config.max_rung
         )
-        self.attention_logit_cap = _check_cap(attention_logit_cap)
+        self.attention_logit_cap = (
+            None if attention_logit_cap is None else check_positive(attention_logit_cap, "attention_logit_cap")
+        )
         self.raise_on_stop = check_flag(raise_on_stop, "raise_on_stop")
         self.log_every_n_steps = check_interval(log_every_n_steps, "log_every_n_steps")
         self.console_summary = check_flag(console_summary, "console_summary")
@@ -549,14 +551,6 @@ class ExplosionGuard(SuiteCallback):
         self._logit_caps = caps
         for index in list(self._loaded_policies):
             self.policy(index)
-
-
-def _check_cap(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`attention_logit_cap` must be a finite number > 0 or None, got {value!r}")
-    return float(value)
 
 
 def _checked_logit_caps(caps: Any, owner: str) -> dict[str, dict[str, float]]:

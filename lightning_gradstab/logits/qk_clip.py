@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_gradstab.arguments import check_positive
 from lightning_gradstab.logits.sites import AttentionSite, find_attention_sites, fused_width
 from lightning_gradstab.logits.watch import LogitWatch
 
@@ -148,9 +149,7 @@ class AttentionLogitCap:
         sample_rows: int = 2,
         sample_positions: int = 64,
     ) -> None:
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
-            raise ValueError(f"`cap` must be a finite number > 0, got {cap!r}")
-        self.cap = float(cap)
+        self.cap = check_positive(cap, "cap")
         self.skipped: dict[str, str] = {}  # layer -> why it is not capped
         sites, self._layouts = [], []
         for site in find_attention_sites(model, attention_modules):
