@@ -21,6 +21,11 @@ evidence`` (a callback computing it on every step beside the default monitor: it
 pass) and ``monitor+guard default +adam`` (``GradNormMonitor(adam_every_n_steps=ADAM_EVERY)`` with
 ``ExplosionGuard()``: the evidence amortised as a user would run it).
 
+One more measures the relative-update ceiling (``lightning_gradstab.update_ceiling``): ``update ceiling`` (a
+callback measuring and bounding the step on every step beside the default monitor: the copy before the step and
+the norms and shrink after it, timed together). The guard measures a step that far from the ceiling once in
+``UPDATE_CEILING_EVERY`` steps, and every step only while steps come within half of it (acting).
+
 The rollback snapshot (model and Adam state copied to CPU) is timed separately, with its size; snapshots
 live in host memory, so peak accelerator memory is unchanged (checked when a GPU is present).
 
@@ -65,8 +70,10 @@ from benchmarks.harness import (
 )
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.adam_state import AdamStateTracker
+from lightning_gradstab.callbacks._guard_update import UPDATE_CEILING_EVERY
 from lightning_gradstab.callbacks._shared import gradient_stats
 from lightning_gradstab.guard.tuple_snapshot import snapshot_training_state
+from lightning_gradstab.update_ceiling import RelativeUpdateCeiling
 
 ADAM_EVERY = 100
 """The evidence interval of the ``monitor+guard default +adam`` configuration (``adam_every_n_steps``)."""
@@ -83,6 +90,42 @@ class AdamEvidenceEveryStep(Callback):
         raw = getattr(optimizer, "_optimizer", optimizer)
         tracker = self.trackers.setdefault(id(raw), AdamStateTracker(raw))
         tracker.compute(gradient_stats(trainer, pl_module, raw))
+
+
+class UpdateCeilingEveryStep(Callback):
+    """Measures (and bounds) the relative update on every optimizer step: the copy in ``on_before_optimizer_step``
+    and the norms and shrink in an optimizer step post-hook, both timed; ``durations`` holds their sum per step."""
+
+    def __init__(self) -> None:
+        self.ceiling = RelativeUpdateCeiling()
+        self.durations: list[float] = []
+        self._hooked: set[int] = set()
+        self._begun = 0.0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        if id(raw) not in self._hooked:
+            self._hooked.add(id(raw))
+            raw.register_step_post_hook(lambda opt, args, kwargs: self._end())
+        start = time.perf_counter()
+        self.ceiling.begin([p for group in raw.param_groups for p in group["params"] if p.grad is not None])
+        _synchronize()
+        self._begun = time.perf_counter() - start
+
+    def _end(self) -> None:
+        start = time.perf_counter()
+        self.ceiling.end()
+        _synchronize()
+        self.durations.append(self._begun + time.perf_counter() - start)
+
+    def mean_seconds(self, skip: int) -> float:
+        kept = self.durations[skip:]
+        return statistics.fmean(kept) if kept else 0.0
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class GuardClock:
@@ -150,6 +193,7 @@ def measure(
     rollback snapshot (left out of the guard configurations' hook times)."""
     guard_hook_seconds: list[float] = []
     ceiling_fractions: list[float] = []
+    update_ceiling_seconds: list[float] = []
     snapshot_steps: list[int] = []
 
     def baseline() -> StepTiming:
@@ -193,6 +237,12 @@ def measure(
             workload, [GradNormMonitor(), evidence], timed_callback=evidence, steps=steps, accelerator=accelerator
         )
 
+    def update_ceiling() -> StepTiming:
+        callback = UpdateCeilingEveryStep()
+        timing = time_fit(workload, [GradNormMonitor(), callback], steps=steps, accelerator=accelerator)
+        update_ceiling_seconds.append(callback.mean_seconds(10))  # after time_fit's warm-up
+        return timing
+
     def clip() -> StepTiming:
         callback = ClipGradNorm()
         return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
@@ -210,6 +260,7 @@ def measure(
             "monitor+guard default": monitor_and_default_guard,
             "monitor+guard default +adam": monitor_and_default_guard_with_adam,
             "adam evidence": adam_evidence,
+            "update ceiling": update_ceiling,
             "clip_grad_norm_": clip,
         },
         repetitions,
@@ -219,6 +270,7 @@ def measure(
         statistics.median(guard_hook_seconds),
         statistics.median(ceiling_fractions),
         statistics.median(snapshot_steps),
+        statistics.median(update_ceiling_seconds),
     )
 
 
@@ -319,9 +371,10 @@ def run(args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     acting = []
+    measured_every_step: dict[str, StepTiming] = {}
     snapshots, peaks, excluded = [], [], []
     for workload in (WORKLOADS[key]() for key in args.workloads):
-        timings, guard_seconds, ceiling_fraction, snapshot_steps = measure(
+        timings, guard_seconds, ceiling_fraction, snapshot_steps, update_seconds = measure(
             workload, args.repetitions, args.steps, accelerator
         )
         excluded.append((workload, snapshot_steps))
@@ -329,7 +382,8 @@ def run(args: argparse.Namespace) -> None:
         base, monitor, both = timings["baseline"], timings["monitor"], timings["monitor+guard"]
         default, clip = timings["monitor+guard default"], timings["clip_grad_norm_"]
         evidence, with_adam = timings["adam evidence"], timings["monitor+guard default +adam"]
-        acting.append((workload, floor, base, default, clip, ceiling_fraction, evidence, with_adam))
+        measured_every_step[workload.name] = timings["update ceiling"]
+        acting.append((workload, floor, base, default, clip, ceiling_fraction, evidence, with_adam, update_seconds))
         print(
             f"| {workload.name} | {workload.parameter_tensors()} | {workload.parameter_count() / 1e6:.1f}M "
             f"| {floor * 1e3:.3f} | {monitor.hook_seconds * 1e3:.3f} ({monitor.hook_seconds / floor:.2f}x) "
@@ -362,11 +416,23 @@ def run(args: argparse.Namespace) -> None:
         f"| monitor(adam_every_n_steps={ADAM_EVERY}) + default guard hooks (ms, x floor) |"
     )
     print("|---|---|---|---|")
-    for workload, floor, *_, evidence, with_adam in acting:
+    for workload, floor, *_, evidence, with_adam, _update in acting:
         print(
             f"| {workload.name} | {evidence.hook_seconds * 1e3:.3f} ({evidence.hook_seconds / floor:.1f}x) "
             f"| {evidence.hook_seconds / floor / ADAM_EVERY:.2f}x "
             f"| {with_adam.hook_seconds * 1e3:.3f} ({with_adam.hook_seconds / floor:.2f}x) |"
+        )
+    print(
+        f"\n| workload | one relative-update measurement (ms, x floor) "
+        f"| amortised at every {UPDATE_CEILING_EVERY} steps (x floor) | step ratio measured every step vs baseline |"
+    )
+    print("|---|---|---|---|")
+    for workload, floor, base, *_, update_seconds in acting:
+        ceiling_timing = measured_every_step[workload.name]
+        print(
+            f"| {workload.name} | {update_seconds * 1e3:.3f} ({update_seconds / floor:.1f}x) "
+            f"| {update_seconds / floor / UPDATE_CEILING_EVERY:.2f}x "
+            f"| {ceiling_timing.step_seconds / base.step_seconds:.3f} |"
         )
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
     print(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lightning_gradstab.per_tensor_clip import AdaptiveTensorClip
     from lightning_gradstab.report import Finding, Report
     from lightning_gradstab.stats import GradientStats, ParameterLayout, compute_gradient_stats
+    from lightning_gradstab.update_ceiling import RelativeUpdateCeiling
 
 _EXPORTS = {
     "AdamEvidence": "lightning_gradstab.adam_state",
@@ -50,6 +51,7 @@ _EXPORTS = {
     "LogitWatch": "lightning_gradstab.logits.watch",
     "ParameterLayout": "lightning_gradstab.stats",
     "PolicyConfig": "lightning_gradstab.guard.config",
+    "RelativeUpdateCeiling": "lightning_gradstab.update_ceiling",
     "Report": "lightning_gradstab.report",
     "RollbackSnapshot": "lightning_gradstab.guard.snapshot",
     "compute_gradient_stats": "lightning_gradstab.stats",
@@ -75,6 +77,7 @@ __all__ = [
     "LogitWatch",
     "ParameterLayout",
     "PolicyConfig",
+    "RelativeUpdateCeiling",
     "Report",
     "RollbackSnapshot",
     "compute_gradient_stats",

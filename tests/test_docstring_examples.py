@@ -21,12 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gradstab
-from lightning_gradstab import guard_events
+from lightning_gradstab import guard_events, update_ceiling
 from lightning_gradstab.diagnosis import optimizer_rules, training_rules, weight_decay_rules
 from lightning_gradstab.logits import qk_clip
 from tests.helpers.trainers import quiet_trainer
 
-MODULES: tuple[ModuleType, ...] = (guard_events, training_rules, optimizer_rules, weight_decay_rules, qk_clip)
+MODULES: tuple[ModuleType, ...] = (
+    guard_events, training_rules, optimizer_rules, weight_decay_rules, qk_clip, update_ceiling
+)
 
 
 def _examples(obj: object) -> list[str]:

@@ -66,3 +66,13 @@ def test_attention_logits_are_capped_alike_on_every_rank(tmp_path: Path, ddp_run
     assert rank0["counts"]["attention_logit_cap"] >= 3
     assert rank0["counts"] == rank1["counts"]
     assert rank0["weights"] == rank1["weights"]
+
+
+def test_the_relative_update_ceiling_shrinks_the_same_steps_alike_on_every_rank(tmp_path: Path, ddp_runner) -> None:
+    """Each rank measures its own copy of the step (no collective: DDP replicas step alike); the schedule follows
+    the outcome reduced with the next step's numbers, so both ranks measure, bound and count the same steps."""
+    rank0, rank1 = ddp_runner("qk_clip_ddp.py", tmp_path, "ceiling", timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == QK_STEPS
+    assert rank0["counts"]["relative_update"] >= 10
+    assert rank0["counts"] == rank1["counts"]
+    assert rank0["weights"] == rank1["weights"]

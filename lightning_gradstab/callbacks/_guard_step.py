@@ -8,7 +8,7 @@ its only device-to-host read: what must stay cheap and identical on every rank i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +27,9 @@ _FIELDS: list[tuple[str, ReduceKind]] = [
     ("loss", "max_worst"),  # a non-finite loss (NaN, +-Inf) reads as FLOAT32_MAX: the worst
     ("weight_norm", "max"),
     ("snapshot_available", "min"),
+    # the relative-update ceiling's outcome of the previous optimizer step (0 when it was not measured)
+    ("update_bounded", "max"),
+    ("update_ratio_max", "max"),
 ]
 _WITHOUT_SCALER = RankReduction(_FIELDS)
 _WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
@@ -68,6 +71,17 @@ class StepLoss:
         return None if unmeasured else loss
 
 
+class StepReading(NamedTuple):
+    """What :func:`observe` read: the observation, whether every rank holds a usable rollback snapshot, the
+    per-head attention logits (the largest on any rank) and the previous step's relative-update outcome."""
+
+    observation: Observation
+    snapshot_everywhere: bool
+    attention_logits: list[float]
+    update_bounded: float
+    update_ratio_max: float
+
+
 def observe(
     stats: GradientStats,
     optimizer: torch.optim.Optimizer,
@@ -80,13 +94,15 @@ def observe(
     step_size: float | None,
     competing: bool,
     attention_logits: torch.Tensor | None = None,
-) -> tuple[Observation, bool, list[float]]:
-    """The step's :class:`Observation` from the numbers of every rank (one collective, one host read), whether
-    every rank holds a usable rollback snapshot, and the per-head attention logits (the largest on any rank).
+    update_outcome: tuple[torch.Tensor | float, torch.Tensor | float] = (0.0, 0.0),
+) -> StepReading:
+    """The step's :class:`Observation` from the numbers of every rank (one collective, one host read), with what
+    else rides the same read (:class:`StepReading`).
 
     ``step_size``: plain SGD's step per unit gradient when the update-ratio rule is on (the weights' norm is
     then part of the observation); ``competing``: the fit's losses compete (a GAN), so no ceiling applies;
-    ``attention_logits``: the QK-clip measurement of this step, if one is pending (every rank alike).
+    ``attention_logits``: the QK-clip measurement of this step, if one is pending (every rank alike);
+    ``update_outcome``: the relative-update ceiling's ``(tensors bounded, largest ratio)`` of the previous step.
     """
     values: dict[str, Any] = {
         "total_norm": stats.total_norm,
@@ -95,6 +111,8 @@ def observe(
         "loss": _NO_LOSS if loss is None else loss,
         "weight_norm": weight_norm,
         "snapshot_available": float(snapshot_ready),
+        "update_bounded": update_outcome[0],
+        "update_ratio_max": update_outcome[1],
     }
     if scaler is not None:
         values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
@@ -116,7 +134,9 @@ def observe(
         scale_invariant=is_scale_invariant(optimizer) and not competing,
         competing=competing,
     )
-    return observation, reduced["snapshot_available"] > 0, logits
+    return StepReading(
+        observation, reduced["snapshot_available"] > 0, logits, reduced["update_bounded"], reduced["update_ratio_max"]
+    )
 
 
 def clear_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> None:

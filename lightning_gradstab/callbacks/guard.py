@@ -29,6 +29,7 @@ from lightning_gradstab.callbacks._guard_records import EVENTS_FILENAME, SUMMARY
 from lightning_gradstab.callbacks._guard_rollback import SNAPSHOT_DIRNAME, GuardSnapshots
 from lightning_gradstab.callbacks._guard_step import StepLoss, clear_found_inf, observe
 from lightning_gradstab.callbacks._guard_summary import guard_summary, print_guard_summary
+from lightning_gradstab.callbacks._guard_update import GuardUpdateCeiling
 from lightning_gradstab.callbacks._optimizers import sgd_step_size
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
@@ -54,6 +55,7 @@ from lightning_gradstab.guard.summary import GuardSummary
 from lightning_gradstab.logits.qk_clip import DEFAULT_CAP, AttentionLogitCap
 from lightning_gradstab.state_checks import POLICY_OPTIONAL, check_state, policy_rules
 from lightning_gradstab.tensorboard import GUARD_CHARTS
+from lightning_gradstab.update_ceiling import DEFAULT_MAX_RELATIVE_UPDATE
 
 __all__ = [
     "ATTENTION_LOGIT_EVERY",
@@ -147,6 +149,13 @@ class ExplosionGuard(SuiteCallback):
             or ``None`` (off). Like clipping it acts from a measurement alone: a logit of 100 is far beyond
             any attention pattern's needs, so a healthy head never reaches it. Needs ``max_rung`` at ``"clip"``
             or above; off under FSDP and ``ModelParallelStrategy`` (a head's rows are not whole on every rank).
+        max_relative_update: the relative-update ceiling (see :mod:`lightning_gradstab.update_ceiling`): for
+            Adam-family optimizers, a weight matrix whose step is more than this share of its RMS (at least 1e-3)
+            has the step shrunk to it right after the optimizer steps. Adam moves every coordinate by about the
+            learning rate whatever the gradient, so clipping cannot shrink its step. A number > 0 (default 0.1, ten
+            times Adafactor's relative step) or ``None`` (off). Measured on the first step, every step while
+            steps come within half of it, after a learning-rate rise and every 100 steps; needs ``max_rung`` at
+            ``"clip"`` or above; off under FSDP1.
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -171,6 +180,7 @@ class ExplosionGuard(SuiteCallback):
         snapshot_max_bytes: int | Literal["auto"] | None = "auto",
         snapshot_dir: str | os.PathLike[str] | None = None,
         attention_logit_cap: float | None = DEFAULT_CAP,
+        max_relative_update: float | None = DEFAULT_MAX_RELATIVE_UPDATE,
         raise_on_stop: bool = False,
         log_every_n_steps: int | None = None,
         console_summary: bool = True,
@@ -182,6 +192,9 @@ class ExplosionGuard(SuiteCallback):
         )
         self.attention_logit_cap = (
             None if attention_logit_cap is None else check_positive(attention_logit_cap, "attention_logit_cap")
+        )
+        self.max_relative_update = (
+            None if max_relative_update is None else check_positive(max_relative_update, "max_relative_update")
         )
         self.raise_on_stop = check_flag(raise_on_stop, "raise_on_stop")
         self.log_every_n_steps = check_interval(log_every_n_steps, "log_every_n_steps")
@@ -199,6 +212,7 @@ class ExplosionGuard(SuiteCallback):
         self._logit_cap: AttentionLogitCap | None = None  # QK-clip on this fit's model (None: off or no layer)
         self._logit_wait = 0  # optimizer steps until the attention logits are measured again
         self._logit_caps: dict[str, dict[str, float]] = {}  # layer -> steps rescaled and the largest logit seen
+        self._update_ceiling: GuardUpdateCeiling | None = None  # the relative-update ceiling of this fit (None: off)
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -256,6 +270,7 @@ class ExplosionGuard(SuiteCallback):
         self._snapshots.new_run()
         self._drop_logit_cap()
         self._logit_caps.clear()
+        self._drop_update_ceiling()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -283,6 +298,7 @@ class ExplosionGuard(SuiteCallback):
         if self.config.allows("lr_backoff"):
             warn_without_lr(trainer.optimizers)
         self._attach_logit_cap(trainer, pl_module)
+        self._attach_update_ceiling(trainer)
 
     def _attach_logit_cap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """QK-clip's hooks on the attention layers without qk-norm (none: nothing is hooked)."""
@@ -310,6 +326,27 @@ class ExplosionGuard(SuiteCallback):
         if self._logit_cap is not None:
             self._logit_cap.remove()
         self._logit_cap, self._logit_wait = None, 0
+
+    def _attach_update_ceiling(self, trainer: pl.Trainer) -> None:
+        """The relative-update ceiling for this fit's Adam-family optimizers (off for FSDP1's flat shards)."""
+        self._drop_update_ceiling()
+        if self.max_relative_update is None or not self.config.allows("clip"):
+            return
+        if not any(GuardUpdateCeiling.applies_to(getattr(o, "_optimizer", o)) for o in trainer.optimizers):
+            return
+        kind = strategy_kind(trainer.strategy)
+        if kind == "fsdp":
+            # a flat parameter packs many weight tensors: its RMS is not any one tensor's
+            self._warn_once("update ceiling fsdp1", (
+                "ExplosionGuard: the relative-update ceiling is off under FSDPStrategy (FSDP1 flattens the weight "
+                "tensors); ModelParallelStrategy (FSDP2) keeps them whole (said once)."))
+            return
+        self._update_ceiling = GuardUpdateCeiling(self.max_relative_update)
+
+    def _drop_update_ceiling(self) -> None:
+        if self._update_ceiling is not None:
+            self._update_ceiling.close()
+        self._update_ceiling = None
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -346,20 +383,31 @@ class ExplosionGuard(SuiteCallback):
         cap = self._logit_cap
         # armed on every rank alike, so every rank carries the vector in the collective
         logits = cap.take(stats.total_norm.device) if cap is not None and cap.armed else None
+        ceiling = self._update_ceiling if self._update_ceiling is not None and GuardUpdateCeiling.applies_to(raw) \
+            else None
         # one optimizer step consumes the losses since the last
-        observation, snapshot_everywhere, host_logits = observe(
+        reading = observe(
             stats, raw, self._step_loss.take(), weight_norm, self._snapshots.ready, scaler,
             distributed=trainer.world_size > 1, step_size=step_size, competing=self._competing_losses is not None,
             attention_logits=logits,
+            update_outcome=ceiling.outcome(index) if ceiling is not None else (0.0, 0.0),
         )
+        observation, snapshot_everywhere = reading.observation, reading.snapshot_everywhere
         if cap is not None:
-            self._cap_attention_logits(trainer, cap, policy, host_logits if logits is not None else None)
+            self._cap_attention_logits(trainer, cap, policy, reading.attention_logits if logits is not None else None)
+        if ceiling is not None:
+            self._read_update_ceiling(trainer, ceiling, index, policy, reading, observation.lr)
         if observation.weight_norm is not None:
             self._weight_norms[index] = observation.weight_norm
         decision = policy.step(observation)
         if observation.rank_local and scaler is not None:
             clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
         self._act(trainer, pl_module, raw, policy, decision, observation, scaler, snapshot_everywhere)
+        if ceiling is not None:  # after the clip and the LR scale: the copy is of the weights this step moves
+            if decision.skip:
+                ceiling.skip(index)
+            else:
+                ceiling.begin(index, raw)
         self._records.report(trainer, index, policy, decision, self.log_every_n_steps)
 
     def _act(
@@ -420,6 +468,26 @@ class ExplosionGuard(SuiteCallback):
                 f"{', '.join(sorted(capped))}; their query/key heads are rescaled to the cap (QK-clip) whenever "
                 "they pass it. The architectural fix is qk-layernorm (Wortsman et al. 2023) (said once)."))
         self._logit_wait = 0 if capped else ATTENTION_LOGIT_EVERY - 1
+
+    def _read_update_ceiling(
+        self, trainer: pl.Trainer, ceiling: GuardUpdateCeiling, index: int, policy: ExplosionPolicy,
+        reading: Any, lr: float | None,
+    ) -> None:
+        """The previous step's ceiling outcome, reduced with this step's numbers: counted, logged when measured,
+        said once; then the plan for this step (every rank alike: the values are reduced)."""
+        measured = ceiling.measuring(index)
+        bounded = ceiling.read(index, reading.update_bounded, reading.update_ratio_max, lr)
+        suffix = f"opt{index}/" if index else ""
+        if measured:
+            log_metrics(trainer, {f"gradstab/{suffix}relative_update_max": reading.update_ratio_max},
+                        logging_step(trainer))
+        if bounded:
+            policy.count_action("relative_update")
+            self._warn_once("relative update", (
+                f"ExplosionGuard: an optimizer step moved {bounded} weight tensor(s) by "
+                f"{reading.update_ratio_max:.3g} of their RMS (ceiling {self.max_relative_update:g}); such steps "
+                "are shrunk to the ceiling whenever they pass it. A lower learning rate or a longer warm-up "
+                "removes them (said once)."))
 
     def attention_logit_caps(self) -> dict[str, dict[str, float]]:
         """Per attention layer QK-clip rescaled in this fit: ``{"capped_steps": n, "max_logit": x}``, the largest
@@ -496,6 +564,7 @@ class ExplosionGuard(SuiteCallback):
         if stage == "fit":
             self._snapshots.end_fit()
             self._drop_logit_cap()  # the model runs on without the guard's hooks
+            self._drop_update_ceiling()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

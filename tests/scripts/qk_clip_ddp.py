@@ -1,8 +1,9 @@
 """2-process CPU DDP job: a char GPT at a high AdamW LR whose attention logits grow past the guard's cap, each rank
-on its own shard of the data, so each rank measures different logits; the guard must rescale alike on both.
+on its own shard of the data, so each rank measures different logits; the guard must rescale alike on both. With
+``ceiling`` the default guard's relative-update ceiling shrinks the steps instead, and must do so alike on both.
 
-Usage: ``python qk_clip_ddp.py OUT_DIR``; each rank writes ``OUT_DIR/rank{N}.json`` with its guard's counts and a
-digest of the weights after every step.
+Usage: ``python qk_clip_ddp.py OUT_DIR [qk|ceiling]``; each rank writes ``OUT_DIR/rank{N}.json`` with its guard's
+counts and a digest of the weights after every step.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ class WeightDigests(pl.Callback):
         self.by_step[trainer.global_step] = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, mode: str) -> None:
     torch.set_num_threads(1)
     module = _CharLM(lr=0.3)
-    guard = ExplosionGuard(console_summary=False)
+    # "qk": QK-clip alone (the relative-update ceiling would hold the run before its logits grow); "ceiling": the
+    # default guard, whose ceiling then shrinks the steps of every rank alike
+    guard = ExplosionGuard(console_summary=False, max_relative_update=None if mode == "qk" else 0.1)
     digests = WeightDigests()
     trainer = quiet_trainer(
         devices=2, strategy="ddp", max_steps=STEPS, callbacks=[guard, digests], default_root_dir=str(out_dir),
@@ -48,4 +51,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "qk")

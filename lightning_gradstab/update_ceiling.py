@@ -1,0 +1,138 @@
+"""A ceiling on how far one optimizer step may move a weight tensor relative to its own size.
+
+Adam-family optimizers divide the step by a running RMS of the gradient, so each coordinate moves by about the
+learning rate whatever the gradient's scale (exactly ``lr * sign(g)`` on the first step). Clipping the gradient
+cannot shrink that step; at a learning rate too high for the weights' scale, or without the warm-up a post-LN
+transformer needs (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"), every step
+rewrites a large share of each matrix. What bounds it is the step measured against the weights:
+
+    ratio_i = RMS(w_i^new - w_i^old) / max(floor, RMS(w_i^old))
+
+for each weight tensor ``i``; a tensor whose ratio exceeds ``max_relative_update`` has its step shrunk to exactly
+that ratio, ``w_i = w_i^old + (max_relative_update / ratio_i) (w_i^new - w_i^old)``; the other tensors keep their
+step bit for bit. This is Adafactor's relative step size (Shazeer & Stern 2018, "Adafactor: Adaptive Learning
+Rates with Sublinear Memory Cost", section 8: the step of each tensor is ``max(eps2, RMS(w)) * rho`` with
+``rho <= 1e-2`` and ``eps2 = 1e-3``) used as a ceiling instead of a target, the per-layer trust ratio of LARS and
+LAMB (You et al. 2017, 2020), and the quantity Kosson et al. 2024 ("Analyzing & Reducing the Need for Learning
+Rate Warmup in GPT Training") find that warm-up keeps small.
+
+Why ``0.1``: ten times the relative step that Adafactor takes on every step and that LAMB's trust ratio targets
+at usual learning rates. A step that changes a matrix by a tenth of its RMS in one go is far above what any of
+these recipes intend, so a healthy run with a usual learning rate and warm-up does not reach it (measured on the
+project's healthy corpus); it is not fitted to a task.
+
+Only tensors with at least two dimensions (matrices, convolution kernels, embeddings) are bounded: a bias or a
+normalization gain has no fan-in that sets its scale, is often initialised at 0 or 1 by convention, and LARS and
+LAMB leave such parameters out of the layer adaptation for the same reason. ``floor`` (Adafactor's ``eps2``) keeps
+a zero-initialised matrix movable: its steps are bounded by ``max_relative_update * floor`` until it has grown.
+
+Everything stays on the device: one copy of the bounded tensors before the step, their norms and the step's
+norms after it, and the shrink as ``foreach`` calls, with no host read; :meth:`RelativeUpdateCeiling.end`
+returns the number of tensors bounded and the largest ratio as a device tensor for the caller to read when it
+next syncs. Sharded tensors (FSDP2/HSDP/tensor-parallel DTensors) are measured whole: local squared norms are
+divided by their replica counts and summed in one ``all_reduce``, so every rank bounds the same tensors by the same
+factors (every rank must call :meth:`~RelativeUpdateCeiling.end` on the same steps).
+
+Example::
+
+    ceiling = RelativeUpdateCeiling()
+    ceiling.begin([p for p in model.parameters() if p.grad is not None])
+    optimizer.step()
+    outcome = ceiling.end()  # tensor([tensors bounded, largest ratio]) on the device
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_gradstab.arguments import check_positive
+from lightning_gradstab.distributed import ReplicaCounts, is_dtensor, local_values, sum_over_ranks, world_size
+
+DEFAULT_MAX_RELATIVE_UPDATE = 0.1
+ADAFACTOR_WEIGHT_FLOOR = 1e-3  # Adafactor's eps2: the smallest weight RMS a step is measured against
+
+
+class RelativeUpdateCeiling:
+    """Bound each weight tensor's step to ``max_relative_update`` times its RMS (see the module docstring).
+
+    Args:
+        max_relative_update: the largest ``RMS(step) / max(floor, RMS(weights))`` of one step, > 0.
+        floor: the weight RMS a step is measured against when the weights are smaller (Adafactor's ``eps2``), > 0.
+
+    Example::
+
+        ceiling = RelativeUpdateCeiling(max_relative_update=0.1)
+        ceiling.begin(list(model.parameters()))  # before optimizer.step()
+        optimizer.step()
+        bounded, largest = ceiling.end().tolist()  # a host read, when the caller syncs anyway
+    """
+
+    def __init__(
+        self, max_relative_update: float = DEFAULT_MAX_RELATIVE_UPDATE, floor: float = ADAFACTOR_WEIGHT_FLOOR
+    ) -> None:
+        self.max_relative_update = check_positive(max_relative_update, "max_relative_update")
+        self.floor = check_positive(floor, "floor")
+        self._tensors: list[Tensor] = []
+        self._before: list[Tensor] = []
+        self._counts = ReplicaCounts(world_size())
+
+    @staticmethod
+    def bounded(parameter: Tensor) -> bool:
+        """Whether the ceiling applies to ``parameter``: a floating or complex tensor of at least two dimensions."""
+        return parameter.ndim >= 2 and (parameter.is_floating_point() or parameter.is_complex())
+
+    @property
+    def pending(self) -> bool:
+        """Whether :meth:`begin` has copied tensors that :meth:`end` has not measured yet."""
+        return bool(self._tensors)
+
+    @torch.no_grad()
+    def begin(self, parameters: Sequence[Tensor]) -> None:
+        """Remember the values of the bounded ``parameters`` before the optimizer steps (one fused copy)."""
+        self._tensors = [p for p in parameters if self.bounded(p)]
+        locals_ = [_local(p) for p in self._tensors]
+        self._before = list(torch._foreach_mul(locals_, 1.0)) if locals_ else []
+
+    def drop(self) -> None:
+        """Forget the copies (the step did not run, e.g. a GradScaler skipped it)."""
+        self._tensors, self._before = [], []
+
+    @torch.no_grad()
+    def end(self) -> Tensor | None:
+        """Shrink the steps above the ceiling in place; ``tensor([bounded, largest ratio])`` (float32, on the
+        tensors' device) or ``None`` when :meth:`begin` copied nothing. A non-finite step is not bounded and not
+        counted: its tensor stays non-finite (an infinite entry may read as NaN), for the guard's non-finite rule
+        to meet at the next step."""
+        tensors, before = self._tensors, self._before
+        self.drop()
+        if not tensors:
+            return None
+        after = [_local(p) for p in tensors]
+        weight_norms = torch._foreach_norm(before)
+        torch._foreach_sub_(before, after)  # before := w_old - w_new, the step reversed
+        step_norms = torch._foreach_norm(before)
+        squares = torch.stack([n.float() for n in (*weight_norms, *step_norms)]).square()
+        if any(is_dtensor(p) for p in tensors):  # whole-tensor norms of shards: one collective, every rank alike
+            _, placements, meshes = local_values(tensors)
+            counts = self._counts.of(tensors, placements, meshes, squares.device, torch.float32)
+            squares = sum_over_ranks(squares, torch.cat([counts, counts]))
+        weight_sq, step_sq = squares.split(len(tensors))
+        sizes = torch.tensor([p.numel() for p in tensors], dtype=torch.float32, device=squares.device)
+        reference = torch.maximum(weight_sq, sizes * self.floor**2).sqrt()
+        ratio = step_sq.sqrt() / reference
+        over = ratio.isfinite() & (ratio > self.max_relative_update)
+        # keep the fraction (1 - ceiling / ratio) of the reversed step; 0 (no change) where a tensor is not over
+        give_back = torch.where(over, 1.0 - self.max_relative_update / ratio, torch.zeros_like(ratio))
+        torch._foreach_mul_(before, [k.to(b.dtype) if not b.is_complex() else k for k, b in
+                                     zip(give_back.unbind(), before, strict=True)])
+        torch._foreach_add_(after, before)
+        finite = torch.where(ratio.isfinite(), ratio, torch.zeros_like(ratio))
+        return torch.stack([over.sum().float(), finite.max()])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The values this rank holds (a DTensor's local shard), detached."""
+    return (tensor.to_local() if is_dtensor(tensor) else tensor).detach()  # type: ignore[attr-defined]
