@@ -1,4 +1,4 @@
-"""A ceiling on how far one optimizer step may move a weight tensor relative to its own size.
+"""A ceiling on how far one optimizer step may move a weight matrix relative to its scale.
 
 Adam-family optimizers divide the step by a running RMS of the gradient, so each coordinate moves by about the
 learning rate whatever the gradient's scale (exactly ``lr * sign(g)`` on the first step). Clipping the gradient
@@ -6,25 +6,34 @@ cannot shrink that step; at a learning rate too high for the weights' scale, or 
 transformer needs (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"), every step
 rewrites a large share of each matrix. What bounds it is the step measured against the weights:
 
-    ratio_i = RMS(w_i^new - w_i^old) / max(floor, RMS(w_i^old))
+    ratio_i = RMS(w_i^new - w_i^old) / max(RMS(w_i^old), 1 / sqrt(fan_in_i))
 
-for each weight tensor ``i``; a tensor whose ratio exceeds ``max_relative_update`` has its step shrunk to exactly
-that ratio, ``w_i = w_i^old + (max_relative_update / ratio_i) (w_i^new - w_i^old)``; the other tensors keep their
-step bit for bit. This is Adafactor's relative step size (Shazeer & Stern 2018, "Adafactor: Adaptive Learning
-Rates with Sublinear Memory Cost", section 8: the step of each tensor is ``max(eps2, RMS(w)) * rho`` with
-``rho <= 1e-2`` and ``eps2 = 1e-3``) used as a ceiling instead of a target, the per-layer trust ratio of LARS and
-LAMB (You et al. 2017, 2020), and the quantity Kosson et al. 2024 ("Analyzing & Reducing the Need for Learning
-Rate Warmup in GPT Training") find that warm-up keeps small.
+for each weight matrix ``i`` (``fan_in`` = the product of its dimensions after the first, as ``torch.nn.init``
+counts it for a linear or convolution weight); a matrix whose ratio exceeds ``max_relative_update`` has its step
+shrunk to exactly that ratio, ``w_i = w_i^old + (max_relative_update / ratio_i) (w_i^new - w_i^old)``; the other
+tensors keep their step bit for bit. This is Adafactor's relative step size (Shazeer & Stern 2018, "Adafactor:
+Adaptive Learning Rates with Sublinear Memory Cost", section 8: the step of each tensor is ``max(eps2, RMS(w)) *
+rho`` with ``rho <= 1e-2``) used as a ceiling instead of a target, the per-layer trust ratio of LARS and LAMB (You
+et al. 2017, 2020), and the quantity Kosson et al. 2024 ("Analyzing & Reducing the Need for Learning Rate Warmup
+in GPT Training") find that warm-up keeps small.
 
 Why ``0.1``: ten times the relative step that Adafactor takes on every step and that LAMB's trust ratio targets
-at usual learning rates. A step that changes a matrix by a tenth of its RMS in one go is far above what any of
-these recipes intend, so a healthy run with a usual learning rate and warm-up does not reach it (measured on the
-project's healthy corpus); it is not fitted to a task.
+at usual learning rates. A step that changes a matrix by a tenth of its scale in one go is far above what these
+recipes intend; it is not fitted to a task.
 
-Only tensors with at least two dimensions (matrices, convolution kernels, embeddings) are bounded: a bias or a
-normalization gain has no fan-in that sets its scale, is often initialised at 0 or 1 by convention, and LARS and
-LAMB leave such parameters out of the layer adaptation for the same reason. ``floor`` (Adafactor's ``eps2``) keeps
-a zero-initialised matrix movable: its steps are bounded by ``max_relative_update * floor`` until it has grown.
+Why the scale is at least ``1 / sqrt(fan_in)``, the RMS of a variance-preserving init (LeCun et al. 1998; He et al.
+2015 within sqrt(2)), rather than Adafactor's ``eps2 = 1e-3``: many models start their matrices far smaller on
+purpose (GPT-2 and most Hugging Face models at std 0.02, zero-initialised residual branches and readouts) and
+train well with Adam steps that are large against those weights while they grow. Measured against their own RMS,
+a stable learning rate was slowed: on the ``wortsman2023`` sweep (a GPT at std 0.02, d=64) the best LR (0.01)
+ended at 2.212 instead of clip 1.0's 2.145 (``benchmarks/results/wortsman2023-ceiling-adafactor-floor.md``), and
+the sweep's LR sensitivity fell only because its best loss rose. Against the variance-preserving scale, no step of
+a stable LR in that sweep is bounded.
+
+Only tensors with at least two dimensions (matrices, convolution kernels, embedding tables) are bounded: a bias or
+a normalization gain has no fan-in that sets its scale, is often initialised at 0 or 1 by convention, and LARS and
+LAMB leave such parameters out of the layer adaptation for the same reason. ``floor=`` a number measures steps
+against ``max(RMS(w), floor)`` instead (Adafactor's rule).
 
 Everything stays on the device: one copy of the bounded tensors before the step, their norms and the step's
 norms after it, and the shrink as ``foreach`` calls, with no host read; :meth:`RelativeUpdateCeiling.end`
@@ -44,6 +53,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -52,15 +62,15 @@ from lightning_gradstab.arguments import check_positive
 from lightning_gradstab.distributed import ReplicaCounts, is_dtensor, local_values, sum_over_ranks, world_size
 
 DEFAULT_MAX_RELATIVE_UPDATE = 0.1
-ADAFACTOR_WEIGHT_FLOOR = 1e-3  # Adafactor's eps2: the smallest weight RMS a step is measured against
 
 
 class RelativeUpdateCeiling:
     """Bound each weight tensor's step to ``max_relative_update`` times its RMS (see the module docstring).
 
     Args:
-        max_relative_update: the largest ``RMS(step) / max(floor, RMS(weights))`` of one step, > 0.
-        floor: the weight RMS a step is measured against when the weights are smaller (Adafactor's ``eps2``), > 0.
+        max_relative_update: the largest ``RMS(step) / max(RMS(weights), floor)`` of one step, > 0.
+        floor: the weight RMS a step is measured against when the weights are smaller: ``"fan_in"`` (default,
+            ``1 / sqrt(fan_in)``, a variance-preserving init's RMS) or a number > 0 (Adafactor's ``eps2`` is 1e-3).
 
     Example::
 
@@ -71,10 +81,12 @@ class RelativeUpdateCeiling:
     """
 
     def __init__(
-        self, max_relative_update: float = DEFAULT_MAX_RELATIVE_UPDATE, floor: float = ADAFACTOR_WEIGHT_FLOOR
+        self, max_relative_update: float = DEFAULT_MAX_RELATIVE_UPDATE, floor: float | Literal["fan_in"] = "fan_in"
     ) -> None:
         self.max_relative_update = check_positive(max_relative_update, "max_relative_update")
-        self.floor = check_positive(floor, "floor")
+        if isinstance(floor, str) and floor != "fan_in":
+            raise ValueError(f"`floor` must be 'fan_in' or a number > 0, got {floor!r}")
+        self.floor: float | Literal["fan_in"] = "fan_in" if floor == "fan_in" else check_positive(floor, "floor")
         self._tensors: list[Tensor] = []
         self._before: list[Tensor] = []
         self._counts = ReplicaCounts(world_size())
@@ -120,8 +132,12 @@ class RelativeUpdateCeiling:
             counts = self._counts.of(tensors, placements, meshes, squares.device, torch.float32)
             squares = sum_over_ranks(squares, torch.cat([counts, counts]))
         weight_sq, step_sq = squares.split(len(tensors))
-        sizes = torch.tensor([p.numel() for p in tensors], dtype=torch.float32, device=squares.device)
-        reference = torch.maximum(weight_sq, sizes * self.floor**2).sqrt()
+        floor = self.floor
+        if floor == "fan_in":  # a variance-preserving init's squared norm: numel / fan_in = the rows
+            floor_sq = [float(p.shape[0]) for p in tensors]
+        else:
+            floor_sq = [p.numel() * float(floor) ** 2 for p in tensors]
+        reference = torch.maximum(weight_sq, torch.tensor(floor_sq, dtype=torch.float32, device=squares.device)).sqrt()
         ratio = step_sq.sqrt() / reference
         over = ratio.isfinite() & (ratio > self.max_relative_update)
         # keep the fraction (1 - ceiling / ratio) of the reversed step; 0 (no change) where a tensor is not over

@@ -2,8 +2,9 @@
 
 Specification (``lightning_gradstab.update_ceiling`` and the guard's ``max_relative_update``):
 
-- a tensor whose step has ``RMS(step) / max(floor, RMS(w_old)) > ceiling`` ends exactly at the ceiling, in the
-  step's direction; every other tensor keeps its step bit for bit, and vectors (biases, gains) are never bounded;
+- a tensor whose step has ``RMS(step) / max(RMS(w_old), 1 / sqrt(fan_in)) > ceiling`` ends exactly at the ceiling,
+  in the step's direction; every other tensor keeps its step bit for bit, and vectors (biases, gains) are never
+  bounded; a matrix initialised below the variance-preserving scale is measured against that scale;
 - the guard applies it to Adam-family optimizers only, measures the first step, every step while the last was
   within half the ceiling, after a learning-rate rise and every ``UPDATE_CEILING_EVERY`` steps, and reads the
   outcome with the next step's reduction (no host read of its own);
@@ -41,7 +42,7 @@ def _step(weights: list[torch.Tensor], steps: list[torch.Tensor], ceiling: Relat
 
 def test_a_step_above_the_ceiling_lands_on_it_in_its_own_direction_and_the_others_keep_theirs_bit_for_bit() -> None:
     torch.manual_seed(0)
-    big, small, bias = torch.randn(8, 4), torch.randn(3, 5), torch.zeros(4)
+    big, small, bias = torch.randn(8, 4), torch.randn(3, 5), torch.zeros(4)  # RMS ~1 > 1 / sqrt(fan_in)
     before = [big.clone(), small.clone(), bias.clone()]
     big_step, small_step, bias_step = 0.5 * torch.randn(8, 4), 0.01 * torch.randn(3, 5), torch.ones(4)
     outcome = _step([big, small, bias], [big_step, small_step, bias_step], RelativeUpdateCeiling(0.1))
@@ -57,10 +58,22 @@ def test_a_step_above_the_ceiling_lands_on_it_in_its_own_direction_and_the_other
     assert largest == pytest.approx(_rms(big_step) / _rms(before[0]), rel=1e-5)
 
 
-def test_a_zero_initialised_matrix_moves_by_the_ceiling_times_adafactors_floor() -> None:
+def test_a_small_or_zero_matrix_is_measured_against_a_variance_preserving_inits_scale() -> None:
+    """fan_in 64: the scale is 1/8, so a step of RMS 0.01 on a matrix of RMS 0.02 (GPT-2's init) passes untouched
+    and a zero matrix moves by at most 0.1 / 8; with Adafactor's absolute floor it would be 0.1 * 1e-3."""
+    small = 0.02 * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    before = small.clone()
+    step = torch.full((16, 64), 0.01)
+    outcome = _step([small], [step], RelativeUpdateCeiling(0.1))
+    assert torch.equal(small, before + step) and outcome[0].item() == 0
+    zero = torch.zeros(16, 64)
+    _step([zero], [torch.full((16, 64), 1.0)], RelativeUpdateCeiling(0.1))
+    assert _rms(zero) == pytest.approx(0.1 / 8, rel=1e-5)
     zero = torch.zeros(6, 6)
     _step([zero], [torch.full((6, 6), 0.01)], RelativeUpdateCeiling(0.1, floor=1e-3))
     assert _rms(zero) == pytest.approx(0.1 * 1e-3, rel=1e-5)
+    with pytest.raises(ValueError, match="floor"):
+        RelativeUpdateCeiling(0.1, floor="rms")  # type: ignore[arg-type]
 
 
 def test_a_non_finite_step_is_neither_bounded_nor_counted_and_stays_non_finite() -> None:
@@ -152,7 +165,8 @@ class _Stack(pl.LightningModule):
 
 
 class _RelativeSteps(pl.Callback):
-    """The largest RMS(step) / RMS(weights) over the matrices, per optimizer step (after every callback)."""
+    """The largest RMS(step) / max(RMS(weights), 1 / sqrt(fan_in)) over the matrices, per optimizer step (after
+    every callback)."""
 
     def __init__(self) -> None:
         self.before: list[torch.Tensor] = []
@@ -163,7 +177,9 @@ class _RelativeSteps(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
         after = [p.detach() for p in pl_module.parameters() if p.ndim >= 2]
-        self.ratios.append(max(_rms(a - b) / max(_rms(b), 1e-3) for a, b in zip(after, self.before, strict=True)))
+        self.ratios.append(max(
+            _rms(a - b) / max(_rms(b), b[0].numel() ** -0.5) for a, b in zip(after, self.before, strict=True)
+        ))
 
 
 def _fit(module: pl.LightningModule, guard: ExplosionGuard, steps: int) -> _RelativeSteps:
@@ -174,11 +190,12 @@ def _fit(module: pl.LightningModule, guard: ExplosionGuard, steps: int) -> _Rela
 
 
 def test_adamw_at_a_rate_far_above_its_weights_scale_is_held_at_the_ceiling() -> None:
-    """lr 0.05 on matrices of RMS 0.02: Adam's first step is lr * sign(g), a relative step of 2.5."""
-    free = _fit(_Stack(lr=0.05, init_std=0.02), ExplosionGuard(max_relative_update=None, console_summary=False), 40)
-    assert free.ratios[0] > 2.0
+    """lr 0.2 on matrices of fan-in 16 and 32: Adam's first step is lr * sign(g), 0.8-1.1 of a variance-preserving
+    init's scale (1/4 and 0.18)."""
+    free = _fit(_Stack(lr=0.2), ExplosionGuard(max_relative_update=None, console_summary=False), 40)
+    assert free.ratios[0] > 0.5
     guard = ExplosionGuard(console_summary=False)
-    held = _fit(_Stack(lr=0.05, init_std=0.02), guard, 40)
+    held = _fit(_Stack(lr=0.2), guard, 40)
     assert max(held.ratios) <= 0.1 * (1 + 1e-4)  # every step is measured while it is near the ceiling
     assert guard.policy().counts["relative_update"] >= 10
 

@@ -19,6 +19,7 @@ Kept apart from ``guard.py`` because it is the one place the guard writes into t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +89,9 @@ class GuardUpdateCeiling:
         schedule.waited += 1
         limit = NEAR * self.max_relative_update
         predicted = None
-        if schedule.ratio is not None and lr is not None and schedule.lr:
-            predicted = schedule.ratio * lr / schedule.lr
+        if schedule.ratio is not None and lr is not None and schedule.lr is not None:
+            # an Adam step is proportional to the learning rate; a rise from 0 (a warm-up's first step) is unbounded
+            predicted = schedule.ratio * lr / schedule.lr if schedule.lr > 0 else (math.inf if lr > 0 else 0.0)
         self._measuring[index] = (
             schedule.ratio is None
             or schedule.ratio > limit
