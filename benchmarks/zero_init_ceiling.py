@@ -2,8 +2,9 @@
 
 A residual MLP whose residual branches end in a zero matrix (Fixup / SkipInit style, Zhang et al. 2019, De & Smith
 2020) and whose readout is zero (muP style), AdamW at 1e-3 and 3e-3, 300 steps, 3 seeds, the default guard with the
-ceiling on and off. A zero matrix's step is measured against Adafactor's floor of 1e-3, so the ceiling holds those
-matrices to 1e-4 per step until they have grown: this measures what that costs in held-out error.
+ceiling on and off. A zero matrix's step is measured against a variance-preserving init's scale, 1/sqrt(fan_in):
+this measures whether the ceiling still holds such matrices back (with Adafactor's absolute floor of 1e-3, the
+first version, it bounded their first 34-59 steps).
 
 Usage::
 

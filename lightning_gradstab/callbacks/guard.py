@@ -150,8 +150,8 @@ class ExplosionGuard(SuiteCallback):
             any attention pattern's needs, so a healthy head never reaches it. Needs ``max_rung`` at ``"clip"``
             or above; off under FSDP and ``ModelParallelStrategy`` (a head's rows are not whole on every rank).
         max_relative_update: the relative-update ceiling (see :mod:`lightning_gradstab.update_ceiling`): for
-            Adam-family optimizers, a weight matrix whose step is more than this share of its RMS (at least 1e-3)
-            has the step shrunk to it right after the optimizer steps. Adam moves every coordinate by about the
+            Adam-family optimizers, a weight matrix whose step is more than this share of its scale (its RMS, at
+            least ``1/sqrt(fan_in)``) has the step shrunk to it right after the optimizer steps. Adam moves every coordinate by about the
             learning rate whatever the gradient, so clipping cannot shrink its step. A number > 0 (default 0.1, ten
             times Adafactor's relative step) or ``None`` (off). Measured on the first step, every step while
             steps come within half of it, after a learning-rate rise and every 100 steps; needs ``max_rung`` at
