@@ -27,7 +27,7 @@ from lightning_gradstab.callbacks._guard_config import guard_config
 from lightning_gradstab.callbacks._guard_lr import StepLrScale, warn_without_lr
 from lightning_gradstab.callbacks._guard_records import EVENTS_FILENAME, SUMMARY_FILENAME, GuardRecords, stop_reason
 from lightning_gradstab.callbacks._guard_rollback import SNAPSHOT_DIRNAME, GuardSnapshots
-from lightning_gradstab.callbacks._guard_step import StepLoss, clear_found_inf, observe
+from lightning_gradstab.callbacks._guard_step import StepLoss, StepReading, clear_found_inf, observe
 from lightning_gradstab.callbacks._guard_summary import guard_summary, print_guard_summary
 from lightning_gradstab.callbacks._guard_update import GuardUpdateCeiling
 from lightning_gradstab.callbacks._optimizers import sgd_step_size
@@ -151,11 +151,11 @@ class ExplosionGuard(SuiteCallback):
             or above; off under FSDP and ``ModelParallelStrategy`` (a head's rows are not whole on every rank).
         max_relative_update: the relative-update ceiling (see :mod:`lightning_gradstab.update_ceiling`): for
             Adam-family optimizers, a weight matrix whose step is more than this share of its scale (its RMS, at
-            least ``1/sqrt(fan_in)``) has the step shrunk to it right after the optimizer steps. Adam moves every coordinate by about the
-            learning rate whatever the gradient, so clipping cannot shrink its step. A number > 0 (default 0.1, ten
-            times Adafactor's relative step) or ``None`` (off). Measured on the first step, every step while
-            steps come within half of it, after a learning-rate rise and every 100 steps; needs ``max_rung`` at
-            ``"clip"`` or above; off under FSDP1.
+            least ``1/sqrt(fan_in)``) has the step shrunk to it right after the optimizer steps. Adam moves every
+            coordinate by about the learning rate whatever the gradient, so clipping cannot shrink its step. A
+            number > 0 (default 0.1, ten times Adafactor's relative step) or ``None`` (off). Measured on the
+            first step, every step while steps come within half of it, after a learning-rate rise and every 100
+            steps; needs ``max_rung`` at ``"clip"`` or above; off under FSDP1.
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
@@ -383,8 +383,9 @@ class ExplosionGuard(SuiteCallback):
         cap = self._logit_cap
         # armed on every rank alike, so every rank carries the vector in the collective
         logits = cap.take(stats.total_norm.device) if cap is not None and cap.armed else None
-        ceiling = self._update_ceiling if self._update_ceiling is not None and GuardUpdateCeiling.applies_to(raw) \
-            else None
+        ceiling = self._update_ceiling
+        if ceiling is not None and not GuardUpdateCeiling.applies_to(raw):
+            ceiling = None  # plain SGD beside an Adam (a GAN's two optimizers, say): its step is the gradient's
         # one optimizer step consumes the losses since the last
         reading = observe(
             stats, raw, self._step_loss.take(), weight_norm, self._snapshots.ready, scaler,
@@ -471,7 +472,7 @@ class ExplosionGuard(SuiteCallback):
 
     def _read_update_ceiling(
         self, trainer: pl.Trainer, ceiling: GuardUpdateCeiling, index: int, policy: ExplosionPolicy,
-        reading: Any, lr: float | None,
+        reading: StepReading, lr: float | None,
     ) -> None:
         """The previous step's ceiling outcome, reduced with this step's numbers: counted, logged when measured,
         said once; then the plan for this step (every rank alike: the values are reduced)."""
