@@ -196,6 +196,8 @@ def test_adamw_at_a_rate_far_above_its_weights_scale_is_held_at_the_ceiling() ->
     assert free.ratios[0] > 0.5
     guard = ExplosionGuard(console_summary=False)
     held = _fit(_Stack(lr=0.2), guard, 40)
+    # measured (Intel Xeon, 1 and 2 threads, and 3 runs with weights x (1 + 1e-6 N(0, 1))): first free step 1.13,
+    # largest held step 0.10000, 19 steps bounded
     assert max(held.ratios) <= 0.1 * (1 + 1e-4)  # every step is measured while it is near the ceiling
     assert guard.policy().counts["relative_update"] >= 10
 
