@@ -236,3 +236,71 @@ def test_dtensor_shards_are_bounded_as_the_whole_tensors_are(tmp_path) -> None:
         assert result["outcome"] == pytest.approx(reference["outcome"], rel=1e-5), rank
         for got, want in zip(result["weights"], reference["weights"], strict=True):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6), rank
+
+
+def test_a_copy_whose_step_never_ran_is_dropped_and_the_next_step_is_measured() -> None:
+    """A GradScaler skips ``optimizer.step()`` on an fp16 overflow: the post-hook never runs, so the copy taken
+    before it is dropped at the next step and no stale outcome reaches the reduction."""
+    ceiling = GuardUpdateCeiling(0.1)
+    weights = nn.Parameter(torch.ones(4, 4))
+    weights.grad = torch.ones(4, 4)
+    optimizer = torch.optim.Adam([weights], lr=1.0)
+    ceiling.read(0, 0.0, 0.0, lr=1.0)  # the first step: measured
+    ceiling.begin(0, optimizer)  # copied; the optimizer does not step (overflow)
+    assert ceiling.outcome(0) == (0.0, 0.0)
+    ceiling.read(0, 0.0, 0.0, lr=1.0)
+    assert ceiling.measuring(0)  # never measured yet: measured again
+    ceiling.begin(0, optimizer)
+    optimizer.step()  # this one runs: Adam's first step moves every weight by lr * sign(g) = 1
+    bounded, largest = ceiling.outcome(0)
+    assert float(bounded) == 1 and float(largest) == pytest.approx(1.0)
+    assert _rms(weights.detach() - 1.0) == pytest.approx(0.1, rel=1e-5)
+    ceiling.close()
+
+
+def test_under_fsdp1_the_ceiling_is_off_and_says_so() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    guard = ExplosionGuard(console_summary=False)
+    adam = torch.optim.Adam([nn.Parameter(torch.ones(2, 2))])
+    with pytest.warns(UserWarning, match="relative-update ceiling is off under FSDPStrategy"):
+        guard._attach_update_ceiling(SimpleNamespace(strategy=FSDPStrategy(), optimizers=[adam]))
+    assert guard._update_ceiling is None
+
+
+class _AdamAndSgd(pl.LightningModule):
+    """Two models stepped by hand, one by AdamW at a rate far above its weights' scale, one by plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.x = torch.randn(32, 16)
+
+    def training_step(self, batch: torch.Tensor, idx: int) -> None:
+        adam, sgd = self.optimizers()
+        for optimizer, layer in ((adam, self.a), (sgd, self.b)):
+            optimizer.zero_grad()
+            self.manual_backward(layer(self.x).square().mean())
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.AdamW(self.a.parameters(), lr=0.5), torch.optim.SGD(self.b.parameters(), lr=0.5)]
+
+
+def test_manual_optimization_bounds_the_adam_steps_and_leaves_the_sgd_ones_alone() -> None:
+    guard = ExplosionGuard(console_summary=False)
+    module = _AdamAndSgd()
+    reference = _AdamAndSgd()
+    loader = torch.utils.data.DataLoader(torch.zeros(10, 1), batch_size=1)
+    quiet_trainer(max_steps=20, callbacks=[guard]).fit(module, loader)
+    quiet_trainer(max_steps=20, callbacks=[ExplosionGuard(console_summary=False, max_relative_update=None)]).fit(
+        reference, loader
+    )
+    assert guard.policy(0).counts["relative_update"] >= 3
+    assert "relative_update" not in guard.policy(1).counts
+    assert torch.equal(module.b.weight, reference.b.weight)  # the SGD model: bit for bit the run without it
+    assert not torch.equal(module.a.weight, reference.a.weight)
