@@ -216,8 +216,9 @@ def test_a_healthy_adamw_run_and_any_sgd_run_are_bit_identical_with_the_ceiling_
 @pytest.mark.ddp
 @pytest.mark.timeout(240)
 def test_dtensor_shards_are_bounded_as_the_whole_tensors_are(tmp_path) -> None:
-    """FSDP2's Shard(0), a tensor-parallel Shard(1) and a Replicate on 2 gloo ranks: the same weights after the
-    bounded step and the same outcome as one process with whole tensors (whole-tensor norms, one collective)."""
+    """FSDP2's Shard(0), a tensor-parallel Shard(1), a Replicate and HSDP's (Replicate, Shard(0)) on 2x1 and 1x2
+    meshes, on 2 gloo ranks: the same weights after the bounded step and the same outcome as one process with whole
+    tensors (whole-tensor norms, replicas counted once, one collective)."""
     import json
     import subprocess
     import sys
@@ -230,7 +231,7 @@ def test_dtensor_shards_are_bounded_as_the_whole_tensors_are(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     reference = json.loads((tmp_path / "reference.json").read_text())
-    assert reference["outcome"][0] == 2  # two of the three tensors went over the ceiling
+    assert reference["outcome"][0] == 4  # four of the five tensors went over the ceiling
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["outcome"] == pytest.approx(reference["outcome"], rel=1e-5), rank
