@@ -52,6 +52,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -89,6 +90,7 @@ class RelativeUpdateCeiling:
         self.floor: float | Literal["fan_in"] = "fan_in" if floor == "fan_in" else check_positive(floor, "floor")
         self._tensors: list[Tensor] = []
         self._before: list[Tensor] = []
+        self._sample_every = 1
         self._counts = ReplicaCounts(world_size())
 
     @staticmethod
@@ -102,11 +104,24 @@ class RelativeUpdateCeiling:
         return bool(self._tensors)
 
     @torch.no_grad()
-    def begin(self, parameters: Sequence[Tensor]) -> None:
-        """Remember the values of the bounded ``parameters`` before the optimizer steps (one fused copy)."""
+    def begin(self, parameters: Sequence[Tensor], sample_every: int = 1) -> None:
+        """Remember the values of the bounded ``parameters`` before the optimizer steps (one fused copy).
+
+        ``sample_every`` > 1 makes the coming :meth:`end` a check only: it copies and measures every
+        ``sample_every``-th row of each matrix (its first dimension; a shard's own rows), estimates the ratios from
+        them and bounds nothing, for a caller that checks a run far below the ceiling at a fraction of the cost
+        (and of the memory) and measures in full from the next step when the estimate comes near it."""
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
+            raise ValueError(f"`sample_every` must be an int >= 1, got {sample_every!r}")
         self._tensors = [p for p in parameters if self.bounded(p)]
-        locals_ = [_local(p) for p in self._tensors]
+        self._sample_every = sample_every
+        locals_ = [self._rows(p) for p in self._tensors]
         self._before = list(torch._foreach_mul(locals_, 1.0)) if locals_ else []
+
+    def _rows(self, tensor: Tensor) -> Tensor:
+        """The values of ``tensor`` that are measured: this rank's, every ``sample_every``-th row (a view)."""
+        local = _local(tensor)
+        return local if self._sample_every == 1 else local[:: self._sample_every]
 
     def drop(self) -> None:
         """Forget the copies (the step did not run, e.g. a GradScaler skipped it)."""
@@ -118,34 +133,36 @@ class RelativeUpdateCeiling:
         tensors' device) or ``None`` when :meth:`begin` copied nothing. A non-finite step is not bounded and not
         counted: its tensor stays non-finite (an infinite entry may read as NaN), for the guard's non-finite rule
         to meet at the next step."""
-        tensors, before = self._tensors, self._before
+        tensors, before, checking = self._tensors, self._before, self._sample_every > 1
         self.drop()
         if not tensors:
             return None
-        after = [_local(p) for p in tensors]
+        after = [self._rows(p) for p in tensors]
         weight_norms = torch._foreach_norm(before)
         torch._foreach_sub_(before, after)  # before := w_old - w_new, the step reversed
         step_norms = torch._foreach_norm(before)
-        squares = torch.stack([n.float() for n in (*weight_norms, *step_norms)]).square()
-        if any(is_dtensor(p) for p in tensors):  # whole-tensor norms of shards: one collective, every rank alike
+        # the floor's squared norm over the measured values: their count times 1/fan_in (the rows, when whole)
+        floor_sq = torch.tensor(
+            [b.numel() * (1.0 / math.prod(p.shape[1:]) if self.floor == "fan_in" else float(self.floor) ** 2)
+             for b, p in zip(before, tensors, strict=True)],
+            dtype=torch.float32, device=weight_norms[0].device,
+        )
+        squares = torch.cat([torch.stack([n.float() for n in (*weight_norms, *step_norms)]).square(), floor_sq])
+        if any(is_dtensor(p) for p in tensors):  # whole-tensor sums of shards: one collective, every rank alike
             _, placements, meshes = local_values(tensors)
             counts = self._counts.of(tensors, placements, meshes, squares.device, torch.float32)
-            squares = sum_over_ranks(squares, torch.cat([counts, counts]))
-        weight_sq, step_sq = squares.split(len(tensors))
-        floor = self.floor
-        if floor == "fan_in":  # a variance-preserving init's squared norm: numel / fan_in = the rows
-            floor_sq = [float(p.shape[0]) for p in tensors]
-        else:
-            floor_sq = [p.numel() * float(floor) ** 2 for p in tensors]
-        reference = torch.maximum(weight_sq, torch.tensor(floor_sq, dtype=torch.float32, device=squares.device)).sqrt()
-        ratio = step_sq.sqrt() / reference
+            squares = sum_over_ranks(squares, torch.cat([counts, counts, counts]))
+        weight_sq, step_sq, floor_sq = squares.split(len(tensors))
+        ratio = step_sq.sqrt() / torch.maximum(weight_sq, floor_sq).sqrt()
+        finite = torch.where(ratio.isfinite(), ratio, torch.zeros_like(ratio))
+        if checking:  # an estimate from sampled rows: nothing is bounded
+            return torch.stack([torch.zeros((), device=ratio.device), finite.max()])
         over = ratio.isfinite() & (ratio > self.max_relative_update)
         # keep the fraction (1 - ceiling / ratio) of the reversed step; 0 (no change) where a tensor is not over
         give_back = torch.where(over, 1.0 - self.max_relative_update / ratio, torch.zeros_like(ratio))
         torch._foreach_mul_(before, [k.to(b.dtype) if not b.is_complex() else k for k, b in
                                      zip(give_back.unbind(), before, strict=True)])
         torch._foreach_add_(after, before)
-        finite = torch.where(ratio.isfinite(), ratio, torch.zeros_like(ratio))
         return torch.stack([over.sum().float(), finite.max()])
 
 

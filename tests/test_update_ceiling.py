@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from lightning_gradstab import ExplosionGuard, RelativeUpdateCeiling
-from lightning_gradstab.callbacks._guard_update import NEAR, UPDATE_CEILING_EVERY, GuardUpdateCeiling
+from lightning_gradstab.callbacks._guard_update import (
+    CHECK_ROWS_EVERY,
+    NEAR,
+    UPDATE_CEILING_EVERY,
+    GuardUpdateCeiling,
+)
 from tests.helpers.trainers import quiet_trainer
 
 
@@ -76,6 +81,21 @@ def test_a_small_or_zero_matrix_is_measured_against_a_variance_preserving_inits_
         RelativeUpdateCeiling(0.1, floor="rms")  # type: ignore[arg-type]
 
 
+def test_a_check_of_sampled_rows_estimates_the_ratio_and_bounds_nothing() -> None:
+    g = torch.Generator().manual_seed(0)
+    weights, step = torch.randn(64, 32, generator=g), 0.3 * torch.randn(64, 32, generator=g)
+    before = weights.clone()
+    ceiling = RelativeUpdateCeiling(0.1)
+    ceiling.begin([weights], sample_every=8)
+    weights.add_(step)
+    bounded, largest = ceiling.end().tolist()
+    assert bounded == 0 and torch.equal(weights, before + step)  # a check changes nothing
+    assert largest == pytest.approx(_rms(step) / _rms(before), rel=0.2)  # 8 of 64 rows: an estimate
+    assert largest == pytest.approx(_rms(step[::8]) / _rms(before[::8]), rel=1e-5)
+    with pytest.raises(ValueError, match="sample_every"):
+        ceiling.begin([weights], sample_every=0)
+
+
 def test_a_non_finite_step_is_neither_bounded_nor_counted_and_stays_non_finite() -> None:
     weights, other = torch.ones(2, 2), torch.ones(2, 2)
     outcome = _step([weights, other], [torch.tensor([[math.inf, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)],
@@ -120,6 +140,7 @@ def test_the_schedule_measures_the_first_step_near_steps_lr_rises_and_every_hund
         ceiling.read(0, 0.0, 0.0, lr=1e-3)
         waits += 1
     assert waits == UPDATE_CEILING_EVERY - 1
+    assert ceiling._measuring[0] == CHECK_ROWS_EVERY  # far from the ceiling: a check of sampled rows, not in full
     ceiling.read(0, 0.0, 0.01, lr=1e-3)
     assert not ceiling.measuring(0)
     # the learning rate rises until the step it predicts is within half of the ceiling: measured at once

@@ -6,13 +6,17 @@ bounded weights before the optimizer steps and shrinks what went over the ceilin
 post-hook). Its outcome (tensors bounded, largest ratio) stays on the device and rides the guard's one reduction
 of the *next* step, so the ceiling adds no host read and every rank follows the same schedule.
 
-A step is measured when:
+A step is measured, and bounded where it goes over, when:
 
 - it is the first of the fit for this optimizer;
 - the last measured step came within half of the ceiling (or went over it): the next may go over;
 - the learning rate rose since the last measurement by enough to bring it within half of the ceiling: an Adam
-  step is proportional to the learning rate, so a warm-up or a restart moves the ratio with it;
-- :data:`UPDATE_CEILING_EVERY` steps have passed since the last measurement.
+  step is proportional to the learning rate, so a warm-up or a restart moves the ratio with it.
+
+Otherwise, every :data:`UPDATE_CEILING_EVERY` steps, a step is *checked*: every :data:`CHECK_ROWS_EVERY`-th row of
+each matrix is copied and measured, and nothing is bounded. What such a check watches for is a slow drift of
+Adam's step against the weights; a drift reaches half the ceiling before the ceiling, and from there every step is
+measured in full. The check costs, in time and in memory, an eighth of a full measurement.
 
 Kept apart from ``guard.py`` because it is the one place the guard writes into the weights after the optimizer.
 """
@@ -32,6 +36,9 @@ UPDATE_CEILING_EVERY = 100
 """Optimizer steps between measurements of the relative update while the last one was below half the ceiling
 and the learning rate has not risen: a measured step costs about ten passes over the weights, and what moves an
 Adam step's size between them is the learning rate, which is watched every step."""
+
+CHECK_ROWS_EVERY = 8
+"""Rows of each matrix a periodic check copies and measures: one in this many."""
 
 NEAR = 0.5  # a measured ratio above this share of the ceiling keeps the next step measured
 
@@ -60,7 +67,7 @@ class GuardUpdateCeiling:
         self._schedules: dict[int, _Schedule] = {}
         self._outcomes: dict[int, torch.Tensor] = {}
         self._hooks: dict[int, Any] = {}
-        self._measuring: dict[int, bool] = {}
+        self._measuring: dict[int, int] = {}  # 0: not measured, 1: measured in full, CHECK_ROWS_EVERY: checked
 
     @staticmethod
     def applies_to(optimizer: torch.optim.Optimizer) -> bool:
@@ -84,7 +91,7 @@ class GuardUpdateCeiling:
         stepped = ceiling is None or not ceiling.pending
         if not stepped:  # copied, but the optimizer never stepped (a GradScaler overflow): measure again
             ceiling.drop()  # type: ignore[union-attr]
-        if self._measuring.pop(index, False) and stepped:
+        if self._measuring.pop(index, 0) and stepped:
             schedule.ratio = largest
         schedule.waited += 1
         limit = NEAR * self.max_relative_update
@@ -92,33 +99,36 @@ class GuardUpdateCeiling:
         if schedule.ratio is not None and lr is not None and schedule.lr is not None:
             # an Adam step is proportional to the learning rate; a rise from 0 (a warm-up's first step) is unbounded
             predicted = schedule.ratio * lr / schedule.lr if schedule.lr > 0 else (math.inf if lr > 0 else 0.0)
-        self._measuring[index] = (
-            schedule.ratio is None
-            or schedule.ratio > limit
-            or (predicted is not None and predicted > limit)
-            or schedule.waited >= UPDATE_CEILING_EVERY
-        )
+        if schedule.ratio is None or schedule.ratio > limit or (predicted is not None and predicted > limit):
+            self._measuring[index] = 1
+        elif schedule.waited >= UPDATE_CEILING_EVERY:
+            self._measuring[index] = CHECK_ROWS_EVERY
+        else:
+            self._measuring[index] = 0
         if self._measuring[index]:
             schedule.waited, schedule.lr = 0, lr
         return int(bounded)
 
     def measuring(self, index: int) -> bool:
-        """Whether this optimizer's last step was planned as a measured one (its outcome is being read now)."""
-        return self._measuring.get(index, False)
+        """Whether this optimizer's last step was planned as a measured or checked one (its outcome is being read
+        now)."""
+        return bool(self._measuring.get(index, 0))
 
     def begin(self, index: int, optimizer: torch.optim.Optimizer) -> None:
         """Copy the weights the coming step may move (on a measured step) and make sure the post-hook is there."""
-        if not self._measuring.get(index):
+        sample_every = self._measuring.get(index, 0)
+        if not sample_every:
             return
         ceiling = self._ceilings.setdefault(index, RelativeUpdateCeiling(self.max_relative_update))
-        ceiling.begin([p for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        ceiling.begin(parameters, sample_every=sample_every)
         if index not in self._hooks:
             self._hooks[index] = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._end(index))
 
     def skip(self, index: int) -> None:
         """The guard skips this step: nothing to measure (the schedule measures the next one instead)."""
         if self._measuring.get(index):
-            self._measuring[index] = False
+            self._measuring[index] = 0
             self._schedules[index].waited = UPDATE_CEILING_EVERY
 
     def _end(self, index: int) -> None:
