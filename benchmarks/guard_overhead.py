@@ -21,10 +21,11 @@ evidence`` (a callback computing it on every step beside the default monitor: it
 pass) and ``monitor+guard default +adam`` (``GradNormMonitor(adam_every_n_steps=ADAM_EVERY)`` with
 ``ExplosionGuard()``: the evidence amortised as a user would run it).
 
-One more measures the relative-update ceiling (``lightning_gradstab.update_ceiling``): ``update ceiling`` (a
+Two more measure the relative-update ceiling (``lightning_gradstab.update_ceiling``): ``update ceiling`` (a
 callback measuring and bounding the step on every step beside the default monitor: the copy before the step and
-the norms and shrink after it, timed together). The guard measures a step that far from the ceiling once in
-``UPDATE_CEILING_EVERY`` steps, and every step only while steps come within half of it (acting).
+the norms and shrink after it, timed together) and ``update ceiling check`` (the same on every
+``CHECK_ROWS_EVERY``-th row, bounding nothing). The guard checks a run far from the ceiling once in
+``UPDATE_CEILING_EVERY`` steps, and measures every step in full only while steps come within half of it.
 
 The rollback snapshot (model and Adam state copied to CPU) is timed separately, with its size; snapshots
 live in host memory, so peak accelerator memory is unchanged (checked when a GPU is present).
@@ -70,7 +71,7 @@ from benchmarks.harness import (
 )
 from lightning_gradstab import ExplosionGuard, GradNormMonitor
 from lightning_gradstab.adam_state import AdamStateTracker
-from lightning_gradstab.callbacks._guard_update import UPDATE_CEILING_EVERY
+from lightning_gradstab.callbacks._guard_update import CHECK_ROWS_EVERY, UPDATE_CEILING_EVERY
 from lightning_gradstab.callbacks._shared import gradient_stats
 from lightning_gradstab.guard.tuple_snapshot import snapshot_training_state
 from lightning_gradstab.update_ceiling import RelativeUpdateCeiling
@@ -96,8 +97,9 @@ class UpdateCeilingEveryStep(Callback):
     """Measures (and bounds) the relative update on every optimizer step: the copy in ``on_before_optimizer_step``
     and the norms and shrink in an optimizer step post-hook, both timed; ``durations`` holds their sum per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample_every: int = 1) -> None:
         self.ceiling = RelativeUpdateCeiling()
+        self.sample_every = sample_every
         self.durations: list[float] = []
         self._hooked: set[int] = set()
         self._begun = 0.0
@@ -108,7 +110,8 @@ class UpdateCeilingEveryStep(Callback):
             self._hooked.add(id(raw))
             raw.register_step_post_hook(lambda opt, args, kwargs: self._end())
         start = time.perf_counter()
-        self.ceiling.begin([p for group in raw.param_groups for p in group["params"] if p.grad is not None])
+        parameters = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
+        self.ceiling.begin(parameters, sample_every=self.sample_every)
         _synchronize()
         self._begun = time.perf_counter() - start
 
@@ -194,6 +197,7 @@ def measure(
     guard_hook_seconds: list[float] = []
     ceiling_fractions: list[float] = []
     update_ceiling_seconds: list[float] = []
+    update_check_seconds: list[float] = []
     snapshot_steps: list[int] = []
 
     def baseline() -> StepTiming:
@@ -243,6 +247,12 @@ def measure(
         update_ceiling_seconds.append(callback.mean_seconds(10))  # after time_fit's warm-up
         return timing
 
+    def update_check() -> StepTiming:
+        callback = UpdateCeilingEveryStep(sample_every=CHECK_ROWS_EVERY)
+        timing = time_fit(workload, [GradNormMonitor(), callback], steps=steps, accelerator=accelerator)
+        update_check_seconds.append(callback.mean_seconds(10))
+        return timing
+
     def clip() -> StepTiming:
         callback = ClipGradNorm()
         return time_fit(workload, [callback], timed_callback=callback, steps=steps, accelerator=accelerator)
@@ -261,6 +271,7 @@ def measure(
             "monitor+guard default +adam": monitor_and_default_guard_with_adam,
             "adam evidence": adam_evidence,
             "update ceiling": update_ceiling,
+            "update ceiling check": update_check,
             "clip_grad_norm_": clip,
         },
         repetitions,
@@ -271,6 +282,7 @@ def measure(
         statistics.median(ceiling_fractions),
         statistics.median(snapshot_steps),
         statistics.median(update_ceiling_seconds),
+        statistics.median(update_check_seconds),
     )
 
 
@@ -374,7 +386,7 @@ def run(args: argparse.Namespace) -> None:
     measured_every_step: dict[str, StepTiming] = {}
     snapshots, peaks, excluded = [], [], []
     for workload in (WORKLOADS[key]() for key in args.workloads):
-        timings, guard_seconds, ceiling_fraction, snapshot_steps, update_seconds = measure(
+        timings, guard_seconds, ceiling_fraction, snapshot_steps, update_seconds, check_seconds = measure(
             workload, args.repetitions, args.steps, accelerator
         )
         excluded.append((workload, snapshot_steps))
@@ -383,7 +395,9 @@ def run(args: argparse.Namespace) -> None:
         default, clip = timings["monitor+guard default"], timings["clip_grad_norm_"]
         evidence, with_adam = timings["adam evidence"], timings["monitor+guard default +adam"]
         measured_every_step[workload.name] = timings["update ceiling"]
-        acting.append((workload, floor, base, default, clip, ceiling_fraction, evidence, with_adam, update_seconds))
+        acting.append(
+            (workload, floor, base, default, clip, ceiling_fraction, evidence, with_adam, update_seconds, check_seconds)
+        )
         print(
             f"| {workload.name} | {workload.parameter_tensors()} | {workload.parameter_count() / 1e6:.1f}M "
             f"| {floor * 1e3:.3f} | {monitor.hook_seconds * 1e3:.3f} ({monitor.hook_seconds / floor:.2f}x) "
@@ -416,23 +430,25 @@ def run(args: argparse.Namespace) -> None:
         f"| monitor(adam_every_n_steps={ADAM_EVERY}) + default guard hooks (ms, x floor) |"
     )
     print("|---|---|---|---|")
-    for workload, floor, *_, evidence, with_adam, _update in acting:
+    for workload, floor, *_, evidence, with_adam, _update, _check in acting:
         print(
             f"| {workload.name} | {evidence.hook_seconds * 1e3:.3f} ({evidence.hook_seconds / floor:.1f}x) "
             f"| {evidence.hook_seconds / floor / ADAM_EVERY:.2f}x "
             f"| {with_adam.hook_seconds * 1e3:.3f} ({with_adam.hook_seconds / floor:.2f}x) |"
         )
     print(
-        f"\n| workload | one relative-update measurement (ms, x floor) "
-        f"| amortised at every {UPDATE_CEILING_EVERY} steps (x floor) | step ratio measured every step vs baseline |"
+        f"\n| workload | one relative-update measurement (ms, x floor) | step ratio measured every step vs baseline "
+        f"| one check of every {CHECK_ROWS_EVERY}th row (ms, x floor) "
+        f"| a check every {UPDATE_CEILING_EVERY} steps, amortised (x floor) |"
     )
-    print("|---|---|---|---|")
-    for workload, floor, base, *_, update_seconds in acting:
+    print("|---|---|---|---|---|")
+    for workload, floor, base, *_, update_seconds, check_seconds in acting:
         ceiling_timing = measured_every_step[workload.name]
         print(
             f"| {workload.name} | {update_seconds * 1e3:.3f} ({update_seconds / floor:.1f}x) "
-            f"| {update_seconds / floor / UPDATE_CEILING_EVERY:.2f}x "
-            f"| {ceiling_timing.step_seconds / base.step_seconds:.3f} |"
+            f"| {ceiling_timing.step_seconds / base.step_seconds:.3f} "
+            f"| {check_seconds * 1e3:.3f} ({check_seconds / floor:.2f}x) "
+            f"| {check_seconds / floor / UPDATE_CEILING_EVERY:.3f}x |"
         )
     snapshot_every = ExplosionGuard().config.resolved("snapshot_every")
     print(

@@ -16,7 +16,8 @@ A step is measured, and bounded where it goes over, when:
 Otherwise, every :data:`UPDATE_CEILING_EVERY` steps, a step is *checked*: every :data:`CHECK_ROWS_EVERY`-th row of
 each matrix is copied and measured, and nothing is bounded. What such a check watches for is a slow drift of
 Adam's step against the weights; a drift reaches half the ceiling before the ceiling, and from there every step is
-measured in full. The check costs, in time and in memory, an eighth of a full measurement.
+measured in full. A check copies an eighth of the memory a full measurement copies, and costs less time
+(``benchmarks/guard_overhead.py`` measures both).
 
 Kept apart from ``guard.py`` because it is the one place the guard writes into the weights after the optimizer.
 """

@@ -154,8 +154,8 @@ class ExplosionGuard(SuiteCallback):
             least ``1/sqrt(fan_in)``) has the step shrunk to it right after the optimizer steps. Adam moves every
             coordinate by about the learning rate whatever the gradient, so clipping cannot shrink its step. A
             number > 0 (default 0.1, ten times Adafactor's relative step) or ``None`` (off). Measured on the
-            first step, every step while steps come within half of it, after a learning-rate rise and every 100
-            steps; needs ``max_rung`` at ``"clip"`` or above; off under FSDP1.
+            first step, every step while steps come within half of it and after a learning-rate rise, otherwise
+            checked every 100 steps on every 8th row; needs ``max_rung`` at ``"clip"`` or above; off under FSDP1.
         raise_on_stop: raise :class:`GradientExplosionError` instead of stopping gracefully.
         log_every_n_steps: logging interval in optimizer steps (default: the trainer's).
         console_summary: print the table of actions at the end of ``fit``.
