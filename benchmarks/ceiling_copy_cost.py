@@ -7,14 +7,16 @@ Usage: ``python benchmarks/ceiling_copy_cost.py --output benchmarks/results/ceil
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import write_results
 
 
 def _ms(work: Callable[[], object], repeats: int = 10) -> float:
@@ -44,23 +46,13 @@ def main() -> None:
         ("scaled by a 0-dim factor per tensor (`_foreach_mul_`)", _ms(lambda: torch._foreach_mul_(buffer, zeros))),
         ("added back (`_foreach_add_`)", _ms(lambda: torch._foreach_add_(buffer, weights))),
     ]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    lines = [
-        "# A relative-update ceiling measurement, pass by pass (CPU)",
-        "",
-        f"- command: `python benchmarks/ceiling_copy_cost.py {' '.join(sys.argv[1:])}`",
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {cpu}, 1 thread; torch "
-        f"{torch.__version__}; {sum(w.numel() for w in weights) / 1e6:.1f}M floats in {len(weights)} matrices; "
-        "mean of 10 calls after one warm-up call",
-        "",
-        "| pass | ms |",
-        "|---|---|",
-        *[f"| {name} | {ms:.1f} |" for name, ms in rows],
-    ]
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_results(
+        args.output,
+        "A relative-update ceiling measurement, pass by pass (CPU)",
+        [f"{sum(w.numel() for w in weights) / 1e6:.1f}M floats in {len(weights)} matrices; mean of 10 calls after one "
+         "warm-up call"],
+        ["| pass | ms |", "|---|---|", *[f"| {name} | {ms:.1f} |" for name, ms in rows]],
+    )
 
 if __name__ == "__main__":
     main()

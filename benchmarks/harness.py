@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -306,3 +307,27 @@ def machine_description() -> str:
     else:
         device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     return f"{device}; torch {torch.__version__}, lightning {pl.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_results(path: Path, title: str, details: Sequence[str], table: Sequence[str]) -> None:
+    """Write a small results file (a title; the command, date, machine and code; ``details`` lines; a markdown
+    ``table``) and print it: the header every one-off benchmark script of the repository writes."""
+    import datetime
+    import shlex
+    import sys
+
+    from benchmarks.divergence import machine
+
+    host = machine()
+    lines = [
+        f"# {title}",
+        "",
+        f"- command: `python {Path(sys.argv[0]).as_posix()} {shlex.join(sys.argv[1:])}`",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; code: git commit {host['commit']}; "
+        f"machine: {host['cpu']}, {torch.get_num_threads()} thread(s); torch {host['torch']}",
+        *[f"- {line}" for line in details],
+        "",
+        *table,
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

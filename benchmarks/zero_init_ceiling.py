@@ -14,10 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from benchmarks.harness import write_results
 from lightning_gradstab import ExplosionGuard
 from tests.helpers.trainers import quiet_trainer
 
@@ -92,26 +89,16 @@ def main() -> None:
             f"| {lr:g} | {sum(off) / 3:.3f} [{min(off):.3f}-{max(off):.3f}] | {sum(on) / 3:.3f} [{min(on):.3f}-"
             f"{max(on):.3f}] | {', '.join(map(str, bounded))} |"
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    lines = [
-        "# The relative-update ceiling on a zero-initialised residual MLP (CPU)",
-        "",
-        f"- command: `python benchmarks/zero_init_ceiling.py {shlex.join(sys.argv[1:])}`",
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; code: git commit {commit}; machine: "
-        f"{cpu}, 1 thread; torch {torch.__version__}",
-        "- task: 6 residual blocks whose last layer starts at 0 and a zero readout, AdamW, 300 steps of 64, 3 seeds; "
-        "cell = held-out error rate, mean [min-max]; the default `ExplosionGuard()` with `max_relative_update` at "
-        "0.1 (on) or `None` (off)",
-        "",
-        "| lr | ceiling off | ceiling on | steps bounded per seed |",
-        "|---|---|---|---|",
-        *rows,
-    ]
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_results(
+        args.output,
+        "The relative-update ceiling on a zero-initialised residual MLP (CPU)",
+        [
+            "task: 6 residual blocks whose last layer starts at 0 and a zero readout, AdamW, 300 steps of 64, 3 "
+            "seeds; cell = held-out error rate, mean [min-max]; the default `ExplosionGuard()` with "
+            "`max_relative_update` at 0.1 (on) or `None` (off)",
+        ],
+        ["| lr | ceiling off | ceiling on | steps bounded per seed |", "|---|---|---|---|", *rows],
+    )
 
 if __name__ == "__main__":
     main()
