@@ -66,7 +66,8 @@ DEFAULT_MAX_RELATIVE_UPDATE = 0.1
 
 
 class RelativeUpdateCeiling:
-    """Bound each weight tensor's step to ``max_relative_update`` times its RMS (see the module docstring).
+    """Bound each weight matrix's step to ``max_relative_update`` times its scale, ``max(RMS(w), floor)`` (see the
+    module docstring).
 
     Args:
         max_relative_update: the largest ``RMS(step) / max(RMS(weights), floor)`` of one step, > 0.

@@ -326,3 +326,14 @@ def test_manual_optimization_bounds_the_adam_steps_and_leaves_the_sgd_ones_alone
     assert "relative_update" not in guard.policy(1).counts
     assert torch.equal(module.b.weight, reference.b.weight)  # the SGD model: bit for bit the run without it
     assert not torch.equal(module.a.weight, reference.a.weight)
+
+
+def test_what_the_ceiling_did_is_logged_counted_and_advised(memory_logger) -> None:
+    guard = ExplosionGuard(console_summary=False)
+    loader = torch.utils.data.DataLoader(torch.zeros(20, 1), batch_size=1)
+    quiet_trainer(max_steps=20, callbacks=[guard], logger=memory_logger).fit(_Stack(lr=0.2), loader)
+    logged = dict(memory_logger.metrics["gradstab/relative_update_max"])
+    assert logged[1] > 0.5  # the first step's ratio before it was shrunk, read with the second step's numbers
+    summary = guard.summary()["optimizers"]["0"]
+    assert summary["counts"]["relative_update"] >= 10
+    assert any("max_relative_update" in line and "warm-up" in line for line in summary["advice"])

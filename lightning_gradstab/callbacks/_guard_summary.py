@@ -84,7 +84,7 @@ def guard_advice(policy: ExplosionPolicy, base_lr: float | None, config: PolicyC
     if counts.get("relative_update"):
         advice.append(
             f"{counts['relative_update']} optimizer steps would have moved a weight matrix by more than "
-            "max_relative_update of its RMS and were shrunk to it: lower the learning rate or add a warm-up "
+            "max_relative_update of its scale and were shrunk to it: lower the learning rate or add a warm-up "
             "(a post-LN transformer needs one, Xiong et al. 2020)"
         )
     return advice
