@@ -93,6 +93,7 @@ class RelativeUpdateCeiling:
         self._before: list[Tensor] = []
         self._sample_every = 1
         self._counts = ReplicaCounts(world_size())
+        self._floor_cache: dict[tuple, Tensor] = {}
 
     @staticmethod
     def bounded(parameter: Tensor) -> bool:
@@ -142,12 +143,7 @@ class RelativeUpdateCeiling:
         weight_norms = torch._foreach_norm(before)
         torch._foreach_sub_(before, after)  # before := w_old - w_new, the step reversed
         step_norms = torch._foreach_norm(before)
-        # the floor's squared norm over the measured values: their count times 1/fan_in (the rows, when whole)
-        floor_sq = torch.tensor(
-            [b.numel() * (1.0 / math.prod(p.shape[1:]) if self.floor == "fan_in" else float(self.floor) ** 2)
-             for b, p in zip(before, tensors, strict=True)],
-            dtype=torch.float32, device=weight_norms[0].device,
-        )
+        floor_sq = self._floor_squares(before, tensors, weight_norms[0].device)
         squares = torch.cat([torch.stack([n.float() for n in (*weight_norms, *step_norms)]).square(), floor_sq])
         if any(is_dtensor(p) for p in tensors):  # whole-tensor sums of shards: one collective, every rank alike
             _, placements, meshes = local_values(tensors)
@@ -165,6 +161,20 @@ class RelativeUpdateCeiling:
                                      zip(give_back.unbind(), before, strict=True)])
         torch._foreach_add_(after, before)
         return torch.stack([over.sum().float(), finite.max()])
+
+
+    def _floor_squares(self, measured: list[Tensor], tensors: list[Tensor], device: torch.device) -> Tensor:
+        """The floor's squared norm over the measured values (their count times ``1/fan_in``: the rows, when
+        whole), cached per layout: a vector built from a Python list is a host-to-device copy, which on an
+        accelerator waits for the work queued before it; the steady state copies nothing."""
+        layout = tuple((b.numel(), tuple(p.shape)) for b, p in zip(measured, tensors, strict=True))
+        key = (device, self._sample_every, layout)
+        if key not in self._floor_cache:
+            per_value = [1.0 / math.prod(p.shape[1:]) if self.floor == "fan_in" else float(self.floor) ** 2
+                         for p in tensors]
+            values = [b.numel() * v for b, v in zip(measured, per_value, strict=True)]
+            self._floor_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return self._floor_cache[key]
 
 
 def _local(tensor: Tensor) -> Tensor:
