@@ -31,7 +31,9 @@ ends every seed with LR multiplier >= 0.5 and a mean metric <= ``1.02 x none + 0
 ``--suite holdout`` does the same on the held-out healthy shapes of :mod:`benchmarks.healthy_holdout` (shapes the
 guard was not tuned on; same methods, table and bar; output ``benchmarks/results/healthy-holdout-cpu.{md,json}``);
 ``--suite holdout2`` on the second held-out set, :mod:`benchmarks.healthy_holdout2`, written after the guard's rules
-were fixed (output ``benchmarks/results/healthy-holdout2-cpu.{md,json}``).
+were fixed (output ``benchmarks/results/healthy-holdout2-cpu.{md,json}``); ``--suite optimizers`` on torch's adaptive
+optimizers at their default settings, :mod:`benchmarks.healthy_optimizers` (output
+``benchmarks/results/healthy-optimizers-cpu.{md,json}``).
 
 ``--perturb 1e-6`` reruns seed 0 (``--perturb-seeds N``: seeds 0..N-1) of every task and method with the initial
 weights multiplied by ``1 + 1e-6 N(0, 1)`` (a fixed generator per seed) and reports how far the result moves.
@@ -107,22 +109,25 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
 
 
 def healthy_tasks() -> dict[str, Any]:
-    """The healthy corpus (:mod:`benchmarks.healthy_tasks`) and its two held-out sets
-    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`)."""
+    """The healthy corpus (:mod:`benchmarks.healthy_tasks`), its two held-out sets
+    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`) and torch's adaptive optimizers at their
+    defaults (:mod:`benchmarks.healthy_optimizers`)."""
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
+    from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
 
-    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS}
+    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS, **OPTIMIZER_TASKS}
 
 
 def healthy_metrics() -> dict[str, str]:
     """What each healthy task's ``evaluate`` measures, for the corpus and the held-out sets."""
     from benchmarks.healthy_holdout import METRICS as HOLDOUT_METRICS
     from benchmarks.healthy_holdout2 import METRICS as HOLDOUT2_METRICS
+    from benchmarks.healthy_optimizers import METRICS as OPTIMIZER_METRICS
     from benchmarks.healthy_tasks import METRICS
 
-    return {**METRICS, **HOLDOUT_METRICS, **HOLDOUT2_METRICS}
+    return {**METRICS, **HOLDOUT_METRICS, **HOLDOUT2_METRICS, **OPTIMIZER_METRICS}
 
 
 def all_tasks() -> dict[str, Any]:
@@ -586,16 +591,22 @@ def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list
 def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
+    from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
 
     registry, metrics = healthy_tasks(), healthy_metrics()
     holdout = bool(tasks) and all(t in HOLDOUT_TASKS or t in HOLDOUT2_TASKS for t in tasks)
+    optimizers = bool(tasks) and all(t in OPTIMIZER_TASKS for t in tasks)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = max((r["seed"] for r in results), default=-1) + 1
     perturbs = sorted({r["perturb"] for r in results if r.get("perturb")})
     out = [
-        "# Held-out healthy shapes (CPU)" if holdout else "# Healthy-but-unusual corpus (CPU)",
+        "# Held-out healthy shapes (CPU)"
+        if holdout
+        else "# torch's adaptive optimizers at their defaults, healthy runs (CPU)"
+        if optimizers
+        else "# Healthy-but-unusual corpus (CPU)",
         "",
         f"- command: `{command}`",
         f"- date: {date}; wall time {wall / 60:.1f} min with {jobs} process(es), 1 thread each",
@@ -665,18 +676,20 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.divergence_tasks import TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
+    from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
     from benchmarks.peers import resolve_method
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        choices=("divergence", "healthy", "holdout", "holdout2"),
+        choices=("divergence", "healthy", "holdout", "holdout2", "optimizers"),
         default="divergence",
         help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
         "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar; holdout: the held-out healthy "
         "shapes (benchmarks/healthy_holdout.py), same metrics and bar; holdout2: the second held-out set "
-        "(benchmarks/healthy_holdout2.py)",
+        "(benchmarks/healthy_holdout2.py); optimizers: torch's adaptive optimizers at their defaults "
+        "(benchmarks/healthy_optimizers.py)",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the suite)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: the suite's)")
@@ -690,15 +703,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    healthy = args.suite in ("healthy", "holdout", "holdout2")
-    registry = {"healthy": HEALTHY_TASKS, "holdout": HOLDOUT_TASKS, "holdout2": HOLDOUT2_TASKS}.get(args.suite, TASKS)
+    healthy = args.suite in ("healthy", "holdout", "holdout2", "optimizers")
+    registry = {
+        "healthy": HEALTHY_TASKS,
+        "holdout": HOLDOUT_TASKS,
+        "holdout2": HOLDOUT2_TASKS,
+        "optimizers": OPTIMIZER_TASKS,
+    }.get(args.suite, TASKS)
     known = all_tasks()
     tasks = [t for t in (args.tasks or ",".join(registry)).split(",") if t]
     unknown = [t for t in tasks if t not in known]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
     if not healthy and any(t in healthy_tasks() for t in tasks):
-        parser.error("the healthy tasks need --suite healthy, holdout or holdout2 (their evaluate() is a task metric)")
+        parser.error(
+            "the healthy tasks need --suite healthy, holdout, holdout2 or optimizers "
+            "(their evaluate() is a task metric)"
+        )
     methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
     for m in methods:
         try:
@@ -709,9 +730,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds and --jobs must be >= 1")
     if args.perturb < 0 or args.perturb_seeds < 1:
         parser.error("--perturb must be >= 0 and --perturb-seeds >= 1")
-    default_out = {"healthy": "healthy-cpu", "holdout": "healthy-holdout-cpu", "holdout2": "healthy-holdout2-cpu"}.get(
-        args.suite, "divergence-cpu"
-    )
+    default_out = {
+        "healthy": "healthy-cpu",
+        "holdout": "healthy-holdout-cpu",
+        "holdout2": "healthy-holdout2-cpu",
+        "optimizers": "healthy-optimizers-cpu",
+    }.get(args.suite, "divergence-cpu")
     out = Path(args.out or f"benchmarks/results/{default_out}")
 
     code_hash = freeze_package()
