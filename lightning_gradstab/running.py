@@ -152,6 +152,11 @@ class LogNormStatistics(RunningMoments):
             self.mean = log_level
 
 
+RECENT_HORIZONS = 3
+"""Horizons of losses a :class:`LossTrend` keeps to leave its heaviest batch out of the smoothed loss: a batch that
+old weighs ``e^-3`` (5 %) of its first weight in the average."""
+
+
 class LossTrend:
     """The smoothed training loss and the lowest value it has reached: the evidence of divergence.
 
@@ -178,6 +183,8 @@ class LossTrend:
         self.average = 0.0  # the raw EMA; ``smoothed`` corrects its bias toward the zero start
         self.lowest = math.inf
         self.noise_at_lowest = 0.0  # the loss noise (std) when the lowest value was reached: not the climb's
+        # the last losses, for the smoothed loss without its heaviest batch (older ones weigh under e^-3 of the newest)
+        self.recent: deque[float] = deque(maxlen=math.ceil(RECENT_HORIZONS * horizon_steps))
 
     @property
     def smoothed(self) -> float:
@@ -190,6 +197,7 @@ class LossTrend:
         """Add one finite loss; only ``healthy`` steps may lower the reference (``noise``: the loss std now)."""
         self.count += 1
         self.average = self.decay * self.average + (1.0 - self.decay) * loss
+        self.recent.append(loss)
         # the first loss is the reference whatever the step was judged: a run must not end worse than it began
         if (healthy or not math.isfinite(self.lowest)) and self.smoothed <= self.lowest:
             self.lowest, self.noise_at_lowest = self.smoothed, noise
@@ -201,11 +209,38 @@ class LossTrend:
         self.count = 1
         self.average = (1.0 - self.decay) * loss if self.decay > 0 else loss
         self.lowest = loss
+        self.recent.clear()
+        self.recent.append(loss)
 
     def smoothed_with(self, loss: float) -> float:
         """The smoothed loss :meth:`update` with ``loss`` would give, without changing anything."""
         average = self.decay * self.average + (1.0 - self.decay) * loss
         return average / (1.0 - self.decay ** (self.count + 1)) if self.decay > 0 else average
+
+    def smoothed_without_heaviest_with(self, loss: float) -> float:
+        """The smoothed loss :meth:`update` with ``loss`` would give, with the one batch that weighs most in it left
+        out (its weight times its loss; the average renormalised over the others): a leave-one-out, so that a rise
+        one batch makes is told from a rise of the loss's level. Equal to :meth:`smoothed_with` when every batch
+        weighs alike, and ``loss`` itself when no other batch is left.
+
+        Example::
+
+            trend = LossTrend(horizon_steps=10)
+            for _ in range(30):
+                trend.update(1.0)
+            trend.smoothed_with(11.0), trend.smoothed_without_heaviest_with(11.0)  # about (2.0, 1.0)
+        """
+        if self.decay <= 0:
+            return loss
+        values = [*self.recent, loss][-min(self.count + 1, len(self.recent) + 1) :]
+        weights = [(1.0 - self.decay) * self.decay ** (len(values) - 1 - i) for i in range(len(values))]
+        heaviest = max(range(len(values)), key=lambda i: weights[i] * values[i])
+        total = 1.0 - self.decay ** (self.count + 1)  # the weights of every loss since the start (bias correction)
+        rest = total - weights[heaviest]
+        if rest <= 1e-12 * total:
+            return loss
+        average = self.decay * self.average + (1.0 - self.decay) * loss
+        return (average - weights[heaviest] * values[heaviest]) / rest
 
     def rise(self) -> float:
         """How far the smoothed loss lies above the lowest value it reached (0 before there is one)."""
@@ -214,7 +249,8 @@ class LossTrend:
     def state_dict(self) -> dict[str, float]:
         """Everything needed to continue after a restart."""
         return {
-            "count": self.count, "average": self.average, "lowest": self.lowest, "noise_at_lowest": self.noise_at_lowest
+            "count": self.count, "average": self.average, "lowest": self.lowest,
+            "noise_at_lowest": self.noise_at_lowest, "recent": list(self.recent),
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
@@ -223,6 +259,8 @@ class LossTrend:
         self.average = float(state["average"])
         self.lowest = float(state["lowest"])
         self.noise_at_lowest = float(state["noise_at_lowest"])
+        self.recent.clear()
+        self.recent.extend(float(loss) for loss in state.get("recent", ()))  # none in a policy state of version <= 8
 
 
 GROWTH_FIT_POINTS = 32

@@ -59,6 +59,9 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "growth.log_norms": (
             lambda v: isinstance(v, (list, tuple)) and all(_finite(x) for x in v), "a list of finite numbers"
         ),
+        "loss_trend.recent": (
+            lambda v: isinstance(v, (list, tuple)) and all(_finite(x) for x in v), "a list of finite numbers"
+        ),
     }
     for name in (
         "steps", "healthy_streak", "steps_since_snapshot", "snapshot_step", "events_recorded", "check_steps_left",

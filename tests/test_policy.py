@@ -555,6 +555,58 @@ def test_a_state_saved_before_repeated_batches_were_recognised_resumes_judging_t
     assert resumed.step(Observation(1.0, loss=6.0)).skip  # nothing says it was skipped: judged as before
 
 
+def test_the_smoothed_loss_without_its_heaviest_batch_is_the_ema_recomputed_without_that_batch() -> None:
+    rng = random.Random(3)
+    losses = [rng.lognormvariate(0.0, 1.0) for _ in range(40)]
+    trend = LossTrend(10)
+    for loss in losses[:-1]:
+        trend.update(loss)
+    decay = trend.decay
+    weights = [(1 - decay) * decay ** (len(losses) - 1 - i) for i in range(len(losses))]
+    recent = range(len(losses) - len(trend.recent) - 1, len(losses))  # the batches kept, and the new one
+    heaviest = max(recent, key=lambda i: weights[i] * losses[i])
+    kept = [i for i in range(len(losses)) if i != heaviest]
+    expected = sum(weights[i] * losses[i] for i in kept) / sum(weights[i] for i in kept)
+    assert trend.smoothed_without_heaviest_with(losses[-1]) == pytest.approx(expected, rel=1e-12)
+    assert trend.smoothed_with(losses[-1]) == pytest.approx(
+        sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights), rel=1e-12
+    )
+
+
+def test_one_heavy_batch_of_a_fine_tune_near_a_zero_loss_is_no_divergence_but_a_rise_of_many_batches_is() -> None:
+    rng = random.Random(0)
+    policy = ExplosionPolicy()
+    for _ in range(12):  # a trained model's first batches of a fine-tune, near a zero loss; the spread not yet known
+        policy.step(Observation(math.exp(rng.gauss(0.0, 0.2)), loss=0.003 * rng.uniform(0.5, 2.0)))
+    # one batch 8x the typical (under growth_factor: no loss spike) lifts the smoothed loss 1.7x, past the tolerance
+    assert policy.detector.loss_trend.smoothed_with(0.024) > 1.5 * policy.detector.loss_trend.lowest
+    one = policy.step(Observation(1.0, loss=0.024))
+    assert one.anomaly is None and not one.rollback
+    verdicts = []
+    for _ in range(30):  # every batch 5x the typical now: the level rises
+        verdicts.append(policy.step(Observation(1.0, loss=0.015 * rng.uniform(0.8, 1.2))).anomaly)
+    assert "divergence" in verdicts
+
+
+def test_the_recent_losses_survive_a_checkpoint_and_a_state_of_version_8_resumes_without_them() -> None:
+    policy = _warmed_with_loss()
+    state = json.loads(json.dumps(policy.state_dict()))
+    assert len(state["loss_trend"]["recent"]) == policy.detector.loss_trend.recent.maxlen
+    resumed = ExplosionPolicy()
+    resumed.load_state_dict(state)
+    assert list(resumed.detector.loss_trend.recent) == list(policy.detector.loss_trend.recent)
+    state["version"] = 8
+    del state["loss_trend"]["recent"]
+    older = ExplosionPolicy()
+    older.load_state_dict(state)
+    assert not older.detector.loss_trend.recent
+    trend = older.detector.loss_trend  # only the new batch can be left out: the smoothed loss as it was
+    assert trend.smoothed_without_heaviest_with(2 * trend.smoothed) == pytest.approx(trend.smoothed, rel=1e-12)
+    state["version"] = 9
+    with pytest.raises(ValueError, match=r"loss_trend\.recent"):
+        ExplosionPolicy().load_state_dict(state)
+
+
 def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_rolls_back_and_halves_the_lr() -> None:
     policy = _warmed_with_loss()
     loss, decisions = 1.5, []

@@ -60,13 +60,13 @@ class Counters:
             setattr(self, item.name, getattr(other, item.name))
 
 
-STATE_VERSION = 8
+STATE_VERSION = 9
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
 5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold; 8: the
-loss of a step just skipped as a loss spike)."""
+loss of a step just skipped as a loss spike; 9: the loss trend's recent losses)."""
 
-READABLE_VERSIONS = (3, 4, 5, 6, 7, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, 6, 7, 8, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones
 gain what they lack, fresh)."""
 
@@ -79,5 +79,9 @@ def upgraded_policy_state(state: dict[str, Any], template: dict[str, Any]) -> di
     counters = state.get("counters")
     if isinstance(counters, dict):
         counters = {**template["counters"], **counters}
-    return {**template, **state, "counters": counters, "version": STATE_VERSION}
+    upgraded = {**template, **state, "counters": counters, "version": STATE_VERSION}
+    trend = state.get("loss_trend")
+    if isinstance(trend, dict):  # version 8 and older keep no recent losses: the next ones fill them
+        upgraded["loss_trend"] = {"recent": [], **trend}
+    return upgraded
 
