@@ -33,7 +33,8 @@ guard was not tuned on; same methods, table and bar; output ``benchmarks/results
 ``--suite holdout2`` on the second held-out set, :mod:`benchmarks.healthy_holdout2`, written after the guard's rules
 were fixed (output ``benchmarks/results/healthy-holdout2-cpu.{md,json}``); ``--suite optimizers`` on torch's adaptive
 optimizers at their default settings, :mod:`benchmarks.healthy_optimizers` (output
-``benchmarks/results/healthy-optimizers-cpu.{md,json}``).
+``benchmarks/results/healthy-optimizers-cpu.{md,json}``); ``--suite finetune`` on fine-tunes of a trained model with
+small batches, :mod:`benchmarks.healthy_finetune` (output ``benchmarks/results/healthy-finetune-cpu.{md,json}``).
 
 ``--perturb 1e-6`` reruns seed 0 (``--perturb-seeds N``: seeds 0..N-1) of every task and method with the initial
 weights multiplied by ``1 + 1e-6 N(0, 1)`` (a fixed generator per seed) and reports how far the result moves.
@@ -110,24 +111,26 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
 
 def healthy_tasks() -> dict[str, Any]:
     """The healthy corpus (:mod:`benchmarks.healthy_tasks`), its two held-out sets
-    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`) and torch's adaptive optimizers at their
-    defaults (:mod:`benchmarks.healthy_optimizers`)."""
+    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`), torch's adaptive optimizers at their
+    defaults (:mod:`benchmarks.healthy_optimizers`) and fine-tunes (:mod:`benchmarks.healthy_finetune`)."""
+    from benchmarks.healthy_finetune import FINETUNE_TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
 
-    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS, **OPTIMIZER_TASKS}
+    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS, **OPTIMIZER_TASKS, **FINETUNE_TASKS}
 
 
 def healthy_metrics() -> dict[str, str]:
     """What each healthy task's ``evaluate`` measures, for the corpus and the held-out sets."""
+    from benchmarks.healthy_finetune import METRICS as FINETUNE_METRICS
     from benchmarks.healthy_holdout import METRICS as HOLDOUT_METRICS
     from benchmarks.healthy_holdout2 import METRICS as HOLDOUT2_METRICS
     from benchmarks.healthy_optimizers import METRICS as OPTIMIZER_METRICS
     from benchmarks.healthy_tasks import METRICS
 
-    return {**METRICS, **HOLDOUT_METRICS, **HOLDOUT2_METRICS, **OPTIMIZER_METRICS}
+    return {**METRICS, **HOLDOUT_METRICS, **HOLDOUT2_METRICS, **OPTIMIZER_METRICS, **FINETUNE_METRICS}
 
 
 def all_tasks() -> dict[str, Any]:
@@ -589,6 +592,7 @@ def healthy_table(results: list[dict[str, Any]], tasks: list[str], methods: list
 
 
 def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float, label: str | None) -> str:
+    from benchmarks.healthy_finetune import FINETUNE_TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
@@ -597,6 +601,7 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
     registry, metrics = healthy_tasks(), healthy_metrics()
     holdout = bool(tasks) and all(t in HOLDOUT_TASKS or t in HOLDOUT2_TASKS for t in tasks)
     optimizers = bool(tasks) and all(t in OPTIMIZER_TASKS for t in tasks)
+    finetunes = bool(tasks) and all(t in FINETUNE_TASKS for t in tasks)
     info = machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = max((r["seed"] for r in results), default=-1) + 1
@@ -606,6 +611,8 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
         if holdout
         else "# torch's adaptive optimizers at their defaults, healthy runs (CPU)"
         if optimizers
+        else "# Fine-tunes of a trained model with small batches, healthy runs (CPU)"
+        if finetunes
         else "# Healthy-but-unusual corpus (CPU)",
         "",
         f"- command: `{command}`",
@@ -674,6 +681,7 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.divergence_tasks import TASKS
+    from benchmarks.healthy_finetune import FINETUNE_TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
@@ -683,13 +691,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        choices=("divergence", "healthy", "holdout", "holdout2", "optimizers"),
+        choices=("divergence", "healthy", "holdout", "holdout2", "optimizers", "finetune"),
         default="divergence",
         help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
         "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar; holdout: the held-out healthy "
         "shapes (benchmarks/healthy_holdout.py), same metrics and bar; holdout2: the second held-out set "
         "(benchmarks/healthy_holdout2.py); optimizers: torch's adaptive optimizers at their defaults "
-        "(benchmarks/healthy_optimizers.py)",
+        "(benchmarks/healthy_optimizers.py); finetune: fine-tunes of a trained model with small batches "
+        "(benchmarks/healthy_finetune.py)",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the suite)")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: the suite's)")
@@ -703,12 +712,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    healthy = args.suite in ("healthy", "holdout", "holdout2", "optimizers")
+    healthy = args.suite in ("healthy", "holdout", "holdout2", "optimizers", "finetune")
     registry = {
         "healthy": HEALTHY_TASKS,
         "holdout": HOLDOUT_TASKS,
         "holdout2": HOLDOUT2_TASKS,
         "optimizers": OPTIMIZER_TASKS,
+        "finetune": FINETUNE_TASKS,
     }.get(args.suite, TASKS)
     known = all_tasks()
     tasks = [t for t in (args.tasks or ",".join(registry)).split(",") if t]
@@ -717,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
     if not healthy and any(t in healthy_tasks() for t in tasks):
         parser.error(
-            "the healthy tasks need --suite healthy, holdout, holdout2 or optimizers "
+            "the healthy tasks need --suite healthy, holdout, holdout2, optimizers or finetune "
             "(their evaluate() is a task metric)"
         )
     methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
@@ -735,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdout": "healthy-holdout-cpu",
         "holdout2": "healthy-holdout2-cpu",
         "optimizers": "healthy-optimizers-cpu",
+        "finetune": "healthy-finetune-cpu",
     }.get(args.suite, "divergence-cpu")
     out = Path(args.out or f"benchmarks/results/{default_out}")
 
