@@ -403,8 +403,9 @@ class Detector:
         observation make the estimate?). The smoothed loss gives its newest batch a weight of ``1 / h`` (``h`` =
         :data:`LOSS_HORIZON_STEPS`), so one batch ``k`` times the typical loss lifts it by ``(k - 1) / h`` of its
         level. In a fine-tune with batches of 8 near a zero loss, a batch 10-15x the typical one lifts the smoothed
-        loss 1.4-2x, past the relative tolerance before the spread is measured, and past three spreads measured in a
-        quiet stretch (where the lowest value is reached); without this test the guard backed such runs off to LR
+        loss to 1.9-2.4x its level, past the relative tolerance before the spread is measured, and past three spreads
+        measured in a quiet stretch (where the lowest value is reached); without this test the guard backed such runs
+        off to LR
         x 0.016 (``benchmarks/results/healthy-finetune-cpu-v35.md``). A batch that far out is the loss-spike rule's to
         judge, in log space against the run's own spread; a run that diverges lifts many batches, and leaving one
         out changes little."""
