@@ -221,7 +221,7 @@ class LossTrend:
         """The smoothed loss :meth:`update` with ``loss`` would give, with the one batch that weighs most in it left
         out (its weight times its loss; the average renormalised over the others): a leave-one-out, so that a rise
         one batch makes is told from a rise of the loss's level. Equal to :meth:`smoothed_with` when every batch
-        weighs alike, and ``loss`` itself when no other batch is left.
+        had the same loss, and ``loss`` itself when no other batch is left.
 
         Example::
 

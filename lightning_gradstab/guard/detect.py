@@ -76,7 +76,6 @@ resolution as the loss spread's floor (:data:`RELATIVE_LOSS_STD_FLOOR`)."""
 LOSS_HORIZON_STEPS = 10
 """Effective window of the smoothed loss that divergence is judged on."""
 
-
 RELATIVE_LOSS_STD_FLOOR = 0.01
 """Smallest loss standard deviation used in loss z-scores, as a fraction of the mean loss."""
 
@@ -405,10 +404,9 @@ class Detector:
         level. In a fine-tune with batches of 8 near a zero loss, a batch 10-15x the typical one lifts the smoothed
         loss to 1.9-2.4x its level, past the relative tolerance before the spread is measured, and past three spreads
         measured in a quiet stretch (where the lowest value is reached); without this test the guard backed such runs
-        off to LR
-        x 0.016 (``benchmarks/results/healthy-finetune-cpu-v35.md``). A batch that far out is the loss-spike rule's to
-        judge, in log space against the run's own spread; a run that diverges lifts many batches, and leaving one
-        out changes little."""
+        off to LR x 0.016 (``benchmarks/results/healthy-finetune-cpu-v35.md``). A batch that far out is the loss-spike
+        rule's to judge, in log space against the run's own spread; a run that diverges lifts many batches, and
+        leaving one out changes little."""
         trend = self.loss_trend
         if self.config.loss_rise_tolerance is None or trend.count < 2 or not math.isfinite(trend.lowest):
             return False
