@@ -69,7 +69,8 @@ def main() -> None:
     lines = [
         "# Rescue tests: margins under a weight perturbation and thread counts",
         "",
-        f"- command: `python scripts/rescue_margins.py --jobs {args.jobs}`",
+        f"- command: `python scripts/rescue_margins.py --jobs {args.jobs}"
+        + ("" if args.out == parser.get_default("out") else f" --out {Path(args.out).relative_to(REPO)}") + "`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu}; commit {commit.strip()}",
         "- statistic: the test's (median over its seeds of the final held-out loss); bound = 1.05 x clip + 0.01;"
         " margin = bound - guard (> 0: the test passes)",
