@@ -246,14 +246,14 @@ class LossTrend:
         """How far the smoothed loss lies above the lowest value it reached (0 before there is one)."""
         return self.smoothed - self.lowest if self.count and math.isfinite(self.lowest) else 0.0
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a restart."""
         return {
             "count": self.count, "average": self.average, "lowest": self.lowest,
             "noise_at_lowest": self.noise_at_lowest, "recent": list(self.recent),
         }
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict``."""
         self.count = int(state["count"])
         self.average = float(state["average"])
