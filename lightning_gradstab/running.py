@@ -232,6 +232,7 @@ class LossTrend:
         """
         if self.decay <= 0:
             return loss
+        # never more losses than the average holds (a hand-edited state could keep more than its count)
         values = [*self.recent, loss][-min(self.count + 1, len(self.recent) + 1) :]
         weights = [(1.0 - self.decay) * self.decay ** (len(values) - 1 - i) for i in range(len(values))]
         heaviest = max(range(len(values)), key=lambda i: weights[i] * values[i])
