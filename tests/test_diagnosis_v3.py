@@ -153,6 +153,78 @@ def test_affine_blocks_on_the_skip_path_are_scalings_not_layers():
     assert "arch.residual" not in diagnose(model, x).codes
 
 
+class ResidualScaling(nn.Module):
+    """ZAYA's residual add: per-feature gains and biases on the branch and on the stream, then their sum."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.branch_scale, self.branch_bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+        self.stream_scale, self.stream_bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+
+    def forward(self, branch: Tensor, stream: Tensor) -> Tensor:
+        return (branch + self.branch_bias) * self.branch_scale + (stream + self.stream_bias) * self.stream_scale
+
+
+class ScaledResidualMLP(nn.Module):
+    """16 pre-LN ReLU MLP blocks whose skip connection is the add inside :class:`ResidualScaling`."""
+
+    def __init__(self, blocks: int = 16, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)) for _ in range(blocks)
+        )
+        self.adds = nn.ModuleList(ResidualScaling(width) for _ in range(blocks))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        stream = self.embed(x)
+        for norm, mlp, add in zip(self.norms, self.mlps, self.adds, strict=True):
+            stream = add(mlp(norm(stream)), stream)
+        return self.head(stream)
+
+
+def test_a_module_that_adds_two_signal_paths_with_per_feature_gains_is_a_skip_connection_not_a_scaling():
+    # the behaviour tests vary the first argument only: a sum of two paths reads there as an affine map of one,
+    # and the skip connection inside vanished from the graph (32 layers read as a plain stack)
+    torch.manual_seed(0)
+    model, x = ScaledResidualMLP(), torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    graph, _ = trace(model, model, inputs=x)
+    joins = [node for node in graph.nodes if node.kind == "join" and not node.in_branch]
+    assert len(joins) >= 16 and graph.plain_depth <= 4
+    assert graph.layer("mlps.0.0").in_branch and graph.layer("mlps.15.2").in_branch
+    assert "arch.residual" not in diagnose(model, x).codes
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's gated RMSNorm: ``norm(x * silu(gate)) * weight``, two signal inputs, one per-feature weight."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        x = x * F.silu(gate)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_a_normalization_of_its_first_input_is_one_node_however_many_paths_it_takes():
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.gate, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+            self.norm = GatedRMSNorm(16)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.norm(self.inner(x), self.gate(x)))
+
+    model = Gated()
+    graph, _ = trace(model, model, inputs=torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    norms = [node for node in graph.nodes if node.kind == "norm"]
+    assert [node.name for node in norms] == ["norm"]
+
+
 class LayerScaleBlocks(nn.Module):
     """Pre-LN MLP blocks with LayerScale 1e-6, as a ``Scale`` module or inline, classified from the class token."""
 

@@ -4,7 +4,8 @@ by tracing inside it, decided once per module at its first call.
 Known classes are decided by class. A leaf we do not know by class is decided by what it computes (see
 :mod:`.behaviour`): with only per-feature parameters it is a normalization (output invariant to the input's
 scale), a deliberate scaling (``scale * x + bias``: LayerScale, SkipInit gates, affine blocks) or else a layer
-(once a module normalises, an equal one, by class, attributes and parameter shapes, is only measured for its gain);
+(once a module normalises, an equal one, by class, attributes and parameter shapes, is only measured for its gain;
+one that takes several signal paths is a normalization of its first or else traced inside, where its add is a join);
 with larger parameters it is traced inside (its weights are read where its forward applies them); without any,
 a parameter-free elementwise leaf is classified as a sigmoid-, tanh- or ReLU-like activation on a grid (so
 GELU-tanh's internal add and tanh are not read as structure), once per class and attributes.
@@ -18,7 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_gradstab.diagnosis.behaviour import classify_elementwise, scaled_output_rms, scaling_behaviour
+from lightning_gradstab.diagnosis.behaviour import (
+    classify_elementwise,
+    norm_gain,
+    scaled_output_rms,
+    scaling_behaviour,
+)
 from lightning_gradstab.diagnosis.ops import NORM_TYPES, activation_module_name, layer_kind
 from lightning_gradstab.diagnosis.recording import Recording
 
@@ -90,7 +96,17 @@ class ModuleRoles:
                 gain = scaled_output_rms(module, args, 16.0)
                 if gain is not None and 0.0 < gain < math.inf:
                     return ("norm", gain)
-            role = scaling_behaviour(module, args) or ("layer", 0.0)
+            if len(self.recording.signal_only(self.recording.traced_inputs(args))) >= 2:
+                # it combines several signal paths: a normalization of the first (a gated RMSNorm, Mamba-2's) is
+                # one node, but anything else is traced inside. The tests vary the first argument only, so a sum
+                # of two paths (a residual add with per-feature gains, ZAYA's) reads as an affine map of one, and
+                # the skip connection inside it would vanish from the graph; traced inside, the add is a join
+                gain = norm_gain(module, args)
+                if gain is None:
+                    return None
+                role: Role = ("norm", gain)
+            else:
+                role = scaling_behaviour(module, args) or ("layer", 0.0)
             if role[0] == "norm" and key is not None:
                 self._normalizations.add(key)
             return role

@@ -111,6 +111,20 @@ def olmo2() -> tuple[nn.Module, dict]:
     return _causal(hf.Olmo2Config, hf.Olmo2ForCausalLM, num_key_value_heads=2)
 
 
+def zaya() -> tuple[nn.Module, dict]:
+    # the residual add is a module with per-feature gains on both paths; its QK-norm temperature starts at 0
+    return _causal(hf.ZayaConfig, hf.ZayaForCausalLM, num_key_value_heads=2, head_dim=16, moe_intermediate_size=64,
+                   num_experts=4, layer_types=["hybrid", "hybrid"])
+
+
+def ergo() -> tuple[nn.Module, dict]:
+    # the residual add is a learned gate module: sigmoid(w) * branch + sqrt(1 + sigmoid(w)) exp(-softplus(w) / 2) * x
+    return _causal(hf.ErgoConfig, hf.ErgoForCausalLM, num_key_value_heads=2, moe_intermediate_size=64, num_experts=4,
+                   first_dense_intermediate_size=128, shared_intermediate_size=64,
+                   num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                   mlp_layer_types=["dense", "sparse"])
+
+
 def mamba() -> tuple[nn.Module, dict]:
     config = hf.MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
                             conv_kernel=4, use_mambapy=True)
@@ -304,6 +318,10 @@ STOCK_WIDER: list[ZooEntry] = [
     _hf("qwen3", qwen3, "Qwen3ForCausalLM", TEXT + ", QK-norm", SPIKE_NO_MORE),
     _hf("olmo2", olmo2, "Olmo2ForCausalLM", TEXT + ", QK-norm, post-norm branches"),
     _hf("mamba", mamba, "MambaForCausalLM", "2 layers, width 64, state 8, vocab 128, batch 4 x 16 tokens"),
+    _hf("zaya", zaya, "ZayaForCausalLM (residual add as a gain module, QK-norm temperature 0)",
+        TEXT + ", 2 KV heads, 4 experts", SPIKE_NO_MORE),
+    _hf("ergo", ergo, "ErgoForCausalLM (residual add as a learned gate module)", TEXT + ", 2 KV heads, 4 experts",
+        SPIKE_NO_MORE),
     _hf("modernbert-mlm", modernbert, "ModernBertForMaskedLM", TEXT),
     _hf("bert-seqcls-labels", bert_sequence_classification_with_labels,
         "BertForSequenceClassification with labels (cross-entropy in forward)", TEXT),
