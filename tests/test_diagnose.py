@@ -275,6 +275,69 @@ def test_tiny_embeddings_feeding_a_pre_ln_transformer_get_embedding_scale():
     assert "embedding.scale" not in diagnose(PreLNTransformer(), tokens()).codes  # N(0, 1) default is fine
 
 
+class _ValueEmbeddingBlocks(nn.Module):
+    """Pre-LN blocks whose values get a per-token value embedding (modded-nanogpt, NeoMME) and are normalized
+    before the output projection; the token embeddings are at std 1, the value embeddings at ``value_std``."""
+
+    def __init__(self, value_std: float, vocab: int = 50, width: int = 32, blocks: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.values = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
+        nn.init.normal_(self.values.weight, 0.0, value_std)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.value_projections = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.out_projections = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        stream, value_embedding = self.embed(tokens), self.values(tokens)
+        for norm, value, out in zip(self.norms, self.value_projections, self.out_projections, strict=True):
+            values = value(norm(stream)) + value_embedding
+            stream = stream + out(nn.functional.normalize(values, dim=-1))
+        return self.head(stream)
+
+
+def test_value_embeddings_added_to_a_normalized_branch_are_no_residual_stream():
+    # the sum (values + value embedding) is read through a normalization, but what is added to the embedding is
+    # computed from another path, not from the embedding itself: x + f(norm(x)) is what makes a stream
+    for value_std in (0.0, 0.02):
+        assert "embedding.scale" not in diagnose(_ValueEmbeddingBlocks(value_std), tokens()).codes
+    model = _ValueEmbeddingBlocks(0.02)
+    nn.init.normal_(model.embed.weight, 0.0, 0.02)  # the token embeddings are the stream: still found
+    (embedding,) = diagnose(model, tokens()).by_code("embedding.scale")
+    assert embedding.modules == ("embed",)
+
+
+class _ScaledResidualBlocks(nn.Module):
+    """N(0, 0.02) token embeddings into blocks ``gain * x + f(norm(x))`` (pre-LN with a per-feature residual gain,
+    as Doge's), or ``norm(x + f(x))`` (post-LN) with ``post_ln``."""
+
+    def __init__(self, post_ln: bool, vocab: int = 50, width: int = 32, blocks: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.branches = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.gains = nn.ParameterList(nn.Parameter(torch.ones(width)) for _ in range(blocks))
+        self.head = nn.Linear(width, vocab)
+        self.post_ln = post_ln
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        stream = self.embed(tokens)
+        for norm, branch, gain in zip(self.norms, self.branches, self.gains, strict=True):
+            stream = norm(stream + branch(stream)) if self.post_ln else gain * stream + branch(norm(stream))
+        return self.head(stream)
+
+
+def test_a_pre_ln_stream_with_a_residual_gain_is_a_stream_and_a_post_ln_one_is_not():
+    (embedding,) = diagnose(_ScaledResidualBlocks(post_ln=False), tokens()).by_code("embedding.scale")
+    assert embedding.modules == ("embed",)
+    # Takase et al.'s mechanism is the pre-LN one (norm(x) amplifies the gradient of a tiny x); a post-LN
+    # block's branch reads x itself, and its sum is normalized before the next block
+    assert "embedding.scale" not in diagnose(_ScaledResidualBlocks(post_ln=True), tokens()).codes
+
+
 def test_inplace_relu_gives_the_same_measurements_as_out_of_place():
     out_of_place, inplace = mlp(30, 64), mlp(30, 64)
     for module in inplace:

@@ -278,11 +278,18 @@ def has_norm_upstream(nodes: list[Node]) -> list[bool]:
 def pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], has_norm: list[bool]) -> bool:
     """An embedding output that, summed with other embeddings at most, is both read through a normalization
     and carried un-normalized into a residual join with a branch (the pre-LN residual stream); ``has_norm`` is
-    :func:`has_norm_upstream` of the nodes."""
-    frontier, seen = [start], set()
+    :func:`has_norm_upstream` of the nodes.
+
+    A residual join adds a branch computed from a normalization of the stream itself, ``x + f(norm(x))``, where
+    ``x`` may reach the join through reshapes and constant or per-feature scalings (Doge's and ZAYA's scaled
+    residuals). A normalized tensor computed from another path and added to the embedding (value embeddings
+    summed into an attention's values, as NeoMME and modded-nanogpt do) makes no stream of it, and neither does a
+    post-LN block, ``norm(x + f(x))``, whose branch reads ``x`` itself."""
+    frontier: list[tuple[int, tuple[int, ...]]] = [(start, (start,))]  # a stream node, the segment since a join
+    seen: set[int] = set()
     feeds_norm = residual = False
     while frontier:
-        index = frontier.pop()
+        index, segment = frontier.pop()
         if index in seen:
             continue
         seen.add(index)
@@ -291,8 +298,29 @@ def pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], h
             if consumer.kind == "norm":
                 feeds_norm = True
             elif consumer.kind == "join":
-                residual |= any(has_norm[i] for i in consumer.inputs if i != index)
-                frontier.append(consumer_index)
+                if not residual:  # one skip connection makes the stream
+                    own_norms = {c for n in segment for c in consumers[n] if nodes[c].kind == "norm"}
+                    residual = any(
+                        has_norm[i] and _computed_from(i, own_norms, nodes) for i in consumer.inputs if i != index
+                    )
+                frontier.append((consumer_index, (consumer_index,)))
             elif (consumer.kind == "pass" and index in consumer.inputs) or consumer.op in JOINS:
-                frontier.append(consumer_index)
+                frontier.append((consumer_index, (*segment, consumer_index)))
     return feeds_norm and residual
+
+def _computed_from(index: int, sources: set[int], nodes: list[Node]) -> bool:
+    """Whether node ``index`` is one of ``sources`` or computed from one (a walk back over inputs that stops at
+    nodes older than every source: nodes come in execution order)."""
+    if not sources:
+        return False
+    oldest = min(sources)
+    frontier, seen = [index], set()
+    while frontier:
+        cursor = frontier.pop()
+        if cursor in sources:
+            return True
+        if cursor in seen or cursor < oldest:
+            continue
+        seen.add(cursor)
+        frontier.extend(nodes[cursor].inputs)
+    return False
