@@ -83,3 +83,33 @@ def test_the_key_and_value_of_an_attention_pooling_are_a_head_not_a_point_of_the
     assert not {"signal.exploding", "signal.vanishing"} & report.codes
     rows = {row["name"]: row for row in report.layers}
     assert rows["v"]["grad_rms"] < rows["mlps.1.2"]["grad_rms"] / 50  # the pooled gradient, ~1/512 per token
+
+
+class _AttentivePooler(_PooledEncoder):
+    """The same encoder read only through an attention pooling whose learned query passes a projection first, then
+    a pre-LN MLP block on the pooled token and a classifier (V-JEPA 2's attentive pooler): every point past the
+    pooling gets the whole gradient, every token before it ~1/512 of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(32, 32)
+        self.pooled_norm = nn.LayerNorm(32)
+        self.pooled_mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = self.embed(x)
+        for norm, block in zip(self.norms, self.mlps, strict=True):
+            h = h + block(norm(h))
+        query = self.q(self.query.expand(x.shape[0], -1, -1))  # the first argument of the pooling is now traced
+        pooled = self.out(torch.nn.functional.scaled_dot_product_attention(query, self.k(h), self.v(h)))
+        pooled = pooled + self.pooled_mlp(self.pooled_norm(pooled))
+        return self.classifier(pooled)
+
+
+def test_points_past_an_attention_pooling_are_not_compared_with_the_tokens_before_it():
+    # an attention pooling pools positions as a mean does: comparing the tokens' delta with the pooled token's
+    # measures the 512 positions, not a depth effect (a signal.vanishing warning before)
+    tokens = torch.randn(4, 512, 8, generator=torch.Generator().manual_seed(1))
+    report = diagnose(_AttentivePooler(), tokens)
+    assert not {"signal.exploding", "signal.vanishing"} & report.codes

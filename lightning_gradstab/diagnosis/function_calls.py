@@ -104,7 +104,8 @@ class FunctionCalls:
             return  # a constant computation (masks, positions): not part of the signal path
         node = self._signal_node(op, args, kwargs, inputs, leaves, weights, output)
         if node.kind in ("pass", "op") and first is not None and isinstance(output, Tensor):
-            node.global_reduction = pools_positions(first, output)
+            # an attention pooling (a learned query over the sequence) pools the positions as a mean does
+            node.global_reduction = node.pooling_attention or pools_positions(first, output)
         self.recording.register_outputs(node, output)
 
     def _read_arguments(self, leaves: list[Tensor]) -> tuple[list[tuple[Tensor, str]], list[int], Tensor | None]:
