@@ -8,6 +8,9 @@ batch)``. One JSON line per model goes to the results file: status, config overr
 shapes, timings (plain forward + backward and diagnose, best of 3; their ratio is diagnose()'s cost), findings, and
 a plain-backward gradient profile (per-layer gradient RMS) to check suspicious findings against. The types the
 test zoo (``tests/zoo``) already builds are left out unless named with ``--only``.
+``--mappings more`` sweeps the model types that only fifteen further mappings hold (object detection,
+segmentation, depth, video, keypoints, zero-shot towers, encoder-decoders, speech-to-text, ...; results in
+``benchmarks/results/hf-sweep-more.jsonl``), each batch also tried with the other inputs its forward takes.
 
 The driver starts a worker process that handles the models one by one; build, plain step and diagnose each have
 a SIGALRM timeout, and a model that hangs past ``HARD_TIMEOUT`` (outside Python, where SIGALRM cannot stop it) gets
@@ -21,6 +24,8 @@ offline) and never imports torchvision. Run from the repository root:
 
     OMP_NUM_THREADS=1 python scripts/hf_sweep.py list                   # the candidates, type|class|mapping
     OMP_NUM_THREADS=1 python scripts/hf_sweep.py run [--out FILE.jsonl] [--budget SECONDS] [--only TYPE,TYPE]
+    OMP_NUM_THREADS=1 python scripts/hf_sweep.py run --mappings more    # detection, segmentation, depth, video,
+                                                                         # encoder-decoders, speech-to-text, ...
     python scripts/hf_sweep.py summary [--out FILE.jsonl]                # rewrite FILE.md from FILE.jsonl
 """
 
@@ -75,6 +80,27 @@ MAPPINGS = [
     "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
     "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
 ]
+# ``--mappings more``: the vision, speech and sequence-to-sequence heads whose model types none of MAPPINGS has
+# (detection, segmentation, depth, video, keypoints, zero-shot towers, encoder-decoders, speech-to-text)
+MORE_MAPPINGS = [
+    "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
+    "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES",
+    "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES",
+    "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_FOR_KEYPOINT_DETECTION_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TO_IMAGE_MAPPING_NAMES",
+    "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+    "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_FOR_ZERO_SHOT_OBJECT_DETECTION_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "MODEL_FOR_TEXT_RECOGNITION_MAPPING_NAMES",
+    "MODEL_FOR_TIME_SERIES_CLASSIFICATION_MAPPING_NAMES",
+]
+MORE_OUT = ROOT / "benchmarks/results/hf-sweep-more.jsonl"
+MORE_NAMES = {m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in MORE_MAPPINGS}
 
 # model types the project's zoo (tests/zoo STOCK, STOCK_WIDER, GOOD, GOOD_WIDER, BROKEN) already builds
 ZOO_TYPES = {
@@ -108,12 +134,13 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------- candidates
 
 
-def candidates(include_zoo: bool = False) -> list[Candidate]:
-    """(model_type, class name, mapping): one class per model type, from the first mapping in MAPPINGS order."""
+def candidates(include_zoo: bool = False, more: bool = False) -> list[Candidate]:
+    """(model_type, class name, mapping): one class per model type, from the first mapping in MAPPINGS order;
+    with ``more``, one per model type of MORE_MAPPINGS that MAPPINGS does not hold."""
     from transformers.models.auto import modeling_auto as auto
 
     seen: dict[str, Candidate] = {}
-    for mapping in MAPPINGS:
+    for mapping in MAPPINGS + (MORE_MAPPINGS if more else []):
         for model_type, names in getattr(auto, mapping).items():
             class_name = names[0] if isinstance(names, (list, tuple)) else names
             if model_type in seen or model_type in SKIP_TYPES:
@@ -121,7 +148,8 @@ def candidates(include_zoo: bool = False) -> list[Candidate]:
             if not include_zoo and model_type in ZOO_TYPES:
                 continue
             seen[model_type] = (model_type, class_name, mapping.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", ""))
-    return list(seen.values())
+    core = {m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in MAPPINGS}
+    return [c for c in seen.values() if (c[2] not in core) == more]
 
 
 # --------------------------------------------------------------------------------------------------- tiny configs
@@ -323,8 +351,58 @@ def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def candidate_batches(model: torch.nn.Module, config: PretrainedConfig) -> list[Batch]:
-    """Batches to try in order, chosen by ``model.main_input_name``; the first one a plain step runs on is used."""
+def candidate_batches(model: torch.nn.Module, config: PretrainedConfig, more: bool = False) -> list[Batch]:
+    """Batches to try in order, chosen by ``model.main_input_name``; the first one a plain step runs on is used.
+    With ``more`` (the heads of MORE_MAPPINGS), also each with the other inputs the forward takes: decoder ids for
+    an encoder-decoder, text ids beside the images of a zero-shot tower, video clips and time series."""
+    if not more:
+        return _main_input_batches(model, config)
+    try:
+        batches = _main_input_batches(model, config)
+    except RuntimeError:  # no recipe for the main input alone (videos, time series): the others below
+        batches = []
+    return batches + _with_other_inputs(model, config, batches)
+
+
+def _with_other_inputs(model: torch.nn.Module, config: PretrainedConfig, batches: list[Batch]) -> list[Batch]:
+    import inspect
+
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    try:
+        accepted = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    name = getattr(model, "main_input_name", "input_ids")
+    vocab = getattr(_text_config(config), "vocab_size", None) or getattr(config, "vocab_size", None) or VOCAB
+    vocab = vocab if _is_int(vocab) else VOCAB
+    extra: Batch = {}
+    if "decoder_input_ids" in accepted:
+        extra["decoder_input_ids"] = torch.randint(3 if vocab > 8 else 0, vocab, (2, 8), generator=g)
+    if "input_ids" in accepted and name != "input_ids":
+        extra["input_ids"] = torch.randint(3 if vocab > 8 else 0, vocab, TEXT_SHAPE, generator=g)
+    if "pixel_values" in accepted and name != "pixel_values":
+        vc = getattr(config, "vision_config", None) or config
+        size = getattr(vc, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
+        extra["pixel_values"] = torch.randn(2, 3, size, size, generator=g)
+    out = [{**batch, **extra} for batch in batches[:3]] if extra else []
+    frames = getattr(config, "num_frames", None) or getattr(getattr(config, "vision_config", None), "num_frames", None)
+    if name in ("pixel_values", "pixel_values_videos"):
+        vc = getattr(config, "vision_config", None) or config
+        size = getattr(vc, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
+        for count in ([frames] if _is_int(frames) else []) + [8, 16]:
+            out.append({name: torch.randn(2, count, 3, size, size, generator=g)})
+    if name == "past_values":  # time series: (batch, context, channels)
+        context = getattr(config, "context_length", 32) or 32
+        channels = getattr(config, "num_input_channels", 1) or 1
+        out.append({name: torch.randn(2, context, channels, generator=g)})
+    return out
+
+
+def _main_input_batches(model: torch.nn.Module, config: PretrainedConfig) -> list[Batch]:
     import torch
 
     g = torch.Generator().manual_seed(1)
@@ -521,6 +599,16 @@ def _build(model_type: str, class_name: str, mapping: str) -> tuple[torch.nn.Mod
 
     model_class = getattr(transformers, class_name)
     config, overrides = build_config(CONFIG_MAPPING[model_type])
+    backbone = getattr(config, "backbone_config", None)
+    if mapping in MORE_NAMES and getattr(backbone, "model_type", None) == "timm_backbone":
+        # DETR-style detectors default to a timm backbone, and timm imports torchvision: the library's own ResNet,
+        # one block per stage, with the stages the timm backbone handed on
+        indices = list(getattr(backbone, "out_indices", None) or [1, 2, 3, 4])
+        overrides["backbone_config"] = transformers.ResNetConfig(
+            depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 64], embedding_size=16, out_indices=indices
+        )
+        config = CONFIG_MAPPING[model_type](**overrides)
+        overrides["backbone_config"] = "ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 64])"
     if hasattr(config, "use_cache"):
         config.use_cache = False
     if mapping == "CAUSAL_LM" and hasattr(config, "is_decoder"):
@@ -554,7 +642,7 @@ def run_one(model_type: str, class_name: str, mapping: str) -> dict[str, Any]:
     # ---- plain forward + backward on the first batch that runs
     batch, errors = None, []
     try:
-        for cand in candidate_batches(model, config):
+        for cand in candidate_batches(model, config, more=mapping in MORE_NAMES):
             try:
                 torch.manual_seed(0)
                 with_timeout(BUILD_TIMEOUT, plain_step, model, cand)
@@ -789,9 +877,15 @@ def write_summary(out: Path, command: str, n_candidates: int | None = None) -> P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the candidates, one type|class|mapping a line")
+    listing = sub.add_parser("list", help="print the candidates, one type|class|mapping a line")
     run = sub.add_parser("run", help="run the sweep (resuming OUT), then write the summary")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    for command_parser in (listing, run):
+        command_parser.add_argument(
+            "--mappings", choices=("core", "more"), default="core",
+            help="core: the six mappings of MAPPINGS; more: the model types only MORE_MAPPINGS holds (detection, "
+            f"segmentation, depth, video, encoder-decoders, speech-to-text, ...; default results file {MORE_OUT})",
+        )
+    run.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT})")
     run.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="wall-clock seconds for the sweep")
     run.add_argument("--only", help="comma-separated model types (as in CONFIG_MAPPING; zoo types allowed)")
     summary = sub.add_parser("summary", help="write OUT's Markdown summary (same stem, .md)")
@@ -803,15 +897,17 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", *sys.argv])
 
     if args.command == "list":
-        for cand in candidates():
+        for cand in candidates(more=args.mappings == "more"):
             print("|".join(cand))
     elif args.command == "worker":
         worker(args.out, [tuple(spec.split("|")) for spec in args.specs])
     elif args.command == "summary":
         print("wrote", write_summary(args.out, command))
     else:
+        more = args.mappings == "more"
+        args.out = args.out or (MORE_OUT if more else DEFAULT_OUT)
         only = args.only.split(",") if args.only else None
-        cands = candidates(include_zoo=bool(only))
+        cands = candidates(include_zoo=bool(only), more=more)
         if only:
             missing = sorted(set(only) - {c[0] for c in cands})
             if missing:
