@@ -334,9 +334,15 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def build_config(config_class: type[PretrainedConfig]) -> tuple[PretrainedConfig, dict[str, Any]]:
-    """The tiny config of ``config_class`` and the overrides of its defaults that made it."""
-    overrides = shrink(config_class().to_dict())
+def build_config(
+    config_class: type[PretrainedConfig], fit_stages: bool = False
+) -> tuple[PretrainedConfig, dict[str, Any]]:
+    """The tiny config of ``config_class`` and the overrides of its defaults that made it (``fit_stages``: with
+    as many backbone layers as a dense head reads, :func:`_fit_backbone_stages`)."""
+    defaults = config_class().to_dict()
+    overrides = shrink(defaults)
+    if fit_stages:
+        _fit_backbone_stages(overrides, defaults)
     return config_class(**overrides), overrides
 
 
@@ -598,7 +604,7 @@ def _build(model_type: str, class_name: str, mapping: str) -> tuple[torch.nn.Mod
     from transformers import CONFIG_MAPPING
 
     model_class = getattr(transformers, class_name)
-    config, overrides = build_config(CONFIG_MAPPING[model_type])
+    config, overrides = build_config(CONFIG_MAPPING[model_type], fit_stages=mapping in MORE_NAMES)
     backbone = getattr(config, "backbone_config", None)
     if mapping in MORE_NAMES and getattr(backbone, "model_type", None) == "timm_backbone":
         # DETR-style detectors default to a timm backbone, and timm imports torchvision: the library's own ResNet,
@@ -618,6 +624,33 @@ def _build(model_type: str, class_name: str, mapping: str) -> tuple[torch.nn.Mod
         model.set_default_language(next(iter(getattr(config, "languages", ["en_XX"]))))
     model.train()
     return model, config, overrides
+
+
+def _fit_backbone_stages(overrides: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Keep as many layers as the stages a dense head reads (DPT, Depth Anything, ZoeDepth, RF-DETR read 4 of a
+    ViT's 12 or 24 layers: the tiny config's 2 layers leave those stages out), and a neck as wide as its backbone.
+    Returns whether it changed anything."""
+    changed = False
+    nested = overrides.get("backbone_config")
+    if isinstance(nested, dict) and _is_int(nested.get("num_hidden_layers")):
+        stages = nested.get("out_indices") or [
+            int(name[5:]) for name in nested.get("out_features") or [] if name[5:].isdigit()
+        ]
+        if stages and max(stages) > nested["num_hidden_layers"]:
+            count = len(stages)
+            nested.update(num_hidden_layers=count, out_indices=list(range(1, count + 1)),
+                          out_features=[f"stage{i}" for i in range(1, count + 1)])
+            nested.pop("stage_names", None)
+            changed = True
+        if _is_int(defaults.get("reassemble_hidden_size")) and _is_int(nested.get("hidden_size")):
+            overrides["reassemble_hidden_size"] = nested["hidden_size"]  # the neck reads the backbone's width
+            changed = True
+    indices = overrides.get("backbone_out_indices")
+    layers = overrides.get("num_hidden_layers")
+    if isinstance(indices, list) and _is_int(layers) and max(indices, default=0) >= layers:
+        overrides.update(num_hidden_layers=len(indices), backbone_out_indices=list(range(len(indices))))
+        changed = True
+    return changed
 
 
 def run_one(model_type: str, class_name: str, mapping: str) -> dict[str, Any]:
