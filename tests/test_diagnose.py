@@ -338,6 +338,37 @@ def test_a_pre_ln_stream_with_a_residual_gain_is_a_stream_and_a_post_ln_one_is_n
     assert "embedding.scale" not in diagnose(_ScaledResidualBlocks(post_ln=True), tokens()).codes
 
 
+class _PatchTower(nn.Module):
+    """A SigLIP-style vision tower: a patch convolution at torch's default init plus a position table drawn
+    N(0, ``position_std``) as an ``nn.Embedding``, then pre-LN MLP blocks."""
+
+    def __init__(self, position_std: float, width: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = nn.Conv2d(3, width, 4, stride=4)
+        self.positions = nn.Embedding(16, width)
+        nn.init.normal_(self.positions.weight, 0.0, position_std)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stream = self.patches(images).flatten(2).transpose(1, 2) + self.positions(torch.arange(16))
+        for norm, block in zip(self.norms, self.mlps, strict=True):
+            stream = stream + block(norm(stream))
+        return self.head(stream.mean(1))
+
+
+def test_a_small_position_table_summed_with_patches_is_judged_by_the_stream_it_starts():
+    # the stream is the sum: the patch projection at torch's default init sets its scale, not the table's 0.02
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert "embedding.scale" not in diagnose(_PatchTower(0.02), images).codes
+    tiny = _PatchTower(0.02)
+    nn.init.normal_(tiny.patches.weight, 0.0, 1e-4)  # patches that add nothing: the stream is the table's
+    (finding,) = diagnose(tiny, images).by_code("embedding.scale")
+    assert finding.modules == ("positions",) and finding.evidence["residual_stream_std"] < 0.1
+
+
 def test_inplace_relu_gives_the_same_measurements_as_out_of_place():
     out_of_place, inplace = mlp(30, 64), mlp(30, 64)
     for module in inplace:

@@ -165,7 +165,8 @@ def build_report(
     for probe in sorted(result.layers, key=lambda p: p.node):
         first_calls.setdefault(probe.name, probe.output_std)
     findings, schemes, weight_std = init_findings(
-        graph, first_calls, result.weight_moments, result.gradient_rows, result.vector_weights
+        graph, first_calls, result.weight_moments, result.gradient_rows, result.vector_weights,
+        {probe.node: probe.output_std for probe in result.joins},
     )
     scales = [f for f in findings if f.code == "init.scale"]
     activation_problems = activation_findings(result.activations)

@@ -54,6 +54,8 @@ class LayerInfo:
         in_branch: it lies inside a residual branch (its output joins a skip connection as the branch).
         pre_norm_stream: an embedding whose output enters a residual stream un-normalized while the branches
             read it through a normalization (pre-LN Transformers).
+        stream_start: for such an embedding, the node that enters the first skip connection as the stream (its
+            output, or its sum with positions or patches), whose measured scale is the stream's.
         downstream_scale: constant factor applied to its output before the next op (``emb(x) * sqrt(d)``).
         calls: how often it ran in the forward pass (time steps for RNN cells, applications of a shared
             weight; each application of a non-recurrent weight is one layer of depth).
@@ -85,6 +87,7 @@ class LayerInfo:
     pooling_head: bool = False
     in_branch: bool = False
     pre_norm_stream: bool = False
+    stream_start: int | None = None
     downstream_scale: float = 1.0
     calls: int = 0
     input_shape: tuple[int, ...] = ()
@@ -185,7 +188,8 @@ def build_graph(
             info.in_branch = joins and in_branch[node.index]
             if info.kind == "embedding":
                 has_norm = has_norm_upstream(nodes) if has_norm is None else has_norm
-                info.pre_norm_stream = pre_norm_stream(node.index, nodes, consumers, has_norm)
+                info.stream_start = pre_norm_stream(node.index, nodes, consumers, has_norm)
+                info.pre_norm_stream = info.stream_start is not None
     for node in nodes:
         if node.kind == "join":
             node.in_branch = in_branch[node.index]

@@ -153,6 +153,7 @@ def init_findings(
     moments: dict[str, tuple[float, float]] | None = None,
     gradient_rows: dict[str, tuple[float, float]] | None = None,
     vector_weights: set[str] | None = None,
+    join_std: dict[int, float] | None = None,
 ) -> tuple[list[Finding], dict[str, InitScheme], dict[str, float]]:
     """``init.scale``, ``init.symmetric``, ``embedding.scale`` findings; the scheme and weight std per layer.
 
@@ -160,7 +161,9 @@ def init_findings(
     its own forward included; without it the weight std is used. ``moments``: :func:`layer_weight_moments`
     when already taken. ``gradient_rows``: per layer with identical weight rows, the spread of its gradient's rows
     and the gradient's largest entry (:mod:`.symmetry`), when the probe measured them; ``vector_weights``: layers
-    whose weight is derived from a one-dimensional parameter (no units to be identical).
+    whose weight is derived from a one-dimensional parameter (no units to be identical). ``join_std``: the
+    measured output std of each join node (by node index), the scale of a stream that an embedding starts together
+    with other terms (positions, patches).
 
     Example::
 
@@ -179,7 +182,7 @@ def init_findings(
     findings += _symmetric_findings(
         measured, row_spread, weight_std, schemes, gradient_rows or {}, vector_weights or set()
     )
-    findings += _embedding_findings(measured, {**weight_std, **(output_std or {})})
+    findings += _embedding_findings(measured, {**weight_std, **(output_std or {})}, graph, join_std or {})
     return findings, schemes, weight_std
 
 
@@ -386,17 +389,29 @@ def _symmetric_findings(
     return findings
 
 
-def _embedding_findings(measured: list[LayerInfo], weight_std: dict[str, float]) -> list[Finding]:
+def _embedding_findings(
+    measured: list[LayerInfo], weight_std: dict[str, float], graph: ModelGraph, join_std: dict[int, float]
+) -> list[Finding]:
     # pre-LN residual stream: LN rescales the branch input, so a tiny stream is dominated by the first branch
-    # updates and its gradients are amplified (Takase et al. 2023, "Spike No More": keep embeddings at std ~1)
-    tiny = [
-        layer for layer in measured
-        if layer.kind == "embedding" and layer.pre_norm_stream
-        and weight_std[layer.name] * layer.downstream_scale < 0.1
-    ]
+    # updates and its gradients are amplified (Takase et al. 2023, "Spike No More": keep embeddings at std ~1).
+    # The stream is what enters the first skip connection: an embedding summed there with other terms (a position
+    # table added to patch projections) is judged by the sum's measured scale, not its own
+    def stream_std(layer: LayerInfo) -> float:
+        own = weight_std[layer.name] * layer.downstream_scale
+        cursor = layer.stream_start
+        while cursor is not None and graph.nodes[cursor].kind == "pass" and graph.nodes[cursor].inputs:
+            cursor = graph.nodes[cursor].inputs[0]
+        if cursor is None or graph.nodes[cursor].kind != "join" or cursor not in join_std:
+            return own
+        return join_std[cursor]
+
+    stds_by_layer = {
+        layer.name: stream_std(layer) for layer in measured if layer.kind == "embedding" and layer.pre_norm_stream
+    }
+    tiny = [layer for layer in measured if stds_by_layer.get(layer.name, math.inf) < 0.1]
     if not tiny:
         return []
-    stds = [weight_std[layer.name] * layer.downstream_scale for layer in tiny]
+    stds = [stds_by_layer[layer.name] for layer in tiny]
     names = ", ".join(layer.name for layer in tiny)
     return [
         Finding(

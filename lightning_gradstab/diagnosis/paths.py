@@ -275,7 +275,9 @@ def has_norm_upstream(nodes: list[Node]) -> list[bool]:
     return has_norm
 
 
-def pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], has_norm: list[bool]) -> bool:
+def pre_norm_stream(
+    start: int, nodes: list[Node], consumers: list[list[int]], has_norm: list[bool]
+) -> int | None:
     """An embedding output that, summed with other embeddings at most, is both read through a normalization
     and carried un-normalized into a residual join with a branch (the pre-LN residual stream); ``has_norm`` is
     :func:`has_norm_upstream` of the nodes.
@@ -284,10 +286,15 @@ def pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], h
     ``x`` may reach the join through reshapes and constant or per-feature scalings (Doge's and ZAYA's scaled
     residuals). A normalized tensor computed from another path and added to the embedding (value embeddings
     summed into an attention's values, as NeoMME and modded-nanogpt do) makes no stream of it, and neither does a
-    post-LN block, ``norm(x + f(x))``, whose branch reads ``x`` itself."""
+    post-LN block, ``norm(x + f(x))``, whose branch reads ``x`` itself.
+
+    Returns the node that enters the first such skip connection as the stream (the embedding's output, or its sum
+    with the other terms that start the stream: positions, patches), None when the embedding starts no pre-LN
+    stream."""
     frontier: list[tuple[int, tuple[int, ...]]] = [(start, (start,))]  # a stream node, the segment since a join
     seen: set[int] = set()
-    feeds_norm = residual = False
+    feeds_norm = False
+    stream: int | None = None
     while frontier:
         index, segment = frontier.pop()
         if index in seen:
@@ -298,15 +305,15 @@ def pre_norm_stream(start: int, nodes: list[Node], consumers: list[list[int]], h
             if consumer.kind == "norm":
                 feeds_norm = True
             elif consumer.kind == "join":
-                if not residual:  # one skip connection makes the stream
+                if stream is None:  # one skip connection makes the stream
                     own_norms = {c for n in segment for c in consumers[n] if nodes[c].kind == "norm"}
-                    residual = any(
-                        has_norm[i] and _computed_from(i, own_norms, nodes) for i in consumer.inputs if i != index
-                    )
+                    if any(has_norm[i] and _computed_from(i, own_norms, nodes) for i in consumer.inputs if i != index):
+                        stream = index
                 frontier.append((consumer_index, (consumer_index,)))
             elif (consumer.kind == "pass" and index in consumer.inputs) or consumer.op in JOINS:
                 frontier.append((consumer_index, (*segment, consumer_index)))
-    return feeds_norm and residual
+    return stream if feeds_norm else None
+
 
 def _computed_from(index: int, sources: set[int], nodes: list[Node]) -> bool:
     """Whether node ``index`` is one of ``sources`` or computed from one (a walk back over inputs that stops at
