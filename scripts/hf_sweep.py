@@ -11,6 +11,9 @@ test zoo (``tests/zoo``) already builds are left out unless named with ``--only`
 ``--mappings more`` sweeps the model types that only fifteen further mappings hold (object detection,
 segmentation, depth, video, keypoints, zero-shot towers, encoder-decoders, speech-to-text, ...; results in
 ``benchmarks/results/hf-sweep-more.jsonl``), each batch also tried with the other inputs its forward takes.
+``--mappings multimodal`` sweeps the vision-language models of the image-text-to-text mapping (results in
+``benchmarks/results/hf-sweep-multimodal.jsonl``): text ids hold as many image tokens as the model's own mismatch
+error says the image gives.
 
 The driver starts a worker process that handles the models one by one; build, plain step and diagnose each have
 a SIGALRM timeout, and a model that hangs past ``HARD_TIMEOUT`` (outside Python, where SIGALRM cannot stop it) gets
@@ -26,6 +29,7 @@ offline) and never imports torchvision. Run from the repository root:
     OMP_NUM_THREADS=1 python scripts/hf_sweep.py run [--out FILE.jsonl] [--budget SECONDS] [--only TYPE,TYPE]
     OMP_NUM_THREADS=1 python scripts/hf_sweep.py run --mappings more    # detection, segmentation, depth, video,
                                                                          # encoder-decoders, speech-to-text, ...
+    OMP_NUM_THREADS=1 python scripts/hf_sweep.py run --mappings multimodal  # vision-language models
     python scripts/hf_sweep.py summary [--out FILE.jsonl]                # rewrite FILE.md from FILE.jsonl
 """
 
@@ -100,6 +104,13 @@ MORE_MAPPINGS = [
     "MODEL_FOR_TIME_SERIES_CLASSIFICATION_MAPPING_NAMES",
 ]
 MORE_OUT = ROOT / "benchmarks/results/hf-sweep-more.jsonl"
+# ``--mappings multimodal``: vision-language models (an image encoder, a projector and a language model), fed
+# text ids holding as many image tokens as the image gives features (the count is read from the model's own
+# mismatch error, then retried)
+MULTIMODAL_MAPPINGS = ["MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"]
+MULTIMODAL_OUT = ROOT / "benchmarks/results/hf-sweep-multimodal.jsonl"
+MULTIMODAL_NAMES = {"IMAGE_TEXT_TO_TEXT"}
+IMAGE_TOKEN = 5  # a spare id inside the tiny vocabulary, for models whose image token id lies outside it
 MORE_NAMES = {m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in MORE_MAPPINGS}
 
 # model types the project's zoo (tests/zoo STOCK, STOCK_WIDER, GOOD, GOOD_WIDER, BROKEN) already builds
@@ -134,11 +145,21 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------- candidates
 
 
-def candidates(include_zoo: bool = False, more: bool = False) -> list[Candidate]:
+def candidates(include_zoo: bool = False, more: bool = False, multimodal: bool = False) -> list[Candidate]:
     """(model_type, class name, mapping): one class per model type, from the first mapping in MAPPINGS order;
-    with ``more``, one per model type of MORE_MAPPINGS that MAPPINGS does not hold."""
+    with ``more``, one per model type of MORE_MAPPINGS that MAPPINGS does not hold; with ``multimodal``, one per
+    model type of MULTIMODAL_MAPPINGS that neither holds."""
     from transformers.models.auto import modeling_auto as auto
 
+    if multimodal:
+        covered = {c[0] for c in candidates(include_zoo=True)} | {c[0] for c in candidates(True, more=True)}
+        found = []
+        for model_type, names in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items():
+            if model_type in covered or model_type in SKIP_TYPES or (not include_zoo and model_type in ZOO_TYPES):
+                continue
+            class_name = names[0] if isinstance(names, (list, tuple)) else names
+            found.append((model_type, class_name, "IMAGE_TEXT_TO_TEXT"))
+        return found
     seen: dict[str, Candidate] = {}
     for mapping in MAPPINGS + (MORE_MAPPINGS if more else []):
         for model_type, names in getattr(auto, mapping).items():
@@ -368,6 +389,56 @@ def candidate_batches(model: torch.nn.Module, config: PretrainedConfig, more: bo
     except RuntimeError:  # no recipe for the main input alone (videos, time series): the others below
         batches = []
     return batches + _with_other_inputs(model, config, batches)
+
+
+def multimodal_batches(model: torch.nn.Module, config: PretrainedConfig, image_tokens: int) -> list[Batch]:
+    """A vision-language batch: one image at the vision tower's size (4-D, then 5-D for models that take images
+    per sample) and text ids with ``image_tokens`` image tokens after two text tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    vc = getattr(config, "vision_config", None) or config
+    size = getattr(vc, "image_size", 32)
+    size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
+    channels = getattr(vc, "num_channels", 3) or 3
+    vocab = getattr(_text_config(config), "vocab_size", None) or VOCAB
+    token = next((getattr(model.config, k) for k in ("image_token_id", "image_token_index")
+                  if _is_int(getattr(model.config, k, None))), None)
+    ids = torch.randint(6 if vocab > 8 else 0, vocab, (1, 8 + image_tokens), generator=g)
+    if _is_int(token) and token < vocab:
+        ids[0, 2 : 2 + image_tokens] = token
+    image = torch.randn(1, channels, size, size, generator=g)
+    batches = [{"input_ids": ids, "pixel_values": image}, {"input_ids": ids, "pixel_values": image[:, None]}]
+    import inspect
+
+    try:
+        grid_input = "image_grid_thw" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        grid_input = False
+    if grid_input:  # Qwen-VL style: flattened patches and their (time, height, width) grid
+        patch = getattr(vc, "patch_size", 14) or 14
+        temporal = getattr(vc, "temporal_patch_size", 2) or 2
+        merge = getattr(vc, "spatial_merge_size", 2) or 2
+        side = 2 * merge
+        patches = torch.randn(side * side, channels * temporal * patch * patch, generator=g)
+        batches.insert(0, {"input_ids": ids, "pixel_values": patches,
+                           "image_grid_thw": torch.tensor([[1, side, side]])})
+    return batches
+
+
+def _retried_with_feature_count(model: torch.nn.Module, config: PretrainedConfig, batch: Batch,
+                                error: str) -> list[Batch]:
+    """The batches again with as many image tokens as the model's mismatch error says the image gives."""
+    match = re.search(r"features:? (\d+)", error)
+    if match is None:
+        return []
+    count = int(match.group(1))
+    token = next((getattr(model.config, k) for k in ("image_token_id", "image_token_index")
+                  if _is_int(getattr(model.config, k, None))), None)
+    present = int((batch["input_ids"] == token).sum()) if _is_int(token) else -1
+    if count == present or count > 20000:
+        return []
+    return multimodal_batches(model, config, image_tokens=count)
 
 
 def _with_other_inputs(model: torch.nn.Module, config: PretrainedConfig, batches: list[Batch]) -> list[Batch]:
@@ -620,6 +691,11 @@ def _build(model_type: str, class_name: str, mapping: str) -> tuple[torch.nn.Mod
     if mapping == "CAUSAL_LM" and hasattr(config, "is_decoder"):
         config.is_decoder = True  # BERT-style encoders used as causal LMs (Reformer asserts it)
     model = model_class(config)
+    if mapping in MULTIMODAL_NAMES:
+        vocab = getattr(_text_config(config), "vocab_size", None) or VOCAB
+        for key in ("image_token_id", "image_token_index"):
+            if _is_int(getattr(model.config, key, None)) and getattr(model.config, key) >= vocab:
+                setattr(model.config, key, IMAGE_TOKEN)
     if hasattr(model, "set_default_language"):
         model.set_default_language(next(iter(getattr(config, "languages", ["en_XX"]))))
     model.train()
@@ -675,7 +751,14 @@ def run_one(model_type: str, class_name: str, mapping: str) -> dict[str, Any]:
     # ---- plain forward + backward on the first batch that runs
     batch, errors = None, []
     try:
-        for cand in candidate_batches(model, config, more=mapping in MORE_NAMES):
+        if mapping in MULTIMODAL_NAMES:
+            queue = multimodal_batches(model, config, image_tokens=1)
+        else:
+            queue = candidate_batches(model, config, more=mapping in MORE_NAMES)
+        tried = 0
+        while queue and tried < 8:
+            cand = queue.pop(0)
+            tried += 1
             try:
                 torch.manual_seed(0)
                 with_timeout(BUILD_TIMEOUT, plain_step, model, cand)
@@ -686,6 +769,8 @@ def run_one(model_type: str, class_name: str, mapping: str) -> dict[str, Any]:
                 break
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}"[:300])
+                if mapping in MULTIMODAL_NAMES:
+                    queue[:0] = _retried_with_feature_count(model, config, cand, str(e))
     except Exception as e:
         errors.append(f"{type(e).__name__}: {e}"[:300])
     if batch is None:
@@ -914,9 +999,10 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="run the sweep (resuming OUT), then write the summary")
     for command_parser in (listing, run):
         command_parser.add_argument(
-            "--mappings", choices=("core", "more"), default="core",
+            "--mappings", choices=("core", "more", "multimodal"), default="core",
             help="core: the six mappings of MAPPINGS; more: the model types only MORE_MAPPINGS holds (detection, "
-            f"segmentation, depth, video, encoder-decoders, speech-to-text, ...; default results file {MORE_OUT})",
+            f"segmentation, depth, video, encoder-decoders, speech-to-text, ...; default results file {MORE_OUT}); "
+            f"multimodal: the vision-language models of the image-text-to-text mapping ({MULTIMODAL_OUT})",
         )
     run.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT})")
     run.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="wall-clock seconds for the sweep")
@@ -930,17 +1016,17 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", *sys.argv])
 
     if args.command == "list":
-        for cand in candidates(more=args.mappings == "more"):
+        for cand in candidates(more=args.mappings == "more", multimodal=args.mappings == "multimodal"):
             print("|".join(cand))
     elif args.command == "worker":
         worker(args.out, [tuple(spec.split("|")) for spec in args.specs])
     elif args.command == "summary":
         print("wrote", write_summary(args.out, command))
     else:
-        more = args.mappings == "more"
-        args.out = args.out or (MORE_OUT if more else DEFAULT_OUT)
+        more, multimodal = args.mappings == "more", args.mappings == "multimodal"
+        args.out = args.out or (MORE_OUT if more else MULTIMODAL_OUT if multimodal else DEFAULT_OUT)
         only = args.only.split(",") if args.only else None
-        cands = candidates(include_zoo=bool(only), more=more)
+        cands = candidates(include_zoo=bool(only), more=more, multimodal=multimodal)
         if only:
             missing = sorted(set(only) - {c[0] for c in cands})
             if missing:
