@@ -39,6 +39,7 @@ import argparse
 import collections
 import datetime
 import gc
+import inspect
 import json
 import math
 import os
@@ -109,7 +110,7 @@ MORE_OUT = ROOT / "benchmarks/results/hf-sweep-more.jsonl"
 # mismatch error, then retried)
 MULTIMODAL_MAPPINGS = ["MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"]
 MULTIMODAL_OUT = ROOT / "benchmarks/results/hf-sweep-multimodal.jsonl"
-MULTIMODAL_NAMES = {"IMAGE_TEXT_TO_TEXT"}
+MULTIMODAL_NAMES = {m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in MULTIMODAL_MAPPINGS}
 IMAGE_TOKEN = 5  # a spare id inside the tiny vocabulary, for models whose image token id lies outside it
 MORE_NAMES = {m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in MORE_MAPPINGS}
 
@@ -154,11 +155,12 @@ def candidates(include_zoo: bool = False, more: bool = False, multimodal: bool =
     if multimodal:
         covered = {c[0] for c in candidates(include_zoo=True)} | {c[0] for c in candidates(True, more=True)}
         found = []
-        for model_type, names in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items():
-            if model_type in covered or model_type in SKIP_TYPES or (not include_zoo and model_type in ZOO_TYPES):
-                continue
-            class_name = names[0] if isinstance(names, (list, tuple)) else names
-            found.append((model_type, class_name, "IMAGE_TEXT_TO_TEXT"))
+        for mapping in MULTIMODAL_MAPPINGS:
+            for model_type, names in getattr(auto, mapping).items():
+                if model_type in covered or model_type in SKIP_TYPES or (not include_zoo and model_type in ZOO_TYPES):
+                    continue
+                class_name = names[0] if isinstance(names, (list, tuple)) else names
+                found.append((model_type, class_name, mapping.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "")))
         return found
     seen: dict[str, Candidate] = {}
     for mapping in MAPPINGS + (MORE_MAPPINGS if more else []):
@@ -391,6 +393,19 @@ def candidate_batches(model: torch.nn.Module, config: PretrainedConfig, more: bo
     return batches + _with_other_inputs(model, config, batches)
 
 
+def _image_size(config: PretrainedConfig) -> int:
+    """The side of the images the (vision tower of the) model takes, 32 when its config names none."""
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 32)
+    return int(size[0] if isinstance(size, (list, tuple)) else (size or 32))
+
+
+def _image_token(model: torch.nn.Module) -> int | None:
+    """The id a vision-language model's text ids mark image positions with, None when it names none."""
+    return next((getattr(model.config, k) for k in ("image_token_id", "image_token_index")
+                 if _is_int(getattr(model.config, k, None))), None)
+
+
 def multimodal_batches(model: torch.nn.Module, config: PretrainedConfig, image_tokens: int) -> list[Batch]:
     """A vision-language batch: one image at the vision tower's size (4-D, then 5-D for models that take images
     per sample) and text ids with ``image_tokens`` image tokens after two text tokens."""
@@ -398,19 +413,14 @@ def multimodal_batches(model: torch.nn.Module, config: PretrainedConfig, image_t
 
     g = torch.Generator().manual_seed(1)
     vc = getattr(config, "vision_config", None) or config
-    size = getattr(vc, "image_size", 32)
-    size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
-    channels = getattr(vc, "num_channels", 3) or 3
+    size, channels = _image_size(config), getattr(vc, "num_channels", 3) or 3
     vocab = getattr(_text_config(config), "vocab_size", None) or VOCAB
-    token = next((getattr(model.config, k) for k in ("image_token_id", "image_token_index")
-                  if _is_int(getattr(model.config, k, None))), None)
+    token = _image_token(model)
     ids = torch.randint(6 if vocab > 8 else 0, vocab, (1, 8 + image_tokens), generator=g)
     if _is_int(token) and token < vocab:
         ids[0, 2 : 2 + image_tokens] = token
     image = torch.randn(1, channels, size, size, generator=g)
     batches = [{"input_ids": ids, "pixel_values": image}, {"input_ids": ids, "pixel_values": image[:, None]}]
-    import inspect
-
     try:
         grid_input = "image_grid_thw" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -433,8 +443,7 @@ def _retried_with_feature_count(model: torch.nn.Module, config: PretrainedConfig
     if match is None:
         return []
     count = int(match.group(1))
-    token = next((getattr(model.config, k) for k in ("image_token_id", "image_token_index")
-                  if _is_int(getattr(model.config, k, None))), None)
+    token = _image_token(model)
     present = int((batch["input_ids"] == token).sum()) if _is_int(token) else -1
     if count == present or count > 20000:
         return []
@@ -442,8 +451,6 @@ def _retried_with_feature_count(model: torch.nn.Module, config: PretrainedConfig
 
 
 def _with_other_inputs(model: torch.nn.Module, config: PretrainedConfig, batches: list[Batch]) -> list[Batch]:
-    import inspect
-
     import torch
 
     g = torch.Generator().manual_seed(2)
@@ -460,16 +467,12 @@ def _with_other_inputs(model: torch.nn.Module, config: PretrainedConfig, batches
     if "input_ids" in accepted and name != "input_ids":
         extra["input_ids"] = torch.randint(3 if vocab > 8 else 0, vocab, TEXT_SHAPE, generator=g)
     if "pixel_values" in accepted and name != "pixel_values":
-        vc = getattr(config, "vision_config", None) or config
-        size = getattr(vc, "image_size", 32)
-        size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
+        size = _image_size(config)
         extra["pixel_values"] = torch.randn(2, 3, size, size, generator=g)
     out = [{**batch, **extra} for batch in batches[:3]] if extra else []
     frames = getattr(config, "num_frames", None) or getattr(getattr(config, "vision_config", None), "num_frames", None)
     if name in ("pixel_values", "pixel_values_videos"):
-        vc = getattr(config, "vision_config", None) or config
-        size = getattr(vc, "image_size", 32)
-        size = size[0] if isinstance(size, (list, tuple)) else (size or 32)
+        size = _image_size(config)
         for count in ([frames] if _is_int(frames) else []) + [8, 16]:
             out.append({name: torch.randn(2, count, 3, size, size, generator=g)})
     if name == "past_values":  # time series: (batch, context, channels)
