@@ -706,8 +706,8 @@ def _build(model_type: str, class_name: str, mapping: str) -> tuple[torch.nn.Mod
 
 
 def _fit_backbone_stages(overrides: dict[str, Any], defaults: dict[str, Any]) -> bool:
-    """Keep as many layers as the stages a dense head reads (DPT, Depth Anything, ZoeDepth, RF-DETR read 4 of a
-    ViT's 12 or 24 layers: the tiny config's 2 layers leave those stages out), and a neck as wide as its backbone.
+    """Keep as many layers as the stages a dense head reads (Depth Anything, ZoeDepth, RF-DETR read 4 of a ViT's
+    12 or 24 layers: the tiny config's 2 layers leave those stages out), and a neck as wide as its backbone.
     Returns whether it changed anything."""
     changed = False
     nested = overrides.get("backbone_config")
