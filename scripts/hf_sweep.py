@@ -422,10 +422,13 @@ def multimodal_batches(model: torch.nn.Module, config: PretrainedConfig, image_t
     image = torch.randn(1, channels, size, size, generator=g)
     batches = [{"input_ids": ids, "pixel_values": image}, {"input_ids": ids, "pixel_values": image[:, None]}]
     try:
-        grid_input = "image_grid_thw" in inspect.signature(model.forward).parameters
+        accepted = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        grid_input = False
-    if grid_input:  # Qwen-VL style: flattened patches and their (time, height, width) grid
+        accepted = {}
+    if "image_sizes" in accepted:  # LLaVA-NeXT style: each image's (height, width), for its tiling
+        sizes = torch.tensor([[size, size]])
+        batches += [{**batch, "image_sizes": sizes} for batch in batches]
+    if "image_grid_thw" in accepted:  # Qwen-VL style: flattened patches and their (time, height, width) grid
         patch = getattr(vc, "patch_size", 14) or 14
         temporal = getattr(vc, "temporal_patch_size", 2) or 2
         merge = getattr(vc, "spatial_merge_size", 2) or 2
@@ -445,9 +448,15 @@ def _retried_with_feature_count(model: torch.nn.Module, config: PretrainedConfig
     count = int(match.group(1))
     token = _image_token(model)
     present = int((batch["input_ids"] == token).sum()) if _is_int(token) else -1
-    if count == present or count > 20000:
-        return []
-    return multimodal_batches(model, config, image_tokens=count)
+    # some models count the elements of the image features, not the features: per token, the text width of them
+    width = getattr(_text_config(config), "hidden_size", None)
+    counts = [count] + ([count // width] if _is_int(width) and width > 1 and count % width == 0 else [])
+    return [
+        batch
+        for tokens in dict.fromkeys(counts)
+        if tokens != present and 0 < tokens <= 20000
+        for batch in multimodal_batches(model, config, image_tokens=tokens)
+    ]
 
 
 def _with_other_inputs(model: torch.nn.Module, config: PretrainedConfig, batches: list[Batch]) -> list[Batch]:
