@@ -86,13 +86,17 @@ class LayerInfo:
     attention_logits: bool = False
     pooling_head: bool = False
     in_branch: bool = False
-    pre_norm_stream: bool = False
     stream_start: int | None = None
     downstream_scale: float = 1.0
     calls: int = 0
     input_shape: tuple[int, ...] = ()
     fans: tuple[int, int] | None = None
     on_signal_path: bool = True
+
+    @property
+    def pre_norm_stream(self) -> bool:
+        """Whether this embedding starts a pre-LN residual stream (see ``stream_start``)."""
+        return self.stream_start is not None
 
 
 @dataclass
@@ -189,7 +193,6 @@ def build_graph(
             if info.kind == "embedding":
                 has_norm = has_norm_upstream(nodes) if has_norm is None else has_norm
                 info.stream_start = pre_norm_stream(node.index, nodes, consumers, has_norm)
-                info.pre_norm_stream = info.stream_start is not None
     for node in nodes:
         if node.kind == "join":
             node.in_branch = in_branch[node.index]
