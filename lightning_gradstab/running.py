@@ -179,6 +179,7 @@ class LossTrend:
 
     def __init__(self, horizon_steps: float = 10.0) -> None:
         self.decay = 1.0 - 1.0 / horizon_steps
+        self.horizon = max(1, math.ceil(horizon_steps))  # the losses whose median is the level (median_with)
         self.count = 0
         self.average = 0.0  # the raw EMA; ``smoothed`` corrects its bias toward the zero start
         self.lowest = math.inf
@@ -242,6 +243,24 @@ class LossTrend:
             return loss
         average = self.decay * self.average + (1.0 - self.decay) * loss
         return (average - weights[heaviest] * values[heaviest]) / rest
+
+    def median_with(self, loss: float) -> float:
+        """The median of the last ``horizon`` losses, ``loss`` the newest of them (fewer after a restart).
+
+        The smoothed loss is a mean, and a mean follows a few heavy batches; the median moves only when at least
+        half of the batches of one horizon do (a breakdown point of 50 %, against the one batch that
+        :meth:`smoothed_without_heaviest_with` leaves out).
+
+        Example::
+
+            trend = LossTrend(horizon_steps=5)
+            for loss in [1.0, 1.1, 9.0, 0.9, 12.0]:
+                trend.update(loss)
+            trend.smoothed_with(1.0), trend.median_with(1.0)  # about (4.5, 1.1): two heavy batches, no level
+        """
+        values = sorted([*itertools.islice(reversed(self.recent), self.horizon - 1), loss])
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
 
     def rise(self) -> float:
         """How far the smoothed loss lies above the lowest value it reached (0 before there is one)."""

@@ -588,6 +588,45 @@ def test_one_heavy_batch_of_a_fine_tune_near_a_zero_loss_is_no_divergence_but_a_
     assert "divergence" in verdicts
 
 
+def test_the_median_of_the_last_horizon_is_the_level_that_at_least_half_of_its_batches_share() -> None:
+    trend = LossTrend(horizon_steps=10)
+    for loss in [5.0] * 20 + [1.0, 2.0, 3.0, 4.0, 100.0, 6.0, 7.0, 8.0, 9.0]:
+        trend.update(loss)
+    # the last 9 losses and the new one: 1..9 with 100 in place of 5, and 10
+    assert trend.median_with(10.0) == pytest.approx(6.5)  # (6 + 7) / 2: the 100 counts as one high batch
+    assert trend.median_with(0.0) == pytest.approx(5.0)  # (4 + 6) / 2
+    trend.restart_at(3.0)
+    assert trend.median_with(5.0) == pytest.approx(4.0)  # after a restart, the losses since
+
+
+def _student_t2(rng: random.Random) -> float:
+    """Student's t with 2 degrees of freedom (infinite variance), by inverting its CDF."""
+    u = min(max(rng.random(), 1e-9), 1 - 1e-9)
+    return (2 * u - 1) / math.sqrt(2 * u * (1 - u))
+
+
+def test_heavy_tailed_batches_that_lift_the_mean_even_one_left_out_are_no_divergence_while_a_level_rise_is() -> None:
+    rng = random.Random(0)
+    policy = ExplosionPolicy()
+    for _ in range(200):  # a fitted regression's batch losses: a floor of 0.3 and squared Student-t noise
+        policy.step(Observation(1.0, loss=0.3 + 0.05 * sum(_student_t2(rng) ** 2 for _ in range(4)) / 4))
+    trend = policy.detector.loss_trend
+    margin = policy.detector.rise_margin()
+    # three batches ~40x the typical within one horizon (15, 12, 14): the mean rises past the margin with the
+    # heaviest left out,
+    # but most batches of the horizon stay where they were
+    heavy = [0.35] * 3 + [15.0, 0.35, 0.35, 12.0, 0.35]
+    for loss in heavy:
+        policy.detector.loss_trend.update(loss)
+    assert trend.smoothed_with(14.0) - trend.lowest > margin
+    assert trend.smoothed_without_heaviest_with(14.0) - trend.lowest > margin
+    assert trend.median_with(14.0) - trend.lowest <= margin
+    assert not policy.detector._diverging(14.0)
+    for _ in range(10):  # every batch of a horizon well above the margin: the level moved
+        policy.detector.loss_trend.update(0.35 + 3 * margin)
+    assert policy.detector._diverging(0.35 + 3 * margin)
+
+
 def test_the_recent_losses_survive_a_checkpoint_and_a_state_of_version_8_resumes_without_them() -> None:
     policy = _warmed_with_loss()
     state = json.loads(json.dumps(policy.state_dict()))
