@@ -62,6 +62,7 @@ def main() -> None:
             for method in ("guard", "clip1") for seed in seeds]
     with ProcessPoolExecutor(args.jobs, max_tasks_per_child=1) as pool:  # a fresh process per run
         records = list(pool.map(_one, *zip(*jobs, strict=True)))
+    out = Path(args.out)
     Path(args.out + ".json").write_text(json.dumps(records, indent=1))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -70,7 +71,7 @@ def main() -> None:
         "# Rescue tests: margins under a weight perturbation and thread counts",
         "",
         f"- command: `python scripts/rescue_margins.py --jobs {args.jobs}"
-        + ("" if args.out == parser.get_default("out") else f" --out {Path(args.out).relative_to(REPO)}") + "`",
+        + ("" if args.out == parser.get_default("out") else f" --out {out.resolve().relative_to(REPO)}") + "`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu}; commit {commit.strip()}",
         "- statistic: the test's (median over its seeds of the final held-out loss); bound = 1.05 x clip + 0.01;"
         " margin = bound - guard (> 0: the test passes)",

@@ -63,11 +63,16 @@ def test_a_switch_layer_routes_each_token_to_one_expert_and_unchosen_experts_get
     assert all(expert[0].weight.grad is None for expert in layer.experts[1:])
 
 
-def test_the_runner_accepts_the_second_holdout_suite(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("suite", "task", "metric"),
+    [("holdout2", "mixup_digits", "error rate"), ("holdout3", "pinn_poisson", "relative L2 error")],
+)
+def test_the_runner_accepts_the_later_holdout_suites(suite, task, metric, tmp_path, monkeypatch):
+    """The second and the third held-out sets (:mod:`benchmarks.healthy_holdout3`)."""
     monkeypatch.setattr(divergence, "freeze_package", lambda: "test")  # no copy of the package on sys.path
-    out = tmp_path / "holdout2"
-    arguments = "--suite holdout2 --tasks mixup_digits --methods none --seeds 1 --jobs 1 --steps 3 --out"
+    out = tmp_path / suite
+    arguments = f"--suite {suite} --tasks {task} --methods none --seeds 1 --jobs 1 --steps 3 --out"
     code = divergence.main([*arguments.split(), str(out)])
     assert code == 0
     text = out.with_suffix(".md").read_text()
-    assert text.startswith("# Held-out healthy shapes") and "| mixup_digits | error rate |" in text
+    assert text.startswith("# Held-out healthy shapes") and f"| {task} | {metric} |" in text

@@ -1,5 +1,5 @@
 """The third held-out healthy set: seven new shapes, each with a named metric; every task builds and trains unguarded
-and guarded; ``--suite holdout3`` of the benchmark runner knows them; the pieces mean what they say."""
+and guarded; the pieces mean what they say (``--suite holdout3`` of the runner: tests/test_healthy_holdout2.py)."""
 
 from __future__ import annotations
 
@@ -103,13 +103,3 @@ def test_the_uncertainty_weighted_loss_goes_below_zero_when_a_task_fits_well():
         loss = float(module.compute_loss(fitted))
     assert loss == pytest.approx(math.log(10) + 0.0 + 0.0 - 3.0, rel=1e-5)  # CE + s_c / 2 + 0 + s_r / 2
     assert loss < 0
-
-
-def test_the_runner_accepts_the_third_holdout_suite(tmp_path, monkeypatch):
-    monkeypatch.setattr(divergence, "freeze_package", lambda: "test")  # no copy of the package on sys.path
-    out = tmp_path / "holdout3"
-    arguments = "--suite holdout3 --tasks pinn_poisson --methods none --seeds 1 --jobs 1 --steps 3 --out"
-    code = divergence.main([*arguments.split(), str(out)])
-    assert code == 0
-    text = out.with_suffix(".md").read_text()
-    assert text.startswith("# Held-out healthy shapes") and "| pinn_poisson | relative L2 error |" in text
