@@ -620,11 +620,38 @@ def test_heavy_tailed_batches_that_lift_the_mean_even_one_left_out_are_no_diverg
         policy.detector.loss_trend.update(loss)
     assert trend.smoothed_with(14.0) - trend.lowest > margin
     assert trend.smoothed_without_heaviest_with(14.0) - trend.lowest > margin
-    assert trend.median_with(14.0) - trend.lowest <= margin
+    assert trend.median_with(14.0) - trend.lowest <= 0.5 * margin  # the level has not moved
     assert not policy.detector._diverging(14.0)
     for _ in range(10):  # every batch of a horizon well above the margin: the level moved
         policy.detector.loss_trend.update(0.35 + 3 * margin)
     assert policy.detector._diverging(0.35 + 3 * margin)
+
+
+def test_heavy_batches_on_top_of_a_level_that_rose_half_the_margin_are_a_divergence() -> None:
+    """How a plain net at too high an SGD rate diverges: the level climbs, inside the margin, and heavy batches
+    come on top of it. The level must have risen by half the margin (the loss rising), the mean past all of it."""
+    rng = random.Random(1)
+    policy = ExplosionPolicy()
+    for _ in range(200):
+        policy.step(Observation(1.0, loss=1.0 + 0.05 * rng.gauss(0.0, 1.0)))
+    detector, trend = policy.detector, policy.detector.loss_trend
+    margin, lowest = detector.rise_margin(), trend.lowest
+    level, heavy = lowest + 0.9 * margin, lowest + 5 * margin
+    for loss in [level] * 3 + [heavy] + [level] * 2 + [heavy] + [level] * 2:
+        trend.update(loss)
+    assert 0.5 * margin < trend.median_with(heavy) - lowest < margin  # the level rose, not past the margin
+    assert trend.smoothed_without_heaviest_with(heavy) - lowest > margin
+    assert detector._diverging(heavy)
+    quiet = ExplosionPolicy()
+    for _ in range(200):
+        quiet.step(Observation(1.0, loss=1.0 + 0.05 * rng.gauss(0.0, 1.0)))
+    trend, margin, lowest = quiet.detector.loss_trend, quiet.detector.rise_margin(), quiet.detector.loss_trend.lowest
+    level, heavy = lowest + 0.3 * margin, lowest + 7 * margin
+    for loss in [level] * 3 + [heavy] + [level] * 2 + [heavy] + [level] * 2:
+        trend.update(loss)
+    assert trend.median_with(heavy) - lowest < 0.5 * margin
+    assert trend.smoothed_without_heaviest_with(heavy) - lowest > margin  # past the margin, on a level that stayed
+    assert not quiet.detector._diverging(heavy)
 
 
 def test_the_recent_losses_survive_a_checkpoint_and_a_state_of_version_8_resumes_without_them() -> None:
