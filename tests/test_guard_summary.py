@@ -16,10 +16,19 @@ from tests.fixtures.old_guard_checkpoints import SpikyRegression, loader
 from tests.helpers.trainers import quiet_trainer
 
 
+class _SpikyRegressionAtAHighRate(SpikyRegression):
+    """The spiky regression at 20x its SGD rate: its loss rises for real, so the record has divergences and a
+    back-off (its three corrupted batches alone are loss spikes, not a divergence)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
 def test_the_summary_file_the_summary_and_the_suite_s_record_are_one_guard_summary(tmp_path: Path) -> None:
     guard = ExplosionGuard()
     torch.manual_seed(0)
-    quiet_trainer(max_steps=60, callbacks=[guard], default_root_dir=tmp_path).fit(SpikyRegression(), loader())
+    module = _SpikyRegressionAtAHighRate()
+    quiet_trainer(max_steps=60, callbacks=[guard], default_root_dir=tmp_path).fit(module, loader())
     written = json.loads((tmp_path / "gradstab_guard_summary.json").read_text())
     assert written == guard.summary()
     (record,) = guard.summary_contribution().guard_summaries
