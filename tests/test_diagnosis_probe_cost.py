@@ -7,7 +7,7 @@ from torch import nn
 
 import lightning_gradstab.diagnosis.module_roles as module_roles
 from lightning_gradstab import diagnose
-from lightning_gradstab.diagnosis.behaviour import affine_gain, norm_gain, scaling_behaviour
+from lightning_gradstab.diagnosis.behaviour import affine_gain, linear_part_gain, norm_gain, scaling_behaviour
 from lightning_gradstab.diagnosis.measurements import _alive_units
 from lightning_gradstab.diagnosis.probe import run_probe
 from lightning_gradstab.diagnosis.tracer import GraphTracer
@@ -126,6 +126,83 @@ def test_equal_normalizations_are_tested_once_each_keeping_its_own_gain(monkeypa
             assert abs(measured[f"norms.{index}"] - gain) < 1e-3 * gain
     kinds = {node.name: node.kind for node in graph.nodes}
     assert [kinds[f"norms.{i}"] for i in (0, 1, 2, 4)] == ["norm"] * 4
+
+
+class _Affine(nn.Module):
+    """ResMLP's Affine (Touvron et al. 2021): ``alpha * x + beta`` per channel, known only by behaviour."""
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((16,), alpha))
+        self.beta = nn.Parameter(torch.full((16,), beta))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * x + self.beta
+
+
+class _AffineStack(nn.Module):
+    def __init__(self, affines: list[tuple[float, float]]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in affines)
+        self.affines = nn.ModuleList(_Affine(alpha, beta) for alpha, beta in affines)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, affine in zip(self.layers, self.affines, strict=True):
+            x = x + affine(torch.relu(layer(x)))
+        return x
+
+
+def test_the_gain_of_an_equal_scaling_is_the_full_tests_gain_bit_for_bit():
+    x = torch.randn(8, 16)
+    for alpha, beta in ((1e-3, 0.5), (2.0, 0.0), (0.0, 0.0), (-0.3, 1.0)):
+        module = _Affine(alpha, beta)
+        assert linear_part_gain(module, (x,)) == affine_gain(module, (x,))
+    # a zero scale with a bias outputs a constant, which the full tests read as a normalization: left to them
+    assert linear_part_gain(_Affine(0.0, 0.5), (x,)) is None
+    assert scaling_behaviour(_Affine(0.0, 0.5), (x,))[0] == "norm"
+
+
+def test_equal_scalings_are_tested_once_each_keeping_its_own_gain(monkeypatch):
+    tested = []
+    full_test = module_roles.scaling_behaviour
+
+    def counting(module, args):
+        tested.append(module.alpha.detach()[0].item())
+        return full_test(module, args)
+
+    monkeypatch.setattr(module_roles, "scaling_behaviour", counting)
+    affines = [(0.25, 0.0), (0.5, 0.1), (0.0, 0.0), (0.0, 0.2), (3.0, -1.0)]
+    inputs = torch.randn(32, 16)
+    roles = {}
+    for shortcut in (True, False):
+        tested.clear()
+        model = _AffineStack(affines)
+        tracer = GraphTracer(model)
+        if not shortcut:  # every instance its own full test: what the shortcut must reproduce
+            monkeypatch.setattr(module_roles.ModuleRoles, "_leaf_role", _without_memory(module_roles.ModuleRoles))
+        with tracer.tracing():
+            model(inputs)
+        tracer.build(None)
+        roles[shortcut] = {
+            name: tracer.module_calls.roles.decided[id(module)] for name, module in model.affines.named_children()
+        }
+        if shortcut:
+            # the first instance is tested in full, and the zero scale with a bias (a constant output) again
+            assert tested == [0.25, 0.0]
+    assert roles[True] == roles[False]
+    assert [roles[True][str(i)][0] for i in range(5)] == ["scale", "scale", "scale", "norm", "scale"]
+
+
+def _without_memory(cls):
+    leaf_role = cls._leaf_role
+
+    def forgetting(self, module, args):
+        self._scalings.clear()
+        self._normalizations.clear()
+        return leaf_role(self, module, args)
+
+    return forgetting
 
 
 def test_live_units_read_nan_as_not_positive_like_a_comparison_does():

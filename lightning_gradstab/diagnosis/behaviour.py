@@ -158,6 +158,51 @@ def scaling_behaviour(module: nn.Module, args: tuple) -> tuple[str, float] | Non
     return ("scale", gain) if gain is not None else None
 
 
+def linear_part_gain(module: nn.Module, args: tuple) -> float | None:
+    """The gain :func:`affine_gain` reads, from the outputs at 4x and at 0 times the input only, without its tests
+    that the module normalises nothing and is affine: for a module whose equal (same class, attributes and
+    parameter shapes) already passed them, so its class computes ``scale * x + bias``. Two calls of the module
+    instead of three, and none of the tests' reductions: the same value, bit for bit, as :func:`affine_gain`'s.
+    None where :func:`_scaled_outputs` gives nothing, and for a zero scale with a non-zero bias (a constant
+    output, which the full tests read as a normalization of gain ``RMS(bias)``: left to them).
+
+    Example::
+
+        linear_part_gain(LayerScale(64, init_values=1e-5), (x,))  # 1e-5
+    """
+    scaled = _scaled_outputs(module, args, (4.0, 0.0))
+    if scaled is None:
+        return None
+    first, small, zero = scaled
+    with torch.no_grad():  # the very operations of _linear_gain, so the very same float64 numbers
+        first_rms, linear_rms, offset = torch.stack(
+            [
+                first.double().square().mean().sqrt(),
+                (small - zero).double().square().mean().sqrt(),
+                zero.double().abs().amax(),
+            ]
+        ).tolist()
+    reference = 4.0 * first_rms
+    if reference <= 0 or (linear_rms == 0.0 and offset != 0.0):
+        return None
+    return linear_rms / reference
+
+
+def ignores_input(module: nn.Module, args: tuple) -> bool:
+    """Whether ``module`` outputs the same tensor at 4x and at 0 times its first input: a constant, as an affine
+    block with a zero scale and a bias computes. :func:`norm_gain` reads such an output as a normalization (it
+    does not change with the input's scale); it says nothing about what an equal module with other parameter
+    values computes.
+
+    Example::
+
+        ignores_input(nn.LayerNorm(16), (x,))  # False: a normalization's output follows its input's direction
+        ignores_input(lambda x: torch.ones_like(x), (x,))  # True
+    """
+    outputs = _scaled_outputs(module, args, (4.0, 0.0))
+    return outputs is not None and bool(torch.equal(outputs[1], outputs[2]))
+
+
 def scaled_output_rms(module: nn.Module, args: tuple, factor: float) -> float | None:
     """The RMS of ``module``'s output at ``factor`` times its first input, in float32 as
     :func:`scaling_behaviour` reads a normalization's gain; None where :func:`_scaled_outputs` gives nothing.

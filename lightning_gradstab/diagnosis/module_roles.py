@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from lightning_gradstab.diagnosis.behaviour import (
     classify_elementwise,
+    ignores_input,
+    linear_part_gain,
     norm_gain,
     scaled_output_rms,
     scaling_behaviour,
@@ -46,6 +48,7 @@ class ModuleRoles:
         self.decided: dict[int, Role | None] = {}  # module id -> its role (None: traced inside)
         self._behaviours: dict[tuple, Role | None] = {}  # see behaviour_key
         self._normalizations: set[tuple] = set()  # keys of parameterised leaves found to normalise (see _leaf_role)
+        self._scalings: set[tuple] = set()  # keys of parameterised leaves found to compute scale * x + bias
 
     def may_record(self, module: nn.Module) -> bool:
         """Whether ``module`` gets hooks: a known layer, normalization or activation class, or any other leaf
@@ -106,8 +109,19 @@ class ModuleRoles:
                     return None
                 role: Role = ("norm", gain)
             else:
+                if key in self._scalings:
+                    # an equal module already computed scale * x + bias (every block of a ResMLP or a SkipInit
+                    # stack has its own gates): only its gain is measured, two calls instead of three and none
+                    # of the tests' reductions (a gain that cannot be read is left to the full test)
+                    gain = linear_part_gain(module, args)
+                    if gain is not None and 0.0 <= gain < math.inf:
+                        return ("scale", gain)
                 role = scaling_behaviour(module, args) or ("layer", 0.0)
-            if role[0] == "norm" and key is not None:
+            if key is not None and role[0] == "scale":
+                self._scalings.add(key)
+            elif key is not None and role[0] == "norm" and not ignores_input(module, args):
+                # a constant output (a zero scale with a bias) passes the normalization test without being one:
+                # equal modules with other parameter values are not read by it
                 self._normalizations.add(key)
             return role
         if parameters:
