@@ -103,15 +103,21 @@ class _NormedStack(nn.Module):
         return x
 
 
-def test_equal_normalizations_are_tested_once_each_keeping_its_own_gain(monkeypatch):
-    tested = []
+def _record_full_tests(monkeypatch, parameter: str) -> list[float]:
+    """The first entry of ``parameter`` of every module the full scaling test is run on, in call order."""
+    tested: list[float] = []
     full_test = module_roles.scaling_behaviour
 
     def counting(module, args):
-        tested.append(module.weight.detach()[0].item())
+        tested.append(getattr(module, parameter).detach()[0].item())
         return full_test(module, args)
 
     monkeypatch.setattr(module_roles, "scaling_behaviour", counting)
+    return tested
+
+
+def test_equal_normalizations_are_tested_once_each_keeping_its_own_gain(monkeypatch):
+    tested = _record_full_tests(monkeypatch, "weight")
     gains = [1.0, 0.5, 2.0, 0.0, 3.0]
     model = _NormedStack(gains)
     tracer = GraphTracer(model)
@@ -164,14 +170,7 @@ def test_the_gain_of_an_equal_scaling_is_the_full_tests_gain_bit_for_bit():
 
 
 def test_equal_scalings_are_tested_once_each_keeping_its_own_gain(monkeypatch):
-    tested = []
-    full_test = module_roles.scaling_behaviour
-
-    def counting(module, args):
-        tested.append(module.alpha.detach()[0].item())
-        return full_test(module, args)
-
-    monkeypatch.setattr(module_roles, "scaling_behaviour", counting)
+    tested = _record_full_tests(monkeypatch, "alpha")
     affines = [(0.25, 0.0), (0.5, 0.1), (0.0, 0.0), (0.0, 0.2), (3.0, -1.0)]
     inputs = torch.randn(32, 16)
     roles = {}
