@@ -162,7 +162,8 @@ def linear_part_gain(module: nn.Module, args: tuple) -> float | None:
     """The gain :func:`affine_gain` reads, from the outputs at 4x and at 0 times the input only, without its tests
     that the module normalises nothing and is affine: for a module whose equal (same class, attributes and
     parameter shapes) already passed them, so its class computes ``scale * x + bias``. Two calls of the module
-    instead of three, and none of the tests' reductions: the same value, bit for bit, as :func:`affine_gain`'s.
+    instead of three, and only the two RMS reductions of the gain (no normalization test, no linearity residual):
+    the same value, bit for bit, as :func:`affine_gain`'s.
     None where :func:`_scaled_outputs` gives nothing, and for a zero scale with a non-zero bias (a constant
     output, which the full tests read as a normalization of gain ``RMS(bias)``: left to them).
 

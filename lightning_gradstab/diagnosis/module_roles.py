@@ -111,8 +111,8 @@ class ModuleRoles:
             else:
                 if key in self._scalings:
                     # an equal module already computed scale * x + bias (every block of a ResMLP or a SkipInit
-                    # stack has its own gates): only its gain is measured, two calls instead of three and none
-                    # of the tests' reductions (a gain that cannot be read is left to the full test)
+                    # stack has its own gates): only its gain is measured, two calls instead of three and no
+                    # normalization or linearity test (a gain that cannot be read is left to the full test)
                     gain = linear_part_gain(module, args)
                     if gain is not None and 0.0 <= gain < math.inf:
                         return ("scale", gain)
