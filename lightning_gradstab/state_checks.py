@@ -53,6 +53,7 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "counters.first_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
         "counters.skipped_spike_loss": (lambda v: v is None or _finite(v), "None or a finite number"),
         "counters.lr_ceiling_raised_step": (lambda v: v is None or _count(v), "None or an int >= 0"),
+        "counters.outside_write_step": (lambda v: v is None or _count(v), "None or an int >= 0"),
         "counters.anomalies_at_level": (_non_negative, "a finite number >= 0"),
         "counters.counts.*": (_count, "an int >= 0"),
         "counters.first_anomaly_steps.*": (_count, "an int >= 0"),
@@ -79,6 +80,7 @@ POLICY_OPTIONAL = frozenset(
     {
         "reference", "statistics_at_snapshot", "trend_at_snapshot", "statistics_at_snapshot.reference",
         "counters.loss_rules_off", "counters.divergence_off", "counters.lr_ceiling_raised_step",
+        "counters.outside_write_step",
     }
 )
 """Parts of a policy's state that may be ``None`` whatever a fresh policy saves (drift detection off when the

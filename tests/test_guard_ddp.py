@@ -10,6 +10,7 @@ import pytest
 from tests.scripts.guard_nan_ddp import NAN_GRAD_STEP, NAN_LOSS_STEP, STEPS
 from tests.scripts.guard_repeat_ddp import SPIKE_STEPS
 from tests.scripts.guard_repeat_ddp import STEPS as REPEAT_STEPS
+from tests.scripts.qk_clip_ddp import EDIT_AT
 from tests.scripts.qk_clip_ddp import STEPS as QK_STEPS
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
@@ -64,6 +65,7 @@ def test_attention_logits_are_capped_alike_on_every_rank(tmp_path: Path, ddp_run
     rank0, rank1 = ddp_runner("qk_clip_ddp.py", tmp_path, timeout=200)
     assert rank0["global_step"] == rank1["global_step"] == QK_STEPS
     assert rank0["counts"]["attention_logit_cap"] >= 3
+    assert "weights_changed" not in rank0["counts"]  # the cap's rescaling is the guard's own write
     assert rank0["counts"] == rank1["counts"]
     assert rank0["weights"] == rank1["weights"]
 
@@ -74,5 +76,19 @@ def test_the_relative_update_ceiling_shrinks_the_same_steps_alike_on_every_rank(
     rank0, rank1 = ddp_runner("qk_clip_ddp.py", tmp_path, "ceiling", timeout=200)
     assert rank0["global_step"] == rank1["global_step"] == QK_STEPS
     assert rank0["counts"]["relative_update"] >= 10
+    assert "weights_changed" not in rank0["counts"]  # the ceiling's shrinking is the guard's own write
     assert rank0["counts"] == rank1["counts"]
     assert rank0["weights"] == rank1["weights"]
+
+
+def test_a_weight_written_on_one_rank_only_restarts_the_guard_on_every_rank_at_the_same_step(
+    tmp_path: Path, ddp_runner
+) -> None:
+    """Rank 1 alone halves a weight in place (a user's change): the flag rides the guard's one reduction, so
+    both ranks drop their statistics and snapshot at the same step and go on judging alike."""
+    rank0, rank1 = ddp_runner("qk_clip_ddp.py", tmp_path, "edit", timeout=200)
+    assert rank0["global_step"] == rank1["global_step"] == QK_STEPS
+    for rank in (rank0, rank1):
+        assert rank["counts"]["weights_changed"] == 1
+        assert rank["outside_write_step"] == EDIT_AT  # steps judged before the write
+    assert rank0["counts"] == rank1["counts"]

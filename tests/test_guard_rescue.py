@@ -45,6 +45,7 @@ def test_guard_with_defaults_rescues_the_run_as_well_as_a_fixed_clip(task: str) 
     for run in guarded:
         assert run["status"] == "finished", run["actions"].get("stop_reason")
         assert math.isfinite(run["final_loss"])
+        assert "weights_changed" not in run["actions"]["counts"]  # its rollbacks are its own writes, not a user's
     guarded_loss = statistics.median(run["final_loss"] for run in guarded)
     clipped_loss = statistics.median(run["final_loss"] for run in clipped)
     assert guarded_loss < statistics.median(run["initial_loss"] for run in guarded)

@@ -106,6 +106,8 @@ def _assert_took_no_action(callbacks: list[Callback]) -> None:
             assert callback.policies, "the guard never saw an optimizer step"
             assert guard_actions(callback) == {}
             assert callback.stop_reason is None
+            # nothing but the optimizers wrote the weights (AMP, compile, accumulation, tied and sparse weights)
+            assert not any("weights_changed" in policy.counts for policy in callback.policies.values())
         if isinstance(callback, InitAudit):
             assert callback.report is not None
             assert callback.fixed_modules == []

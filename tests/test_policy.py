@@ -16,6 +16,7 @@ from lightning_gradstab.guard.config import DEFAULT_BUDGETS, RUNGS, PolicyConfig
 from lightning_gradstab.guard.decision import Decision
 from lightning_gradstab.guard.detect import REGIME_STEPS, Observation
 from lightning_gradstab.guard.ladder import ExplosionPolicy
+from lightning_gradstab.guard.policy_state import STATE_VERSION
 from lightning_gradstab.guard.rollback_check import OBJECTIVE_SHIFTS_TO_TRUST, ROLLBACK_CHECK_STEPS
 from lightning_gradstab.guard.snapshot_schedule import SNAPSHOT_HEALTHY_STREAK
 from lightning_gradstab.running import GrowthWindow, LogNormStatistics, LossTrend, RankReduction
@@ -668,9 +669,10 @@ def test_the_recent_losses_survive_a_checkpoint_and_a_state_of_version_8_resumes
     assert not older.detector.loss_trend.recent
     trend = older.detector.loss_trend  # only the new batch can be left out: the smoothed loss as it was
     assert trend.smoothed_without_heaviest_with(2 * trend.smoothed) == pytest.approx(trend.smoothed, rel=1e-12)
-    state["version"] = 9
-    with pytest.raises(ValueError, match=r"loss_trend\.recent"):
-        ExplosionPolicy().load_state_dict(state)
+    for version in (9, STATE_VERSION):  # the versions that keep them must hold them
+        state["version"] = version
+        with pytest.raises(ValueError, match=r"loss_trend\.recent"):
+            ExplosionPolicy().load_state_dict(state)
 
 
 def test_a_smoothed_loss_rising_far_above_its_lowest_value_is_divergence_that_rolls_back_and_halves_the_lr() -> None:

@@ -30,6 +30,8 @@ _FIELDS: list[tuple[str, ReduceKind]] = [
     # the relative-update ceiling's outcome of the previous optimizer step (0 when it was not measured)
     ("update_bounded", "max"),
     ("update_ratio_max", "max"),
+    # the weights were written since the last optimizer step from outside the optimizer, on some rank
+    ("weights_changed", "max"),
 ]
 _WITHOUT_SCALER = RankReduction(_FIELDS)
 _WITH_SCALER = RankReduction([*_FIELDS, ("loss_scale", "min")])
@@ -73,13 +75,15 @@ class StepLoss:
 
 class StepReading(NamedTuple):
     """What :func:`observe` read: the observation, whether every rank holds a usable rollback snapshot, the
-    per-head attention logits (the largest on any rank) and the previous step's relative-update outcome."""
+    per-head attention logits (the largest on any rank), the previous step's relative-update outcome and whether
+    some rank's weights were changed from outside the optimizer since the last step."""
 
     observation: Observation
     snapshot_everywhere: bool
     attention_logits: list[float]
     update_bounded: float
     update_ratio_max: float
+    weights_changed: bool = False
 
 
 def observe(
@@ -95,6 +99,7 @@ def observe(
     competing: bool,
     attention_logits: torch.Tensor | None = None,
     update_outcome: tuple[torch.Tensor | float, torch.Tensor | float] = (0.0, 0.0),
+    weights_changed: bool = False,
 ) -> StepReading:
     """The step's :class:`Observation` from the numbers of every rank (one collective, one host read), with what
     else rides the same read (:class:`StepReading`).
@@ -102,7 +107,8 @@ def observe(
     ``step_size``: plain SGD's step per unit gradient when the update-ratio rule is on (the weights' norm is
     then part of the observation); ``competing``: the fit's losses compete (a GAN), so no ceiling applies;
     ``attention_logits``: the QK-clip measurement of this step, if one is pending (every rank alike);
-    ``update_outcome``: the relative-update ceiling's ``(tensors bounded, largest ratio)`` of the previous step.
+    ``update_outcome``: the relative-update ceiling's ``(tensors bounded, largest ratio)`` of the previous step;
+    ``weights_changed``: this rank's weights were written since the last optimizer step from outside the optimizer.
     """
     values: dict[str, Any] = {
         "total_norm": stats.total_norm,
@@ -113,6 +119,7 @@ def observe(
         "snapshot_available": float(snapshot_ready),
         "update_bounded": update_outcome[0],
         "update_ratio_max": update_outcome[1],
+        "weights_changed": float(weights_changed),
     }
     if scaler is not None:
         values["loss_scale"] = scaler._scale if scaler._scale is not None else scaler._init_scale
@@ -135,7 +142,8 @@ def observe(
         competing=competing,
     )
     return StepReading(
-        observation, reduced["snapshot_available"] > 0, logits, reduced["update_bounded"], reduced["update_ratio_max"]
+        observation, reduced["snapshot_available"] > 0, logits, reduced["update_bounded"], reduced["update_ratio_max"],
+        reduced["weights_changed"] > 0,
     )
 
 

@@ -25,6 +25,7 @@ Kept apart from ``guard.py`` because it is the one place the guard writes into t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,9 @@ class GuardUpdateCeiling:
         ceiling.begin(0, optimizer)                  # before optimizer.step(), on every rank alike
     """
 
-    def __init__(self, max_relative_update: float) -> None:
+    def __init__(self, max_relative_update: float, after_write: Callable[[], None] | None = None) -> None:
         self.max_relative_update = max_relative_update
+        self._after_write = after_write  # told when the post-hook has written into the weights
         self._ceilings: dict[int, RelativeUpdateCeiling] = {}
         self._schedules: dict[int, _Schedule] = {}
         self._outcomes: dict[int, torch.Tensor] = {}
@@ -138,6 +140,8 @@ class GuardUpdateCeiling:
             outcome = ceiling.end()
             if outcome is not None:
                 self._outcomes[index] = outcome
+            if self._after_write is not None:
+                self._after_write()
 
     def close(self) -> None:
         """Remove the step hooks and forget every copy, outcome and schedule (end of fit, or a new one)."""

@@ -30,6 +30,7 @@ from lightning_gradstab.callbacks._guard_rollback import SNAPSHOT_DIRNAME, Guard
 from lightning_gradstab.callbacks._guard_step import StepLoss, StepReading, clear_found_inf, observe
 from lightning_gradstab.callbacks._guard_summary import guard_summary, print_guard_summary
 from lightning_gradstab.callbacks._guard_update import GuardUpdateCeiling
+from lightning_gradstab.callbacks._guard_writes import OutsideWrites
 from lightning_gradstab.callbacks._optimizers import sgd_step_size
 from lightning_gradstab.callbacks._shared import (
     STATE_VERSION,
@@ -104,6 +105,10 @@ class ExplosionGuard(SuiteCallback):
     fp16, summed over accumulated micro-batches, kept on the device) and, for plain SGD, the size of the step
     relative to the weights, so a run that is unstable from its first step, or a bad batch under Adam, is
     caught although the run's own gradient history looks normal.
+
+    Weights written between optimizer steps by anything but the optimizer (a layer reset, pruning's rewind, a
+    ``load_state_dict``) are the user's: the guard sees them through PyTorch's version counters and starts afresh
+    from them, its snapshot dropped, so no rollback undoes them (see :mod:`lightning_gradstab.callbacks._guard_writes`).
 
     Every decision comes from numbers all-reduced across ranks (max norm, max loss, any rank's and every
     rank's NaN, min loss scale) in a single collective, read on the host in a single sync per optimizer step,
@@ -213,6 +218,7 @@ class ExplosionGuard(SuiteCallback):
         self._logit_wait = 0  # optimizer steps until the attention logits are measured again
         self._logit_caps: dict[str, dict[str, float]] = {}  # layer -> steps rescaled and the largest logit seen
         self._update_ceiling: GuardUpdateCeiling | None = None  # the relative-update ceiling of this fit (None: off)
+        self._outside_writes = OutsideWrites()  # writes to the weights between optimizer steps, not the optimizer's
 
     def policy(self, index: int = 0) -> ExplosionPolicy:
         """The policy (statistics, level, event log) of optimizer ``index``, created on first use."""
@@ -271,6 +277,7 @@ class ExplosionGuard(SuiteCallback):
         self._drop_logit_cap()
         self._logit_caps.clear()
         self._drop_update_ceiling()
+        self._outside_writes.close()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,6 +306,7 @@ class ExplosionGuard(SuiteCallback):
             warn_without_lr(trainer.optimizers)
         self._attach_logit_cap(trainer, pl_module)
         self._attach_update_ceiling(trainer)
+        self._outside_writes.watch(trainer.optimizers)
 
     def _attach_logit_cap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """QK-clip's hooks on the attention layers without qk-norm (none: nothing is hooked)."""
@@ -341,7 +349,7 @@ class ExplosionGuard(SuiteCallback):
                 "ExplosionGuard: the relative-update ceiling is off under FSDPStrategy (FSDP1 flattens the weight "
                 "tensors); ModelParallelStrategy (FSDP2) keeps them whole (said once)."))
             return
-        self._update_ceiling = GuardUpdateCeiling(self.max_relative_update)
+        self._update_ceiling = GuardUpdateCeiling(self.max_relative_update, after_write=self._outside_writes.resync)
 
     def _drop_update_ceiling(self) -> None:
         if self._update_ceiling is not None:
@@ -370,6 +378,7 @@ class ExplosionGuard(SuiteCallback):
     ) -> None:
         raw = getattr(optimizer, "_optimizer", optimizer)
         self._lr_scale.restore(raw)  # a scaled step the optimizer never ran (e.g. skipped by a GradScaler)
+        weights_changed = self._outside_writes.changed()  # before the guard's own writes of this step
         index = optimizer_index(trainer, optimizer)
         policy = self.policy(index)
         if self._competing_losses is not None:
@@ -392,8 +401,11 @@ class ExplosionGuard(SuiteCallback):
             distributed=trainer.world_size > 1, step_size=step_size, competing=self._competing_losses is not None,
             attention_logits=logits,
             update_outcome=ceiling.outcome(index) if ceiling is not None else (0.0, 0.0),
+            weights_changed=weights_changed,
         )
         observation, snapshot_everywhere = reading.observation, reading.snapshot_everywhere
+        if reading.weights_changed:  # on some rank: every rank starts afresh alike
+            self._weights_changed(trainer)
         if cap is not None:
             self._cap_attention_logits(trainer, cap, policy, reading.attention_logits if logits is not None else None)
         if ceiling is not None:
@@ -410,6 +422,17 @@ class ExplosionGuard(SuiteCallback):
             else:
                 ceiling.begin(index, raw)
         self._records.report(trainer, index, policy, decision, self.log_every_n_steps)
+        self._outside_writes.resync()  # the guard's own writes (a rollback, QK-clip) are not from outside
+
+    def _weights_changed(self, trainer: pl.Trainer) -> None:
+        """The weights were written since the last optimizer step by something other than the optimizer: every
+        policy starts afresh from them (see :meth:`ExplosionPolicy.weights_changed`)."""
+        restarted = [policy.weights_changed() for policy in list(self.policies.values())]
+        if any(restarted):
+            self._warn_once("weights changed", (
+                f"ExplosionGuard: the weights were changed outside the optimizer before step {trainer.global_step} "
+                "(a reset, pruning, a rewind or a load); the guard's statistics start afresh from the new weights "
+                "and its rollback snapshot is dropped, so no rollback undoes the change (said once)."))
 
     def _act(
         self,
@@ -566,6 +589,7 @@ class ExplosionGuard(SuiteCallback):
             self._snapshots.end_fit()
             self._drop_logit_cap()  # the model runs on without the guard's hooks
             self._drop_update_ceiling()
+            self._outside_writes.close()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -151,6 +151,13 @@ class Detector:
         self.counters = counters
         self.base_level = base_level
         self.on_loss_rules_off = on_loss_rules_off
+        self.restart()
+
+    def restart(self) -> None:
+        """Every running statistic afresh, as at the start of a run: the gradient norm's, its long-horizon
+        reference, the loss's and its trend. What a new fit starts from, and what the weights changed from outside
+        the optimizer start from (:meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.weights_changed`)."""
+        config = self.config
         self.statistics = LogNormStatistics(config.ema_decay, config.warmup_steps, config.log_std_floor)
         # the per-step loss noise (linear: the divergence margin is a distance in loss units) ...
         self.loss_statistics = RunningMoments(

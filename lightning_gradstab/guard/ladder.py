@@ -289,6 +289,35 @@ class ExplosionPolicy:
         """The adapter has no snapshot (e.g. resumed from a checkpoint without one): request a new one."""
         self.snapshots.forget()
 
+    def weights_changed(self) -> bool:
+        """The weights were written between two optimizer steps by something other than the optimizer: a reset,
+        pruning, a rewind, a load (the adapter tells, see :mod:`lightning_gradstab.callbacks._guard_writes`).
+        ``True`` when the guard starts afresh from them.
+
+        What the guard knows describes the weights before the change, and its snapshot is of them: the loss's jump
+        would read as loss spikes to skip (the very steps that retrain a reset layer) and as a divergence to roll
+        back, to the snapshot, undoing the user's change. So every running statistic restarts (the warm-up's
+        rules judge the next steps), the snapshot is dropped (the next healthy step takes one) and a rollback check
+        in progress ends with its rollback standing. The ladder's level and the learning-rate back-off stay:
+        they are evidence about the learning rate, which the change did not touch.
+
+        A write that comes back within ``warmup_steps`` steps of the previous one is part of how this run steps
+        (a projection after every step: WGAN's weight clipping, a max-norm constraint; SAM's perturbation undone
+        in place), not an intervention: only the first of a series restarts the guard, the others are learned as
+        any step is."""
+        state = self.state
+        previous, state.outside_write_step = state.outside_write_step, state.steps
+        if previous is not None and state.steps - previous < self.config.warmup_steps:
+            return False
+        state.count("weights_changed")
+        self.detector.restart()
+        state.first_loss, state.skipped_spike_loss = None, None
+        state.gradient_anomaly_streak, state.recent_skips = 0, 0.0
+        self.snapshots.forget()
+        self.snapshots.statistics_at_snapshot = self.snapshots.trend_at_snapshot = None
+        self.rollback_check.cut_short()
+        return True
+
     def _unjudged(self, observation: Observation) -> Decision | None:
         """The decision for a step there is nothing to judge on (an fp16 overflow, an exactly zero gradient)."""
         state = self.state

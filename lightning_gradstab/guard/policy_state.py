@@ -46,6 +46,7 @@ class Counters:
     divergence_off: str | None = None  # why divergence is no longer judged (None: it is)
     first_loss: float | None = None  # the first loss learned: where the run began, the scale of its progress
     skipped_spike_loss: float | None = None  # the loss of the step just skipped as a loss spike (None: it was not)
+    outside_write_step: int | None = None  # the last step before which the weights were written from outside
     counts: dict[str, int] = field(default_factory=dict)
     first_anomaly_steps: dict[str, int] = field(default_factory=dict)
 
@@ -60,13 +61,14 @@ class Counters:
             setattr(self, item.name, getattr(other, item.name))
 
 
-STATE_VERSION = 9
+STATE_VERSION = 10
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
 5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold; 8: the
-loss of a step just skipped as a loss spike; 9: the loss trend's recent losses)."""
+loss of a step just skipped as a loss spike; 9: the loss trend's recent losses; 10: the step of the last write to
+the weights from outside the optimizer)."""
 
-READABLE_VERSIONS = (3, 4, 5, 6, 7, 8, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, 6, 7, 8, 9, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones
 gain what they lack, fresh)."""
 
@@ -81,7 +83,9 @@ def upgraded_policy_state(state: dict[str, Any], template: dict[str, Any]) -> di
         counters = {**template["counters"], **counters}
     upgraded = {**template, **state, "counters": counters, "version": STATE_VERSION}
     trend = state.get("loss_trend")
-    if isinstance(trend, dict):  # version 8 and older keep no recent losses: the next ones fill them
+    version = state.get("version")
+    if isinstance(trend, dict) and isinstance(version, int) and version <= 8:
+        # version 8 and older keep no recent losses: the next ones fill them
         upgraded["loss_trend"] = {"recent": [], **trend}
     return upgraded
 

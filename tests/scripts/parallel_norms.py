@@ -249,6 +249,7 @@ def fit(loss_scale: float, root: Path, strategy: object | None = None) -> dict:
     the self-check's numbers, the warnings raised and the final weights (gathered whole)."""
     logger = MemoryLogger()
     monitor = GradNormMonitor(log_every_n_steps=1, heatmap_every_n_steps=None, self_check=True)
+    guard = ExplosionGuard()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1 if strategy is None else WORLD,
@@ -256,7 +257,7 @@ def fit(loss_scale: float, root: Path, strategy: object | None = None) -> dict:
         max_steps=FIT_STEPS,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[monitor, ExplosionGuard()],
+        callbacks=[monitor, guard],
         use_distributed_sampler=False,
         default_root_dir=root,
         enable_progress_bar=False,
@@ -274,6 +275,7 @@ def fit(loss_scale: float, root: Path, strategy: object | None = None) -> dict:
     return {
         "metrics": {k: v for k, v in logger.metrics.items() if k.startswith("gradstab/")},
         "self_check": monitor.self_check_results.get(0),
+        "weights_changed": guard.policy().counts.get("weights_changed", 0),  # FSDP2 / TP must not write from outside
         "warnings": [str(w.message) for w in caught if "self-check" in str(w.message)],
         "weights": weights,
     }
