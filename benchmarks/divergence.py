@@ -32,8 +32,9 @@ ends every seed with LR multiplier >= 0.5 and a mean metric <= ``1.02 x none + 0
 guard was not tuned on; same methods, table and bar; output ``benchmarks/results/healthy-holdout-cpu.{md,json}``);
 ``--suite holdout2`` on the second held-out set, :mod:`benchmarks.healthy_holdout2`, written after the guard's rules
 were fixed (output ``benchmarks/results/healthy-holdout2-cpu.{md,json}``), ``--suite holdout3`` on the third,
-:mod:`benchmarks.healthy_holdout3`, written after guard v3.6 (``benchmarks/results/healthy-holdout3-cpu.{md,json}``);
-``--suite optimizers`` on torch's adaptive
+:mod:`benchmarks.healthy_holdout3`, written after guard v3.6 (``benchmarks/results/healthy-holdout3-cpu.{md,json}``),
+``--suite holdout4`` on the fourth, :mod:`benchmarks.healthy_holdout4`, whose recipes write the weights during the
+run (``benchmarks/results/healthy-holdout4-cpu.{md,json}``); ``--suite optimizers`` on torch's adaptive
 optimizers at their default settings, :mod:`benchmarks.healthy_optimizers` (output
 ``benchmarks/results/healthy-optimizers-cpu.{md,json}``); ``--suite finetune`` on fine-tunes of a trained model with
 small batches, :mod:`benchmarks.healthy_finetune` (output ``benchmarks/results/healthy-finetune-cpu.{md,json}``).
@@ -112,17 +113,21 @@ def _actions(callbacks: list[Any]) -> dict[str, Any]:
 
 
 def healthy_tasks() -> dict[str, Any]:
-    """The healthy corpus (:mod:`benchmarks.healthy_tasks`), its two held-out sets
-    (:mod:`benchmarks.healthy_holdout`, :mod:`benchmarks.healthy_holdout2`), torch's adaptive optimizers at their
-    defaults (:mod:`benchmarks.healthy_optimizers`) and fine-tunes (:mod:`benchmarks.healthy_finetune`)."""
+    """The healthy corpus (:mod:`benchmarks.healthy_tasks`), its four held-out sets (:mod:`benchmarks.healthy_holdout`
+    to :mod:`benchmarks.healthy_holdout4`), torch's adaptive optimizers at their defaults
+    (:mod:`benchmarks.healthy_optimizers`) and fine-tunes (:mod:`benchmarks.healthy_finetune`)."""
     from benchmarks.healthy_finetune import FINETUNE_TASKS
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_holdout3 import HOLDOUT3_TASKS
+    from benchmarks.healthy_holdout4 import HOLDOUT4_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
 
-    return {**HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS, **HOLDOUT3_TASKS, **OPTIMIZER_TASKS, **FINETUNE_TASKS}
+    return {
+        **HEALTHY_TASKS, **HOLDOUT_TASKS, **HOLDOUT2_TASKS, **HOLDOUT3_TASKS, **HOLDOUT4_TASKS, **OPTIMIZER_TASKS,
+        **FINETUNE_TASKS,
+    }
 
 
 def healthy_metrics() -> dict[str, str]:
@@ -131,6 +136,7 @@ def healthy_metrics() -> dict[str, str]:
     from benchmarks.healthy_holdout import METRICS as HOLDOUT_METRICS
     from benchmarks.healthy_holdout2 import METRICS as HOLDOUT2_METRICS
     from benchmarks.healthy_holdout3 import METRICS as HOLDOUT3_METRICS
+    from benchmarks.healthy_holdout4 import METRICS as HOLDOUT4_METRICS
     from benchmarks.healthy_optimizers import METRICS as OPTIMIZER_METRICS
     from benchmarks.healthy_tasks import METRICS
 
@@ -139,6 +145,7 @@ def healthy_metrics() -> dict[str, str]:
         **HOLDOUT_METRICS,
         **HOLDOUT2_METRICS,
         **HOLDOUT3_METRICS,
+        **HOLDOUT4_METRICS,
         **OPTIMIZER_METRICS,
         **FINETUNE_METRICS,
     }
@@ -607,11 +614,13 @@ def healthy_report(results, tasks, methods, command: str, jobs: int, wall: float
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_holdout3 import HOLDOUT3_TASKS
+    from benchmarks.healthy_holdout4 import HOLDOUT4_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.peers import AGC_SETTINGS, ZCLIP_SETTINGS
 
     registry, metrics = healthy_tasks(), healthy_metrics()
-    holdout = bool(tasks) and all(t in HOLDOUT_TASKS or t in HOLDOUT2_TASKS or t in HOLDOUT3_TASKS for t in tasks)
+    held_out = {**HOLDOUT_TASKS, **HOLDOUT2_TASKS, **HOLDOUT3_TASKS, **HOLDOUT4_TASKS}
+    holdout = bool(tasks) and all(t in held_out for t in tasks)
     optimizers = bool(tasks) and all(t in OPTIMIZER_TASKS for t in tasks)
     finetunes = bool(tasks) and all(t in FINETUNE_TASKS for t in tasks)
     info = machine()
@@ -697,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.healthy_holdout import HOLDOUT_TASKS
     from benchmarks.healthy_holdout2 import HOLDOUT2_TASKS
     from benchmarks.healthy_holdout3 import HOLDOUT3_TASKS
+    from benchmarks.healthy_holdout4 import HOLDOUT4_TASKS
     from benchmarks.healthy_optimizers import OPTIMIZER_TASKS
     from benchmarks.healthy_tasks import HEALTHY_TASKS
     from benchmarks.peers import resolve_method
@@ -704,12 +714,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        choices=("divergence", "healthy", "holdout", "holdout2", "holdout3", "optimizers", "finetune"),
+        choices=("divergence", "healthy", "holdout", "holdout2", "holdout3", "holdout4", "optimizers", "finetune"),
         default="divergence",
         help="divergence: the divergence tasks and their bar; healthy: the healthy-but-unusual corpus "
         "(benchmarks/healthy_tasks.py), task metrics and issue 18's healthy bar; holdout: the held-out healthy "
         "shapes (benchmarks/healthy_holdout.py), same metrics and bar; holdout2: the second held-out set "
-        "(benchmarks/healthy_holdout2.py); holdout3: the third (benchmarks/healthy_holdout3.py); "
+        "(benchmarks/healthy_holdout2.py); holdout3: the third (benchmarks/healthy_holdout3.py); holdout4: the "
+        "fourth, whose recipes write the weights mid-run (benchmarks/healthy_holdout4.py); "
         "optimizers: torch's adaptive optimizers at their defaults "
         "(benchmarks/healthy_optimizers.py); finetune: fine-tunes of a trained model with small batches "
         "(benchmarks/healthy_finetune.py)",
@@ -726,12 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a guard* method misses the bar")
     args = parser.parse_args(argv)
 
-    healthy = args.suite in ("healthy", "holdout", "holdout2", "holdout3", "optimizers", "finetune")
+    healthy = args.suite in ("healthy", "holdout", "holdout2", "holdout3", "holdout4", "optimizers", "finetune")
     registry = {
         "healthy": HEALTHY_TASKS,
         "holdout": HOLDOUT_TASKS,
         "holdout2": HOLDOUT2_TASKS,
         "holdout3": HOLDOUT3_TASKS,
+        "holdout4": HOLDOUT4_TASKS,
         "optimizers": OPTIMIZER_TASKS,
         "finetune": FINETUNE_TASKS,
     }.get(args.suite, TASKS)
@@ -742,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {unknown}; known: {list(known)}")
     if not healthy and any(t in healthy_tasks() for t in tasks):
         parser.error(
-            "the healthy tasks need --suite healthy, holdout, holdout2, holdout3, optimizers or finetune "
+            "the healthy tasks need --suite healthy, holdout, holdout2, holdout3, holdout4, optimizers or finetune "
             "(their evaluate() is a task metric)"
         )
     methods = [m for m in (args.methods or ",".join(HEALTHY_METHODS if healthy else DEFAULT_METHODS)).split(",") if m]
@@ -760,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdout": "healthy-holdout-cpu",
         "holdout2": "healthy-holdout2-cpu",
         "holdout3": "healthy-holdout3-cpu",
+        "holdout4": "healthy-holdout4-cpu",
         "optimizers": "healthy-optimizers-cpu",
         "finetune": "healthy-finetune-cpu",
     }.get(args.suite, "divergence-cpu")
