@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from benchmarks.divergence_tasks import _digit_batches, mlp
@@ -46,6 +47,7 @@ def test_an_optimizer_step_is_not_a_write_from_outside_and_a_reset_an_init_a_loa
         lambda: nn.init.zeros_(model[0].bias),
         lambda: model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}),
         lambda: model[0].weight.mul_(0.5),
+        lambda: setattr(model[0].bias, "data", torch.zeros(4)),  # another storage: how ModelPruning rewinds
     ]
     for edit in edits:
         with torch.no_grad():
@@ -100,6 +102,18 @@ def test_the_writes_between_the_closure_evaluations_of_one_step_are_the_optimize
     first = len(seen)
     optimizer.step(closure)
     assert seen[first] and not any(seen[first + 1 :])  # the write before this step, at its first evaluation only
+
+
+def test_a_sparse_weight_is_watched_by_its_counter_alone() -> None:
+    sparse = nn.Parameter(torch.eye(3).to_sparse())  # no single storage address to read
+    dense = nn.Parameter(torch.zeros(2))
+    writes = OutsideWrites()
+    writes.watch([torch.optim.SGD([sparse, dense], lr=0.1)])
+    assert writes._addressed == [dense]
+    assert not writes.changed()
+    with torch.no_grad():
+        sparse.mul_(2.0)
+    assert writes.changed()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -196,6 +210,23 @@ def test_without_telling_the_reset_from_damage_the_guard_would_roll_the_reset_ba
     counts = guard.policy().counts
     assert "weights_changed" not in counts
     assert counts.get("divergence", 0) >= 1 and counts.get("rollback", 0) >= 1, counts
+
+
+def test_lightnings_lottery_ticket_rewind_through_data_is_seen_as_the_users() -> None:
+    """``ModelPruning(use_lottery_ticket_hypothesis=True)`` rewinds the surviving weights to their initial values
+    by pointing each parameter at another storage (``p.data = ...``): no version counter moves, the address does."""
+    train, evals = _digit_batches(0, 60)
+    module = MetricModule(mlp(128, 2, nn.ReLU), "ce", _adam(1e-3), error_rate)
+    built = HealthyBuilt(module, train, evals)
+    hidden = [(layer, "weight") for layer in module.net.modules() if isinstance(layer, nn.Linear)][:-1]
+    pruning = ModelPruning(
+        "l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=True, parameters_to_prune=hidden, verbose=0
+    )
+    torch.manual_seed(0)
+    guard = ExplosionGuard(console_summary=False)
+    quiet_trainer(max_epochs=2, callbacks=[pruning, guard]).fit(module, built.train_loader())
+    assert guard.policy().counts.get("weights_changed") == 1  # the rewind after the first epoch
+    assert guard.policy().state.outside_write_step == 60
 
 
 def test_example_of_the_writes_watcher() -> None:

@@ -15,11 +15,17 @@ is a write from outside the optimizer. The guard's own writes (a rollback, QK-cl
 are taken in with :meth:`OutsideWrites.resync` right after them. An optimizer that evaluates its closure several
 times per step writes the weights between the evaluations (L-BFGS's line search, SAM's step uphill and back), and
 Lightning runs ``on_before_optimizer_step`` after every evaluation: only the first evaluation of a step (a step
-pre-hook tells when one begins) is checked, the later ones take the optimizer's writes in. Writes through ``.data`` are invisible to the
-counters (PyTorch detaches ``.data`` from them by design), so are buffers (e.g. a pruning mask): the docs say so.
+pre-hook tells when one begins) is checked, the later ones take the optimizer's writes in.
 
-The cost is two passes over the parameter list per optimizer step reading one integer each (about 0.1 us per
-tensor): no device work, no host sync.
+A weight can also be replaced without a write: ``p.data = other`` points the parameter at another storage (how
+Lightning's ``ModelPruning(use_lottery_ticket_hypothesis=True)`` rewinds the weights). The counters do not see it,
+the storage's address does: it is read beside the counter for every plain ``nn.Parameter`` (not for FSDP1's flat
+parameters and DTensor shards, whose storage their strategy swaps by design). An in-place write through ``.data``
+(``p.data.mul_(0.4)``) changes neither, and a change of buffers only (a pruning mask) writes no weight: the docs say
+so.
+
+The cost is two passes over the parameter list per optimizer step reading two integers per tensor (about 0.1 us
+each): no device work, no host sync.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class OutsideWrites:
 
     def __init__(self) -> None:
         self._parameters: list[torch.Tensor] = []
-        self._expected: int | None = None
+        self._addressed: list[torch.Tensor] = []  # the plain parameters, whose storage address is read too
+        self._expected: tuple[int, int] | None = None
         self._hooks: list[Any] = []
         self._stepping = False  # inside an optimizer's step() (between its pre- and post-hook)
         self._evaluated = False  # ... and a check already ran in this step (a closure evaluated before)
@@ -65,6 +72,10 @@ class OutsideWrites:
             self._hooks.append(raw.register_step_pre_hook(lambda opt, args, kwargs: self._begin_step()))
             self._hooks.append(raw.register_step_post_hook(lambda opt, args, kwargs: self._end_step()))
         self._parameters = list(unique.values())
+        self._addressed = [  # dense plain parameters: a sparse tensor has no single storage address
+            parameter for parameter in self._parameters
+            if type(parameter) is torch.nn.Parameter and parameter.layout == torch.strided
+        ]
         self.resync()
 
     def _begin_step(self) -> None:
@@ -74,8 +85,9 @@ class OutsideWrites:
         self._stepping = False
         self.resync()
 
-    def _total(self) -> int:
-        return sum(parameter._version for parameter in self._parameters)
+    def _total(self) -> tuple[int, int]:
+        versions = sum(parameter._version for parameter in self._parameters)
+        return versions, sum(parameter.data_ptr() for parameter in self._addressed)
 
     def resync(self) -> None:
         """Take the weights as they are now as the optimizers left them (after a step, or a write of the guard's)."""
@@ -98,5 +110,5 @@ class OutsideWrites:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._parameters, self._expected = [], None
+        self._parameters, self._addressed, self._expected = [], [], None
         self._stepping = self._evaluated = False

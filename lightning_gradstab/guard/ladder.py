@@ -302,9 +302,8 @@ class ExplosionPolicy:
         they are evidence about the learning rate, which the change did not touch.
 
         A write that comes back within ``warmup_steps`` steps of the previous one is part of how this run steps
-        (a projection after every step: WGAN's weight clipping, a max-norm constraint; SAM's perturbation undone
-        in place), not an intervention: only the first of a series restarts the guard, the others are learned as
-        any step is."""
+        (a projection after every step: WGAN's weight clipping, a max-norm constraint), not an intervention: only
+        the first of a series restarts the guard, the others are learned as any step is."""
         state = self.state
         previous, state.outside_write_step = state.outside_write_step, state.steps
         if previous is not None and state.steps - previous < self.config.warmup_steps:
