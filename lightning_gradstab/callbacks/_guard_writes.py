@@ -31,9 +31,12 @@ each): no device work, no host sync.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import torch
+
+_VERSION = attrgetter("_version")
 
 
 class OutsideWrites:
@@ -86,8 +89,7 @@ class OutsideWrites:
         self.resync()
 
     def _total(self) -> tuple[int, int]:
-        versions = sum(parameter._version for parameter in self._parameters)
-        return versions, sum(parameter.data_ptr() for parameter in self._addressed)
+        return sum(map(_VERSION, self._parameters)), sum(map(torch.Tensor.data_ptr, self._addressed))
 
     def resync(self) -> None:
         """Take the weights as they are now as the optimizers left them (after a step, or a write of the guard's)."""

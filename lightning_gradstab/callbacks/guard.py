@@ -406,8 +406,11 @@ class ExplosionGuard(SuiteCallback):
         observation, snapshot_everywhere = reading.observation, reading.snapshot_everywhere
         if reading.weights_changed:  # on some rank: every rank starts afresh alike
             self._weights_changed(trainer)
+        wrote = False  # whether the guard itself writes the weights in this hook (QK-clip, a rollback)
         if cap is not None:
-            self._cap_attention_logits(trainer, cap, policy, reading.attention_logits if logits is not None else None)
+            wrote = self._cap_attention_logits(
+                trainer, cap, policy, reading.attention_logits if logits is not None else None
+            )
         if ceiling is not None:
             self._read_update_ceiling(trainer, ceiling, index, policy, reading, observation.lr)
         if observation.weight_norm is not None:
@@ -415,14 +418,15 @@ class ExplosionGuard(SuiteCallback):
         decision = policy.step(observation)
         if observation.rank_local and scaler is not None:
             clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
-        self._act(trainer, pl_module, raw, policy, decision, observation, scaler, snapshot_everywhere)
+        wrote = self._act(trainer, pl_module, raw, policy, decision, observation, scaler, snapshot_everywhere) or wrote
         if ceiling is not None:  # after the clip and the LR scale: the copy is of the weights this step moves
             if decision.skip:
                 ceiling.skip(index)
             else:
                 ceiling.begin(index, raw)
         self._records.report(trainer, index, policy, decision, self.log_every_n_steps)
-        self._outside_writes.resync()  # the guard's own writes (a rollback, QK-clip) are not from outside
+        if wrote:  # the guard's own writes are not from outside (a step that follows takes them in too)
+            self._outside_writes.resync()
 
     def _weights_changed(self, trainer: pl.Trainer) -> None:
         """The weights were written since the last optimizer step by something other than the optimizer: every
@@ -444,7 +448,8 @@ class ExplosionGuard(SuiteCallback):
         observation: Observation,
         scaler: Any = None,
         snapshot_everywhere: bool = True,
-    ) -> None:
+    ) -> bool:
+        """Carry out ``decision``; whether the weights were written (a rollback, or its check undone)."""
         rolled_back = self._snapshots.act(  # the decision's snapshot, rollback and rollback check, every rank alike
             trainer, pl_module, decision, scaler, snapshot_everywhere,
             abandon_check=policy.abandon_rollback_check,
@@ -467,16 +472,18 @@ class ExplosionGuard(SuiteCallback):
             self._lr_scale.apply(optimizer, decision.lr_scale)
         if decision.stop:
             self._stop(trainer, decision)
+        return rolled_back
 
     def _cap_attention_logits(
         self, trainer: pl.Trainer, cap: AttentionLogitCap, policy: ExplosionPolicy, logits: list[float] | None
-    ) -> None:
+    ) -> bool:
         """QK-clip on a measured step (the logits reduced across ranks: every rank rescales alike), and the
         schedule of the next measurement: the next step while heads are capped, else in ATTENTION_LOGIT_EVERY.
-        The largest measured logit is logged as ``gradstab/attention_logit_max`` (a host value already)."""
+        The largest measured logit is logged as ``gradstab/attention_logit_max`` (a host value already). Whether
+        it rescaled a head (a write into the weights)."""
         if logits is None:
             self._logit_wait = max(self._logit_wait - 1, 0)
-            return
+            return False
         if logits:
             log_metrics(trainer, {"gradstab/attention_logit_max": max(logits)}, logging_step(trainer))
         capped = cap.apply(logits)
@@ -492,6 +499,7 @@ class ExplosionGuard(SuiteCallback):
                 f"{', '.join(sorted(capped))}; their query/key heads are rescaled to the cap (QK-clip) whenever "
                 "they pass it. The architectural fix is qk-layernorm (Wortsman et al. 2023) (said once)."))
         self._logit_wait = 0 if capped else ATTENTION_LOGIT_EVERY - 1
+        return bool(capped)
 
     def _read_update_ceiling(
         self, trainer: pl.Trainer, ceiling: GuardUpdateCeiling, index: int, policy: ExplosionPolicy,
