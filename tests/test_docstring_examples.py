@@ -1,7 +1,8 @@
 """Every ``Example::`` block of the public API runs as written, on a tiny model, optimizer, batch and trainer.
 
 The blocks are the docstrings of ``lightning_gradstab.__all__`` (and their public methods) plus the pure
-modules whose functions are meant to be called directly (guard events, training-time and optimizer rules). Each
+modules whose functions are meant to be called directly (guard events, training-time and optimizer rules) and the
+guard's watcher of outside writes. Each
 runs in a fresh namespace that holds ``model`` (a 64 -> 10 LightningModule with gradients), ``optimizer``, ``batch``,
 ``trainer`` and a ``pl``/``Trainer`` whose trainers run two CPU steps.
 """
@@ -22,12 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_gradstab
 from lightning_gradstab import guard_events, update_ceiling
+from lightning_gradstab.callbacks import _guard_writes
 from lightning_gradstab.diagnosis import optimizer_rules, training_rules, weight_decay_rules
 from lightning_gradstab.logits import qk_clip
 from tests.helpers.trainers import quiet_trainer
 
 MODULES: tuple[ModuleType, ...] = (
-    guard_events, training_rules, optimizer_rules, weight_decay_rules, qk_clip, update_ceiling
+    guard_events, training_rules, optimizer_rules, weight_decay_rules, qk_clip, update_ceiling, _guard_writes
 )
 
 

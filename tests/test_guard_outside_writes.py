@@ -228,14 +228,3 @@ def test_lightnings_lottery_ticket_rewind_through_data_is_seen_as_the_users() ->
     assert guard.policy().counts.get("weights_changed") == 1  # the rewind after the first epoch
     assert guard.policy().state.outside_write_step == 60
 
-
-def test_example_of_the_writes_watcher() -> None:
-    layer = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    writes = OutsideWrites()
-    writes.watch([optimizer])
-    layer(torch.ones(1, 2)).sum().backward()
-    optimizer.step()
-    assert not writes.changed()
-    layer.reset_parameters()
-    assert writes.changed()
