@@ -228,3 +228,16 @@ def test_lightnings_lottery_ticket_rewind_through_data_is_seen_as_the_users() ->
     assert guard.policy().counts.get("weights_changed") == 1  # the rewind after the first epoch
     assert guard.policy().state.outside_write_step == 60
 
+
+
+def test_a_guard_reused_for_a_second_fit_watches_the_new_optimizers_from_their_first_step() -> None:
+    """A write between two fits (here a reset) belongs to no fit's steps: the second fit starts clean anyway."""
+    train, evals = _digit_batches(0, 30)
+    module = MetricModule(mlp(32, 1, nn.ReLU), "ce", _adam(1e-3), error_rate)
+    built = HealthyBuilt(module, train, evals)
+    guard = ExplosionGuard(console_summary=False)
+    for _ in range(2):
+        quiet_trainer(max_steps=30, callbacks=[guard]).fit(module, built.train_loader())
+        assert "weights_changed" not in guard.policy().counts
+        assert guard._outside_writes._hooks == []  # the fit's hooks are gone with it
+        module.net[-1].reset_parameters()
