@@ -1,5 +1,6 @@
 """Norms exact under every parallel layout: FSDP2, HSDP, tensor parallelism (plain and SequenceParallel norms),
-FSDP1 (full and hybrid sharding), Lightning's ModelParallelStrategy (2, 2) and (4, 1); DeepSpeed refused.
+FSDP1 (full and hybrid sharding), Lightning's ModelParallelStrategy (2, 2), (4, 1) and (4, 1) sharded HSDP-style
+on a 2 x 2 replicate x shard mesh; DeepSpeed refused.
 
 The layouts run in one launch of 4 CPU processes (``tests/scripts/parallel_norms.py``, float64) against a
 one-process reference of the same model and batches.
@@ -19,7 +20,7 @@ from tests.helpers.subprocess_env import REPO, child_env
 
 RTOL = 1e-6
 RAW_LAYOUTS = ("fsdp2", "hsdp", "tp", "tp_sequence_parallel", "fsdp1", "fsdp1_hybrid")
-FITS = ("model_parallel_2x2", "model_parallel_4x1")
+FITS = ("model_parallel_2x2", "model_parallel_4x1", "model_parallel_hsdp_2x2")
 GUARD_DECISIONS = ("gradstab/clipped", "gradstab/skipped", "gradstab/level", "gradstab/lr_scale")
 
 
@@ -122,10 +123,11 @@ def test_self_check_agrees_with_the_gathered_norm_and_stays_silent(parallel_run,
 
 @pytest.mark.ddp
 @pytest.mark.timeout(420)
-def test_counting_replicas_once_per_copy_is_caught_by_the_self_check_and_changes_decisions(parallel_run):
-    """The bug this layout had (every replica count 1): the comparison and the self-check both see it."""
+@pytest.mark.parametrize("fit", ("model_parallel_2x2", "model_parallel_hsdp_2x2"))
+def test_counting_replicas_once_per_copy_is_caught_by_the_self_check_and_changes_decisions(parallel_run, fit):
+    """The bug these layouts had (every replica count 1): the comparison and the self-check both see it."""
     reference, ranks = parallel_run
-    broken, expected = ranks[0]["model_parallel_2x2_replicas_ignored"], reference["fit"]["metrics"]
+    broken, expected = ranks[0][f"{fit}_replicas_ignored"], reference["fit"]["metrics"]
     totals = _per_step(broken["metrics"], "gradstab/grad_norm/total")
     true_totals = _per_step(expected, "gradstab/grad_norm/total")
     assert all(total > 1.03 * true for total, true in zip(totals, true_totals, strict=True))

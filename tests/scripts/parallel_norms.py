@@ -7,9 +7,10 @@ One launch runs every layout in sequence, so the processes start (and import Lig
   plain tensors, tensor parallelism x4 with a ``SequenceParallel`` LayerNorm (``Partial`` gradients), FSDP1
   ``FULL_SHARD`` over 4 and FSDP1 ``HYBRID_SHARD`` 2 x 2;
 - Lightning ``ModelParallelStrategy(2, 2)`` and ``(4, 1)`` fits with ``GradNormMonitor(self_check=True)`` and
-  ``ExplosionGuard()`` (defaults) on Adam, whose logged metrics rank 0 writes out;
-- the same (2, 2) fit with every replica count forced to 1 (the bug this layout had), to show the self-check
-  and the comparison catch it;
+  ``ExplosionGuard()`` (defaults) on Adam, whose logged metrics rank 0 writes out, and a ``(4, 1)`` fit whose
+  ``configure_model`` shards HSDP-style on its own 2 x 2 replicate x shard mesh;
+- the same (2, 2) and HSDP fits with every replica count forced to 1 (the bug these layouts had), to show the
+  self-check and the comparison catch it;
 - parameters that live on some ranks only (expert parallelism with plain tensors), which must be refused.
 
 The parent process writes ``reference.json`` (one process, plain model, same batches) and each rank writes
@@ -186,12 +187,15 @@ def _refusal(model: nn.Module) -> str:
 class ParallelRegression(pl.LightningModule):
     """The same net under any ``ModelParallelStrategy`` split (or none): TP over ``tensor_parallel`` (the
     LayerNorm left as plain tensors, the second bias ``Replicate``), FSDP2 over ``data_parallel``; each
-    data-parallel rank trains on its rows of the batch, so the averaged gradient is the full batch's."""
+    data-parallel rank trains on its rows of the batch, so the averaged gradient is the full batch's.
+    ``hsdp=True`` shards over a 2 x 2 replicate x shard mesh of the module's own instead (HSDP: gradients
+    reduce-scattered in the shard group, then all-reduced across the replicas)."""
 
-    def __init__(self, loss_scale: float) -> None:
+    def __init__(self, loss_scale: float, hsdp: bool = False) -> None:
         super().__init__()
         self.net = Net()
         self.loss_scale = loss_scale
+        self.hsdp = hsdp
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -202,8 +206,13 @@ class ParallelRegression(pl.LightningModule):
         if self.device_mesh["tensor_parallel"].size() > 1:
             tp = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
             parallelize_module(self.net, self.device_mesh["tensor_parallel"], tp)
+        mesh = self.device_mesh["data_parallel"]
+        if self.hsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         for module in (self.net.fc1, self.net.fc2, self.net):
-            fully_shard(module, mesh=self.device_mesh["data_parallel"])
+            fully_shard(module, mesh=mesh)
 
     def training_step(self, _, batch_idx: int) -> torch.Tensor:
         x, target = batch(batch_idx)
@@ -244,7 +253,7 @@ class MemoryLogger(Logger):
         pass
 
 
-def fit(loss_scale: float, root: Path, strategy: object | None = None) -> dict:
+def fit(loss_scale: float, root: Path, strategy: object | None = None, hsdp: bool = False) -> dict:
     """Train ``FIT_STEPS`` Adam steps with the monitor (self-check on) and the default guard; what was logged,
     the self-check's numbers, the warnings raised and the final weights (gathered whole)."""
     logger = MemoryLogger()
@@ -264,7 +273,7 @@ def fit(loss_scale: float, root: Path, strategy: object | None = None) -> dict:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    module = ParallelRegression(loss_scale)
+    module = ParallelRegression(loss_scale, hsdp=hsdp)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module)
@@ -293,11 +302,17 @@ def lightning_layouts(rank: int, out_dir: Path, loss_scale: float) -> dict[str, 
         results[f"model_parallel_{data_parallel}x{tensor_parallel}"] = fit(
             loss_scale, out_dir / f"mp{data_parallel}x{tensor_parallel}", strategy
         )
+    strategy = ModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=1)
+    results["model_parallel_hsdp_2x2"] = fit(loss_scale, out_dir / "hsdp", strategy, hsdp=True)
     original = distributed.ReplicaCounts.of
     distributed.ReplicaCounts.of = lambda self, parameters, *args: torch.ones(len(parameters), dtype=args[-1])
     try:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
         results["model_parallel_2x2_replicas_ignored"] = fit(loss_scale, out_dir / "broken", strategy)
+        strategy = ModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=1)
+        results["model_parallel_hsdp_2x2_replicas_ignored"] = fit(
+            loss_scale, out_dir / "broken_hsdp", strategy, hsdp=True
+        )
     finally:
         distributed.ReplicaCounts.of = original
     return results
