@@ -184,6 +184,7 @@ class LossTrend:
         self.average = 0.0  # the raw EMA; ``smoothed`` corrects its bias toward the zero start
         self.lowest = math.inf
         self.noise_at_lowest = 0.0  # the loss noise (std) when the lowest value was reached: not the climb's
+        self.weight_norm_at_lowest = 0.0  # the weights' norm then (0: not measured), for plain SGD's weight growth
         # the last losses, for the smoothed loss without its heaviest batch (older ones weigh under e^-3 of the newest)
         self.recent: deque[float] = deque(maxlen=math.ceil(RECENT_HORIZONS * horizon_steps))
 
@@ -194,22 +195,25 @@ class LossTrend:
             return math.nan
         return self.average / (1.0 - self.decay**self.count) if self.decay > 0 else self.average
 
-    def update(self, loss: float, *, healthy: bool = True, noise: float = 0.0) -> None:
-        """Add one finite loss; only ``healthy`` steps may lower the reference (``noise``: the loss std now)."""
+    def update(self, loss: float, *, healthy: bool = True, noise: float = 0.0, weight_norm: float = 0.0) -> None:
+        """Add one finite loss; only ``healthy`` steps may lower the reference (``noise``: the loss std now;
+        ``weight_norm``: the weights' norm now, 0 when not measured)."""
         self.count += 1
         self.average = self.decay * self.average + (1.0 - self.decay) * loss
         self.recent.append(loss)
         # the first loss is the reference whatever the step was judged: a run must not end worse than it began
         if (healthy or not math.isfinite(self.lowest)) and self.smoothed <= self.lowest:
-            self.lowest, self.noise_at_lowest = self.smoothed, noise
+            self.lowest, self.noise_at_lowest, self.weight_norm_at_lowest = self.smoothed, noise, weight_norm
 
-    def restart_at(self, loss: float) -> None:
+    def restart_at(self, loss: float, weight_norm: float = 0.0) -> None:
         """Judge the next rise from ``loss``: the smoothed loss and its lowest value become ``loss`` (the noise at
-        the lowest is kept: a climb inflates the running spread). A verdict already given on a level must not be
-        given again while the smoothed loss, which lags the raw losses by about its horizon, catches up with it."""
+        the lowest is kept: a climb inflates the running spread; ``weight_norm``: the weights' norm now, 0 when not
+        measured). A verdict already given on a level must not be given again while the smoothed loss, which lags
+        the raw losses by about its horizon, catches up with it."""
         self.count = 1
         self.average = (1.0 - self.decay) * loss if self.decay > 0 else loss
         self.lowest = loss
+        self.weight_norm_at_lowest = weight_norm
         self.recent.clear()
         self.recent.append(loss)
 
@@ -270,7 +274,8 @@ class LossTrend:
         """Everything needed to continue after a restart."""
         return {
             "count": self.count, "average": self.average, "lowest": self.lowest,
-            "noise_at_lowest": self.noise_at_lowest, "recent": list(self.recent),
+            "noise_at_lowest": self.noise_at_lowest, "weight_norm_at_lowest": self.weight_norm_at_lowest,
+            "recent": list(self.recent),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -279,6 +284,7 @@ class LossTrend:
         self.average = float(state["average"])
         self.lowest = float(state["lowest"])
         self.noise_at_lowest = float(state["noise_at_lowest"])
+        self.weight_norm_at_lowest = float(state.get("weight_norm_at_lowest", 0.0))  # not in versions <= 10
         self.recent.clear()
         self.recent.extend(float(loss) for loss in state.get("recent", ()))  # none in a policy state of version <= 8
 

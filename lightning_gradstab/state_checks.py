@@ -60,6 +60,7 @@ def policy_rules(levels: int) -> dict[str, Rule]:
         "growth.log_norms": (
             lambda v: isinstance(v, (list, tuple)) and all(_finite(x) for x in v), "a list of finite numbers"
         ),
+        "loss_trend.weight_norm_at_lowest": (_non_negative, "a finite number >= 0"),
         "loss_trend.recent": (
             lambda v: isinstance(v, (list, tuple)) and all(_finite(x) for x in v), "a list of finite numbers"
         ),

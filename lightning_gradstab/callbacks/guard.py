@@ -11,6 +11,7 @@ measurement across ranks (``_guard_step``), the snapshots (``_guard_rollback``),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -406,6 +407,9 @@ class ExplosionGuard(SuiteCallback):
         observation, snapshot_everywhere = reading.observation, reading.snapshot_everywhere
         if reading.weights_changed:  # on some rank: every rank starts afresh alike
             self._weights_changed(trainer)
+            # the norm read from the cache was the old weights': not measured this step, measured on the next
+            observation = dataclasses.replace(observation, weight_norm=None)
+            self._weight_norms.clear()
         wrote = False  # whether the guard itself writes the weights in this hook (QK-clip, a rollback)
         if cap is not None:
             wrote = self._cap_attention_logits(
@@ -418,7 +422,10 @@ class ExplosionGuard(SuiteCallback):
         decision = policy.step(observation)
         if observation.rank_local and scaler is not None:
             clear_found_inf(scaler, raw)  # not an overflow: no rank may lower its scale alone
-        wrote = self._act(trainer, pl_module, raw, policy, decision, observation, scaler, snapshot_everywhere) or wrote
+        rolled_back = self._act(trainer, pl_module, raw, policy, decision, observation, scaler, snapshot_everywhere)
+        if rolled_back:  # other weights now: the next step measures their norm instead of using this step's
+            self._weight_norms.pop(index, None)
+        wrote = rolled_back or wrote
         if ceiling is not None:  # after the clip and the LR scale: the copy is of the weights this step moves
             if decision.skip:
                 ceiling.skip(index)

@@ -54,6 +54,22 @@ LOSS_NOISE_SIGMAS = 3.0
 The smoothed loss (a ``loss_horizon_steps``-step EMA) of independent noise of standard deviation ``s`` has a
 standard deviation of ``s / sqrt(2 h - 1)`` (0.23 ``s`` at ``h = 10``): 3 ``s`` is 13 of those, never noise."""
 
+WEIGHT_GROWTH_EVIDENCE = 2.0
+"""Under plain SGD, a smoothed loss rise is judged without its noise part once the weights' norm is this many
+times its value at the lowest loss.
+
+The noise part of the divergence margin (:data:`LOSS_NOISE_SIGMAS`) asks a rise to stand out of the loss's noise
+because a rise alone is weak evidence. SGD gives a second, independent kind: ``|w + dw|^2 = |w|^2 + 2 w.dw +
+|dw|^2`` with ``dw = -lr g``, so the weights grow by the step's own size ``|dw|^2`` less the pull toward the
+minimum; a step that the curvature keeps stable leaves the norm nearly where it was, and one that doubles the
+norm in the time the loss climbs is a step too large for it (the same quantity as the ``update_ratio`` rule:
+the step against the weights). A doubling is far outside healthy SGD training, whose weight norms move by tens
+of percent over a run (a ReLU network's outputs scale with the product of its layers' norms: doubled weights
+multiply a depth-``L`` network's logits by up to ``2^L``). With that evidence the rise is a divergence once it
+passes the relative tolerance and the run's progress share; the noise measured at the lowest point, where the
+early fall of the loss inflates it (to 2.15 on a CNN whose loss climbed 2.03 back to chance while its weights
+grew 9x), is no longer asked for."""
+
 REPEAT_RTOL = 1e-6
 """Relative tolerance within which a loss equals the loss of the step just skipped as a loss spike.
 
@@ -168,6 +184,7 @@ class Detector:
         # is tiny, an ordinary hard batch is not a many-sigma event
         self.log_loss_statistics = LogNormStatistics(config.ema_decay, config.warmup_steps, RELATIVE_LOSS_STD_FLOOR)
         self.loss_trend = LossTrend(LOSS_HORIZON_STEPS)
+        self.weight_norm = 0.0  # the weights' last measured norm (plain SGD; 0: not measured)
         self.growth = GrowthWindow(config.growth_window)
         horizon = config.drift_horizon_steps
         # the healthy level the fast statistics are compared with; exact mean first, so it starts from the whole
@@ -212,6 +229,8 @@ class Detector:
         learned whole; the other rules judge the step as any other.
         """
         config = self.config
+        if observation.weight_norm is not None and math.isfinite(observation.weight_norm):
+            self.weight_norm = observation.weight_norm
         collapsed = self.scale_collapsed(observation)
         norm, nonfinite = observation.total_norm, observation.nonfinite
         loss = observation.loss if observation.loss is not None and math.isfinite(observation.loss) else None
@@ -340,7 +359,7 @@ class Detector:
             # the per-step noise once it is measured (the warm-up's exact Welford estimate); before, the margin is
             # the relative tolerance alone, which the early divergences of a run unstable from its start need
             noise = self.loss_statistics.std if self.loss_statistics.warmed_up else 0.0
-            self.loss_trend.update(learned, healthy=anomaly is None, noise=noise)
+            self.loss_trend.update(learned, healthy=anomaly is None, noise=noise, weight_norm=self.weight_norm)
 
     def _follow_gradient_regime(self, anomaly: str | None, benign: bool) -> None:
         """Move the gradient statistics to a new level when the norm has been unusual for :data:`REGIME_STEPS`
@@ -397,9 +416,14 @@ class Detector:
         # fraction of a value that is nearly nothing; and against the ground the run has covered (PROGRESS_SHARE)
         lowest, first = self.loss_trend.lowest, self.counters.first_loss
         progress = first - lowest if first is not None and first > lowest else 0.0
-        return max(
-            tolerance * abs(lowest), LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest, PROGRESS_SHARE * progress
-        )
+        noise = 0.0 if self.weights_grown() else LOSS_NOISE_SIGMAS * self.loss_trend.noise_at_lowest
+        return max(tolerance * abs(lowest), noise, PROGRESS_SHARE * progress)
+
+    def weights_grown(self) -> bool:
+        """Whether the weights' norm is :data:`WEIGHT_GROWTH_EVIDENCE` times its value at the lowest loss (plain SGD,
+        where the guard measures it; False when either was not measured)."""
+        at_lowest = self.loss_trend.weight_norm_at_lowest
+        return at_lowest > 0.0 and self.weight_norm > WEIGHT_GROWTH_EVIDENCE * at_lowest
 
     def _diverging(self, loss: float) -> bool:
         """Whether adding ``loss`` would lift the smoothed loss above its lowest value by more than the margin, would

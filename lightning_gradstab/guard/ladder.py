@@ -370,7 +370,7 @@ class ExplosionPolicy:
         elif divergence and diverged_raw_loss is not None:
             # nothing to go back to: judge the next rise from the level this verdict was given on; the weights
             # are the same on the next step (this one is skipped), so its loss is the same evidence, not new
-            self.detector.loss_trend.restart_at(diverged_raw_loss)
+            self.detector.loss_trend.restart_at(diverged_raw_loss, self.detector.weight_norm)
         return skip, rollback, stop
 
     @property

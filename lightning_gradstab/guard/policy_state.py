@@ -61,14 +61,14 @@ class Counters:
             setattr(self, item.name, getattr(other, item.name))
 
 
-STATE_VERSION = 10
+STATE_VERSION = 11
 """Layout version of :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.state_dict` (3: loss statistics and
 trend, snapshot step; 4: log-space loss statistics, the regime and skip-bound counters, why the loss rules are off;
 5: the rollback check's counters and why divergence is off; 6: the run's first loss; 7: the ceiling's hold; 8: the
 loss of a step just skipped as a loss spike; 9: the loss trend's recent losses; 10: the step of the last write to
-the weights from outside the optimizer)."""
+the weights from outside the optimizer; 11: the weights' norm at the loss trend's lowest value)."""
 
-READABLE_VERSIONS = (3, 4, 5, 6, 7, 8, 9, STATE_VERSION)
+READABLE_VERSIONS = (3, 4, 5, 6, 7, 8, 9, 10, STATE_VERSION)
 """State versions :meth:`~lightning_gradstab.guard.ladder.ExplosionPolicy.load_state_dict` resumes from (older ones
 gain what they lack, fresh)."""
 
@@ -84,8 +84,10 @@ def upgraded_policy_state(state: dict[str, Any], template: dict[str, Any]) -> di
     upgraded = {**template, **state, "counters": counters, "version": STATE_VERSION}
     trend = state.get("loss_trend")
     version = state.get("version")
-    if isinstance(trend, dict) and isinstance(version, int) and version <= 8:
-        # version 8 and older keep no recent losses: the next ones fill them
-        upgraded["loss_trend"] = {"recent": [], **trend}
+    if isinstance(trend, dict) and isinstance(version, int):
+        # version 10 and older keep no weight norm at the lowest loss (0: not measured, so no evidence of weight
+        # growth until the next lowest); version 8 and older no recent losses either: the next ones fill them
+        added = {"weight_norm_at_lowest": 0.0, **({"recent": []} if version <= 8 else {})}
+        upgraded["loss_trend"] = {**added, **trend}
     return upgraded
 
