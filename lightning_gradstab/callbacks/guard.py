@@ -408,10 +408,10 @@ class ExplosionGuard(SuiteCallback):
         )
         observation, snapshot_everywhere = reading.observation, reading.snapshot_everywhere
         if reading.weights_changed:  # on some rank: every rank starts afresh alike
-            self._weights_changed(trainer)
-            # the norm read from the cache was the old weights': not measured this step, measured on the next
-            observation = dataclasses.replace(observation, weight_norm=None)
-            self._weight_norms.clear()
+            self._weight_norms.clear()  # the new weights' norm is measured on the next step
+            if self._weights_changed(trainer):
+                # the statistics restart from the new weights: the old weights' cached norm is no evidence about them
+                observation = dataclasses.replace(observation, weight_norm=None)
         wrote = False  # whether the guard itself writes the weights in this hook (QK-clip, a rollback)
         if cap is not None:
             wrote = self._cap_attention_logits(
@@ -437,15 +437,17 @@ class ExplosionGuard(SuiteCallback):
         if wrote:  # the guard's own writes are not from outside (a step that follows takes them in too)
             self._outside_writes.resync()
 
-    def _weights_changed(self, trainer: pl.Trainer) -> None:
+    def _weights_changed(self, trainer: pl.Trainer) -> bool:
         """The weights were written since the last optimizer step by something other than the optimizer: every
-        policy starts afresh from them (see :meth:`ExplosionPolicy.weights_changed`)."""
+        policy starts afresh from them (see :meth:`ExplosionPolicy.weights_changed`). Whether one did (a write
+        that recurs within the warm-up restarts them once)."""
         restarted = [policy.weights_changed() for policy in list(self.policies.values())]
         if any(restarted):
             self._warn_once("weights changed", (
                 f"ExplosionGuard: the weights were changed outside the optimizer before step {trainer.global_step} "
                 "(a reset, pruning, a rewind or a load); the guard's statistics start afresh from the new weights "
                 "and its rollback snapshot is dropped, so no rollback undoes the change (said once)."))
+        return any(restarted)
 
     def _act(
         self,
