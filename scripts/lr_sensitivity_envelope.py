@@ -22,6 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "docs/results/presets/wortsman2023.md"
 
 
+def _sweep_machine() -> str:
+    """The machine line of the sweep's table (``Machine: ...``), as the sweep wrote it."""
+    for line in SOURCE.read_text().splitlines():
+        if line.startswith("Machine:"):
+            return line.removeprefix("Machine:").strip()
+    return "a machine the table does not name"
+
+
 def _cpu() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ():
         if line.startswith("model name"):
@@ -83,7 +91,7 @@ def main() -> None:
             "`python scripts/lr_sensitivity_envelope.py`",
             "",
             f"Date: {date}. Machine: {_cpu()} (arithmetic on the sweep's table, `{SOURCE.relative_to(REPO)}`, whose "
-            "runs were measured on an Intel Xeon, 2 cores; its losses are rounded to 3 decimals, so the clip 1.0 "
+            f"runs were measured on: {_sweep_machine()}; its losses are rounded to 3 decimals, so the clip 1.0 "
             "and guard sensitivities differ from the sweep's own in the 4th).",
             "",
             *rows,
