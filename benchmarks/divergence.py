@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,18 @@ def perturb_weights(module: Any, relative: float, seed: int) -> None:
 
 
 def run_one(
-    task_name: str, method_name: str, seed: int, steps: int | None = None, perturb: float = 0.0
+    task_name: str,
+    method_name: str,
+    seed: int,
+    steps: int | None = None,
+    perturb: float = 0.0,
+    *,
+    watch: Callable[[list[Any]], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """One fit of ``task_name`` under ``method_name`` for ``seed``; returns the per-run record.
 
     ``perturb`` > 0 multiplies the initial weights by ``1 + perturb * N(0, 1)`` (:func:`perturb_weights`).
+    ``watch``: given the method's callbacks, returns callbacks added after them (to read what they decide).
     Under manual optimization (the GAN of the healthy corpus) ``Trainer(gradient_clip_val=v)`` is refused by
     Lightning, so ``v`` is handed to the module's ``manual_clip_val``, which clips through
     ``self.clip_gradients`` as Lightning documents for manual optimization.
@@ -214,7 +222,7 @@ def run_one(
             enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=root,
-            callbacks=method.callbacks,
+            callbacks=[*method.callbacks, *(watch(method.callbacks) if watch is not None else [])],
             **trainer_kwargs,
         )
         torch.manual_seed(seed)

@@ -11,11 +11,8 @@ of the guard's weight norm to its value at the lowest loss that the guard saw. R
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import shlex
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,34 +25,24 @@ TASKS = ("healthy_sgd_mlp", "healthy_sgd_cnn", "sgdr_mlp", "curriculum_classes",
 def largest_ratio(task: str, seed: int) -> float:
     """The largest weight norm / weight norm at the lowest loss the default guard saw in one run of ``task``."""
     import lightning.pytorch as pl
-    import torch
 
-    from benchmarks.divergence import _quiet, all_tasks
-    from benchmarks.peers import resolve_method
+    from benchmarks.divergence import run_one
 
-    _quiet()
-    built = all_tasks()[task].build(seed, None)
-    method = resolve_method("guard")()
-    guard = method.callbacks[0]
     ratios = [1.0]
 
-    class Watch(pl.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            for policy in guard.policies.values():
-                detector = policy.detector
-                if detector.loss_trend.weight_norm_at_lowest > 0:
-                    ratios.append(detector.weight_norm / detector.loss_trend.weight_norm_at_lowest)
+    def watch(callbacks: list) -> list:
+        guard = callbacks[0]
 
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_steps=getattr(built, "max_steps", built.steps), max_epochs=1,
-            logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-            num_sanity_val_steps=0, default_root_dir=root, callbacks=[*method.callbacks, Watch()],
-            **{**built.trainer_kwargs, **method.trainer_kwargs},
-        )
-        torch.manual_seed(seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainer.fit(built.module, train_dataloaders=built.train_loader())
+        class Watch(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+                for policy in guard.policies.values():
+                    detector = policy.detector
+                    if detector.loss_trend.weight_norm_at_lowest > 0:
+                        ratios.append(detector.weight_norm / detector.loss_trend.weight_norm_at_lowest)
+
+        return [Watch()]
+
+    run_one(task, "guard", seed, watch=watch)
     return max(ratios)
 
 

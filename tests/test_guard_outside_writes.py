@@ -229,7 +229,6 @@ def test_lightnings_lottery_ticket_rewind_through_data_is_seen_as_the_users() ->
     assert guard.policy().state.outside_write_step == 60
 
 
-
 def test_a_guard_reused_for_a_second_fit_watches_the_new_optimizers_from_their_first_step() -> None:
     """A write between two fits (here a reset) belongs to no fit's steps: the second fit starts clean anyway."""
     train, evals = _digit_batches(0, 30)
